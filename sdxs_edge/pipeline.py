@@ -1,0 +1,320 @@
+"""Text-to-image pipeline: prompt -> tokens -> text encoder -> U-Net (1 or N steps) -> decoder -> PIL.
+
+`SDXSPipeline.load` accepts a preset name (random weights), a diffusers folder (e.g. a local copy of
+IDKiro/sdxs-512-dreamshaper or stabilityai/stable-diffusion-2-1-base) or a hub id, and
+`save_pretrained` writes a folder that diffusers' own `StableDiffusionPipeline.from_pretrained` loads.
+One step uses the pure rule in `sdxs_edge.sampler`; several steps use diffusers' Euler scheduler with
+classifier-free guidance, for teachers.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from sdxs_edge import sampler
+from sdxs_edge.errors import ModelLoadError, NonFiniteError, SDXSError
+from sdxs_edge.models import Components
+from sdxs_edge.presets import PRESETS, get_preset
+from sdxs_edge.tokenizer import write_clip_tokenizer
+from sdxs_edge.weights import check_safetensors
+
+META_FILE = "sdxs_edge.json"  # our defaults (steps, guidance) beside diffusers' model_index.json
+REQUIRED = {
+    "unet": "diffusion_pytorch_model.safetensors",
+    "vae": "diffusion_pytorch_model.safetensors",
+    "text_encoder": "model.safetensors",
+}
+
+
+@dataclass
+class Generation:
+    """Images plus per-component wall-clock seconds."""
+
+    images: list
+    timings: dict[str, float] = field(default_factory=dict)
+    latents: torch.Tensor | None = None
+
+
+def _check_finite(name: str, t: torch.Tensor) -> torch.Tensor:
+    if not torch.isfinite(t).all():
+        raise NonFiniteError(f"{name} produced non-finite values (NaN/Inf); the weights may be corrupt or the precision too low")
+    return t
+
+
+def to_pil(images: torch.Tensor) -> list:
+    """Decoder output in [-1, 1] (B, 3, H, W) -> PIL images, rounded as diffusers' image processor does."""
+    from PIL import Image
+
+    arr = ((images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().numpy() * 255).round().astype(np.uint8)
+    return [Image.fromarray(a) for a in arr]
+
+
+class SDXSPipeline:
+    """A loaded model: components, defaults and generation.
+
+    Args:
+        components: tokenizer, text encoder, U-Net, VAE / tiny decoder and scheduler config.
+        name: where it came from (preset name, folder or hub id), for reports.
+    """
+
+    def __init__(self, components: Components, name: str = "model"):
+        self.c = components
+        self.name = name
+        self.default_steps = 1
+        self.default_guidance = 0.0
+
+    # ---- loading and saving -------------------------------------------------------------------------
+    @classmethod
+    def load(cls, source: str | os.PathLike, seed: int = 0) -> "SDXSPipeline":
+        """Load a preset (random weights, seeded), a diffusers folder, or a hub id.
+
+        Args:
+            source: preset name, path of a diffusers folder, or "owner/name" on the Hugging Face hub.
+            seed: weight seed for presets.
+        """
+        s = str(source)
+        if s in PRESETS:
+            from sdxs_edge.models import build_components
+
+            preset = get_preset(s)
+            pipe = cls(build_components(preset, seed), name=s)
+            pipe.default_steps, pipe.default_guidance = preset.default_steps, preset.default_guidance
+            return pipe
+        path = Path(s).expanduser()
+        if path.is_dir():
+            return cls.from_folder(path)
+        if path.exists():
+            raise ModelLoadError(f"{path} is a file; expected a preset or a diffusers model folder")
+        if s.count("/") == 1 and not s.startswith((".", "/", "~")):
+            return cls.from_folder(_download(s), name=s)
+        raise ModelLoadError(f"no preset or model folder named {s!r}; valid presets: {', '.join(PRESETS)}")
+
+    @classmethod
+    def from_folder(cls, path: Path, name: str | None = None) -> "SDXSPipeline":
+        import diffusers
+        from transformers import CLIPTextModel
+
+        from sdxs_edge.tokenizer import load_clip_tokenizer
+
+        path = Path(path)
+        index_file = path / "model_index.json"
+        if not index_file.is_file():
+            raise ModelLoadError(f"{path} has no model_index.json; not a diffusers model folder")
+        index = json.loads(index_file.read_text())
+        for comp, fname in REQUIRED.items():
+            if comp not in index or not (path / comp).is_dir():
+                raise ModelLoadError(f"{path} is missing the {comp}/ component")
+            f = path / comp / fname
+            if not f.is_file():
+                bins = [p.name for p in (path / comp).glob("*.bin")]
+                hint = f" (found {', '.join(bins)}: pickled weights are refused, convert them to safetensors)" if bins else ""
+                raise ModelLoadError(f"{f} is missing{hint}")
+            check_safetensors(f)
+        for sub in ("tokenizer/vocab.json", "tokenizer/merges.txt", "scheduler/scheduler_config.json"):
+            if not (path / sub).is_file():
+                raise ModelLoadError(f"{path / sub} is missing")
+        vae_class = index["vae"][1]
+        if vae_class not in ("AutoencoderKL", "AutoencoderTiny"):
+            raise ModelLoadError(f"{path}: unsupported VAE class {vae_class!r} (AutoencoderKL or AutoencoderTiny)")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                unet = diffusers.UNet2DConditionModel.from_pretrained(path / "unet", use_safetensors=True, torch_dtype=torch.float32)
+                vae = getattr(diffusers, vae_class).from_pretrained(path / "vae", use_safetensors=True, torch_dtype=torch.float32)
+                text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", use_safetensors=True, dtype=torch.float32)
+        except SDXSError:
+            raise
+        except Exception as e:  # diffusers/transformers raise many kinds; name the folder and keep the cause
+            raise ModelLoadError(f"cannot load {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        scheduler_config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+        pipe = cls(Components(load_clip_tokenizer(path / "tokenizer"), text_encoder.eval(), unet.eval(), vae.eval(), scheduler_config), name=name or str(path))
+        meta = path / META_FILE
+        if meta.is_file():
+            m = json.loads(meta.read_text())
+            pipe.default_steps, pipe.default_guidance = int(m["default_steps"]), float(m["default_guidance"])
+        return pipe
+
+    def save_pretrained(self, folder: str | os.PathLike, overwrite: bool = False, dtype: torch.dtype | None = None) -> Path:
+        """Write a diffusers StableDiffusionPipeline folder (safetensors), atomically.
+
+        Args:
+            folder: destination; refused if it exists unless `overwrite`.
+            overwrite: replace an existing folder.
+            dtype: store weights in this dtype (e.g. torch.float16 to halve the size); loading upcasts.
+        """
+        folder = Path(folder)
+        if folder.exists() and not overwrite:
+            raise SDXSError(f"{folder} exists; pass overwrite=True (--overwrite) to replace it")
+        tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            import copy
+
+            for name, module in self.c.modules().items():
+                m = copy.deepcopy(module).to(dtype) if dtype is not None else module
+                m.save_pretrained(tmp / name, safe_serialization=True)
+            # SD checkpoints carry the CLIP BPE files (vocab.json + merges.txt); every supported model
+            # uses that one vocabulary, so they are written from the shipped source, not re-serialised.
+            if len(self.c.tokenizer) != 49408:
+                raise SDXSError(f"tokenizer has {len(self.c.tokenizer)} tokens; only the CLIP BPE vocabulary (49408) is supported")
+            write_clip_tokenizer(tmp / "tokenizer", pad_token=str(self.c.tokenizer.pad_token))
+            from diffusers import EulerDiscreteScheduler
+
+            EulerDiscreteScheduler.from_config(self.c.scheduler_config).save_pretrained(tmp / "scheduler")
+            import diffusers
+
+            index = {
+                "_class_name": "StableDiffusionPipeline",
+                "_diffusers_version": diffusers.__version__,
+                "feature_extractor": [None, None],
+                "image_encoder": [None, None],
+                "requires_safety_checker": False,
+                "safety_checker": [None, None],
+                "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "vae": ["diffusers", type(self.c.vae).__name__],
+            }
+            (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+            meta = {"name": self.name, "default_steps": self.default_steps, "default_guidance": self.default_guidance}
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(tmp, folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return folder
+
+    # ---- properties ------------------------------------------------------------------------------
+    @property
+    def latent_scaling(self) -> float:
+        return float(self.c.vae.config.scaling_factor)
+
+    @property
+    def resolution(self) -> int:
+        return int(self.c.unet.config.sample_size) * 8
+
+    def one_step_constants(self) -> sampler.OneStepConstants:
+        return sampler.one_step_constants(self.c.scheduler_config, self.latent_scaling)
+
+    # ---- components ----------------------------------------------------------------------------------
+    def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Token ids (B, 77); prompts over 77 tokens are truncated with a warning, as diffusers does."""
+        tok = self.c.tokenizer
+        ids = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+        for p in prompts:
+            n = len(tok(p).input_ids)
+            if n > tok.model_max_length:
+                warnings.warn(f"prompt is {n} tokens; CLIP takes {tok.model_max_length}, the rest is truncated: {p[:60]!r}...", stacklevel=2)
+        return ids
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: Sequence[str]) -> torch.Tensor:
+        ids = self.tokenize(prompts).to(self.c.text_encoder.device)
+        return _check_finite("text_encoder", self.c.text_encoder(ids)[0])
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents in the U-Net's space -> images in [-1, 1]."""
+        return _check_finite("decoder", self.c.vae.decode(latents / self.latent_scaling).sample)
+
+    def noise(self, batch: int, seed: int) -> torch.Tensor:
+        """Unit Gaussian latents drawn exactly as diffusers' pipeline draws them for `generator.manual_seed(seed)`."""
+        s = self.c.unet.config.sample_size
+        g = torch.Generator("cpu").manual_seed(seed)
+        return torch.randn((batch, self.c.unet.config.in_channels, s, s), generator=g, dtype=torch.float32)
+
+    # ---- generation ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: str | Sequence[str],
+        seed: int = 0,
+        steps: int | None = None,
+        guidance: float | None = None,
+        noise: torch.Tensor | None = None,
+        output: str = "pil",
+    ) -> Generation:
+        """Generate one image per prompt.
+
+        Args:
+            prompts: a prompt or a list of prompts (one batch).
+            seed: noise seed; the same seed gives the same images on every run.
+            steps: U-Net evaluations (default: the model's, 1 for SDXS students).
+            guidance: classifier-free guidance scale; <= 1 disables it (SDXS runs with 0).
+            noise: explicit unit Gaussian latents (B, 4, h, w) instead of `seed`.
+            output: "pil" for PIL images, "tensor" for the decoder output in [-1, 1].
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        steps = self.default_steps if steps is None else int(steps)
+        guidance = self.default_guidance if guidance is None else float(guidance)
+        if steps < 1:
+            raise SDXSError(f"steps must be >= 1, got {steps}")
+        if not prompts:
+            raise SDXSError("no prompt given")
+        timings: dict[str, float] = {}
+        t = time.perf_counter()
+        ctx = self.encode_prompt(prompts)
+        cfg = guidance > 1.0
+        if cfg:
+            uncond = self.encode_prompt([""] * len(prompts))
+        timings["text_encoder"] = time.perf_counter() - t
+        x = self.noise(len(prompts), seed) if noise is None else noise.float()
+        t = time.perf_counter()
+        if steps == 1 and not cfg:
+            c = self.one_step_constants()
+            latents = sampler.sample_one_step(lambda x_in, ts, cx: self._unet(x_in, ts, cx), x, ctx, c)
+        else:
+            latents = self._multi_step(x, ctx, uncond if cfg else None, steps, guidance)
+        timings["unet"] = time.perf_counter() - t
+        t = time.perf_counter()
+        images = self.decode(latents)
+        timings["decoder"] = time.perf_counter() - t
+        out = to_pil(images) if output == "pil" else images
+        return Generation(out, timings, latents)
+
+    def _unet(self, x: torch.Tensor, t, ctx: torch.Tensor) -> torch.Tensor:
+        return _check_finite("unet", self.c.unet(x, t, ctx).sample)
+
+    def _multi_step(self, noise, ctx, uncond, steps: int, guidance: float) -> torch.Tensor:
+        from diffusers import EulerDiscreteScheduler
+
+        sched = EulerDiscreteScheduler.from_config(self.c.scheduler_config)
+        sched.set_timesteps(steps)
+        x = noise * sched.init_noise_sigma
+        for t in sched.timesteps:
+            x_in = sched.scale_model_input(x, t)
+            if uncond is not None:
+                e_u, e_c = self._unet(torch.cat([x_in, x_in]), t, torch.cat([uncond, ctx])).chunk(2)
+                eps = e_u + guidance * (e_c - e_u)
+            else:
+                eps = self._unet(x_in, t, ctx)
+            x = sched.step(eps, t, x).prev_sample
+        return x
+
+
+def _download(repo_id: str) -> Path:
+    """Fetch a diffusers repo's safetensors weights and configs from the hub (needs a network)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(
+            snapshot_download(
+                repo_id,
+                allow_patterns=["model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors"],
+                ignore_patterns=["*fp16*", "*non_ema*", "*.ckpt", "*.bin"],
+            )
+        )
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ModelLoadError(f"cannot fetch {repo_id!r} from the Hugging Face hub ({first[:160]}); without a network, download it elsewhere and pass the local folder") from e

@@ -1,0 +1,165 @@
+"""The shared training loop: accelerate for DDP / grad accumulation / mixed precision, resumable
+safetensors checkpoints, a JSONL log and a progress bar.
+
+Every stage supplies a `step(batch_index) -> dict of floats` closure and the modules/optimizers to
+checkpoint; the loop owns everything else. Checkpoints are written to a temporary folder and renamed
+into place, so a kill mid-write never leaves a half checkpoint; `resume` picks the newest complete one.
+Optimizer state goes through safetensors too (tensors) + JSON (scalars): nothing is ever unpickled.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """Settings shared by every stage's loop.
+
+    Args:
+        steps: optimizer steps to run in total (a resumed run continues up to this number).
+        log_every: steps between JSONL log lines.
+        ckpt_every: steps between checkpoints (the final step is always checkpointed).
+        keep: how many checkpoints to keep on disk.
+    """
+
+    steps: int
+    log_every: int = 25
+    ckpt_every: int = 250
+    keep: int = 2
+
+
+def _optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {"param_groups": sd["param_groups"], "state": {}}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{idx}.{k}"] = v.detach().contiguous().cpu()
+            else:
+                scalars["state"].setdefault(str(idx), {})[k] = v
+    return tensors, scalars
+
+
+def _optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], scalars: dict) -> None:
+    state: dict[int, dict] = {}
+    for name, v in tensors.items():
+        idx, k = name.split(".", 1)
+        state.setdefault(int(idx), {})[k] = v
+    for idx, st in scalars["state"].items():
+        state.setdefault(int(idx), {}).update(st)
+    opt.load_state_dict({"state": state, "param_groups": scalars["param_groups"]})
+
+
+class Checkpointer:
+    """Resumable checkpoints under `root/checkpoints/step-XXXXXXX/`."""
+
+    def __init__(self, root: str | Path, keep: int = 2):
+        self.dir = Path(root) / "checkpoints"
+        self.keep = keep
+
+    def latest(self) -> Path | None:
+        done = sorted(p for p in self.dir.glob("step-*") if (p / "state.json").is_file())
+        return done[-1] if done else None
+
+    def save(self, step: int, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer], extra: dict | None = None) -> Path:
+        final = self.dir / f"step-{step:07d}"
+        tmp = self.dir / f".tmp-step-{step:07d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for name, m in modules.items():
+            save_file({k: v.detach().contiguous().cpu() for k, v in m.state_dict().items()}, str(tmp / f"{name}.safetensors"))
+        opt_scalars = {}
+        for name, opt in optimizers.items():
+            tensors, opt_scalars[name] = _optimizer_to_tensors(opt)
+            save_file(tensors, str(tmp / f"optim-{name}.safetensors"))
+        state = {"step": step, "optimizers": opt_scalars, "rng": torch.get_rng_state().tolist(), "extra": extra or {}}
+        (tmp / "state.json").write_text(json.dumps(state))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in sorted(p for p in self.dir.glob("step-*"))[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def load(self, path: Path, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer]) -> dict:
+        state = json.loads((path / "state.json").read_text())
+        for name, m in modules.items():
+            m.load_state_dict(load_file(str(path / f"{name}.safetensors")))
+        for name, opt in optimizers.items():
+            _optimizer_from_tensors(opt, load_file(str(path / f"optim-{name}.safetensors")), state["optimizers"][name])
+        torch.set_rng_state(torch.tensor(state["rng"], dtype=torch.uint8))
+        return state
+
+
+class JsonlLog:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def run_loop(
+    name: str,
+    out: str | Path,
+    cfg: LoopConfig,
+    step_fn: Callable[[int], dict[str, float]],
+    modules: dict[str, torch.nn.Module],
+    optimizers: dict[str, torch.optim.Optimizer],
+    is_main: bool = True,
+    extra_state: Callable[[], dict] | None = None,
+) -> dict:
+    """Run `step_fn(step)` from the last checkpoint up to `cfg.steps`, logging and checkpointing.
+
+    Args:
+        name: stage name, shown on the progress bar and in the log.
+        out: the stage's run folder (checkpoints/ and log.jsonl live there).
+        cfg: loop settings.
+        step_fn: does one optimizer step for global step index `step`; returns scalars to log.
+        modules: what to checkpoint, by file name.
+        optimizers: optimizers to checkpoint, by name.
+        is_main: only the main process writes checkpoints and logs (DDP rank 0).
+        extra_state: returns JSON-able state saved with each checkpoint (e.g. an annealed weight).
+
+    Returns:
+        the checkpoint state it resumed from ({} for a fresh start), plus "last" (the final log record).
+    """
+    from tqdm.auto import tqdm
+
+    ckpt = Checkpointer(out, cfg.keep)
+    log = JsonlLog(Path(out) / "log.jsonl")
+    start, resumed = 0, {}
+    latest = ckpt.latest()
+    if latest is not None:
+        resumed = ckpt.load(latest, modules, optimizers)
+        start = resumed["step"]
+        if is_main:
+            print(f"[{name}] resuming from {latest} (step {start})", flush=True)
+    bar = tqdm(total=cfg.steps, initial=start, desc=name, disable=not is_main, dynamic_ncols=True, mininterval=2.0)
+    t0, record = time.time(), {}
+    for step in range(start, cfg.steps):
+        metrics = step_fn(step)
+        bar.update(1)
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            record = {"stage": name, "step": step + 1, "time": round(time.time() - t0, 2), **{k: float(v) for k, v in metrics.items()}}
+            bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()})
+            if is_main:
+                log.write(record)
+        if is_main and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps):
+            ckpt.save(step + 1, modules, optimizers, extra_state() if extra_state else None)
+    bar.close()
+    return {**resumed, "last": record}
+
+
+def config_dict(obj) -> dict:
+    return asdict(obj)
