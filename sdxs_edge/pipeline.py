@@ -228,9 +228,17 @@ class SDXSPipeline:
         """Latents in the U-Net's space -> images in [-1, 1]."""
         return _check_finite("decoder", self.c.vae.decode(latents / self.latent_scaling).sample)
 
-    def noise(self, batch: int, seed: int) -> torch.Tensor:
-        """Unit Gaussian latents drawn exactly as diffusers' pipeline draws them for `generator.manual_seed(seed)`."""
-        s = self.c.unet.config.sample_size
+    def noise(self, batch: int, seed: int, resolution: int | None = None) -> torch.Tensor:
+        """Unit Gaussian latents drawn exactly as diffusers' pipeline draws them for `generator.manual_seed(seed)`.
+
+        Args:
+            batch: number of latents.
+            seed: generator seed.
+            resolution: image side in pixels (default: the model's); latents are resolution // 8.
+        """
+        if resolution is not None and (resolution <= 0 or resolution % 8):
+            raise SDXSError(f"resolution must be a positive multiple of 8, got {resolution}")
+        s = resolution // 8 if resolution else self.c.unet.config.sample_size
         g = torch.Generator("cpu").manual_seed(seed)
         return torch.randn((batch, self.c.unet.config.in_channels, s, s), generator=g, dtype=torch.float32)
 

@@ -1,0 +1,334 @@
+"""The one contract every runtime implements: `Session`.
+
+A session runs a bundle's three components (text encoder, U-Net, decoder; `sdxs_edge.components`)
+on one backend. Subclasses implement only
+
+    _run(component: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]
+
+and get, from this base class, input/output checking against the manifest (names, dtypes, shapes,
+finite values), per-component timing, `encode_text`, `denoise`, `decode`, the pure-numpy tokenizer
+and one-step update, and `generate`. Nothing here imports PyTorch or a backend library, so deploying
+the ONNX or Core ML path needs numpy, Pillow and the `regex` package only (after apple/ml-stable-
+diffusion's coreml_model.py, which checks inputs against the model's declared spec before running).
+
+Noise: `Session.noise(batch, seed)` draws `np.random.default_rng(seed).standard_normal(shape)` in
+float32 (the latent shape comes from the manifest). That is NOT the noise `SDXSPipeline.noise` draws
+with `torch.Generator`; to compare a runtime with PyTorch, feed both the same array (`noise=`), as
+`runtimes.parity` does.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+import numpy as np
+
+from runtimes.tokenizer import CLIPBPETokenizer
+from sdxs_edge import sampler
+from sdxs_edge.bundle import load_manifest
+from sdxs_edge.errors import NonFiniteError, SDXSError
+
+
+class RuntimeInputError(SDXSError):
+    """An input array does not match the bundle manifest's declared name, dtype or shape."""
+
+
+class UnsupportedTargetError(SDXSError):
+    """A runtime was asked to run a bundle of a target it cannot execute."""
+
+
+class BackendMissingError(SDXSError):
+    """The backend library, execution provider or device a runtime needs is not available here."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One declared input or output of a bundle component (from manifest.json).
+
+    Args:
+        name: tensor name the lowered program uses.
+        shape: static shape.
+        dtype: numpy dtype name ("float32", "float16", "int32", "int64").
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    @classmethod
+    def from_manifest(cls, d: dict) -> "TensorSpec":
+        return cls(str(d["name"]), tuple(int(s) for s in d["shape"]), str(d["dtype"]))
+
+    def describe(self) -> str:
+        return f"{self.name} {self.dtype}{list(self.shape)}"
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """Declared inputs and outputs of one component, in the order the lowered program takes them.
+
+    Args:
+        name: "text_encoder", "unet" or "decoder".
+        file: the component's file inside the bundle.
+        inputs: input specs in positional order.
+        outputs: output specs in positional order.
+    """
+
+    name: str
+    file: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """Everything one `Session.generate_arrays` call produced, for reports and parity.
+
+    Args:
+        image: decoder output, float32 (B, 3, H, W) in [-1, 1].
+        latent: the one-step x0 fed to the decoder, float32 (B, 4, h, w).
+        context: text-encoder hidden states, (B, 77, D).
+        model_output: the U-Net's output for `initial_latent(noise)` and `context`.
+        noise: the unit Gaussian latent used.
+        token_ids: int32 (B, 77).
+        timings: wall-clock seconds per component (and "tokenize").
+    """
+
+    image: np.ndarray
+    latent: np.ndarray
+    context: np.ndarray
+    model_output: np.ndarray
+    noise: np.ndarray
+    token_ids: np.ndarray
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def to_pil(image: np.ndarray) -> list:
+    """Decoder output in [-1, 1] (B, 3, H, W) -> PIL images, rounded as `sdxs_edge.pipeline.to_pil` does."""
+    from PIL import Image
+
+    arr = to_uint8(image)
+    return [Image.fromarray(a) for a in arr]
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """Decoder output in [-1, 1] (B, 3, H, W) -> uint8 (B, H, W, 3) (same rounding as the PyTorch pipeline)."""
+    x = np.clip(np.asarray(image, np.float32) / np.float32(2) + np.float32(0.5), 0, 1)
+    return (x.transpose(0, 2, 3, 1) * np.float32(255)).round().astype(np.uint8)
+
+
+class Session:
+    """A bundle loaded on one backend. Subclass and implement `_run` (and `close` if it holds resources).
+
+    Subclasses set `name` (the registry name) and `targets` (bundle targets they execute; empty means
+    any target, as the PyTorch reference, which runs the bundle's source model). A subclass's
+    `__init__` takes the bundle path plus keyword-only options, calls `super().__init__(bundle,
+    verify=verify)` first, then loads its programs.
+
+    Args:
+        bundle: the bundle directory (manifest.json + component files + tokenizer/).
+        verify: check every component file's sha256 against the manifest before loading.
+    """
+
+    name: ClassVar[str] = ""
+    targets: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, bundle: str | Path, *, verify: bool = True):
+        self.bundle = Path(bundle)
+        self.manifest: dict[str, Any] = load_manifest(self.bundle, verify=verify)
+        target = self.manifest["target"]
+        if self.targets and target not in self.targets:
+            from runtimes import DEFAULT_FOR_TARGET
+
+            raise UnsupportedTargetError(
+                f"runtime {self.name!r} cannot run {self.bundle} (target {target}); it runs {', '.join(self.targets)} bundles"
+                f" - use --runtime {DEFAULT_FOR_TARGET.get(target, 'torch')} for this one"
+            )
+        self.constants = sampler.OneStepConstants(**self.manifest["sampler"])
+        self.specs: dict[str, ComponentSpec] = {
+            comp: ComponentSpec(
+                comp,
+                d["file"],
+                tuple(TensorSpec.from_manifest(t) for t in d["inputs"]),
+                tuple(TensorSpec.from_manifest(t) for t in d["outputs"]),
+            )
+            for comp, d in self.manifest["components"].items()
+        }
+        for comp in ("text_encoder", "unet", "decoder"):
+            if comp not in self.specs:
+                raise SDXSError(f"{self.bundle}: the bundle has no {comp} component; a runtime needs all three")
+        self.timings: dict[str, float] = {}
+        # Read now, so load time includes it and the first `generate` measures tokenizing only.
+        self.tokenizer = CLIPBPETokenizer.from_dir(self.bundle / self.manifest["tokenizer"]["dir"], max_length=self.max_length)
+
+    # ---- to implement ------------------------------------------------------------------------------
+    def _run(self, component: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one component on the backend.
+
+        Args:
+            component: "text_encoder", "unet" or "decoder".
+            inputs: input name -> array, already checked against `self.specs[component].inputs`.
+
+        Returns:
+            output name -> array for every declared output (checked by the caller).
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement _run(component, inputs)")
+
+    def close(self) -> None:
+        """Release backend resources (files, devices, subprocesses). Safe to call twice."""
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- checked execution ---------------------------------------------------------------------------
+    @property
+    def batch(self) -> int:
+        """Static batch size the bundle was lowered for."""
+        return self.specs["unet"].inputs[0].shape[0]
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        return self.specs["unet"].inputs[0].shape
+
+    @property
+    def max_length(self) -> int:
+        return int(self.manifest["tokenizer"]["max_length"])
+
+    def check_inputs(self, component: str, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
+        """Check `inputs` against the manifest; raise RuntimeInputError naming the first mismatch.
+
+        Args:
+            component: component name.
+            inputs: input name -> numpy array.
+        """
+        spec = self.specs.get(component)
+        if spec is None:
+            raise RuntimeInputError(f"unknown component {component!r} (bundle has: {', '.join(self.specs)})")
+        want = [s.name for s in spec.inputs]
+        if sorted(inputs) != sorted(want):
+            raise RuntimeInputError(f"{component}: inputs {sorted(inputs)} do not match the manifest's {want}")
+        out = {}
+        for s in spec.inputs:
+            a = inputs[s.name]
+            if not isinstance(a, np.ndarray):
+                raise RuntimeInputError(f"{component}.{s.name}: expected a numpy array, got {type(a).__name__}")
+            if a.dtype != np.dtype(s.dtype):
+                raise RuntimeInputError(f"{component}.{s.name}: dtype {a.dtype} does not match the manifest ({s.describe()})")
+            if tuple(a.shape) != s.shape:
+                raise RuntimeInputError(f"{component}.{s.name}: shape {list(a.shape)} does not match the manifest ({s.describe()})")
+            out[s.name] = np.ascontiguousarray(a)
+        return out
+
+    def _check_outputs(self, component: str, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        spec = self.specs[component]
+        for s in spec.outputs:
+            if s.name not in outputs:
+                raise SDXSError(f"{self.name} runtime returned no {component}.{s.name} (got {sorted(outputs)})")
+            a = np.asarray(outputs[s.name])
+            if tuple(a.shape) != s.shape:
+                raise SDXSError(f"{self.name} runtime returned {component}.{s.name} of shape {list(a.shape)}; the manifest declares {s.describe()}")
+            if a.dtype.kind == "f" and not np.isfinite(a).all():
+                raise NonFiniteError(f"{component} produced non-finite values (NaN/Inf) on the {self.name} runtime")
+            outputs[s.name] = a
+        return outputs
+
+    def run(self, component: str, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
+        """Check inputs, run one component, check outputs and record its wall-clock time in `timings`.
+
+        Args:
+            component: "text_encoder", "unet" or "decoder".
+            inputs: input name -> numpy array matching the manifest exactly (name, dtype, shape).
+        """
+        checked = self.check_inputs(component, inputs)
+        t = time.perf_counter()
+        outputs = self._run(component, checked)
+        self.timings[component] = time.perf_counter() - t
+        return self._check_outputs(component, dict(outputs))
+
+    def cast_input(self, component: str, index: int, a: np.ndarray) -> np.ndarray:
+        """Cast a float array to the float dtype input `index` of `component` declares (fp16 I/O bundles).
+
+        Args:
+            component: component name.
+            index: position of the input in the manifest.
+            a: the array; integer arrays pass unchanged.
+        """
+        s = self.specs[component].inputs[index]
+        return a.astype(s.dtype) if a.dtype.kind == "f" and np.dtype(s.dtype).kind == "f" else a
+
+    # ---- the three components ------------------------------------------------------------------------
+    def encode_text(self, token_ids: np.ndarray) -> np.ndarray:
+        """Token ids (B, 77) of the manifest's dtype -> hidden states (B, 77, D)."""
+        spec = self.specs["text_encoder"]
+        return self.run("text_encoder", {spec.inputs[0].name: token_ids})[spec.outputs[0].name]
+
+    def denoise(self, latent: np.ndarray, context: np.ndarray) -> np.ndarray:
+        """U-Net input x_in (B, 4, h, w) and context (B, 77, D) -> model output at the baked-in timestep."""
+        spec = self.specs["unet"]
+        return self.run("unet", {spec.inputs[0].name: latent, spec.inputs[1].name: context})[spec.outputs[0].name]
+
+    def decode(self, latent: np.ndarray) -> np.ndarray:
+        """x0 in the U-Net's latent space (B, 4, h, w) -> image (B, 3, H, W) in [-1, 1]."""
+        spec = self.specs["decoder"]
+        return self.run("decoder", {spec.inputs[0].name: latent})[spec.outputs[0].name]
+
+    # ---- tokens, noise and generation ------------------------------------------------------------------
+    def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
+        """Token ids (B, max_length) in the text encoder's declared dtype; long prompts truncated with a warning."""
+        ids = self.tokenizer(list(prompts))
+        return ids.astype(self.specs["text_encoder"].inputs[0].dtype)
+
+    def noise(self, seed: int) -> np.ndarray:
+        """Unit Gaussian latent of the bundle's shape: `np.random.default_rng(seed).standard_normal`, float32."""
+        return np.random.default_rng(seed).standard_normal(self.latent_shape, dtype=np.float32)
+
+    def _prompts(self, prompt: str | Sequence[str]) -> list[str]:
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if len(prompts) != self.batch:
+            raise RuntimeInputError(f"the bundle was lowered for batch {self.batch}; got {len(prompts)} prompt(s)")
+        return prompts
+
+    def generate_arrays(self, prompt: str | Sequence[str], seed: int = 0, noise: np.ndarray | None = None) -> GenerationResult:
+        """Prompt -> tokens -> text encoder -> one U-Net step (arXiv 2403.16627 Sec. 4) -> decoder, as arrays.
+
+        Args:
+            prompt: one prompt, or a list of `batch` prompts.
+            seed: noise seed (`Session.noise`); ignored when `noise` is given.
+            noise: explicit unit Gaussian latent of shape `latent_shape` (float32).
+        """
+        prompts = self._prompts(prompt)
+        timings: dict[str, float] = {}
+        t = time.perf_counter()
+        ids = self.tokenize(prompts)
+        timings["tokenize"] = time.perf_counter() - t
+        if noise is None:
+            noise = self.noise(seed)
+        noise = np.asarray(noise)
+        if tuple(noise.shape) != self.latent_shape or noise.dtype.kind != "f":
+            raise RuntimeInputError(f"noise: expected float {list(self.latent_shape)}, got {noise.dtype}{list(noise.shape)}")
+        noise = noise.astype(np.float32)
+        context = self.encode_text(ids)
+        timings["text_encoder"] = self.timings["text_encoder"]
+        x_in = sampler.initial_latent(noise, self.constants)
+        out = self.denoise(self.cast_input("unet", 0, x_in), self.cast_input("unet", 1, context))
+        timings["unet"] = self.timings["unet"]
+        latent = sampler.denoised(out.astype(np.float32), noise, self.constants).astype(np.float32)
+        image = self.decode(self.cast_input("decoder", 0, latent))
+        timings["decoder"] = self.timings["decoder"]
+        return GenerationResult(image.astype(np.float32), latent, context, out, noise, ids, timings)
+
+    def generate(self, prompt: str | Sequence[str], seed: int = 0, noise: np.ndarray | None = None):
+        """Generate: a PIL image for one prompt, a list of them for a list of prompts.
+
+        Args:
+            prompt: one prompt, or a list of `batch` prompts.
+            seed: noise seed (`Session.noise`); ignored when `noise` is given.
+            noise: explicit unit Gaussian latent of shape `latent_shape` (float32).
+        """
+        images = to_pil(self.generate_arrays(prompt, seed, noise).image)
+        return images[0] if isinstance(prompt, str) else images

@@ -1,0 +1,90 @@
+"""ONNX Runtime over a bundle's .onnx files: CPU by default, Core ML / NNAPI / other execution providers
+on request. Imports no PyTorch.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from runtimes.base import BackendMissingError, Session
+from sdxs_edge.bundle import BundleError
+
+# Short names accepted by `providers=` and `--providers`.
+PROVIDER_ALIASES = {
+    "cpu": "CPUExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+    "nnapi": "NnapiExecutionProvider",
+    "xnnpack": "XnnpackExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+}
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int32)": "int32", "tensor(int64)": "int64"}
+
+
+class OnnxRuntimeSession(Session):
+    """A bundle's three ONNX programs on onnxruntime.
+
+    Args:
+        bundle: an "onnx" target bundle.
+        providers: execution providers in priority order, full names ("CoreMLExecutionProvider") or
+            short ones (cpu, coreml, nnapi, xnnpack, cuda). Asking for one this onnxruntime build lacks
+            is an error, never a silent fall back to CPU.
+        threads: intra-op threads (None: onnxruntime's default, one per core).
+        verify: check every component file's sha256 against the manifest.
+    """
+
+    name = "onnxruntime"
+    targets = ("onnx",)
+
+    def __init__(self, bundle: str | Path, *, providers: tuple[str, ...] | list[str] | str = ("cpu",), threads: int | None = None, verify: bool = True):
+        super().__init__(bundle, verify=verify)
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise BackendMissingError("the onnxruntime runtime needs onnxruntime (pip install 'sdxs-edge[onnx]')") from None
+        names = [providers] if isinstance(providers, str) else list(providers)
+        if not names:
+            raise BackendMissingError("providers= is empty; name at least one execution provider (e.g. cpu)")
+        wanted = [PROVIDER_ALIASES.get(p.lower(), p) for p in names]
+        available = ort.get_available_providers()
+        missing = [p for p in wanted if p not in available]
+        if missing:
+            raise BackendMissingError(f"onnxruntime execution provider(s) {', '.join(missing)} not available in this onnxruntime build (available: {', '.join(available)})")
+        self.providers = wanted
+        opts = ort.SessionOptions()
+        if threads is not None:
+            opts.intra_op_num_threads = int(threads)
+        opts.log_severity_level = 3
+        self.sessions = {}
+        for comp, spec in self.specs.items():
+            path = self.bundle / spec.file
+            try:
+                sess = ort.InferenceSession(str(path), sess_options=opts, providers=wanted)
+            except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
+                raise BundleError(f"{path}: onnxruntime cannot load it ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from e
+            self._check_program(comp, sess)
+            self.sessions[comp] = sess
+
+    def _check_program(self, comp: str, sess) -> None:
+        """The .onnx file must take and return exactly what the manifest declares."""
+        spec = self.specs[comp]
+        got = [(i.name, _ORT_TYPES.get(i.type, i.type), tuple(i.shape)) for i in sess.get_inputs()]
+        want = [(s.name, s.dtype, s.shape) for s in spec.inputs]
+        # Dynamic dimensions (strings) are allowed; static ones must equal the manifest's.
+        same = len(got) == len(want) and all(
+            gn == wn and gt == wt and len(gs) == len(ws) and all(not isinstance(g, int) or g == w for g, w in zip(gs, ws))
+            for (gn, gt, gs), (wn, wt, ws) in zip(got, want)
+        )
+        if not same:
+            raise BundleError(f"{self.bundle / spec.file}: program inputs {got} do not match the manifest's {want}")
+        out_names = [o.name for o in sess.get_outputs()]
+        if out_names[: len(spec.outputs)] != [s.name for s in spec.outputs]:
+            raise BundleError(f"{self.bundle / spec.file}: program outputs {out_names} do not match the manifest's {[s.name for s in spec.outputs]}")
+
+    def _run(self, component: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        spec = self.specs[component]
+        names = [s.name for s in spec.outputs]
+        return dict(zip(names, self.sessions[component].run(names, inputs)))
+
+    def close(self) -> None:
+        self.sessions = {}

@@ -1,0 +1,304 @@
+"""Parity: a bundle on a runtime against its PyTorch source model, with the same inputs and noise.
+
+For every (prompt chunk, seed) the reference runs the whole one-step generation; the runtime then runs
+each component on the reference's own inputs (token ids; x_in and the reference context; the
+reference x0), so each component's error is measured alone, and the whole generation end to end.
+Reported: per component SNR (dB) and max abs error, end-to-end image PSNR (uint8), and on SHAPES-64
+prompts, when the evaluator is available, both all-correct rates. Floors depend on the bundle's
+precision (`FLOORS`); below them `check_floors` raises ParityError.
+
+Noise is numpy's (`Session.noise(seed)`, one latent per seed and prompt chunk) and fed to both sides,
+so no result depends on torch's random generator.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+import runtimes
+from runtimes.base import Session, to_uint8
+from sdxs_edge import metrics, sampler, shapes
+from sdxs_edge.errors import ParityError, SDXSError
+
+COMPONENTS = ("text_encoder", "unet", "decoder")
+
+
+@dataclass(frozen=True)
+class Floors:
+    """What a bundle of one precision must reach against PyTorch.
+
+    Args:
+        component_snr_db: minimum SNR of every component's output.
+        image_psnr_db: minimum end-to-end image PSNR (uint8); enforced for trained models only, since
+            random weights make images of amplified noise whose PSNR says nothing about deployment.
+        all_correct_points: largest allowed drop of the SHAPES-64 all-correct rate, in percentage points.
+    """
+
+    component_snr_db: float
+    image_psnr_db: float = 28.0
+    all_correct_points: float = 3.0
+
+
+# fp32 differs only by kernel order; fp16 by half-precision rounding (~11 bits); int8 by quantisation.
+FLOORS: dict[str, Floors] = {"fp32": Floors(60.0), "fp16": Floors(40.0), "int8": Floors(25.0)}
+
+# Valid prompts for any model; being SHAPES-64 captions they also feed the evaluator on SHAPES models.
+DEFAULT_PROMPTS = (
+    "a large cyan triangle at the bottom left on a black background",
+    "a small red circle at the top on a white background",
+    "a large yellow cross at the center on a black background",
+    "a small purple square at the right on a white background",
+)
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts from a UTF-8 text file, one per line (blank lines skipped).
+
+    Args:
+        path: the file.
+    """
+    path = Path(path)
+    try:
+        lines = [l.strip() for l in path.read_text(encoding="utf-8").splitlines()]
+    except FileNotFoundError:
+        raise SDXSError(f"prompt file {path} does not exist") from None
+    except UnicodeDecodeError:
+        raise SDXSError(f"prompt file {path} is not UTF-8 text") from None
+    prompts = [l for l in lines if l]
+    if not prompts:
+        raise SDXSError(f"prompt file {path} has no prompts")
+    return prompts
+
+
+def _shapes_labels(prompts: Sequence[str]) -> dict[str, np.ndarray] | None:
+    """Attribute labels when every prompt is a SHAPES-64 caption, else None."""
+    try:
+        parsed = [shapes.parse_caption(p) for p in prompts]
+    except SDXSError:
+        return None
+    return {a: np.array([shapes.ATTRIBUTES[a].index(d[a]) for d in parsed], np.int64) for a in shapes.ATTRIBUTES}
+
+
+def _load_evaluator():
+    """(evaluator, None) or (None, why not) - the SHAPES-64 classifier is optional for parity."""
+    try:
+        from sdxs_edge.evaluate import Evaluator
+    except ImportError as e:
+        return None, f"sdxs_edge.evaluate cannot be imported: {e}"
+    try:
+        return Evaluator.load(), None
+    except SDXSError as e:
+        return None, str(e)
+
+
+def _finite(x: float) -> float | str:
+    """JSON-safe number: an exact match (infinite SNR/PSNR) is written as the string "inf"."""
+    return x if math.isfinite(x) else "inf"
+
+
+def run_parity(
+    bundle: str | Path,
+    runtime: str,
+    reference: Any = None,
+    prompts: Sequence[str] | None = None,
+    seeds: Sequence[int] = (0,),
+    runtime_options: dict[str, Any] | None = None,
+    json_out: str | Path | None = None,
+    check: bool = True,
+) -> dict:
+    """Compare a bundle on `runtime` with its PyTorch source model; optionally raise under the floors.
+
+    Args:
+        bundle: the bundle directory.
+        runtime: a `runtimes.RUNTIMES` name.
+        reference: model to compare against instead of the manifest's source (preset, folder, hub id or
+            loaded `SDXSPipeline`).
+        prompts: prompts to generate (default `DEFAULT_PROMPTS`).
+        seeds: noise seeds; every prompt runs with every seed.
+        runtime_options: keyword options for `runtimes.load` (e.g. {"providers": ["cpu"]}).
+        json_out: write the report here as JSON (before any ParityError, so a failure is inspectable).
+        check: raise ParityError when a floor is missed (`check_floors`).
+
+    Returns:
+        the report (see `format_table` for the fields shown).
+    """
+    prompts = list(prompts) if prompts is not None else list(DEFAULT_PROMPTS)
+    seeds = [int(s) for s in seeds]
+    if not prompts:
+        raise SDXSError("parity needs at least one prompt")
+    if not seeds:
+        raise SDXSError("parity needs at least one seed")
+    with runtimes.load(bundle, runtime, **(runtime_options or {})) as rt, runtimes.load(bundle, "torch", reference=reference, verify=False) as ref:
+        report = _compare(rt, ref, prompts, seeds)
+    report["runtime_options"] = {k: v if isinstance(v, (str, int, float, bool, type(None))) else list(v) for k, v in (runtime_options or {}).items()}
+    if json_out is not None:
+        write_json(report, json_out)
+    if check:
+        check_floors(report)
+    return report
+
+
+def _compare(rt: Session, ref: Session, prompts: list[str], seeds: list[int]) -> dict:
+    from sdxs_edge.presets import PRESETS
+
+    manifest = rt.manifest
+    precision = manifest["precision"]
+    floors = FLOORS[precision]
+    pairs: dict[str, tuple[list, list]] = {c: ([], []) for c in COMPONENTS}
+    ref_images, rt_images, order = [], [], []
+    rt_times: dict[str, list[float]] = {c: [] for c in COMPONENTS}
+    ref_times: dict[str, list[float]] = {c: [] for c in COMPONENTS}
+    B = rt.batch
+    for seed in seeds:
+        for start in range(0, len(prompts), B):
+            chunk = prompts[start : start + B]
+            n = len(chunk)
+            chunk = chunk + [chunk[-1]] * (B - n)  # fill a static batch; the fill is dropped below
+            noise = rt.noise(seed)
+            want = ref.generate_arrays(chunk, noise=noise)
+            got = rt.generate_arrays(chunk, noise=noise)
+            for c in COMPONENTS:
+                rt_times[c].append(got.timings[c])
+                ref_times[c].append(want.timings[c])
+            # Each component on the reference's own inputs, so its error is its own.
+            x_in = sampler.initial_latent(noise, rt.constants)
+            outs = {
+                "text_encoder": (want.context, rt.encode_text(want.token_ids)),
+                "unet": (want.model_output, rt.denoise(rt.cast_input("unet", 0, x_in), rt.cast_input("unet", 1, want.context))),
+                "decoder": (want.image, rt.decode(rt.cast_input("decoder", 0, want.latent))),
+            }
+            for c, (a, b) in outs.items():
+                pairs[c][0].append(np.asarray(a, np.float32)[:n])
+                pairs[c][1].append(np.asarray(b, np.float32)[:n])
+            ref_images.append(to_uint8(want.image[:n]))
+            rt_images.append(to_uint8(got.image[:n]))
+            order.extend(chunk[:n])
+    components = {}
+    failures = []
+    for c in COMPONENTS:
+        a, b = np.concatenate(pairs[c][0]), np.concatenate(pairs[c][1])
+        snr = metrics.snr_db(a, b)
+        ok = snr >= floors.component_snr_db
+        components[c] = {"snr_db": _finite(snr), "max_abs_error": metrics.max_abs_error(a, b), "floor_snr_db": floors.component_snr_db, "ok": ok}
+        if not ok:
+            failures.append(f"{c} SNR {snr:.1f} dB < {floors.component_snr_db:g} dB")
+    ri, ti = np.concatenate(ref_images), np.concatenate(rt_images)
+    psnr = metrics.psnr(ri, ti)
+    per_image = [metrics.psnr(x, y) for x, y in zip(ri, ti)]
+    source = ref.pipeline.name
+    trained = source not in PRESETS
+    image_ok = psnr >= floors.image_psnr_db
+    image = {
+        "psnr_db": _finite(psnr),
+        "psnr_db_min": _finite(min(per_image)),
+        "floor_psnr_db": floors.image_psnr_db,
+        "enforced": trained,
+        "ok": image_ok,
+    }
+    if trained and not image_ok:
+        failures.append(f"image PSNR {psnr:.1f} dB < {floors.image_psnr_db:g} dB")
+    all_correct = _all_correct(order, ri, ti, rt.manifest["resolution"], floors)
+    if all_correct.get("ok") is False:
+        failures.append(f"all-correct rate {all_correct['runtime']:.3f} vs reference {all_correct['reference']:.3f} ({all_correct['points']:.1f} points > {floors.all_correct_points:g})")
+    return {
+        "bundle": str(rt.bundle),
+        "runtime": rt.name,
+        "reference": source,
+        "reference_device": str(getattr(ref, "device", "cpu")),
+        "target": manifest["target"],
+        "precision": precision,
+        "trained": trained,
+        "prompts": prompts,
+        "seeds": seeds,
+        "samples": len(order),
+        "floors": asdict(floors),
+        "components": components,
+        "image": image,
+        "all_correct": all_correct,
+        "timings_ms": {
+            "runtime": {c: 1000 * float(np.median(v)) for c, v in rt_times.items()},
+            "reference": {c: 1000 * float(np.median(v)) for c, v in ref_times.items()},
+        },
+        "failures": failures,
+        "passed": not failures,
+    }
+
+
+def _all_correct(prompts: list[str], ref_images: np.ndarray, rt_images: np.ndarray, resolution: int, floors: Floors) -> dict:
+    """SHAPES-64 all-correct rates of both sides, or an explicit "n/a" with the reason."""
+    labels = _shapes_labels(prompts)
+    if labels is None:
+        return {"status": "n/a (prompts are not all SHAPES-64 captions)"}
+    if resolution != shapes.SIZE:
+        return {"status": f"n/a (model makes {resolution}px images; the SHAPES-64 evaluator reads {shapes.SIZE}px)"}
+    evaluator, why = _load_evaluator()
+    if evaluator is None:
+        return {"status": f"n/a (no evaluator: {why})"}
+    from sdxs_edge.evaluate import accuracy_report
+
+    ref_rate = accuracy_report(evaluator.classify(ref_images), labels)["all_correct"]
+    rt_rate = accuracy_report(evaluator.classify(rt_images), labels)["all_correct"]
+    points = 100.0 * (ref_rate - rt_rate)
+    return {"status": "measured", "reference": ref_rate, "runtime": rt_rate, "points": points, "n": len(prompts), "ok": points <= floors.all_correct_points}
+
+
+def check_floors(report: dict) -> None:
+    """Raise ParityError naming every missed floor of a `run_parity` report.
+
+    Args:
+        report: a `run_parity` report.
+    """
+    if report["failures"]:
+        raise ParityError(f"{report['runtime']} on {report['bundle']} ({report['target']} {report['precision']}) is below its parity floors: {'; '.join(report['failures'])}")
+
+
+def write_json(report: dict, path: str | Path) -> Path:
+    """Write a report as JSON, atomically.
+
+    Args:
+        report: a `run_parity` report.
+        path: destination file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _num(x, fmt: str) -> str:
+    return x if isinstance(x, str) else format(x, fmt)
+
+
+def format_table(report: dict) -> str:
+    """The report as a fixed-width table.
+
+    Args:
+        report: a `run_parity` report.
+    """
+    lines = [
+        f"parity  {report['runtime']} vs torch ({report['reference']})  bundle {report['bundle']}  [{report['target']} {report['precision']}]  {report['samples']} sample(s)",
+        f"{'component':<14}{'SNR dB':>10}{'floor':>8}{'max abs err':>14}{'runtime ms':>12}{'torch ms':>10}  ",
+    ]
+    for c, r in report["components"].items():
+        lines.append(
+            f"{c:<14}{_num(r['snr_db'], '.1f'):>10}{r['floor_snr_db']:>8g}{r['max_abs_error']:>14.3e}"
+            f"{report['timings_ms']['runtime'][c]:>12.2f}{report['timings_ms']['reference'][c]:>10.2f}  {'ok' if r['ok'] else 'FAIL'}"
+        )
+    im = report["image"]
+    verdict = ("ok" if im["ok"] else "FAIL") if im["enforced"] else "reported only (random weights)"
+    lines.append(f"{'image PSNR':<14}{_num(im['psnr_db'], '.1f'):>10}{im['floor_psnr_db']:>8g}   min {_num(im['psnr_db_min'], '.1f')} dB  {verdict}")
+    ac = report["all_correct"]
+    if ac["status"] == "measured":
+        lines.append(f"{'all-correct':<14}runtime {ac['runtime']:.3f}  reference {ac['reference']:.3f}  ({ac['points']:+.1f} points, n={ac['n']})  {'ok' if ac['ok'] else 'FAIL'}")
+    else:
+        lines.append(f"{'all-correct':<14}{ac['status']}")
+    lines.append("PASSED" if report["passed"] else "FAILED: " + "; ".join(report["failures"]))
+    return "\n".join(lines)

@@ -1,0 +1,221 @@
+"""`sdxs-edge` command line. Errors are one line on stderr with exit code 2; `--debug` shows tracebacks."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from sdxs_edge.errors import SDXSError
+
+DEFAULT_MODEL = Path(__file__).parent / "default_model"
+
+
+def _quiet_libraries() -> None:
+    # diffusers imports torchao (pulled in by executorch) which prints loader noise on CPU builds.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    import logging
+    import warnings
+
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="torchao")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def resolve_model(model: str | None) -> str:
+    """The model argument, or the embedded default when none is given."""
+    if model:
+        return model
+    if not (DEFAULT_MODEL / "model_index.json").is_file():
+        raise SDXSError(f"the embedded default model is missing at {DEFAULT_MODEL}; pass --model PRESET|PATH")
+    return str(DEFAULT_MODEL)
+
+
+def _positive(kind: type, name: str):
+    def parse(v: str):
+        try:
+            x = kind(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a {kind.__name__}, got {v!r}") from None
+        if x <= 0:
+            raise argparse.ArgumentTypeError(f"{name} must be > 0, got {v}")
+        return x
+
+    return parse
+
+
+def _save_image(img, out: Path) -> None:
+    if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+        raise SDXSError(f"--out must end in .png, .jpg or .webp, got {out.name!r}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    img.save(tmp, format={".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}[out.suffix.lower()])
+    os.replace(tmp, out)
+
+
+# ---- generate ----------------------------------------------------------------------------------------
+def cmd_generate(args) -> int:
+    from sdxs_edge.pipeline import SDXSPipeline
+
+    t = time.perf_counter()
+    pipe = SDXSPipeline.load(resolve_model(args.model))
+    load_s = time.perf_counter() - t
+    res = args.resolution
+    if res is not None and res % 8:
+        raise SDXSError(f"--resolution must be a multiple of 8, got {res}")
+    noise = pipe.noise(len(args.prompt), args.seed, resolution=res)
+    gen = pipe.generate(args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance, noise=noise)
+    outs = [Path(args.out)] if len(gen.images) == 1 else [Path(args.out).with_name(f"{Path(args.out).stem}-{i}{Path(args.out).suffix}") for i in range(len(gen.images))]
+    for img, out in zip(gen.images, outs):
+        _save_image(img, out)
+    steps = args.steps or pipe.default_steps
+    print(f"model {pipe.name}  ({steps} step{'s' * (steps > 1)}, guidance {args.guidance if args.guidance is not None else pipe.default_guidance}, seed {args.seed})")
+    print(f"  load          {load_s * 1000:9.1f} ms")
+    for k, v in gen.timings.items():
+        print(f"  {k:<13} {v * 1000:9.1f} ms")
+    print(f"  total         {sum(gen.timings.values()) * 1000:9.1f} ms  (excluding load)")
+    for out in outs:
+        print(f"wrote {out}")
+    return 0
+
+
+# ---- info --------------------------------------------------------------------------------------------
+def cmd_info(args) -> int:
+    from sdxs_edge.info import model_info, format_info
+
+    rep = model_info(args.model, flops=not args.no_flops)
+    print(json.dumps(rep, indent=2) if args.json else format_info(rep))
+    return 0
+
+
+# ---- eval --------------------------------------------------------------------------------------------
+def cmd_eval(args) -> int:
+    from sdxs_edge.evaluate import EvalSettings, Evaluator, evaluate_pipeline, format_report, read_prompt_file, save_grid
+    from sdxs_edge.pipeline import SDXSPipeline
+
+    prompts = read_prompt_file(args.prompts) if args.prompts else None
+    ev = Evaluator.load()
+    pipe = SDXSPipeline.load(resolve_model(args.model))
+    settings = EvalSettings(n=args.n, steps=args.steps, guidance=args.guidance, batch=args.batch, seed=args.seed)
+    rep, images = evaluate_pipeline(pipe, settings, ev, prompts)
+    rep["model"] = pipe.name
+    print(format_report(rep))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    grid = save_grid(images, out / "grid.png")
+    tmp = out / ".eval.json.tmp"
+    tmp.write_text(json.dumps(rep, indent=2))
+    tmp.replace(out / "eval.json")
+    print(f"wrote {out / 'eval.json'} and {grid}")
+    return 0
+
+
+# ---- train -------------------------------------------------------------------------------------------
+def cmd_train(args) -> int:
+    from dataclasses import asdict, replace
+
+    if args.stage == "teacher":
+        from training.teacher import SMOKE, TeacherConfig, train_teacher
+
+        preset = {"shapes": "shapes-teacher"}.get(args.preset, args.preset)
+        cfg = TeacherConfig(**SMOKE) if args.smoke else TeacherConfig(preset=preset)
+        if args.steps:
+            cfg = replace(cfg, unet_steps=args.steps)
+        if args.dry_run:
+            print(json.dumps(asdict(cfg), indent=2))
+            return 0
+        model = train_teacher(cfg, args.out or "runs/shapes-teacher")
+        print(f"wrote {model}")
+    elif args.stage == "evaluator":
+        from training.evaluator import EvaluatorConfig, train_evaluator
+
+        cfg = EvaluatorConfig(steps=args.steps) if args.steps else EvaluatorConfig()
+        if args.smoke:
+            cfg = replace(cfg, steps=4, batch=8)
+        if args.dry_run:
+            print(json.dumps(asdict(cfg), indent=2))
+            return 0
+        out = Path(args.out or "runs/evaluator")
+        acc = train_evaluator(cfg, out)
+        print(f"held-out accuracy: {json.dumps(acc)}\nwrote {out / 'evaluator'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sdxs-edge", description="One-step SDXS text-to-image: generate, train, convert, run on device.")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    g = sub.add_parser("generate", help="generate images from text with a model or preset")
+    g.add_argument("prompt", nargs="+", help="one or more prompts (one image each, one batch)")
+    g.add_argument("--model", help="preset name, diffusers folder or hub id (default: the embedded SHAPES-64 model)")
+    g.add_argument("--seed", type=int, default=0, help="noise seed (same seed, same image)")
+    g.add_argument("--steps", type=_positive(int, "--steps"), help="U-Net evaluations (default: the model's; 1 for SDXS)")
+    g.add_argument("--guidance", type=float, help="classifier-free guidance scale; <= 1 disables it")
+    g.add_argument("--resolution", type=_positive(int, "--resolution"), help="image side in pixels (multiple of 8; default: the model's)")
+    g.add_argument("--out", default="out.png", help="output image (several prompts: out-0.png, out-1.png, ...)")
+    g.set_defaults(func=cmd_generate)
+
+    i = sub.add_parser("info", help="parameters, FLOPs and size per component")
+    i.add_argument("model", help="preset name, diffusers folder or hub id")
+    i.add_argument("--no-flops", action="store_true", help="skip the FLOP count (which runs one forward per component)")
+    i.add_argument("--json", action="store_true", help="print JSON")
+    i.set_defaults(func=cmd_info)
+
+    e = sub.add_parser("eval", help="SHAPES-64 prompt-following: attribute accuracy, all-correct rate, FID-shapes, grid")
+    e.add_argument("model", nargs="?", help="preset, folder or hub id (default: the embedded model)")
+    e.add_argument("--n", type=_positive(int, "--n"), default=512, help="number of evaluation prompts")
+    e.add_argument("--steps", type=_positive(int, "--steps"), help="sampling steps (default: the model's)")
+    e.add_argument("--guidance", type=float, help="guidance scale (default: the model's)")
+    e.add_argument("--prompts", help="file of SHAPES-64 captions, one per line (default: the fixed evaluation set)")
+    e.add_argument("--batch", type=_positive(int, "--batch"), default=64, help="images per batch")
+    e.add_argument("--seed", type=int, default=0, help="evaluation seed")
+    e.add_argument("--out", default="out/eval", help="folder for eval.json and grid.png")
+    e.set_defaults(func=cmd_eval)
+
+    t = sub.add_parser("train", help="train a stage (teacher, evaluator)")
+    t.add_argument("stage", choices=["teacher", "evaluator"], help="what to train")
+    t.add_argument("--preset", default="shapes", help="architecture preset (shapes = shapes-teacher)")
+    t.add_argument("--out", help="run folder (resumes from its last checkpoint)")
+    t.add_argument("--steps", type=_positive(int, "--steps"), help="override the main stage's step count")
+    t.add_argument("--smoke", action="store_true", help="tiny settings that run in seconds (tests)")
+    t.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    t.set_defaults(func=cmd_train)
+
+    for mod in ("converters.cli", "runtimes.cli"):
+        try:
+            m = __import__(mod, fromlist=["add_parsers"])
+        except ModuleNotFoundError as e:
+            if e.name and mod.startswith(e.name):
+                continue  # that part of the SDK is not installed in this checkout
+            raise
+        m.add_parsers(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _quiet_libraries()
+    try:
+        return args.func(args) or 0
+    except SDXSError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # unexpected: still one line unless --debug
+        if args.debug:
+            raise
+        print(f"error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""SHAPES-64 evaluator: an attribute classifier trained on rendered images, and the metrics built on it.
+
+Prompt-following is measured without CLIP (../shared/SHAPES-64.md, "What to measure"):
+  - per-attribute accuracy of generated images against their prompts, and the all-correct rate;
+  - FID-shapes: Frechet distance between generated and rendered images in the classifier's
+    penultimate features, reported with the classifier's own accuracy on rendered images.
+The committed classifier lives in `sdxs_edge/evaluator/` (safetensors + JSON); `training/evaluator.py`
+trains it.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from sdxs_edge import shapes
+from sdxs_edge.errors import ModelLoadError, SDXSError
+
+EVALUATOR_DIR = Path(__file__).parent / "evaluator"
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """Args:
+    width: channels of the first conv stage (doubled at each of 3 stages).
+    feature_dim: penultimate feature size (the FID-shapes space).
+    """
+
+    width: int = 32
+    feature_dim: int = 128
+
+
+class ShapesClassifier(nn.Module):
+    """Small CNN with one head per SHAPES-64 attribute; input float (B, 3, 64, 64) in [-1, 1]."""
+
+    def __init__(self, cfg: ClassifierConfig = ClassifierConfig()):
+        super().__init__()
+        w = cfg.width
+
+        def block(cin: int, cout: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.SiLU(), nn.Conv2d(cout, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.SiLU())
+
+        # CoordConv-style x/y channels make position trivially readable.
+        self.body = nn.Sequential(block(5, w), nn.MaxPool2d(2), block(w, 2 * w), nn.MaxPool2d(2), block(2 * w, 4 * w), nn.MaxPool2d(2))
+        self.proj = nn.Sequential(nn.Flatten(), nn.Linear(4 * w * 8 * 8, cfg.feature_dim), nn.SiLU())
+        self.heads = nn.ModuleDict({a: nn.Linear(cfg.feature_dim, len(v)) for a, v in shapes.ATTRIBUTES.items()})
+        coords = torch.linspace(-1, 1, shapes.SIZE)
+        self.register_buffer("coords", torch.stack(torch.meshgrid(coords, coords, indexing="ij"))[None], persistent=False)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([x, self.coords.expand(x.shape[0], -1, -1, -1)], 1)
+        return self.proj(self.body(x))
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        f = self.features(x)
+        return {a: h(f) for a, h in self.heads.items()}
+
+
+class Evaluator:
+    """A loaded classifier with batched, no-grad helpers over uint8 NHWC images."""
+
+    def __init__(self, model: ShapesClassifier, meta: dict):
+        self.model = model.eval()
+        self.meta = meta
+
+    @classmethod
+    def load(cls, folder: str | Path = EVALUATOR_DIR) -> "Evaluator":
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        if not (folder / "model.safetensors").is_file():
+            raise ModelLoadError(f"no evaluator weights at {folder} (train one with `sdxs-edge train evaluator`)")
+        meta = json.loads((folder / "config.json").read_text())
+        model = ShapesClassifier(ClassifierConfig(**meta["config"]))
+        model.load_state_dict(load_file(str(folder / "model.safetensors")))
+        return cls(model, meta)
+
+    @torch.no_grad()
+    def _run(self, images: np.ndarray, fn) -> list:
+        out = []
+        for i in range(0, len(images), 256):
+            out.append(fn(torch.from_numpy(shapes.to_tensor_range(images[i : i + 256]))))
+        return out
+
+    def classify(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """Predicted class index per attribute for uint8 (B, 64, 64, 3) images."""
+        parts = self._run(images, lambda x: {a: v.argmax(1) for a, v in self.model(x).items()})
+        return {a: torch.cat([p[a] for p in parts]).numpy() for a in shapes.ATTRIBUTES}
+
+    def features(self, images: np.ndarray) -> np.ndarray:
+        return torch.cat(self._run(images, self.model.features)).double().numpy()
+
+
+def frechet_distance(f1: np.ndarray, f2: np.ndarray) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets (FID's formula)."""
+    from scipy import linalg
+
+    mu1, mu2 = f1.mean(0), f2.mean(0)
+    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+    covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
+    covmean = covmean.real
+    return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+def accuracy_report(pred: dict[str, np.ndarray], labels: dict[str, np.ndarray]) -> dict[str, float]:
+    """Per-attribute accuracy and the all-correct rate."""
+    correct = {a: pred[a] == labels[a] for a in shapes.ATTRIBUTES}
+    rep = {a: float(c.mean()) for a, c in correct.items()}
+    rep["all_correct"] = float(np.logical_and.reduce(list(correct.values())).mean())
+    return rep
+
+
+def read_prompt_file(path: str | Path) -> list[str]:
+    """Captions, one per line; every line must be a SHAPES-64 caption (the first bad line is named)."""
+    path = Path(path)
+    try:
+        lines = [l.strip() for l in path.read_text(encoding="utf-8").splitlines()]
+    except UnicodeDecodeError:
+        raise SDXSError(f"{path} is not a UTF-8 text file") from None
+    lines = [l for l in lines if l]
+    if not lines:
+        raise SDXSError(f"{path} has no captions")
+    for i, l in enumerate(lines, 1):
+        try:
+            shapes.parse_caption(l)
+        except SDXSError:
+            raise SDXSError(f"{path}:{i}: not a SHAPES-64 caption: {l[:80]!r}") from None
+    return lines
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """Args:
+    n: number of evaluation prompts (fixed evaluation scenes, disjoint from training).
+    steps: sampling steps (None = the model's default).
+    guidance: guidance scale (None = the model's default).
+    batch: images per generation batch.
+    seed: evaluation-set and noise seed.
+    """
+
+    n: int = 512
+    steps: int | None = None
+    guidance: float | None = None
+    batch: int = 64
+    seed: int = 0
+
+
+def evaluate_pipeline(pipe, settings: EvalSettings, evaluator: Evaluator | None = None, prompts: Sequence[str] | None = None, progress: bool = True) -> tuple[dict, np.ndarray]:
+    """Generate for the evaluation prompts and score them. Returns (report, generated uint8 images)."""
+    from tqdm.auto import tqdm
+
+    ev = evaluator or Evaluator.load()
+    if prompts is None:
+        scenes = shapes.eval_scenes(settings.n, settings.seed)
+    else:
+        rng = np.random.default_rng([shapes.EVAL_STREAM, settings.seed, 1])
+        scenes = [shapes.sample_scene(rng, **shapes.parse_caption(p)) for p in prompts]
+    ref = shapes.make_batch(scenes)
+    gen, t0 = [], time.perf_counter()
+    for i in tqdm(range(0, len(scenes), settings.batch), desc="generate", disable=not progress):
+        caps = ref.captions[i : i + settings.batch]
+        out = pipe.generate(caps, seed=settings.seed * 100_003 + i, steps=settings.steps, guidance=settings.guidance, output="tensor").images
+        gen.append(((out / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8))
+    seconds = time.perf_counter() - t0
+    images = np.concatenate(gen)
+    rep = accuracy_report(ev.classify(images), ref.labels)
+    rep["fid_shapes"] = frechet_distance(ev.features(images), ev.features(ref.images))
+    rep["classifier_accuracy_on_rendered"] = accuracy_report(ev.classify(ref.images), ref.labels)["all_correct"]
+    rep["images_per_second"] = len(images) / seconds
+    rep["n"] = len(images)
+    rep["steps"] = settings.steps if settings.steps is not None else pipe.default_steps
+    rep["guidance"] = settings.guidance if settings.guidance is not None else pipe.default_guidance
+    return rep, images
+
+
+def save_grid(images: np.ndarray, path: str | Path, cols: int = 16, limit: int = 128) -> Path:
+    """Write the first `limit` images as a PNG grid (atomically)."""
+    from PIL import Image
+
+    imgs = images[:limit]
+    rows = (len(imgs) + cols - 1) // cols
+    h, w = imgs.shape[1:3]
+    grid = np.full((rows * (h + 2), cols * (w + 2), 3), 128, np.uint8)
+    for k, im in enumerate(imgs):
+        r, c = divmod(k, cols)
+        grid[r * (h + 2) + 1 : r * (h + 2) + 1 + h, c * (w + 2) + 1 : c * (w + 2) + 1 + w] = im
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(grid).save(tmp, format="PNG")
+    tmp.replace(path)
+    return path
+
+
+def format_report(rep: dict) -> str:
+    lines = [f"{'metric':<34}{'value':>10}"]
+    for a in shapes.ATTRIBUTES:
+        lines.append(f"{'accuracy ' + a:<34}{rep[a]:>10.3f}")
+    lines.append(f"{'all-correct rate':<34}{rep['all_correct']:>10.3f}")
+    lines.append(f"{'FID-shapes':<34}{rep['fid_shapes']:>10.3f}")
+    lines.append(f"{'classifier accuracy (rendered)':<34}{rep['classifier_accuracy_on_rendered']:>10.3f}")
+    lines.append(f"{'images / second':<34}{rep['images_per_second']:>10.2f}")
+    return "\n".join(lines)
+
+
+def settings_dict(s: EvalSettings) -> dict:
+    return asdict(s)
