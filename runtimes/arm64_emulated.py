@@ -7,9 +7,10 @@ runs
         --model <bundle>/<component>.pte --io <tmp> --method forward
 
 with LD_LIBRARY_PATH at the aarch64 ExecuTorch libraries extracted from the executorch wheel, then
-reads the outputs back. The same Arm64 code a phone runs (XNNPACK's NEON/dotprod kernels for a
-Cortex-A76, the big core of many phones) runs here, so numerical parity measured this way carries to
-devices; timings do not: emulation is about 150x slower than the real core. `make arm64-runner`
+reads the outputs back. The same Arm64 machine code a phone runs executes here (XNNPACK picks its
+kernels from the CPU features qemu reports for a Cortex-A76, the big core of many phones), so
+numerical parity measured this way carries to devices; timings do not: emulation is about 150x
+slower than the real core. `make arm64-runner`
 (runtimes/native/build_arm64.sh) builds everything this needs.
 """
 from __future__ import annotations

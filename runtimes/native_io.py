@@ -9,6 +9,8 @@ Every field little-endian:
     12           8*ndim    int64 dims
     12+8*ndim              data: prod(dims) elements, C-contiguous, nothing after it
 
+Also the helpers both native runtimes (arm64-emulated, android) share around a runner call: the
+`--io` folder layout (in<i>.bin / out<i>.bin), the `SDXS_TIMING` line, and one-line failure messages.
 Numpy and the standard library only, so the emulated and Android runtimes need no PyTorch.
 """
 from __future__ import annotations
@@ -55,7 +57,8 @@ def write_tensor(path: str | Path, array: np.ndarray) -> Path:
         raise TensorFileError(f"{path}: dtype {a.dtype} has no SDXT code (supported: {', '.join(DTYPE_CODES)})")
     if a.ndim > MAX_DIMS:
         raise TensorFileError(f"{path}: {a.ndim} dimensions exceed the format's {MAX_DIMS}")
-    a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
+    # astype, not ascontiguousarray: that one turns a 0-d array into 1-d.
+    a = a.astype(a.dtype.newbyteorder("<"), order="C", copy=False)
     path = Path(path)
     with path.open("wb") as f:
         f.write(MAGIC + struct.pack(f"<II{a.ndim}q", code, a.ndim, *a.shape))

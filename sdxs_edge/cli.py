@@ -117,19 +117,7 @@ def cmd_eval(args) -> int:
 def cmd_train(args) -> int:
     from dataclasses import asdict, replace
 
-    if args.stage == "teacher":
-        from training.teacher import SMOKE, TeacherConfig, train_teacher
-
-        preset = {"shapes": "shapes-teacher"}.get(args.preset, args.preset)
-        cfg = TeacherConfig(**SMOKE) if args.smoke else TeacherConfig(preset=preset)
-        if args.steps:
-            cfg = replace(cfg, unet_steps=args.steps)
-        if args.dry_run:
-            print(json.dumps(asdict(cfg), indent=2))
-            return 0
-        model = train_teacher(cfg, args.out or "runs/shapes-teacher")
-        print(f"wrote {model}")
-    elif args.stage == "evaluator":
+    if args.stage == "evaluator":
         from training.evaluator import EvaluatorConfig, train_evaluator
 
         cfg = EvaluatorConfig(steps=args.steps) if args.steps else EvaluatorConfig()
@@ -141,6 +129,38 @@ def cmd_train(args) -> int:
         out = Path(args.out or "runs/evaluator")
         acc = train_evaluator(cfg, out)
         print(f"held-out accuracy: {json.dumps(acc)}\nwrote {out / 'evaluator'}")
+        return 0
+    if args.stage == "teacher" and not args.smoke:
+        from training.teacher import TeacherConfig, train_teacher
+
+        preset = {"shapes": "shapes-teacher"}.get(args.preset, args.preset)
+        cfg = TeacherConfig(preset=preset)
+        if args.steps:
+            cfg = replace(cfg, unet_steps=args.steps)
+        if args.dry_run:
+            print(json.dumps(asdict(cfg), indent=2))
+            return 0
+        print(f"wrote {train_teacher(cfg, args.out or 'runs/shapes-teacher')}")
+        return 0
+    from training.chain import ChainConfig, format_chain_report, run_chain, smoke_chain
+
+    if args.preset not in ("shapes", "tiny"):
+        raise SDXSError(f"the distillation chain has presets 'shapes' and 'tiny' (smoke); got {args.preset!r}")
+    cfg = smoke_chain() if args.smoke or args.preset == "tiny" else ChainConfig()
+    if args.teacher:
+        cfg = replace(cfg, teacher=args.teacher)
+    elif args.retrain_teacher:
+        cfg = replace(cfg, teacher=None)
+    if args.dry_run:
+        print(json.dumps(asdict(cfg), indent=2, default=str))
+        return 0
+    if cfg.teacher and not (Path(cfg.teacher) / "model_index.json").is_file():
+        raise SDXSError(f"teacher folder {cfg.teacher} not found; pass --teacher PATH or --retrain-teacher")
+    report = run_chain(cfg, args.out or ("runs/smoke-chain" if args.smoke else "runs/shapes-sdxs"), until=args.stage)
+    if "models" in report:
+        print(format_chain_report(report))
+    else:
+        print(json.dumps(report, indent=2))
     return 0
 
 
@@ -176,9 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default="out/eval", help="folder for eval.json and grid.png")
     e.set_defaults(func=cmd_eval)
 
-    t = sub.add_parser("train", help="train a stage (teacher, evaluator)")
-    t.add_argument("stage", choices=["teacher", "evaluator"], help="what to train")
-    t.add_argument("--preset", default="shapes", help="architecture preset (shapes = shapes-teacher)")
+    t = sub.add_parser("train", help="train a stage: teacher, evaluator, decoder, unet-kd, onestep, or all (the SDXS chain)")
+    t.add_argument("stage", choices=["teacher", "evaluator", "decoder", "unet-kd", "onestep", "all"], help="stage; chain stages run the chain up to and including it, resuming earlier stages")
+    t.add_argument("--preset", default="shapes", help="shapes (SHAPES-64) or tiny (smoke)")
+    t.add_argument("--teacher", help="trained teacher folder to distill from (default: the committed models/shapes-teacher)")
+    t.add_argument("--retrain-teacher", action="store_true", help="train the teacher as the chain's first stage instead of reusing one")
     t.add_argument("--out", help="run folder (resumes from its last checkpoint)")
     t.add_argument("--steps", type=_positive(int, "--steps"), help="override the main stage's step count")
     t.add_argument("--smoke", action="store_true", help="tiny settings that run in seconds (tests)")

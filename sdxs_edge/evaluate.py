@@ -32,7 +32,7 @@ class ClassifierConfig:
     feature_dim: penultimate feature size (the FID-shapes space).
     """
 
-    width: int = 32
+    width: int = 16
     feature_dim: int = 128
 
 
@@ -47,7 +47,8 @@ class ShapesClassifier(nn.Module):
             return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.SiLU(), nn.Conv2d(cout, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.SiLU())
 
         # CoordConv-style x/y channels make position trivially readable.
-        self.body = nn.Sequential(block(5, w), nn.MaxPool2d(2), block(w, 2 * w), nn.MaxPool2d(2), block(2 * w, 4 * w), nn.MaxPool2d(2))
+        stem = nn.Sequential(nn.Conv2d(5, w, 3, padding=1), nn.GroupNorm(8, w), nn.SiLU())
+        self.body = nn.Sequential(stem, nn.MaxPool2d(2), block(w, 2 * w), nn.MaxPool2d(2), block(2 * w, 4 * w), nn.MaxPool2d(2))
         self.proj = nn.Sequential(nn.Flatten(), nn.Linear(4 * w * 8 * 8, cfg.feature_dim), nn.SiLU())
         self.heads = nn.ModuleDict({a: nn.Linear(cfg.feature_dim, len(v)) for a, v in shapes.ATTRIBUTES.items()})
         coords = torch.linspace(-1, 1, shapes.SIZE)

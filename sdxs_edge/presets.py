@@ -161,6 +161,50 @@ def _tiny_vae(channels: int, encoder_blocks: tuple[int, ...], decoder_blocks: tu
     )
 
 
+def block_removed(teacher_unet: Mapping[str, Any]) -> Mapping[str, Any]:
+    """SDXS / BK-SDM block removal as rules on a 4-stage SD-2.1-topology config (arXiv 2403.16627 Sec. 3.2):
+    drop the mid block, the last down stage and the first up stage, the transformer blocks of the
+    highest-resolution stage, and keep one resnet per down stage (two per up stage). On `sd21-base`
+    this yields the released SDXS-512 layout."""
+    t = dict(teacher_unet)
+    heads = t["attention_head_dim"]
+    down = ["DownBlock2D"] + list(t["down_block_types"][1:-1])
+    up = list(t["up_block_types"][1:-1]) + ["UpBlock2D"]
+    return _frozen(
+        {
+            **t,
+            "block_out_channels": list(t["block_out_channels"][:-1]),
+            "down_block_types": down,
+            "up_block_types": up,
+            "mid_block_type": None,
+            "layers_per_block": 1,
+            "attention_head_dim": list(heads[:-1]) if isinstance(heads, (list, tuple)) else heads,
+        }
+    )
+
+
+# Student parameter prefix -> teacher prefix for a block-removed student (weight init; data, not code).
+# Up stages keep the first and last of the teacher's three resnets/attentions: their skip-connection
+# channels are the ones the two-resnet student stage sees.
+SDXS_LAYER_MAP = _frozen(
+    {
+        "conv_in": "conv_in",
+        "time_embedding": "time_embedding",
+        "conv_norm_out": "conv_norm_out",
+        "conv_out": "conv_out",
+        **{f"down_blocks.{i}.resnets.0": f"down_blocks.{i}.resnets.0" for i in range(3)},
+        **{f"down_blocks.{i}.attentions.0": f"down_blocks.{i}.attentions.0" for i in (1, 2)},
+        **{f"down_blocks.{i}.downsamplers.0": f"down_blocks.{i}.downsamplers.0" for i in (0, 1)},
+        **{f"up_blocks.{i}.resnets.{j}": f"up_blocks.{i + 1}.resnets.{2 * j}" for i in range(3) for j in (0, 1)},
+        **{f"up_blocks.{i}.attentions.{j}": f"up_blocks.{i + 1}.attentions.{2 * j}" for i in (0, 1) for j in (0, 1)},
+        **{f"up_blocks.{i}.upsamplers.0": f"up_blocks.{i + 1}.upsamplers.0" for i in (0, 1)},
+    }
+)
+# Feature-KD pairs (student block -> teacher block whose output it matches), after BK-SDM.
+SDXS_FEATURE_PAIRS = _frozen(
+    {**{f"down_blocks.{i}": f"down_blocks.{i}" for i in range(3)}, **{f"up_blocks.{i}": f"up_blocks.{i + 1}" for i in range(3)}}
+)
+
 SD21_DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
 SD21_UP = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
 # SDXS-512 after block removal (ANCHORS.md): no last down / first up stage, no mid block, no
@@ -240,10 +284,11 @@ PRESETS: dict[str, ModelPreset] = {
             summary="SHAPES-64 one-step student: SDXS block-removed layout of shapes-teacher, tiny decoder, 64x64",
             resolution=64,
             text_encoder=_clip_text(128, 2, 4, 512, 128, "gelu"),
-            unet=_unet((32, 64, 128), SDXS_DOWN, SDXS_UP, None, 1, (1, 2, 4), 128, 8, True, 8),
+            unet=block_removed(_unet((32, 64, 128, 128), SD21_DOWN, SD21_UP, "UNetMidBlock2DCrossAttn", 2, (1, 2, 4, 4), 128, 8, True, 8)),
             vae_class="AutoencoderTiny",
             vae=_tiny_vae(16, (1, 1, 1, 1), (1, 1, 1, 1)),
             pad_token="!",
+            layer_map=SDXS_LAYER_MAP,
             teacher="shapes-teacher",
         ),
     )

@@ -27,8 +27,8 @@ class EvaluatorConfig:
     seed: data seed (train stream; evaluation scenes are disjoint).
     """
 
-    steps: int = 800
-    batch: int = 128
+    steps: int = 600
+    batch: int = 64
     lr: float = 2e-3
     noise: float = 0.15
     seed: int = 7

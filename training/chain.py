@@ -1,0 +1,261 @@
+"""The whole SDXS chain: teacher -> tiny decoder -> block-removed U-Net (KD) -> one-step (warm-up, then
+segmented score distillation) -> report. Every stage resumes from its own folder under `out/`.
+
+    sdxs-edge train all --preset shapes            # everything, reusing the committed teacher
+    sdxs-edge train onestep --preset shapes        # the chain up to and including that stage
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from training.decoder import DecoderConfig, decoder_report, distill_decoder
+from training.onestep import SSDConfig, WarmupConfig, make_ode_pairs, score_distill, warmup
+from training.teacher import TeacherConfig, build_latent_cache, smoke_config, train_teacher
+from training.unet_kd import UNetKDConfig, build_student, distill_unet
+
+STAGES = ("teacher", "decoder", "unet-kd", "onestep", "all")
+REPO = Path(__file__).resolve().parent.parent
+COMMITTED_TEACHER = REPO / "models" / "shapes-teacher"
+
+
+@dataclass(frozen=True)
+class ChainConfig:
+    """Args:
+    student_preset: preset of the one-step student (its decoder layout and layer map).
+    teacher: a trained teacher folder to reuse; None trains one with `teacher_cfg`.
+    teacher_cfg: teacher recipe when none is reused.
+    decoder, unet_kd, warmup, ssd: stage recipes.
+    pairs: number of teacher ODE pairs (noise -> sample) for the one-step stages.
+    pair_steps: teacher sampling steps for the pairs.
+    eval_n: evaluation prompts per model in the report.
+    eval_steps: steps for the multi-step models in the report.
+    threads: torch CPU threads.
+    """
+
+    student_preset: str = "shapes"
+    teacher: str | None = str(COMMITTED_TEACHER)
+    teacher_cfg: TeacherConfig = field(default_factory=TeacherConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    unet_kd: UNetKDConfig = field(default_factory=UNetKDConfig)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    ssd: SSDConfig = field(default_factory=SSDConfig)
+    pairs: int = 4096
+    pair_steps: int = 25
+    eval_n: int = 512
+    eval_steps: int = 25
+    threads: int = 2
+
+
+def smoke_chain() -> ChainConfig:
+    """End to end in about a minute on tiny models (CI)."""
+    return ChainConfig(
+        student_preset="tiny",
+        teacher=None,
+        teacher_cfg=smoke_config(),
+        decoder=DecoderConfig(steps=4, batch=4, gan_start=2),
+        unet_kd=UNetKDConfig(steps=4, batch=4),
+        warmup=WarmupConfig(steps=4, batch=4),
+        ssd=SSDConfig(steps=4, batch=4),
+        pairs=8,
+        pair_steps=2,
+        eval_n=8,
+        eval_steps=2,
+    )
+
+
+def _save_unet_folder(unet, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    unet.save_pretrained(tmp, safe_serialization=True)
+    if path.exists():
+        import shutil
+
+        shutil.rmtree(path)
+    tmp.rename(path)
+
+
+def _latency(pipe, steps: int | None, guidance: float | None, runs: int = 5) -> float:
+    prompt = "a large cyan triangle at the bottom left on a black background"
+    pipe.generate(prompt, steps=steps, guidance=guidance)
+    ts = []
+    for i in range(runs):
+        t = time.perf_counter()
+        pipe.generate(prompt, seed=i, steps=steps, guidance=guidance)
+        ts.append(time.perf_counter() - t)
+    return sorted(ts)[len(ts) // 2]
+
+
+def run_chain(cfg: ChainConfig, out: str | Path, until: str = "all") -> dict:
+    """Run the chain up to stage `until`, resuming each stage; returns the report (for "all")."""
+    from diffusers import DDPMScheduler
+
+    from sdxs_edge import shapes
+    from sdxs_edge.models import Components, build_vae, count_parameters
+    from sdxs_edge.pipeline import SDXSPipeline
+    from sdxs_edge.presets import get_preset
+
+    if until not in STAGES:
+        raise ValueError(f"unknown stage {until!r}; stages: {', '.join(STAGES)}")
+    torch.set_num_threads(cfg.threads)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
+    times: dict[str, float] = {}
+    stamp = time.time()
+
+    def lap(name: str) -> None:
+        nonlocal stamp
+        times[name] = round(time.time() - stamp, 1)
+        stamp = time.time()
+        (out / "times.json").write_text(json.dumps(times, indent=2))
+
+    # Teacher.
+    teacher_dir = Path(cfg.teacher) if cfg.teacher else train_teacher(cfg.teacher_cfg, out / "teacher")
+    teacher = SDXSPipeline.load(teacher_dir)
+    lap("teacher")
+    if until == "teacher":
+        return {"teacher": str(teacher_dir)}
+    preset = get_preset(cfg.student_preset)
+    sched_cfg = {k: v for k, v in teacher.c.scheduler_config.items() if not k.startswith("_")}
+    acp = DDPMScheduler(**{k: v for k, v in sched_cfg.items() if k in ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps", "prediction_type")}).alphas_cumprod
+    empty = teacher.tokenize([""])[0]
+
+    # Latent cache of real images (for the decoder and U-Net KD), encoded by the teacher's VAE.
+    tcfg = replace(cfg.teacher_cfg, cache_size=min(cfg.teacher_cfg.cache_size, 8192))
+    cache = build_latent_cache(tcfg, teacher.c.vae, teacher.c.tokenizer, out / "latents.safetensors")
+    cache["scaling_factor"] = torch.tensor(teacher.latent_scaling)
+
+    # Teacher ODE pairs (also latents of teacher samples for the decoder).
+    pairs_file = out / "pairs.safetensors"
+    if pairs_file.is_file():
+        from safetensors.torch import load_file
+
+        pairs = load_file(str(pairs_file))
+    else:
+        from safetensors.torch import save_file
+
+        caps = [s.caption for s in shapes.eval_scenes(cfg.pairs, seed=4242)]  # EVAL stream seed 4242 is not an eval seed
+        pairs = make_ode_pairs(teacher, caps, cfg.pair_steps, teacher.default_guidance, seed=1)
+        save_file(pairs, str(pairs_file.with_suffix(".tmp")))
+        pairs_file.with_suffix(".tmp").rename(pairs_file)
+    lap("pairs")
+
+    # Tiny decoder.
+    student_vae = build_vae(preset)
+    dec_done = out / "decoder" / "vae"
+    if dec_done.is_dir():
+        from diffusers import AutoencoderTiny
+
+        student_vae = AutoencoderTiny.from_pretrained(dec_done, torch_dtype=torch.float32)
+    else:
+        g = torch.Generator().manual_seed(0)
+        real = (cache["mean"] + cache["std"] * torch.randn(cache["mean"].shape, generator=g)) * teacher.latent_scaling
+        pool = torch.cat([real, pairs["x0"]])
+        distill_decoder(cfg.decoder, out / "decoder", teacher.c.vae, student_vae, pool)
+        student_vae.save_pretrained(dec_done, safe_serialization=True)
+    held = pairs["x0"][-256:]
+    report: dict = {"decoder": decoder_report(teacher.c.vae, student_vae, held)}
+    lap("decoder")
+    if until == "decoder":
+        return report
+
+    # Block-removed U-Net.
+    kd_done = out / "unet-kd" / "unet"
+    from diffusers import UNet2DConditionModel
+
+    if kd_done.is_dir():
+        kd_unet = UNet2DConditionModel.from_pretrained(kd_done, torch_dtype=torch.float32)
+    else:
+        kd_unet, init = build_student(teacher.c.unet, preset.layer_map)
+        (out / "unet-kd").mkdir(parents=True, exist_ok=True)
+        (out / "unet-kd" / "init.json").write_text(json.dumps(init, indent=2))
+        distill_unet(cfg.unet_kd, out / "unet-kd", teacher.c.unet, teacher.c.text_encoder, kd_unet, cache, empty, acp)
+        _save_unet_folder(kd_unet, kd_done)
+    lap("unet-kd")
+    if until == "unet-kd":
+        return report
+
+    # One-step: warm-up then segmented score distillation.
+    def one_step_pipe(unet, vae, name: str) -> SDXSPipeline:
+        p = SDXSPipeline(Components(teacher.c.tokenizer, teacher.c.text_encoder, unet, vae, dict(sched_cfg)), name=name)
+        p.default_steps, p.default_guidance = 1, 0.0
+        return p
+
+    consts = teacher.one_step_constants()
+    warm_done = out / "model-warmup"
+    if warm_done.is_dir():
+        warm = SDXSPipeline.load(warm_done)
+    else:
+        import copy
+
+        student = copy.deepcopy(kd_unet)
+        warmup(cfg.warmup, out / "warmup", student, teacher.c.text_encoder, teacher.c.unet, pairs, consts)
+        warm = one_step_pipe(student, student_vae, "shapes one-step (warm-up only)")
+        warm.save_pretrained(warm_done)
+    lap("warmup")
+    final_done = out / "model"
+    if final_done.is_dir():
+        final = SDXSPipeline.load(final_done)
+    else:
+        import copy
+
+        student = copy.deepcopy(warm.c.unet)
+        score_distill(cfg.ssd, out / "ssd", student, teacher.c.text_encoder, teacher.c.unet, pairs, consts, acp, empty)
+        final = one_step_pipe(student, student_vae, "sdxs-shapes one-step")
+        final.save_pretrained(final_done)
+    lap("score-distill")
+    if until == "onestep":
+        return report
+
+    # Report.
+    from sdxs_edge.evaluate import EvalSettings, Evaluator, evaluate_pipeline, save_grid
+
+    ev = Evaluator.load()
+    kd_pipe = SDXSPipeline(Components(teacher.c.tokenizer, teacher.c.text_encoder, kd_unet, teacher.c.vae, dict(sched_cfg)), name="block-removed student")
+    rows = [
+        ("teacher", teacher, cfg.eval_steps, teacher.default_guidance),
+        ("block-removed (KD)", kd_pipe, cfg.eval_steps, teacher.default_guidance),
+        ("one-step, warm-up only", warm, 1, 0.0),
+        ("one-step, score distillation", final, 1, 0.0),
+    ]
+    report["models"] = {}
+    for name, pipe, steps, guidance in rows:
+        rep, images = evaluate_pipeline(pipe, EvalSettings(n=cfg.eval_n, steps=steps, guidance=guidance), ev)
+        slug = name.split(",")[0].replace(" ", "-").replace("(", "").replace(")", "") + ("-ssd" if "score" in name else "")
+        save_grid(images, out / f"grid-{slug}.png")
+        rep["unet_params"] = count_parameters(pipe.c.unet)
+        rep["decoder_params"] = count_parameters(pipe.c.vae.decoder)
+        rep["cpu_latency_s"] = _latency(pipe, steps, guidance)
+        report["models"][name] = rep
+    lap("report")
+    report["stage_seconds"] = times
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(format_chain_report(report))
+    return report
+
+
+def format_chain_report(report: dict) -> str:
+    d = report["decoder"]
+    lines = [
+        "# SDXS chain on SHAPES-64",
+        "",
+        "| model | steps | all-correct | size | color | shape | position | background | FID-shapes | U-Net params | CPU s/image |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in report["models"].items():
+        lines.append(
+            f"| {name} | {r['steps']} | {r['all_correct']:.3f} | {r['size']:.3f} | {r['color']:.3f} | {r['shape']:.3f} | {r['position']:.3f} | {r['background']:.3f} | {r['fid_shapes']:.2f} | {r['unet_params']:,} | {r['cpu_latency_s']:.3f} |"
+        )
+    lines += [
+        "",
+        f"Tiny decoder: PSNR {d['psnr_vs_teacher']:.2f} dB and SSIM {d['ssim_vs_teacher']:.3f} against the teacher's decoder; "
+        f"{d['student_params']:,} vs {d['teacher_params']:,} parameters ({d['param_ratio']:.1f}x fewer), {d['cpu_speed_ratio']:.1f}x faster on CPU.",
+        "",
+        "Stage wall-clock seconds: " + ", ".join(f"{k} {v}" for k, v in report.get("stage_seconds", {}).items()),
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,276 @@
+"""One-step training (arXiv 2403.16627 Sec. 3.3): feature-matching warm-up, then segmented score
+distillation.
+
+a. Warm-up (Sec. 3.3, Fig. 6): noise -> image pairs from the teacher's ODE sampler (fixed noise, N Euler
+   steps, guidance). The student maps the same noise to x0 in one step (the SDXS rule at t = 999) and is
+   pulled towards the teacher's x0 by a DISTS-inspired SSIM between multi-level feature maps of a frozen
+   encoder, weighted per level. Encoders: the teacher U-Net's encoder ("unet") or a small frozen CNN
+   ("cnn"). `loss="mse"` is the plain MSE baseline of the paper's Fig. 6 comparison.
+b. Segmented score distillation (Algorithm 1, Fig. 3; Diff-Instruct / IKL, in DMD's normalised form): an
+   online DM initialised from the offline (teacher) DM learns the student's output distribution with the
+   denoising loss, alternating with student updates. The student's gradient is the score difference
+   (online minus offline, offline with guidance) for t in [0, alpha*T] and lambda_FM * feature matching for
+   t in (alpha*T, T]; alpha starts near 1 and lambda_FM high, both annealed over training.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sdxs_edge import sampler
+from training.loop import LoopConfig, run_loop
+
+
+# ---- teacher ODE pairs ---------------------------------------------------------------------------------
+@torch.no_grad()
+def make_ode_pairs(pipe, prompts: list[str], steps: int, guidance: float, batch: int = 64, seed: int = 0) -> dict[str, torch.Tensor]:
+    """(noise, ids, x0) triples from the teacher's multi-step sampler with classifier-free guidance."""
+    from tqdm.auto import tqdm
+
+    noises, ids, x0s = [], [], []
+    for i in tqdm(range(0, len(prompts), batch), desc="ode pairs"):
+        p = prompts[i : i + batch]
+        noise = pipe.noise(len(p), seed * 1_000_003 + i)
+        ctx, unc = pipe.encode_prompt(p), pipe.encode_prompt([""] * len(p))
+        x0s.append(pipe._multi_step(noise, ctx, unc, steps, guidance))
+        noises.append(noise)
+        ids.append(pipe.tokenize(p).int())
+    return {"noise": torch.cat(noises), "ids": torch.cat(ids), "x0": torch.cat(x0s)}
+
+
+# ---- feature encoders and the SSIM feature loss -----------------------------------------------------
+class UNetEncoder(nn.Module):
+    """The teacher U-Net's encoder (conv_in + down blocks) at a small timestep, frozen."""
+
+    def __init__(self, unet, timestep: int = 50):
+        super().__init__()
+        self.unet = unet.requires_grad_(False).eval()
+        self.timestep = timestep
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor) -> list[torch.Tensor]:
+        u = self.unet
+        t = torch.full((x.shape[0],), self.timestep)
+        emb = u.time_embedding(u.time_proj(t).to(x.dtype))
+        h = u.conv_in(x)
+        feats = [x, h]
+        for block in u.down_blocks:
+            if getattr(block, "has_cross_attention", False):
+                h, _ = block(h, emb, encoder_hidden_states=ctx)
+            else:
+                h, _ = block(h, emb)
+            feats.append(h)
+        return feats
+
+
+class SmallCNN(nn.Module):
+    """A frozen random conv pyramid on latents; random features carry layout and texture statistics."""
+
+    def __init__(self, width: int = 32, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        chans = [4, width, 2 * width, 4 * width]
+        self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, stride=1 if i == 0 else 2, padding=1) for i, (a, b) in enumerate(zip(chans, chans[1:])))
+        for c in self.convs:
+            nn.init.normal_(c.weight, 0, (2 / (c.in_channels * 9)) ** 0.5, generator=g)
+            nn.init.zeros_(c.bias)
+        self.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor | None = None) -> list[torch.Tensor]:
+        feats = [x]
+        for c in self.convs:
+            x = F.silu(c(x))
+            feats.append(x)
+        return feats
+
+
+def ssim_feature_loss(fa: list[torch.Tensor], fb: list[torch.Tensor], weights: list[float] | None = None) -> torch.Tensor:
+    """Per-sample DISTS-inspired loss: 1 - (luminance + structure)/2 per channel over space, per level.
+
+    Returns a (B,) tensor.
+    """
+    c1, c2 = 1e-6, 1e-6
+    weights = weights or [1.0] * len(fa)
+    total = 0.0
+    for w, a, b in zip(weights, fa, fb):
+        a, b = a.flatten(2), b.flatten(2)
+        ma, mb = a.mean(-1), b.mean(-1)
+        va, vb = a.var(-1, unbiased=False), b.var(-1, unbiased=False)
+        cov = ((a - ma[..., None]) * (b - mb[..., None])).mean(-1)
+        lum = (2 * ma * mb + c1) / (ma**2 + mb**2 + c1)
+        struct = (2 * cov + c2) / (va + vb + c2)
+        total = total + w * (1 - 0.5 * (lum + struct)).mean(-1)
+    return total / sum(weights)
+
+
+def feature_matching_loss(encoder: nn.Module | None, pred: torch.Tensor, target: torch.Tensor, ctx: torch.Tensor, weights=None) -> torch.Tensor:
+    """Per-sample loss between one-step output `pred` and teacher sample `target` (encoder None = MSE)."""
+    if encoder is None:
+        return (pred - target).square().flatten(1).mean(1)
+    with torch.no_grad():
+        ft = encoder(target, ctx)
+    return ssim_feature_loss(encoder(pred, ctx), ft, weights)
+
+
+def one_step_x0(student, noise: torch.Tensor, ctx: torch.Tensor, c: sampler.OneStepConstants) -> torch.Tensor:
+    """The SDXS rule with a trainable U-Net: x0 in U-Net latent space."""
+    return sampler.sample_one_step(lambda x, t, cx: student(x, torch.full((x.shape[0],), t), cx).sample, noise, ctx, c)
+
+
+# ---- a. warm-up ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class WarmupConfig:
+    """Args:
+    steps: optimizer steps.
+    batch: pairs per step.
+    lr: AdamW learning rate.
+    loss: "ssim" (feature matching) or "mse" (baseline).
+    encoder: "unet" (teacher encoder) or "cnn" (small frozen CNN).
+    level_weights: per-level weights of the feature loss (None = equal).
+    """
+
+    steps: int = 1500
+    batch: int = 32
+    lr: float = 1e-4
+    loss: str = "ssim"
+    encoder: str = "unet"
+    level_weights: tuple[float, ...] | None = None
+
+
+def make_encoder(kind: str, teacher_unet) -> nn.Module | None:
+    if kind == "unet":
+        return UNetEncoder(teacher_unet)
+    if kind == "cnn":
+        return SmallCNN()
+    raise ValueError(f"unknown feature encoder {kind!r} (unet, cnn)")
+
+
+def warmup(cfg: WarmupConfig, out: Path, student, text_encoder, teacher_unet, pairs: dict, consts: sampler.OneStepConstants, seed: int = 0):
+    """Feature-matching warm-up of a one-step student on teacher ODE pairs."""
+    text_encoder.requires_grad_(False).eval()
+    encoder = None if cfg.loss == "mse" else make_encoder(cfg.encoder, teacher_unet)
+    opt = torch.optim.AdamW(student.parameters(), cfg.lr, weight_decay=0.0)
+    student.train()
+    n = len(pairs["noise"])
+
+    def step(k: int) -> dict:
+        g = torch.Generator().manual_seed(seed * 1_000_037 + k)
+        idx = torch.randint(0, n, (cfg.batch,), generator=g)
+        with torch.no_grad():
+            ctx = text_encoder(pairs["ids"][idx].long())[0]
+        pred = one_step_x0(student, pairs["noise"][idx], ctx, consts)
+        loss = feature_matching_loss(encoder, pred, pairs["x0"][idx], ctx, cfg.level_weights and list(cfg.level_weights)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            mse = (pred - pairs["x0"][idx]).square().mean()
+        return {"loss": loss.item(), "mse": mse.item()}
+
+    run_loop("warmup", out, LoopConfig(cfg.steps, ckpt_every=500), step, {"unet": student}, {"opt": opt})
+    return student.eval()
+
+
+# ---- b. segmented score distillation ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class SSDConfig:
+    """Args:
+    steps: student updates (each followed by `online_updates` online-DM updates).
+    batch: samples per step.
+    lr: student AdamW learning rate.
+    online_lr: online DM AdamW learning rate.
+    online_updates: online-DM denoising updates per student update.
+    guidance: classifier-free guidance of the offline (teacher) score.
+    alpha_start, alpha_end: segment boundary alpha (score distillation for t <= alpha*T), annealed linearly.
+    fm_start, fm_end: lambda_FM, annealed with a cosine.
+    t_min: smallest timestep sampled for score distillation (very small t carries no signal).
+    encoder: feature encoder of the feature-matching segment ("unet" or "cnn").
+    """
+
+    steps: int = 800
+    batch: int = 32
+    lr: float = 2e-5
+    online_lr: float = 1e-4
+    online_updates: int = 1
+    guidance: float = 4.0
+    alpha_start: float = 0.95
+    alpha_end: float = 0.7
+    fm_start: float = 10.0
+    fm_end: float = 1.0
+    t_min: int = 20
+    encoder: str = "unet"
+
+
+def anneal(cfg: SSDConfig, k: int) -> tuple[float, float]:
+    """(alpha, lambda_FM) at student step k."""
+    p = k / max(1, cfg.steps - 1)
+    alpha = cfg.alpha_start + (cfg.alpha_end - cfg.alpha_start) * p
+    lam = cfg.fm_end + (cfg.fm_start - cfg.fm_end) * 0.5 * (1 + math.cos(math.pi * p))
+    return alpha, lam
+
+
+def score_distill(cfg: SSDConfig, out: Path, student, text_encoder, offline_unet, pairs: dict, consts: sampler.OneStepConstants, alphas_cumprod: torch.Tensor, empty_ids: torch.Tensor, seed: int = 0):
+    """Segmented score distillation of a (warmed-up) one-step student."""
+    text_encoder.requires_grad_(False).eval()
+    offline_unet.requires_grad_(False).eval()
+    online = copy.deepcopy(offline_unet).requires_grad_(True).train()
+    encoder = make_encoder(cfg.encoder, offline_unet)
+    opt_s = torch.optim.AdamW(student.parameters(), cfg.lr, weight_decay=0.0)
+    opt_o = torch.optim.AdamW(online.parameters(), cfg.online_lr, weight_decay=0.0)
+    student.train()
+    T = len(alphas_cumprod)
+    n = len(pairs["noise"])
+    with torch.no_grad():
+        uncond = text_encoder(empty_ids[None])[0]
+
+    def noised(x0: torch.Tensor, t: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        a = alphas_cumprod[t].view(-1, 1, 1, 1)
+        return a.sqrt() * x0 + (1 - a).sqrt() * torch.randn(x0.shape, generator=g), a
+
+    def step(k: int) -> dict:
+        alpha, lam = anneal(cfg, k)
+        g = torch.Generator().manual_seed(seed * 1_000_039 + k)
+        idx = torch.randint(0, n, (cfg.batch,), generator=g)
+        with torch.no_grad():
+            ctx = text_encoder(pairs["ids"][idx].long())[0]
+        x0 = one_step_x0(student, pairs["noise"][idx], ctx, consts)
+        t = torch.randint(cfg.t_min, T, (cfg.batch,), generator=g)
+        sd_mask = (t <= alpha * T).float()
+        # Score-difference segment (DMD's normalised form of the Diff-Instruct gradient).
+        with torch.no_grad():
+            xt, a = noised(x0.detach(), t, g)
+            e_u, e_c = offline_unet(torch.cat([xt, xt]), torch.cat([t, t]), torch.cat([uncond.expand_as(ctx), ctx])).sample.chunk(2)
+            e_real = e_u + cfg.guidance * (e_c - e_u)
+            e_fake = online(xt, t, ctx).sample
+            x0_real = (xt - (1 - a).sqrt() * e_real) / a.sqrt()
+            x0_fake = (xt - (1 - a).sqrt() * e_fake) / a.sqrt()
+            grad = (x0_fake - x0_real) / (x0.detach() - x0_real).abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-4)
+            grad = torch.nan_to_num(grad)
+        sd = 0.5 * (x0 - (x0 - grad).detach()).square().flatten(1).mean(1)
+        fm = feature_matching_loss(encoder, x0, pairs["x0"][idx], ctx)
+        loss = (sd_mask * sd + (1 - sd_mask) * lam * fm).mean()
+        opt_s.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt_s.step()
+        # Online DM: denoising loss on the student's current outputs.
+        for _ in range(cfg.online_updates):
+            t2 = torch.randint(0, T, (cfg.batch,), generator=g)
+            eps = torch.randn(x0.shape, generator=g)
+            a2 = alphas_cumprod[t2].view(-1, 1, 1, 1)
+            xt2 = a2.sqrt() * x0.detach() + (1 - a2).sqrt() * eps
+            o_loss = F.mse_loss(online(xt2, t2, ctx).sample, eps)
+            opt_o.zero_grad(set_to_none=True)
+            o_loss.backward()
+            torch.nn.utils.clip_grad_norm_(online.parameters(), 1.0)
+            opt_o.step()
+        return {"loss": loss.item(), "sd": float((sd * sd_mask).sum() / sd_mask.sum().clamp_min(1)), "fm": float(fm.mean()), "online": o_loss.item(), "alpha": alpha, "lambda_fm": lam}
+
+    run_loop("score-distill", out, LoopConfig(cfg.steps, ckpt_every=200), step, {"unet": student, "online": online}, {"student": opt_s, "online": opt_o})
+    return student.eval()

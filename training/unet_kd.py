@@ -1,0 +1,139 @@
+"""U-Net block removal with output and feature knowledge distillation (arXiv 2403.16627 Sec. 3.2,
+Fig. 2b; after BK-SDM).
+
+The student is the teacher with blocks removed (`sdxs_edge.presets.block_removed`), initialised from
+the teacher where layers correspond (`SDXS_LAYER_MAP`, data). Loss, with no denoising term:
+
+    L = || eps_student(x_t, t, c) - eps_teacher(x_t, t, c) ||^2
+        + lambda_F * sum_blocks || f_student_block - f_teacher_block ||^2      (SDXS_FEATURE_PAIRS)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+
+from sdxs_edge.presets import SDXS_FEATURE_PAIRS, SDXS_LAYER_MAP, block_removed
+from training.loop import LoopConfig, run_loop
+
+
+@dataclass(frozen=True)
+class UNetKDConfig:
+    """Args:
+    steps: optimizer steps.
+    batch: latents per step.
+    lr: AdamW learning rate (constant after a short warm-up).
+    feature_weight: lambda_F, the weight of the feature-KD term.
+    cfg_dropout: share of empty captions, so the student keeps classifier-free guidance.
+    """
+
+    steps: int = 2000
+    batch: int = 64
+    lr: float = 3e-4
+    feature_weight: float = 1.0
+    cfg_dropout: float = 0.1
+
+
+def build_student(teacher_unet, layer_map: Mapping[str, str] = SDXS_LAYER_MAP) -> tuple[torch.nn.Module, dict]:
+    """Block-removed student of `teacher_unet`, initialised from it through `layer_map`.
+
+    Returns:
+        (student, report) where report counts the tensors copied and lists student tensors left at
+        random init (none, for an SD-2.1-topology teacher).
+    """
+    from diffusers import UNet2DConditionModel
+
+    student = UNet2DConditionModel(**block_removed(teacher_unet.config))
+    t_sd = teacher_unet.state_dict()
+    s_sd = student.state_dict()
+    copied, missing = 0, []
+    for name, tensor in s_sd.items():
+        src = None
+        for s_prefix, t_prefix in layer_map.items():
+            if name == s_prefix or name.startswith(s_prefix + "."):
+                src = t_prefix + name[len(s_prefix) :]
+                break
+        if src is not None and src in t_sd and t_sd[src].shape == tensor.shape:
+            s_sd[name] = t_sd[src].clone()
+            copied += 1
+        else:
+            missing.append(name)
+    student.load_state_dict(s_sd)
+    return student, {"copied": copied, "random_init": missing}
+
+
+class FeatureTap:
+    """Records the outputs of named sub-blocks via forward hooks (first element of tuple outputs)."""
+
+    def __init__(self, model: torch.nn.Module, names):
+        self.out: dict[str, torch.Tensor] = {}
+        mods = dict(model.named_modules())
+        self.handles = [mods[n].register_forward_hook(self._hook(n)) for n in names]
+
+    def _hook(self, name: str):
+        def f(_m, _i, o):
+            self.out[name] = o[0] if isinstance(o, tuple) else o
+
+        return f
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def distill_unet(cfg: UNetKDConfig, out: Path, teacher_unet, text_encoder, student, cache: dict, empty_ids: torch.Tensor, alphas_cumprod: torch.Tensor, seed: int = 0):
+    """Train `student` against `teacher_unet` on noised latents from `cache` (see the teacher trainer).
+
+    Args:
+        cfg: recipe settings.
+        out: run folder (resumable).
+        teacher_unet: frozen teacher U-Net.
+        text_encoder: frozen text encoder shared by teacher and student.
+        student: the block-removed U-Net being trained.
+        cache: latent cache with "mean", "std", "ids", "scaling_factor".
+        empty_ids: token ids of "" (classifier-free guidance dropout).
+        alphas_cumprod: the noise schedule's abar_t.
+        seed: sampling seed.
+    """
+    teacher_unet.requires_grad_(False).eval()
+    text_encoder.requires_grad_(False).eval()
+    student.train()
+    pairs = dict(SDXS_FEATURE_PAIRS)
+    tap_s, tap_t = FeatureTap(student, pairs.keys()), FeatureTap(teacher_unet, pairs.values())
+    opt = torch.optim.AdamW(student.parameters(), cfg.lr, weight_decay=0.0)
+    scale = float(cache["scaling_factor"])
+    n = cache["mean"].shape[0]
+
+    def step(k: int) -> dict:
+        for gr in opt.param_groups:
+            gr["lr"] = cfg.lr * min(1.0, (k + 1) / 100)
+        g = torch.Generator().manual_seed(seed * 1_000_033 + k)
+        idx = torch.randint(0, n, (cfg.batch,), generator=g)
+        z0 = (cache["mean"][idx] + cache["std"][idx] * torch.randn(cache["mean"][idx].shape, generator=g)) * scale
+        ids = cache["ids"][idx].long()
+        ids[torch.rand(cfg.batch, generator=g) < cfg.cfg_dropout] = empty_ids
+        t = torch.randint(0, len(alphas_cumprod), (cfg.batch,), generator=g)
+        a = alphas_cumprod[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * torch.randn(z0.shape, generator=g)
+        with torch.no_grad():
+            ctx = text_encoder(ids)[0]
+            target = teacher_unet(zt, t, ctx).sample
+        pred = student(zt, t, ctx).sample
+        out_kd = F.mse_loss(pred, target)
+        feat_kd = sum(F.mse_loss(tap_s.out[s], tap_t.out[t_]) for s, t_ in pairs.items())
+        loss = out_kd + cfg.feature_weight * feat_kd
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        return {"loss": loss.item(), "out_kd": out_kd.item(), "feat_kd": float(feat_kd.detach())}
+
+    try:
+        run_loop("unet-kd", out, LoopConfig(cfg.steps, ckpt_every=500), step, {"unet": student}, {"opt": opt})
+    finally:
+        tap_s.remove()
+        tap_t.remove()
+    return student.eval()
