@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from safetensors.torch import load_file, save_file
 
 from sdxs_edge import shapes
 from sdxs_edge.presets import get_preset
+from training import dist
+from training.dist import DistInfo
 from training.loop import LoopConfig, run_loop
 
 
@@ -45,6 +48,8 @@ class TeacherConfig:
         cfg_dropout: probability of replacing a caption with "" (classifier-free guidance).
         seed: data and init seed.
         threads: torch CPU threads.
+        grad_accum: micro-batches per optimizer step (the batch sizes above are global, per step).
+        log_every: steps between log lines.
     """
 
     preset: str = "shapes-teacher"
@@ -61,9 +66,11 @@ class TeacherConfig:
     cfg_dropout: float = 0.1
     seed: int = 0
     threads: int = 2
+    grad_accum: int = 1
+    log_every: int = 25
 
 
-SMOKE = dict(preset="tiny-teacher", vae_steps=6, vae_batch=8, cache_size=64, unet_steps=6, unet_batch=8, warmup=2)
+SMOKE = dict(preset="tiny-teacher", vae_steps=6, vae_batch=8, cache_size=64, unet_steps=6, unet_batch=8, warmup=2, log_every=1, threads=1)
 
 
 def _lr_lambda(warmup: int, total: int):
@@ -76,16 +83,30 @@ def _lr_lambda(warmup: int, total: int):
     return f
 
 
-def vae_loss(vae, images: torch.Tensor, masks: torch.Tensor, fg_weight: float, kl_weight: float) -> tuple[torch.Tensor, dict]:
-    """Shape-weighted L1 + MSE reconstruction + KL. masks: (B, H, W) shape coverage in [0, 1]."""
-    post = vae.encode(images).latent_dist
-    rec = vae.decode(post.sample()).sample
-    # Dilate the coverage by one pixel so the shape's edge is weighted too.
-    w = 1.0 + fg_weight * F.max_pool2d(masks[:, None], 3, stride=1, padding=1)
+class VAERecon(torch.nn.Module):
+    """encode -> reparameterised sample -> decode in one forward, so DDP sees (and syncs) the whole pass."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, images: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        post = self.vae.encode(images).latent_dist
+        return self.vae.decode(post.mean + post.std * noise).sample, post.kl()
+
+
+def vae_loss(recon: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor, fg_weight: float, kl_weight: float, noise: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Shape-weighted L1 + MSE reconstruction + KL. masks: (B, H, W) shape coverage in [0, 1].
+
+    `noise` is the posterior sample's unit noise, drawn by the caller so data-parallel shards match."""
+    rec, kl = recon(images, noise)
+    w = (1.0 + fg_weight * F.max_pool2d(masks[:, None], 3, stride=1, padding=1)).expand_as(images)
     err = rec - images
-    l1 = (w * err.abs()).mean() / w.mean()
-    l2 = (w * err.square()).mean() / w.mean()
-    kl = post.kl().mean() / images[0].numel()
+    # Normalised per sample, so the batch mean splits exactly across data-parallel shards.
+    norm = w.flatten(1).sum(1)
+    l1 = ((w * err.abs()).flatten(1).sum(1) / norm).mean()
+    l2 = ((w * err.square()).flatten(1).sum(1) / norm).mean()
+    kl = kl.mean() / images[0].numel()
     return l1 + l2 + kl_weight * kl, {"l1": l1.item(), "l2": l2.item(), "kl": kl.item()}
 
 
@@ -103,11 +124,19 @@ def vae_report(vae, n: int = 256, seed: int = 1) -> dict:
     }
 
 
+def _micro(cfg: TeacherConfig, d: DistInfo, tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """This rank's shard of a global batch, split into `grad_accum` micro-batches."""
+    local = [d.shard(t) for t in tensors]
+    return [list(parts) for parts in zip(*(t.chunk(cfg.grad_accum) for t in local))]
+
+
 def train_vae(cfg: TeacherConfig, out: Path, ckpt_every: int = 250):
     from sdxs_edge.models import build_vae
 
+    d, dev = dist.init(), dist.device()
     torch.manual_seed(cfg.seed)
-    vae = build_vae(get_preset(cfg.preset)).train()
+    vae = build_vae(get_preset(cfg.preset)).to(dev).train()
+    model = d.wrap(VAERecon(vae))
     opt = torch.optim.Adam(vae.parameters(), cfg.vae_lr)
     lr_f = _lr_lambda(min(50, cfg.vae_steps // 4 + 1), cfg.vae_steps)
 
@@ -116,16 +145,21 @@ def train_vae(cfg: TeacherConfig, out: Path, ckpt_every: int = 250):
             g["lr"] = cfg.vae_lr * lr_f(k)
         b = next(shapes.train_stream(cfg.vae_batch, seed=cfg.seed, start=k))
         x = torch.from_numpy(shapes.to_tensor_range(b.images))
-        m = torch.from_numpy(b.masks)
-        loss, parts = vae_loss(vae, x, m, cfg.fg_weight, cfg.kl_weight)
+        noise = torch.randn((x.shape[0], 4, x.shape[2] // 8, x.shape[3] // 8), generator=torch.Generator().manual_seed(cfg.seed * 7 + k))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        micro = _micro(cfg, d, [x, torch.from_numpy(b.masks), noise])
+        total, parts = 0.0, {}
+        for i, (xm, mm, nm) in enumerate(micro):
+            with d.no_sync(model, i == len(micro) - 1), dist.autocast(dev):
+                loss, parts = vae_loss(model, xm.to(dev), mm.to(dev), cfg.fg_weight, cfg.kl_weight, nm.to(dev))
+                (loss / len(micro)).backward()
+            total += loss.item() / len(micro)
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
-        return {"loss": loss.item(), **parts}
+        return {"loss": d.mean(total), **parts}
 
-    run_loop("vae", out / "vae", LoopConfig(cfg.vae_steps, ckpt_every=ckpt_every), step, {"vae": vae}, {"opt": opt})
-    return vae.eval()
+    run_loop("vae", out / "vae", LoopConfig(cfg.vae_steps, log_every=cfg.log_every, ckpt_every=ckpt_every), step, {"vae": vae}, {"opt": opt}, is_main=d.is_main)
+    return vae.cpu().eval()
 
 
 @torch.no_grad()
@@ -150,7 +184,7 @@ def build_latent_cache(cfg: TeacherConfig, vae, tokenizer, path: Path) -> dict:
     }
     # SD's convention: scale latents to unit variance (the "scaling_factor" in the VAE config).
     cache["scaling_factor"] = torch.tensor(1.0 / cache["mean"].std().item())
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".tmp{os.getpid()}")  # data-parallel ranks write identical caches
     save_file(cache, str(tmp))
     tmp.replace(path)
     return cache
@@ -167,8 +201,10 @@ def train_unet(cfg: TeacherConfig, out: Path, text_encoder, unet, tokenizer, cac
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, cfg.unet_lr, weight_decay=0.01)
     lr_f = _lr_lambda(cfg.warmup, cfg.unet_steps)
-    unet.train()
-    text_encoder.train()
+    d, dev = dist.init(), dist.device()
+    unet.to(dev).train()
+    text_encoder.to(dev).train()
+    unet_m, te_m = d.wrap(unet), d.wrap(text_encoder)
     n = cache["mean"].shape[0]
 
     def step(k: int) -> dict:
@@ -184,18 +220,22 @@ def train_unet(cfg: TeacherConfig, out: Path, text_encoder, unet, tokenizer, cac
         eps = torch.randn(z0.shape, generator=g)
         a = acp[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
-        ctx = text_encoder(ids)[0]
-        pred = unet(zt, t, ctx).sample
-        loss = F.mse_loss(pred, eps)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        micro = _micro(cfg, d, [zt, t, ids, eps])
+        total = 0.0
+        for i, (zm, tm, im, em) in enumerate(micro):
+            last = i == len(micro) - 1
+            with d.no_sync(unet_m, last), d.no_sync(te_m, last), dist.autocast(dev):
+                loss = F.mse_loss(unet_m(zm.to(dev), tm.to(dev), te_m(im.to(dev))[0]).sample.float(), em.to(dev))
+                (loss / len(micro)).backward()
+            total += loss.item() / len(micro)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        return {"loss": loss.item(), "lr": opt.param_groups[0]["lr"]}
+        return {"loss": d.mean(total), "lr": opt.param_groups[0]["lr"]}
 
-    run_loop("unet", out / "unet", LoopConfig(cfg.unet_steps, ckpt_every=ckpt_every), step, {"unet": unet, "text_encoder": text_encoder}, {"opt": opt})
-    unet.eval()
-    text_encoder.eval()
+    run_loop("unet", out / "unet", LoopConfig(cfg.unet_steps, log_every=cfg.log_every, ckpt_every=ckpt_every), step, {"unet": unet, "text_encoder": text_encoder}, {"opt": opt}, is_main=d.is_main)
+    unet.cpu().eval()
+    text_encoder.cpu().eval()
 
 
 def train_teacher(cfg: TeacherConfig, out: str | Path) -> Path:
@@ -227,11 +267,17 @@ def train_teacher(cfg: TeacherConfig, out: str | Path) -> Path:
     t = time.time()
     train_unet(cfg, out, text_encoder, unet, tokenizer, cache)
     times["unet"] = time.time() - t
+    d = dist.init()
+    if not d.is_main:
+        torch.distributed.barrier()  # wait for rank 0 to write the model
+        return out / "model"
     pipe = SDXSPipeline(Components(tokenizer, text_encoder, unet, vae, dict(preset.scheduler)), name=f"{cfg.preset} trained")
     pipe.default_steps, pipe.default_guidance = preset.default_steps, preset.default_guidance
     model = pipe.save_pretrained(out / "model", overwrite=True)
     report = {"vae": vae_metrics, "scaling_factor": float(cache["scaling_factor"]), "seconds": times, "config": asdict(cfg)}
     (out / "report.json").write_text(json.dumps(report, indent=2))
+    if d.world > 1:
+        torch.distributed.barrier()
     return model
 
 
