@@ -40,11 +40,11 @@ class ChainConfig:
     student_preset: str = "shapes"
     teacher: str | None = str(COMMITTED_TEACHER)
     teacher_cfg: TeacherConfig = field(default_factory=TeacherConfig)
-    decoder: DecoderConfig = field(default_factory=DecoderConfig)
-    unet_kd: UNetKDConfig = field(default_factory=UNetKDConfig)
-    warmup: WarmupConfig = field(default_factory=WarmupConfig)
-    ssd: SSDConfig = field(default_factory=SSDConfig)
-    pairs: int = 4096
+    decoder: DecoderConfig = field(default_factory=lambda: DecoderConfig(steps=1000, gan_start=400))
+    unet_kd: UNetKDConfig = field(default_factory=lambda: UNetKDConfig(steps=1200))
+    warmup: WarmupConfig = field(default_factory=lambda: WarmupConfig(steps=800))
+    ssd: SSDConfig = field(default_factory=lambda: SSDConfig(steps=500))
+    pairs: int = 2048
     pair_steps: int = 25
     eval_n: int = 512
     eval_steps: int = 25

@@ -48,6 +48,12 @@ class TeacherConfig:
         cfg_dropout: probability of replacing a caption with "" (classifier-free guidance).
         seed: data and init seed.
         threads: torch CPU threads.
+        emphasis_from: U-Net step from which the two settings below apply (phase 2 of the recipe).
+        high_t_share: share of each U-Net batch drawn from t >= T/2 instead of uniformly. Layout (where
+            the shape goes) is decided at high noise, where the epsilon loss barely sees x0: with the
+            plain loss the teacher drew the right shape and colour at a random position.
+        snr_weight_cap: weight each sample's epsilon loss by min(1/SNR(t), cap), i.e. towards an x0 loss
+            at high noise (0 disables; the plain DDPM loss).
         grad_accum: micro-batches per optimizer step (the batch sizes above are global, per step).
         log_every: steps between log lines.
     """
@@ -59,18 +65,21 @@ class TeacherConfig:
     fg_weight: float = 12.0
     kl_weight: float = 1e-6
     cache_size: int = 40960
-    unet_steps: int = 6000
+    unet_steps: int = 4500
     unet_batch: int = 64
     unet_lr: float = 6e-4
     warmup: int = 200
     cfg_dropout: float = 0.1
     seed: int = 0
     threads: int = 2
+    emphasis_from: int = 3000
+    high_t_share: float = 0.5
+    snr_weight_cap: float = 5.0
     grad_accum: int = 1
     log_every: int = 25
 
 
-SMOKE = dict(preset="tiny-teacher", vae_steps=6, vae_batch=8, cache_size=64, unet_steps=6, unet_batch=8, warmup=2, log_every=1, threads=1)
+SMOKE = dict(preset="tiny-teacher", vae_steps=6, vae_batch=8, cache_size=64, unet_steps=6, unet_batch=8, warmup=2, emphasis_from=3, log_every=1, threads=1)
 
 
 def _lr_lambda(warmup: int, total: int):
@@ -216,17 +225,24 @@ def train_unet(cfg: TeacherConfig, out: Path, text_encoder, unet, tokenizer, cac
         ids = cache["ids"][idx].long()
         drop = torch.rand(cfg.unet_batch, generator=g) < cfg.cfg_dropout
         ids[drop] = empty
-        t = torch.randint(0, acp.numel(), (cfg.unet_batch,), generator=g)
+        T = acp.numel()
+        t = torch.randint(0, T, (cfg.unet_batch,), generator=g)
+        phase2 = k >= cfg.emphasis_from
+        high = torch.rand(cfg.unet_batch, generator=g) < (cfg.high_t_share if phase2 else 0.0)
+        t = torch.where(high, torch.randint(T // 2, T, (cfg.unet_batch,), generator=g), t)
         eps = torch.randn(z0.shape, generator=g)
         a = acp[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
+        w = ((1 - acp[t]) / acp[t]).clamp(max=cfg.snr_weight_cap) if (phase2 and cfg.snr_weight_cap > 0) else torch.ones(cfg.unet_batch)
+        w = w / w.mean()
         opt.zero_grad(set_to_none=True)
-        micro = _micro(cfg, d, [zt, t, ids, eps])
+        micro = _micro(cfg, d, [zt, t, ids, eps, w])
         total = 0.0
-        for i, (zm, tm, im, em) in enumerate(micro):
+        for i, (zm, tm, im, em, wm) in enumerate(micro):
             last = i == len(micro) - 1
             with d.no_sync(unet_m, last), d.no_sync(te_m, last), dist.autocast(dev):
-                loss = F.mse_loss(unet_m(zm.to(dev), tm.to(dev), te_m(im.to(dev))[0]).sample.float(), em.to(dev))
+                pred = unet_m(zm.to(dev), tm.to(dev), te_m(im.to(dev))[0]).sample.float()
+                loss = (wm.to(dev) * (pred - em.to(dev)).square().flatten(1).mean(1)).mean()
                 (loss / len(micro)).backward()
             total += loss.item() / len(micro)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
