@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test test-slow clean teacher
+.PHONY: install demo test test-slow clean teacher arm64-runner
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,14 +19,27 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+SDXS := $(PY) -m sdxs_edge.cli
+DEMO_PROMPT := a large cyan triangle at the bottom left on a black background
+
+# The main job, offline: generate with the embedded one-step model on CPU, lower it to an int8 ONNX
+# bundle, run that bundle with ONNX Runtime, and check it against PyTorch.
 demo: install
-	$(PY) -m sdxs_edge.cli generate "a large cyan triangle at the bottom left on a black background" --seed 0 --out out/demo.png
+	$(SDXS) generate "$(DEMO_PROMPT)" --seed 0 --out out/demo.png
+	$(SDXS) convert sdxs_edge/default_model --target onnx --precision int8 --out out/default-onnx-int8 --overwrite
+	$(SDXS) run out/default-onnx-int8 "$(DEMO_PROMPT)" --runtime onnxruntime --seed 0 --out out/demo-int8.png
+	$(SDXS) parity out/default-onnx-int8 --runtime onnxruntime --json out/default-onnx-int8-parity.json
 
 test: install
 	$(PY) -m pytest -q
 
 test-slow: install
 	$(PY) -m pytest -q -m slow
+
+# The aarch64 ExecuTorch runner for the arm64-emulated runtime (Debian cross compiler + qemu, the
+# executorch aarch64 wheel from PyPI); idempotent.
+arm64-runner:
+	runtimes/native/build_arm64.sh
 
 teacher: install
 	$(PY) -m sdxs_edge.cli train teacher --preset shapes --out runs/shapes-teacher

@@ -135,7 +135,7 @@ def run_parity(
     if not seeds:
         raise SDXSError("parity needs at least one seed")
     with runtimes.load(bundle, runtime, **(runtime_options or {})) as rt, runtimes.load(bundle, "torch", reference=reference, verify=False) as ref:
-        report = _compare(rt, ref, prompts, seeds)
+        report = _compare(rt, ref, prompts, seeds, explicit_reference=reference is not None)
     report["runtime_options"] = {k: v if isinstance(v, (str, int, float, bool, type(None))) else list(v) for k, v in (runtime_options or {}).items()}
     if json_out is not None:
         write_json(report, json_out)
@@ -144,7 +144,7 @@ def run_parity(
     return report
 
 
-def _compare(rt: Session, ref: Session, prompts: list[str], seeds: list[int]) -> dict:
+def _compare(rt: Session, ref: Session, prompts: list[str], seeds: list[int], explicit_reference: bool) -> dict:
     from sdxs_edge.presets import PRESETS
 
     manifest = rt.manifest
@@ -192,7 +192,9 @@ def _compare(rt: Session, ref: Session, prompts: list[str], seeds: list[int]) ->
     psnr = metrics.psnr(ri, ti)
     per_image = [metrics.psnr(x, y) for x, y in zip(ri, ti)]
     source = ref.pipeline.name
-    trained = source not in PRESETS
+    # The manifest says whether its source is trained (converters record it); a reference given by hand,
+    # or a manifest without the flag, counts as trained unless it is a random-weight preset.
+    trained = source not in PRESETS if explicit_reference else bool(manifest["source"].get("trained", source not in PRESETS))
     image_ok = psnr >= floors.image_psnr_db
     image = {
         "psnr_db": _finite(psnr),

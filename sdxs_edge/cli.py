@@ -207,14 +207,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     t.set_defaults(func=cmd_train)
 
-    for mod in ("converters.cli", "runtimes.cli"):
-        try:
-            m = __import__(mod, fromlist=["add_parsers"])
-        except ModuleNotFoundError as e:
-            if e.name and mod.startswith(e.name):
-                continue  # that part of the SDK is not installed in this checkout
-            raise
-        m.add_parsers(sub)
+    # convert (converters/), parity and run (runtimes/), bench (benchmarks/): light modules that import
+    # their backends only when a command runs.
+    from benchmarks.cli import add_parsers as add_bench
+    from converters.cli import add_parsers as add_convert
+    from runtimes.cli import add_parsers as add_runtime
+
+    add_convert(sub)
+    add_runtime(sub)
+    add_bench(sub)
     return p
 
 

@@ -137,7 +137,7 @@ def et_bundle(tmp_path_factory):
             pytest.skip("converters.convert does not exist in this checkout yet; it makes the ExecuTorch bundles")
         if precision not in cache:
             out = tmp_path_factory.mktemp("et") / f"tiny-executorch-{precision}"
-            convert("tiny", target="executorch", precision=precision, out=out)
+            convert("tiny", target="executorch", precision=precision, out=out, progress=False)
             cache[precision] = out
         return cache[precision]
 

@@ -2,6 +2,7 @@
 tiny preset, and every bad input as one clear SDXSError."""
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -26,55 +27,72 @@ PROMPT = "a small red circle at the top on a white background"
 
 
 # ---- bundles ---------------------------------------------------------------------------------------
-def _export_onnx_fp32(out: Path) -> Path:
-    """A tiny onnx fp32 bundle written with torch.onnx.export and the bundle helpers."""
-    import torch
+BACKEND_PACKAGES = {"onnx": "onnxruntime", "executorch": "executorch", "coreml": "coremltools"}
 
-    from sdxs_edge.bundle import FORMAT, FORMAT_VERSION
-    from sdxs_edge.components import example_inputs, io_specs, wrappers
-    from sdxs_edge.pipeline import SDXSPipeline
-    from sdxs_edge.tokenizer import write_clip_tokenizer
 
-    out.mkdir(parents=True)
-    pipe = SDXSPipeline.load("tiny")
-    specs = io_specs(pipe)
-    comps = {}
-    for name, module in wrappers(pipe).items():
-        ins, outs = specs[name]
-        f = out / f"{name}.onnx"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(module, example_inputs(pipe, name), str(f), input_names=[s.name for s in ins], output_names=[s.name for s in outs], dynamo=False, opset_version=17)
-        comps[name] = {"file": f.name, "sha256": sha256_path(f), "inputs": [s.to_dict() for s in ins], "outputs": [s.to_dict() for s in outs]}
-    write_clip_tokenizer(out / "tokenizer", pad_token=str(pipe.c.tokenizer.pad_token))
-    manifest = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "source": {"model": "tiny", "sha256": "random-weights"},
-        "target": "onnx",
-        "precision": "fp32",
-        "resolution": pipe.resolution,
-        "sampler": pipe.one_step_constants().to_dict(),
-        "tokenizer": {"dir": "tokenizer", "max_length": 77},
-        "components": comps,
-    }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    return out
+def _need(module: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"the {module} package is not installed")
+
+
+# Converted test bundles are kept between runs under build/test-bundles/, keyed by the sha256 of the
+# converters/ and sdxs_edge/ sources and the backend package versions: lowering the tiny model to
+# ExecuTorch takes ~45 s (fp32) and ~110 s (int8) on two cores, so only the first run after a change pays
+# for it. These tests check the runtimes; the bundle is their input (the converters' own tests check
+# conversion), and every use still verifies each file's sha256 through the manifest.
+BUNDLE_CACHE = ROOT / "build" / "test-bundles"
+KEY_PACKAGES = ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "executorch", "torchao", "coremltools")
+# sdxs_edge modules no conversion reads (the CLI, reports, the SHAPES-64 evaluator) stay out of the key.
+NOT_IN_KEY = {"cli.py", "info.py", "evaluate.py"}
+
+
+def _bundle_key(target: str, precision: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    h = hashlib.sha256(f"tiny|{target}|{precision}".encode())
+    sources = [*(ROOT / "converters").rglob("*.py"), *(f for f in (ROOT / "sdxs_edge").rglob("*.py") if f.name not in NOT_IN_KEY)]
+    for f in sorted(sources):
+        h.update(str(f.relative_to(ROOT)).encode() + b"\0" + f.read_bytes())
+    for name in KEY_PACKAGES:
+        try:
+            h.update(f"{name}={version(name)}".encode())
+        except PackageNotFoundError:
+            h.update(f"{name}=absent".encode())
+    return h.hexdigest()[:16]
 
 
 @pytest.fixture(scope="module")
-def make_bundle(tmp_path_factory):
-    """(target, precision) -> a tiny-preset bundle directory, built once per module."""
-    cache: dict[tuple[str, str], Path] = {}
-    root = tmp_path_factory.mktemp("bundles")
+def make_bundle():
+    """(target, precision) -> a tiny-preset bundle from `converters.convert` (cached, see BUNDLE_CACHE).
+
+    Skips only when the backend package is absent or the converters have no backend for the target;
+    a conversion that fails is a test error.
+    """
+    from converters.api import BACKENDS, convert
+
+    built: dict[tuple[str, str], Path] = {}
 
     def get(target: str, precision: str) -> Path:
-        if (target, precision) not in cache:
-            out = root / f"tiny-{target}-{precision}"
-            if (target, precision) != ("onnx", "fp32"):
-                pytest.skip(f"converters.convert does not exist yet; only the hand-exported onnx fp32 bundle is available")
-            cache[(target, precision)] = _export_onnx_fp32(out)
-        return cache[(target, precision)]
+        _need(BACKEND_PACKAGES[target])
+        if importlib.util.find_spec(BACKENDS[target]) is None:
+            pytest.skip(f"the converters have no {target} backend ({BACKENDS[target]}) in this checkout")
+        if (target, precision) in built:  # one key per run, even if sources change meanwhile
+            return built[(target, precision)]
+        prefix = f"tiny-{target}-{precision}-"
+        out = BUNDLE_CACHE / (prefix + _bundle_key(target, precision))
+        if not (out / "manifest.json").is_file():
+            tmp = out.with_name(f".{out.name}.{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            convert("tiny", target, precision, tmp, progress=False)
+            try:
+                os.rename(tmp, out)
+            except OSError:  # another test run finished the same bundle first
+                shutil.rmtree(tmp)
+            for stale in BUNDLE_CACHE.glob(prefix + "*"):
+                if stale != out:
+                    shutil.rmtree(stale, ignore_errors=True)
+        built[(target, precision)] = out
+        return out
 
     return get
 
@@ -83,11 +101,6 @@ def make_bundle(tmp_path_factory):
 def onnx_bundle(make_bundle, tmp_path) -> Path:
     """A private copy of the onnx fp32 bundle, safe to damage."""
     return Path(shutil.copytree(make_bundle("onnx", "fp32"), tmp_path / "b"))
-
-
-def _need(module: str) -> None:
-    if importlib.util.find_spec(module) is None:
-        pytest.skip(f"the {module} package is not installed")
 
 
 # ---- tokenizer -------------------------------------------------------------------------------------
@@ -171,6 +184,38 @@ def test_generate_is_deterministic_per_seed(make_bundle):
         assert a.image.shape == (1, 3, 64, 64) and a.latent.shape == (1, 4, 8, 8)
 
 
+def test_subclass_gets_contract_for_free_with_fp16_io(onnx_bundle):
+    """A Session subclass implements only `_run`; fp16-I/O manifests get fp16 inputs from `generate`."""
+    m = json.loads((onnx_bundle / "manifest.json").read_text())
+    for comp in m["components"].values():
+        for t in comp["inputs"] + comp["outputs"]:
+            t["dtype"] = "float16" if t["dtype"] == "float32" else t["dtype"]
+    (onnx_bundle / "manifest.json").write_text(json.dumps(m))
+    seen: dict[str, dict] = {}
+
+    class Echo(Session):
+        name = "echo"
+
+        def _run(self, component, inputs):
+            seen[component] = {k: v.dtype.name for k, v in inputs.items()}
+            out = self.specs[component].outputs[0]
+            return {out.name: np.full(out.shape, 0.5, out.dtype)}
+
+    s = Echo(onnx_bundle)
+    image = s.generate(PROMPT, seed=0)
+    assert image.size == (64, 64)
+    assert seen == {"text_encoder": {"input_ids": "int32"}, "unet": {"latent": "float16", "context": "float16"}, "decoder": {"latent": "float16"}}
+    with pytest.raises(RuntimeInputError, match="latent: dtype float32 does not match the manifest \\(latent float16"):
+        s.decode(np.zeros((1, 4, 8, 8), np.float32))
+
+    class Broken(Echo):
+        def _run(self, component, inputs):
+            return {self.specs[component].outputs[0].name: np.full(self.specs[component].outputs[0].shape, np.nan, np.float16)}
+
+    with pytest.raises(SDXSError, match="text_encoder produced non-finite values"):
+        Broken(onnx_bundle).generate(PROMPT)
+
+
 def test_torch_reference_matches_pipeline(make_bundle):
     """The torch runtime is SDXSPipeline itself: same noise and prompt give the same image."""
     import torch
@@ -244,6 +289,22 @@ def test_missing_and_altered_files(onnx_bundle):
     (onnx_bundle / "unet.onnx").unlink()
     with pytest.raises(BundleError, match="unet file unet.onnx is missing"):
         runtimes.load(onnx_bundle, "onnxruntime")
+
+
+def test_external_data_is_verified(onnx_bundle):
+    """Weights beside a program (ONNX external data) are hashed like the program itself."""
+    data = onnx_bundle / "decoder.onnx.data"
+    data.write_bytes(b"weights")
+    m = json.loads((onnx_bundle / "manifest.json").read_text())
+    m["components"]["decoder"]["external_data"] = [{"file": data.name, "sha256": sha256_path(data)}]
+    (onnx_bundle / "manifest.json").write_text(json.dumps(m))
+    runtimes.load(onnx_bundle, "onnxruntime").close()
+    data.write_bytes(b"weightz")
+    with pytest.raises(BundleError, match=r"decoder external data file decoder.onnx.data was altered \(sha256 mismatch\)"):
+        runtimes.load(onnx_bundle, "onnxruntime")
+    data.unlink()
+    with pytest.raises(BundleError, match="decoder external data file decoder.onnx.data is missing"):
+        runtimes.load(onnx_bundle, "onnxruntime", verify=False)
 
 
 def test_unknown_format_version(onnx_bundle):

@@ -1,0 +1,346 @@
+"""`convert`: model (preset, folder or loaded pipeline) -> a verified bundle, written atomically.
+
+Stages: validate the request -> load the model -> capture calibration and parity tensors from real
+one-step runs -> per component export / lower / report / run -> per-component and end-to-end parity
+against PyTorch -> tokenizer + manifest -> atomic rename. Any failure (including a ParityError or an
+interrupt) leaves no bundle behind and an existing one untouched.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import platform
+import resource
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+from converters import calibration, parity
+from converters.base import ComponentJob, ComponentResult, ConversionConfig
+from converters.registry import DELEGATES, PALETTE_BITS, UnsupportedConversion, component_export, precision_spec
+from sdxs_edge.bundle import COMPONENT_NAMES, FORMAT, FORMAT_VERSION, TARGETS, BundleError, atomic_dir, load_manifest, sha256_path, validate_manifest
+from sdxs_edge.errors import SDXSError
+
+BACKENDS = {"onnx": "converters.to_onnx", "executorch": "converters.to_executorch", "coreml": "converters.to_coreml"}
+TOKENIZER_DIR = "tokenizer"
+
+
+def backend(target: str):
+    """The backend module of a target (imported lazily: each pulls its own heavy libraries)."""
+    return importlib.import_module(BACKENDS[target])
+
+
+def check_request(
+    target: str,
+    precision: str,
+    components: Sequence[str],
+    dynamic: bool,
+    palettize: int | None,
+    delegate: str,
+    batch: int,
+    resolution: int | None = None,
+) -> tuple[str, ...]:
+    """Reject unsupported combinations before any model is loaded; returns components in bundle order."""
+    if target not in TARGETS:
+        raise UnsupportedConversion(f"unknown target {target!r}; targets: {', '.join(TARGETS)}")
+    precision_spec(target, precision)
+    if isinstance(components, str):
+        components = [components]
+    comps = list(components)
+    if not comps:
+        raise UnsupportedConversion(f"no components given; choose from {', '.join(COMPONENT_NAMES)}")
+    unknown = [c for c in comps if c not in COMPONENT_NAMES]
+    if unknown:
+        raise UnsupportedConversion(f"unknown component {unknown[0]!r}; components: {', '.join(COMPONENT_NAMES)}")
+    if len(set(comps)) != len(comps):
+        raise UnsupportedConversion(f"component listed twice: {comps}")
+    if dynamic and (target, precision) != ("onnx", "int8"):
+        raise UnsupportedConversion(f"dynamic quantization is an ONNX int8 option, not {target}/{precision}")
+    if palettize is not None and ((target, precision) != ("coreml", "int8") or palettize not in PALETTE_BITS):
+        raise UnsupportedConversion(f"palettize={palettize} needs target coreml, precision int8 and 4 or 6 bits")
+    if delegate not in DELEGATES:
+        raise UnsupportedConversion(f"unknown ExecuTorch delegate {delegate!r}; delegates: {', '.join(DELEGATES)}")
+    if delegate != "xnnpack" and target != "executorch":
+        raise UnsupportedConversion(f"delegate={delegate} is an ExecuTorch option, not {target}")
+    if (target, delegate, precision) == ("executorch", "coreml", "int8"):
+        raise UnsupportedConversion("executorch int8 is XNNPACK-only here; for int8 on Apple devices use target coreml precision int8")
+    if batch < 1:
+        raise UnsupportedConversion(f"batch must be >= 1, got {batch}")
+    if resolution is not None and (resolution < 8 or resolution % 8):
+        raise UnsupportedConversion(f"resolution must be a positive multiple of 8, got {resolution}")
+    return tuple(c for c in COMPONENT_NAMES if c in comps)
+
+
+def weights_sha256(pipe) -> str:
+    """sha256 of the network weights as loaded: per module (text_encoder, unet, vae) and sorted tensor name,
+    the name, dtype, shape and raw bytes. The same for a preset, a folder or a pipeline instance."""
+    import torch
+
+    h = hashlib.sha256()
+    for mod_name, module in pipe.c.modules().items():
+        for k, t in sorted(module.state_dict().items()):
+            t = t.detach().to("cpu").contiguous()
+            h.update(f"{mod_name}.{k}|{t.dtype}|{tuple(t.shape)}\0".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+def _peak_rss_mb() -> float:
+    # ru_maxrss is KiB on Linux, bytes on macOS.
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(r / (1 << 20) if platform.system() == "Darwin" else r / 1024, 1)
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if not out.exists():
+        return
+    if not overwrite:
+        raise SDXSError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+    if not out.is_dir() or not ((out / "manifest.json").is_file() or not any(out.iterdir())):
+        # --overwrite replaces bundles only: never delete an unrelated file or folder by mistake.
+        raise SDXSError(f"{out} exists and is not a bundle (no manifest.json); refusing to replace it, choose another --out")
+
+
+def _versions(target: str) -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    names = {"onnx": ("onnx", "onnxruntime"), "executorch": ("executorch", "torchao"), "coreml": ("coremltools",)}[target]
+    out = {}
+    for n in ("torch", "diffusers", "transformers") + names:
+        try:
+            out[n] = version(n)
+        except PackageNotFoundError:
+            out[n] = None
+    return out
+
+
+def convert(
+    model,
+    target: str,
+    precision: str,
+    out: str | os.PathLike,
+    components: Sequence[str] = COMPONENT_NAMES,
+    resolution: int | None = None,
+    calibration_prompts: str | os.PathLike | Sequence[str] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    dynamic: bool = False,
+    palettize: int | None = None,
+    delegate: str = "xnnpack",
+    batch: int = 1,
+    sensitivity: bool = True,
+    trained: bool | None = None,
+    seed: int = 0,
+) -> Path:
+    """Convert a model into a bundle for one runtime target and check it against PyTorch.
+
+    Args:
+        model: a preset name, a diffusers folder, a hub id, or a loaded `SDXSPipeline`.
+        target: "onnx", "executorch" or "coreml".
+        precision: "fp32", "fp16" or "int8" (see `converters.registry.PRECISION_SPECS` for the pairs).
+        out: the bundle directory to create.
+        components: any of "text_encoder", "unet", "decoder" (default all three).
+        resolution: image side in pixels (default the model's; a multiple of 8 the U-Net can halve).
+        calibration_prompts: int8 calibration prompts: a text file (one per line) or a list; default 32
+            SHAPES-64 captions.
+        overwrite: replace an existing bundle at `out`.
+        progress: show a tqdm bar per stage.
+        dynamic: ONNX int8 only: dynamic int8 (weights only calibrated) instead of static QDQ.
+        palettize: Core ML int8 only: 6- or 4-bit k-means weight palettes instead of linear int8.
+        delegate: ExecuTorch only: "xnnpack" (default; runs and is checked here) or "coreml".
+        batch: static batch size of the bundle's inputs.
+        sensitivity: int8 static: keep the most harmful nodes in float (reported in the manifest).
+        trained: whether the weights are trained (enforces the int8 image PSNR floor); default: False for
+            presets (random weights), True for folders and hub ids.
+        seed: weight seed when `model` is a preset.
+
+    Returns:
+        the bundle path.
+    """
+    t_start = time.perf_counter()
+    comps = check_request(target, precision, components, dynamic, palettize, delegate, batch, resolution)
+    spec = precision_spec(target, precision)
+    out = Path(out)
+    _check_out(out, overwrite)
+    calibrate = precision == "int8" and not dynamic and target != "coreml"
+    prompts = calibration.resolve_prompts(calibration_prompts) if (calibrate or calibration_prompts is not None) else []
+    if calibration_prompts is None:
+        source = "default SHAPES-64 captions"
+    elif isinstance(calibration_prompts, (str, os.PathLike)):
+        source = str(calibration_prompts)
+    else:
+        source = "given list"
+    back = backend(target)  # import errors of an uninstalled extra surface here, before loading the model
+
+    from tqdm.auto import tqdm
+
+    stages = ["load", "capture", *comps, "parity", "write"]
+    bar = tqdm(total=len(stages), desc=f"convert {target}/{precision}", unit="stage", disable=not progress, leave=True)
+    timings: dict[str, float] = {}
+
+    def stage(name: str):
+        bar.set_postfix_str(name)
+        return time.perf_counter()
+
+    def done(name: str, t0: float):
+        timings[name] = round(time.perf_counter() - t0, 3)
+        bar.update(1)
+
+    try:
+        t0 = stage("load")
+        import torch
+
+        from sdxs_edge import components as C
+        from sdxs_edge.pipeline import SDXSPipeline
+        from sdxs_edge.presets import PRESETS
+
+        if isinstance(model, SDXSPipeline):
+            pipe = model
+        else:
+            pipe = SDXSPipeline.load(model, seed=seed)
+        if trained is None:
+            trained = pipe.name not in PRESETS
+        res = resolution or pipe.resolution
+        down = 2 ** (len(pipe.c.unet.config.block_out_channels) - 1)
+        if res % (8 * down):
+            raise SDXSError(f"resolution {res} must be a multiple of {8 * down} for this U-Net ({len(pipe.c.unet.config.block_out_channels)} stages)")
+        config = ConversionConfig(
+            target=target,
+            precision=precision,
+            components=comps,
+            resolution=res,
+            batch=batch,
+            dynamic=dynamic,
+            palettize=palettize,
+            delegate=delegate,
+            calibration_prompts=len(prompts) if calibrate else 0,
+            calibration_source=source if calibrate else "not used",
+            sensitivity=sensitivity,
+        )
+        modules = C.wrappers(pipe)
+        specs = C.io_specs(pipe, batch, res)
+        constants = pipe.one_step_constants()
+        done("load", t0)
+
+        t0 = stage("capture")
+        calib = calibration.capture(pipe, modules, prompts, seed0=0, batch=batch, resolution=res) if calibrate else None
+        check = calibration.capture(pipe, modules, calibration.PARITY_PROMPTS, seed0=calibration.PARITY_SEED0, batch=batch, resolution=res)
+        done("capture", t0)
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        results: dict[str, ComponentResult] = {}
+        par_components: dict[str, dict] = {}
+        with tempfile.TemporaryDirectory(prefix=f".{out.name}.work-", dir=out.parent) as work, atomic_dir(out, overwrite=overwrite) as tmp:
+            for name in comps:
+                t0 = stage(name)
+                ins, outs = specs[name]
+                cal = calib or check  # fp32/fp16 never quantize; they get the parity tensors as examples
+                job = ComponentJob(
+                    name=name,
+                    module=modules[name],
+                    example=tuple(torch.from_numpy(x) for x in check.inputs[name][0]),
+                    inputs=ins,
+                    outputs=outs,
+                    calib=cal.inputs[name],
+                    calib_ref=cal.outputs[name],
+                    spec=spec,
+                    export=component_export(name, target),
+                    config=config,
+                    work=Path(work),
+                    out=Path(tmp) / component_export(name, target).file,
+                )
+                result = back.convert_component(job)
+                label = f"{target}/{precision}"
+                if result.runner is not None:
+                    figs = parity.component_figures(result.runner, check.inputs[name], check.outputs[name])
+                    par_components[name] = parity.check_component(name, figs, spec.tolerance, label)
+                else:
+                    par_components[name] = {"checked": "structural", **(result.structural or {})}
+                results[name] = result
+                done(name, t0)
+
+            t0 = stage("parity")
+            runnable = all(r.runner is not None for r in results.values())
+            if set(comps) == set(COMPONENT_NAMES) and runnable:
+                e2e = parity.check_end_to_end(parity.end_to_end({n: r.runner for n, r in results.items()}, check, constants), spec.tolerance, trained, f"{target}/{precision}")
+            else:
+                why = "not all three components are in the bundle" if set(comps) != set(COMPONENT_NAMES) else "the lowered models cannot run on this machine"
+                e2e = {"image_psnr_db": None, "enforced": False, "why_not_enforced": f"not computed: {why}"}
+            done("parity", t0)
+
+            t0 = stage("write")
+            from sdxs_edge.tokenizer import write_clip_tokenizer
+
+            write_clip_tokenizer(Path(tmp) / TOKENIZER_DIR, pad_token=str(pipe.c.tokenizer.pad_token))
+            manifest = {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "source": {
+                    "model": pipe.name,
+                    "sha256": weights_sha256(pipe),
+                    "sha256_of": "network weights as loaded (text_encoder, unet, vae state dicts; name, dtype, shape, bytes)",
+                    "trained": bool(trained),
+                    # weights of a preset are random with this seed; None for a folder or a pipeline passed in
+                    "preset_seed": seed if pipe.name in PRESETS and not isinstance(model, SDXSPipeline) else None,
+                    "unet_class": type(pipe.c.unet).__name__,
+                    "vae_class": type(pipe.c.vae).__name__,
+                },
+                "target": target,
+                "precision": precision,
+                "resolution": res,
+                "batch": batch,
+                "sampler": constants.to_dict(),
+                "tokenizer": {"dir": TOKENIZER_DIR, "max_length": int(pipe.c.tokenizer.model_max_length), "pad_token": str(pipe.c.tokenizer.pad_token)},
+                "components": {},
+                "parity": {
+                    "checked": "numeric" if spec.runs_here and delegate == "xnnpack" else "structural",
+                    "reference": "PyTorch float32 wrappers (sdxs_edge.components) on the same inputs",
+                    "prompts": list(calibration.PARITY_PROMPTS),
+                    "seeds": [calibration.PARITY_SEED0 + i for i in range(len(check))],
+                    "null_db_means": "exact match (infinite SNR / PSNR)",
+                    "components": par_components,
+                    "end_to_end": e2e,
+                },
+                "conversion": {
+                    "config": config.to_dict(),
+                    "registry": {"summary": spec.summary, "floor_snr_db": spec.tolerance.snr_db, "floor_image_psnr_db": spec.tolerance.image_psnr_db},
+                    "versions": _versions(target),
+                    "components": {n: {**r.report, "tracer": component_export(n, target).tracer} for n, r in results.items()},
+                },
+            }
+            for name, r in results.items():
+                ins, outs = specs[name]
+                entry = {"file": r.file, "sha256": sha256_path(Path(tmp) / r.file), "inputs": [s.to_dict() for s in ins], "outputs": [s.to_dict() for s in outs]}
+                if r.extra_files:
+                    entry["external_data"] = [{"file": f, "sha256": sha256_path(Path(tmp) / f)} for f in r.extra_files]
+                manifest["components"][name] = entry
+            manifest["conversion"]["seconds"] = round(time.perf_counter() - t_start, 3)
+            manifest["conversion"]["stage_seconds"] = timings
+            manifest["conversion"]["peak_rss_mb"] = _peak_rss_mb()
+            manifest["conversion"]["peak_rss_note"] = "peak resident set size of the converting process (ru_maxrss) up to the end of the conversion"
+            validate_manifest(manifest)
+            (Path(tmp) / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+            _check_written(Path(tmp), manifest)
+            done("write", t0)
+    finally:
+        bar.close()
+    return out
+
+
+def _check_written(bundle: Path, manifest: dict) -> None:
+    """The bundle as written must load through the runtimes' own reader, and hold nothing unlisted."""
+    try:
+        load_manifest(bundle, verify=True)
+    except BundleError as e:
+        raise SDXSError(f"the bundle written does not verify: {e}") from e
+    listed = {"manifest.json", TOKENIZER_DIR}
+    for c in manifest["components"].values():
+        listed.add(c["file"])
+        listed.update(x["file"] for x in c.get("external_data", []))
+    stray = sorted(p.name for p in bundle.iterdir() if p.name not in listed)
+    if stray:
+        raise SDXSError(f"the bundle written holds unlisted files {stray}; a backend left scratch output in it")
+

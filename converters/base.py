@@ -1,0 +1,115 @@
+"""What the orchestrator hands a backend, and what a backend hands back.
+
+A backend module (`to_onnx`, `to_executorch`, `to_coreml`) exposes the stages the converter tests drive
+one by one (after executorch's backends/test/harness/tester.py): `export` -> `lower` -> an op / delegation
+report -> `runner` (None where the target cannot run here), and `convert_component` chaining them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from converters.registry import ComponentExport, PrecisionSpec
+
+Runner = Callable[[tuple[np.ndarray, ...]], np.ndarray]
+
+
+@dataclass(frozen=True)
+class ConversionConfig:
+    """The resolved settings of one conversion, written to the manifest under "conversion.config".
+
+    Args:
+        target: "onnx", "executorch" or "coreml".
+        precision: "fp32", "fp16" or "int8".
+        components: which components the bundle holds.
+        resolution: image side in pixels (latents are resolution // 8).
+        batch: static batch size of every input.
+        dynamic: ONNX int8 only: dynamic (runtime-ranged) activations instead of calibrated static QDQ.
+        palettize: Core ML int8 only: k-means palette bits (4 or 6) instead of linear int8 weights.
+        delegate: ExecuTorch only: "xnnpack" (runs here) or "coreml" (lowered here, runs on Apple devices).
+        calibration_prompts: how many prompts calibrate int8 (and where they came from, for the record).
+        calibration_source: "default SHAPES-64 captions", a file path, or "given list".
+        sensitivity: int8 static only: keep the most harmful nodes in float (see converters.sensitivity).
+        sensitivity_samples: calibration samples the sensitivity pass compares on (memory grows with it).
+        max_excluded_fraction: at most this share of quantized nodes is kept in float.
+        opset: ONNX opset.
+    """
+
+    target: str
+    precision: str
+    components: tuple[str, ...]
+    resolution: int
+    batch: int = 1
+    dynamic: bool = False
+    palettize: int | None = None
+    delegate: str = "xnnpack"
+    calibration_prompts: int = 0
+    calibration_source: str = "default SHAPES-64 captions"
+    sensitivity: bool = True
+    sensitivity_samples: int = 2
+    max_excluded_fraction: float = 0.1
+    opset: int = 17
+
+    def to_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["components"] = list(self.components)
+        return d
+
+
+@dataclass(frozen=True)
+class ComponentJob:
+    """One component to lower.
+
+    Args:
+        name: component name.
+        module: the PyTorch wrapper (plain tensors in and out), in eval mode.
+        example: example inputs (torch tensors) matching the io spec.
+        inputs: io spec inputs (sdxs_edge.components.TensorSpec).
+        outputs: io spec outputs.
+        calib: calibration input tuples (numpy) captured from real pipeline runs.
+        calib_ref: the PyTorch outputs for `calib`.
+        spec: the (target, precision) registry entry.
+        export: the (component, target) registry entry.
+        config: the whole conversion's settings.
+        work: scratch directory (deleted after the conversion).
+        out: the component's path inside the bundle being written.
+    """
+
+    name: str
+    module: Any
+    example: tuple
+    inputs: list
+    outputs: list
+    calib: list[tuple[np.ndarray, ...]]
+    calib_ref: list[np.ndarray]
+    spec: PrecisionSpec
+    export: ComponentExport
+    config: ConversionConfig
+    work: Path
+    out: Path
+
+    def feeds(self, sample: tuple[np.ndarray, ...]) -> dict[str, np.ndarray]:
+        """Named inputs for one sample, in the io spec's dtypes."""
+        return {s.name: np.ascontiguousarray(x, dtype=s.dtype) for s, x in zip(self.inputs, sample)}
+
+
+@dataclass
+class ComponentResult:
+    """A lowered component inside the bundle.
+
+    Args:
+        file: its file (or .mlpackage directory) name relative to the bundle.
+        report: JSON-ready facts of the lowering (op counts, delegation, excluded nodes, ...).
+        runner: runs the lowered file on numpy inputs here, or None where the target cannot run here.
+        extra_files: further files it needs (e.g. ONNX external data), relative to the bundle.
+        structural: for targets that cannot run here, the structural check's findings.
+    """
+
+    file: str
+    report: dict
+    runner: Runner | None
+    extra_files: list[str] = field(default_factory=list)
+    structural: dict | None = None

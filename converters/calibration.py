@@ -1,0 +1,146 @@
+"""Inputs for calibration and parity: real pipeline tensors captured per component.
+
+int8 ranges must come from what each component sees in a real one-step generation (arXiv 2403.16627
+Sec. 4: one U-Net call at t = 999), not from random tensors: the text encoder sees token ids of real
+prompts, the U-Net sees x_in = initial_latent(noise) with the prompt's context, and the decoder sees the
+sampler's x0. `capture` runs the PyTorch wrappers once over (prompt, seed) pairs and keeps all three.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from sdxs_edge.errors import SDXSError
+
+
+class CalibrationError(SDXSError):
+    """Calibration prompts are missing, empty or unreadable."""
+
+
+# Parity uses prompts and seeds the calibration never saw, so int8 ranges are judged on unseen inputs.
+PARITY_PROMPTS = (
+    "a large cyan triangle at the bottom left on a black background",
+    "a small orange cross at the top right on a white background",
+)
+PARITY_SEED0 = 1000
+
+
+def default_calibration_prompts() -> list[str]:
+    """32 SHAPES-64 captions spread over the grammar (every 37th of the 1152)."""
+    from sdxs_edge import shapes
+
+    return shapes.all_captions()[::37]
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts from a UTF-8 text file, one per line; blank lines are skipped.
+
+    Args:
+        path: the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CalibrationError(f"calibration prompts file {path} does not exist")
+    raw = path.read_bytes()
+    if b"\0" in raw:
+        raise CalibrationError(f"calibration prompts file {path} is not a text file (it contains NUL bytes); give one prompt per line")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CalibrationError(f"calibration prompts file {path} is not UTF-8 text (byte {e.start}); give one prompt per line") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise CalibrationError(f"calibration prompts file {path} has no prompts; give one prompt per line")
+    return prompts
+
+
+def resolve_prompts(prompts: str | Path | Sequence[str] | None) -> list[str]:
+    """None -> the default SHAPES-64 captions; a path -> its lines; a list -> itself (must be non-empty)."""
+    if prompts is None:
+        return default_calibration_prompts()
+    if isinstance(prompts, (str, Path)):
+        return read_prompts(prompts)
+    out = [str(p) for p in prompts if str(p).strip()]
+    if not out:
+        raise CalibrationError("calibration prompts are empty; give at least one prompt")
+    return out
+
+
+@dataclass(frozen=True)
+class Captured:
+    """Per-component input tuples (numpy) and the final images of a PyTorch one-step run.
+
+    Args:
+        inputs: component name -> list of input tuples, each matching the component's io spec.
+        outputs: component name -> list of PyTorch outputs for those inputs (the reference).
+        noise: the unit Gaussian latents, one per sample, for the sampler rule.
+        images: uint8 images (B, H, W, 3) per sample from the PyTorch decoder.
+    """
+
+    inputs: dict[str, list[tuple[np.ndarray, ...]]]
+    outputs: dict[str, list[np.ndarray]]
+    noise: list[np.ndarray]
+    images: list[np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.noise)
+
+
+def to_uint8(images) -> np.ndarray:
+    """Decoder output in [-1, 1] (B, 3, H, W) -> uint8 (B, H, W, 3), rounded as `pipeline.to_pil` does."""
+    arr = np.clip(np.asarray(images, np.float32) / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
+    return (arr * 255).round().astype(np.uint8)
+
+
+def noise(batch: int, latent_size: int, seed: int) -> np.ndarray:
+    """Unit Gaussian latents as `SDXSPipeline.noise` draws them, at any latent size."""
+    import torch
+
+    g = torch.Generator("cpu").manual_seed(seed)
+    return torch.randn((batch, 4, latent_size, latent_size), generator=g, dtype=torch.float32).numpy()
+
+
+def capture(pipe, modules: dict, prompts: Sequence[str], seed0: int, batch: int = 1, resolution: int | None = None) -> Captured:
+    """Run the one-step pipeline with the PyTorch wrappers and keep every component's inputs and outputs.
+
+    Args:
+        pipe: the loaded `SDXSPipeline`.
+        modules: `sdxs_edge.components.wrappers(pipe)`.
+        prompts: one sample per `batch` prompts (the list is cycled to a multiple of `batch`).
+        seed0: noise seed of the first sample; sample i uses seed0 + i.
+        batch: batch size of every tensor (the bundle's static batch).
+        resolution: image side in pixels (default: the model's).
+    """
+    import torch
+
+    from sdxs_edge import sampler
+
+    c = pipe.one_step_constants()
+    res = resolution or pipe.resolution
+    prompts = list(prompts)
+    n = -(-len(prompts) // batch)
+    prompts = [prompts[i % len(prompts)] for i in range(n * batch)]
+    ins: dict[str, list] = {"text_encoder": [], "unet": [], "decoder": []}
+    outs: dict[str, list] = {"text_encoder": [], "unet": [], "decoder": []}
+    noises, images = [], []
+    with torch.no_grad():
+        for i in range(n):
+            ids = pipe.tokenize(prompts[i * batch : (i + 1) * batch]).to(torch.int32)
+            ctx = modules["text_encoder"](ids)
+            z = noise(batch, res // 8, seed0 + i)
+            x_in = torch.from_numpy(sampler.initial_latent(z, c))
+            eps = modules["unet"](x_in, ctx)
+            x0 = sampler.denoised(eps, torch.from_numpy(z), c).float()
+            img = modules["decoder"](x0)
+            ins["text_encoder"].append((ids.numpy(),))
+            ins["unet"].append((x_in.numpy(), ctx.numpy()))
+            ins["decoder"].append((x0.numpy(),))
+            outs["text_encoder"].append(ctx.numpy())
+            outs["unet"].append(eps.numpy())
+            outs["decoder"].append(img.numpy())
+            noises.append(z)
+            images.append(to_uint8(img.numpy()))
+    return Captured(ins, outs, noises, images)

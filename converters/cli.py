@@ -1,0 +1,134 @@
+"""`sdxs-edge convert`: the converters' subcommand, added by `sdxs_edge.cli` through `add_parsers`.
+
+    sdxs-edge convert MODEL --target {onnx,executorch,coreml} --precision {fp32,fp16,int8} --out DIR
+        [--components NAME ...] [--resolution N] [--calibration-prompts FILE] [--overwrite]
+        [--dynamic] [--palettize {4,6}] [--delegate {xnnpack,coreml}] [--batch N] [--dry-run]
+
+The handler returns an exit code and raises SDXSError (UnsupportedConversion, ParityError, ...), which
+the main CLI prints as one line with exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from converters.registry import DELEGATES, PALETTE_BITS, PRECISION_SPECS
+from sdxs_edge.bundle import COMPONENT_NAMES, PRECISIONS, TARGETS
+
+
+def _components(values: list[str]) -> list[str]:
+    """--components accepts "unet decoder" and "unet,decoder" alike."""
+    return [c.strip() for v in values for c in v.split(",") if c.strip()]
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register the "convert" subcommand on an argparse subparsers object; returns its parser.
+
+    Args:
+        subparsers: the result of `ArgumentParser.add_subparsers()`.
+    """
+    pairs = ", ".join(f"{t}/{p}" for t, p in PRECISION_SPECS)
+    p = subparsers.add_parser(
+        "convert",
+        help="convert a model into a bundle for ONNX, ExecuTorch or Core ML, checked against PyTorch",
+        description=f"Lower a model's text encoder, U-Net and decoder into a bundle and check it against PyTorch. Supported target/precision pairs: {pairs}.",
+    )
+    p.add_argument("model", help="preset name, diffusers folder or hub id")
+    p.add_argument("--target", required=True, choices=TARGETS, help="runtime format")
+    p.add_argument("--precision", required=True, choices=PRECISIONS, help="weights / compute precision")
+    p.add_argument("--out", required=True, type=Path, help="bundle directory to create")
+    p.add_argument("--components", nargs="+", default=list(COMPONENT_NAMES), metavar="NAME", help=f"components to convert (default: {' '.join(COMPONENT_NAMES)})")
+    p.add_argument("--resolution", type=int, help="image side in pixels (default: the model's)")
+    p.add_argument("--calibration-prompts", type=Path, metavar="FILE", help="int8 calibration prompts, one per line (default: 32 SHAPES-64 captions)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
+    p.add_argument("--dynamic", action="store_true", help="onnx int8: dynamic quantization instead of calibrated static QDQ")
+    p.add_argument("--palettize", type=int, choices=PALETTE_BITS, help="coreml int8: k-means palettize weights to 4 or 6 bits instead of linear int8")
+    p.add_argument("--delegate", choices=DELEGATES, default="xnnpack", help="executorch backend delegate (default xnnpack; coreml lowers here, runs on Apple devices)")
+    p.add_argument("--batch", type=int, default=1, help="static batch size (default 1)")
+    p.add_argument("--no-sensitivity", action="store_true", help="int8: quantize every candidate node (skip the per-layer sensitivity pass)")
+    p.add_argument("--trained", choices=("auto", "yes", "no"), default="auto", help="enforce the int8 image PSNR floor (auto: yes for folders, no for presets)")
+    p.add_argument("--seed", type=int, default=0, help="weight seed when MODEL is a preset")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--dry-run", action="store_true", help="check the request, print it and exit without converting")
+    p.set_defaults(func=run)
+    return p
+
+
+def add_parsers(subparsers) -> None:
+    """Register every converters subcommand (the hook `sdxs_edge.cli.build_parser` calls).
+
+    Args:
+        subparsers: the result of `ArgumentParser.add_subparsers()`.
+    """
+    add_parser(subparsers)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Handle `sdxs-edge convert`; prints the bundle path and its parity figures."""
+    from converters.api import check_request, convert
+
+    components = _components(args.components)
+    trained = {"auto": None, "yes": True, "no": False}[args.trained]
+    if args.dry_run:
+        comps = check_request(args.target, args.precision, components, args.dynamic, args.palettize, args.delegate, args.batch, args.resolution)
+        spec = PRECISION_SPECS[(args.target, args.precision)]
+        request = {
+            "model": args.model,
+            "target": args.target,
+            "precision": args.precision,
+            "out": str(args.out),
+            "components": list(comps),
+            "resolution": args.resolution,
+            "calibration_prompts": str(args.calibration_prompts) if args.calibration_prompts else "default SHAPES-64 captions",
+            "dynamic": args.dynamic,
+            "palettize": args.palettize,
+            "delegate": args.delegate,
+            "batch": args.batch,
+            "sensitivity": not args.no_sensitivity,
+            "trained": args.trained,
+            "summary": spec.summary,
+            "floor_snr_db": spec.tolerance.snr_db,
+            "floor_image_psnr_db": spec.tolerance.image_psnr_db,
+            "checked_here": "numeric" if spec.runs_here and args.delegate == "xnnpack" else "structural",
+        }
+        print(json.dumps(request, indent=2))
+        return 0
+    out = convert(
+        args.model,
+        args.target,
+        args.precision,
+        args.out,
+        components=components,
+        resolution=args.resolution,
+        calibration_prompts=args.calibration_prompts,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+        dynamic=args.dynamic,
+        palettize=args.palettize,
+        delegate=args.delegate,
+        batch=args.batch,
+        sensitivity=not args.no_sensitivity,
+        trained=trained,
+        seed=args.seed,
+    )
+    print(summary(json.loads((out / "manifest.json").read_text()), out))
+    return 0
+
+
+def summary(manifest: dict, out: Path) -> str:
+    """A few lines: where the bundle is and how it compares with PyTorch."""
+    lines = [f"bundle: {out} ({manifest['target']}/{manifest['precision']}, {manifest['resolution']}x{manifest['resolution']}, {manifest['conversion']['seconds']:.1f} s)"]
+    for name, p in manifest["parity"]["components"].items():
+        if p.get("checked") == "structural":
+            lines.append(f"  {name}: structural check passed ({p['why']})")
+        else:
+            snr = "exact" if p["snr_db"] is None else f"{p['snr_db']:.1f} dB"
+            lines.append(f"  {name}: SNR {snr} (floor {p['floor_snr_db']:.0f} dB), max abs error {p['max_abs_error']:.3g}")
+    e2e = manifest["parity"]["end_to_end"]
+    if e2e.get("image_psnr_db") is not None or e2e.get("images"):
+        psnr = "identical" if e2e["image_psnr_db"] is None else f"{e2e['image_psnr_db']:.1f} dB"
+        lines.append(f"  end to end: image PSNR {psnr}" + ("" if e2e["enforced"] else f" (recorded, not enforced: {e2e['why_not_enforced']})"))
+    else:
+        lines.append(f"  end to end: {e2e['why_not_enforced']}")
+    return "\n".join(lines)

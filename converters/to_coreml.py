@@ -1,0 +1,175 @@
+"""Core ML: one ML Program .mlpackage per component (coremltools 9, iOS17, static shapes).
+
+Tracers per component come from the registry (TorchScript for the text encoder and decoder, torch.export
+for the U-Net; coremltools 9 fails on the other one with torch 2.13). fp16 is float16 compute precision
+with float32 inputs and outputs; int8 is float16 compute with weights linearly quantized to int8
+(`coremltools.optimize.coreml.linear_quantize_weights`, per-channel symmetric), or k-means palettized to
+6 or 4 bits with `palettize`. Core ML cannot predict on Linux, so the check here is structural: the saved
+package's inputs and outputs (names, shapes, dtypes) must be the io spec's and its weights must be stored
+in the requested form.
+"""
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+
+from converters.base import ComponentJob, ComponentResult
+from sdxs_edge.errors import SDXSError
+
+# Core ML's FeatureType.ArrayFeatureType.ArrayDataType values.
+ARRAY_DTYPES = {65568: "float32", 65552: "float16", 131104: "int32", 65600: "float64"}
+COMPRESSED_OPS = ("constexpr_affine_dequantize", "constexpr_blockwise_shift_scale", "constexpr_lut_to_dense")
+WEIGHT_THRESHOLD = 2048  # coremltools' default: tensors of up to 2048 elements (biases, norms) stay float
+# int8 compresses the weights of these MIL ops only; other large constants (CLIP's causal mask, with its
+# -3e4 fill and all-zero rows) would only lose precision and gain nothing.
+WEIGHT_OPS = ("conv", "conv_transpose", "linear", "matmul", "gather")
+
+
+class CoreMLConversionError(SDXSError):
+    """Tracing or coremltools conversion failed, or the package is not what was asked for."""
+
+
+def _err(job: ComponentJob, stage: str, e: Exception) -> CoreMLConversionError:
+    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+    return CoreMLConversionError(f"Core ML {stage} of {job.name} failed: {type(e).__name__}: {first}")
+
+
+def export(job: ComponentJob):
+    """Stage 1: a TorchScript trace or a decomposed torch.export program, as the registry says."""
+    import warnings
+
+    import torch
+
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TracerWarnings from diffusers' shape asserts, all static here
+            if job.export.tracer == "torchscript":
+                return torch.jit.trace(job.module, tuple(job.example), strict=False)
+            return torch.export.export(job.module, tuple(job.example), strict=False).run_decompositions({})
+    except Exception as e:
+        raise _err(job, f"{job.export.tracer} tracing", e) from e
+
+
+def lower(job: ComponentJob, traced):
+    """Stage 2: coremltools conversion (+ weight compression for int8); returns the MLModel."""
+    import coremltools as ct
+    import numpy as np
+
+    inputs = None
+    if job.export.tracer == "torchscript":  # an ExportedProgram carries its own input names and dtypes
+        inputs = [ct.TensorType(name=s.name, shape=s.shape, dtype=np.int32 if s.dtype == "int32" else np.float32) for s in job.inputs]
+    precision = ct.precision.FLOAT32 if job.config.precision == "fp32" else ct.precision.FLOAT16
+    try:
+        model = ct.convert(
+            traced,
+            inputs=inputs,
+            outputs=[ct.TensorType(name=s.name, dtype=np.float32) for s in job.outputs],  # float32 io as the spec says
+            convert_to="mlprogram",
+            minimum_deployment_target=ct.target.iOS17,
+            compute_precision=precision,
+            skip_model_load=True,  # no Core ML framework on Linux; the package is checked structurally
+        )
+    except Exception as e:
+        raise _err(job, "conversion", e) from e
+    if job.config.precision != "int8":
+        return model
+    from coremltools.optimize import coreml as cto
+
+    try:
+        if job.config.palettize:
+            op = cto.OpPalettizerConfig(mode="kmeans", nbits=job.config.palettize, weight_threshold=WEIGHT_THRESHOLD)
+            return cto.palettize_weights(model, cto.OptimizationConfig(op_type_configs={t: op for t in WEIGHT_OPS}))
+        op = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel", weight_threshold=WEIGHT_THRESHOLD)
+        return cto.linear_quantize_weights(model, cto.OptimizationConfig(op_type_configs={t: op for t in WEIGHT_OPS}))
+    except Exception as e:
+        raise _err(job, "weight compression", e) from e
+
+
+def structure(path: Path) -> dict:
+    """Stage 3: what the saved package holds: io, op counts and weight storage dtypes."""
+    import coremltools as ct
+    from coremltools.proto import MIL_pb2
+
+    spec = ct.utils.load_spec(str(path))
+
+    def io(features):
+        return [[f.name, ARRAY_DTYPES.get(f.type.multiArrayType.dataType, str(f.type.multiArrayType.dataType)), list(f.type.multiArrayType.shape)] for f in features]
+
+    ops: collections.Counter = collections.Counter()
+    weights: collections.Counter = collections.Counter()  # uncompressed weight-sized constants of WEIGHT_OPS
+    others: collections.Counter = collections.Counter()  # other large constants (masks, tables)
+    for fn in spec.mlProgram.functions.values():
+        for block in fn.block_specializations.values():
+            consumers: dict[str, set[str]] = collections.defaultdict(set)
+            for op in block.operations:
+                for arg in op.inputs.values():
+                    for a in arg.arguments:
+                        if a.WhichOneof("binding") == "name":
+                            consumers[a.name].add(op.type)
+            for op in block.operations:
+                ops[op.type] += 1
+                if op.type != "const":
+                    continue
+                for val in op.attributes.values():
+                    t = val.type.tensorType
+                    n = 1
+                    for d in t.dimensions:
+                        n *= d.constant.size
+                    if n > WEIGHT_THRESHOLD and len(t.dimensions) > 1:  # coremltools' own rule for what it compresses
+                        is_weight = consumers[op.outputs[0].name] & set(WEIGHT_OPS)
+                        (weights if is_weight else others)[MIL_pb2.DataType.Name(t.dataType).lower()] += n
+    return {
+        "spec_version": spec.specificationVersion,
+        "model_type": spec.WhichOneof("Type"),
+        "inputs": io(spec.description.input),
+        "outputs": io(spec.description.output),
+        "op_counts": dict(ops.most_common()),
+        "compressed_ops": {o: ops[o] for o in COMPRESSED_OPS if ops[o]},
+        "uncompressed_weight_elements": dict(weights),
+        "other_constant_elements": dict(others),
+    }
+
+
+def check_structure(job: ComponentJob, s: dict) -> dict:
+    """Raise if the package's io or weight storage is not what the io spec and precision ask for."""
+    want_in = [[t.name, t.dtype, list(t.shape)] for t in job.inputs]
+    want_out = [[t.name, t.dtype, list(t.shape)] for t in job.outputs]
+    if s["model_type"] != "mlProgram":
+        raise CoreMLConversionError(f"{job.name}: expected an ML Program, got {s['model_type']}")
+    if s["inputs"] != want_in or s["outputs"] != want_out:
+        raise CoreMLConversionError(f"{job.name}: Core ML inputs/outputs {s['inputs']} -> {s['outputs']} differ from the io spec {want_in} -> {want_out}")
+    w = s["uncompressed_weight_elements"]
+    p = job.config.precision
+    if p == "fp16" and w.get("float32"):
+        raise CoreMLConversionError(f"{job.name}: fp16 package still stores {w['float32']} float32 weight elements")
+    if p == "fp32" and w.get("float16"):
+        raise CoreMLConversionError(f"{job.name}: fp32 package stores {w['float16']} float16 weight elements")
+    if p == "int8":
+        op = "constexpr_lut_to_dense" if job.config.palettize else "constexpr_affine_dequantize"
+        left = sum(n for d, n in w.items() if d.startswith("float"))
+        if left:
+            raise CoreMLConversionError(f"{job.name}: int8 package still stores {left} float weight elements of tensors over {WEIGHT_THRESHOLD} elements")
+        if set(s["compressed_ops"]) - {op}:
+            raise CoreMLConversionError(f"{job.name}: expected {op} weights, found {s['compressed_ops']}")
+    return {
+        "why": "Core ML prediction needs macOS; checked: ML Program, io names/shapes/dtypes, weight storage",
+        "compressed_ops": s["compressed_ops"],
+        "uncompressed_weight_elements": w,
+        "compression_threshold_elements": WEIGHT_THRESHOLD,
+    }
+
+
+def convert_component(job: ComponentJob) -> ComponentResult:
+    """trace -> convert (-> compress) -> save -> structural check. No runner: Core ML cannot run here."""
+    traced = export(job)
+    model = lower(job, traced)
+    try:
+        model.save(str(job.out))
+    except Exception as e:
+        raise _err(job, "saving", e) from e
+    s = structure(job.out)
+    structural = check_structure(job, s)
+    report = {**s, "compute_precision": "float32" if job.config.precision == "fp32" else "float16", "minimum_deployment_target": "iOS17"}
+    if job.config.precision == "int8":
+        report["weights"] = f"{job.config.palettize}-bit k-means palettes" if job.config.palettize else "int8 linear symmetric per-channel"
+    return ComponentResult(job.out.name, report, None, structural=structural)

@@ -1,0 +1,304 @@
+"""ExecuTorch: torch.export -> (PT2E int8) -> edge dialect -> XNNPACK (or Core ML) delegate -> .pte.
+
+fp32: the exported program lowered with `XnnpackPartitioner`. fp16: the same on a float16 copy of the
+module that casts its float inputs to float16 and its output back to float32, so the .pte keeps the io
+spec's float32 interface. int8: PT2E static quantization with the XNNPACK quantizer (symmetric per-channel
+int8 weights, int8 per-tensor activations from a histogram observer), calibrated on tensors captured from
+real pipeline runs, then the sensitivity pass of `converters.sensitivity` (kept-in-float nodes are left
+out of the quantizer's annotation). Only convolutions and linears (with a fused ReLU) are quantized:
+measured on the tiny U-Net, quantizing every annotatable op (add, mul, cat too) gives 19.3 dB, conv and
+linear only 28.5 dB, and XNNPACK's speed-up comes from the integer conv / GEMM kernels.
+
+The delegation report (share of operators inside delegates, and which ops run on the portable CPU
+kernels instead) goes into the manifest. `delegate="coreml"` lowers to the Core ML delegate, which
+lowers on Linux but only runs on Apple devices, so its check is structural.
+"""
+from __future__ import annotations
+
+import collections
+import copy
+from pathlib import Path
+
+import numpy as np
+
+from converters.base import ComponentJob, ComponentResult, Runner
+from converters.parity import component_figures
+from converters.sensitivity import QParams, QuantNode, greedy_exclude, score_nodes
+from sdxs_edge.errors import SDXSError
+
+NOT_OPS = ("getitem", "executorch_call_delegate")  # plumbing, not operators
+QDQ_OPS = ("quantize_per_tensor", "dequantize_per_tensor", "quantize_per_channel", "dequantize_per_channel", "choose_qparams")
+
+
+class ExecuTorchConversionError(SDXSError):
+    """torch.export, quantization or ExecuTorch lowering failed on a component."""
+
+
+def _quantizable_targets():
+    import torch
+
+    a = torch.ops.aten
+    return {a.conv2d.default, a.linear.default, a.relu.default, a.relu_.default, a.hardtanh.default, a.hardtanh_.default}
+
+
+def half_precision(module):
+    """A float16 copy of a wrapper with the float32 interface of the io spec (XNNPACK fp16)."""
+    import torch
+
+    class Half(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = copy.deepcopy(inner).half().eval()
+
+        def forward(self, *args):
+            return self.inner(*[a.half() if a.is_floating_point() else a for a in args]).float()
+
+    return Half(module)
+
+
+def _err(job: ComponentJob, stage: str, e: Exception) -> ExecuTorchConversionError:
+    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+    return ExecuTorchConversionError(f"ExecuTorch {stage} of {job.name} ({job.config.precision}, {job.config.delegate}) failed: {type(e).__name__}: {first}")
+
+
+def export(job: ComponentJob):
+    """Stage 1: torch.export of the wrapper (float16 copy for fp16 on XNNPACK)."""
+    import torch
+
+    module = job.module
+    if job.config.precision == "fp16" and job.config.delegate == "xnnpack":
+        module = half_precision(module)
+    try:
+        with torch.no_grad():
+            return torch.export.export(module, tuple(job.example), strict=False)
+    except Exception as e:
+        raise _err(job, "export", e) from e
+
+
+def _tensors(sample) -> list:
+    import torch
+
+    return [torch.from_numpy(np.ascontiguousarray(x)) for x in sample]
+
+
+def quantize(job: ComponentJob, exported) -> tuple[object, dict]:
+    """Stage 1b (int8): PT2E prepare -> calibrate -> convert, with the sensitivity pass; re-exported."""
+    import torch
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    graph = exported.module()
+    allowed = _quantizable_targets()
+
+    def quantized(excluded: list[str]):
+        skip = set(excluded)
+        q = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+        # The filter sees every node of a pattern (weights too); call_function nodes must be conv/linear(+relu).
+        q.set_filter_function(lambda n: n.op != "call_function" or (n.target in allowed and n.name not in skip))
+        prepared = prepare_pt2e(copy.deepcopy(graph), q)
+        with torch.no_grad():
+            for s in job.calib:
+                prepared(*_tensors(s))
+        return convert_pt2e(prepared)
+
+    n_sens = max(1, min(job.config.sensitivity_samples, len(job.calib)))
+    sens_in, sens_ref = job.calib[:n_sens], job.calib_ref[:n_sens]
+
+    def evaluate(excluded: list[str]):
+        m = quantized(excluded)
+        with torch.no_grad():
+            snr = component_figures(lambda s: m(*_tensors(s)).numpy(), sens_in, sens_ref)["snr_db"]
+        return snr, m
+
+    try:
+        first = evaluate([])
+        report: dict = {
+            "mode": "static",
+            "quantizer": "XNNPACKQuantizer(get_symmetric_quantization_config(is_per_channel=True))",
+            "op_types": ["conv2d", "linear (+ fused relu)"],
+            "weights": "int8 symmetric per-channel",
+            "activations": "int8 per-tensor (histogram observer)",
+            "calibration_samples": len(job.calib),
+        }
+        candidates = _quantized_nodes(first[1])
+        if job.config.sensitivity and job.spec.sensitivity_target_db is not None:
+            ranked = score_nodes(candidates, _record(graph, sens_in, {t for n in candidates for t in n.tensors}), _qparams(first[1]))
+            budget = max(1, int(job.config.max_excluded_fraction * len(candidates)))
+            search = greedy_exclude(ranked, evaluate, first, job.spec.sensitivity_target_db, budget)
+            best = search.best
+            report["sensitivity"] = search.report(len(candidates), job.spec.sensitivity_target_db)
+        else:
+            best = first[1]
+            report["sensitivity"] = None
+        report["quantized_nodes"] = len(_quantized_nodes(best))
+        with torch.no_grad():
+            return torch.export.export(best, tuple(job.example), strict=False), report
+    except SDXSError:
+        raise
+    except Exception as e:
+        raise _err(job, "int8 quantization", e) from e
+
+
+def _is_op(node, names: tuple[str, ...]) -> bool:
+    return node.op == "call_function" and any(n in str(node.target) for n in names)
+
+
+def _quantized_nodes(gm) -> list[QuantNode]:
+    """Quantized conv / linear nodes of a converted PT2E graph (fed by a dequantize of a quantized
+    activation); the tensors they quantize are named by the float graph's node names."""
+    allowed = _quantizable_targets()
+    nodes = []
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or n.target not in allowed:
+            continue
+        tensors, fed = [], False
+        for a in n.all_input_nodes:
+            if _is_op(a, ("dequantize_per_tensor",)):
+                q = a.args[0]
+                if hasattr(q, "op") and _is_op(q, ("quantize_per_tensor",)) and hasattr(q.args[0], "name"):
+                    fed = True
+                    tensors.append(q.args[0].name)
+        for u in n.users:
+            if _is_op(u, ("quantize_per_tensor",)):
+                tensors.append(n.name)
+        if fed:
+            nodes.append(QuantNode(n.name, tuple(tensors)))
+    return nodes
+
+
+def _qparams(gm) -> dict[str, QParams]:
+    out = {}
+    for n in gm.graph.nodes:
+        if _is_op(n, ("quantize_per_tensor",)) and hasattr(n.args[0], "name"):
+            scale, zp, qmin, qmax = (_const(gm, a) for a in n.args[1:5])
+            out[n.args[0].name] = QParams(float(scale), int(zp), int(qmin), int(qmax))
+    return out
+
+
+def _const(gm, a):
+    if hasattr(a, "op") and a.op == "get_attr":
+        return getattr(gm, a.target).item()
+    return a
+
+
+def _record(gm, samples, names: set[str]) -> dict[str, list[np.ndarray]]:
+    """Values of the named nodes of the float graph on `samples` (fx Interpreter)."""
+    import torch
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n.name in names and isinstance(out, torch.Tensor):
+                values.setdefault(n.name, []).append(out.detach().float().numpy().copy())
+            return out
+
+    values: dict[str, list[np.ndarray]] = {}
+    with torch.no_grad():
+        for s in samples:
+            Recorder(gm).run(*_tensors(s))
+    return values
+
+
+def lower(job: ComponentJob, exported):
+    """Stage 2: edge dialect + delegate partitioning."""
+    from executorch.exir import to_edge_transform_and_lower
+
+    try:
+        return to_edge_transform_and_lower(exported, partitioner=[_partitioner(job)])
+    except SDXSError:
+        raise
+    except Exception as e:
+        if job.config.delegate == "coreml":
+            raise ExecuTorchConversionError(
+                f"the Core ML delegate cannot lower {job.name} on this machine ({type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}); "
+                "lower on macOS or use target coreml"
+            ) from e
+        raise _err(job, "lowering", e) from e
+
+
+def _partitioner(job: ComponentJob):
+    if job.config.delegate == "xnnpack":
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+        return XnnpackPartitioner()
+    try:
+        import coremltools as ct
+        from executorch.backends.apple.coreml.compiler import CoreMLBackend
+        from executorch.backends.apple.coreml.partition import CoreMLPartitioner
+    except Exception as e:  # the Core ML delegate's Python side is an optional part of executorch
+        raise ExecuTorchConversionError(f"the ExecuTorch Core ML delegate is not usable here ({type(e).__name__}: {e}); lower on macOS or use target coreml") from e
+    precision = ct.precision.FLOAT16 if job.config.precision == "fp16" else ct.precision.FLOAT32
+    specs = CoreMLBackend.generate_compile_specs(minimum_deployment_target=ct.target.iOS17, compute_precision=precision)
+    return CoreMLPartitioner(compile_specs=specs)
+
+
+def delegation_report(edge, delegate: str = "xnnpack") -> dict:
+    """Stage 3: operators inside delegates vs left to the portable kernels (q/dq plumbing not counted)."""
+    ep = edge.exported_program()
+    gm = ep.graph_module
+
+    def op_name(n) -> str:
+        name = n.target.name() if hasattr(n.target, "name") else getattr(n.target, "__name__", str(n.target))
+        return name.replace("::", ".")
+
+    outside = collections.Counter(op_name(n) for n in gm.graph.nodes if n.op == "call_function" and not _is_op(n, NOT_OPS + QDQ_OPS))
+    inside: collections.Counter = collections.Counter()
+    partitions = 0
+    for n in gm.graph.nodes:
+        if n.op == "get_attr" and n.target.startswith("lowered_module"):
+            lowered = getattr(gm, n.target)
+            partitions += 1
+            inside.update(op_name(m) for m in lowered.original_module.graph_module.graph.nodes if m.op == "call_function" and not _is_op(m, NOT_OPS + QDQ_OPS))
+    total = sum(inside.values()) + sum(outside.values())
+    return {
+        "delegate": delegate,
+        "partitions": partitions,
+        "delegated_ops": sum(inside.values()),
+        "non_delegated_ops": sum(outside.values()),
+        "delegated_share": round(sum(inside.values()) / total, 4) if total else 1.0,
+        "not_delegated": dict(outside.most_common()),
+        "delegated": dict(inside.most_common()),
+    }
+
+
+def write(job: ComponentJob, edge) -> None:
+    try:
+        program = edge.to_executorch()
+    except Exception as e:
+        raise _err(job, "serialization", e) from e
+    Path(job.out).write_bytes(program.buffer)
+
+
+def runner_for(job: ComponentJob, path: Path) -> Runner:
+    """Stage 4: the ExecuTorch Python runtime on `path` (XNNPACK is registered in the pip wheel)."""
+    from executorch.runtime import Runtime
+
+    try:
+        method = Runtime.get().load_program(str(path)).load_method("forward")
+    except Exception as e:
+        raise _err(job, "loading in the ExecuTorch runtime", e) from e
+    dtypes = [s.dtype for s in job.inputs]
+
+    def run(sample):
+        return method.execute(_tensors([np.asarray(x, d) for x, d in zip(sample, dtypes)]))[0].numpy()
+
+    return run
+
+
+def convert_component(job: ComponentJob) -> ComponentResult:
+    """export -> (quantize) -> lower -> delegation report -> .pte -> runtime runner."""
+    exported = export(job)
+    report: dict = {}
+    if job.config.precision == "int8":
+        exported, report["int8"] = quantize(job, exported)
+    edge = lower(job, exported)
+    report["delegation"] = delegation_report(edge, job.config.delegate)
+    write(job, edge)
+    if job.config.delegate != "xnnpack":
+        structural = {
+            "why": "the Core ML delegate runs only on Apple devices; the Linux ExecuTorch runtime has no CoreMLBackend",
+            "delegated_share": report["delegation"]["delegated_share"],
+            "partitions": report["delegation"]["partitions"],
+        }
+        return ComponentResult(job.out.name, report, None, structural=structural)
+    return ComponentResult(job.out.name, report, runner_for(job, job.out))

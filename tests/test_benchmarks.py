@@ -1,0 +1,209 @@
+"""Benchmarks: one real run on the tiny preset (torch + onnxruntime, fp32 + int8, tiny-teacher baseline)
+checked for every field, its files, and ratios recomputed from its own measured numbers; request
+errors; the OpenVINO "not installed" row; the GPU batch search exercised on CPU."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import bench
+from benchmarks import report as R
+from benchmarks.jobs import BenchError
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPONENTS = ("text_encoder", "unet", "decoder")
+# Ratios are stored rounded to 4 decimals from the unrounded-in-JSON figures they cite.
+REL = 1e-3
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    rep = bench.run_bench(
+        "tiny",
+        runtimes=["torch", "onnxruntime"],
+        precisions=["fp32", "int8"],
+        resolution=64,
+        runs=2,
+        warmup=1,
+        threads=2,
+        out_dir=tmp / "out",
+        baselines=True,
+        openvino=False,
+        teacher="tiny-teacher",
+        work_dir=tmp / "work",
+        progress=False,
+    )
+    return rep, tmp
+
+
+def _row(rep, name):
+    return next(r for r in rep["paths"] if r["name"] == name)
+
+
+def test_report_has_every_field(tiny_report):
+    rep, _ = tiny_report
+    for key in ("format", "config", "machine", "model", "conversions", "paths", "baselines", "gpu", "gpu_status", "ratios", "where_the_time_goes", "files", "failed", "warnings"):
+        assert key in rep, key
+    assert rep["failed"] == [], rep["failed"]
+    m = rep["machine"]
+    assert m["cpu_model"] and m["logical_cores"] >= 1 and m["usable_cores"] >= 1
+    if m["flags_source"] == "/proc/cpuinfo":
+        for f in ("avx2", "avx512f", "avx512_vnni"):
+            assert isinstance(m["flags"][f], bool)
+    for lib in ("torch", "onnxruntime", "diffusers", "numpy"):
+        assert m["libraries"][lib], lib
+
+    names = [r["name"] for r in rep["paths"]]
+    assert names[:4] == ["torch eager fp32", "torch int8", "onnxruntime fp32", "onnxruntime int8"]
+    assert _row(rep, "torch int8")["status"] == "not applicable"
+    ov = _row(rep, "openvino")
+    assert ov["status"] == "skipped" and ov["reason"] == "--no-openvino"
+    for name in ("torch eager fp32", "onnxruntime fp32", "onnxruntime int8"):
+        r = _row(rep, name)
+        assert r["status"] == "ok", r
+        assert r["load_s"] > 0 and r["first_run_s"] > 0 and r["peak_rss_mb"] > 0
+        for c in COMPONENTS:
+            s = r["components"][c]
+            assert s["runs"] == 2 and 0 < s["min_ms"] <= s["median_ms"] <= s["p90_ms"]
+        e = r["end_to_end"]
+        assert e["runs"] == 2 and 0 < e["median_s"] <= e["p90_s"]
+        assert e["images_per_s"] == pytest.approx(1 / e["median_s"], rel=REL)
+        # Pinned to --threads and read back from the backend itself.
+        assert list(r["threads"].values()) == [2], r["threads"]
+    for name in ("onnxruntime fp32", "onnxruntime int8"):
+        r = _row(rep, name)
+        assert r["bundle_mb"] > 0 and r["conversion_s"] > 0
+        assert set(r["parity"]["components"]) == set(COMPONENTS)
+        assert Path(r["bundle"], "manifest.json").is_file()
+    assert _row(rep, "onnxruntime int8")["parity"]["image_psnr_db"] is not None
+    assert {(c["target"], c["precision"]) for c in rep["conversions"]} == {("onnx", "fp32"), ("onnx", "int8")}
+
+    t = rep["baselines"]["teacher"]
+    assert t["status"] == "ok" and t["model"] == "tiny-teacher"
+    assert set(t["components"]) == {"text_encoder", "unet_batch1", "unet_batch2_cfg", "decoder"}
+    assert t["projection"]["cfg"]["steps"] == 25 and t["projection"]["cfg"]["unet_batch"] == 2
+    assert rep["gpu_status"] in ("measured", "no CUDA device: GPU figures not measured")
+    assert rep["where_the_time_goes"] and all(isinstance(s, str) for s in rep["where_the_time_goes"])
+
+
+def test_files_written(tiny_report):
+    rep, tmp = tiny_report
+    files = {k: Path(v) for k, v in rep["files"].items()}
+    assert files["json"].parent == tmp / "out"
+    assert json.loads(files["json"].read_text()) == json.loads(json.dumps(rep))
+    assert files["chart"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = files["markdown"].read_text()
+    for text in ("| torch eager fp32 | ok |", "| onnxruntime int8 | ok |", "openvino | skipped: --no-openvino", "## Ratios", "## Where the time goes", "tiny-teacher, 25 steps"):
+        assert text in md, text
+    assert not list((tmp / "out").glob(".*tmp*")), "temporary files left behind"
+
+
+def test_ratios_recomputed_from_measured_numbers(tiny_report):
+    rep, _ = tiny_report
+    torch_e2e = _row(rep, "torch eager fp32")["end_to_end"]["median_s"]
+    int8 = [r for r in rep["paths"] if r["precision"] == "int8" and r["status"] == "ok" and r["runtime"] != "openvino"]
+    fastest = min(int8, key=lambda r: r["end_to_end"]["median_s"])
+    r = rep["ratios"]["fastest_int8_vs_torch_eager_fp32"]
+    assert r["denominator"]["path"] == fastest["name"]
+    assert r["value"] == pytest.approx(torch_e2e / fastest["end_to_end"]["median_s"], rel=REL)
+
+    r = rep["ratios"]["fastest_int8_peak_rss_over_bundle"]
+    assert r["value"] == pytest.approx(fastest["peak_rss_mb"] / fastest["bundle_mb"], rel=REL)
+
+    # The guided teacher total from its own component medians, against the one-step model's.
+    t = rep["baselines"]["teacher"]["components"]
+    teacher_s = (2 * t["text_encoder"]["median_ms"] + 25 * t["unet_batch2_cfg"]["median_ms"] + t["decoder"]["median_ms"]) / 1000
+    sdxs_s = sum(_row(rep, "torch eager fp32")["components"][c]["median_ms"] for c in COMPONENTS) / 1000
+    assert rep["ratios"]["one_step_vs_teacher_cfg"]["value"] == pytest.approx(teacher_s / sdxs_s, rel=REL)
+
+    r = rep["ratios"]["fastest_int8_vs_openvino_best"]
+    assert r["value"] is None and "OpenVINO" in r["why"]
+
+
+def test_peak_rss_is_per_process(tiny_report):
+    # ONNX Runtime workers never import PyTorch: a peak RSS polluted by the torch measurement (same
+    # process, or the parent's) could not be this far below it.
+    rep, _ = tiny_report
+    torch_rss = _row(rep, "torch eager fp32")["peak_rss_mb"]
+    for name in ("onnxruntime fp32", "onnxruntime int8"):
+        assert _row(rep, name)["peak_rss_mb"] < 0.6 * torch_rss
+
+
+def test_openvino_not_installed_is_a_row(monkeypatch, tiny_report):
+    real = bench.importlib.util.find_spec
+    monkeypatch.setattr(bench.importlib.util, "find_spec", lambda n, *a: None if n == "openvino" else real(n, *a))
+    state = bench.openvino_state(True)
+    assert state["status"] == "not installed" and state["precisions"] == []
+    assert state["reason"] == "openvino: not installed (pip install '.[bench]')"
+    rep, _ = tiny_report
+    paths = [r for r in rep["paths"] if r["runtime"] != "openvino"]
+    paths.append(bench._path_row("openvino", "openvino", "-", "baseline", status=state["status"], reason=state["reason"]))
+    md = R.markdown({**rep, "paths": paths})
+    assert "| openvino | not installed: openvino: not installed (pip install '.[bench]') |" in md
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"runtimes": "torch,bogus"}, "runtime 'bogus' cannot be benchmarked"),
+        ({"runtimes": "openvino"}, "openvino is a baseline"),
+        ({"precisions": "fp32,int4"}, "unknown precision 'int4'"),
+        ({"resolution": 60}, "positive multiple of 8"),
+        ({"resolution": 72}, "multiple of 16 for tiny"),
+        ({"runs": 0}, "runs must be >= 1"),
+        ({"teacher": "no-such-model"}, "no preset or model folder named 'no-such-model'"),
+    ],
+)
+def test_bad_requests_fail_before_any_work(tmp_path, kwargs, message):
+    args = {"runtimes": "torch", "precisions": "fp32", "resolution": 64, "runs": 1, "work_dir": tmp_path / "work", "out_dir": tmp_path / "out", "progress": False, **kwargs}
+    with pytest.raises(BenchError, match=message):
+        bench.run_bench("tiny", **args)
+    assert not (tmp_path / "work").exists() and not (tmp_path / "out").exists()
+
+
+def test_cli_hook_and_one_line_error():
+    p = argparse.ArgumentParser()
+    from benchmarks.cli import add_parsers, cmd_bench
+
+    add_parsers(p.add_subparsers(dest="command"))
+    a = p.parse_args(["bench", "tiny", "--resolution", "64", "--runs", "3", "--no-openvino"])
+    assert (a.func, a.model, a.resolution, a.runs, a.no_openvino, a.no_baselines) == (cmd_bench, "tiny", 64, 3, True, False)
+    assert a.runtimes == "torch,onnxruntime,executorch" and a.precisions == "fp32,fp16,int8"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench", "tiny", "--runtimes", "bogus"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: runtime 'bogus'") and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_gpu_batch_search_logic_on_cpu():
+    # The CUDA path cannot run here; its measuring and batch-search code runs on CPU in fp32 eager.
+    from benchmarks.gpu import gpu_figures
+    from sdxs_edge.pipeline import SDXSPipeline
+
+    g = gpu_figures(SDXSPipeline.load("tiny"), 64, runs=1, warmup=0, device="cpu", dtype="float32", compile=False, max_batch=4)
+    s = g["eager"]
+    assert s["searched"][0]["batch"] == 1 and [x["batch"] for x in s["searched"]] == [2**i for i in range(len(s["searched"]))]
+    assert s["best_batch"]["images_per_s"] == max(x["images_per_s"] for x in s["searched"] if "images_per_s" in x)
+    assert set(s["batch1"]["components"]) == set(COMPONENTS) and math.isfinite(s["batch1"]["end_to_end"]["median_s"])
+
+
+@pytest.mark.slow
+def test_openvino_and_executorch_paths(tmp_path):
+    """Slow (OpenVINO NNCF int8 calibration and ExecuTorch lowering take minutes on two cores)."""
+    pytest.importorskip("openvino", reason="the bench extra (openvino) is not installed")
+    pytest.importorskip("nncf", reason="the bench extra (nncf) is not installed")
+    pytest.importorskip("executorch", reason="the executorch extra is not installed")
+    rep = bench.run_bench("tiny", ["executorch"], ["fp32", "int8"], 64, 2, 1, 2, tmp_path / "out", True, True, teacher="tiny-teacher", work_dir=tmp_path / "work", progress=False)
+    assert rep["failed"] == [], rep["failed"]
+    for name in ("executorch fp32", "executorch int8", "openvino fp32", "openvino int8"):
+        assert _row(rep, name)["status"] == "ok"
+    assert _row(rep, "executorch fp32")["threads"] == {"threadpool_threads": 2}
+    r = rep["ratios"]["fastest_int8_vs_openvino_best"]
+    ov_best = min(_row(rep, n)["end_to_end"]["median_s"] for n in ("openvino fp32", "openvino int8"))
+    assert r["value"] == pytest.approx(ov_best / _row(rep, "executorch int8")["end_to_end"]["median_s"], rel=REL)

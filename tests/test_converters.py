@@ -1,0 +1,429 @@
+"""Converters: staged (export -> lower -> ops that reached the backend -> run -> compare) and whole-bundle
+tests on the "tiny" preset, plus bad-input tests. Real-size conversions are marked slow.
+
+Floors come from the registry; where a test checks that int8 really is quantized it asserts the SNR is
+below the fp32 floor (a float model would exceed it).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from converters import calibration
+from converters.api import convert
+from converters.base import ComponentJob, ConversionConfig
+from converters.registry import COMPONENT_EXPORTS, PRECISION_SPECS, UnsupportedConversion, component_export, precision_spec
+from sdxs_edge.bundle import MANIFEST_SCHEMA, load_manifest
+from sdxs_edge.errors import ParityError, SDXSError
+from sdxs_edge.metrics import snr_db
+
+FP32_FLOOR = PRECISION_SPECS[("onnx", "fp32")].tolerance.snr_db
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from sdxs_edge.pipeline import SDXSPipeline
+
+    torch.set_num_threads(2)
+    return SDXSPipeline.load("tiny")
+
+
+@pytest.fixture(scope="module")
+def reference(pipe):
+    """PyTorch outputs on `example_inputs(seed=7)`: latents the converter's own parity and calibration
+    never used (the text encoder gets example_inputs' fixed prompt)."""
+    from sdxs_edge.components import example_inputs, wrappers
+
+    mods = wrappers(pipe)
+    ins = {c: example_inputs(pipe, c, seed=7) for c in mods}
+    with torch.no_grad():
+        outs = {c: mods[c](*ins[c]).numpy() for c in mods}
+    return ins, outs
+
+
+def _job(pipe, name, target, precision, tmp: Path, calib_prompts: int = 4) -> ComponentJob:
+    from sdxs_edge.components import io_specs, wrappers
+
+    mods = wrappers(pipe)
+    cal = calibration.capture(pipe, mods, calibration.default_calibration_prompts()[:calib_prompts], seed0=0)
+    ins, outs = io_specs(pipe)[name]
+    tmp.mkdir(parents=True, exist_ok=True)
+    return ComponentJob(
+        name=name,
+        module=mods[name],
+        example=tuple(torch.from_numpy(x) for x in cal.inputs[name][0]),
+        inputs=ins,
+        outputs=outs,
+        calib=cal.inputs[name],
+        calib_ref=cal.outputs[name],
+        spec=precision_spec(target, precision),
+        export=component_export(name, target),
+        config=ConversionConfig(target, precision, (name,), pipe.resolution),
+        work=tmp,
+        out=tmp / component_export(name, target).file,
+    )
+
+
+def _manifest(bundle: Path) -> dict:
+    return load_manifest(bundle, verify=True)
+
+
+def _check_parity_recorded(m: dict, components) -> None:
+    floor = PRECISION_SPECS[(m["target"], m["precision"])].tolerance.snr_db
+    for c in components:
+        p = m["parity"]["components"][c]
+        assert p["snr_db"] is None or p["snr_db"] >= floor, (c, p)
+        assert p["floor_snr_db"] == floor
+
+
+# ---- registry and schema -------------------------------------------------------------------------------
+def test_registry_covers_every_component_and_declares_floors():
+    assert {(c, t) for c, t in COMPONENT_EXPORTS} == {(c, t) for c in ("text_encoder", "unet", "decoder") for t in ("onnx", "executorch", "coreml")}
+    floors = {p: s.tolerance.snr_db for (_, p), s in PRECISION_SPECS.items()}
+    assert floors == {"fp32": 60.0, "fp16": 40.0, "int8": 25.0}
+    assert all(s.tolerance.image_psnr_db == 28.0 for (_, p), s in PRECISION_SPECS.items() if p == "int8")
+    with pytest.raises(UnsupportedConversion, match="supported: onnx/fp32"):
+        precision_spec("onnx", "int4")
+
+
+def test_schema_file_matches_bundle_schema():
+    path = Path(__file__).resolve().parents[1] / "sdxs_edge" / "manifest.schema.json"
+    assert json.loads(path.read_text()) == MANIFEST_SCHEMA
+
+
+# ---- sensitivity ranking -------------------------------------------------------------------------------
+def test_sensitivity_ranks_a_blown_range_first_and_stops_at_target():
+    from converters.sensitivity import QParams, QuantNode, greedy_exclude, score_nodes
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=1000)
+    masked = np.where(rng.random(1000) < 0.5, x, -3.4e38)  # scores + attention-mask fill
+    values = {"a": [x], "m": [masked]}
+    good = QParams(scale=float(np.abs(x).max() / 127), zero_point=0, qmin=-128, qmax=127)
+    blown = QParams(scale=3.4e38 / 255, zero_point=255, qmin=0, qmax=255)  # calibrated on the fill value
+    ranked = score_nodes([QuantNode("conv", ("a",)), QuantNode("softmax", ("m",))], values, {"a": good, "m": blown})
+    assert [n for n, _ in ranked] == ["softmax", "conv"]
+    assert ranked[0][1] < 1.0 < 30.0 < ranked[1][1]
+    calls = []
+
+    def evaluate(excluded):
+        calls.append(list(excluded))
+        return (40.0 if "softmax" in excluded else 5.0), tuple(excluded)
+
+    s = greedy_exclude(ranked, evaluate, (5.0, ()), target_db=28.0, max_excluded=2)
+    assert calls == [["softmax"]] and s.best == ("softmax",) and [n for n, _ in s.excluded] == ["softmax"]
+
+
+def test_image_psnr_floor_is_enforced_for_trained_models_only():
+    from converters.parity import check_end_to_end
+
+    int8 = PRECISION_SPECS[("onnx", "int8")].tolerance
+    figures = {"image_psnr_db": 21.0, "min_image_psnr_db": 19.0, "images": 2}
+    with pytest.raises(ParityError, match=r"image PSNR 21.0 dB .* below the 28 dB floor"):
+        check_end_to_end(figures, int8, trained=True, label="onnx/int8")
+    rec = check_end_to_end(figures, int8, trained=False, label="onnx/int8")
+    assert rec["enforced"] is False and rec["image_psnr_db"] == 21.0 and "random-weight" in rec["why_not_enforced"]
+    assert check_end_to_end(figures, PRECISION_SPECS[("onnx", "fp16")].tolerance, trained=True, label="onnx/fp16")["enforced"] is False
+
+
+# ---- ONNX ----------------------------------------------------------------------------------------------
+def test_onnx_staged_unet_fp32(pipe, reference, tmp_path):
+    import onnx
+
+    from converters import to_onnx
+
+    job = _job(pipe, "unet", "onnx", "fp32", tmp_path)
+    exported = to_onnx.export(job)  # export
+    model = onnx.load(str(exported))
+    onnx.checker.check_model(model)
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    extra, _ = to_onnx.lower(job, exported)  # lower
+    assert extra == [] and job.out.is_file()
+    report = to_onnx.op_report(job.out)  # what reached the backend
+    to_onnx.check_io(job, report)
+    assert report["op_counts"].get("Conv", 0) > 0 and "DequantizeLinear" not in report["op_counts"]
+    assert all(len(s) == len(spec.shape) and all(d > 0 for d in s) for (_, _, s), spec in zip(report["inputs"], job.inputs))  # static
+    run = to_onnx.runner_for(job, job.out)  # run
+    ins, outs = reference
+    assert snr_db(outs["unet"], run(tuple(t.numpy() for t in ins["unet"]))) >= FP32_FLOOR  # compare
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_onnx_bundle(pipe, reference, tmp_path, precision):
+    import onnxruntime as ort
+
+    out = convert(pipe, "onnx", precision, tmp_path / "bundle", progress=False)
+    m = _manifest(out)
+    assert m["target"] == "onnx" and m["precision"] == precision and m["resolution"] == 64
+    assert sorted(p.name for p in out.iterdir()) == ["decoder.onnx", "manifest.json", "text_encoder.onnx", "tokenizer", "unet.onnx"]
+    assert m["components"]["unet"]["inputs"] == [{"name": "latent", "shape": [1, 4, 8, 8], "dtype": "float32"}, {"name": "context", "shape": [1, 77, 16], "dtype": "float32"}]
+    assert m["sampler"] == pipe.one_step_constants().to_dict()
+    _check_parity_recorded(m, ("text_encoder", "unet", "decoder"))
+    e2e = m["parity"]["end_to_end"]
+    assert e2e["images"] == 2 and e2e["enforced"] is False  # random weights: recorded, not enforced
+    assert m["conversion"]["seconds"] > 0 and m["conversion"]["peak_rss_mb"] > 0
+    # Independent of the converter's own check: other inputs, run straight from the bundle's files.
+    floor = PRECISION_SPECS[("onnx", precision)].tolerance.snr_db
+    ins, outs = reference
+    snrs = {}
+    for c, entry in m["components"].items():
+        sess = ort.InferenceSession(str(out / entry["file"]), providers=["CPUExecutionProvider"])
+        feeds = {s["name"]: t.numpy().astype(s["dtype"]) for s, t in zip(entry["inputs"], ins[c])}
+        snrs[c] = snr_db(outs[c], sess.run(None, feeds)[0])
+        assert snrs[c] >= floor, (c, snrs[c])
+    if precision == "fp16":
+        assert m["conversion"]["components"]["unet"]["initializer_dtypes"].get("float32", 0) == 0
+    if precision == "int8":
+        assert snrs["unet"] < FP32_FLOOR  # really quantized
+        for c in ("text_encoder", "unet"):
+            rep = m["conversion"]["components"][c]
+            assert rep["quantized_compute_nodes"] > 0 and rep["op_counts"]["DequantizeLinear"] > 0
+            sens = rep["int8"]["sensitivity"]
+            assert sens["steps"][0]["excluded"] == 0 and sens["quantized_candidates"] > 0
+        # Nodes the sensitivity pass kept in float are not fed by a DequantizeLinear in the bundle.
+        import onnx
+
+        model = onnx.load(str(out / "text_encoder.onnx"))
+        producer = {o: n.op_type for n in model.graph.node for o in n.output}
+        kept = {e["name"] for e in m["conversion"]["components"]["text_encoder"]["int8"]["sensitivity"]["excluded_nodes"]}
+        for n in model.graph.node:
+            if n.name in kept:
+                assert all(producer.get(i) != "DequantizeLinear" for i in n.input), n.name
+
+
+def test_onnx_int8_dynamic(pipe, tmp_path):
+    out = convert(pipe, "onnx", "int8", tmp_path / "b", components=("text_encoder", "unet"), dynamic=True, progress=False)
+    m = _manifest(out)
+    assert m["conversion"]["config"]["dynamic"] is True and m["conversion"]["config"]["calibration_prompts"] == 0
+    assert m["conversion"]["components"]["unet"]["op_counts"].get("MatMulInteger", 0) + m["conversion"]["components"]["unet"]["op_counts"].get("DynamicQuantizeMatMul", 0) > 0
+    _check_parity_recorded(m, ("text_encoder", "unet"))
+    assert m["parity"]["end_to_end"]["image_psnr_db"] is None and "not all three" in m["parity"]["end_to_end"]["why_not_enforced"]
+
+
+# ---- ExecuTorch ----------------------------------------------------------------------------------------
+def test_executorch_staged_decoder_fp32(pipe, reference, tmp_path):
+    from converters import to_executorch
+
+    job = _job(pipe, "decoder", "executorch", "fp32", tmp_path)
+    exported = to_executorch.export(job)  # export
+    edge = to_executorch.lower(job, exported)  # lower
+    report = to_executorch.delegation_report(edge)  # which ops reached XNNPACK
+    assert report["delegated"].get("aten.convolution", 0) >= 10 and "aten.convolution" not in report["not_delegated"]
+    assert report["delegated_share"] >= 0.8, report
+    to_executorch.write(job, edge)
+    run = to_executorch.runner_for(job, job.out)  # run
+    ins, outs = reference
+    assert snr_db(outs["decoder"], run(tuple(t.numpy() for t in ins["decoder"]))) >= FP32_FLOOR  # compare
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_executorch_bundle(pipe, reference, tmp_path, precision):
+    from executorch.runtime import Runtime
+
+    # The U-Net's .pte lowering takes minutes on 2 cores (see the slow test); fp32's decoder is the staged test.
+    comps = ("text_encoder",) if precision == "fp32" else ("text_encoder", "decoder")
+    prompts = calibration.default_calibration_prompts()[:8]  # 8 calibration runs keep the observers quick
+    out = convert(pipe, "executorch", precision, tmp_path / "b", components=comps, calibration_prompts=prompts, progress=False)
+    m = _manifest(out)
+    assert sorted(m["components"]) == sorted(comps) and all(e["file"].endswith(".pte") for e in m["components"].values())
+    _check_parity_recorded(m, comps)
+    for c in comps:
+        d = m["conversion"]["components"][c]["delegation"]
+        assert 0 < d["delegated_share"] <= 1 and d["partitions"] >= 1
+    assert "aten.linear" in m["conversion"]["components"]["text_encoder"]["delegation"]["delegated"]
+    floor = PRECISION_SPECS[("executorch", precision)].tolerance.snr_db
+    ins, outs = reference
+    for c in comps:
+        method = Runtime.get().load_program(str(out / m["components"][c]["file"])).load_method("forward")
+        s = snr_db(outs[c], method.execute(list(ins[c]))[0].numpy())
+        assert s >= floor, (c, s)
+        if precision == "int8" and c == "text_encoder":
+            assert s < FP32_FLOOR
+    if precision == "int8":
+        assert m["conversion"]["config"]["calibration_prompts"] == 8
+        assert m["conversion"]["components"]["decoder"]["int8"]["quantized_nodes"] > 0
+
+
+def test_executorch_coreml_delegate_lowers_structurally(pipe, tmp_path):
+    m = _manifest(convert(pipe, "executorch", "fp16", tmp_path / "b", components=("decoder",), delegate="coreml", progress=False))
+    d = m["conversion"]["components"]["decoder"]["delegation"]
+    assert d["delegate"] == "coreml" and d["delegated_share"] == 1.0 and d["non_delegated_ops"] == 0
+    assert m["parity"]["checked"] == "structural" and m["parity"]["components"]["decoder"]["checked"] == "structural"
+
+
+# ---- Core ML (structural on Linux) ---------------------------------------------------------------------
+def test_coreml_bundle_fp16(pipe, tmp_path):
+    import coremltools as ct
+
+    out = convert(pipe, "coreml", "fp16", tmp_path / "b", progress=False)
+    m = _manifest(out)
+    assert m["parity"]["checked"] == "structural"
+    for c, entry in m["components"].items():
+        assert entry["file"] == f"{c}.mlpackage" and (out / entry["file"]).is_dir()
+        spec = ct.utils.load_spec(str(out / entry["file"]))
+        assert spec.WhichOneof("Type") == "mlProgram" and spec.specificationVersion >= 8  # iOS17
+        assert [i.name for i in spec.description.input] == [s["name"] for s in entry["inputs"]]
+        assert [o.name for o in spec.description.output] == [s["name"] for s in entry["outputs"]]
+        assert [list(i.type.multiArrayType.shape) for i in spec.description.input] == [s["shape"] for s in entry["inputs"]]
+        assert m["parity"]["components"][c]["checked"] == "structural"
+    assert m["conversion"]["components"]["text_encoder"]["inputs"] == [["input_ids", "int32", [1, 77]]]
+    assert m["conversion"]["components"]["unet"]["uncompressed_weight_elements"].get("float16", 0) > 0
+    assert "float32" not in m["conversion"]["components"]["unet"]["uncompressed_weight_elements"]
+
+
+@pytest.mark.parametrize("palettize, comps", [(None, ("text_encoder", "unet")), (6, ("unet",))])
+def test_coreml_int8_weights(pipe, tmp_path, palettize, comps):
+    out = convert(pipe, "coreml", "int8", tmp_path / "b", components=comps, palettize=palettize, progress=False)
+    m = _manifest(out)
+    op = "constexpr_lut_to_dense" if palettize else "constexpr_affine_dequantize"
+    for c in comps:
+        rep = m["conversion"]["components"][c]
+        assert rep["compressed_ops"].get(op, 0) >= 1, rep["compressed_ops"]
+        assert not any(d.startswith("float") for d in rep["uncompressed_weight_elements"])
+    assert m["conversion"]["config"]["palettize"] == palettize
+
+
+# ---- bad input -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "target, precision, kw, match",
+    [
+        ("onnx", "int4", {}, "unsupported target/precision onnx/int4"),
+        ("tflite", "fp32", {}, "unknown target 'tflite'"),
+        ("onnx", "int8", {"palettize": 4}, "palettize=4 needs target coreml"),
+        ("executorch", "int8", {"dynamic": True}, "dynamic quantization is an ONNX int8 option"),
+        ("executorch", "int8", {"delegate": "coreml"}, "XNNPACK-only"),
+        ("onnx", "fp32", {"delegate": "coreml"}, "ExecuTorch option"),
+        ("onnx", "fp32", {"components": ("unet", "vae")}, "unknown component 'vae'"),
+        ("onnx", "fp32", {"components": ()}, "no components given"),
+        ("onnx", "fp32", {"resolution": 60}, "positive multiple of 8"),
+    ],
+)
+def test_unsupported_requests_fail_before_loading(tmp_path, target, precision, kw, match):
+    with pytest.raises(UnsupportedConversion, match=match):
+        convert("no-such-model", target, precision, tmp_path / "b", progress=False, **kw)
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("content, match", [(b"\n  \n", "has no prompts"), (b"a red circle\x00\x01\x02", "not a text file"), (b"\xff\xfe\xfa", "not UTF-8")])
+def test_bad_calibration_file(tmp_path, content, match):
+    f = tmp_path / "prompts.txt"
+    f.write_bytes(content)
+    with pytest.raises(calibration.CalibrationError, match=match):
+        convert("no-such-model", "onnx", "int8", tmp_path / "b", calibration_prompts=f, progress=False)
+    with pytest.raises(calibration.CalibrationError, match="does not exist"):
+        convert("no-such-model", "onnx", "int8", tmp_path / "b", calibration_prompts=tmp_path / "missing.txt", progress=False)
+
+
+def test_calibration_file_is_used(pipe, tmp_path):
+    f = tmp_path / "prompts.txt"
+    f.write_text("a small red circle at the top on a white background\n\na large blue square at the center on a black background\n")
+    out = convert(pipe, "onnx", "int8", tmp_path / "b", components=("decoder",), calibration_prompts=f, progress=False)
+    cfg = _manifest(out)["conversion"]["config"]
+    assert cfg["calibration_prompts"] == 2 and cfg["calibration_source"] == str(f)
+
+
+def test_existing_output_needs_overwrite(pipe, tmp_path):
+    out = tmp_path / "b"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    with pytest.raises(SDXSError, match="exists; pass overwrite=True"):
+        convert(pipe, "onnx", "fp32", out, components=("decoder",), progress=False)
+    with pytest.raises(SDXSError, match="not a bundle"):  # --overwrite replaces bundles only
+        convert(pipe, "onnx", "fp32", out, components=("decoder",), overwrite=True, progress=False)
+    assert (out / "keep.txt").read_text() == "user data"
+    other = convert(pipe, "onnx", "fp32", tmp_path / "c", components=("decoder",), progress=False)
+    convert(pipe, "onnx", "fp16", other, components=("decoder",), overwrite=True, progress=False)
+    assert _manifest(other)["precision"] == "fp16"
+
+
+def _leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if ".partial-" in p.name or ".work-" in p.name or ".old-" in p.name)
+
+
+def test_failure_midway_leaves_no_bundle(pipe, tmp_path, monkeypatch):
+    from converters import to_onnx
+
+    real = to_onnx.lower
+
+    def failing(job, path):
+        if job.name == "unet":  # after the text encoder was written into the temporary bundle
+            raise RuntimeError("simulated lowering crash")
+        return real(job, path)
+
+    monkeypatch.setattr(to_onnx, "lower", failing)
+    with pytest.raises(RuntimeError, match="simulated lowering crash"):
+        convert(pipe, "onnx", "fp32", tmp_path / "b", progress=False)
+    assert not (tmp_path / "b").exists() and _leftovers(tmp_path) == []
+
+
+def test_parity_failure_keeps_the_previous_bundle(pipe, tmp_path, monkeypatch):
+    from converters import to_onnx
+
+    out = convert(pipe, "onnx", "fp32", tmp_path / "b", components=("decoder",), progress=False)
+    before = (out / "manifest.json").read_text()
+    real = to_onnx.runner_for
+
+    def noisy(job, path):
+        run = real(job, path)
+        return lambda s: run(s) + np.float32(0.01)  # a lowering that is off by 1e-2: ~35 dB, under the fp32 floor
+
+    monkeypatch.setattr(to_onnx, "runner_for", noisy)
+    with pytest.raises(ParityError, match=r"onnx/fp32 decoder: SNR .* below the 60 dB floor"):
+        convert(pipe, "onnx", "fp32", out, components=("decoder",), overwrite=True, progress=False)
+    assert (out / "manifest.json").read_text() == before and _leftovers(tmp_path) == []
+
+
+def test_resolution_and_batch_override(pipe, tmp_path):
+    m = _manifest(convert(pipe, "onnx", "fp32", tmp_path / "b", resolution=96, batch=2, progress=False))
+    assert m["resolution"] == 96 and m["batch"] == 2
+    assert m["components"]["unet"]["inputs"][0]["shape"] == [2, 4, 12, 12]
+    assert m["components"]["decoder"]["outputs"][0]["shape"] == [2, 3, 96, 96]
+    assert m["components"]["text_encoder"]["inputs"][0] == {"name": "input_ids", "shape": [2, 77], "dtype": "int32"}
+    _check_parity_recorded(m, ("text_encoder", "unet", "decoder"))
+    assert m["parity"]["end_to_end"]["images"] == 1  # one batch of the two parity prompts
+
+
+def test_bad_resolution(pipe, tmp_path):
+    with pytest.raises(SDXSError, match="multiple of 16"):
+        convert(pipe, "onnx", "fp32", tmp_path / "b", resolution=72, progress=False)
+
+
+# ---- CLI -----------------------------------------------------------------------------------------------
+def test_cli_convert_and_errors(tmp_path, capsys):
+    from sdxs_edge.cli import main
+
+    assert main(["convert", "tiny", "--target", "onnx", "--precision", "int8", "--out", str(tmp_path / "b"), "--components", "unet,decoder", "--dry-run"]) == 0
+    req = json.loads(capsys.readouterr().out)
+    assert req["components"] == ["unet", "decoder"] and req["floor_snr_db"] == 25.0 and not (tmp_path / "b").exists()
+    assert main(["convert", "tiny", "--target", "onnx", "--precision", "fp32", "--out", str(tmp_path / "b"), "--components", "decoder", "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "decoder: SNR" in text and "(floor 60 dB)" in text
+    assert main(["convert", "tiny", "--target", "onnx", "--precision", "fp32", "--out", str(tmp_path / "b"), "--components", "decoder", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "exists" in err and len(err.strip().splitlines()) == 1
+    assert main(["convert", "tiny", "--target", "coreml", "--precision", "int8", "--out", str(tmp_path / "c"), "--components", "text_encoder", "vae"]) == 2
+    assert "unknown component 'vae'" in capsys.readouterr().err
+
+
+# ---- slow: real size and the tiny U-Net on ExecuTorch --------------------------------------------------
+@pytest.mark.slow
+def test_executorch_full_tiny_bundles_with_end_to_end(pipe, tmp_path):
+    for precision in ("fp32", "int8"):
+        m = _manifest(convert(pipe, "executorch", precision, tmp_path / precision, progress=False))
+        _check_parity_recorded(m, ("text_encoder", "unet", "decoder"))
+        assert m["parity"]["end_to_end"]["images"] == 2
+
+
+@pytest.mark.slow
+def test_sdxs512_to_onnx_fp32(tmp_path):
+    """The released SDXS-512 layout (random weights) at 512x512: a 1.3 GB U-Net, under the 2 GB protobuf cap."""
+    out = convert("sdxs-512", "onnx", "fp32", tmp_path / "sdxs512", progress=False)
+    m = _manifest(out)
+    assert m["resolution"] == 512 and m["components"]["unet"]["inputs"][0]["shape"] == [1, 4, 64, 64]
+    _check_parity_recorded(m, ("text_encoder", "unet", "decoder"))
+    assert os.path.getsize(out / "unet.onnx") > 1e9
