@@ -277,7 +277,7 @@ PRESETS: dict[str, ModelPreset] = {
             vae=_kl_vae((32, 64, 64, 64), 1, 8, 1.0, 64),
             pad_token="!",
             default_steps=25,
-            default_guidance=4.0,
+            default_guidance=2.5,
         ),
         ModelPreset(
             name="shapes",
