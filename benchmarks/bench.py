@@ -355,7 +355,7 @@ def run_conversions(cfg: BenchConfig, jobs: list[ConversionJob], say: Callable[[
             rows[(c.target, c.precision)] = _conversion_row(c, r["wall_s"], False, r.get("error"))
         row = rows[(c.target, c.precision)]
         say(f"  {c.target}/{c.precision}: " + (f"{row['seconds']:.1f} s, {row['bundle_mb']:.1f} MB" if row["status"] == "ok" else row["error"]))
-    return rows
+    return {(c.target, c.precision): rows[(c.target, c.precision)] for c in jobs}  # in plan order
 
 
 # ---- measurements --------------------------------------------------------------------------------------

@@ -383,6 +383,8 @@ def chart_png(report: dict) -> bytes:
             vals = [med(r, c) or 0.0 for r in ok]
         ax.barh(names, vals, left=left, color=colors[c], label=LABELS[c])
         left = [a + b for a, b in zip(left, vals)]
+    for i, total in enumerate(left):
+        ax.text(total, i, f" {total:.3g}", va="center", fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("ms per image (median)")
     cfg = report["config"]
@@ -402,6 +404,8 @@ def chart_png(report: dict) -> bytes:
             vals = [r[f"{c}_ms"] / 1000 for _, r in rows]
             ax2.barh([n for n, _ in rows], vals, left=left, color=colors[c], label=LABELS[c])
             left = [a + b for a, b in zip(left, vals)]
+        for i, total in enumerate(left):
+            ax2.text(total, i, f" {total:.3g} s", va="center", fontsize=7)
         ax2.invert_yaxis()
         ax2.set_xlabel("seconds per image (torch eager fp32, component medians x calls)")
         ax2.set_title("one step vs the teacher architecture")

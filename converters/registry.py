@@ -143,7 +143,13 @@ COMPONENT_EXPORTS: Mapping[tuple[str, str], ComponentExport] = MappingProxyType(
             ComponentExport(
                 "unet", "coreml", "unet.mlpackage", "export", "coremltools 9 fails on the traced 'int' of the timestep broadcast; the torch.export graph converts"
             ),
-            ComponentExport("decoder", "coreml", "decoder.mlpackage", "torchscript", "both tracers convert; TorchScript is the long-tested coremltools path"),
+            ComponentExport(
+                "decoder",
+                "coreml",
+                "decoder.mlpackage",
+                "export",
+                "the traced AutoencoderKL decoder hits the same 'int' conversion failure as the U-Net; torch.export converts both decoder classes",
+            ),
         )
     }
 )

@@ -1,7 +1,7 @@
 """Core ML: one ML Program .mlpackage per component (coremltools 9, iOS17, static shapes).
 
-Tracers per component come from the registry (TorchScript for the text encoder and decoder, torch.export
-for the U-Net; coremltools 9 fails on the other one with torch 2.13). fp16 is float16 compute precision
+Tracers per component come from the registry (TorchScript for the text encoder, torch.export for the
+U-Net and decoder; coremltools 9 fails on the other one with torch 2.13). fp16 is float16 compute precision
 with float32 inputs and outputs; int8 is float16 compute with weights linearly quantized to int8
 (`coremltools.optimize.coreml.linear_quantize_weights`, per-channel symmetric), or k-means palettized to
 6 or 4 bits with `palettize`. Core ML cannot predict on Linux, so the check here is structural: the saved
