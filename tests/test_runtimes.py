@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -41,6 +42,7 @@ def _need(module: str) -> None:
 # for it. These tests check the runtimes; the bundle is their input (the converters' own tests check
 # conversion), and every use still verifies each file's sha256 through the manifest.
 BUNDLE_CACHE = ROOT / "build" / "test-bundles"
+STALE_AFTER_S = 3600  # bundles of other keys unused this long are removed (a test run takes minutes)
 KEY_PACKAGES = ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "executorch", "torchao", "coremltools")
 # sdxs_edge modules no conversion reads (the CLI, reports, the SHAPES-64 evaluator) stay out of the key.
 NOT_IN_KEY = {"cli.py", "info.py", "evaluate.py"}
@@ -88,9 +90,10 @@ def make_bundle():
                 os.rename(tmp, out)
             except OSError:  # another test run finished the same bundle first
                 shutil.rmtree(tmp)
-            for stale in BUNDLE_CACHE.glob(prefix + "*"):
-                if stale != out:
-                    shutil.rmtree(stale, ignore_errors=True)
+        os.utime(out)  # marks it in use: a concurrent run with other sources must not prune it
+        for stale in BUNDLE_CACHE.glob(f"*{prefix}*"):
+            if stale != out and time.time() - stale.stat().st_mtime > STALE_AFTER_S:
+                shutil.rmtree(stale, ignore_errors=True)
         built[(target, precision)] = out
         return out
 
