@@ -225,8 +225,9 @@ def test_executorch_staged_decoder_fp32(pipe, reference, tmp_path):
 def test_executorch_bundle(pipe, reference, tmp_path, precision):
     from executorch.runtime import Runtime
 
-    # The U-Net's .pte lowering takes minutes on 2 cores (see the slow test); fp32's decoder is the staged test.
-    comps = ("text_encoder",) if precision == "fp32" else ("text_encoder", "decoder")
+    # The U-Net's .pte lowering takes minutes on 2 cores and int8 text encoder seconds more: both are in the
+    # slow test. fp32's decoder is the staged test.
+    comps = ("text_encoder",) if precision == "fp32" else ("decoder",)
     prompts = calibration.default_calibration_prompts()[:8]  # 8 calibration runs keep the observers quick
     out = convert(pipe, "executorch", precision, tmp_path / "b", components=comps, calibration_prompts=prompts, progress=False)
     m = _manifest(out)
@@ -235,15 +236,16 @@ def test_executorch_bundle(pipe, reference, tmp_path, precision):
     for c in comps:
         d = m["conversion"]["components"][c]["delegation"]
         assert 0 < d["delegated_share"] <= 1 and d["partitions"] >= 1
-    assert "aten.linear" in m["conversion"]["components"]["text_encoder"]["delegation"]["delegated"]
+    key = {"text_encoder": "aten.linear", "decoder": "aten.convolution"}[comps[0]]
+    assert m["conversion"]["components"][comps[0]]["delegation"]["delegated"].get(key, 0) > 0
     floor = PRECISION_SPECS[("executorch", precision)].tolerance.snr_db
     ins, outs = reference
     for c in comps:
         method = Runtime.get().load_program(str(out / m["components"][c]["file"])).load_method("forward")
         s = snr_db(outs[c], method.execute(list(ins[c]))[0].numpy())
         assert s >= floor, (c, s)
-        if precision == "int8" and c == "text_encoder":
-            assert s < FP32_FLOOR
+        if precision == "int8":
+            assert s < FP32_FLOOR  # really quantized
     if precision == "int8":
         assert m["conversion"]["config"]["calibration_prompts"] == 8
         assert m["conversion"]["components"]["decoder"]["int8"]["quantized_nodes"] > 0
