@@ -559,23 +559,10 @@ def run_bench(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m benchmarks.bench MODEL ...`: the same flags as `sdxs-edge bench`."""
-    from benchmarks.cli import add_arguments, cmd_bench
+    """`python -m benchmarks.bench MODEL ...`: the same command as `sdxs-edge bench`, same error handling."""
+    from sdxs_edge.cli import main as cli_main
 
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.splitlines()[0])
-    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    add_arguments(p)
-    args = p.parse_args(argv)
-    try:
-        return cmd_bench(args)
-    except SDXSError as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
