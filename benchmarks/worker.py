@@ -150,6 +150,17 @@ def _torch_setup(job: Job):
     return torch
 
 
+def _load_wrapped(job: Job):
+    """(pipeline, exportable wrappers, load seconds, peak RSS MB after loading) of the job's model."""
+    from sdxs_edge.components import wrappers
+    from sdxs_edge.pipeline import SDXSPipeline
+
+    t = time.perf_counter()
+    pipe = SDXSPipeline.load(job.model, seed=job.seed)
+    mods = wrappers(pipe)
+    return pipe, mods, time.perf_counter() - t, peak_rss_mb()
+
+
 def run_torch(job: Job) -> dict:
     """Eager PyTorch fp32 on CPU: the `sdxs_edge.components` wrappers (the modules the torch runtime and
     every converter use) through the same tokenize -> encode -> one step -> decode chain as a Session."""
@@ -157,15 +168,9 @@ def run_torch(job: Job) -> dict:
 
     torch = _torch_setup(job)
     from sdxs_edge import sampler
-    from sdxs_edge.components import wrappers
-    from sdxs_edge.pipeline import SDXSPipeline
     from sdxs_edge.presets import PRESETS
 
-    t = time.perf_counter()
-    pipe = SDXSPipeline.load(job.model, seed=job.seed)
-    mods = wrappers(pipe)
-    load_s = time.perf_counter() - t
-    rss_load = peak_rss_mb()
+    pipe, mods, load_s, rss_load = _load_wrapped(job)
     c = pipe.one_step_constants()
     h = job.resolution // 8
 
@@ -221,14 +226,8 @@ def run_teacher(job: Job) -> dict:
     guidance: conditional and unconditional halves in one call, as diffusers runs it), decoder at batch 1.
     Totals for 1 and `job.teacher_steps` steps are projected by the orchestrator from these."""
     torch = _torch_setup(job)
-    from sdxs_edge.components import wrappers
-    from sdxs_edge.pipeline import SDXSPipeline
 
-    t = time.perf_counter()
-    pipe = SDXSPipeline.load(job.model, seed=job.seed)
-    mods = wrappers(pipe)
-    load_s = time.perf_counter() - t
-    rss_load = peak_rss_mb()
+    pipe, mods, load_s, rss_load = _load_wrapped(job)
     h = job.resolution // 8
     g = torch.Generator().manual_seed(0)
     ids = pipe.tokenize([PROMPT]).to(torch.int32)

@@ -123,3 +123,28 @@ def greedy_exclude(
         if snr > s.best_snr_db:
             s.best, s.best_snr_db, s.excluded = artifact, snr, list(ranked[:k])
     return s
+
+
+def keep_sensitive_in_float(
+    job,
+    candidates: Sequence["QuantNode"],
+    rank: Callable[[], Sequence[tuple[str, float]]],
+    evaluate: Callable[[list[str]], tuple[float, Any]],
+    first: tuple[float, Any],
+) -> tuple[Any, dict | None]:
+    """The sensitivity pass both int8 backends run: (best artifact, manifest report or None when off).
+
+    Args:
+        job: the component job (its config switches the pass and bounds the float share; its
+            precision spec holds the target SNR).
+        candidates: the quantized nodes of the fully quantized artifact.
+        rank: computes `score_nodes(...)` for the candidates (only called when the pass runs).
+        evaluate: excluded node names -> (component SNR dB, quantized artifact).
+        first: (SNR, artifact) of the fully quantized model.
+    """
+    target = job.spec.sensitivity_target_db
+    if not job.config.sensitivity or target is None:
+        return first[1], None
+    budget = max(1, int(job.config.max_excluded_fraction * len(candidates)))
+    search = greedy_exclude(rank(), evaluate, first, target, budget)
+    return search.best, search.report(len(candidates), target)

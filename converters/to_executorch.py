@@ -23,7 +23,7 @@ import numpy as np
 
 from converters.base import ComponentJob, ComponentResult, Runner
 from converters.parity import component_figures
-from converters.sensitivity import QParams, QuantNode, greedy_exclude, score_nodes
+from converters.sensitivity import QParams, QuantNode, keep_sensitive_in_float, score_nodes
 from sdxs_edge.errors import SDXSError
 
 NOT_OPS = ("getitem", "executorch_call_delegate")  # plumbing, not operators
@@ -121,15 +121,8 @@ def quantize(job: ComponentJob, exported) -> tuple[object, dict]:
             "calibration_samples": len(job.calib),
         }
         candidates = _quantized_nodes(first[1])
-        if job.config.sensitivity and job.spec.sensitivity_target_db is not None:
-            ranked = score_nodes(candidates, _record(graph, sens_in, {t for n in candidates for t in n.tensors}), _qparams(first[1]))
-            budget = max(1, int(job.config.max_excluded_fraction * len(candidates)))
-            search = greedy_exclude(ranked, evaluate, first, job.spec.sensitivity_target_db, budget)
-            best = search.best
-            report["sensitivity"] = search.report(len(candidates), job.spec.sensitivity_target_db)
-        else:
-            best = first[1]
-            report["sensitivity"] = None
+        rank = lambda: score_nodes(candidates, _record(graph, sens_in, {t for n in candidates for t in n.tensors}), _qparams(first[1]))
+        best, report["sensitivity"] = keep_sensitive_in_float(job, candidates, rank, evaluate, first)
         report["quantized_nodes"] = len(_quantized_nodes(best))
         with torch.no_grad():
             return torch.export.export(best, tuple(job.example), strict=False), report

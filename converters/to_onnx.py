@@ -24,7 +24,7 @@ import numpy as np
 
 from converters.base import ComponentJob, ComponentResult, Runner
 from converters.parity import component_figures
-from converters.sensitivity import QParams, QuantNode, greedy_exclude, score_nodes
+from converters.sensitivity import QParams, QuantNode, keep_sensitive_in_float, score_nodes
 from sdxs_edge.errors import SDXSError
 
 PROTO_LIMIT = 2**31 - 2**20  # protobuf's 2 GiB cap, less headroom for the graph itself
@@ -169,15 +169,8 @@ def quantize_static(job: ComponentJob, fp32_path: Path) -> tuple[list[str], dict
         "calibration_samples": len(job.calib),
     }
     candidates = _quantized_nodes(first[1])
-    if job.config.sensitivity and job.spec.sensitivity_target_db is not None:
-        ranked = score_nodes(candidates, _activations(pre, job, sens_in), _qparams(first[1]))
-        budget = max(1, int(job.config.max_excluded_fraction * len(candidates)))
-        search = greedy_exclude(ranked, evaluate, first, job.spec.sensitivity_target_db, budget)
-        best = search.best
-        report["sensitivity"] = search.report(len(candidates), job.spec.sensitivity_target_db)
-    else:
-        best = first[1]
-        report["sensitivity"] = None
+    rank = lambda: score_nodes(candidates, _activations(pre, job, sens_in), _qparams(first[1]))
+    best, report["sensitivity"] = keep_sensitive_in_float(job, candidates, rank, evaluate, first)
     import onnx
 
     extra = _save(onnx.load(str(best)), job.out)

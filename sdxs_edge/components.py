@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sdxs_edge.errors import SDXSError
 from sdxs_edge.pipeline import SDXSPipeline
 
 COMPONENTS = ("text_encoder", "unet", "decoder")
@@ -78,7 +79,7 @@ def io_specs(pipe: SDXSPipeline, batch: int = 1, resolution: int | None = None) 
     """Static input/output specs per component for a batch size and image resolution."""
     res = resolution or pipe.resolution
     if res % 8:
-        raise ValueError(f"resolution must be a multiple of 8, got {res}")
+        raise SDXSError(f"resolution must be a multiple of 8, got {res}")
     h = res // 8
     d = pipe.c.text_encoder.config.hidden_size
     L = pipe.c.tokenizer.model_max_length

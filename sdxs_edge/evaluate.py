@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -208,6 +208,3 @@ def format_report(rep: dict) -> str:
     lines.append(f"{'images / second':<34}{rep['images_per_second']:>10.2f}")
     return "\n".join(lines)
 
-
-def settings_dict(s: EvalSettings) -> dict:
-    return asdict(s)

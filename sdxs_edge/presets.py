@@ -7,7 +7,7 @@ transformers class they feed, so a saved folder is a normal diffusers folder.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
 
@@ -302,7 +302,3 @@ def get_preset(name: str) -> ModelPreset:
     except KeyError:
         raise ModelLoadError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}") from None
 
-
-def with_overrides(preset: ModelPreset, **changes: Any) -> ModelPreset:
-    """A copy of `preset` with top-level fields replaced (e.g. resolution)."""
-    return replace(preset, **changes)

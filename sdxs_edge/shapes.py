@@ -162,7 +162,8 @@ class Batch:
 def make_batch(scenes: list[Scene]) -> Batch:
     covs = [coverage(s) for s in scenes]
     images = [_paint(s, cov) for s, cov in zip(scenes, covs)]
-    labels = {a: np.array([s.labels()[a] for s in scenes], np.int64) for a in ATTRIBUTES}
+    per_scene = [s.labels() for s in scenes]
+    labels = {a: np.array([l[a] for l in per_scene], np.int64) for a in ATTRIBUTES}
     return Batch(np.stack(images), np.stack(covs), [s.caption for s in scenes], labels)
 
 

@@ -126,7 +126,7 @@ def distill_decoder(cfg: DecoderConfig, out: Path, vae_kl, student, latent_pool:
 
 
 @torch.no_grad()
-def decoder_report(vae_kl, student, latents: torch.Tensor, threads_note: str = "") -> dict:
+def decoder_report(vae_kl, student, latents: torch.Tensor) -> dict:
     """PSNR / SSIM of the student against the teacher decoder, parameter ratio, CPU speed ratio."""
     import time
 

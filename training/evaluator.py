@@ -6,6 +6,7 @@ without it the classifier would judge the renderer's exact pixels rather than wh
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -51,7 +52,7 @@ def train_evaluator(cfg: EvaluatorConfig, out: str | Path, dest: str | Path | No
     torch.manual_seed(cfg.seed)
     model = ShapesClassifier(ClassifierConfig()).train()
     opt = torch.optim.AdamW(model.parameters(), cfg.lr, weight_decay=1e-4)
-    sched = lambda k: 0.5 * (1 + torch.cos(torch.tensor(k / cfg.steps * 3.14159265)).item())
+    sched = lambda k: 0.5 * (1 + math.cos(math.pi * k / cfg.steps))
 
     def step(k: int) -> dict:
         for gr in opt.param_groups:

@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -160,6 +160,3 @@ def run_loop(
     bar.close()
     return {**resumed, "last": record}
 
-
-def config_dict(obj) -> dict:
-    return asdict(obj)
