@@ -142,11 +142,11 @@ def cmd_train(args) -> int:
             return 0
         print(f"wrote {train_teacher(cfg, args.out or 'runs/shapes-teacher')}")
         return 0
-    from training.chain import ChainConfig, format_chain_report, run_chain, smoke_chain
+    from training.chain import ChainConfig, format_chain_report, gpu_chain, run_chain, smoke_chain
 
     if args.preset not in ("shapes", "tiny"):
         raise SDXSError(f"the distillation chain has presets 'shapes' and 'tiny' (smoke); got {args.preset!r}")
-    cfg = smoke_chain() if args.smoke or args.preset == "tiny" else ChainConfig()
+    cfg = smoke_chain() if args.smoke or args.preset == "tiny" else (gpu_chain() if args.recipe == "gpu" else ChainConfig())
     if args.teacher:
         cfg = replace(cfg, teacher=args.teacher)
     elif args.retrain_teacher:
@@ -204,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="run folder (resumes from its last checkpoint)")
     t.add_argument("--steps", type=_positive(int, "--steps"), help="override the main stage's step count")
     t.add_argument("--smoke", action="store_true", help="tiny settings that run in seconds (tests)")
+    t.add_argument("--recipe", choices=["cpu", "gpu"], default="cpu", help="chain budgets: cpu (about 2 h on 2 cores) or gpu (one CUDA GPU, about 10 min, wall-clock capped per stage)")
     t.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     t.set_defaults(func=cmd_train)
 

@@ -167,7 +167,7 @@ def evaluate_pipeline(pipe, settings: EvalSettings, evaluator: Evaluator | None 
     for i in tqdm(range(0, len(scenes), settings.batch), desc="generate", disable=not progress):
         caps = ref.captions[i : i + settings.batch]
         out = pipe.generate(caps, seed=settings.seed * 100_003 + i, steps=settings.steps, guidance=settings.guidance, output="tensor").images
-        gen.append(((out / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8))
+        gen.append(((out / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8))
     seconds = time.perf_counter() - t0
     images = np.concatenate(gen)
     rep = accuracy_report(ev.classify(images), ref.labels)

@@ -197,6 +197,16 @@ class SDXSPipeline:
 
     # ---- properties ------------------------------------------------------------------------------
     @property
+    def device(self) -> torch.device:
+        return self.c.unet.device
+
+    def to(self, device: str | torch.device) -> "SDXSPipeline":
+        """Move the text encoder, U-Net and decoder to `device` (in place); returns self."""
+        for m in (self.c.text_encoder, self.c.unet, self.c.vae):
+            m.to(device)
+        return self
+
+    @property
     def latent_scaling(self) -> float:
         return float(self.c.vae.config.scaling_factor)
 
@@ -277,7 +287,7 @@ class SDXSPipeline:
         if cfg:
             uncond = self.encode_prompt([""] * len(prompts))
         timings["text_encoder"] = time.perf_counter() - t
-        x = self.noise(len(prompts), seed) if noise is None else noise.float()
+        x = (self.noise(len(prompts), seed) if noise is None else noise.float()).to(ctx.device)
         t = time.perf_counter()
         if steps == 1 and not cfg:
             c = self.one_step_constants()
@@ -288,7 +298,7 @@ class SDXSPipeline:
         t = time.perf_counter()
         images = self.decode(latents)
         timings["decoder"] = time.perf_counter() - t
-        out = to_pil(images) if output == "pil" else images
+        out = to_pil(images.cpu()) if output == "pil" else images
         return Generation(out, timings, latents)
 
     def _unet(self, x: torch.Tensor, t, ctx: torch.Tensor) -> torch.Tensor:
@@ -298,7 +308,7 @@ class SDXSPipeline:
         from diffusers import EulerDiscreteScheduler
 
         sched = EulerDiscreteScheduler.from_config(self.c.scheduler_config)
-        sched.set_timesteps(steps)
+        sched.set_timesteps(steps, device=noise.device)
         x = noise * sched.init_noise_sigma
         for t in sched.timesteps:
             x_in = sched.scale_model_input(x, t)

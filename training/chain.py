@@ -35,6 +35,7 @@ class ChainConfig:
     eval_n: evaluation prompts per model in the report.
     eval_steps: steps for the multi-step models in the report.
     threads: torch CPU threads.
+    cache_size: real images encoded for the decoder and U-Net KD.
     """
 
     student_preset: str = "shapes"
@@ -49,6 +50,24 @@ class ChainConfig:
     eval_n: int = 512
     eval_steps: int = 25
     threads: int = 2
+    cache_size: int = 8192
+
+
+def gpu_chain() -> ChainConfig:
+    """The recipe for one CUDA GPU: the same stages with about 10x the CPU recipe's samples.
+
+    Each stage also has a wall-clock budget, so the chain fits a fixed lease of GPU time; a stage that
+    spends its budget checkpoints, says so in its log and the chain moves on.
+    """
+    return ChainConfig(
+        decoder=DecoderConfig(steps=20000, batch=128, gan_start=2000, gan_weight=0.05, max_seconds=90),
+        unet_kd=UNetKDConfig(steps=20000, batch=256, max_seconds=95),
+        warmup=WarmupConfig(steps=20000, batch=256, lr=2e-4, max_seconds=105),
+        ssd=SSDConfig(steps=6000, batch=128, lr=3e-5, guidance=2.5, max_seconds=115),
+        pairs=32768,
+        cache_size=16384,
+        threads=8,
+    )
 
 
 def smoke_chain() -> ChainConfig:
@@ -79,6 +98,11 @@ def _save_unet_folder(unet, path: Path) -> None:
 
 
 def _latency(pipe, steps: int | None, guidance: float | None, runs: int = 5) -> float:
+    """Median CPU seconds per image (a CPU copy when the pipeline lives on a GPU)."""
+    if pipe.device.type != "cpu":
+        import copy
+
+        pipe = copy.deepcopy(pipe).to("cpu")
     prompt = "a large cyan triangle at the bottom left on a black background"
     pipe.generate(prompt, steps=steps, guidance=guidance)
     ts = []
@@ -100,7 +124,13 @@ def run_chain(cfg: ChainConfig, out: str | Path, until: str = "all") -> dict:
 
     if until not in STAGES:
         raise ValueError(f"unknown stage {until!r}; stages: {', '.join(STAGES)}")
+    from training import dist
+
     torch.set_num_threads(cfg.threads)
+    dev = dist.device()
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
@@ -115,7 +145,7 @@ def run_chain(cfg: ChainConfig, out: str | Path, until: str = "all") -> dict:
 
     # Teacher.
     teacher_dir = Path(cfg.teacher) if cfg.teacher else train_teacher(cfg.teacher_cfg, out / "teacher")
-    teacher = SDXSPipeline.load(teacher_dir)
+    teacher = SDXSPipeline.load(teacher_dir).to(dev)
     lap("teacher")
     if until == "teacher":
         return {"teacher": str(teacher_dir)}
@@ -124,40 +154,55 @@ def run_chain(cfg: ChainConfig, out: str | Path, until: str = "all") -> dict:
     acp = DDPMScheduler(**{k: v for k, v in sched_cfg.items() if k in ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps", "prediction_type")}).alphas_cumprod
     empty = teacher.tokenize([""])[0]
 
-    # Latent cache of real images (for the decoder and U-Net KD), encoded by the teacher's VAE.
-    tcfg = replace(cfg.teacher_cfg, cache_size=min(cfg.teacher_cfg.cache_size, 8192))
-    cache = build_latent_cache(tcfg, teacher.c.vae, teacher.c.tokenizer, out / "latents.safetensors")
-    cache["scaling_factor"] = torch.tensor(teacher.latent_scaling)
+    # Latent cache of real images (for the decoder and U-Net KD) and teacher ODE pairs (for the decoder
+    # and the one-step stages): built on first use, so a chain whose stages are all done needs neither.
+    data: dict[str, dict] = {}
 
-    # Teacher ODE pairs (also latents of teacher samples for the decoder).
-    pairs_file = out / "pairs.safetensors"
-    if pairs_file.is_file():
-        from safetensors.torch import load_file
+    def cache() -> dict:
+        if "cache" not in data:
+            tcfg = replace(cfg.teacher_cfg, cache_size=cfg.cache_size)
+            c = build_latent_cache(tcfg, teacher.c.vae, teacher.c.tokenizer, out / "latents.safetensors")
+            data["cache"] = {**{k: v.to(dev) for k, v in c.items()}, "scaling_factor": torch.tensor(teacher.latent_scaling)}
+        return data["cache"]
 
-        pairs = load_file(str(pairs_file))
-    else:
-        from safetensors.torch import save_file
+    pairs_file, held_file = out / "pairs.safetensors", out / "held-latents.safetensors"
 
-        caps = [s.caption for s in shapes.eval_scenes(cfg.pairs, seed=4242)]  # EVAL stream seed 4242 is not an eval seed
-        pairs = make_ode_pairs(teacher, caps, cfg.pair_steps, teacher.default_guidance, seed=1)
-        save_file(pairs, str(pairs_file.with_suffix(".tmp")))
-        pairs_file.with_suffix(".tmp").rename(pairs_file)
-    lap("pairs")
+    def pairs() -> dict:
+        from safetensors.torch import load_file, save_file
+
+        if "pairs" not in data:
+            if pairs_file.is_file():
+                p = load_file(str(pairs_file))
+            else:
+                caps = [s.caption for s in shapes.eval_scenes(cfg.pairs, seed=4242)]  # EVAL stream seed 4242 is not an eval seed
+                p = make_ode_pairs(teacher, caps, cfg.pair_steps, teacher.default_guidance, batch=1024 if dev.type == "cuda" else 64, seed=1)
+                save_file(p, str(pairs_file.with_suffix(".tmp")))
+                pairs_file.with_suffix(".tmp").rename(pairs_file)
+            if not held_file.is_file():  # teacher samples held out for the decoder report
+                save_file({"x0": p["x0"][-256:].contiguous()}, str(held_file.with_suffix(".tmp")))
+                held_file.with_suffix(".tmp").rename(held_file)
+            data["pairs"] = {k: v.to(dev) for k, v in p.items()}
+        return data["pairs"]
 
     # Tiny decoder.
-    student_vae = build_vae(preset)
+    student_vae = build_vae(preset).to(dev)
     dec_done = out / "decoder" / "vae"
     if dec_done.is_dir():
         from diffusers import AutoencoderTiny
 
-        student_vae = AutoencoderTiny.from_pretrained(dec_done, torch_dtype=torch.float32)
+        student_vae = AutoencoderTiny.from_pretrained(dec_done, torch_dtype=torch.float32).to(dev)
     else:
         g = torch.Generator().manual_seed(0)
-        real = (cache["mean"] + cache["std"] * torch.randn(cache["mean"].shape, generator=g)) * teacher.latent_scaling
-        pool = torch.cat([real, pairs["x0"]])
+        c = cache()
+        real = (c["mean"] + c["std"] * torch.randn(c["mean"].shape, generator=g).to(dev)) * teacher.latent_scaling
+        pool = torch.cat([real, pairs()["x0"]])
         distill_decoder(cfg.decoder, out / "decoder", teacher.c.vae, student_vae, pool)
         student_vae.save_pretrained(dec_done, safe_serialization=True)
-    held = pairs["x0"][-256:]
+    if not held_file.is_file():
+        pairs()
+    from safetensors.torch import load_file
+
+    held = load_file(str(held_file))["x0"].to(dev)
     report: dict = {"decoder": decoder_report(teacher.c.vae, student_vae, held)}
     lap("decoder")
     if until == "decoder":
@@ -168,12 +213,13 @@ def run_chain(cfg: ChainConfig, out: str | Path, until: str = "all") -> dict:
     from diffusers import UNet2DConditionModel
 
     if kd_done.is_dir():
-        kd_unet = UNet2DConditionModel.from_pretrained(kd_done, torch_dtype=torch.float32)
+        kd_unet = UNet2DConditionModel.from_pretrained(kd_done, torch_dtype=torch.float32).to(dev)
     else:
         kd_unet, init = build_student(teacher.c.unet, preset.layer_map)
+        kd_unet.to(dev)
         (out / "unet-kd").mkdir(parents=True, exist_ok=True)
         (out / "unet-kd" / "init.json").write_text(json.dumps(init, indent=2))
-        distill_unet(cfg.unet_kd, out / "unet-kd", teacher.c.unet, teacher.c.text_encoder, kd_unet, cache, empty, acp)
+        distill_unet(cfg.unet_kd, out / "unet-kd", teacher.c.unet, teacher.c.text_encoder, kd_unet, cache(), empty, acp)
         _save_unet_folder(kd_unet, kd_done)
     lap("unet-kd")
     if until == "unet-kd":
@@ -188,23 +234,23 @@ def run_chain(cfg: ChainConfig, out: str | Path, until: str = "all") -> dict:
     consts = teacher.one_step_constants()
     warm_done = out / "model-warmup"
     if warm_done.is_dir():
-        warm = SDXSPipeline.load(warm_done)
+        warm = SDXSPipeline.load(warm_done).to(dev)
     else:
         import copy
 
         student = copy.deepcopy(kd_unet)
-        warmup(cfg.warmup, out / "warmup", student, teacher.c.text_encoder, teacher.c.unet, pairs, consts)
+        warmup(cfg.warmup, out / "warmup", student, teacher.c.text_encoder, teacher.c.unet, pairs(), consts)
         warm = one_step_pipe(student, student_vae, "shapes one-step (warm-up only)")
         warm.save_pretrained(warm_done)
     lap("warmup")
     final_done = out / "model"
     if final_done.is_dir():
-        final = SDXSPipeline.load(final_done)
+        final = SDXSPipeline.load(final_done).to(dev)
     else:
         import copy
 
         student = copy.deepcopy(warm.c.unet)
-        score_distill(cfg.ssd, out / "ssd", student, teacher.c.text_encoder, teacher.c.unet, pairs, consts, acp, empty)
+        score_distill(cfg.ssd, out / "ssd", student, teacher.c.text_encoder, teacher.c.unet, pairs(), consts, acp, empty)
         final = one_step_pipe(student, student_vae, "sdxs-shapes one-step")
         final.save_pretrained(final_done)
     lap("score-distill")

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.loop import LoopConfig, run_loop
+from training.loop import LoopConfig, Progress, cosine_lr, run_loop, set_lr
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,7 @@ class DecoderConfig:
     gan_weight: upper bound of the adaptive GAN weight (0 disables the GAN).
     gan_start: step at which the adversarial term switches on (the pixel term settles first).
     full_l1: weight of an extra full-resolution L1 term (0 = the paper's loss).
+    max_seconds: wall-clock budget (the loop checkpoints and stops when it is spent); None = none.
     """
 
     steps: int = 2000
@@ -44,6 +45,7 @@ class DecoderConfig:
     gan_weight: float = 0.1
     gan_start: int = 500
     full_l1: float = 1.0
+    max_seconds: float | None = None
 
 
 class PatchDiscriminator(nn.Module):
@@ -86,14 +88,18 @@ def distill_decoder(cfg: DecoderConfig, out: Path, vae_kl, student, latent_pool:
     """
     vae_kl.requires_grad_(False).eval()
     student.decoder.train()
-    disc = PatchDiscriminator()
+    dev = latent_pool.device
+    disc = PatchDiscriminator().to(dev)
     opt_g = torch.optim.Adam(student.decoder.parameters(), cfg.lr, betas=(0.5, 0.99))
     opt_d = torch.optim.Adam(disc.parameters(), cfg.lr, betas=(0.5, 0.99))
     last = [m for m in student.decoder.modules() if isinstance(m, nn.Conv2d)][-1].weight
 
+    progress = Progress(cfg.steps, cfg.max_seconds)
+
     def step(k: int) -> dict:
+        set_lr(opt_g, cosine_lr(cfg.lr, k, progress(k)))
         g = torch.Generator().manual_seed(seed * 7919 + k)
-        z = latent_pool[torch.randint(0, len(latent_pool), (cfg.batch,), generator=g)]
+        z = latent_pool[torch.randint(0, len(latent_pool), (cfg.batch,), generator=g).to(dev)]
         with torch.no_grad():
             target = teacher_decode(vae_kl, z).clamp(-1, 1)
         fake = student.decode(z).sample
@@ -120,7 +126,7 @@ def distill_decoder(cfg: DecoderConfig, out: Path, vae_kl, student, latent_pool:
             metrics["d_loss"] = d_loss.item()
         return metrics
 
-    run_loop("decoder", out, LoopConfig(cfg.steps, ckpt_every=500), step, {"decoder": student.decoder, "disc": disc}, {"g": opt_g, "d": opt_d})
+    run_loop("decoder", out, LoopConfig(cfg.steps, ckpt_every=500, max_seconds=cfg.max_seconds), step, {"decoder": student.decoder, "disc": disc}, {"g": opt_g, "d": opt_d})
     student.decoder.eval()
     return student
 
@@ -144,9 +150,12 @@ def decoder_report(vae_kl, student, latents: torch.Tensor) -> dict:
             fn()
         return (time.perf_counter() - t) / 3
 
-    z1 = latents[:16]
-    t_teacher = timeit(lambda: teacher_decode(vae_kl, z1))
-    t_student = timeit(lambda: student.decode(z1))
+    import copy
+
+    z1 = latents[:16].cpu()
+    vae_cpu, student_cpu = copy.deepcopy(vae_kl).cpu(), copy.deepcopy(student).cpu()
+    t_teacher = timeit(lambda: teacher_decode(vae_cpu, z1))
+    t_student = timeit(lambda: student_cpu.decode(z1))
     p_teacher = count_parameters(vae_kl.decoder) + count_parameters(vae_kl.post_quant_conv)
     p_student = count_parameters(student.decoder)
     return {

@@ -9,6 +9,7 @@ Optimizer state goes through safetensors too (tensors) + JSON (scalars): nothing
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -29,12 +30,47 @@ class LoopConfig:
         log_every: steps between JSONL log lines.
         ckpt_every: steps between checkpoints (the final step is always checkpointed).
         keep: how many checkpoints to keep on disk.
+        max_seconds: wall-clock budget of this run; when it is spent the loop checkpoints and stops
+            early (the stage's result then says so). None = no limit.
     """
 
     steps: int
     log_every: int = 25
     ckpt_every: int = 250
     keep: int = 2
+    max_seconds: float | None = None
+
+
+class Progress:
+    """Fraction of a stage done: the larger of the steps done and the wall-clock budget spent.
+
+    Schedules (learning rate, annealed weights) follow it, so a stage that runs out of time still
+    completes its schedule rather than stopping half-way up a warm learning rate.
+    """
+
+    def __init__(self, steps: int, max_seconds: float | None = None):
+        self.steps, self.max_seconds, self.t0 = steps, max_seconds, None
+
+    def __call__(self, step: int) -> float:
+        if self.t0 is None:
+            self.t0 = time.time()
+        p = step / max(1, self.steps - 1)
+        if self.max_seconds:
+            p = max(p, (time.time() - self.t0) / self.max_seconds)
+        return min(1.0, p)
+
+
+def cosine_lr(base: float, step: int, progress: float, warm: int = 100, floor: float = 0.1) -> float:
+    """Linear warm-up over the first `warm` steps, then cosine decay from `base` to `floor * base` as
+    `progress` goes from 0 to 1."""
+    if step < warm:
+        return base * (step + 1) / warm
+    return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr
 
 
 def _optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -155,8 +191,15 @@ def run_loop(
             bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()})
             if is_main:
                 log.write(record)
-        if is_main and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps):
+        over = cfg.max_seconds is not None and time.time() - t0 > cfg.max_seconds
+        if is_main and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps or over):
             ckpt.save(step + 1, modules, optimizers, extra_state() if extra_state else None)
+        if over and step + 1 < cfg.steps:
+            print(f"[{name}] wall-clock budget of {cfg.max_seconds:.0f} s spent: stopped at step {step + 1} of {cfg.steps}", flush=True)
+            if is_main:
+                log.write({"stage": name, "step": step + 1, "stopped_early": True, "budget_s": cfg.max_seconds})
+            record = {**record, "stopped_at": step + 1}
+            break
     bar.close()
     return {**resumed, "last": record}
 

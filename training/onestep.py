@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdxs_edge import sampler
-from training.loop import LoopConfig, run_loop
+from training.loop import LoopConfig, Progress, cosine_lr, run_loop, set_lr
 
 
 # ---- teacher ODE pairs ---------------------------------------------------------------------------------
@@ -38,7 +38,7 @@ def make_ode_pairs(pipe, prompts: list[str], steps: int, guidance: float, batch:
         p = prompts[i : i + batch]
         noise = pipe.noise(len(p), seed * 1_000_003 + i)
         ctx, unc = pipe.encode_prompt(p), pipe.encode_prompt([""] * len(p))
-        x0s.append(pipe._multi_step(noise, ctx, unc, steps, guidance))
+        x0s.append(pipe._multi_step(noise.to(ctx.device), ctx, unc, steps, guidance).cpu())
         noises.append(noise)
         ids.append(pipe.tokenize(p).int())
     return {"noise": torch.cat(noises), "ids": torch.cat(ids), "x0": torch.cat(x0s)}
@@ -55,7 +55,7 @@ class UNetEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: torch.Tensor) -> list[torch.Tensor]:
         u = self.unet
-        t = torch.full((x.shape[0],), self.timestep)
+        t = torch.full((x.shape[0],), self.timestep, device=x.device)
         emb = u.time_embedding(u.time_proj(t).to(x.dtype))
         h = u.conv_in(x)
         feats = [x, h]
@@ -119,7 +119,7 @@ def feature_matching_loss(encoder: nn.Module | None, pred: torch.Tensor, target:
 
 def one_step_x0(student, noise: torch.Tensor, ctx: torch.Tensor, c: sampler.OneStepConstants) -> torch.Tensor:
     """The SDXS rule with a trainable U-Net: x0 in U-Net latent space."""
-    return sampler.sample_one_step(lambda x, t, cx: student(x, torch.full((x.shape[0],), t), cx).sample, noise, ctx, c)
+    return sampler.sample_one_step(lambda x, t, cx: student(x, torch.full((x.shape[0],), t, device=x.device), cx).sample, noise, ctx, c)
 
 
 # ---- a. warm-up ------------------------------------------------------------------------------------------
@@ -132,6 +132,7 @@ class WarmupConfig:
     loss: "ssim" (feature matching) or "mse" (baseline).
     encoder: "unet" (teacher encoder) or "cnn" (small frozen CNN).
     level_weights: per-level weights of the feature loss (None = equal).
+    max_seconds: wall-clock budget (the loop checkpoints and stops when it is spent); None = none.
     """
 
     steps: int = 1500
@@ -140,6 +141,7 @@ class WarmupConfig:
     loss: str = "ssim"
     encoder: str = "unet"
     level_weights: tuple[float, ...] | None = None
+    max_seconds: float | None = None
 
 
 def make_encoder(kind: str, teacher_unet) -> nn.Module | None:
@@ -153,14 +155,18 @@ def make_encoder(kind: str, teacher_unet) -> nn.Module | None:
 def warmup(cfg: WarmupConfig, out: Path, student, text_encoder, teacher_unet, pairs: dict, consts: sampler.OneStepConstants, seed: int = 0):
     """Feature-matching warm-up of a one-step student on teacher ODE pairs."""
     text_encoder.requires_grad_(False).eval()
-    encoder = None if cfg.loss == "mse" else make_encoder(cfg.encoder, teacher_unet)
+    encoder = None if cfg.loss == "mse" else make_encoder(cfg.encoder, teacher_unet).to(pairs["noise"].device)
     opt = torch.optim.AdamW(student.parameters(), cfg.lr, weight_decay=0.0)
     student.train()
     n = len(pairs["noise"])
+    dev = pairs["noise"].device
+
+    progress = Progress(cfg.steps, cfg.max_seconds)
 
     def step(k: int) -> dict:
+        set_lr(opt, cosine_lr(cfg.lr, k, progress(k), floor=0.3))
         g = torch.Generator().manual_seed(seed * 1_000_037 + k)
-        idx = torch.randint(0, n, (cfg.batch,), generator=g)
+        idx = torch.randint(0, n, (cfg.batch,), generator=g).to(dev)
         with torch.no_grad():
             ctx = text_encoder(pairs["ids"][idx].long())[0]
         pred = one_step_x0(student, pairs["noise"][idx], ctx, consts)
@@ -173,7 +179,7 @@ def warmup(cfg: WarmupConfig, out: Path, student, text_encoder, teacher_unet, pa
             mse = (pred - pairs["x0"][idx]).square().mean()
         return {"loss": loss.item(), "mse": mse.item()}
 
-    run_loop("warmup", out, LoopConfig(cfg.steps, ckpt_every=500), step, {"unet": student}, {"opt": opt})
+    run_loop("warmup", out, LoopConfig(cfg.steps, ckpt_every=500, max_seconds=cfg.max_seconds), step, {"unet": student}, {"opt": opt})
     return student.eval()
 
 
@@ -191,6 +197,7 @@ class SSDConfig:
     fm_start, fm_end: lambda_FM, annealed with a cosine.
     t_min: smallest timestep sampled for score distillation (very small t carries no signal).
     encoder: feature encoder of the feature-matching segment ("unet" or "cnn").
+    max_seconds: wall-clock budget (the loop checkpoints and stops when it is spent); None = none.
     """
 
     steps: int = 800
@@ -205,11 +212,11 @@ class SSDConfig:
     fm_end: float = 1.0
     t_min: int = 20
     encoder: str = "unet"
+    max_seconds: float | None = None
 
 
-def anneal(cfg: SSDConfig, k: int) -> tuple[float, float]:
-    """(alpha, lambda_FM) at student step k."""
-    p = k / max(1, cfg.steps - 1)
+def anneal(cfg: SSDConfig, p: float) -> tuple[float, float]:
+    """(alpha, lambda_FM) at training progress p in [0, 1]."""
     alpha = cfg.alpha_start + (cfg.alpha_end - cfg.alpha_start) * p
     lam = cfg.fm_end + (cfg.fm_start - cfg.fm_end) * 0.5 * (1 + math.cos(math.pi * p))
     return alpha, lam
@@ -220,7 +227,10 @@ def score_distill(cfg: SSDConfig, out: Path, student, text_encoder, offline_unet
     text_encoder.requires_grad_(False).eval()
     offline_unet.requires_grad_(False).eval()
     online = copy.deepcopy(offline_unet).requires_grad_(True).train()
-    encoder = make_encoder(cfg.encoder, offline_unet)
+    dev = pairs["noise"].device
+    encoder = make_encoder(cfg.encoder, offline_unet).to(dev)
+    alphas_cumprod = alphas_cumprod.to(dev)
+    empty_ids = empty_ids.to(dev)
     opt_s = torch.optim.AdamW(student.parameters(), cfg.lr, weight_decay=0.0)
     opt_o = torch.optim.AdamW(online.parameters(), cfg.online_lr, weight_decay=0.0)
     student.train()
@@ -231,16 +241,18 @@ def score_distill(cfg: SSDConfig, out: Path, student, text_encoder, offline_unet
 
     def noised(x0: torch.Tensor, t: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
-        return a.sqrt() * x0 + (1 - a).sqrt() * torch.randn(x0.shape, generator=g), a
+        return a.sqrt() * x0 + (1 - a).sqrt() * torch.randn(x0.shape, generator=g).to(dev), a
+
+    progress = Progress(cfg.steps, cfg.max_seconds)
 
     def step(k: int) -> dict:
-        alpha, lam = anneal(cfg, k)
+        alpha, lam = anneal(cfg, progress(k))
         g = torch.Generator().manual_seed(seed * 1_000_039 + k)
-        idx = torch.randint(0, n, (cfg.batch,), generator=g)
+        idx = torch.randint(0, n, (cfg.batch,), generator=g).to(dev)
         with torch.no_grad():
             ctx = text_encoder(pairs["ids"][idx].long())[0]
         x0 = one_step_x0(student, pairs["noise"][idx], ctx, consts)
-        t = torch.randint(cfg.t_min, T, (cfg.batch,), generator=g)
+        t = torch.randint(cfg.t_min, T, (cfg.batch,), generator=g).to(dev)
         sd_mask = (t <= alpha * T).float()
         # Score-difference segment (DMD's normalised form of the Diff-Instruct gradient).
         with torch.no_grad():
@@ -261,8 +273,8 @@ def score_distill(cfg: SSDConfig, out: Path, student, text_encoder, offline_unet
         opt_s.step()
         # Online DM: denoising loss on the student's current outputs.
         for _ in range(cfg.online_updates):
-            t2 = torch.randint(0, T, (cfg.batch,), generator=g)
-            eps = torch.randn(x0.shape, generator=g)
+            t2 = torch.randint(0, T, (cfg.batch,), generator=g).to(dev)
+            eps = torch.randn(x0.shape, generator=g).to(dev)
             a2 = alphas_cumprod[t2].view(-1, 1, 1, 1)
             xt2 = a2.sqrt() * x0.detach() + (1 - a2).sqrt() * eps
             o_loss = F.mse_loss(online(xt2, t2, ctx).sample, eps)
@@ -270,7 +282,7 @@ def score_distill(cfg: SSDConfig, out: Path, student, text_encoder, offline_unet
             o_loss.backward()
             torch.nn.utils.clip_grad_norm_(online.parameters(), 1.0)
             opt_o.step()
-        return {"loss": loss.item(), "sd": float((sd * sd_mask).sum() / sd_mask.sum().clamp_min(1)), "fm": float(fm.mean()), "online": o_loss.item(), "alpha": alpha, "lambda_fm": lam}
+        return {"loss": loss.item(), "sd": float((sd.detach() * sd_mask).sum() / sd_mask.sum().clamp_min(1)), "fm": float(fm.mean()), "online": o_loss.item(), "alpha": alpha, "lambda_fm": lam}
 
-    run_loop("score-distill", out, LoopConfig(cfg.steps, ckpt_every=200), step, {"unet": student, "online": online}, {"student": opt_s, "online": opt_o})
+    run_loop("score-distill", out, LoopConfig(cfg.steps, ckpt_every=200, max_seconds=cfg.max_seconds), step, {"unet": student, "online": online}, {"student": opt_s, "online": opt_o})
     return student.eval()

@@ -181,9 +181,9 @@ def build_latent_cache(cfg: TeacherConfig, vae, tokenizer, path: Path) -> dict:
 
     for _ in tqdm(range(math.ceil(cfg.cache_size / 256)), desc="latents"):
         b = next(gen)
-        post = vae.encode(torch.from_numpy(shapes.to_tensor_range(b.images))).latent_dist
-        means.append(post.mean)
-        stds.append(post.std)
+        post = vae.encode(torch.from_numpy(shapes.to_tensor_range(b.images)).to(vae.device)).latent_dist
+        means.append(post.mean.cpu())
+        stds.append(post.std.cpu())
         ids.append(tokenizer(b.captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids)
     cache = {
         "mean": torch.cat(means)[: cfg.cache_size].contiguous(),

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from sdxs_edge.presets import SDXS_FEATURE_PAIRS, SDXS_LAYER_MAP, block_removed
-from training.loop import LoopConfig, run_loop
+from training.loop import LoopConfig, Progress, cosine_lr, run_loop, set_lr
 
 
 @dataclass(frozen=True)
@@ -25,9 +25,10 @@ class UNetKDConfig:
     """Args:
     steps: optimizer steps.
     batch: latents per step.
-    lr: AdamW learning rate (constant after a short warm-up).
+    lr: AdamW peak learning rate (100-step warm-up, then cosine decay to 30%).
     feature_weight: lambda_F, the weight of the feature-KD term.
     cfg_dropout: share of empty captions, so the student keeps classifier-free guidance.
+    max_seconds: wall-clock budget (the loop checkpoints and stops when it is spent); None = none.
     """
 
     steps: int = 2000
@@ -35,6 +36,7 @@ class UNetKDConfig:
     lr: float = 3e-4
     feature_weight: float = 1.0
     cfg_dropout: float = 0.1
+    max_seconds: float | None = None
 
 
 def build_student(teacher_unet, layer_map: Mapping[str, str] = SDXS_LAYER_MAP) -> tuple[torch.nn.Module, dict]:
@@ -106,18 +108,22 @@ def distill_unet(cfg: UNetKDConfig, out: Path, teacher_unet, text_encoder, stude
     opt = torch.optim.AdamW(student.parameters(), cfg.lr, weight_decay=0.0)
     scale = float(cache["scaling_factor"])
     n = cache["mean"].shape[0]
+    dev = cache["mean"].device
+    acp = alphas_cumprod.to(dev)
+    empty_ids = empty_ids.to(dev)
+
+    progress = Progress(cfg.steps, cfg.max_seconds)
 
     def step(k: int) -> dict:
-        for gr in opt.param_groups:
-            gr["lr"] = cfg.lr * min(1.0, (k + 1) / 100)
+        set_lr(opt, cosine_lr(cfg.lr, k, progress(k), floor=0.3))
         g = torch.Generator().manual_seed(seed * 1_000_033 + k)
-        idx = torch.randint(0, n, (cfg.batch,), generator=g)
-        z0 = (cache["mean"][idx] + cache["std"][idx] * torch.randn(cache["mean"][idx].shape, generator=g)) * scale
+        idx = torch.randint(0, n, (cfg.batch,), generator=g).to(dev)
+        z0 = (cache["mean"][idx] + cache["std"][idx] * torch.randn(cache["mean"][idx].shape, generator=g).to(dev)) * scale
         ids = cache["ids"][idx].long()
-        ids[torch.rand(cfg.batch, generator=g) < cfg.cfg_dropout] = empty_ids
-        t = torch.randint(0, len(alphas_cumprod), (cfg.batch,), generator=g)
-        a = alphas_cumprod[t].view(-1, 1, 1, 1)
-        zt = a.sqrt() * z0 + (1 - a).sqrt() * torch.randn(z0.shape, generator=g)
+        ids[(torch.rand(cfg.batch, generator=g) < cfg.cfg_dropout).to(dev)] = empty_ids
+        t = torch.randint(0, len(alphas_cumprod), (cfg.batch,), generator=g).to(dev)
+        a = acp[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * torch.randn(z0.shape, generator=g).to(dev)
         with torch.no_grad():
             ctx = text_encoder(ids)[0]
             target = teacher_unet(zt, t, ctx).sample
@@ -132,7 +138,7 @@ def distill_unet(cfg: UNetKDConfig, out: Path, teacher_unet, text_encoder, stude
         return {"loss": loss.item(), "out_kd": out_kd.item(), "feat_kd": float(feat_kd.detach())}
 
     try:
-        run_loop("unet-kd", out, LoopConfig(cfg.steps, ckpt_every=500), step, {"unet": student}, {"opt": opt})
+        run_loop("unet-kd", out, LoopConfig(cfg.steps, ckpt_every=500, max_seconds=cfg.max_seconds), step, {"unet": student}, {"opt": opt})
     finally:
         tap_s.remove()
         tap_t.remove()
