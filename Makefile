@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test test-slow clean teacher arm64-runner
+.PHONY: install demo test test-slow test-shipped clean teacher arm64-runner
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,12 @@ test: install
 
 test-slow: install
 	$(PY) -m pytest -q -m slow
+
+# The shipped model on every CPU runtime: ONNX fp32/fp16/int8 and ExecuTorch fp32/int8 bundles, parity
+# (per component, end to end, SHAPES-64 all-correct within 3 points of fp32) on onnxruntime, executorch,
+# torch and arm64-emulated. CI runs it after `make test` (about 15 minutes on two cores).
+test-shipped: install arm64-runner
+	$(PY) -m pytest -q -s -m shipped
 
 # The aarch64 ExecuTorch runner for the arm64-emulated runtime (Debian cross compiler + qemu, the
 # executorch aarch64 wheel from PyPI); idempotent.

@@ -7,6 +7,8 @@ interrupt) leaves no bundle behind and an existing one untouched.
 """
 from __future__ import annotations
 
+import numpy as np
+
 import hashlib
 import importlib
 import json
@@ -72,6 +74,17 @@ def check_request(
     if resolution is not None and (resolution < 8 or resolution % 8):
         raise UnsupportedConversion(f"resolution must be a positive multiple of 8, got {resolution}")
     return tuple(c for c in COMPONENT_NAMES if c in comps)
+
+
+def _one_step_x0(c):
+    """(U-Net input sample, output) -> the one-step x0 (the U-Net wrapper runs at the one-step timestep)."""
+    from sdxs_edge import sampler
+
+    def score(sample, output):
+        latent = np.asarray(sample[0], np.float32)
+        return np.asarray(sampler.denoised(output, latent / np.float32(c.input_scale), c), np.float32)
+
+    return score
 
 
 def weights_sha256(pipe) -> str:
@@ -251,6 +264,7 @@ def convert(
                     config=config,
                     work=Path(work),
                     out=Path(tmp) / component_export(name, target).file,
+                    score=_one_step_x0(pipe.one_step_constants()) if name == "unet" else None,
                 )
                 result = back.convert_component(job)
                 label = f"{target}/{precision}"

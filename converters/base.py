@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -76,6 +76,10 @@ class ComponentJob:
         config: the whole conversion's settings.
         work: scratch directory (deleted after the conversion).
         out: the component's path inside the bundle being written.
+        score: maps (input sample, output) to what the int8 sensitivity pass compares; None = the output
+            itself. The one-step U-Net is scored on the x0 it yields: x0 = sigma * (noise - eps) carries
+            eps errors multiplied by sigma (about 14.6 at t = 999), so an eps SNR that looks fine can
+            still wreck the image.
     """
 
     name: str
@@ -90,6 +94,15 @@ class ComponentJob:
     config: ConversionConfig
     work: Path
     out: Path
+    score: Any = None
+
+    def sensitivity_figures(self, run, inputs: Sequence[tuple[np.ndarray, ...]], reference: Sequence[np.ndarray]) -> dict:
+        """`component_figures` on what the sensitivity pass scores (see `score`)."""
+        from converters.parity import component_figures
+
+        if self.score is None:
+            return component_figures(run, inputs, reference)
+        return component_figures(lambda x: self.score(x, np.asarray(run(x), np.float32)), inputs, [self.score(x, r) for x, r in zip(inputs, reference)])
 
     def feeds(self, sample: tuple[np.ndarray, ...]) -> dict[str, np.ndarray]:
         """Named inputs for one sample, in the io spec's dtypes."""

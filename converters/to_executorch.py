@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 
 from converters.base import ComponentJob, ComponentResult, Runner
-from converters.parity import component_figures
 from converters.sensitivity import QParams, QuantNode, keep_sensitive_in_float, score_nodes
 from sdxs_edge.errors import SDXSError
 
@@ -107,7 +106,7 @@ def quantize(job: ComponentJob, exported) -> tuple[object, dict]:
     def evaluate(excluded: list[str]):
         m = quantized(excluded)
         with torch.no_grad():
-            snr = component_figures(lambda s: m(*_tensors(s)).numpy(), sens_in, sens_ref)["snr_db"]
+            snr = job.sensitivity_figures(lambda s: m(*_tensors(s)).numpy(), sens_in, sens_ref)["snr_db"]
         return snr, m
 
     try:

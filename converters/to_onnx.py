@@ -23,7 +23,6 @@ from typing import Sequence
 import numpy as np
 
 from converters.base import ComponentJob, ComponentResult, Runner
-from converters.parity import component_figures
 from converters.sensitivity import QParams, QuantNode, keep_sensitive_in_float, score_nodes
 from sdxs_edge.errors import SDXSError
 
@@ -157,7 +156,7 @@ def quantize_static(job: ComponentJob, fp32_path: Path) -> tuple[list[str], dict
 
     def evaluate(excluded: list[str]) -> tuple[float, Path]:
         path = quantize(excluded)
-        return component_figures(runner_for(job, path), sens_in, sens_ref)["snr_db"], path
+        return job.sensitivity_figures(runner_for(job, path), sens_in, sens_ref)["snr_db"], path
 
     first = evaluate([])
     report: dict = {

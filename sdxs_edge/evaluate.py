@@ -100,13 +100,13 @@ class Evaluator:
 
 def frechet_distance(f1: np.ndarray, f2: np.ndarray) -> float:
     """Frechet distance between Gaussians fitted to two feature sets (FID's formula)."""
-    from scipy import linalg
-
     mu1, mu2 = f1.mean(0), f2.mean(0)
     s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
-    covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
-    covmean = covmean.real
-    return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+    # tr sqrt(s1 s2) = tr sqrt(A s2 A) with A = s1^(1/2): a symmetric eigenproblem, no matrix sqrtm.
+    w, v = np.linalg.eigh(s1)
+    a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh(a @ s2 @ a), 0, None)).sum()
+    return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
 
 
 def accuracy_report(pred: dict[str, np.ndarray], labels: dict[str, np.ndarray]) -> dict[str, float]:

@@ -1,0 +1,86 @@
+"""The shipped SHAPES-64 one-step model on every CPU runtime: convert it, run it, prove parity.
+
+Marked `shipped` (run with `make test-shipped`, which CI runs after `make test`): it converts the embedded
+default model to ONNX fp32/fp16/int8 and ExecuTorch fp32/int8 and checks each bundle against the PyTorch
+reference on the runtime that runs it, per component (SNR, max abs error), end to end (image PSNR) and on
+the SHAPES-64 evaluator: the all-correct rate of the bundle must stay within 3 points of the fp32
+reference model's (`runtimes.parity.Floors.all_correct_points`). The arm64-emulated runtime (the C++
+runner under qemu-aarch64-static, `make arm64-runner`) runs the ExecuTorch fp32 and int8 bundles.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from runtimes.parity import run_parity
+from sdxs_edge import shapes
+
+pytestmark = pytest.mark.shipped
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "sdxs_edge" / "default_model"
+RUNNER = ROOT / "build" / "arm64" / "sdxs_runner"
+RESULTS = ROOT / "out" / "shipped-parity"
+N_PROMPTS = 512  # x86 runtimes: the evaluation set the distillation report uses
+N_PROMPTS_EMULATED = 64  # qemu runs the ARM kernels about 150x slower than native
+
+
+def _prompts(n: int) -> list[str]:
+    return [s.caption for s in shapes.eval_scenes(n, 0)]
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    """(target, precision) -> a bundle of the shipped model, converted once per run."""
+    from converters import convert
+
+    built: dict[tuple[str, str], Path] = {}
+
+    def get(target: str, precision: str) -> Path:
+        if importlib.util.find_spec({"onnx": "onnxruntime", "executorch": "executorch"}[target]) is None:
+            pytest.skip(f"the {target} runtime package is not installed")
+        if (target, precision) not in built:
+            out = tmp_path_factory.mktemp("shipped") / f"{target}-{precision}"
+            convert(str(MODEL), target, precision, out, progress=False)
+            built[(target, precision)] = out
+        return built[(target, precision)]
+
+    return get
+
+
+def _check(bundle_dir: Path, runtime: str, n: int) -> dict:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    out = RESULTS / f"{runtime}-{manifest['target']}-{manifest['precision']}.json"
+    report = run_parity(bundle_dir, runtime, prompts=_prompts(n), json_out=out)  # raises ParityError under a floor
+    ac = report["all_correct"]
+    assert ac["status"] == "measured" and ac["n"] == n, ac
+    print(f"{runtime} {manifest['target']} {manifest['precision']}: image PSNR {report['image']['psnr_db']:.1f} dB, "
+          f"all-correct {ac['runtime']:.3f} vs fp32 reference {ac['reference']:.3f} ({ac['points']:.1f} points)")
+    return report
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_onnxruntime(bundle, precision):
+    _check(bundle("onnx", precision), "onnxruntime", N_PROMPTS)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_executorch(bundle, precision):
+    _check(bundle("executorch", precision), "executorch", N_PROMPTS)
+
+
+def test_torch(bundle):
+    report = _check(bundle("onnx", "fp32"), "torch", N_PROMPTS)
+    assert report["all_correct"]["points"] == 0.0
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_arm64_emulated(bundle, precision):
+    if shutil.which("qemu-aarch64-static") is None or not RUNNER.is_file():
+        pytest.skip("the arm64 runner or qemu-aarch64-static is missing (make arm64-runner)")
+    _check(bundle("executorch", precision), "arm64-emulated", N_PROMPTS_EMULATED)
