@@ -34,7 +34,9 @@ def worker(args: argparse.Namespace) -> int:
     from sdxs_edge.errors import SDXSError
 
     try:
-        out = convert(args.preset, args.target, args.precision, args.bundle, resolution=args.resolution, overwrite=True, progress=False)
+        # Presets carry random weights: the int8 sensitivity pass (which ranks layers by their effect on
+        # meaningful outputs) is off, so int8 here is the fully quantized model.
+        out = convert(args.preset, args.target, args.precision, args.bundle, resolution=args.resolution, overwrite=True, progress=False, sensitivity=False)
     except SDXSError as e:
         print(json.dumps({"error": f"{type(e).__name__}: {e}"}))
         return 2

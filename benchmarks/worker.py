@@ -97,8 +97,11 @@ def run_convert(job: Job) -> dict:
                 openvino_backend.convert(c.source_bundle, c.precision, c.out, job.model, job.resolution, seed=job.seed)
             else:
                 from converters import convert
+                from sdxs_edge.presets import PRESETS
 
-                convert(job.model, c.target, c.precision, c.out, resolution=job.resolution, overwrite=True, progress=False, seed=job.seed)
+                # Random-weight presets skip the int8 sensitivity pass: it ranks layers by their effect on
+                # outputs that carry no meaning there (int8 accuracy is judged on the trained shapes model).
+                convert(job.model, c.target, c.precision, c.out, resolution=job.resolution, overwrite=True, progress=False, seed=job.seed, sensitivity=job.model not in PRESETS)
         except SDXSError as e:
             row["error"] = f"{type(e).__name__}: {e}"
             failed.add(c.out)

@@ -35,6 +35,11 @@ class ConversionConfig:
         sensitivity: int8 static only: keep the most harmful nodes in float (see converters.sensitivity).
         sensitivity_samples: calibration samples the sensitivity pass compares on (memory grows with it).
         max_excluded_fraction: at most this share of quantized nodes is kept in float.
+        max_excluded_fraction_by_component: per-component overrides of that share. The tiny decoder may go
+            wholly float: its errors reach the image unfiltered, and its 17 convolutions hold 36k weights.
+        exhaustive_limit: how many quantized nodes the sensitivity pass re-scores with each alone in float
+            (output-referred ranking; one quantize-and-score each): all of a small component's, else a
+            shortlist of the component's boundary nodes and the worst by local re-quantization SNR.
         opset: ONNX opset.
     """
 
@@ -51,6 +56,8 @@ class ConversionConfig:
     sensitivity: bool = True
     sensitivity_samples: int = 2
     max_excluded_fraction: float = 0.1
+    max_excluded_fraction_by_component: tuple[tuple[str, float], ...] = (("decoder", 1.0),)
+    exhaustive_limit: int = 16
     opset: int = 17
 
     def to_dict(self) -> dict:

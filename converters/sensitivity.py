@@ -145,6 +145,64 @@ def keep_sensitive_in_float(
     target = job.spec.sensitivity_target_db
     if not job.config.sensitivity or target is None:
         return first[1], None
-    budget = max(1, int(job.config.max_excluded_fraction * len(candidates)))
-    search = greedy_exclude(rank(), evaluate, first, target, budget)
-    return search.best, search.report(len(candidates), target)
+    fraction = dict(job.config.max_excluded_fraction_by_component).get(job.name, job.config.max_excluded_fraction)
+    budget = max(1, int(fraction * len(candidates)))
+    if first[0] >= target:
+        search = greedy_exclude([], evaluate, first, target, 0)
+        return search.best, search.report(len(candidates), target)
+    local = rank()
+    shortlist = _shortlist(candidates, local, job.config.exhaustive_limit, {spec.name for spec in job.inputs})
+    ranked = rank_by_exclusion(shortlist, evaluate, first[0])
+    helpful = {n for n, _ in ranked}
+    ranked += [(n, d) for n, d in local if n not in helpful]  # then the rest, worst local SNR first
+    search = greedy_exclude(ranked, evaluate, first, target, budget)
+    rep = search.report(len(candidates), target)
+    rep["method"] = (
+        f"shortlist of {len(shortlist)} nodes (the component's first and last quantized nodes, then the worst by local "
+        "re-quantization SNR); each kept in float alone and the component re-scored; the most helpful kept in float "
+        "1, 2, 4, ... until the target or the budget"
+    )
+    rep["budget_nodes"] = budget
+    rep["excluded_nodes"] = [
+        {"name": n, "snr_db_with_it_alone_in_float": round(-d, 2)} if n in helpful else {"name": n, "quant_snr_db": round(d, 2) if math.isfinite(d) else -999.0}
+        for n, d in search.excluded
+    ]
+    return search.best, rep
+
+
+def _shortlist(candidates: Sequence["QuantNode"], local: Sequence[tuple[str, float]], limit: int, input_names: set[str]) -> list["QuantNode"]:
+    """Up to `limit` candidates worth an output-referred score: all of them when few; else the nodes that
+    quantize a component input and the last two in graph order (where the component's input and output
+    pass through int8: the one-step rule multiplies the U-Net output's error by sigma), then the worst by
+    local SNR."""
+    if len(candidates) <= limit:
+        return list(candidates)
+    by_name = {c.name: c for c in candidates}
+    first = [c for c in candidates if input_names & set(c.tensors)] or list(candidates[:2])
+    picked = []
+    for c in [*first, *candidates[-2:]]:
+        if c not in picked:
+            picked.append(c)
+    for name, _ in local:
+        if len(picked) >= limit:
+            break
+        if by_name[name] not in picked:
+            picked.append(by_name[name])
+    return picked[:limit]
+
+
+def rank_by_exclusion(candidates: Sequence["QuantNode"], evaluate: Callable[[list[str]], tuple[float, Any]], base_db: float) -> list[tuple[str, float]]:
+    """Rank nodes by the component score with that node alone kept in float (best first).
+
+    Output-referred, unlike the local ranking: it finds the node whose small local error a later layer
+    (or the one-step rule) amplifies. One quantize-and-score per candidate, so it runs for small
+    components only (`ConversionConfig.exhaustive_limit`). Returns (name, -score) sorted ascending,
+    the `greedy_exclude` order; nodes that do not beat the fully quantized score are dropped.
+    """
+    scored = []
+    for n in candidates:
+        snr, _ = evaluate([n.name])
+        if snr > base_db + 0.05:
+            scored.append((n.name, -snr))
+    scored.sort(key=lambda s: (s[1], s[0]))
+    return scored

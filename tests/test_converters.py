@@ -119,6 +119,32 @@ def test_sensitivity_ranks_a_blown_range_first_and_stops_at_target():
     assert calls == [["softmax"]] and s.best == ("softmax",) and [n for n, _ in s.excluded] == ["softmax"]
 
 
+def test_output_referred_ranking_finds_the_amplified_node_the_local_ranking_misses():
+    """The one-step rule multiplies the U-Net output's error by sigma: the last node's modest local error
+    dominates the component score, and only re-scoring with each node alone in float shows it."""
+    from types import SimpleNamespace
+
+    from converters.sensitivity import QuantNode, _shortlist, keep_sensitive_in_float, rank_by_exclusion
+
+    nodes = [QuantNode(f"n{i}", (f"t{i}",)) for i in range(40)]
+    nodes[0] = QuantNode("conv_in", ("latent",))
+    nodes[-1] = QuantNode("conv_out", ("t39",))
+    local = [(n.name, 30.0 + i) for i, n in enumerate(nodes[:-1])] + [("conv_out", 80.0)]  # conv_out looks harmless locally
+
+    def evaluate(excluded):
+        return 12.0 + (9.0 if "conv_out" in excluded else 0.0) + (2.0 if "conv_in" in excluded else 0.0), tuple(excluded)
+
+    short = _shortlist(nodes, local, 6, {"latent"})
+    assert {"conv_in", "conv_out"} <= {n.name for n in short} and len(short) == 6
+    ranked = rank_by_exclusion(short, evaluate, 12.0)
+    assert [n for n, _ in ranked] == ["conv_out", "conv_in"]
+    job = SimpleNamespace(name="unet", inputs=[SimpleNamespace(name="latent")], spec=SimpleNamespace(sensitivity_target_db=28.0),
+                          config=SimpleNamespace(sensitivity=True, max_excluded_fraction=0.1, max_excluded_fraction_by_component=(), exhaustive_limit=6))
+    best, rep = keep_sensitive_in_float(job, nodes, lambda: local, evaluate, evaluate([]))
+    assert best[:2] == ("conv_out", "conv_in") and rep["excluded_nodes"][0] == {"name": "conv_out", "snr_db_with_it_alone_in_float": 21.0}
+    assert rep["budget_nodes"] == 4
+
+
 def test_image_psnr_floor_is_enforced_for_trained_models_only():
     from converters.parity import check_end_to_end
 
