@@ -1,17 +1,19 @@
 """`convert`: model (preset, folder or loaded pipeline) -> a verified bundle, written atomically.
 
-Stages: validate the request -> load the model -> capture calibration and parity tensors from real
-one-step runs -> per component export / lower / report / run -> per-component and end-to-end parity
-against PyTorch -> tokenizer + manifest -> atomic rename. Any failure (including a ParityError or an
-interrupt) leaves no bundle behind and an existing one untouched.
+Stages: validate the request (and the LoRA file, if any) -> load the model (and fuse the LoRA into its
+U-Net, a copy for a pipeline passed in; the fused U-Net is the reference from then on) -> capture
+calibration and parity tensors from real one-step runs -> per component export / lower / report / run ->
+per-component and end-to-end parity against PyTorch -> tokenizer + manifest -> atomic rename. Any failure
+(including a ParityError or an interrupt) leaves no bundle behind and an existing one untouched.
 """
 from __future__ import annotations
 
-import numpy as np
-
+import copy
+import dataclasses
 import hashlib
 import importlib
 import json
+import math
 import os
 import platform
 import resource
@@ -19,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
+
+import numpy as np
 
 from converters import calibration, parity
 from converters.base import ComponentJob, ComponentResult, ConversionConfig
@@ -44,6 +48,8 @@ def check_request(
     delegate: str,
     batch: int,
     resolution: int | None = None,
+    lora: str | os.PathLike | None = None,
+    lora_scale: float = 1.0,
 ) -> tuple[str, ...]:
     """Reject unsupported combinations before any model is loaded; returns components in bundle order."""
     if target not in TARGETS:
@@ -73,6 +79,16 @@ def check_request(
         raise UnsupportedConversion(f"batch must be >= 1, got {batch}")
     if resolution is not None and (resolution < 8 or resolution % 8):
         raise UnsupportedConversion(f"resolution must be a positive multiple of 8, got {resolution}")
+    try:
+        scale_ok = not isinstance(lora_scale, bool) and math.isfinite(float(lora_scale))
+    except (TypeError, ValueError):
+        scale_ok = False
+    if not scale_ok:
+        raise UnsupportedConversion(f"lora_scale must be a finite number, got {lora_scale!r}")
+    if lora is None and lora_scale != 1.0:
+        raise UnsupportedConversion(f"lora_scale={lora_scale} needs a LoRA file (lora=PATH, --lora PATH)")
+    if lora is not None and "unet" not in comps:
+        raise UnsupportedConversion("a LoRA is fused into the U-Net; add unet to the components")
     return tuple(c for c in COMPONENT_NAMES if c in comps)
 
 
@@ -147,6 +163,8 @@ def convert(
     sensitivity: bool = True,
     trained: bool | None = None,
     seed: int = 0,
+    lora: str | os.PathLike | None = None,
+    lora_scale: float = 1.0,
 ) -> Path:
     """Convert a model into a bundle for one runtime target and check it against PyTorch.
 
@@ -169,12 +187,16 @@ def convert(
         trained: whether the weights are trained (enforces the int8 image PSNR floor); default: False for
             presets (random weights), True for folders and hub ids.
         seed: weight seed when `model` is a preset.
+        lora: a U-Net LoRA (safetensors, see `sdxs_edge.lora`) to fuse into the U-Net before capture and
+            lowering; the fused U-Net is then the parity reference. A pipeline passed in is left as it
+            was (the LoRA goes into a copy of its U-Net). Recorded under "conversion.config".
+        lora_scale: the LoRA's strength (W + lora_scale * alpha / rank * B @ A).
 
     Returns:
         the bundle path.
     """
     t_start = time.perf_counter()
-    comps = check_request(target, precision, components, dynamic, palettize, delegate, batch, resolution)
+    comps = check_request(target, precision, components, dynamic, palettize, delegate, batch, resolution, lora, lora_scale)
     spec = precision_spec(target, precision)
     out = Path(out)
     _check_out(out, overwrite)
@@ -186,6 +208,13 @@ def convert(
         source = str(calibration_prompts)
     else:
         source = "given list"
+    lora_weights, lora_file, lora_sha256 = None, None, None
+    if lora is not None:  # a bad LoRA file fails here, before the model is loaded
+        from sdxs_edge.lora import load_lora, resolve_lora_path
+
+        lora_file = resolve_lora_path(lora)
+        lora_weights = load_lora(lora_file)
+        lora_sha256 = sha256_path(lora_file)
     back = backend(target)  # import errors of an uninstalled extra surface here, before loading the model
 
     from tqdm.auto import tqdm
@@ -214,6 +243,16 @@ def convert(
             pipe = model
         else:
             pipe = SDXSPipeline.load(model, seed=seed)
+        source_sha256 = weights_sha256(pipe)  # of the model as given, before any LoRA
+        fused: list[str] = []
+        if lora_weights is not None:
+            from sdxs_edge.lora import fuse_lora
+
+            if pipe is model:  # never modify the caller's pipeline: fuse into a U-Net of our own
+                base = pipe
+                pipe = SDXSPipeline(dataclasses.replace(base.c, unet=copy.deepcopy(base.c.unet)), name=base.name)
+                pipe.default_steps, pipe.default_guidance = base.default_steps, base.default_guidance
+            fused = fuse_lora(pipe.c.unet, lora_weights, scale=lora_scale)
         if trained is None:
             trained = pipe.name not in PRESETS
         res = resolution or pipe.resolution
@@ -232,6 +271,10 @@ def convert(
             calibration_prompts=len(prompts) if calibrate else 0,
             calibration_source=source if calibrate else "not used",
             sensitivity=sensitivity,
+            lora=str(lora_file) if lora_file is not None else None,
+            lora_sha256=lora_sha256,
+            lora_scale=float(lora_scale) if lora_file is not None else None,
+            lora_fused_modules=len(fused),
         )
         modules = C.wrappers(pipe)
         specs = C.io_specs(pipe, batch, res)
@@ -294,7 +337,7 @@ def convert(
                 "format_version": FORMAT_VERSION,
                 "source": {
                     "model": pipe.name,
-                    "sha256": weights_sha256(pipe),
+                    "sha256": source_sha256,
                     "sha256_of": "network weights as loaded (text_encoder, unet, vae state dicts; name, dtype, shape, bytes)",
                     "trained": bool(trained),
                     # weights of a preset are random with this seed; None for a folder or a pipeline passed in

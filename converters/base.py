@@ -41,6 +41,10 @@ class ConversionConfig:
             (output-referred ranking; one quantize-and-score each): all of a small component's, else a
             shortlist of the component's boundary nodes and the worst by local re-quantization SNR.
         opset: ONNX opset.
+        lora: the LoRA file fused into the U-Net before lowering (None: none was).
+        lora_sha256: sha256 of that file.
+        lora_scale: the strength it was fused with.
+        lora_fused_modules: how many U-Net layers it changed.
     """
 
     target: str
@@ -59,6 +63,10 @@ class ConversionConfig:
     max_excluded_fraction_by_component: tuple[tuple[str, float], ...] = (("decoder", 1.0),)
     exhaustive_limit: int = 16
     opset: int = 17
+    lora: str | None = None
+    lora_sha256: str | None = None
+    lora_scale: float | None = None
+    lora_fused_modules: int = 0
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)

@@ -2,7 +2,8 @@
 
     sdxs-edge convert MODEL --target {onnx,executorch,coreml} --precision {fp32,fp16,int8} --out DIR
         [--components NAME ...] [--resolution N] [--calibration-prompts FILE] [--overwrite]
-        [--dynamic] [--palettize {4,6}] [--delegate {xnnpack,coreml}] [--batch N] [--dry-run]
+        [--dynamic] [--palettize {4,6}] [--delegate {xnnpack,coreml}] [--batch N]
+        [--lora PATH [--lora-scale S]] [--dry-run]
 
 The handler returns an exit code and raises SDXSError (UnsupportedConversion, ParityError, ...), which
 the main CLI prints as one line with exit code 2.
@@ -13,8 +14,9 @@ import argparse
 import json
 from pathlib import Path
 
-from converters.registry import DELEGATES, PALETTE_BITS, PRECISION_SPECS
+from converters.registry import DELEGATES, PALETTE_BITS, PRECISION_SPECS, UnsupportedConversion
 from sdxs_edge.bundle import COMPONENT_NAMES, PRECISIONS, TARGETS
+from sdxs_edge.lora import parse_scale
 
 
 def _components(values: list[str]) -> list[str]:
@@ -49,6 +51,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-sensitivity", action="store_true", help="int8: quantize every candidate node (skip the per-layer sensitivity pass)")
     p.add_argument("--trained", choices=("auto", "yes", "no"), default="auto", help="enforce the int8 image PSNR floor (auto: yes for folders, no for presets)")
     p.add_argument("--seed", type=int, default=0, help="weight seed when MODEL is a preset")
+    p.add_argument("--lora", type=Path, metavar="PATH", help="U-Net LoRA (safetensors) to fuse into the weights before lowering; recorded in the manifest")
+    p.add_argument("--lora-scale", type=parse_scale, metavar="S", help="LoRA strength (default 1.0; needs --lora)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--dry-run", action="store_true", help="check the request, print it and exit without converting")
     p.set_defaults(func=run)
@@ -70,8 +74,19 @@ def run(args: argparse.Namespace) -> int:
 
     components = _components(args.components)
     trained = {"auto": None, "yes": True, "no": False}[args.trained]
+    if args.lora_scale is not None and args.lora is None:
+        raise UnsupportedConversion("--lora-scale needs --lora PATH")
+    lora_scale = 1.0 if args.lora_scale is None else args.lora_scale
     if args.dry_run:
-        comps = check_request(args.target, args.precision, components, args.dynamic, args.palettize, args.delegate, args.batch, args.resolution)
+        comps = check_request(args.target, args.precision, components, args.dynamic, args.palettize, args.delegate, args.batch, args.resolution, args.lora, lora_scale)
+        lora = None
+        if args.lora is not None:  # the file is read and checked; whether it fits the U-Net needs the model
+            from sdxs_edge.bundle import sha256_path
+            from sdxs_edge.lora import load_lora, resolve_lora_path
+
+            f = resolve_lora_path(args.lora)
+            modules = {k.rsplit(".lora_A.", 1)[0] for k in load_lora(f) if ".lora_A." in k}
+            lora = {"file": str(f), "sha256": sha256_path(f), "scale": lora_scale, "modules": len(modules)}
         spec = PRECISION_SPECS[(args.target, args.precision)]
         request = {
             "model": args.model,
@@ -87,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
             "batch": args.batch,
             "sensitivity": not args.no_sensitivity,
             "trained": args.trained,
+            "lora": lora,
             "summary": spec.summary,
             "floor_snr_db": spec.tolerance.snr_db,
             "floor_image_psnr_db": spec.tolerance.image_psnr_db,
@@ -111,6 +127,8 @@ def run(args: argparse.Namespace) -> int:
         sensitivity=not args.no_sensitivity,
         trained=trained,
         seed=args.seed,
+        lora=args.lora,
+        lora_scale=lora_scale,
     )
     print(summary(json.loads((out / "manifest.json").read_text()), out))
     return 0
@@ -119,6 +137,9 @@ def run(args: argparse.Namespace) -> int:
 def summary(manifest: dict, out: Path) -> str:
     """A few lines: where the bundle is and how it compares with PyTorch."""
     lines = [f"bundle: {out} ({manifest['target']}/{manifest['precision']}, {manifest['resolution']}x{manifest['resolution']}, {manifest['conversion']['seconds']:.1f} s)"]
+    cfg = manifest["conversion"].get("config", {})
+    if cfg.get("lora"):
+        lines.append(f"  lora: {cfg['lora']} fused into {cfg['lora_fused_modules']} U-Net layers (scale {cfg['lora_scale']:g})")
     for name, p in manifest["parity"]["components"].items():
         if p.get("checked") == "structural":
             lines.append(f"  {name}: structural check passed ({p['why']})")

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from sdxs_edge.errors import SDXSError
+from sdxs_edge.lora import parse_scale
 
 DEFAULT_MODEL = Path(__file__).parent / "default_model"
 
@@ -60,12 +61,24 @@ def _save_image(img, out: Path) -> None:
 def cmd_generate(args) -> int:
     from sdxs_edge.pipeline import SDXSPipeline
 
-    t = time.perf_counter()
-    pipe = SDXSPipeline.load(resolve_model(args.model))
-    load_s = time.perf_counter() - t
+    if args.lora_scale is not None and args.lora is None:
+        raise SDXSError("--lora-scale needs --lora PATH")
     res = args.resolution
     if res is not None and res % 8:
         raise SDXSError(f"--resolution must be a multiple of 8, got {res}")
+    lora, lora_scale = None, 1.0 if args.lora_scale is None else args.lora_scale
+    if args.lora is not None:  # a bad LoRA file fails before the model is loaded
+        from sdxs_edge.lora import load_lora
+
+        lora = load_lora(args.lora)
+    t = time.perf_counter()
+    pipe = SDXSPipeline.load(resolve_model(args.model))
+    fused: list[str] = []
+    if lora is not None:
+        from sdxs_edge.lora import fuse_lora
+
+        fused = fuse_lora(pipe.c.unet, lora, scale=lora_scale)
+    load_s = time.perf_counter() - t
     noise = pipe.noise(len(args.prompt), args.seed, resolution=res)
     gen = pipe.generate(args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance, noise=noise)
     outs = [Path(args.out)] if len(gen.images) == 1 else [Path(args.out).with_name(f"{Path(args.out).stem}-{i}{Path(args.out).suffix}") for i in range(len(gen.images))]
@@ -73,6 +86,8 @@ def cmd_generate(args) -> int:
         _save_image(img, out)
     steps = args.steps or pipe.default_steps
     print(f"model {pipe.name}  ({steps} step{'s' * (steps > 1)}, guidance {args.guidance if args.guidance is not None else pipe.default_guidance}, seed {args.seed})")
+    if lora is not None:
+        print(f"lora  {args.lora}  (fused into {len(fused)} U-Net layers, scale {lora_scale:g})")
     print(f"  load          {load_s * 1000:9.1f} ms")
     for k, v in gen.timings.items():
         print(f"  {k:<13} {v * 1000:9.1f} ms")
@@ -177,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance", type=float, help="classifier-free guidance scale; <= 1 disables it")
     g.add_argument("--resolution", type=_positive(int, "--resolution"), help="image side in pixels (multiple of 8; default: the model's)")
     g.add_argument("--out", default="out.png", help="output image (several prompts: out-0.png, out-1.png, ...)")
+    g.add_argument("--lora", type=Path, metavar="PATH", help="U-Net LoRA (safetensors) fused into the weights before generating")
+    g.add_argument("--lora-scale", type=parse_scale, metavar="S", help="LoRA strength (default 1.0; needs --lora)")
     g.set_defaults(func=cmd_generate)
 
     i = sub.add_parser("info", help="parameters, FLOPs and size per component")

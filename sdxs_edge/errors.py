@@ -15,3 +15,7 @@ class NonFiniteError(SDXSError):
 
 class ParityError(SDXSError):
     """A lowered model does not match the PyTorch reference within its precision's floor."""
+
+
+class LoRAError(SDXSError):
+    """A LoRA file cannot be read, or does not fit the U-Net it is fused into."""

@@ -74,6 +74,30 @@ def _loss_curves(folder: Path) -> list[float]:
     return [json.loads(l)["loss"] for s in ("vae", "unet") for l in (folder / s / "log.jsonl").read_text().splitlines()]
 
 
+def test_wall_clock_budget_stops_with_a_checkpoint_and_completes_the_schedule(tmp_path, monkeypatch):
+    import time
+
+    from training.loop import LoopConfig, Progress, cosine_lr, run_loop
+
+    clock = [1000.0]
+    monkeypatch.setattr(time, "time", lambda: clock[0])
+    m = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(m.parameters(), 0.1)
+    progress = Progress(100, max_seconds=10)
+    seen = []
+
+    def step(k):
+        seen.append(progress(k))
+        clock[0] += 3.0  # every step takes 3 s of a 10 s budget
+        return {"loss": 0.0}
+
+    res = run_loop("budget", tmp_path, LoopConfig(100, ckpt_every=50, max_seconds=10), step, {"m": m}, {"o": opt})
+    assert res["last"]["stopped_at"] == 4 and (tmp_path / "checkpoints" / "step-0000004").is_dir()
+    assert seen[0] == 0.0 and seen[-1] >= 0.9  # the schedule followed the clock, not the 100 planned steps
+    assert cosine_lr(1.0, 500, 1.0, warm=100, floor=0.1) == pytest.approx(0.1)
+    assert cosine_lr(1.0, 9, 0.0, warm=100) == pytest.approx(0.1)
+
+
 def test_two_process_ddp_matches_one_process(tmp_path):
     """2 CPU processes (gloo) follow the same loss curve as 1 process with the same global batch."""
     script = "import sys; from training.teacher import smoke_config, train_teacher; train_teacher(smoke_config(), sys.argv[1])"
@@ -110,6 +134,7 @@ def test_smoke_chain_end_to_end(tmp_path):
     assert set(report["models"]) == {"teacher", "block-removed (KD)", "one-step, warm-up only", "one-step, score distillation"}
     assert report["models"]["one-step, score distillation"]["steps"] == 1
     assert (out / "report.md").is_file() and (out / "grid-teacher.png").is_file()
+    assert "decoder_adapted" in report and (out / "model-ssd").is_dir() and (out / "decoder-adapt" / "log.jsonl").is_file()
     from sdxs_edge.pipeline import SDXSPipeline
 
     pipe = SDXSPipeline.load(out / "model")
