@@ -59,7 +59,8 @@ def _check(bundle_dir: Path, runtime: str, n: int) -> dict:
     report = run_parity(bundle_dir, runtime, prompts=_prompts(n), json_out=out)  # raises ParityError under a floor
     ac = report["all_correct"]
     assert ac["status"] == "measured" and ac["n"] == n, ac
-    print(f"{runtime} {manifest['target']} {manifest['precision']}: image PSNR {report['image']['psnr_db']:.1f} dB, "
+    psnr = report["image"]["psnr_db"]  # a string ("inf") when the images are identical
+    print(f"{runtime} {manifest['target']} {manifest['precision']}: image PSNR {psnr if isinstance(psnr, str) else f'{psnr:.1f}'} dB, "
           f"all-correct {ac['runtime']:.3f} vs fp32 reference {ac['reference']:.3f} ({ac['points']:.1f} points)")
     return report
 
