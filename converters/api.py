@@ -161,6 +161,8 @@ def convert(
     delegate: str = "xnnpack",
     batch: int = 1,
     sensitivity: bool = True,
+    sensitivity_shortlist: int | None = None,
+    max_float_fraction: float | None = None,
     trained: bool | None = None,
     seed: int = 0,
     lora: str | os.PathLike | None = None,
@@ -184,6 +186,10 @@ def convert(
         delegate: ExecuTorch only: "xnnpack" (default; runs and is checked here) or "coreml".
         batch: static batch size of the bundle's inputs.
         sensitivity: int8 static: keep the most harmful nodes in float (reported in the manifest).
+        sensitivity_shortlist: nodes the sensitivity pass re-scores one by one (default 16; each costs one
+            quantize-and-score, minutes at 512x512 for a 316M U-Net).
+        max_float_fraction: share of quantized nodes the pass may keep in float (default 0.1; the tiny
+            decoder may always go wholly float).
         trained: whether the weights are trained (enforces the int8 image PSNR floor); default: False for
             presets (random weights), True for folders and hub ids.
         seed: weight seed when `model` is a preset.
@@ -271,6 +277,8 @@ def convert(
             calibration_prompts=len(prompts) if calibrate else 0,
             calibration_source=source if calibrate else "not used",
             sensitivity=sensitivity,
+            **({"exhaustive_limit": int(sensitivity_shortlist)} if sensitivity_shortlist is not None else {}),
+            **({"max_excluded_fraction": float(max_float_fraction)} if max_float_fraction is not None else {}),
             lora=str(lora_file) if lora_file is not None else None,
             lora_sha256=lora_sha256,
             lora_scale=float(lora_scale) if lora_file is not None else None,

@@ -19,6 +19,30 @@ from sdxs_edge.bundle import COMPONENT_NAMES, PRECISIONS, TARGETS
 from sdxs_edge.lora import parse_scale
 
 
+
+def _positive_int(text: str) -> int:
+    import argparse
+
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _fraction(text: str) -> float:
+    import argparse
+
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {v}")
+    return v
+
 def _components(values: list[str]) -> list[str]:
     """--components accepts "unet decoder" and "unet,decoder" alike."""
     return [c.strip() for v in values for c in v.split(",") if c.strip()]
@@ -49,6 +73,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--delegate", choices=DELEGATES, default="xnnpack", help="executorch backend delegate (default xnnpack; coreml lowers here, runs on Apple devices)")
     p.add_argument("--batch", type=int, default=1, help="static batch size (default 1)")
     p.add_argument("--no-sensitivity", action="store_true", help="int8: quantize every candidate node (skip the per-layer sensitivity pass)")
+    p.add_argument("--sensitivity-shortlist", type=_positive_int, metavar="N", help="int8: nodes the sensitivity pass re-scores one by one (default 16; one quantize-and-score each)")
+    p.add_argument("--max-float-fraction", type=_fraction, metavar="F", help="int8: share of quantized nodes the pass may keep in float (default 0.1)")
     p.add_argument("--trained", choices=("auto", "yes", "no"), default="auto", help="enforce the int8 image PSNR floor (auto: yes for folders, no for presets)")
     p.add_argument("--seed", type=int, default=0, help="weight seed when MODEL is a preset")
     p.add_argument("--lora", type=Path, metavar="PATH", help="U-Net LoRA (safetensors) to fuse into the weights before lowering; recorded in the manifest")
@@ -125,6 +151,8 @@ def run(args: argparse.Namespace) -> int:
         delegate=args.delegate,
         batch=args.batch,
         sensitivity=not args.no_sensitivity,
+        sensitivity_shortlist=args.sensitivity_shortlist,
+        max_float_fraction=args.max_float_fraction,
         trained=trained,
         seed=args.seed,
         lora=args.lora,
