@@ -315,7 +315,7 @@ def convert(
                     config=config,
                     work=Path(work),
                     out=Path(tmp) / component_export(name, target).file,
-                    score=_one_step_x0(pipe.one_step_constants()) if name == "unet" else None,
+                    score=_one_step_x0(pipe.one_step_constants()) if name == "unet" and trained else None,
                 )
                 result = back.convert_component(job)
                 label = f"{target}/{precision}"

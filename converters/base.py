@@ -92,9 +92,10 @@ class ComponentJob:
         work: scratch directory (deleted after the conversion).
         out: the component's path inside the bundle being written.
         score: maps (input sample, output) to what the int8 sensitivity pass compares; None = the output
-            itself. The one-step U-Net is scored on the x0 it yields: x0 = sigma * (noise - eps) carries
-            eps errors multiplied by sigma (about 14.6 at t = 999), so an eps SNR that looks fine can
-            still wreck the image.
+            itself. A trained one-step U-Net is scored on the x0 it yields: x0 = sigma * (noise - eps)
+            carries eps errors multiplied by sigma (about 14.6 at t = 999), so an eps SNR that looks fine
+            can still wreck the image. (A random-weight U-Net's x0 is mostly the exact noise term, so it is
+            scored on eps, the quantity its floor checks.)
     """
 
     name: str
