@@ -36,7 +36,7 @@ def worker(args: argparse.Namespace) -> int:
     try:
         # Presets carry random weights: the int8 sensitivity pass is kept short (3 nodes re-scored, at most
         # 2% kept in float), as in benchmarks.bench; int8 accuracy proper is judged on the shapes model.
-        out = convert(args.preset, args.target, args.precision, args.bundle, resolution=args.resolution, overwrite=True, progress=False, sensitivity_shortlist=3, max_float_fraction=0.02)
+        out = convert(args.preset, args.target, args.precision, args.bundle, resolution=args.resolution, overwrite=True, progress=False, sensitivity_shortlist=3, max_float_fraction=0.02, onnx_calibration=args.onnx_calibration)
     except SDXSError as e:
         print(json.dumps({"error": f"{type(e).__name__}: {e}"}))
         return 2
@@ -50,6 +50,7 @@ def worker(args: argparse.Namespace) -> int:
 def run_one(target: str, precision: str, args: argparse.Namespace) -> dict:
     bundle = Path(args.work) / f"{args.preset}-{target}-{precision}"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--preset", args.preset, "--target", target, "--precision", precision, "--bundle", str(bundle)]
+    cmd += ["--onnx-calibration", args.onnx_calibration]
     if args.resolution:
         cmd += ["--resolution", str(args.resolution)]
     log_out, log_err = bundle.with_name(bundle.name + ".stdout"), bundle.with_name(bundle.name + ".stderr")
@@ -117,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default=str(ROOT / "out" / "bench-convert"), help="where bundles are written")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"), help="folder for conversion_<preset>.json and .md")
     p.add_argument("--keep-bundles", action="store_true", help="keep the bundles under --work")
+    p.add_argument("--onnx-calibration", choices=("minmax", "percentile"), default="minmax", help="ONNX int8 activation ranges")
     p.add_argument("--merge", action="store_true", help="replace only the rows of --jobs in an existing results file")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--target", help=argparse.SUPPRESS)

@@ -163,6 +163,7 @@ def convert(
     sensitivity: bool = True,
     sensitivity_shortlist: int | None = None,
     max_float_fraction: float | None = None,
+    onnx_calibration: str = "minmax",
     trained: bool | None = None,
     seed: int = 0,
     lora: str | os.PathLike | None = None,
@@ -190,6 +191,7 @@ def convert(
             quantize-and-score, minutes at 512x512 for a 316M U-Net).
         max_float_fraction: share of quantized nodes the pass may keep in float (default 0.1; the tiny
             decoder may always go wholly float).
+        onnx_calibration: ONNX static int8 activation ranges, "minmax" or "percentile".
         trained: whether the weights are trained (enforces the int8 image PSNR floor); default: False for
             presets (random weights), True for folders and hub ids.
         seed: weight seed when `model` is a preset.
@@ -203,6 +205,8 @@ def convert(
     """
     t_start = time.perf_counter()
     comps = check_request(target, precision, components, dynamic, palettize, delegate, batch, resolution, lora, lora_scale)
+    if onnx_calibration not in ("minmax", "percentile"):
+        raise UnsupportedConversion(f"onnx_calibration must be 'minmax' or 'percentile', got {onnx_calibration!r}")
     spec = precision_spec(target, precision)
     out = Path(out)
     _check_out(out, overwrite)
@@ -279,6 +283,7 @@ def convert(
             sensitivity=sensitivity,
             **({"exhaustive_limit": int(sensitivity_shortlist)} if sensitivity_shortlist is not None else {}),
             **({"max_excluded_fraction": float(max_float_fraction)} if max_float_fraction is not None else {}),
+            onnx_calibration=onnx_calibration,
             lora=str(lora_file) if lora_file is not None else None,
             lora_sha256=lora_sha256,
             lora_scale=float(lora_scale) if lora_file is not None else None,

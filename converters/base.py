@@ -35,6 +35,8 @@ class ConversionConfig:
         sensitivity: int8 static only: keep the most harmful nodes in float (see converters.sensitivity).
         sensitivity_samples: calibration samples the sensitivity pass compares on (memory grows with it).
         max_excluded_fraction: at most this share of quantized nodes is kept in float.
+        onnx_calibration: ONNX static int8 activation ranges: "minmax" or "percentile" (99.999th, clips
+            rare outliers: finer steps for the bulk of the values).
         max_excluded_fraction_by_component: per-component overrides of that share. The tiny decoder may go
             wholly float: its errors reach the image unfiltered, and its 17 convolutions hold 36k weights.
         exhaustive_limit: how many quantized nodes the sensitivity pass re-scores with each alone in float
@@ -62,6 +64,7 @@ class ConversionConfig:
     max_excluded_fraction: float = 0.1
     max_excluded_fraction_by_component: tuple[tuple[str, float], ...] = (("decoder", 1.0),)
     exhaustive_limit: int = 16
+    onnx_calibration: str = "minmax"
     opset: int = 17
     lora: str | None = None
     lora_sha256: str | None = None

@@ -124,7 +124,7 @@ def quantize_static(job: ComponentJob, fp32_path: Path) -> tuple[list[str], dict
     """Static QDQ int8 with the sensitivity pass; the best model found is written to `job.out`."""
     import shutil
 
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static as ort_quantize_static
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static as ort_quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     CalibrationDataReader.register(_Reader)
@@ -147,6 +147,8 @@ def quantize_static(job: ComponentJob, fp32_path: Path) -> tuple[list[str], dict
             op_types_to_quantize=list(STATIC_OPS),
             nodes_to_exclude=excluded,
             use_external_data_format=big,
+            calibrate_method=CalibrationMethod.Percentile if job.config.onnx_calibration == "percentile" else CalibrationMethod.MinMax,
+            extra_options={"CalibPercentile": 99.999} if job.config.onnx_calibration == "percentile" else None,
             calibration_cache_path=str(cache),
         )
         return out
@@ -164,7 +166,7 @@ def quantize_static(job: ComponentJob, fp32_path: Path) -> tuple[list[str], dict
         "format": "QDQ",
         "op_types": list(STATIC_OPS),
         "weights": "int8 per-channel",
-        "activations": "uint8 per-tensor (MinMax)",
+        "activations": f"uint8 per-tensor ({'MinMax' if job.config.onnx_calibration == 'minmax' else '99.999th percentile'})",
         "calibration_samples": len(job.calib),
     }
     candidates = _quantized_nodes(first[1])
