@@ -22,14 +22,15 @@ install: $(STAMP)
 SDXS := $(PY) -m sdxs_edge.cli
 DEMO_PROMPT := a large cyan triangle at the bottom left on a black background
 
-# The main job, offline: generate with the embedded one-step model on CPU, lower it to an int8 ONNX
-# bundle (static QDQ, sensitivity pass), run that bundle with ONNX Runtime, and print its parity table
-# against PyTorch (per component, end to end, SHAPES-64 all-correct rate).
+# The main job, offline: generate with the embedded one-step model on CPU, lower it to an int8
+# ExecuTorch bundle (PT2E + XNNPACK, sensitivity pass), run that bundle with the ExecuTorch runtime (the
+# fastest sdxs-edge CPU path for this model: benchmarks/results/default_model-64), and print its parity
+# table against PyTorch (per component, end to end, SHAPES-64 all-correct rate).
 demo: install
 	$(SDXS) generate "$(DEMO_PROMPT)" --seed 0 --out out/demo.png
-	$(SDXS) convert sdxs_edge/default_model --target onnx --precision int8 --out out/default-onnx-int8 --overwrite
-	$(SDXS) run out/default-onnx-int8 "$(DEMO_PROMPT)" --runtime onnxruntime --seed 0 --out out/demo-int8.png
-	$(SDXS) parity out/default-onnx-int8 --runtime onnxruntime --json out/default-onnx-int8-parity.json
+	$(SDXS) convert sdxs_edge/default_model --target executorch --precision int8 --out out/default-pte-int8 --overwrite
+	$(SDXS) run out/default-pte-int8 "$(DEMO_PROMPT)" --runtime executorch --seed 0 --out out/demo-int8.png
+	$(SDXS) parity out/default-pte-int8 --runtime executorch --json out/default-pte-int8-parity.json
 
 test: install
 	$(PY) -m pytest -q

@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default=str(ROOT / "out" / "bench-convert"), help="where bundles are written")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"), help="folder for conversion_<preset>.json and .md")
     p.add_argument("--keep-bundles", action="store_true", help="keep the bundles under --work")
-    p.add_argument("--onnx-calibration", choices=("minmax", "percentile"), default="minmax", help="ONNX int8 activation ranges")
+    p.add_argument("--onnx-calibration", choices=("minmax", "minmax-average", "percentile"), default="minmax", help="ONNX int8 activation ranges")
     p.add_argument("--merge", action="store_true", help="replace only the rows of --jobs in an existing results file")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--target", help=argparse.SUPPRESS)

@@ -191,7 +191,8 @@ def convert(
             quantize-and-score, minutes at 512x512 for a 316M U-Net).
         max_float_fraction: share of quantized nodes the pass may keep in float (default 0.1; the tiny
             decoder may always go wholly float).
-        onnx_calibration: ONNX static int8 activation ranges, "minmax" or "percentile".
+        onnx_calibration: ONNX static int8 activation ranges: "minmax", "minmax-average" (per-sample ranges
+            averaged) or "percentile" (needs every activation in memory at once: small models only).
         trained: whether the weights are trained (enforces the int8 image PSNR floor); default: False for
             presets (random weights), True for folders and hub ids.
         seed: weight seed when `model` is a preset.
@@ -205,8 +206,8 @@ def convert(
     """
     t_start = time.perf_counter()
     comps = check_request(target, precision, components, dynamic, palettize, delegate, batch, resolution, lora, lora_scale)
-    if onnx_calibration not in ("minmax", "percentile"):
-        raise UnsupportedConversion(f"onnx_calibration must be 'minmax' or 'percentile', got {onnx_calibration!r}")
+    if onnx_calibration not in ("minmax", "minmax-average", "percentile"):
+        raise UnsupportedConversion(f"onnx_calibration must be 'minmax', 'minmax-average' or 'percentile', got {onnx_calibration!r}")
     spec = precision_spec(target, precision)
     out = Path(out)
     _check_out(out, overwrite)

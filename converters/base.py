@@ -35,8 +35,8 @@ class ConversionConfig:
         sensitivity: int8 static only: keep the most harmful nodes in float (see converters.sensitivity).
         sensitivity_samples: calibration samples the sensitivity pass compares on (memory grows with it).
         max_excluded_fraction: at most this share of quantized nodes is kept in float.
-        onnx_calibration: ONNX static int8 activation ranges: "minmax" or "percentile" (99.999th, clips
-            rare outliers: finer steps for the bulk of the values).
+        onnx_calibration: ONNX static int8 activation ranges: "minmax", "minmax-average" (per-sample ranges
+            averaged) or "percentile" (99.999th: clips rare outliers, but holds every activation in memory).
         max_excluded_fraction_by_component: per-component overrides of that share. The tiny decoder may go
             wholly float: its errors reach the image unfiltered, and its 17 convolutions hold 36k weights.
         exhaustive_limit: how many quantized nodes the sensitivity pass re-scores with each alone in float

@@ -120,6 +120,11 @@ class _Reader:
         return iter(self.get_next, None)
 
 
+# ONNX static int8 activation ranges (`ConversionConfig.onnx_calibration`): onnxruntime's calibrators.
+CALIBRATION_OPTIONS = {"minmax": None, "minmax-average": {"CalibMovingAverage": True}, "percentile": {"CalibPercentile": 99.999}}
+CALIBRATION_NAMES = {"minmax": "MinMax", "minmax-average": "MinMax, averaged over calibration samples", "percentile": "99.999th percentile"}
+
+
 def quantize_static(job: ComponentJob, fp32_path: Path) -> tuple[list[str], dict]:
     """Static QDQ int8 with the sensitivity pass; the best model found is written to `job.out`."""
     import shutil
@@ -148,7 +153,7 @@ def quantize_static(job: ComponentJob, fp32_path: Path) -> tuple[list[str], dict
             nodes_to_exclude=excluded,
             use_external_data_format=big,
             calibrate_method=CalibrationMethod.Percentile if job.config.onnx_calibration == "percentile" else CalibrationMethod.MinMax,
-            extra_options={"CalibPercentile": 99.999} if job.config.onnx_calibration == "percentile" else None,
+            extra_options=CALIBRATION_OPTIONS[job.config.onnx_calibration],
             calibration_cache_path=str(cache),
         )
         return out
@@ -166,7 +171,7 @@ def quantize_static(job: ComponentJob, fp32_path: Path) -> tuple[list[str], dict
         "format": "QDQ",
         "op_types": list(STATIC_OPS),
         "weights": "int8 per-channel",
-        "activations": f"uint8 per-tensor ({'MinMax' if job.config.onnx_calibration == 'minmax' else '99.999th percentile'})",
+        "activations": f"uint8 per-tensor ({CALIBRATION_NAMES[job.config.onnx_calibration]})",
         "calibration_samples": len(job.calib),
     }
     candidates = _quantized_nodes(first[1])
