@@ -138,6 +138,9 @@ def quantize_static(job: ComponentJob, fp32_path: Path) -> tuple[list[str], dict
     quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True, save_as_external_data=big, all_tensors_to_one_file=True)
     cache = job.work / f"{job.name}.calibration.json"  # calibrate once; exclusion steps reuse the ranges
     counter = itertools.count()
+    # Products of two activations (attention's Q K^T and softmax V) stay in float, as XNNPACK leaves them:
+    # the softmax probabilities on a 1/255 grid and per-tensor ranges over every head cost the most SNR.
+    products = _activation_products(pre)
 
     def quantize(excluded: list[str]) -> Path:
         out = job.work / f"{job.name}.int8-{next(counter)}.onnx"
@@ -150,7 +153,7 @@ def quantize_static(job: ComponentJob, fp32_path: Path) -> tuple[list[str], dict
             activation_type=QuantType.QUInt8,  # onnxruntime's recommendation for x86 and ARM CPUs alike
             weight_type=QuantType.QInt8,
             op_types_to_quantize=list(STATIC_OPS),
-            nodes_to_exclude=excluded,
+            nodes_to_exclude=[*products, *excluded],
             use_external_data_format=big,
             calibrate_method=CalibrationMethod.Percentile if job.config.onnx_calibration == "percentile" else CalibrationMethod.MinMax,
             extra_options=CALIBRATION_OPTIONS[job.config.onnx_calibration],
@@ -173,6 +176,7 @@ def quantize_static(job: ComponentJob, fp32_path: Path) -> tuple[list[str], dict
         "weights": "int8 per-channel",
         "activations": f"uint8 per-tensor ({CALIBRATION_NAMES[job.config.onnx_calibration]})",
         "calibration_samples": len(job.calib),
+        "float_activation_products": len(products),
     }
     candidates = _quantized_nodes(first[1])
     rank = lambda: score_nodes(candidates, _activations(pre, job, sens_in), _qparams(first[1]))
@@ -191,6 +195,15 @@ def _external_files(path: Path) -> list[str]:
     m = onnx.load(str(path), load_external_data=False)
     locs = {e.value for t in m.graph.initializer for e in t.external_data if e.key == "location"}
     return sorted(locs)
+
+
+def _activation_products(path: Path) -> list[str]:
+    """MatMul nodes whose two inputs are both computed (neither a weight nor a constant)."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    consts = {t.name for t in m.graph.initializer} | {o for n in m.graph.node if n.op_type == "Constant" for o in n.output}
+    return [n.name for n in m.graph.node if n.op_type == "MatMul" and not any(i in consts for i in n.input[:2])]
 
 
 def _quantized_nodes(path: Path) -> list[QuantNode]:
