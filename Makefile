@@ -30,7 +30,8 @@ demo: install
 	$(SDXS) generate "$(DEMO_PROMPT)" --seed 0 --out out/demo.png
 	$(SDXS) convert sdxs_edge/default_model --target executorch --precision int8 --out out/default-pte-int8 --overwrite
 	$(SDXS) run out/default-pte-int8 "$(DEMO_PROMPT)" --runtime executorch --seed 0 --out out/demo-int8.png
-	$(SDXS) parity out/default-pte-int8 --runtime executorch --json out/default-pte-int8-parity.json
+	$(PY) -c "from sdxs_edge import shapes; print('\n'.join(s.caption for s in shapes.eval_scenes(128, 0)))" > out/eval-prompts.txt
+	$(SDXS) parity out/default-pte-int8 --runtime executorch --prompts out/eval-prompts.txt --json out/default-pte-int8-parity.json
 
 test: install
 	$(PY) -m pytest -q

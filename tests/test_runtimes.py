@@ -426,3 +426,29 @@ def test_cli_bad_input_is_one_line(make_bundle, args, message):
     assert r.returncode == 2
     lines = [l for l in r.stderr.splitlines() if l.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], r.stderr
+
+
+def test_all_correct_drop_is_judged_only_from_enough_prompts(monkeypatch):
+    """One image moves the rate of 4 prompts by 25 points: shown, not judged; from 64 prompts on, judged."""
+    import numpy as np
+
+    from runtimes import parity
+    from sdxs_edge import shapes
+
+    class Fake:  # classifies the reference right, and the runtime's first image wrong
+        def classify(self, images):
+            labels = {a: np.array(v) for a, v in self.labels.items()}
+            if images is self.rt:
+                labels["color"] = labels["color"].copy()
+                labels["color"][0] = (labels["color"][0] + 1) % len(shapes.COLORS)
+            return labels
+
+    fake = Fake()
+    monkeypatch.setattr(parity, "_load_evaluator", lambda: (fake, None))
+    for n, judged in ((4, False), (64, True)):
+        prompts = [s.caption for s in shapes.eval_scenes(n, 0)]
+        fake.labels = parity._shapes_labels(prompts)
+        ref, fake.rt = np.zeros((n, 64, 64, 3), np.uint8), np.zeros((n, 64, 64, 3), np.uint8)
+        ac = parity._all_correct(prompts, ref, fake.rt, 64, parity.FLOORS["int8"])
+        assert ac["enforced"] is judged and ac["points"] == pytest.approx(100 / n)
+        assert ac["ok"] is (None if not judged else True)
