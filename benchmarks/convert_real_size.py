@@ -34,9 +34,9 @@ def worker(args: argparse.Namespace) -> int:
     from sdxs_edge.errors import SDXSError
 
     try:
-        # Presets carry random weights: the int8 sensitivity pass is kept short (3 nodes re-scored, at most
-        # 2% kept in float), as in benchmarks.bench; int8 accuracy proper is judged on the shapes model.
-        out = convert(args.preset, args.target, args.precision, args.bundle, resolution=args.resolution, overwrite=True, progress=False, sensitivity_shortlist=3, max_float_fraction=0.02, onnx_calibration=args.onnx_calibration)
+        from benchmarks.jobs import PRESET_SENSITIVITY  # presets carry random weights, as in benchmarks.bench
+
+        out = convert(args.preset, args.target, args.precision, args.bundle, resolution=args.resolution, overwrite=True, progress=False, onnx_calibration=args.onnx_calibration, **PRESET_SENSITIVITY)
     except SDXSError as e:
         print(json.dumps({"error": f"{type(e).__name__}: {e}"}))
         return 2
@@ -112,13 +112,16 @@ def markdown(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sys.path.insert(0, str(ROOT))
+    from converters.registry import ONNX_CALIBRATIONS
+
     p.add_argument("--preset", default="sdxs-512", help="model preset (default sdxs-512)")
     p.add_argument("--resolution", type=int, help="image side in pixels (default: the preset's)")
     p.add_argument("--jobs", default=",".join(DEFAULT_JOBS), help="comma-separated target:precision pairs")
     p.add_argument("--work", default=str(ROOT / "out" / "bench-convert"), help="where bundles are written")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"), help="folder for conversion_<preset>.json and .md")
     p.add_argument("--keep-bundles", action="store_true", help="keep the bundles under --work")
-    p.add_argument("--onnx-calibration", choices=("minmax", "minmax-average", "percentile"), default="minmax", help="ONNX int8 activation ranges")
+    p.add_argument("--onnx-calibration", choices=ONNX_CALIBRATIONS, default="minmax", help="ONNX int8 activation ranges")
     p.add_argument("--merge", action="store_true", help="replace only the rows of --jobs in an existing results file")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--target", help=argparse.SUPPRESS)

@@ -26,7 +26,7 @@ import numpy as np
 
 from converters import calibration, parity
 from converters.base import ComponentJob, ComponentResult, ConversionConfig
-from converters.registry import DELEGATES, PALETTE_BITS, UnsupportedConversion, component_export, precision_spec
+from converters.registry import DELEGATES, ONNX_CALIBRATIONS, PALETTE_BITS, UnsupportedConversion, component_export, precision_spec
 from sdxs_edge.bundle import COMPONENT_NAMES, FORMAT, FORMAT_VERSION, TARGETS, BundleError, atomic_dir, load_manifest, sha256_path, validate_manifest
 from sdxs_edge.errors import SDXSError
 
@@ -206,8 +206,8 @@ def convert(
     """
     t_start = time.perf_counter()
     comps = check_request(target, precision, components, dynamic, palettize, delegate, batch, resolution, lora, lora_scale)
-    if onnx_calibration not in ("minmax", "minmax-average", "percentile"):
-        raise UnsupportedConversion(f"onnx_calibration must be 'minmax', 'minmax-average' or 'percentile', got {onnx_calibration!r}")
+    if onnx_calibration not in ONNX_CALIBRATIONS:
+        raise UnsupportedConversion(f"onnx_calibration must be one of {', '.join(ONNX_CALIBRATIONS)}; got {onnx_calibration!r}")
     spec = precision_spec(target, precision)
     out = Path(out)
     _check_out(out, overwrite)
@@ -282,7 +282,7 @@ def convert(
             calibration_prompts=len(prompts) if calibrate else 0,
             calibration_source=source if calibrate else "not used",
             sensitivity=sensitivity,
-            **({"exhaustive_limit": int(sensitivity_shortlist)} if sensitivity_shortlist is not None else {}),
+            **({"sensitivity_shortlist": int(sensitivity_shortlist)} if sensitivity_shortlist is not None else {}),
             **({"max_excluded_fraction": float(max_float_fraction)} if max_float_fraction is not None else {}),
             onnx_calibration=onnx_calibration,
             lora=str(lora_file) if lora_file is not None else None,

@@ -39,7 +39,7 @@ class ConversionConfig:
             averaged) or "percentile" (99.999th: clips rare outliers, but holds every activation in memory).
         max_excluded_fraction_by_component: per-component overrides of that share. The tiny decoder may go
             wholly float: its errors reach the image unfiltered, and its 17 convolutions hold 36k weights.
-        exhaustive_limit: how many quantized nodes the sensitivity pass re-scores with each alone in float
+        sensitivity_shortlist: how many quantized nodes the sensitivity pass re-scores with each alone in float
             (output-referred ranking; one quantize-and-score each): all of a small component's, else a
             shortlist of the component's boundary nodes and the worst by local re-quantization SNR.
         opset: ONNX opset.
@@ -63,7 +63,7 @@ class ConversionConfig:
     sensitivity_samples: int = 2
     max_excluded_fraction: float = 0.1
     max_excluded_fraction_by_component: tuple[tuple[str, float], ...] = (("decoder", 1.0),)
-    exhaustive_limit: int = 16
+    sensitivity_shortlist: int = 16
     onnx_calibration: str = "minmax"
     opset: int = 17
     lora: str | None = None

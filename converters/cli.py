@@ -14,27 +14,13 @@ import argparse
 import json
 from pathlib import Path
 
-from converters.registry import DELEGATES, PALETTE_BITS, PRECISION_SPECS, UnsupportedConversion
+from converters.registry import DELEGATES, ONNX_CALIBRATIONS, PALETTE_BITS, PRECISION_SPECS, UnsupportedConversion
 from sdxs_edge.bundle import COMPONENT_NAMES, PRECISIONS, TARGETS
+from sdxs_edge.cli import _positive
 from sdxs_edge.lora import parse_scale
 
 
-
-def _positive_int(text: str) -> int:
-    import argparse
-
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
-
-
 def _fraction(text: str) -> float:
-    import argparse
-
     try:
         v = float(text)
     except ValueError:
@@ -42,6 +28,7 @@ def _fraction(text: str) -> float:
     if not 0 < v <= 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {v}")
     return v
+
 
 def _components(values: list[str]) -> list[str]:
     """--components accepts "unet decoder" and "unet,decoder" alike."""
@@ -73,8 +60,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--delegate", choices=DELEGATES, default="xnnpack", help="executorch backend delegate (default xnnpack; coreml lowers here, runs on Apple devices)")
     p.add_argument("--batch", type=int, default=1, help="static batch size (default 1)")
     p.add_argument("--no-sensitivity", action="store_true", help="int8: quantize every candidate node (skip the per-layer sensitivity pass)")
-    p.add_argument("--sensitivity-shortlist", type=_positive_int, metavar="N", help="int8: nodes the sensitivity pass re-scores one by one (default 16; one quantize-and-score each)")
-    p.add_argument("--onnx-calibration", choices=("minmax", "minmax-average", "percentile"), default="minmax", help="onnx int8: activation ranges from min/max (default), per-sample min/max averaged, or the 99.999th percentile (small models: it holds every activation in memory)")
+    p.add_argument("--sensitivity-shortlist", type=_positive(int, "--sensitivity-shortlist"), metavar="N", help="int8: nodes the sensitivity pass re-scores one by one (default 16; one quantize-and-score each)")
+    p.add_argument("--onnx-calibration", choices=ONNX_CALIBRATIONS, default="minmax", help="onnx int8: activation ranges from min/max (default), per-sample min/max averaged, or the 99.999th percentile (small models: it holds every activation in memory)")
     p.add_argument("--max-float-fraction", type=_fraction, metavar="F", help="int8: share of quantized nodes the pass may keep in float (default 0.1)")
     p.add_argument("--trained", choices=("auto", "yes", "no"), default="auto", help="enforce the int8 image PSNR floor (auto: yes for folders, no for presets)")
     p.add_argument("--seed", type=int, default=0, help="weight seed when MODEL is a preset")

@@ -151,7 +151,7 @@ def keep_sensitive_in_float(
         search = greedy_exclude([], evaluate, first, target, 0)
         return search.best, search.report(len(candidates), target)
     local = rank()
-    shortlist = _shortlist(candidates, local, job.config.exhaustive_limit, {spec.name for spec in job.inputs})
+    shortlist = _shortlist(candidates, local, job.config.sensitivity_shortlist, {spec.name for spec in job.inputs})
     ranked = rank_by_exclusion(shortlist, evaluate, first[0])
     helpful = {n for n, _ in ranked}
     ranked += [(n, d) for n, d in local if n not in helpful]  # then the rest, worst local SNR first
@@ -196,7 +196,7 @@ def rank_by_exclusion(candidates: Sequence["QuantNode"], evaluate: Callable[[lis
 
     Output-referred, unlike the local ranking: it finds the node whose small local error a later layer
     (or the one-step rule) amplifies. One quantize-and-score per candidate, so it runs for small
-    components only (`ConversionConfig.exhaustive_limit`). Returns (name, -score) sorted ascending,
+    components only (`ConversionConfig.sensitivity_shortlist`). Returns (name, -score) sorted ascending,
     the `greedy_exclude` order; nodes that do not beat the fully quantized score are dropped.
     """
     scored = []

@@ -139,7 +139,7 @@ def test_output_referred_ranking_finds_the_amplified_node_the_local_ranking_miss
     ranked = rank_by_exclusion(short, evaluate, 12.0)
     assert [n for n, _ in ranked] == ["conv_out", "conv_in"]
     job = SimpleNamespace(name="unet", inputs=[SimpleNamespace(name="latent")], spec=SimpleNamespace(sensitivity_target_db=28.0),
-                          config=SimpleNamespace(sensitivity=True, max_excluded_fraction=0.1, max_excluded_fraction_by_component=(), exhaustive_limit=6))
+                          config=SimpleNamespace(sensitivity=True, max_excluded_fraction=0.1, max_excluded_fraction_by_component=(), sensitivity_shortlist=6))
     best, rep = keep_sensitive_in_float(job, nodes, lambda: local, evaluate, evaluate([]))
     assert best[:2] == ("conv_out", "conv_in") and rep["excluded_nodes"][0] == {"name": "conv_out", "snr_db_with_it_alone_in_float": 21.0}
     assert rep["budget_nodes"] == 4
