@@ -71,6 +71,8 @@ class SDXSPipeline:
         self.name = name
         self.default_steps = 1
         self.default_guidance = 0.0
+        self.controlnet = None  # a diffusers ControlNetModel, see `attach_controlnet`
+        self._control = None  # (control image (B, 3, H, W) in [0, 1], conditioning scale) during generate
 
     # ---- loading and saving -------------------------------------------------------------------------
     @classmethod
@@ -195,6 +197,19 @@ class SDXSPipeline:
             shutil.rmtree(tmp, ignore_errors=True)
         return folder
 
+    def attach_controlnet(self, controlnet) -> "SDXSPipeline":
+        """Use `controlnet` (a `ControlNetModel` built for this U-Net, or a folder) when `generate` is given a
+        control image; None detaches it. Returns self."""
+        if controlnet is not None:
+            from sdxs_edge.controlnet import check_controlnet, load_controlnet
+
+            if isinstance(controlnet, (str, os.PathLike)):
+                controlnet = load_controlnet(controlnet, self.c.unet)
+            check_controlnet(controlnet, self.c.unet)
+            controlnet = controlnet.to(self.device).eval()
+        self.controlnet = controlnet
+        return self
+
     # ---- properties ------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
@@ -202,8 +217,9 @@ class SDXSPipeline:
 
     def to(self, device: str | torch.device) -> "SDXSPipeline":
         """Move the text encoder, U-Net and decoder to `device` (in place); returns self."""
-        for m in (self.c.text_encoder, self.c.unet, self.c.vae):
-            m.to(device)
+        for m in (self.c.text_encoder, self.c.unet, self.c.vae, self.controlnet):
+            if m is not None:
+                m.to(device)
         return self
 
     @property
@@ -262,6 +278,8 @@ class SDXSPipeline:
         guidance: float | None = None,
         noise: torch.Tensor | None = None,
         output: str = "pil",
+        control_image=None,
+        control_scale: float = 1.0,
     ) -> Generation:
         """Generate one image per prompt.
 
@@ -272,6 +290,10 @@ class SDXSPipeline:
             guidance: classifier-free guidance scale; <= 1 disables it (SDXS runs with 0).
             noise: explicit unit Gaussian latents (B, 4, h, w) instead of `seed`.
             output: "pil" for PIL images, "tensor" for the decoder output in [-1, 1].
+            control_image: with an attached ControlNet: float (B or 1, 3, H, W) in [0, 1], or a path / PIL
+                image / uint8 array (`sdxs_edge.control.load_control_image`: resized with a warning when
+                its size differs).
+            control_scale: strength of the ControlNet residuals.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         steps = self.default_steps if steps is None else int(steps)
@@ -281,6 +303,11 @@ class SDXSPipeline:
         if not prompts:
             raise SDXSError("no prompt given")
         timings: dict[str, float] = {}
+        self._control = None
+        if control_image is not None:
+            self._control = (self._control_tensor(control_image, len(prompts), noise), float(control_scale))
+        elif self.controlnet is not None:
+            raise SDXSError("a ControlNet is attached but no control image was given (control_image=..., --control IMAGE)")
         t = time.perf_counter()
         ctx = self.encode_prompt(prompts)
         cfg = guidance > 1.0
@@ -289,11 +316,14 @@ class SDXSPipeline:
         timings["text_encoder"] = time.perf_counter() - t
         x = (self.noise(len(prompts), seed) if noise is None else noise.float()).to(ctx.device)
         t = time.perf_counter()
-        if steps == 1 and not cfg:
-            c = self.one_step_constants()
-            latents = sampler.sample_one_step(lambda x_in, ts, cx: self._unet(x_in, ts, cx), x, ctx, c)
-        else:
-            latents = self._multi_step(x, ctx, uncond if cfg else None, steps, guidance)
+        try:
+            if steps == 1 and not cfg:
+                c = self.one_step_constants()
+                latents = sampler.sample_one_step(lambda x_in, ts, cx: self._unet(x_in, ts, cx), x, ctx, c)
+            else:
+                latents = self._multi_step(x, ctx, uncond if cfg else None, steps, guidance)
+        finally:
+            self._control = None
         timings["unet"] = time.perf_counter() - t
         t = time.perf_counter()
         images = self.decode(latents)
@@ -301,7 +331,30 @@ class SDXSPipeline:
         out = to_pil(images.cpu()) if output == "pil" else images
         return Generation(out, timings, latents)
 
+    def _control_tensor(self, control_image, batch: int, noise: torch.Tensor | None) -> torch.Tensor:
+        if self.controlnet is None:
+            raise SDXSError("a control image needs a ControlNet (attach_controlnet, --controlnet PATH)")
+        res = noise.shape[-1] * 8 if noise is not None else self.resolution
+        if isinstance(control_image, torch.Tensor):
+            c = control_image.float()
+            if c.dim() != 4 or c.shape[1] != 3 or tuple(c.shape[2:]) != (res, res):
+                raise SDXSError(f"control image tensor must be (B, 3, {res}, {res}) in [0, 1], got {list(c.shape)}")
+        else:
+            from sdxs_edge.control import load_control_image
+
+            c = torch.from_numpy(load_control_image(control_image, res))
+        if c.shape[0] == 1 and batch > 1:
+            c = c.expand(batch, -1, -1, -1)
+        if c.shape[0] != batch:
+            raise SDXSError(f"{c.shape[0]} control images for {batch} prompts")
+        return c.to(self.device)
+
     def _unet(self, x: torch.Tensor, t, ctx: torch.Tensor) -> torch.Tensor:
+        if self._control is not None:
+            cond, scale = self._control
+            n = x.shape[0] // cond.shape[0]  # classifier-free guidance doubles the batch
+            down, mid = self.controlnet(x, t, ctx, torch.cat([cond] * n), conditioning_scale=scale, return_dict=False)
+            return _check_finite("unet", self.c.unet(x, t, ctx, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample)
         return _check_finite("unet", self.c.unet(x, t, ctx).sample)
 
     def _multi_step(self, noise, ctx, uncond, steps: int, guidance: float) -> torch.Tensor:
