@@ -5,7 +5,8 @@ Prompt-following is measured without CLIP (../shared/SHAPES-64.md, "What to meas
   - FID-shapes: Frechet distance between generated and rendered images in the classifier's
     penultimate features, reported with the classifier's own accuracy on rendered images.
 The committed classifier lives in `sdxs_edge/evaluator/` (safetensors + JSON); `training/evaluator.py`
-trains it.
+trains it. `sdxs_edge/evaluator-style/` is a second classifier, trained on filled and outline renders
+alike, with one more head, "style" (filled / outline): it scores style LoRAs (`STYLE_EVALUATOR_DIR`).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from sdxs_edge import shapes
 from sdxs_edge.errors import ModelLoadError, SDXSError
 
 EVALUATOR_DIR = Path(__file__).parent / "evaluator"
+STYLE_EVALUATOR_DIR = Path(__file__).parent / "evaluator-style"
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,7 @@ class ClassifierConfig:
 
     width: int = 16
     feature_dim: int = 128
+    style: bool = False  # add a "style" head (shapes.STYLES: filled / outline)
 
 
 class ShapesClassifier(nn.Module):
@@ -50,7 +53,8 @@ class ShapesClassifier(nn.Module):
         stem = nn.Sequential(nn.Conv2d(5, w, 3, padding=1), nn.GroupNorm(8, w), nn.SiLU())
         self.body = nn.Sequential(stem, nn.MaxPool2d(2), block(w, 2 * w), nn.MaxPool2d(2), block(2 * w, 4 * w), nn.MaxPool2d(2))
         self.proj = nn.Sequential(nn.Flatten(), nn.Linear(4 * w * 8 * 8, cfg.feature_dim), nn.SiLU())
-        self.heads = nn.ModuleDict({a: nn.Linear(cfg.feature_dim, len(v)) for a, v in shapes.ATTRIBUTES.items()})
+        heads = {**shapes.ATTRIBUTES, **({"style": shapes.STYLES} if cfg.style else {})}
+        self.heads = nn.ModuleDict({a: nn.Linear(cfg.feature_dim, len(v)) for a, v in heads.items()})
         coords = torch.linspace(-1, 1, shapes.SIZE)
         self.register_buffer("coords", torch.stack(torch.meshgrid(coords, coords, indexing="ij"))[None], persistent=False)
 
@@ -89,10 +93,14 @@ class Evaluator:
             out.append(fn(torch.from_numpy(shapes.to_tensor_range(images[i : i + 256]))))
         return out
 
+    @property
+    def has_style(self) -> bool:
+        return "style" in self.model.heads
+
     def classify(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """Predicted class index per attribute for uint8 (B, 64, 64, 3) images."""
+        """Predicted class index per attribute (and "style", for the style evaluator) for uint8 (B, 64, 64, 3) images."""
         parts = self._run(images, lambda x: {a: v.argmax(1) for a, v in self.model(x).items()})
-        return {a: torch.cat([p[a] for p in parts]).numpy() for a in shapes.ATTRIBUTES}
+        return {a: torch.cat([p[a] for p in parts]).numpy() for a in self.model.heads}
 
     def features(self, images: np.ndarray) -> np.ndarray:
         return torch.cat(self._run(images, self.model.features)).double().numpy()

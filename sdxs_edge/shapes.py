@@ -3,6 +3,10 @@
 One shape on a plain 64x64 background; every image has known attributes, so prompt-following is
 measured without CLIP. Rendering is anti-aliased by sampling a 4x grid per pixel and averaging.
 Train and evaluation streams draw from disjoint seed spaces.
+
+Beyond the spec, for style LoRAs (arXiv 2403.16627 Fig. 4): a scene has a `style`, "filled" (the spec's
+world, the default everywhere) or "outline" (the same shape drawn as a 2 px outline: the shape minus the
+shape shrunk by 2 px along every edge normal). Captions do not name the style; a style LoRA applies it.
 """
 from __future__ import annotations
 
@@ -42,6 +46,8 @@ POSITIONS = {
     "bottom right": (50, 50),
 }
 JITTER = 2.0
+STYLES = ("filled", "outline")  # not a spec attribute: the style a style LoRA changes
+OUTLINE_WIDTH = 2.0  # px
 
 # Attribute name -> ordered value names; the order defines class indices for the evaluator.
 ATTRIBUTES: dict[str, tuple[str, ...]] = {
@@ -73,6 +79,7 @@ class Scene:
     r: float
     cx: float
     cy: float
+    style: str = "filled"
 
     @property
     def caption(self) -> str:
@@ -106,36 +113,45 @@ def parse_caption(text: str) -> dict[str, str]:
     return m.groupdict()
 
 
-def sample_scene(rng: np.random.Generator, **fixed: str) -> Scene:
+def sample_scene(rng: np.random.Generator, style: str = "filled", **fixed: str) -> Scene:
     """Draw a scene uniformly over the attributes; `fixed` pins attribute values (e.g. from a caption)."""
+    if style not in STYLES:
+        raise SDXSError(f"unknown style {style!r}; styles: {', '.join(STYLES)}")
     vals = {a: fixed.get(a) or ATTRIBUTES[a][rng.integers(len(ATTRIBUTES[a]))] for a in ATTRIBUTES}
     lo, hi = SIZES[vals["size"]]
     r = rng.uniform(lo, hi)
     px, py = POSITIONS[vals["position"]]
     cx = px + rng.uniform(-JITTER, JITTER)
     cy = py + rng.uniform(-JITTER, JITTER)
-    return Scene(r=float(r), cx=float(cx), cy=float(cy), **vals)
+    return Scene(r=float(r), cx=float(cx), cy=float(cy), style=style, **vals)
 
 
 _SUB = (np.arange(SIZE * SUPERSAMPLE) + 0.5) / SUPERSAMPLE  # sample points in pixel units
+
+
+def _inside(shape: str, dx: np.ndarray, dy: np.ndarray, r: float, w: float = 0.0) -> np.ndarray:
+    """The spec's geometry, with every edge moved inwards by `w` px along its normal (w = 0: the shape)."""
+    if shape == "circle":
+        return dx**2 + dy**2 <= (r - w) ** 2
+    if shape == "square":
+        return (np.abs(dx) <= r - w) & (np.abs(dy) <= r - w)
+    if shape == "triangle":  # apex up; the slanted edges |dx| = (dy + r) / 2 have normals of length sqrt(5)/2
+        return (dy >= -r + w) & (dy <= r - w) & (np.abs(dx) <= (dy + r) / 2 - w * np.sqrt(5) / 2)
+    if shape == "cross":
+        a = r / 3
+        return ((np.abs(dx) <= r - w) & (np.abs(dy) <= a - w)) | ((np.abs(dy) <= r - w) & (np.abs(dx) <= a - w))
+    raise SDXSError(f"unknown shape {shape!r}")
 
 
 def coverage(scene: Scene) -> np.ndarray:
     """Anti-aliased shape coverage in [0, 1], float32 (64, 64). y grows downwards."""
     dx = _SUB[None, :] - scene.cx
     dy = _SUB[:, None] - scene.cy
-    r = scene.r
-    if scene.shape == "circle":
-        inside = dx**2 + dy**2 <= r**2
-    elif scene.shape == "square":
-        inside = (np.abs(dx) <= r) & (np.abs(dy) <= r)
-    elif scene.shape == "triangle":  # apex up
-        inside = (dy >= -r) & (dy <= r) & (np.abs(dx) <= (dy + r) / 2)
-    elif scene.shape == "cross":
-        a = r / 3
-        inside = ((np.abs(dx) <= r) & (np.abs(dy) <= a)) | ((np.abs(dy) <= r) & (np.abs(dx) <= a))
-    else:
-        raise SDXSError(f"unknown shape {scene.shape!r}")
+    inside = _inside(scene.shape, dx, dy, scene.r)
+    if scene.style == "outline":
+        inside &= ~_inside(scene.shape, dx, dy, scene.r, OUTLINE_WIDTH)
+    elif scene.style != "filled":
+        raise SDXSError(f"unknown style {scene.style!r}; styles: {', '.join(STYLES)}")
     s = SUPERSAMPLE
     return inside.reshape(SIZE, s, SIZE, s).mean(axis=(1, 3)).astype(np.float32)
 
@@ -157,6 +173,7 @@ class Batch:
     masks: np.ndarray  # float32 (B, 64, 64) shape coverage
     captions: list[str]
     labels: dict[str, np.ndarray]  # attribute -> int64 (B,)
+    styles: np.ndarray | None = None  # int64 (B,) index into STYLES
 
 
 def make_batch(scenes: list[Scene]) -> Batch:
@@ -164,22 +181,35 @@ def make_batch(scenes: list[Scene]) -> Batch:
     images = [_paint(s, cov) for s, cov in zip(scenes, covs)]
     per_scene = [s.labels() for s in scenes]
     labels = {a: np.array([l[a] for l in per_scene], np.int64) for a in ATTRIBUTES}
-    return Batch(np.stack(images), np.stack(covs), [s.caption for s in scenes], labels)
+    styles = np.array([STYLES.index(s.style) for s in scenes], np.int64)
+    return Batch(np.stack(images), np.stack(covs), [s.caption for s in scenes], labels, styles)
 
 
-def train_stream(batch_size: int, seed: int = 0, start: int = 0) -> Iterator[Batch]:
-    """Endless training batches; batch k depends only on (seed, k), so a resumed run continues exactly."""
+def _style_of(style: str, rng: np.random.Generator) -> str:
+    """A style name, or "mixed": each scene filled or outline with equal odds."""
+    if style == "mixed":
+        return STYLES[rng.integers(len(STYLES))]
+    return style
+
+
+def train_stream(batch_size: int, seed: int = 0, start: int = 0, style: str = "filled") -> Iterator[Batch]:
+    """Endless training batches; batch k depends only on (seed, k), so a resumed run continues exactly.
+
+    Args:
+        style: "filled" (the spec's world), "outline", or "mixed" (half and half, drawn per scene).
+    """
     k = start
     while True:
         rng = np.random.default_rng([TRAIN_STREAM, seed, k])
-        yield make_batch([sample_scene(rng) for _ in range(batch_size)])
+        # The filled stream draws exactly as it always has (no extra draws), so older runs reproduce.
+        yield make_batch([sample_scene(rng, style=_style_of(style, rng)) for _ in range(batch_size)])
         k += 1
 
 
-def eval_scenes(n: int, seed: int = 0) -> list[Scene]:
-    """A fixed evaluation set, disjoint in seed space from every training stream."""
+def eval_scenes(n: int, seed: int = 0, style: str = "filled") -> list[Scene]:
+    """A fixed evaluation set, disjoint in seed space from every training stream (`style` as in train_stream)."""
     rng = np.random.default_rng([EVAL_STREAM, seed])
-    return [sample_scene(rng) for _ in range(n)]
+    return [sample_scene(rng, style=_style_of(style, rng)) for _ in range(n)]
 
 
 def to_tensor_range(images: np.ndarray) -> np.ndarray:

@@ -26,6 +26,8 @@ class EvaluatorConfig:
     lr: AdamW learning rate (cosine to 0).
     noise: max std of the added Gaussian noise (in [-1, 1] units).
     seed: data seed (train stream; evaluation scenes are disjoint).
+    style: render style of the training stream: "filled" (the main evaluator) or "mixed" (adds a style
+        head: the style evaluator for outline LoRAs).
     """
 
     steps: int = 600
@@ -33,6 +35,7 @@ class EvaluatorConfig:
     lr: float = 2e-3
     noise: float = 0.15
     seed: int = 7
+    style: str = "filled"
 
 
 def _augment(x: torch.Tensor, noise: float, g: torch.Generator) -> torch.Tensor:
@@ -50,18 +53,20 @@ def train_evaluator(cfg: EvaluatorConfig, out: str | Path, dest: str | Path | No
     """Train, then write weights + config to `dest` (default: out/evaluator). Returns held-out accuracy."""
     out = Path(out)
     torch.manual_seed(cfg.seed)
-    model = ShapesClassifier(ClassifierConfig()).train()
+    ccfg = ClassifierConfig(style=cfg.style != "filled")
+    model = ShapesClassifier(ccfg).train()
     opt = torch.optim.AdamW(model.parameters(), cfg.lr, weight_decay=1e-4)
     sched = lambda k: 0.5 * (1 + math.cos(math.pi * k / cfg.steps))
 
     def step(k: int) -> dict:
         for gr in opt.param_groups:
             gr["lr"] = cfg.lr * sched(k)
-        b = next(shapes.train_stream(cfg.batch, seed=cfg.seed, start=k))
+        b = next(shapes.train_stream(cfg.batch, seed=cfg.seed, start=k, style=cfg.style))
         g = torch.Generator().manual_seed(k)
         x = _augment(torch.from_numpy(shapes.to_tensor_range(b.images)), cfg.noise, g)
         logits = model(x)
-        loss = sum(F.cross_entropy(logits[a], torch.from_numpy(b.labels[a])) for a in shapes.ATTRIBUTES)
+        labels = {**b.labels, "style": b.styles}
+        loss = sum(F.cross_entropy(logits[a], torch.from_numpy(labels[a])) for a in logits)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -69,13 +74,16 @@ def train_evaluator(cfg: EvaluatorConfig, out: str | Path, dest: str | Path | No
 
     run_loop("evaluator", out, LoopConfig(cfg.steps, log_every=50, ckpt_every=200), step, {"classifier": model}, {"opt": opt})
     ev = Evaluator(model.eval(), {})
-    held = shapes.make_batch(shapes.eval_scenes(2048, seed=99))
-    acc = accuracy_report(ev.classify(held.images), held.labels)
+    held = shapes.make_batch(shapes.eval_scenes(2048, seed=99, style=cfg.style))
+    pred = ev.classify(held.images)
+    acc = accuracy_report(pred, held.labels)
+    if ccfg.style:
+        acc["style"] = float((pred["style"] == held.styles).mean())
     dest = Path(dest) if dest else out / "evaluator"
     dest.mkdir(parents=True, exist_ok=True)
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(dest / "model.safetensors"))
-    meta = {"config": asdict(ClassifierConfig()), "training": asdict(cfg), "heldout_accuracy": acc}
+    meta = {"config": asdict(ccfg), "training": asdict(cfg), "heldout_accuracy": acc}
     (dest / "config.json").write_text(json.dumps(meta, indent=2))
     return acc

@@ -222,16 +222,34 @@ def anneal(cfg: SSDConfig, p: float) -> tuple[float, float]:
     return alpha, lam
 
 
-def score_distill(cfg: SSDConfig, out: Path, student, text_encoder, offline_unet, pairs: dict, consts: sampler.OneStepConstants, alphas_cumprod: torch.Tensor, empty_ids: torch.Tensor, seed: int = 0):
-    """Segmented score distillation of a (warmed-up) one-step student."""
+def score_distill(
+    cfg: SSDConfig,
+    out: Path,
+    student,
+    text_encoder,
+    offline_unet,
+    pairs: dict,
+    consts: sampler.OneStepConstants,
+    alphas_cumprod: torch.Tensor,
+    empty_ids: torch.Tensor,
+    seed: int = 0,
+    online_init=None,
+):
+    """Segmented score distillation of a (warmed-up) one-step student.
+
+    Only the student's parameters with requires_grad are trained (all of them, or an injected LoRA). The
+    online DM starts as a copy of `online_init` (default: the offline DM; a style LoRA distillation starts
+    it from the teacher without the LoRA, which never enters the online DM).
+    """
     text_encoder.requires_grad_(False).eval()
     offline_unet.requires_grad_(False).eval()
-    online = copy.deepcopy(offline_unet).requires_grad_(True).train()
+    online = copy.deepcopy(online_init if online_init is not None else offline_unet).requires_grad_(True).train()
     dev = pairs["noise"].device
     encoder = make_encoder(cfg.encoder, offline_unet).to(dev)
     alphas_cumprod = alphas_cumprod.to(dev)
     empty_ids = empty_ids.to(dev)
-    opt_s = torch.optim.AdamW(student.parameters(), cfg.lr, weight_decay=0.0)
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt_s = torch.optim.AdamW(params, cfg.lr, weight_decay=0.0)
     opt_o = torch.optim.AdamW(online.parameters(), cfg.online_lr, weight_decay=0.0)
     student.train()
     T = len(alphas_cumprod)
@@ -269,7 +287,7 @@ def score_distill(cfg: SSDConfig, out: Path, student, text_encoder, offline_unet
         loss = (sd_mask * sd + (1 - sd_mask) * lam * fm).mean()
         opt_s.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt_s.step()
         # Online DM: denoising loss on the student's current outputs.
         for _ in range(cfg.online_updates):
