@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from runtimes.base import BackendMissingError, Session
-from sdxs_edge.bundle import COMPONENT_NAMES, BundleError, atomic_dir
+from sdxs_edge.bundle import REQUIRED_COMPONENTS, BundleError, atomic_dir
 
 META_FILE = "openvino.json"
 
@@ -112,6 +112,8 @@ def convert(onnx_bundle: str | Path, precision: str, out: str | Path, model: str
     manifest = json.loads((onnx_bundle / "manifest.json").read_text())
     if manifest["target"] != "onnx" or manifest["precision"] != "fp32":
         raise BundleError(f"{onnx_bundle}: OpenVINO IR is built from an ONNX fp32 bundle, got {manifest['target']}/{manifest['precision']}")
+    if "controlnet" in manifest["components"]:
+        raise BundleError(f"{onnx_bundle}: the OpenVINO baseline is built for bundles without a ControlNet")
 
     from converters import calibration, parity
     from sdxs_edge import sampler
@@ -130,7 +132,7 @@ def convert(onnx_bundle: str | Path, precision: str, out: str | Path, model: str
     figures, runners = {}, {}
     out = Path(out)
     with atomic_dir(out, overwrite=True) as tmp:
-        for comp in COMPONENT_NAMES:
+        for comp in REQUIRED_COMPONENTS:
             t = time.perf_counter()
             spec = manifest["components"][comp]
             names = [s["name"] for s in spec["inputs"]]

@@ -1,16 +1,17 @@
 """`convert`: model (preset, folder or loaded pipeline) -> a verified bundle, written atomically.
 
-Stages: validate the request (and the LoRA file, if any) -> load the model (and fuse the LoRA into its
-U-Net, a copy for a pipeline passed in; the fused U-Net is the reference from then on) -> capture
-calibration and parity tensors from real one-step runs -> per component export / lower / report / run ->
-per-component and end-to-end parity against PyTorch -> tokenizer + manifest -> atomic rename. Any failure
-(including a ParityError or an interrupt) leaves no bundle behind and an existing one untouched.
+Stages: validate the request (and the LoRA file and ControlNet folder, if any) -> load the model (and
+fuse the LoRA into its U-Net, a copy for a pipeline passed in; the fused U-Net is the reference from then
+on; a ControlNet built for another U-Net is refused here, before any lowering) -> capture calibration and
+parity tensors from real one-step runs (with a ControlNet, on control images made from the prompts: see
+`converters.calibration`) -> per component export / lower / report / run -> per-component and end-to-end
+parity against PyTorch -> tokenizer + manifest -> atomic rename. Any failure (including a ParityError or
+an interrupt) leaves no bundle behind and an existing one untouched.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import importlib
 import json
 import math
@@ -27,8 +28,9 @@ import numpy as np
 from converters import calibration, parity
 from converters.base import ComponentJob, ComponentResult, ConversionConfig
 from converters.registry import DELEGATES, ONNX_CALIBRATIONS, PALETTE_BITS, UnsupportedConversion, component_export, precision_spec
-from sdxs_edge.bundle import COMPONENT_NAMES, FORMAT, FORMAT_VERSION, TARGETS, BundleError, atomic_dir, load_manifest, sha256_path, validate_manifest
+from sdxs_edge.bundle import COMPONENT_NAMES, FORMAT, FORMAT_VERSION, REQUIRED_COMPONENTS, TARGETS, BundleError, atomic_dir, load_manifest, sha256_path, validate_manifest
 from sdxs_edge.errors import SDXSError
+from sdxs_edge.weights import modules_sha256
 
 BACKENDS = {"onnx": "converters.to_onnx", "executorch": "converters.to_executorch", "coreml": "converters.to_coreml"}
 TOKENIZER_DIR = "tokenizer"
@@ -50,11 +52,19 @@ def check_request(
     resolution: int | None = None,
     lora: str | os.PathLike | None = None,
     lora_scale: float = 1.0,
+    controlnet=None,
+    control_scale: float = 1.0,
 ) -> tuple[str, ...]:
-    """Reject unsupported combinations before any model is loaded; returns components in bundle order."""
+    """Reject unsupported combinations before any model is loaded; returns components in bundle order.
+
+    `components` None means every component the request has: text_encoder, unet, decoder, and controlnet
+    when a ControlNet is given (any non-None `controlnet`: a folder or a module).
+    """
     if target not in TARGETS:
         raise UnsupportedConversion(f"unknown target {target!r}; targets: {', '.join(TARGETS)}")
     precision_spec(target, precision)
+    if components is None:
+        components = [c for c in COMPONENT_NAMES if c in REQUIRED_COMPONENTS or (c == "controlnet" and controlnet is not None)]
     if isinstance(components, str):
         components = [components]
     comps = list(components)
@@ -89,6 +99,20 @@ def check_request(
         raise UnsupportedConversion(f"lora_scale={lora_scale} needs a LoRA file (lora=PATH, --lora PATH)")
     if lora is not None and "unet" not in comps:
         raise UnsupportedConversion("a LoRA is fused into the U-Net; add unet to the components")
+    try:
+        scale_ok = not isinstance(control_scale, bool) and math.isfinite(float(control_scale))
+    except (TypeError, ValueError):
+        scale_ok = False
+    if not scale_ok:
+        raise UnsupportedConversion(f"control_scale must be a finite number, got {control_scale!r}")
+    if controlnet is None and control_scale != 1.0:
+        raise UnsupportedConversion(f"control_scale={control_scale} needs a ControlNet (controlnet=PATH, --controlnet PATH)")
+    if controlnet is None and "controlnet" in comps:
+        raise UnsupportedConversion("the controlnet component needs a ControlNet (controlnet=PATH, --controlnet PATH)")
+    if controlnet is not None and "controlnet" in comps and "unet" not in comps:
+        raise UnsupportedConversion("the ControlNet's residuals feed the U-Net; add unet to the components")
+    if controlnet is not None and not {"controlnet", "unet"} & set(comps):
+        raise UnsupportedConversion("a ControlNet changes the controlnet and unet components only; add them to the components")
     return tuple(c for c in COMPONENT_NAMES if c in comps)
 
 
@@ -106,15 +130,7 @@ def _one_step_x0(c):
 def weights_sha256(pipe) -> str:
     """sha256 of the network weights as loaded: per module (text_encoder, unet, vae) and sorted tensor name,
     the name, dtype, shape and raw bytes. The same for a preset, a folder or a pipeline instance."""
-    import torch
-
-    h = hashlib.sha256()
-    for mod_name, module in pipe.c.modules().items():
-        for k, t in sorted(module.state_dict().items()):
-            t = t.detach().to("cpu").contiguous()
-            h.update(f"{mod_name}.{k}|{t.dtype}|{tuple(t.shape)}\0".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
-    return h.hexdigest()
+    return modules_sha256(pipe.c.modules())
 
 
 def _peak_rss_mb() -> float:
@@ -151,7 +167,7 @@ def convert(
     target: str,
     precision: str,
     out: str | os.PathLike,
-    components: Sequence[str] = COMPONENT_NAMES,
+    components: Sequence[str] | None = None,
     resolution: int | None = None,
     calibration_prompts: str | os.PathLike | Sequence[str] | None = None,
     overwrite: bool = False,
@@ -168,6 +184,8 @@ def convert(
     seed: int = 0,
     lora: str | os.PathLike | None = None,
     lora_scale: float = 1.0,
+    controlnet=None,
+    control_scale: float = 1.0,
 ) -> Path:
     """Convert a model into a bundle for one runtime target and check it against PyTorch.
 
@@ -176,7 +194,8 @@ def convert(
         target: "onnx", "executorch" or "coreml".
         precision: "fp32", "fp16" or "int8" (see `converters.registry.PRECISION_SPECS` for the pairs).
         out: the bundle directory to create.
-        components: any of "text_encoder", "unet", "decoder" (default all three).
+        components: any of "text_encoder", "controlnet", "unet", "decoder" (default: all three, and
+            controlnet when `controlnet` is given).
         resolution: image side in pixels (default the model's; a multiple of 8 the U-Net can halve).
         calibration_prompts: int8 calibration prompts: a text file (one per line) or a list; default 32
             SHAPES-64 captions.
@@ -200,12 +219,18 @@ def convert(
             lowering; the fused U-Net is then the parity reference. A pipeline passed in is left as it
             was (the LoRA goes into a copy of its U-Net). Recorded under "conversion.config".
         lora_scale: the LoRA's strength (W + lora_scale * alpha / rank * B @ A).
+        controlnet: a ControlNet folder (`ControlNetModel.save_pretrained`) or a loaded `ControlNetModel`
+            built for this U-Net (else refused before any lowering). It is lowered as the "controlnet"
+            component and the U-Net takes its residuals as inputs; calibration and parity use canny edges
+            of SHAPES-64 renders of the prompts as control images. Its folder and sha256 are recorded
+            under "source.controlnet" and "conversion.config".
+        control_scale: the ControlNet's conditioning scale, baked into the controlnet component.
 
     Returns:
         the bundle path.
     """
     t_start = time.perf_counter()
-    comps = check_request(target, precision, components, dynamic, palettize, delegate, batch, resolution, lora, lora_scale)
+    comps = check_request(target, precision, components, dynamic, palettize, delegate, batch, resolution, lora, lora_scale, controlnet, control_scale)
     if onnx_calibration not in ONNX_CALIBRATIONS:
         raise UnsupportedConversion(f"onnx_calibration must be one of {', '.join(ONNX_CALIBRATIONS)}; got {onnx_calibration!r}")
     spec = precision_spec(target, precision)
@@ -226,6 +251,13 @@ def convert(
         lora_file = resolve_lora_path(lora)
         lora_weights = load_lora(lora_file)
         lora_sha256 = sha256_path(lora_file)
+    cn_path, cn_sha256 = None, None
+    if isinstance(controlnet, (str, os.PathLike)):  # a bad folder fails here, before the model is loaded
+        from sdxs_edge.controlnet import load_controlnet
+
+        cn_path = Path(controlnet)
+        controlnet = load_controlnet(cn_path)
+        cn_sha256 = sha256_path(cn_path)
     back = backend(target)  # import errors of an uninstalled extra surface here, before loading the model
 
     from tqdm.auto import tqdm
@@ -264,6 +296,10 @@ def convert(
                 pipe = SDXSPipeline(dataclasses.replace(base.c, unet=copy.deepcopy(base.c.unet)), name=base.name)
                 pipe.default_steps, pipe.default_guidance = base.default_steps, base.default_guidance
             fused = fuse_lora(pipe.c.unet, lora_weights, scale=lora_scale)
+        if controlnet is not None:  # one line naming the mismatch, before any capture or lowering
+            from sdxs_edge.controlnet import check_controlnet
+
+            check_controlnet(controlnet, pipe.c.unet)
         if trained is None:
             trained = pipe.name not in PRESETS
         res = resolution or pipe.resolution
@@ -289,9 +325,12 @@ def convert(
             lora_sha256=lora_sha256,
             lora_scale=float(lora_scale) if lora_file is not None else None,
             lora_fused_modules=len(fused),
+            controlnet=(str(cn_path) if cn_path is not None else "<module>") if controlnet is not None else None,
+            controlnet_sha256=cn_sha256,
+            control_scale=float(control_scale) if controlnet is not None else None,
         )
-        modules = C.wrappers(pipe)
-        specs = C.io_specs(pipe, batch, res)
+        modules = C.wrappers(pipe, controlnet, control_scale)
+        specs = C.io_specs(pipe, batch, res, controlnet)
         constants = pipe.one_step_constants()
         done("load", t0)
 
@@ -335,10 +374,11 @@ def convert(
 
             t0 = stage("parity")
             runnable = all(r.runner is not None for r in results.values())
-            if set(comps) == set(COMPONENT_NAMES) and runnable:
+            needed = set(modules)  # the three, and the ControlNet when there is one
+            if set(comps) == needed and runnable:
                 e2e = parity.check_end_to_end(parity.end_to_end({n: r.runner for n, r in results.items()}, check, constants), spec.tolerance, trained, f"{target}/{precision}")
             else:
-                why = "not all three components are in the bundle" if set(comps) != set(COMPONENT_NAMES) else "the lowered models cannot run on this machine"
+                why = f"not all {'three' if len(needed) == 3 else 'four (with the ControlNet)'} components are in the bundle" if set(comps) != needed else "the lowered models cannot run on this machine"
                 e2e = {"image_psnr_db": None, "enforced": False, "why_not_enforced": f"not computed: {why}"}
             done("parity", t0)
 
@@ -358,6 +398,7 @@ def convert(
                     "preset_seed": seed if pipe.name in PRESETS and not isinstance(model, SDXSPipeline) else None,
                     "unet_class": type(pipe.c.unet).__name__,
                     "vae_class": type(pipe.c.vae).__name__,
+                    **({"controlnet": _controlnet_record(controlnet, cn_path, cn_sha256, control_scale)} if controlnet is not None else {}),
                 },
                 "target": target,
                 "precision": precision,
@@ -370,6 +411,7 @@ def convert(
                     "checked": "numeric" if spec.runs_here and delegate == "xnnpack" else "structural",
                     "reference": "PyTorch float32 wrappers (sdxs_edge.components) on the same inputs",
                     "prompts": list(calibration.PARITY_PROMPTS),
+                    **({"control_images": CONTROL_IMAGES} if controlnet is not None else {}),
                     "seeds": [calibration.PARITY_SEED0 + i for i in range(len(check))],
                     "null_db_means": "exact match (infinite SNR / PSNR)",
                     "components": par_components,
@@ -399,6 +441,25 @@ def convert(
     finally:
         bar.close()
     return out
+
+
+CONTROL_IMAGES = "canny edges of a SHAPES-64 render of each prompt's scene (a random scene for other prompts), sdxs_edge.control.prompt_controls seeded by the sample's seed"
+
+
+def _controlnet_record(controlnet, path: Path | None, files_sha256: str | None, scale: float) -> dict:
+    """The manifest's "source.controlnet": where the ControlNet came from, so the PyTorch reference can
+    load it again (`runtimes.torch_session`), and what it was."""
+    return {
+        "model": str(path) if path is not None else None,
+        "sha256": files_sha256,
+        "sha256_of": "the ControlNet folder's files (sdxs_edge.bundle.sha256_path); null for a module passed in",
+        "weights_sha256": modules_sha256({"controlnet": controlnet}),
+        "weights_sha256_of": "ControlNet weights as loaded (state dict; name, dtype, shape, bytes)",
+        "class": type(controlnet).__name__,
+        "conditioning_embedding_out_channels": list(controlnet.config.conditioning_embedding_out_channels),
+        "control_scale": float(scale),
+        "control_image": "float32 (B, 3, H, W) in [0, 1], white canny edges on black (sdxs_edge.control)",
+    }
 
 
 def _check_written(bundle: Path, manifest: dict) -> None:

@@ -14,7 +14,8 @@ import numpy as np
 
 from converters.registry import ComponentExport, PrecisionSpec
 
-Runner = Callable[[tuple[np.ndarray, ...]], np.ndarray]
+# A lowered component as a numpy callable: one array for one output, a tuple for several (the ControlNet).
+Runner = Callable[[tuple[np.ndarray, ...]], "np.ndarray | tuple[np.ndarray, ...]"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,10 @@ class ConversionConfig:
         lora_sha256: sha256 of that file.
         lora_scale: the strength it was fused with.
         lora_fused_modules: how many U-Net layers it changed.
+        controlnet: the ControlNet folder lowered as the "controlnet" component ("<module>" for one passed
+            in as a module; None: no ControlNet).
+        controlnet_sha256: sha256 of that folder's files (`sdxs_edge.bundle.sha256_path`; None for a module).
+        control_scale: the conditioning scale baked into the ControlNet component.
     """
 
     target: str
@@ -70,6 +75,9 @@ class ConversionConfig:
     lora_sha256: str | None = None
     lora_scale: float | None = None
     lora_fused_modules: int = 0
+    controlnet: str | None = None
+    controlnet_sha256: str | None = None
+    control_scale: float | None = None
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)

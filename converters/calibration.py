@@ -3,11 +3,17 @@
 int8 ranges must come from what each component sees in a real one-step generation (arXiv 2403.16627
 Sec. 4: one U-Net call at t = 999), not from random tensors: the text encoder sees token ids of real
 prompts, the U-Net sees x_in = initial_latent(noise) with the prompt's context, and the decoder sees the
-sampler's x0. `capture` runs the PyTorch wrappers once over (prompt, seed) pairs and keeps all three.
+sampler's x0. `capture` runs the PyTorch wrappers once over (prompt, seed) pairs and keeps every
+component's inputs and outputs.
+
+With a ControlNet, each sample also needs a control image. There is no edge map to go with a prompt, so
+one is made from the prompt: canny edges of a SHAPES-64 render of the prompt's scene, or, for a prompt
+that is not a SHAPES-64 caption, of a random SHAPES-64 scene (`sdxs_edge.control.prompt_controls`, seeded
+by the sample's seed). The ControlNet sees (x_in, context, control), the U-Net its residuals.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -78,12 +84,14 @@ class Captured:
         outputs: component name -> list of PyTorch outputs for those inputs (the reference).
         noise: the unit Gaussian latents, one per sample, for the sampler rule.
         images: uint8 images (B, H, W, 3) per sample from the PyTorch decoder.
+        controls: the control images (B, 3, H, W) in [0, 1] per sample (empty without a ControlNet).
     """
 
     inputs: dict[str, list[tuple[np.ndarray, ...]]]
-    outputs: dict[str, list[np.ndarray]]
+    outputs: dict[str, list]  # one array per sample; a tuple of arrays for the ControlNet's residuals
     noise: list[np.ndarray]
     images: list[np.ndarray]
+    controls: list[np.ndarray] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.noise)
@@ -108,39 +116,49 @@ def capture(pipe, modules: dict, prompts: Sequence[str], seed0: int, batch: int 
 
     Args:
         pipe: the loaded `SDXSPipeline`.
-        modules: `sdxs_edge.components.wrappers(pipe)`.
+        modules: `sdxs_edge.components.wrappers(pipe)` (with a "controlnet" module, the control images are
+            made from the prompts, see the module docstring).
         prompts: one sample per `batch` prompts (the list is cycled to a multiple of `batch`).
-        seed0: noise seed of the first sample; sample i uses seed0 + i.
+        seed0: noise seed of the first sample; sample i uses seed0 + i (and control scene seed seed0 + i).
         batch: batch size of every tensor (the bundle's static batch).
         resolution: image side in pixels (default: the model's).
     """
     import torch
 
     from sdxs_edge import sampler
+    from sdxs_edge.control import prompt_controls
 
     c = pipe.one_step_constants()
     res = resolution or pipe.resolution
     prompts = list(prompts)
     n = -(-len(prompts) // batch)
     prompts = [prompts[i % len(prompts)] for i in range(n * batch)]
-    ins: dict[str, list] = {"text_encoder": [], "unet": [], "decoder": []}
-    outs: dict[str, list] = {"text_encoder": [], "unet": [], "decoder": []}
-    noises, images = [], []
+    ins: dict[str, list] = {k: [] for k in modules}
+    outs: dict[str, list] = {k: [] for k in modules}
+    noises, images, controls = [], [], []
     with torch.no_grad():
         for i in range(n):
-            ids = pipe.tokenize(prompts[i * batch : (i + 1) * batch]).to(torch.int32)
+            chunk = prompts[i * batch : (i + 1) * batch]
+            ids = pipe.tokenize(chunk).to(torch.int32)
             ctx = modules["text_encoder"](ids)
             z = noise(batch, res // 8, seed0 + i)
             x_in = torch.from_numpy(sampler.initial_latent(z, c))
-            eps = modules["unet"](x_in, ctx)
+            residuals: tuple = ()
+            if "controlnet" in modules:
+                control = torch.from_numpy(prompt_controls(chunk, res, seed0 + i))
+                residuals = tuple(modules["controlnet"](x_in, ctx, control))
+                ins["controlnet"].append((x_in.numpy(), ctx.numpy(), control.numpy()))
+                outs["controlnet"].append(tuple(r.numpy() for r in residuals))
+                controls.append(control.numpy())
+            eps = modules["unet"](x_in, ctx, *residuals)
             x0 = sampler.denoised(eps, torch.from_numpy(z), c).float()
             img = modules["decoder"](x0)
             ins["text_encoder"].append((ids.numpy(),))
-            ins["unet"].append((x_in.numpy(), ctx.numpy()))
+            ins["unet"].append((x_in.numpy(), ctx.numpy(), *(r.numpy() for r in residuals)))
             ins["decoder"].append((x0.numpy(),))
             outs["text_encoder"].append(ctx.numpy())
             outs["unet"].append(eps.numpy())
             outs["decoder"].append(img.numpy())
             noises.append(z)
             images.append(to_uint8(img.numpy()))
-    return Captured(ins, outs, noises, images)
+    return Captured(ins, outs, noises, images, controls)

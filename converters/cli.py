@@ -3,7 +3,7 @@
     sdxs-edge convert MODEL --target {onnx,executorch,coreml} --precision {fp32,fp16,int8} --out DIR
         [--components NAME ...] [--resolution N] [--calibration-prompts FILE] [--overwrite]
         [--dynamic] [--palettize {4,6}] [--delegate {xnnpack,coreml}] [--batch N]
-        [--lora PATH [--lora-scale S]] [--dry-run]
+        [--lora PATH [--lora-scale S]] [--controlnet PATH [--control-scale S]] [--dry-run]
 
 The handler returns an exit code and raises SDXSError (UnsupportedConversion, ParityError, ...), which
 the main CLI prints as one line with exit code 2.
@@ -15,8 +15,9 @@ import json
 from pathlib import Path
 
 from converters.registry import DELEGATES, ONNX_CALIBRATIONS, PALETTE_BITS, PRECISION_SPECS, UnsupportedConversion
-from sdxs_edge.bundle import COMPONENT_NAMES, PRECISIONS, TARGETS
+from sdxs_edge.bundle import COMPONENT_NAMES, PRECISIONS, REQUIRED_COMPONENTS, TARGETS
 from sdxs_edge.cli import _positive
+from sdxs_edge.controlnet import parse_control_scale
 from sdxs_edge.lora import parse_scale
 
 
@@ -30,8 +31,10 @@ def _fraction(text: str) -> float:
     return v
 
 
-def _components(values: list[str]) -> list[str]:
-    """--components accepts "unet decoder" and "unet,decoder" alike."""
+def _components(values: list[str] | None) -> list[str] | None:
+    """--components accepts "unet decoder" and "unet,decoder" alike; None (not given) means all of the request's."""
+    if values is None:
+        return None
     return [c.strip() for v in values for c in v.split(",") if c.strip()]
 
 
@@ -51,7 +54,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--target", required=True, choices=TARGETS, help="runtime format")
     p.add_argument("--precision", required=True, choices=PRECISIONS, help="weights / compute precision")
     p.add_argument("--out", required=True, type=Path, help="bundle directory to create")
-    p.add_argument("--components", nargs="+", default=list(COMPONENT_NAMES), metavar="NAME", help=f"components to convert (default: {' '.join(COMPONENT_NAMES)})")
+    p.add_argument("--components", nargs="+", metavar="NAME", help=f"components to convert, of {' '.join(COMPONENT_NAMES)} (default: {' '.join(REQUIRED_COMPONENTS)}, and controlnet with --controlnet)")
     p.add_argument("--resolution", type=int, help="image side in pixels (default: the model's)")
     p.add_argument("--calibration-prompts", type=Path, metavar="FILE", help="int8 calibration prompts, one per line (default: 32 SHAPES-64 captions)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
@@ -67,6 +70,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="weight seed when MODEL is a preset")
     p.add_argument("--lora", type=Path, metavar="PATH", help="U-Net LoRA (safetensors) to fuse into the weights before lowering; recorded in the manifest")
     p.add_argument("--lora-scale", type=parse_scale, metavar="S", help="LoRA strength (default 1.0; needs --lora)")
+    p.add_argument("--controlnet", type=Path, metavar="PATH", help="ControlNet folder (diffusers ControlNetModel, safetensors) built for MODEL's U-Net: lowered as its own component, the U-Net takes its residuals; recorded in the manifest")
+    p.add_argument("--control-scale", type=parse_control_scale, metavar="S", help="ControlNet conditioning scale baked into the bundle (default 1.0; needs --controlnet)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--dry-run", action="store_true", help="check the request, print it and exit without converting")
     p.set_defaults(func=run)
@@ -91,8 +96,11 @@ def run(args: argparse.Namespace) -> int:
     if args.lora_scale is not None and args.lora is None:
         raise UnsupportedConversion("--lora-scale needs --lora PATH")
     lora_scale = 1.0 if args.lora_scale is None else args.lora_scale
+    if args.control_scale is not None and args.controlnet is None:
+        raise UnsupportedConversion("--control-scale needs --controlnet PATH")
+    control_scale = 1.0 if args.control_scale is None else args.control_scale
     if args.dry_run:
-        comps = check_request(args.target, args.precision, components, args.dynamic, args.palettize, args.delegate, args.batch, args.resolution, args.lora, lora_scale)
+        comps = check_request(args.target, args.precision, components, args.dynamic, args.palettize, args.delegate, args.batch, args.resolution, args.lora, lora_scale, args.controlnet, control_scale)
         lora = None
         if args.lora is not None:  # the file is read and checked; whether it fits the U-Net needs the model
             from sdxs_edge.bundle import sha256_path
@@ -101,6 +109,13 @@ def run(args: argparse.Namespace) -> int:
             f = resolve_lora_path(args.lora)
             modules = {k.rsplit(".lora_A.", 1)[0] for k in load_lora(f) if ".lora_A." in k}
             lora = {"file": str(f), "sha256": sha256_path(f), "scale": lora_scale, "modules": len(modules)}
+        controlnet = None
+        if args.controlnet is not None:  # the folder is read and checked; whether it fits the U-Net needs the model
+            from sdxs_edge.bundle import sha256_path
+            from sdxs_edge.controlnet import load_controlnet
+
+            cn = load_controlnet(args.controlnet)
+            controlnet = {"folder": str(args.controlnet), "sha256": sha256_path(args.controlnet), "scale": control_scale, "block_out_channels": list(cn.config.block_out_channels)}
         spec = PRECISION_SPECS[(args.target, args.precision)]
         request = {
             "model": args.model,
@@ -117,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
             "sensitivity": not args.no_sensitivity,
             "trained": args.trained,
             "lora": lora,
+            "controlnet": controlnet,
             "summary": spec.summary,
             "floor_snr_db": spec.tolerance.snr_db,
             "floor_image_psnr_db": spec.tolerance.image_psnr_db,
@@ -146,6 +162,8 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         lora=args.lora,
         lora_scale=lora_scale,
+        controlnet=args.controlnet,
+        control_scale=control_scale,
     )
     print(summary(json.loads((out / "manifest.json").read_text()), out))
     return 0
@@ -157,6 +175,8 @@ def summary(manifest: dict, out: Path) -> str:
     cfg = manifest["conversion"].get("config", {})
     if cfg.get("lora"):
         lines.append(f"  lora: {cfg['lora']} fused into {cfg['lora_fused_modules']} U-Net layers (scale {cfg['lora_scale']:g})")
+    if cfg.get("controlnet"):
+        lines.append(f"  controlnet: {cfg['controlnet']} (scale {cfg['control_scale']:g}); the U-Net takes its residuals")
     for name, p in manifest["parity"]["components"].items():
         if p.get("checked") == "structural":
             lines.append(f"  {name}: structural check passed ({p['why']})")
@@ -167,6 +187,8 @@ def summary(manifest: dict, out: Path) -> str:
     if e2e.get("image_psnr_db") is not None or e2e.get("images"):
         psnr = "identical" if e2e["image_psnr_db"] is None else f"{e2e['image_psnr_db']:.1f} dB"
         lines.append(f"  end to end: image PSNR {psnr}" + ("" if e2e["enforced"] else f" (recorded, not enforced: {e2e['why_not_enforced']})"))
+        if e2e.get("edge_iou"):
+            lines.append(f"  edge IoU with the control images: lowered {e2e['edge_iou']['lowered']:.3f}, PyTorch {e2e['edge_iou']['pytorch']:.3f}")
     else:
         lines.append(f"  end to end: {e2e['why_not_enforced']}")
     return "\n".join(lines)

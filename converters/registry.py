@@ -109,7 +109,7 @@ class ComponentExport:
     """How one component reaches one target.
 
     Args:
-        component: "text_encoder", "unet" or "decoder".
+        component: "text_encoder", "controlnet", "unet" or "decoder".
         target: the backend.
         file: file name inside the bundle (runtimes find it through the manifest).
         tracer: "torchscript" (torch.jit.trace / the TorchScript ONNX exporter) or "export" (torch.export).
@@ -132,13 +132,22 @@ COMPONENT_EXPORTS: Mapping[tuple[str, str], ComponentExport] = MappingProxyType(
         (e.component, e.target): e
         for e in (
             ComponentExport("text_encoder", "onnx", "text_encoder.onnx", "torchscript", _ONNX_WHY),
+            ComponentExport("controlnet", "onnx", "controlnet.onnx", "torchscript", _ONNX_WHY),
             ComponentExport("unet", "onnx", "unet.onnx", "torchscript", _ONNX_WHY),
             ComponentExport("decoder", "onnx", "decoder.onnx", "torchscript", _ONNX_WHY),
             ComponentExport("text_encoder", "executorch", "text_encoder.pte", "export", "ExecuTorch lowers torch.export programs only"),
+            ComponentExport("controlnet", "executorch", "controlnet.pte", "export", "ExecuTorch lowers torch.export programs only"),
             ComponentExport("unet", "executorch", "unet.pte", "export", "ExecuTorch lowers torch.export programs only"),
             ComponentExport("decoder", "executorch", "decoder.pte", "export", "ExecuTorch lowers torch.export programs only"),
             ComponentExport(
                 "text_encoder", "coreml", "text_encoder.mlpackage", "torchscript", "coremltools 9 has no converter for the 'alias' node torch.export leaves in CLIP"
+            ),
+            ComponentExport(
+                "controlnet",
+                "coreml",
+                "controlnet.mlpackage",
+                "export",
+                "a copy of the U-Net's encoder with the same timestep broadcast, lowered with the U-Net's tracer",
             ),
             ComponentExport(
                 "unet", "coreml", "unet.mlpackage", "export", "coremltools 9 fails on the traced 'int' of the timestep broadcast; the torch.export graph converts"

@@ -71,6 +71,7 @@ def lower(job: ComponentJob, traced):
         )
     except Exception as e:
         raise _err(job, "conversion", e) from e
+    model = _rename_inputs(job, model)
     if job.config.precision != "int8":
         return model
     from coremltools.optimize import coreml as cto
@@ -83,6 +84,26 @@ def lower(job: ComponentJob, traced):
         return cto.linear_quantize_weights(model, cto.OptimizationConfig(op_type_configs={t: op for t in WEIGHT_OPS}))
     except Exception as e:
         raise _err(job, "weight compression", e) from e
+
+
+def _rename_inputs(job: ComponentJob, model):
+    """Give the package the io spec's input names. An ExportedProgram names its inputs after the forward
+    signature, so the controlled U-Net's variadic residuals arrive as residuals_0, residuals_1, ...; they
+    are renamed by position (a count mismatch is left for `check_structure` to report)."""
+    import coremltools as ct
+
+    spec = model.get_spec()
+    got = [f.name for f in spec.description.input]
+    want = [s.name for s in job.inputs]
+    if got == want or len(got) != len(want):
+        return model
+    try:
+        for old, new in zip(got, want):
+            if old != new:
+                ct.utils.rename_feature(spec, old, new, rename_outputs=False)
+        return ct.models.MLModel(spec, weights_dir=model.weights_dir, skip_model_load=True)
+    except Exception as e:
+        raise _err(job, "input renaming", e) from e
 
 
 def structure(path: Path) -> dict:

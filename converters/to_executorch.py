@@ -50,7 +50,8 @@ def half_precision(module):
             self.inner = copy.deepcopy(inner).half().eval()
 
         def forward(self, *args):
-            return self.inner(*[a.half() if a.is_floating_point() else a for a in args]).float()
+            out = self.inner(*[a.half() if a.is_floating_point() else a for a in args])
+            return tuple(o.float() for o in out) if isinstance(out, (tuple, list)) else out.float()
 
     return Half(module)
 
@@ -80,6 +81,13 @@ def _tensors(sample) -> list:
     return [torch.from_numpy(np.ascontiguousarray(x)) for x in sample]
 
 
+def _numpy(out):
+    """A module's or method's output as numpy: one array, or a tuple for several outputs (the ControlNet)."""
+    if isinstance(out, (tuple, list)):
+        return out[0].numpy() if len(out) == 1 else tuple(o.numpy() for o in out)
+    return out.numpy()
+
+
 def quantize(job: ComponentJob, exported) -> tuple[object, dict]:
     """Stage 1b (int8): PT2E prepare -> calibrate -> convert, with the sensitivity pass; re-exported."""
     import torch
@@ -106,7 +114,7 @@ def quantize(job: ComponentJob, exported) -> tuple[object, dict]:
     def evaluate(excluded: list[str]):
         m = quantized(excluded)
         with torch.no_grad():
-            snr = job.sensitivity_figures(lambda s: m(*_tensors(s)).numpy(), sens_in, sens_ref)["snr_db"]
+            snr = job.sensitivity_figures(lambda s: _numpy(m(*_tensors(s))), sens_in, sens_ref)["snr_db"]
         return snr, m
 
     try:
@@ -272,7 +280,7 @@ def runner_for(job: ComponentJob, path: Path) -> Runner:
     dtypes = [s.dtype for s in job.inputs]
 
     def run(sample):
-        return method.execute(_tensors([np.asarray(x, d) for x, d in zip(sample, dtypes)]))[0].numpy()
+        return _numpy(method.execute(_tensors([np.asarray(x, d) for x, d in zip(sample, dtypes)])))
 
     return run
 

@@ -265,15 +265,18 @@ def _activations(path: Path, job: ComponentJob, samples) -> dict[str, list[np.nd
 
 
 def runner_for(job: ComponentJob, path: Path) -> Runner:
-    """Stage 4: an onnxruntime CPU session on `path` as a numpy callable (first output)."""
+    """Stage 4: an onnxruntime CPU session on `path` as a numpy callable (its output; a tuple of the
+    declared outputs for a component with several)."""
     import onnxruntime as ort
 
     try:
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as e:
         raise OnnxConversionError(f"onnxruntime cannot load the {job.name} model {Path(path).name}: {str(e).splitlines()[0][:300]}") from e
-    out = job.outputs[0].name
-    return lambda sample: sess.run([out], job.feeds(sample))[0]
+    names = [s.name for s in job.outputs]
+    if len(names) == 1:
+        return lambda sample: sess.run(names, job.feeds(sample))[0]
+    return lambda sample: tuple(sess.run(names, job.feeds(sample)))
 
 
 def _dtype(elem_type: int) -> str:

@@ -1,7 +1,7 @@
 """The one contract every runtime implements: `Session`.
 
-A session runs a bundle's three components (text encoder, U-Net, decoder; `sdxs_edge.components`)
-on one backend. Subclasses implement only
+A session runs a bundle's components (text encoder, U-Net, decoder, and a ControlNet when the bundle
+has one; `sdxs_edge.components`) on one backend. Subclasses implement only
 
     _run(component: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]
 
@@ -10,6 +10,11 @@ finite values), per-component timing, `encode_text`, `denoise`, `decode`, the pu
 and one-step update, and `generate`. Nothing here imports PyTorch or a backend library, so deploying
 the ONNX or Core ML path needs numpy, Pillow and the `regex` package only (after apple/ml-stable-
 diffusion's coreml_model.py, which checks inputs against the model's declared spec before running).
+
+ControlNet bundles take a control image: `generate(prompt, control_image=...)` runs the ControlNet on
+(x_in, context, control) and hands its residuals to the U-Net (a path, PIL image or uint8 array goes
+through `sdxs_edge.control.load_control_image`, numpy and Pillow only; a float array in [0, 1] is used as
+it is). A control image for a bundle without a ControlNet, or none for a bundle with one, is an error.
 
 Noise: `Session.noise(batch, seed)` draws `np.random.default_rng(seed).standard_normal(shape)` in
 float32 (the latent shape comes from the manifest). That is NOT the noise `SDXSPipeline.noise` draws
@@ -27,7 +32,7 @@ import numpy as np
 
 from runtimes.tokenizer import CLIPBPETokenizer
 from sdxs_edge import sampler
-from sdxs_edge.bundle import BundleError, load_manifest, sha256_path
+from sdxs_edge.bundle import REQUIRED_COMPONENTS, BundleError, load_manifest, sha256_path
 from sdxs_edge.errors import NonFiniteError, SDXSError
 
 
@@ -70,7 +75,7 @@ class ComponentSpec:
     """Declared inputs and outputs of one component, in the order the lowered program takes them.
 
     Args:
-        name: "text_encoder", "unet" or "decoder".
+        name: "text_encoder", "controlnet", "unet" or "decoder".
         file: the component's file inside the bundle.
         inputs: input specs in positional order.
         outputs: output specs in positional order.
@@ -94,6 +99,8 @@ class GenerationResult:
         noise: the unit Gaussian latent used.
         token_ids: int32 (B, 77).
         timings: wall-clock seconds per component (and "tokenize").
+        control: the control image fed to the ControlNet, float (B, 3, H, W) in [0, 1]; None without one.
+        residuals: the ControlNet's outputs, in the manifest's order (empty without one).
     """
 
     image: np.ndarray
@@ -103,6 +110,8 @@ class GenerationResult:
     noise: np.ndarray
     token_ids: np.ndarray
     timings: dict[str, float] = field(default_factory=dict)
+    control: np.ndarray | None = None
+    residuals: tuple[np.ndarray, ...] = ()
 
 
 def to_pil(image: np.ndarray) -> list:
@@ -157,9 +166,12 @@ class Session:
             )
             for comp, d in self.manifest["components"].items()
         }
-        for comp in ("text_encoder", "unet", "decoder"):
+        for comp in REQUIRED_COMPONENTS:
             if comp not in self.specs:
                 raise SDXSError(f"{self.bundle}: the bundle has no {comp} component; a runtime needs all three")
+        extra = [s.name for s in self.specs["unet"].inputs[2:]]
+        if extra and "controlnet" not in self.specs:
+            raise BundleError(f"{self.bundle}: its U-Net takes ControlNet residuals ({', '.join(extra)}) but the bundle has no controlnet component; convert it with the controlnet component")
         self.timings: dict[str, float] = {}
         # Read now, so load time includes it and the first `generate` measures tokenizing only.
         self.tokenizer = CLIPBPETokenizer.from_dir(self.bundle / self.manifest["tokenizer"]["dir"], max_length=self.max_length)
@@ -180,7 +192,7 @@ class Session:
         """Run one component on the backend.
 
         Args:
-            component: "text_encoder", "unet" or "decoder".
+            component: "text_encoder", "controlnet", "unet" or "decoder".
             inputs: input name -> array, already checked against `self.specs[component].inputs`.
 
         Returns:
@@ -206,6 +218,18 @@ class Session:
     @property
     def latent_shape(self) -> tuple[int, ...]:
         return self.specs["unet"].inputs[0].shape
+
+    @property
+    def has_controlnet(self) -> bool:
+        """Whether the bundle holds a ControlNet (and so `generate` needs a control image)."""
+        return "controlnet" in self.specs
+
+    @property
+    def control_shape(self) -> tuple[int, ...]:
+        """Shape of the ControlNet's control input (B, 3, H, W); an error for a bundle without one."""
+        if not self.has_controlnet:
+            raise RuntimeInputError(f"{self.bundle} has no ControlNet, so it takes no control image (convert it with --controlnet PATH)")
+        return self.specs["controlnet"].inputs[2].shape
 
     @property
     def max_length(self) -> int:
@@ -253,7 +277,7 @@ class Session:
         """Check inputs, run one component, check outputs and record its wall-clock time in `timings`.
 
         Args:
-            component: "text_encoder", "unet" or "decoder".
+            component: "text_encoder", "controlnet", "unet" or "decoder".
             inputs: input name -> numpy array matching the manifest exactly (name, dtype, shape).
         """
         checked = self.check_inputs(component, inputs)
@@ -273,16 +297,35 @@ class Session:
         s = self.specs[component].inputs[index]
         return a.astype(s.dtype) if a.dtype.kind == "f" and np.dtype(s.dtype).kind == "f" else a
 
-    # ---- the three components ------------------------------------------------------------------------
+    # ---- the components ----------------------------------------------------------------------------
     def encode_text(self, token_ids: np.ndarray) -> np.ndarray:
         """Token ids (B, 77) of the manifest's dtype -> hidden states (B, 77, D)."""
         spec = self.specs["text_encoder"]
         return self.run("text_encoder", {spec.inputs[0].name: token_ids})[spec.outputs[0].name]
 
-    def denoise(self, latent: np.ndarray, context: np.ndarray) -> np.ndarray:
-        """U-Net input x_in (B, 4, h, w) and context (B, 77, D) -> model output at the baked-in timestep."""
+    def control_residuals(self, latent: np.ndarray, context: np.ndarray, control: np.ndarray) -> tuple[np.ndarray, ...]:
+        """ControlNet: x_in (B, 4, h, w), context (B, 77, D) and control image (B, 3, H, W) in [0, 1] ->
+        its residuals (down_res_0 .., mid_res), in the manifest's order, already scaled."""
+        if not self.has_controlnet:
+            raise RuntimeInputError(f"{self.bundle} has no ControlNet, so it takes no control image (convert it with --controlnet PATH)")
+        spec = self.specs["controlnet"]
+        out = self.run("controlnet", {spec.inputs[0].name: latent, spec.inputs[1].name: context, spec.inputs[2].name: control})
+        return tuple(out[s.name] for s in spec.outputs)
+
+    def denoise(self, latent: np.ndarray, context: np.ndarray, residuals: Sequence[np.ndarray] = ()) -> np.ndarray:
+        """U-Net input x_in (B, 4, h, w) and context (B, 77, D) -> model output at the baked-in timestep.
+
+        Args:
+            latent: x_in.
+            context: text-encoder hidden states.
+            residuals: the ControlNet's outputs (`control_residuals`), for a bundle with a ControlNet.
+        """
         spec = self.specs["unet"]
-        return self.run("unet", {spec.inputs[0].name: latent, spec.inputs[1].name: context})[spec.outputs[0].name]
+        names = [s.name for s in spec.inputs[2:]]
+        if len(residuals) != len(names):
+            raise RuntimeInputError(f"unet: takes {len(names)} ControlNet residual(s) ({', '.join(names) or 'none'}), got {len(residuals)}")
+        feeds = {spec.inputs[0].name: latent, spec.inputs[1].name: context, **dict(zip(names, residuals))}
+        return self.run("unet", feeds)[spec.outputs[0].name]
 
     def decode(self, latent: np.ndarray) -> np.ndarray:
         """x0 in the U-Net's latent space (B, 4, h, w) -> image (B, 3, H, W) in [-1, 1]."""
@@ -305,15 +348,52 @@ class Session:
             raise RuntimeInputError(f"the bundle was lowered for batch {self.batch}; got {len(prompts)} prompt(s)")
         return prompts
 
-    def generate_arrays(self, prompt: str | Sequence[str], seed: int = 0, noise: np.ndarray | None = None) -> GenerationResult:
-        """Prompt -> tokens -> text encoder -> one U-Net step (arXiv 2403.16627 Sec. 4) -> decoder, as arrays.
+    def prepare_control(self, control_image) -> np.ndarray:
+        """A control image as the ControlNet's input: float (B, 3, H, W) in [0, 1] in the manifest's dtype.
+
+        Args:
+            control_image: a float array (1 or B, 3, H, W) in [0, 1], used as it is (one image is repeated
+                over the batch); or a path, PIL image or uint8 array (H, W) / (H, W, 3), read by
+                `sdxs_edge.control.load_control_image` (resized with a warning when its size differs;
+                non-square or unreadable images are refused); or a list of `batch` of those.
+        """
+        from sdxs_edge.control import load_control_image
+
+        B, _, H, W = self.control_shape
+        if isinstance(control_image, (list, tuple)):
+            if len(control_image) != B:
+                raise RuntimeInputError(f"{len(control_image)} control images for a bundle of batch {B}")
+            return np.concatenate([self.prepare_control(c)[:1] for c in control_image])
+        if isinstance(control_image, np.ndarray) and control_image.dtype.kind == "f":
+            a = control_image
+            if a.ndim != 4 or a.shape[0] not in (1, B) or tuple(a.shape[1:]) != (3, H, W):
+                batch = "1" if B == 1 else f"1 or {B}"
+                raise RuntimeInputError(f"control image array: expected float ({batch}, 3, {H}, {W}) in [0, 1], got {a.dtype}{list(a.shape)}")
+            if not np.isfinite(a).all() or a.min() < 0 or a.max() > 1:
+                raise RuntimeInputError(f"control image array: values must be finite and in [0, 1], got [{np.nanmin(a):g}, {np.nanmax(a):g}]")
+        else:
+            a = load_control_image(control_image, H)
+        if a.shape[0] == 1 and B > 1:
+            a = np.repeat(a, B, axis=0)
+        return np.ascontiguousarray(a, dtype=self.specs["controlnet"].inputs[2].dtype)
+
+    def generate_arrays(self, prompt: str | Sequence[str], seed: int = 0, noise: np.ndarray | None = None, control_image=None) -> GenerationResult:
+        """Prompt -> tokens -> text encoder -> (ControlNet ->) one U-Net step (arXiv 2403.16627 Sec. 4) ->
+        decoder, as arrays.
 
         Args:
             prompt: one prompt, or a list of `batch` prompts.
             seed: noise seed (`Session.noise`); ignored when `noise` is given.
             noise: explicit unit Gaussian latent of shape `latent_shape` (float32).
+            control_image: for a bundle with a ControlNet (required there, refused elsewhere): see
+                `prepare_control`.
         """
+        if control_image is not None and not self.has_controlnet:
+            raise RuntimeInputError(f"{self.bundle} has no ControlNet, so it takes no control image (convert it with --controlnet PATH)")
+        if control_image is None and self.has_controlnet:
+            raise RuntimeInputError(f"{self.bundle} has a ControlNet: give a control image (control_image=..., --control IMAGE)")
         prompts = self._prompts(prompt)
+        control = self.prepare_control(control_image) if control_image is not None else None
         timings: dict[str, float] = {}
         t = time.perf_counter()
         ids = self.tokenize(prompts)
@@ -327,20 +407,26 @@ class Session:
         context = self.encode_text(ids)
         timings["text_encoder"] = self.timings["text_encoder"]
         x_in = sampler.initial_latent(noise, self.constants)
-        out = self.denoise(self.cast_input("unet", 0, x_in), self.cast_input("unet", 1, context))
+        residuals: tuple[np.ndarray, ...] = ()
+        if control is not None:
+            residuals = self.control_residuals(self.cast_input("controlnet", 0, x_in), self.cast_input("controlnet", 1, context), control)
+            timings["controlnet"] = self.timings["controlnet"]
+        out = self.denoise(self.cast_input("unet", 0, x_in), self.cast_input("unet", 1, context), [self.cast_input("unet", 2 + i, r) for i, r in enumerate(residuals)])
         timings["unet"] = self.timings["unet"]
         latent = sampler.denoised(out.astype(np.float32), noise, self.constants).astype(np.float32)
         image = self.decode(self.cast_input("decoder", 0, latent))
         timings["decoder"] = self.timings["decoder"]
-        return GenerationResult(image.astype(np.float32), latent, context, out, noise, ids, timings)
+        return GenerationResult(image.astype(np.float32), latent, context, out, noise, ids, timings, control, residuals)
 
-    def generate(self, prompt: str | Sequence[str], seed: int = 0, noise: np.ndarray | None = None):
+    def generate(self, prompt: str | Sequence[str], seed: int = 0, noise: np.ndarray | None = None, control_image=None):
         """Generate: a PIL image for one prompt, a list of them for a list of prompts.
 
         Args:
             prompt: one prompt, or a list of `batch` prompts.
             seed: noise seed (`Session.noise`); ignored when `noise` is given.
             noise: explicit unit Gaussian latent of shape `latent_shape` (float32).
+            control_image: for a bundle with a ControlNet: a path, PIL image, uint8 array or float array
+                in [0, 1] (see `prepare_control`).
         """
-        images = to_pil(self.generate_arrays(prompt, seed, noise).image)
+        images = to_pil(self.generate_arrays(prompt, seed, noise, control_image).image)
         return images[0] if isinstance(prompt, str) else images

@@ -1,7 +1,7 @@
 """`sdxs-edge parity` and `sdxs-edge run`: the runtimes' subcommands, added by `sdxs_edge.cli`.
 
     sdxs-edge parity BUNDLE --runtime NAME [--reference MODEL] [--prompts FILE] [--seeds 0,1] [--json OUT]
-    sdxs-edge run BUNDLE "prompt" --runtime NAME --out img.png [--seed N]
+    sdxs-edge run BUNDLE "prompt" --runtime NAME --out img.png [--seed N] [--control IMAGE]
 
 Handlers return an exit code and raise SDXSError (ParityError below the floors), which the main CLI
 prints as one line with exit code 2.
@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
+import warnings
 from pathlib import Path
 
 from sdxs_edge.errors import SDXSError
@@ -75,6 +77,7 @@ def add_parsers(subparsers) -> None:
     r.add_argument("--reference", help="torch runtime only: model to run instead of the bundle's source")
     r.add_argument("--out", default="out.png", help="output image (.png, .jpg or .webp)")
     r.add_argument("--seed", type=int, default=0, help="noise seed (numpy; same seed, same image on every runtime)")
+    r.add_argument("--control", metavar="IMAGE", help="control image for a bundle with a ControlNet (e.g. an edge map from `sdxs-edge canny`; resized with a warning if its size differs)")
     r.set_defaults(func=cmd_run)
 
 
@@ -105,14 +108,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     t = time.perf_counter()
     with runtimes.load(args.bundle, args.runtime, **opts) as session:
         load_s = time.perf_counter() - t
-        res = session.generate_arrays(args.prompt, seed=args.seed)
+        control = None
+        if args.control is not None:
+            with warnings.catch_warnings(record=True) as caught:  # resize / mode conversion: one line each
+                warnings.simplefilter("always")
+                control = session.prepare_control(args.control)
+            for w in caught:
+                print(f"warning: {w.message}", file=sys.stderr)
+        res = session.generate_arrays(args.prompt, seed=args.seed, control_image=control)
     image = to_pil(res.image)[0]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     image.save(tmp, format=IMAGE_FORMATS[out.suffix.lower()])
     os.replace(tmp, out)
     m = session.manifest
-    print(f"bundle {args.bundle}  ({m['target']} {m['precision']}, {m['resolution']}px) on {args.runtime}, seed {args.seed}")
+    print(f"bundle {args.bundle}  ({m['target']} {m['precision']}, {m['resolution']}px) on {args.runtime}, seed {args.seed}" + (f", control {args.control}" if args.control else ""))
     print(f"  load          {load_s * 1000:9.1f} ms")
     for k, v in res.timings.items():
         print(f"  {k:<13} {v * 1000:9.1f} ms")

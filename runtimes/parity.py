@@ -9,6 +9,13 @@ precision (`FLOORS`); below them `check_floors` raises ParityError.
 
 Noise is numpy's (`Session.noise(seed)`, one latent per seed and prompt chunk) and fed to both sides,
 so no result depends on torch's random generator.
+
+A bundle with a ControlNet gets the same control images on both sides: canny edges of SHAPES-64 renders
+of the prompts' scenes (a random scene for a prompt that is not a SHAPES-64 caption;
+`sdxs_edge.control.prompt_controls`, seeded by the noise seed). The ControlNet is compared as a
+component (all residuals together), the U-Net on the reference's residuals, and both sides' images get
+an edge IoU against the control edges (`sdxs_edge.control.edge_iou` with `canny` of the image): how
+closely each follows the control, reported next to the image PSNR.
 """
 from __future__ import annotations
 
@@ -26,7 +33,7 @@ from runtimes.base import Session, to_uint8
 from sdxs_edge import metrics, sampler, shapes
 from sdxs_edge.errors import ParityError, SDXSError
 
-COMPONENTS = ("text_encoder", "unet", "decoder")
+COMPONENTS = ("text_encoder", "controlnet", "unet", "decoder")  # those a bundle has, in this order
 
 
 @dataclass(frozen=True)
@@ -153,10 +160,11 @@ def _compare(rt: Session, ref: Session, prompts: list[str], seeds: list[int], ex
     manifest = rt.manifest
     precision = manifest["precision"]
     floors = FLOORS[precision]
-    pairs: dict[str, tuple[list, list]] = {c: ([], []) for c in COMPONENTS}
-    ref_images, rt_images, order = [], [], []
-    rt_times: dict[str, list[float]] = {c: [] for c in COMPONENTS}
-    ref_times: dict[str, list[float]] = {c: [] for c in COMPONENTS}
+    comps = [c for c in COMPONENTS if c in rt.specs]
+    pairs: dict[str, tuple[list, list]] = {c: ([], []) for c in comps}
+    ref_images, rt_images, order, controls = [], [], [], []
+    rt_times: dict[str, list[float]] = {c: [] for c in comps}
+    ref_times: dict[str, list[float]] = {c: [] for c in comps}
     B = rt.batch
     for seed in seeds:
         for start in range(0, len(prompts), B):
@@ -164,18 +172,29 @@ def _compare(rt: Session, ref: Session, prompts: list[str], seeds: list[int], ex
             n = len(chunk)
             chunk = chunk + [chunk[-1]] * (B - n)  # fill a static batch; the fill is dropped below
             noise = rt.noise(seed)
-            want = ref.generate_arrays(chunk, noise=noise)
-            got = rt.generate_arrays(chunk, noise=noise)
-            for c in COMPONENTS:
+            control = None
+            if rt.has_controlnet:
+                from sdxs_edge.control import prompt_controls
+
+                control = prompt_controls(chunk, rt.control_shape[-1], seed + start)
+            want = ref.generate_arrays(chunk, noise=noise, control_image=control)
+            got = rt.generate_arrays(chunk, noise=noise, control_image=control)
+            for c in comps:
                 rt_times[c].append(got.timings[c])
                 ref_times[c].append(want.timings[c])
             # Each component on the reference's own inputs, so its error is its own.
             x_in = sampler.initial_latent(noise, rt.constants)
+            residuals = [rt.cast_input("unet", 2 + i, r) for i, r in enumerate(want.residuals)]
             outs = {
                 "text_encoder": (want.context, rt.encode_text(want.token_ids)),
-                "unet": (want.model_output, rt.denoise(rt.cast_input("unet", 0, x_in), rt.cast_input("unet", 1, want.context))),
+                "unet": (want.model_output, rt.denoise(rt.cast_input("unet", 0, x_in), rt.cast_input("unet", 1, want.context), residuals)),
                 "decoder": (want.image, rt.decode(rt.cast_input("decoder", 0, want.latent))),
             }
+            if control is not None:
+                got_res = rt.control_residuals(rt.cast_input("controlnet", 0, x_in), rt.cast_input("controlnet", 1, want.context), rt.prepare_control(control))
+                flat = lambda rs: np.concatenate([np.asarray(r, np.float32)[:n].reshape(n, -1) for r in rs], axis=1)
+                outs["controlnet"] = (flat(want.residuals), flat(got_res))
+                controls.append(control[:n])
             for c, (a, b) in outs.items():
                 pairs[c][0].append(np.asarray(a, np.float32)[:n])
                 pairs[c][1].append(np.asarray(b, np.float32)[:n])
@@ -184,7 +203,7 @@ def _compare(rt: Session, ref: Session, prompts: list[str], seeds: list[int], ex
             order.extend(chunk[:n])
     components = {}
     failures = []
-    for c in COMPONENTS:
+    for c in comps:
         a, b = np.concatenate(pairs[c][0]), np.concatenate(pairs[c][1])
         snr = metrics.snr_db(a, b)
         ok = snr >= floors.component_snr_db
@@ -209,6 +228,7 @@ def _compare(rt: Session, ref: Session, prompts: list[str], seeds: list[int], ex
     if trained and not image_ok:
         failures.append(f"image PSNR {psnr:.1f} dB < {floors.image_psnr_db:g} dB")
     all_correct = _all_correct(order, ri, ti, rt.manifest["resolution"], floors)
+    control = _control_report(np.concatenate(controls), ri, ti) if controls else None
     if all_correct.get("ok") is False:
         failures.append(f"all-correct rate {all_correct['runtime']:.3f} vs reference {all_correct['reference']:.3f} ({all_correct['points']:.1f} points > {floors.all_correct_points:g})")
     return {
@@ -226,6 +246,7 @@ def _compare(rt: Session, ref: Session, prompts: list[str], seeds: list[int], ex
         "components": components,
         "image": image,
         "all_correct": all_correct,
+        **({"control": control} if control is not None else {}),
         "timings_ms": {
             "runtime": {c: 1000 * float(np.median(v)) for c, v in rt_times.items()},
             "reference": {c: 1000 * float(np.median(v)) for c, v in ref_times.items()},
@@ -253,6 +274,23 @@ def _all_correct(prompts: list[str], ref_images: np.ndarray, rt_images: np.ndarr
     n = len(prompts)
     enforced = n >= floors.all_correct_min_prompts
     return {"status": "measured", "reference": ref_rate, "runtime": rt_rate, "points": points, "n": n, "enforced": enforced, "ok": (points <= floors.all_correct_points) if enforced else None}
+
+
+def _control_report(controls: np.ndarray, ref_images: np.ndarray, rt_images: np.ndarray) -> dict:
+    """Edge IoU of each side's images against the control edges (mean over images), and the runtime's
+    change against the reference. Reported, not judged: a random-weight ControlNet follows no edges."""
+    from sdxs_edge.control import IOU_TOLERANCE, canny, control_to_edges, edge_iou
+
+    edges = control_to_edges(controls)
+    ref_iou = edge_iou(edges, canny(ref_images))
+    rt_iou = edge_iou(edges, canny(rt_images))
+    return {
+        "control_images": "canny edges of SHAPES-64 renders of the prompts' scenes (sdxs_edge.control.prompt_controls; random scenes for other prompts)",
+        "edge_iou_reference": float(np.mean(ref_iou)),
+        "edge_iou_runtime": float(np.mean(rt_iou)),
+        "edge_iou_change": float(np.mean(rt_iou) - np.mean(ref_iou)),
+        "tolerance_px": IOU_TOLERANCE,
+    }
 
 
 def check_floors(report: dict) -> None:
@@ -307,5 +345,8 @@ def format_table(report: dict) -> str:
         lines.append(f"{'all-correct':<14}runtime {ac['runtime']:.3f}  reference {ac['reference']:.3f}  ({ac['points']:+.1f} points, n={ac['n']})  {'not judged (n < ' + str(FLOORS[report['precision']].all_correct_min_prompts) + ')' if ac['ok'] is None else ('ok' if ac['ok'] else 'FAIL')}")
     else:
         lines.append(f"{'all-correct':<14}{ac['status']}")
+    ctl = report.get("control")
+    if ctl:
+        lines.append(f"{'edge IoU':<14}runtime {ctl['edge_iou_runtime']:.3f}  reference {ctl['edge_iou_reference']:.3f}  ({ctl['edge_iou_change']:+.3f}; canny of the image vs the control edges, reported only)")
     lines.append("PASSED" if report["passed"] else "FAILED: " + "; ".join(report["failures"]))
     return "\n".join(lines)

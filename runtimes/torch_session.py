@@ -3,6 +3,10 @@
 It runs whatever the bundle was converted from (manifest["source"]["model"]: a preset name, a model
 folder or a hub id), or an explicit `reference=` model, in float32 on CUDA when present, else CPU, and
 takes the same checked inputs as every other runtime, so parity compares like with like.
+
+For a bundle with a ControlNet it loads the ControlNet the manifest records (manifest["source"]
+["controlnet"]["model"], a folder, checked against the recorded weights sha256), or an explicit
+`controlnet=`, with the recorded conditioning scale.
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from runtimes.base import BackendMissingError, Session
+from sdxs_edge.bundle import BundleError
 
 
 def resolve_source(bundle: Path, source: str) -> str:
@@ -29,7 +34,10 @@ class TorchSession(Session):
     Args:
         bundle: the bundle directory (any target: the reference does not read the lowered files).
         reference: model to run instead of manifest["source"]["model"]: a preset name, a model folder,
-            a hub id, or a loaded `SDXSPipeline`.
+            a hub id, or a loaded `SDXSPipeline` (whose attached ControlNet, if any, is used for a
+            ControlNet bundle unless `controlnet` is given).
+        controlnet: for a ControlNet bundle, the ControlNet to run instead of the recorded folder: a
+            folder or a loaded diffusers `ControlNetModel` (not checked against the recorded sha256).
         device: "cpu" or "cuda"; default CUDA when available.
         verify: check every component file's sha256 against the manifest.
     """
@@ -37,7 +45,7 @@ class TorchSession(Session):
     name = "torch"
     targets = ()
 
-    def __init__(self, bundle: str | Path, *, reference=None, device: str | None = None, verify: bool = True):
+    def __init__(self, bundle: str | Path, *, reference=None, controlnet=None, device: str | None = None, verify: bool = True):
         super().__init__(bundle, verify=verify)
         try:
             import torch
@@ -54,7 +62,38 @@ class TorchSession(Session):
             pipe = SDXSPipeline.load(src)
         self.pipeline = pipe
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.modules = {k: m.to(self.device) for k, m in wrappers(pipe).items()}
+        self.controlnet = None
+        scale = 1.0
+        if "controlnet" in self.specs:
+            record = self.manifest["source"].get("controlnet") or {}
+            scale = float(record.get("control_scale", self.manifest["conversion"].get("config", {}).get("control_scale") or 1.0))
+            if controlnet is None and isinstance(reference, SDXSPipeline):
+                controlnet = reference.controlnet
+            self.controlnet = self._load_controlnet(controlnet, record, pipe)
+        elif controlnet is not None:
+            raise BundleError(f"{self.bundle} has no ControlNet; controlnet= applies to bundles converted with one")
+        self.modules = {k: m.to(self.device) for k, m in wrappers(pipe, self.controlnet, scale).items()}
+
+    def _load_controlnet(self, controlnet, record: dict, pipe):
+        """The ControlNet to run: `controlnet` (folder or module) or the folder the manifest records."""
+        from sdxs_edge.controlnet import check_controlnet, load_controlnet
+
+        if controlnet is not None:
+            cn = load_controlnet(controlnet, pipe.c.unet) if isinstance(controlnet, (str, Path)) else controlnet
+            check_controlnet(cn, pipe.c.unet)
+            return cn
+        if not record.get("model"):
+            raise BundleError(
+                f"{self.bundle}: the ControlNet was converted from a module, so the manifest names no folder to load; "
+                "pass controlnet= (a folder or ControlNetModel) or reference= a pipeline with it attached"
+            )
+        cn = load_controlnet(resolve_source(self.bundle, record["model"]), pipe.c.unet)
+        if record.get("weights_sha256"):
+            from sdxs_edge.weights import modules_sha256
+
+            if modules_sha256({"controlnet": cn}) != record["weights_sha256"]:
+                raise BundleError(f"the ControlNet {record['model']} has changed since {self.bundle} was converted (weights sha256 mismatch); pass controlnet= to compare with it anyway")
+        return cn
 
     def _run(self, component: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self._torch

@@ -6,6 +6,7 @@ runtimes' input.
                            constants, per-component file / sha256 / I/O spec, parity figures
       tokenizer/           CLIP BPE files (vocab.json, merges.txt, ...)
       text_encoder.<ext>   unet.<ext>   decoder.<ext>      (.onnx, .pte, .mlpackage)
+      controlnet.<ext>     optional: a ControlNet whose residuals the U-Net takes as extra inputs
 
 `MANIFEST_SCHEMA` is the JSON schema (also written to `manifest.schema.json` in the package);
 `load_manifest` validates a bundle and checks every file's sha256, with one clear error per problem.
@@ -27,7 +28,9 @@ FORMAT = "sdxs-edge-bundle"
 FORMAT_VERSION = 1
 TARGETS = ("onnx", "executorch", "coreml")
 PRECISIONS = ("fp32", "fp16", "int8")
-COMPONENT_NAMES = ("text_encoder", "unet", "decoder")
+COMPONENT_NAMES = ("text_encoder", "controlnet", "unet", "decoder")  # every known component, in run order
+REQUIRED_COMPONENTS = ("text_encoder", "unet", "decoder")  # what a runtime needs to generate
+OPTIONAL_COMPONENTS = ("controlnet",)  # adds a control image input (format version 1 bundles without it still load)
 
 
 class BundleError(SDXSError):
@@ -121,6 +124,17 @@ def validate_manifest(manifest: dict) -> dict:
     for name in manifest["components"]:
         if name not in COMPONENT_NAMES:
             raise BundleError(f"manifest: unknown component {name!r} (known: {', '.join(COMPONENT_NAMES)})")
+    comps = manifest["components"]
+    if "controlnet" in comps:
+        if "unet" not in comps:
+            raise BundleError("manifest: a controlnet component feeds the U-Net, but the bundle has no unet")
+        unet_inputs = {t["name"]: t for t in comps["unet"]["inputs"]}
+        for t in comps["controlnet"]["outputs"]:
+            got = unet_inputs.get(t["name"])
+            if got is None:
+                raise BundleError(f"manifest: the unet does not declare the ControlNet residual input {t['name']!r}")
+            if got["shape"] != t["shape"] or got["dtype"] != t["dtype"]:
+                raise BundleError(f"manifest: unet input {t['name']} {got['dtype']}{got['shape']} differs from the controlnet output {t['dtype']}{t['shape']}")
     return manifest
 
 

@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from sdxs_edge import control as _control
+from sdxs_edge.controlnet import parse_control_scale
 from sdxs_edge.errors import SDXSError
 from sdxs_edge.lora import parse_scale
 
@@ -57,12 +59,30 @@ def _save_image(img, out: Path) -> None:
     os.replace(tmp, out)
 
 
+def _warnings_as_lines(fn, *a):
+    """Call fn(*a); print each warning it raised as one `warning: ...` line on stderr (no source lines)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = fn(*a)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    return out
+
+
 # ---- generate ----------------------------------------------------------------------------------------
 def cmd_generate(args) -> int:
     from sdxs_edge.pipeline import SDXSPipeline
 
     if args.lora_scale is not None and args.lora is None:
         raise SDXSError("--lora-scale needs --lora PATH")
+    if args.control is not None and args.controlnet is None:
+        raise SDXSError("--control needs a ControlNet: pass --controlnet PATH (a folder built for the model's U-Net)")
+    if args.controlnet is not None and args.control is None:
+        raise SDXSError("--controlnet needs a control image: pass --control IMAGE (e.g. an edge map from `sdxs-edge canny`)")
+    if args.control_scale is not None and args.controlnet is None:
+        raise SDXSError("--control-scale needs --controlnet PATH")
     res = args.resolution
     if res is not None and res % 8:
         raise SDXSError(f"--resolution must be a multiple of 8, got {res}")
@@ -71,6 +91,11 @@ def cmd_generate(args) -> int:
         from sdxs_edge.lora import load_lora
 
         lora = load_lora(args.lora)
+    controlnet = None
+    if args.controlnet is not None:  # a bad folder fails before the model is loaded
+        from sdxs_edge.controlnet import load_controlnet
+
+        controlnet = load_controlnet(args.controlnet)
     t = time.perf_counter()
     pipe = SDXSPipeline.load(resolve_model(args.model))
     fused: list[str] = []
@@ -78,9 +103,18 @@ def cmd_generate(args) -> int:
         from sdxs_edge.lora import fuse_lora
 
         fused = fuse_lora(pipe.c.unet, lora, scale=lora_scale)
+    control = None
+    if controlnet is not None:
+        import torch
+
+        from sdxs_edge.control import load_control_image
+
+        pipe.attach_controlnet(controlnet)  # ControlNetMismatchError: built for another U-Net
+        control = torch.from_numpy(_warnings_as_lines(load_control_image, args.control, res or pipe.resolution))
     load_s = time.perf_counter() - t
     noise = pipe.noise(len(args.prompt), args.seed, resolution=res)
-    gen = pipe.generate(args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance, noise=noise)
+    control_scale = 1.0 if args.control_scale is None else args.control_scale
+    gen = pipe.generate(args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance, noise=noise, control_image=control, control_scale=control_scale)
     outs = [Path(args.out)] if len(gen.images) == 1 else [Path(args.out).with_name(f"{Path(args.out).stem}-{i}{Path(args.out).suffix}") for i in range(len(gen.images))]
     for img, out in zip(gen.images, outs):
         _save_image(img, out)
@@ -88,12 +122,49 @@ def cmd_generate(args) -> int:
     print(f"model {pipe.name}  ({steps} step{'s' * (steps > 1)}, guidance {args.guidance if args.guidance is not None else pipe.default_guidance}, seed {args.seed})")
     if lora is not None:
         print(f"lora  {args.lora}  (fused into {len(fused)} U-Net layers, scale {lora_scale:g})")
+    if controlnet is not None:
+        print(f"controlnet  {args.controlnet}  (control {args.control}, scale {control_scale:g})")
     print(f"  load          {load_s * 1000:9.1f} ms")
     for k, v in gen.timings.items():
         print(f"  {k:<13} {v * 1000:9.1f} ms")
     print(f"  total         {sum(gen.timings.values()) * 1000:9.1f} ms  (excluding load)")
     for out in outs:
         print(f"wrote {out}")
+    return 0
+
+
+# ---- canny -------------------------------------------------------------------------------------------
+def cmd_canny(args) -> int:
+    """Edge map of an image (white canny edges on black, PNG), as a ControlNet's control image."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    from sdxs_edge.control import ControlImageError, canny
+
+    src, out = Path(args.image), Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise SDXSError(f"OUT must end in .png (edge maps are stored losslessly), got {out.name!r}")
+    if not src.is_file():
+        raise ControlImageError(f"image {src} does not exist")
+    try:
+        with Image.open(src) as im:
+            im.load()
+            img = im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise ControlImageError(f"image {src} is not a readable image ({type(e).__name__})") from None
+    if min(img.size) < 3:
+        raise ControlImageError(f"image {src} is {img.size[0]}x{img.size[1]}; too small for edges")
+    if args.low >= args.high:
+        raise SDXSError(f"--low ({args.low:g}) must be below --high ({args.high:g})")
+    edges = canny(np.asarray(img), low=args.low, high=args.high)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        Image.fromarray(edges).save(tmp, format="PNG")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(f"wrote {out}  ({img.size[0]}x{img.size[1]}, {100 * float((edges > 0).mean()):.1f}% edge pixels, thresholds {args.low:g}/{args.high:g})")
     return 0
 
 
@@ -194,7 +265,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default="out.png", help="output image (several prompts: out-0.png, out-1.png, ...)")
     g.add_argument("--lora", type=Path, metavar="PATH", help="U-Net LoRA (safetensors) fused into the weights before generating")
     g.add_argument("--lora-scale", type=parse_scale, metavar="S", help="LoRA strength (default 1.0; needs --lora)")
+    g.add_argument("--controlnet", type=Path, metavar="PATH", help="ControlNet folder (diffusers ControlNetModel, safetensors) built for the model's U-Net; needs --control")
+    g.add_argument("--control", metavar="IMAGE", help="control image for --controlnet, e.g. an edge map from `sdxs-edge canny` (square; resized with a warning if its size differs)")
+    g.add_argument("--control-scale", type=parse_control_scale, metavar="S", help="ControlNet conditioning scale (default 1.0; needs --controlnet)")
     g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("canny", help="canny edge map of an image (white edges on black), for use as a ControlNet control image")
+    c.add_argument("image", help="input image (any size; converted to RGB)")
+    c.add_argument("out", help="output edge map (.png)")
+    c.add_argument("--low", type=float, default=_control.LOW, help=f"hysteresis low threshold on the Sobel magnitude, 0-255 units (default {_control.LOW:g})")
+    c.add_argument("--high", type=float, default=_control.HIGH, help=f"hysteresis high threshold (default {_control.HIGH:g})")
+    c.set_defaults(func=cmd_canny)
 
     i = sub.add_parser("info", help="parameters, FLOPs and size per component")
     i.add_argument("model", help="preset name, diffusers folder or hub id")

@@ -1,10 +1,16 @@
 """Exportable component wrappers: plain tensors in, plain tensors out, with a declared I/O spec.
 
-Every converter lowers these three modules and every runtime runs them, so the contract between
-PyTorch, ONNX, ExecuTorch and Core ML lives here (after executorch's examples/models/model_base.py).
-The U-Net wrapper bakes in the one-step timestep (t = 999, arXiv 2403.16627 Sec. 4): a one-step
-deployment never feeds another. The decoder wrapper divides by the VAE's latent scaling itself, so a
-runtime passes the sampler's x0 straight through.
+Every converter lowers these modules and every runtime runs them, so the contract between PyTorch,
+ONNX, ExecuTorch and Core ML lives here (after executorch's examples/models/model_base.py). The U-Net
+wrapper bakes in the one-step timestep (t = 999, arXiv 2403.16627 Sec. 4): a one-step deployment never
+feeds another. The decoder wrapper divides by the VAE's latent scaling itself, so a runtime passes the
+sampler's x0 straight through.
+
+With a ControlNet (arXiv 2302.05543) the bundle holds four components, run in `COMPONENTS` order: the
+ControlNet wrapper reads (latent, context, control image) at the same baked timestep and returns one
+named residual per U-Net skip (`down_res_0` .. `down_res_{N-1}`) plus `mid_res` for the bottleneck, each
+already multiplied by the conditioning scale; the U-Net wrapper then takes those residuals as extra
+inputs, by the same names, after latent and context.
 """
 from __future__ import annotations
 
@@ -15,7 +21,8 @@ import torch
 from sdxs_edge.errors import SDXSError
 from sdxs_edge.pipeline import SDXSPipeline
 
-COMPONENTS = ("text_encoder", "unet", "decoder")
+COMPONENTS = ("text_encoder", "controlnet", "unet", "decoder")  # run order; "controlnet" is optional
+MID_RESIDUAL = "mid_res"
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,32 @@ class UNet(torch.nn.Module):
         return self.unet(latent, self.timestep.expand(latent.shape[0]), context).sample
 
 
+class ControlledUNet(UNet):
+    """(latent, context, down_res_0 .. down_res_{N-1}, mid_res) -> model output: the U-Net adding a
+    ControlNet's residuals to its skip connections and bottleneck (diffusers'
+    `down_block_additional_residuals` / `mid_block_additional_residual`)."""
+
+    def forward(self, latent: torch.Tensor, context: torch.Tensor, *residuals: torch.Tensor) -> torch.Tensor:
+        t = self.timestep.expand(latent.shape[0])
+        return self.unet(latent, t, context, down_block_additional_residuals=list(residuals[:-1]), mid_block_additional_residual=residuals[-1]).sample
+
+
+class ControlNet(torch.nn.Module):
+    """(latent (B, 4, h, w), context (B, 77, D), control (B, 3, H, W) in [0, 1]) -> (down_res_0, ..,
+    mid_res) at the fixed one-step timestep, scaled by `scale` (diffusers' `conditioning_scale`)."""
+
+    def __init__(self, controlnet, timestep: int, scale: float = 1.0):
+        super().__init__()
+        self.controlnet = controlnet
+        self.scale = float(scale)
+        self.register_buffer("timestep", torch.tensor([float(timestep)]), persistent=False)
+
+    def forward(self, latent: torch.Tensor, context: torch.Tensor, control: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        t = self.timestep.expand(latent.shape[0])
+        down, mid = self.controlnet(latent, t, context, control, conditioning_scale=self.scale, return_dict=False)
+        return (*down, mid)
+
+
 class Decoder(torch.nn.Module):
     """latent (B, 4, h, w) in the U-Net's space -> image float32 (B, 3, H, W) in [-1, 1]."""
 
@@ -65,18 +98,64 @@ class Decoder(torch.nn.Module):
         return self.vae.decode(latent / self.latent_scaling).sample
 
 
-def wrappers(pipe: SDXSPipeline) -> dict[str, torch.nn.Module]:
-    """The three exportable modules of a loaded pipeline, in eval mode."""
+def wrappers(pipe: SDXSPipeline, controlnet=None, control_scale: float = 1.0) -> dict[str, torch.nn.Module]:
+    """The exportable modules of a loaded pipeline, in eval mode and `COMPONENTS` order.
+
+    Args:
+        pipe: the loaded pipeline.
+        controlnet: a diffusers `ControlNetModel` built for `pipe`'s U-Net (checked), or None; with one,
+            the result holds a "controlnet" module and a U-Net that takes its residuals.
+        control_scale: the ControlNet's conditioning scale, baked into its module.
+    """
     c = pipe.one_step_constants()
-    return {
-        "text_encoder": TextEncoder(pipe.c.text_encoder).eval(),
-        "unet": UNet(pipe.c.unet, c.timestep).eval(),
-        "decoder": Decoder(pipe.c.vae, c.latent_scaling).eval(),
-    }
+    mods: dict[str, torch.nn.Module] = {"text_encoder": TextEncoder(pipe.c.text_encoder).eval()}
+    if controlnet is not None:
+        from sdxs_edge.controlnet import check_controlnet
+
+        check_controlnet(controlnet, pipe.c.unet)
+        mods["controlnet"] = ControlNet(controlnet, c.timestep, control_scale).eval()
+        mods["unet"] = ControlledUNet(pipe.c.unet, c.timestep).eval()
+    else:
+        mods["unet"] = UNet(pipe.c.unet, c.timestep).eval()
+    mods["decoder"] = Decoder(pipe.c.vae, c.latent_scaling).eval()
+    return mods
 
 
-def io_specs(pipe: SDXSPipeline, batch: int = 1, resolution: int | None = None) -> dict[str, tuple[list[TensorSpec], list[TensorSpec]]]:
-    """Static input/output specs per component for a batch size and image resolution."""
+def residual_specs(controlnet, batch: int, latent_size: int) -> list[TensorSpec]:
+    """The ControlNet's residual outputs (= the controlled U-Net's extra inputs), from its config alone.
+
+    diffusers' ControlNet has one zero convolution per down-path feature the U-Net keeps as a skip: the
+    conv_in output, each resnet output of every down block, each down block's downsampler output (all
+    but the last block), then one for the mid block at the bottleneck.
+
+    Args:
+        controlnet: a diffusers `ControlNetModel`.
+        batch: static batch size.
+        latent_size: latent side (resolution // 8).
+    """
+    cfg = controlnet.config
+    ch = list(cfg.block_out_channels)
+    shapes = [(ch[0], latent_size)]
+    side = latent_size
+    for i, c in enumerate(ch):
+        shapes += [(c, side)] * int(cfg.layers_per_block)
+        if i < len(ch) - 1:
+            side = -(-side // 2)  # stride-2 conv with padding 1
+            shapes.append((c, side))
+    specs = [TensorSpec(f"down_res_{i}", (batch, c, s, s), "float32") for i, (c, s) in enumerate(shapes)]
+    return specs + [TensorSpec(MID_RESIDUAL, (batch, ch[-1], side, side), "float32")]
+
+
+def io_specs(pipe: SDXSPipeline, batch: int = 1, resolution: int | None = None, controlnet=None) -> dict[str, tuple[list[TensorSpec], list[TensorSpec]]]:
+    """Static input/output specs per component for a batch size and image resolution.
+
+    Args:
+        pipe: the loaded pipeline.
+        batch: static batch size.
+        resolution: image side in pixels (default: the model's).
+        controlnet: a diffusers `ControlNetModel`, or None; with one, a "controlnet" entry is added and
+            the U-Net takes its residuals after latent and context.
+    """
     res = resolution or pipe.resolution
     if res % 8:
         raise SDXSError(f"resolution must be a multiple of 8, got {res}")
@@ -84,21 +163,45 @@ def io_specs(pipe: SDXSPipeline, batch: int = 1, resolution: int | None = None) 
     d = pipe.c.text_encoder.config.hidden_size
     L = pipe.c.tokenizer.model_max_length
     lat = TensorSpec("latent", (batch, 4, h, h), "float32")
-    return {
+    ctx = TensorSpec("context", (batch, L, d), "float32")
+    specs: dict[str, tuple[list[TensorSpec], list[TensorSpec]]] = {
         "text_encoder": ([TensorSpec("input_ids", (batch, L), "int32")], [TensorSpec("hidden_states", (batch, L, d), "float32")]),
-        "unet": ([lat, TensorSpec("context", (batch, L, d), "float32")], [TensorSpec("noise_pred", (batch, 4, h, h), "float32")]),
-        "decoder": ([lat], [TensorSpec("image", (batch, 3, res, res), "float32")]),
     }
+    residuals: list[TensorSpec] = []
+    if controlnet is not None:
+        residuals = residual_specs(controlnet, batch, h)
+        specs["controlnet"] = ([lat, ctx, TensorSpec("control", (batch, 3, res, res), "float32")], residuals)
+    specs["unet"] = ([lat, ctx, *residuals], [TensorSpec("noise_pred", (batch, 4, h, h), "float32")])
+    specs["decoder"] = ([lat], [TensorSpec("image", (batch, 3, res, res), "float32")])
+    return specs
 
 
-def example_inputs(pipe: SDXSPipeline, component: str, batch: int = 1, resolution: int | None = None, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """Deterministic example inputs matching `io_specs` (real token ids of a prompt for the text encoder)."""
-    ins, _ = io_specs(pipe, batch, resolution)[component]
+def example_inputs(pipe: SDXSPipeline, component: str, batch: int = 1, resolution: int | None = None, seed: int = 0, controlnet=None) -> tuple[torch.Tensor, ...]:
+    """Deterministic example inputs matching `io_specs` (real token ids of a prompt for the text encoder;
+    for the ControlNet, canny edges of a SHAPES-64 render of that prompt's scene as the control image).
+
+    Args:
+        pipe: the loaded pipeline.
+        component: a key of `io_specs(...)`.
+        batch: static batch size.
+        resolution: image side in pixels (default: the model's).
+        seed: seed of the random tensors (and of the control image's scene).
+        controlnet: the ControlNet, for the "controlnet" component and the U-Net that takes its residuals.
+    """
+    specs = io_specs(pipe, batch, resolution, controlnet)
+    if component not in specs:
+        raise SDXSError(f"no component {component!r} here (components: {', '.join(specs)})")
+    ins, _ = specs[component]
+    prompt = "a large cyan triangle at the bottom left on a black background"
     g = torch.Generator().manual_seed(seed)
     out = []
     for spec in ins:
         if spec.dtype == "int32":
-            out.append(pipe.tokenize(["a large cyan triangle at the bottom left on a black background"] * batch).int())
+            out.append(pipe.tokenize([prompt] * batch).int())
+        elif spec.name == "control":
+            from sdxs_edge.control import prompt_controls
+
+            out.append(torch.from_numpy(prompt_controls([prompt] * batch, spec.shape[-1], seed)))
         else:
             out.append(torch.randn(spec.shape, generator=g))
     return tuple(out)

@@ -18,6 +18,7 @@ import numpy as np
 
 from sdxs_edge.errors import SDXSError
 
+CONTROL_STREAM = 0xC0DE  # seed space of the scenes `prompt_controls` draws (apart from train / eval streams)
 LOW, HIGH = 40.0, 80.0  # canny thresholds on the Sobel magnitude of a 0-255 image
 IOU_TOLERANCE = 1  # pixels: edges count as matching within this distance (a 3x3 neighbourhood)
 
@@ -207,3 +208,35 @@ def load_control_image(source, resolution: int) -> np.ndarray:
         img = img.resize((resolution, resolution), Image.BILINEAR)
     a = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
     return np.ascontiguousarray(a.transpose(2, 0, 1)[None])
+
+
+def prompt_controls(prompts, resolution: int, seed: int = 0) -> np.ndarray:
+    """Control images for prompts, for calibration, parity and examples: canny edges of a SHAPES-64 render
+    of each prompt's scene. A SHAPES-64 caption pins the scene's attributes (radius and jitter are drawn);
+    any other prompt gets a random SHAPES-64 scene, so every prompt has a plausible edge map. Renders are
+    64x64; at another resolution the render is resized (bicubic) before the edges are taken.
+
+    Args:
+        prompts: the prompts (one control image each).
+        resolution: image side in pixels.
+        seed: scene seed; the same (prompts, resolution, seed) gives the same images.
+
+    Returns:
+        float32 (len(prompts), 3, resolution, resolution) in [0, 1], white edges on black.
+    """
+    from PIL import Image
+
+    from sdxs_edge import shapes
+
+    out = []
+    for i, p in enumerate(prompts):
+        rng = np.random.default_rng([CONTROL_STREAM, int(seed), i])
+        try:
+            fixed = shapes.parse_caption(p)
+        except SDXSError:
+            fixed = {}
+        img = shapes.render(shapes.sample_scene(rng, **fixed))
+        if resolution != img.shape[0]:
+            img = np.asarray(Image.fromarray(img).resize((resolution, resolution), Image.BICUBIC))
+        out.append(canny(img))
+    return edges_to_control(np.stack(out))

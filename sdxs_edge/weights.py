@@ -1,6 +1,8 @@
-"""safetensors file checks: catch truncated or corrupt weights before a loader does, naming the file."""
+"""safetensors file checks: catch truncated or corrupt weights before a loader does, naming the file; and
+the weights hash bundles record (`modules_sha256`)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from pathlib import Path
@@ -31,3 +33,18 @@ def check_safetensors(path: str | Path) -> dict:
     if 8 + n + end != size:
         raise ModelLoadError(f"{path}: truncated or corrupt safetensors file ({size} bytes, header says {8 + n + end})")
     return header
+
+
+def modules_sha256(modules: dict) -> str:
+    """sha256 over named modules' state dicts: per module and sorted tensor name, the name, dtype, shape
+    and raw bytes. `converters.api.weights_sha256` hashes a pipeline this way, bundles record a ControlNet
+    as {"controlnet": cn}."""
+    import torch
+
+    h = hashlib.sha256()
+    for mod_name, module in modules.items():
+        for k, t in sorted(module.state_dict().items()):
+            t = t.detach().to("cpu").contiguous()
+            h.update(f"{mod_name}.{k}|{t.dtype}|{tuple(t.shape)}\0".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
