@@ -4,6 +4,10 @@ It runs whatever the bundle was converted from (manifest["source"]["model"]: a p
 folder or a hub id), or an explicit `reference=` model, in float32 on CUDA when present, else CPU, and
 takes the same checked inputs as every other runtime, so parity compares like with like.
 
+For a bundle converted with a LoRA (`convert --lora`) it fuses the LoRA file the manifest records
+(manifest["conversion"]["config"]["lora"], checked against the recorded sha256) at the recorded scale
+into its U-Net (a copy of it, for a pipeline passed in), so the reference is the model the bundle lowered.
+
 For a bundle with a ControlNet it loads the ControlNet the manifest records (manifest["source"]
 ["controlnet"]["model"], a folder, checked against the recorded weights sha256), or an explicit
 `controlnet=`, with the recorded conditioning scale.
@@ -60,6 +64,7 @@ class TorchSession(Session):
         else:
             src = str(reference) if reference is not None else resolve_source(self.bundle, self.manifest["source"]["model"])
             pipe = SDXSPipeline.load(src)
+        pipe = self._with_lora(pipe, reference)
         self.pipeline = pipe
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.controlnet = None
@@ -73,6 +78,29 @@ class TorchSession(Session):
         elif controlnet is not None:
             raise BundleError(f"{self.bundle} has no ControlNet; controlnet= applies to bundles converted with one")
         self.modules = {k: m.to(self.device) for k, m in wrappers(pipe, self.controlnet, scale).items()}
+
+    def _with_lora(self, pipe, reference):
+        """`pipe` with the bundle's recorded LoRA fused into its U-Net (unchanged when there is none)."""
+        cfg = self.manifest.get("conversion", {}).get("config", {})
+        if not cfg.get("lora"):
+            return pipe
+        import copy
+        import dataclasses
+
+        from sdxs_edge.bundle import sha256_path
+        from sdxs_edge.lora import fuse_lora, load_lora, resolve_lora_path
+        from sdxs_edge.pipeline import SDXSPipeline
+
+        f = resolve_lora_path(resolve_source(self.bundle, cfg["lora"]))
+        if cfg.get("lora_sha256") and sha256_path(f) != cfg["lora_sha256"]:
+            raise BundleError(f"the LoRA {f} has changed since {self.bundle} was converted (sha256 mismatch)")
+        if pipe is reference:  # never modify the caller's pipeline
+            base = pipe
+            pipe = SDXSPipeline(dataclasses.replace(base.c, unet=copy.deepcopy(base.c.unet)), name=base.name)
+            pipe.default_steps, pipe.default_guidance = base.default_steps, base.default_guidance
+            pipe.controlnet = base.controlnet
+        fuse_lora(pipe.c.unet, load_lora(f), scale=float(cfg.get("lora_scale") or 1.0))
+        return pipe
 
     def _load_controlnet(self, controlnet, record: dict, pipe):
         """The ControlNet to run: `controlnet` (folder or module) or the folder the manifest records."""

@@ -249,6 +249,27 @@ def test_convert_with_lora(pipe, lora_file, tmp_path):
     np.testing.assert_allclose(y_lora, ref, rtol=1e-4, atol=1e-4)  # lowered from the fused U-Net
 
 
+def test_runtime_parity_of_a_lora_bundle_uses_the_fused_reference(pipe, lora_file, tmp_path):
+    import shutil
+
+    import runtimes
+    from runtimes.parity import run_parity
+    from converters.api import convert
+
+    f = tmp_path / "style.safetensors"
+    shutil.copy(lora_file, f)
+    out = convert("tiny", "onnx", "fp32", tmp_path / "lora", lora=f, progress=False)
+    with runtimes.load(out, "torch") as ref, runtimes.load(out, "onnxruntime") as rt:
+        a = rt.generate_arrays(PROMPTS[0], seed=3).image
+        b = ref.generate_arrays(PROMPTS[0], seed=3).image
+    np.testing.assert_allclose(a, b, atol=1e-3)  # the reference runs the LoRA the bundle lowered
+    rep = run_parity(out, "onnxruntime", prompts=PROMPTS[:1], seeds=[0])
+    assert rep["passed"] and float(rep["image"]["psnr_db"]) > 60, rep["image"]
+    f.write_bytes(f.read_bytes()[:-8] + bytes(8))  # the recorded LoRA changed after conversion
+    with pytest.raises(SDXSError, match="has changed"):
+        runtimes.load(out, "torch")
+
+
 def test_convert_leaves_the_callers_pipeline_alone(pipe, lora_file, tmp_path):
     from converters.api import convert
 

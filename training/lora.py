@@ -296,18 +296,23 @@ def style_eval(pipe, n: int, steps: int | None, guidance: float | None, evaluato
 
 @torch.no_grad()
 def decoder_ceiling(teacher, student, evaluator, n: int) -> dict:
-    """How much outline the latent space can carry: outline renders encoded by the teacher VAE, decoded by
-    the teacher's decoder and by the student's tiny decoder, then scored like generated images."""
+    """What the latent space lets any U-Net LoRA reach: outline renders encoded by the teacher VAE and decoded
+    by the teacher's decoder and by the student's tiny decoder, then scored like generated images."""
     from sdxs_edge import shapes
+    from sdxs_edge.evaluate import accuracy_report
 
     b = shapes.make_batch(shapes.eval_scenes(n, seed=7, style="outline"))
     x = torch.from_numpy(shapes.to_tensor_range(b.images)).to(teacher.device)
     z = teacher.c.vae.encode(x).latent_dist.mean * teacher.latent_scaling
-    out = {"renders": float((evaluator.classify(b.images)["style"] == 1).mean())}
+
+    def score(images: np.ndarray) -> dict:
+        pred = evaluator.classify(images)
+        return {"outline_rate": float((pred["style"] == shapes.STYLES.index("outline")).mean()), **accuracy_report(pred, b.labels)}
+
+    out = {"renders": score(b.images)}
     for name, pipe in (("teacher_decoder", teacher), ("tiny_decoder", student)):
         img = pipe.decode(z.to(pipe.device))
-        u8 = ((img / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
-        out[name] = float((evaluator.classify(u8)["style"] == 1).mean())
+        out[name] = score(((img / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8))
     return out
 
 
@@ -424,11 +429,13 @@ def format_lora_report(report: dict) -> str:
     c = report.get("ceiling")
     if c:
         lines.append("")
-        lines.append(
-            f"Outline renders scored the same way: {c['renders']:.3f} as rendered; {c['teacher_decoder']:.3f} after the teacher VAE's "
-            f"encoder and decoder; {c['tiny_decoder']:.3f} decoded by the tiny decoder instead. These are the ceilings the latent space and the decoders "
-            "set for any U-Net LoRA."
-        )
+        lines.append("What the latent space allows: outline renders (no model) encoded by the teacher VAE and decoded again, scored the same way:")
+        lines.append("")
+        lines.append("| outline renders | drawn as outline | all-correct | size | color | shape | position | background |")
+        lines.append("|---|---|---|---|---|---|---|---|")
+        for key, name in (("renders", "as rendered"), ("teacher_decoder", "teacher VAE round trip"), ("tiny_decoder", "teacher VAE encoder, tiny decoder")):
+            m = c[key]
+            lines.append(f"| {name} | {m['outline_rate']:.3f} | {m['all_correct']:.3f} | {m['size']:.3f} | {m['color']:.3f} | {m['shape']:.3f} | {m['position']:.3f} | {m['background']:.3f} |")
     lines.append("")
     lines.append(f"LoRA parameters: teacher {p.get('teacher', 0):,}, one-step {p.get('one_step', 0):,}. Style evaluator held-out accuracy: {report.get('evaluator_heldout')}.")
     return "\n".join(lines)
