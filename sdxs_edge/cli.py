@@ -216,6 +216,18 @@ def cmd_train(args) -> int:
         acc = train_evaluator(cfg, out)
         print(f"held-out accuracy: {json.dumps(acc)}\nwrote {out / 'evaluator'}")
         return 0
+    if args.stage == "controlnet":
+        from training.controlnet import format_report, get_config, run_controlnet
+
+        cfg = get_config("smoke" if args.smoke else "cpu", teacher=args.teacher, student=args.student)
+        if args.steps:
+            cfg = replace(cfg, student_cn=replace(cfg.student_cn, steps=args.steps))
+        if args.dry_run:
+            print(json.dumps(asdict(cfg), indent=2))
+            return 0
+        rep = run_controlnet(cfg, args.out or ("runs/smoke-controlnet" if args.smoke else "runs/controlnet"))
+        print(format_report(rep))
+        return 0
     if args.stage == "teacher" and not args.smoke:
         from training.teacher import TeacherConfig, train_teacher
 
@@ -294,10 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default="out/eval", help="folder for eval.json and grid.png")
     e.set_defaults(func=cmd_eval)
 
-    t = sub.add_parser("train", help="train a stage: teacher, evaluator, decoder, unet-kd, onestep, or all (the SDXS chain)")
-    t.add_argument("stage", choices=["teacher", "evaluator", "decoder", "unet-kd", "onestep", "all"], help="stage; chain stages run the chain up to and including it, resuming earlier stages")
+    t = sub.add_parser("train", help="train a stage: teacher, evaluator, decoder, unet-kd, onestep, all (the SDXS chain), or controlnet (canny ControlNets)")
+    t.add_argument("stage", choices=["teacher", "evaluator", "decoder", "unet-kd", "onestep", "all", "controlnet"], help="stage; chain stages run the chain up to and including it, resuming earlier stages")
     t.add_argument("--preset", default="shapes", help="shapes (SHAPES-64) or tiny (smoke)")
     t.add_argument("--teacher", help="trained teacher folder to distill from (default: the committed models/shapes-teacher)")
+    t.add_argument("--student", help="controlnet, lora: the one-step student folder (default: the embedded model)")
     t.add_argument("--retrain-teacher", action="store_true", help="train the teacher as the chain's first stage instead of reusing one")
     t.add_argument("--out", help="run folder (resumes from its last checkpoint)")
     t.add_argument("--steps", type=_positive(int, "--steps"), help="override the main stage's step count")
