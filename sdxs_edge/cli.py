@@ -207,6 +207,8 @@ def cmd_train(args) -> int:
         from training.evaluator import EvaluatorConfig, train_evaluator
 
         cfg = EvaluatorConfig(steps=args.steps) if args.steps else EvaluatorConfig()
+        if args.style:
+            cfg = replace(cfg, style=args.style)
         if args.smoke:
             cfg = replace(cfg, steps=4, batch=8)
         if args.dry_run:
@@ -227,6 +229,24 @@ def cmd_train(args) -> int:
             return 0
         rep = run_controlnet(cfg, args.out or ("runs/smoke-controlnet" if args.smoke else "runs/controlnet"))
         print(format_report(rep))
+        return 0
+    if args.stage == "lora":
+        from training.lora import LoRAChainConfig, format_lora_report, run_lora_chain, smoke_lora_chain
+
+        teacher, student = args.teacher or "models/shapes-teacher", args.student or str(DEFAULT_MODEL)
+        cfg = smoke_lora_chain(teacher, student) if args.smoke else LoRAChainConfig(teacher=teacher, student=student)
+        if args.steps:
+            cfg = replace(cfg, distill=replace(cfg.distill, ssd=replace(cfg.distill.ssd, steps=args.steps)))
+        if args.threads:
+            cfg = replace(cfg, threads=args.threads)
+        if args.dry_run:
+            print(json.dumps(asdict(cfg), indent=2, default=str))
+            return 0
+        for name, folder in (("teacher", teacher), ("student", student)):
+            if not (Path(folder) / "model_index.json").is_file():
+                raise SDXSError(f"{name} folder {folder} is not a model folder (no model_index.json)")
+        rep = run_lora_chain(cfg, args.out or ("runs/smoke-lora" if args.smoke else "runs/lora-outline"))
+        print(format_lora_report(rep))
         return 0
     if args.stage == "teacher" and not args.smoke:
         from training.teacher import TeacherConfig, train_teacher
@@ -306,8 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default="out/eval", help="folder for eval.json and grid.png")
     e.set_defaults(func=cmd_eval)
 
-    t = sub.add_parser("train", help="train a stage: teacher, evaluator, decoder, unet-kd, onestep, all (the SDXS chain), or controlnet (canny ControlNets)")
-    t.add_argument("stage", choices=["teacher", "evaluator", "decoder", "unet-kd", "onestep", "all", "controlnet"], help="stage; chain stages run the chain up to and including it, resuming earlier stages")
+    t = sub.add_parser("train", help="train a stage: teacher, evaluator, decoder, unet-kd, onestep, all (the SDXS chain), controlnet (canny ControlNets), or lora (an outline style LoRA, distilled to one step)")
+    t.add_argument("stage", choices=["teacher", "evaluator", "decoder", "unet-kd", "onestep", "all", "controlnet", "lora"], help="stage; chain stages run the chain up to and including it, resuming earlier stages")
     t.add_argument("--preset", default="shapes", help="shapes (SHAPES-64) or tiny (smoke)")
     t.add_argument("--teacher", help="trained teacher folder to distill from (default: the committed models/shapes-teacher)")
     t.add_argument("--student", help="controlnet, lora: the one-step student folder (default: the embedded model)")
@@ -316,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=_positive(int, "--steps"), help="override the main stage's step count")
     t.add_argument("--smoke", action="store_true", help="tiny settings that run in seconds (tests)")
     t.add_argument("--recipe", choices=["cpu", "gpu"], default="cpu", help="chain budgets: cpu (about 2 h on 2 cores) or gpu (one CUDA GPU, about 10 min, wall-clock capped per stage)")
+    t.add_argument("--threads", type=_positive(int, "--threads"), help="lora: CPU threads (default 2; use 1 when other jobs share the cores)")
+    t.add_argument("--style", choices=["filled", "mixed"], help="evaluator only: train on filled renders (default) or on filled + outline renders with a style head (the style evaluator)")
     t.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     t.set_defaults(func=cmd_train)
 
