@@ -40,6 +40,9 @@ class ConversionConfig:
             averaged) or "percentile" (99.999th: clips rare outliers, but holds every activation in memory).
         max_excluded_fraction_by_component: per-component overrides of that share. The tiny decoder may go
             wholly float: its errors reach the image unfiltered, and its 17 convolutions hold 36k weights.
+        sensitivity_target_offset_by_component: dB added to the precision's sensitivity target for a component.
+            A ControlNet's residuals enter the U-Net, whose output the one-step rule multiplies by sigma
+            (14.6 at t = 999), so its quantization error reaches the image amplified: it aims 6 dB higher.
         sensitivity_shortlist: how many quantized nodes the sensitivity pass re-scores with each alone in float
             (output-referred ranking; one quantize-and-score each): all of a small component's, else a
             shortlist of the component's boundary nodes and the worst by local re-quantization SNR.
@@ -68,6 +71,7 @@ class ConversionConfig:
     sensitivity_samples: int = 2
     max_excluded_fraction: float = 0.1
     max_excluded_fraction_by_component: tuple[tuple[str, float], ...] = (("decoder", 1.0),)
+    sensitivity_target_offset_by_component: tuple[tuple[str, float], ...] = (("controlnet", 6.0),)
     sensitivity_shortlist: int = 16
     onnx_calibration: str = "minmax"
     opset: int = 17

@@ -145,6 +145,7 @@ def keep_sensitive_in_float(
     target = job.spec.sensitivity_target_db
     if not job.config.sensitivity or target is None:
         return first[1], None
+    target += dict(job.config.sensitivity_target_offset_by_component).get(job.name, 0.0)
     fraction = dict(job.config.max_excluded_fraction_by_component).get(job.name, job.config.max_excluded_fraction)
     budget = max(1, int(fraction * len(candidates)))
     if first[0] >= target:

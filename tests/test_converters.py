@@ -139,10 +139,34 @@ def test_output_referred_ranking_finds_the_amplified_node_the_local_ranking_miss
     ranked = rank_by_exclusion(short, evaluate, 12.0)
     assert [n for n, _ in ranked] == ["conv_out", "conv_in"]
     job = SimpleNamespace(name="unet", inputs=[SimpleNamespace(name="latent")], spec=SimpleNamespace(sensitivity_target_db=28.0),
-                          config=SimpleNamespace(sensitivity=True, max_excluded_fraction=0.1, max_excluded_fraction_by_component=(), sensitivity_shortlist=6))
+                          config=SimpleNamespace(sensitivity=True, max_excluded_fraction=0.1, max_excluded_fraction_by_component=(), sensitivity_shortlist=6,
+                                                 sensitivity_target_offset_by_component=()))
     best, rep = keep_sensitive_in_float(job, nodes, lambda: local, evaluate, evaluate([]))
     assert best[:2] == ("conv_out", "conv_in") and rep["excluded_nodes"][0] == {"name": "conv_out", "snr_db_with_it_alone_in_float": 21.0}
     assert rep["budget_nodes"] == 4
+
+
+def test_controlnet_aims_higher_than_the_other_components():
+    """Its residuals reach the image through the U-Net and the one-step rule's sigma: the default config
+    raises its sensitivity target, so a ControlNet at 30 dB keeps nodes in float where a U-Net would stop."""
+    from types import SimpleNamespace
+
+    from converters.base import ConversionConfig
+    from converters.sensitivity import QuantNode, keep_sensitive_in_float
+
+    nodes = [QuantNode(f"n{i}", (f"t{i}",)) for i in range(20)]
+    local = [(n.name, 30.0 + i) for i, n in enumerate(nodes)]
+
+    def evaluate(excluded):
+        return 30.0 + 2.0 * len(excluded), tuple(excluded)
+
+    cfg = ConversionConfig(target="onnx", precision="int8", components=("controlnet", "unet"), resolution=64, sensitivity_shortlist=4, max_excluded_fraction=0.5)
+    reports = {}
+    for name in ("unet", "controlnet"):
+        job = SimpleNamespace(name=name, inputs=[SimpleNamespace(name="latent")], spec=SimpleNamespace(sensitivity_target_db=28.0), config=cfg)
+        best, reports[name] = keep_sensitive_in_float(job, nodes, lambda: local, evaluate, evaluate([]))
+    assert reports["unet"]["target_snr_db"] == 28.0 and reports["unet"]["excluded_nodes"] == []
+    assert reports["controlnet"]["target_snr_db"] == 34.0 and len(reports["controlnet"]["excluded_nodes"]) >= 2
 
 
 def test_image_psnr_floor_is_enforced_for_trained_models_only():
