@@ -18,6 +18,7 @@ from training.decoder import DecoderConfig, decoder_report, distill_decoder
 from training.onestep import SSDConfig, WarmupConfig, make_ode_pairs, score_distill, warmup
 from training.teacher import TeacherConfig, build_latent_cache, smoke_config, train_teacher
 from training.unet_kd import UNetKDConfig, build_student, distill_unet
+from training.loop import StageClock
 
 STAGES = ("teacher", "decoder", "unet-kd", "onestep", "all")
 REPO = Path(__file__).resolve().parent.parent
@@ -141,14 +142,8 @@ def run_chain(cfg: ChainConfig, out: str | Path, until: str = "all") -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
-    times: dict[str, float] = {}
-    stamp = time.time()
-
-    def lap(name: str) -> None:
-        nonlocal stamp
-        times[name] = round(time.time() - stamp, 1)
-        stamp = time.time()
-        (out / "times.json").write_text(json.dumps(times, indent=2))
+    clock = StageClock(out / "times.json")
+    lap, times = clock.lap, clock.times
 
     # Teacher.
     teacher_dir = Path(cfg.teacher) if cfg.teacher else train_teacher(cfg.teacher_cfg, out / "teacher")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -33,7 +32,7 @@ import torch.nn.functional as F
 from sdxs_edge import sampler, shapes
 from sdxs_edge.control import canny, edge_iou, edges_to_control
 from sdxs_edge.errors import SDXSError
-from training.loop import LoopConfig, Progress, cosine_lr, run_loop, set_lr
+from training.loop import LoopConfig, Progress, StageClock, cosine_lr, run_loop, set_lr
 
 REPO = Path(__file__).resolve().parent.parent
 STAGES = ("teacher-controlnet", "triplets", "controlnet", "report")
@@ -577,15 +576,8 @@ def run_controlnet(cfg: ControlNetRunConfig, out: str | Path, until: str = "repo
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _write_text(out / "config.json", json.dumps(asdict(cfg), indent=2))
-    times_file = out / "times.json"
-    times: dict = json.loads(times_file.read_text()) if times_file.is_file() else {}
-    stamp = time.time()
-
-    def lap(name: str) -> None:
-        nonlocal stamp
-        times[name] = round(times.get(name, 0.0) + time.time() - stamp, 1)
-        stamp = time.time()
-        _write_text(times_file, json.dumps(times, indent=2))
+    clock = StageClock(out / "times.json")
+    lap, times = clock.lap, clock.times
 
     teacher = SDXSPipeline.load(cfg.teacher, seed=cfg.seed)
     if teacher.default_steps == 1:

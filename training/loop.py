@@ -203,3 +203,25 @@ def run_loop(
     bar.close()
     return {**resumed, "last": record}
 
+
+class StageClock:
+    """Wall-clock seconds per stage of a resumable run, kept in a JSON file and added to across resumes.
+
+    Args:
+        path: the JSON file (e.g. out/times.json); read if present, rewritten atomically at every lap.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.times: dict[str, float] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self._stamp = time.time()
+
+    def lap(self, name: str) -> None:
+        """Add the seconds since the last lap (or the start) to stage `name`."""
+        now = time.time()
+        self.times[name] = round(self.times.get(name, 0.0) + now - self._stamp, 1)
+        self._stamp = now
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text(json.dumps(self.times, indent=2))
+        os.replace(tmp, self.path)
+

@@ -21,14 +21,13 @@ import copy
 import json
 import math
 import os
-import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from training.loop import LoopConfig, Progress, cosine_lr, run_loop, set_lr
+from training.loop import LoopConfig, Progress, StageClock, cosine_lr, run_loop, set_lr
 from training.onestep import SSDConfig, make_ode_pairs, score_distill
 
 # Linear and conv layers a style LoRA adapts: attention and feed-forward projections, and the ResNet
@@ -286,7 +285,7 @@ def distill_lora(cfg: LoRADistillConfig, out: Path, student_pipe, teacher_with_l
 def style_eval(pipe, n: int, steps: int | None, guidance: float | None, evaluator, seed: int = 0) -> tuple[dict, np.ndarray]:
     """All-correct rate and attribute accuracy (style evaluator) plus the share drawn as outlines."""
     from sdxs_edge import shapes
-    from sdxs_edge.evaluate import EvalSettings, accuracy_report, evaluate_pipeline
+    from sdxs_edge.evaluate import EvalSettings, evaluate_pipeline
 
     rep, images = evaluate_pipeline(pipe, EvalSettings(n=n, steps=steps, guidance=guidance, batch=64, seed=seed), evaluator, progress=False)
     pred = evaluator.classify(images)
@@ -324,10 +323,9 @@ def _save_lora_file(state: dict, path: Path) -> Path:
 
 def run_lora_chain(cfg: LoRAChainConfig, out: str | Path, until: str = "all") -> dict:
     """Teacher style LoRA -> teacher ODE pairs with it -> one-step LoRA distillation -> report; resumable."""
-    from diffusers import DDPMScheduler
     from safetensors.torch import load_file, save_file
 
-    from sdxs_edge import shapes
+    from sdxs_edge import sampler, shapes
     from sdxs_edge.evaluate import STYLE_EVALUATOR_DIR, Evaluator, save_grid
     from sdxs_edge.lora import fuse_lora, load_lora
     from sdxs_edge.pipeline import SDXSPipeline
@@ -338,18 +336,11 @@ def run_lora_chain(cfg: LoRAChainConfig, out: str | Path, until: str = "all") ->
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
-    times: dict[str, float] = {}
-    stamp = time.time()
-
-    def lap(name: str) -> None:
-        nonlocal stamp
-        times[name] = round(time.time() - stamp, 1)
-        stamp = time.time()
-        (out / "times.json").write_text(json.dumps(times, indent=2))
+    clock = StageClock(out / "times.json")
+    lap = clock.lap
 
     teacher = SDXSPipeline.load(cfg.teacher)
-    sched_cfg = {k: v for k, v in teacher.c.scheduler_config.items() if not k.startswith("_")}
-    acp = DDPMScheduler(**{k: v for k, v in sched_cfg.items() if k in ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps", "prediction_type")}).alphas_cumprod
+    acp = torch.from_numpy(sampler.alphas_cumprod(teacher.c.scheduler_config))
 
     # 1. The teacher's style LoRA.
     teacher_lora_file = out / "teacher-lora" / "pytorch_lora_weights.safetensors"
@@ -410,7 +401,7 @@ def run_lora_chain(cfg: LoRAChainConfig, out: str | Path, until: str = "all") ->
     report["lora_files"] = {"teacher": str(teacher_lora_file), "one_step": str(student_lora_file)}
     report["lora_parameters"] = {k: int(sum(v.numel() for key, v in load_file(str(f)).items() if "lora_" in key)) for k, f in (("teacher", teacher_lora_file), ("one_step", student_lora_file))}
     lap("report")
-    report["seconds"] = times
+    report["seconds"] = clock.times
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(format_lora_report(report) + "\n")
     return report
