@@ -144,19 +144,13 @@ def load_controlnet(path: str | os.PathLike, unet=None):
 def save_controlnet(controlnet, folder: str | os.PathLike, overwrite: bool = False, dtype=None) -> Path:
     """Write a ControlNet folder (safetensors), atomically; `dtype` e.g. torch.float16 halves the size."""
     import copy
-    import shutil
+
+    from sdxs_edge.bundle import atomic_dir
 
     folder = Path(folder)
     if folder.exists() and not overwrite:
         raise SDXSError(f"{folder} exists; pass overwrite=True (--overwrite) to replace it")
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_dir(folder, overwrite=True) as tmp:
         m = copy.deepcopy(controlnet).to(dtype) if dtype is not None else controlnet
         m.save_pretrained(tmp, safe_serialization=True)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder

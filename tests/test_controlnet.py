@@ -8,13 +8,11 @@ zero and no test could tell a control image from none.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import inspect
 import json
 import os
 import shutil
-import time
 import warnings
 from pathlib import Path
 
@@ -23,11 +21,11 @@ import pytest
 import torch
 
 import runtimes
+from bundle_cache import BUNDLE_CACHE, need, prune, source_key
 from runtimes.base import RuntimeInputError, Session
 from sdxs_edge.bundle import BundleError, load_manifest, sha256_path
 from sdxs_edge.control import ControlImageError, canny, prompt_controls
 from sdxs_edge.controlnet import ControlNetMismatchError, controlnet_for_unet, save_controlnet
-from sdxs_edge.errors import SDXSError
 from sdxs_edge.metrics import snr_db
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,33 +61,6 @@ def _test_controlnet(pipe):
 # build/test-bundles/, keyed by the sha256 of the converters/ and sdxs_edge/ sources, `_test_controlnet`
 # and the backend versions, so only the first run after a change pays for the ExecuTorch lowering (~55 s on two
 # cores). Each conversion enforces its own parity floors when it is built.
-CACHE = ROOT / "build" / "test-bundles"
-STALE_AFTER_S = 3600
-KEY_PACKAGES = ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "executorch", "torchao")
-NOT_IN_KEY = {"cli.py", "info.py", "evaluate.py"}
-
-
-def _key() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    h = hashlib.sha256(b"tiny-controlnet")
-    sources = [*(ROOT / "converters").rglob("*.py"), *(f for f in (ROOT / "sdxs_edge").rglob("*.py") if f.name not in NOT_IN_KEY)]
-    for f in sorted(sources):
-        h.update(str(f.relative_to(ROOT)).encode() + b"\0" + f.read_bytes())
-    h.update(inspect.getsource(_test_controlnet).encode())
-    for name in KEY_PACKAGES:
-        try:
-            h.update(f"{name}={version(name)}".encode())
-        except PackageNotFoundError:
-            h.update(f"{name}=absent".encode())
-    return h.hexdigest()[:16]
-
-
-def _need(module: str) -> None:
-    if importlib.util.find_spec(module) is None:
-        pytest.skip(f"the {module} package is not installed")
-
-
 @pytest.fixture(scope="module")
 def pipe():
     from sdxs_edge.pipeline import SDXSPipeline
@@ -101,14 +72,11 @@ def pipe():
 @pytest.fixture(scope="module")
 def store(pipe) -> Path:
     """This run's cache folder, holding the test ControlNet (saved once)."""
-    root = CACHE / f"tiny-controlnet-{_key()}"
+    root = BUNDLE_CACHE / f"tiny-controlnet-{source_key('tiny-controlnet', inspect.getsource(_test_controlnet))}"
     if not (root / "controlnet" / "config.json").is_file():
         root.mkdir(parents=True, exist_ok=True)
         save_controlnet(_test_controlnet(pipe), root / "controlnet", overwrite=True)
-    os.utime(root)
-    for stale in CACHE.glob("tiny-controlnet-*"):
-        if stale != root and time.time() - stale.stat().st_mtime > STALE_AFTER_S:
-            shutil.rmtree(stale, ignore_errors=True)
+    prune(root, "tiny-controlnet-*")
     return root
 
 
@@ -119,7 +87,7 @@ def cn_dir(store) -> Path:
 
 @pytest.fixture(scope="module")
 def make_bundle(store, cn_dir):
-    """(target, precision) -> a tiny bundle with the test ControlNet (cached, see CACHE)."""
+    """(target, precision) -> a tiny bundle with the test ControlNet (cached, see bundle_cache)."""
     from converters.api import convert
 
     def get(target: str, precision: str) -> Path:
@@ -193,7 +161,7 @@ def _eps_from(latents: np.ndarray, noise: np.ndarray, sigma: float) -> np.ndarra
 
 @pytest.mark.parametrize("target, precision, runtime", [("onnx", "fp32", "onnxruntime"), ("onnx", "int8", "onnxruntime"), ("executorch", "fp32", "executorch")])
 def test_bundle_with_controlnet_matches_the_pipeline(make_bundle, cn_pipe, cn_dir, edges_png, target, precision, runtime):
-    _need({"onnx": "onnxruntime", "executorch": "executorch"}[target])
+    need({"onnx": "onnxruntime", "executorch": "executorch"}[target])
     bundle = make_bundle(target, precision)
     m = load_manifest(bundle)
     assert list(m["components"]) == ["text_encoder", "controlnet", "unet", "decoder"]
@@ -225,7 +193,7 @@ def test_bundle_with_controlnet_matches_the_pipeline(make_bundle, cn_pipe, cn_di
 def test_control_image_changes_the_output(make_bundle, cn_pipe):
     """Edges vs a blank control: the U-Net output and the image move, on the runtime and in PyTorch alike
     (a broken residual path, e.g. residuals not reaching the U-Net, would leave them equal)."""
-    _need("onnxruntime")
+    need("onnxruntime")
     edges = prompt_controls([PROMPT], 64, 1)
     blank = np.zeros_like(edges)
     with runtimes.load(make_bundle("onnx", "fp32"), "onnxruntime") as s:
@@ -241,7 +209,7 @@ def test_control_image_changes_the_output(make_bundle, cn_pipe):
 def test_parity_reports_edge_iou_for_both_sides(make_bundle, tmp_path):
     from runtimes.parity import format_table, run_parity
 
-    _need("onnxruntime")
+    need("onnxruntime")
     rep = run_parity(make_bundle("onnx", "int8"), "onnxruntime", seeds=(0,), json_out=tmp_path / "p.json")
     assert rep["passed"] and list(rep["components"]) == ["text_encoder", "controlnet", "unet", "decoder"]
     assert all(float(r["snr_db"]) >= INT8_FLOOR_DB for r in rep["components"].values())
@@ -439,7 +407,7 @@ def test_cli_generate_with_controlnet(cn_dir, edges_png, tmp_path, capsys):
 
 
 def test_cli_convert_run_and_parity(make_bundle, cn_dir, edges_png, tmp_path, capsys):
-    _need("onnxruntime")
+    need("onnxruntime")
     bundle = make_bundle("onnx", "fp32")
     rc, out, err = _main(capsys, "run", bundle, PROMPT, "--runtime", "onnxruntime", "--control", edges_png, "--out", tmp_path / "a.png")
     assert rc == 0 and "controlnet" in out and (tmp_path / "a.png").is_file(), err

@@ -2,14 +2,12 @@
 tiny preset, and every bad input as one clear SDXSError."""
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import runtimes
 from runtimes.base import BackendMissingError, RuntimeInputError, Session, UnsupportedTargetError
 from runtimes.parity import FLOORS, check_floors, run_parity
 from runtimes.tokenizer import CLIPBPETokenizer
+from bundle_cache import BUNDLE_CACHE, need, prune, source_key
 from sdxs_edge.bundle import BundleError, sha256_path
 from sdxs_edge.errors import ParityError, SDXSError
 
@@ -31,41 +30,13 @@ PROMPT = "a small red circle at the top on a white background"
 BACKEND_PACKAGES = {"onnx": "onnxruntime", "executorch": "executorch", "coreml": "coremltools"}
 
 
-def _need(module: str) -> None:
-    if importlib.util.find_spec(module) is None:
-        pytest.skip(f"the {module} package is not installed")
-
-
-# Converted test bundles are kept between runs under build/test-bundles/, keyed by the sha256 of the
-# converters/ and sdxs_edge/ sources and the backend package versions: lowering the tiny model to
-# ExecuTorch takes ~45 s (fp32) and ~110 s (int8) on two cores, so only the first run after a change pays
-# for it. These tests check the runtimes; the bundle is their input (the converters' own tests check
-# conversion), and every use still verifies each file's sha256 through the manifest.
-BUNDLE_CACHE = ROOT / "build" / "test-bundles"
-STALE_AFTER_S = 3600  # bundles of other keys unused this long are removed (a test run takes minutes)
-KEY_PACKAGES = ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "executorch", "torchao", "coremltools")
-# sdxs_edge modules no conversion reads (the CLI, reports, the SHAPES-64 evaluator) stay out of the key.
-NOT_IN_KEY = {"cli.py", "info.py", "evaluate.py"}
-
-
-def _bundle_key(target: str, precision: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    h = hashlib.sha256(f"tiny|{target}|{precision}".encode())
-    sources = [*(ROOT / "converters").rglob("*.py"), *(f for f in (ROOT / "sdxs_edge").rglob("*.py") if f.name not in NOT_IN_KEY)]
-    for f in sorted(sources):
-        h.update(str(f.relative_to(ROOT)).encode() + b"\0" + f.read_bytes())
-    for name in KEY_PACKAGES:
-        try:
-            h.update(f"{name}={version(name)}".encode())
-        except PackageNotFoundError:
-            h.update(f"{name}=absent".encode())
-    return h.hexdigest()[:16]
+# Converted test bundles are cached between runs (tests/bundle_cache.py). These tests check the runtimes;
+# the bundle is their input (the converters' own tests check conversion).
 
 
 @pytest.fixture(scope="module")
 def make_bundle():
-    """(target, precision) -> a tiny-preset bundle from `converters.convert` (cached, see BUNDLE_CACHE).
+    """(target, precision) -> a tiny-preset bundle from `converters.convert` (cached, see bundle_cache).
 
     Skips only when the backend package is absent or the converters have no backend for the target;
     a conversion that fails is a test error.
@@ -75,13 +46,13 @@ def make_bundle():
     built: dict[tuple[str, str], Path] = {}
 
     def get(target: str, precision: str) -> Path:
-        _need(BACKEND_PACKAGES[target])
+        need(BACKEND_PACKAGES[target])
         if importlib.util.find_spec(BACKENDS[target]) is None:
             pytest.skip(f"the converters have no {target} backend ({BACKENDS[target]}) in this checkout")
         if (target, precision) in built:  # one key per run, even if sources change meanwhile
             return built[(target, precision)]
         prefix = f"tiny-{target}-{precision}-"
-        out = BUNDLE_CACHE / (prefix + _bundle_key(target, precision))
+        out = BUNDLE_CACHE / (prefix + source_key(f"tiny|{target}|{precision}"))
         if not (out / "manifest.json").is_file():
             tmp = out.with_name(f".{out.name}.{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
@@ -90,10 +61,7 @@ def make_bundle():
                 os.rename(tmp, out)
             except OSError:  # another test run finished the same bundle first
                 shutil.rmtree(tmp)
-        os.utime(out)  # marks it in use: a concurrent run with other sources must not prune it
-        for stale in BUNDLE_CACHE.glob(f"*{prefix}*"):
-            if stale != out and time.time() - stale.stat().st_mtime > STALE_AFTER_S:
-                shutil.rmtree(stale, ignore_errors=True)
+        prune(out, f"*{prefix}*")
         built[(target, precision)] = out
         return out
 
@@ -162,7 +130,7 @@ def test_tokenizer_missing_files_is_clear(tmp_path):
 # ---- the contract ------------------------------------------------------------------------------------
 def test_onnx_path_runs_without_torch(make_bundle):
     """Deploying an onnx bundle needs numpy, Pillow, regex and onnxruntime only: PyTorch is never imported."""
-    _need("onnxruntime")
+    need("onnxruntime")
     bundle = make_bundle("onnx", "fp32")
     code = (
         "import sys, runtimes\n"
@@ -177,7 +145,7 @@ def test_onnx_path_runs_without_torch(make_bundle):
 
 
 def test_generate_is_deterministic_per_seed(make_bundle):
-    _need("onnxruntime")
+    need("onnxruntime")
     with runtimes.load(make_bundle("onnx", "fp32"), "onnxruntime") as s:
         a, b, c = (s.generate_arrays(PROMPT, seed=k) for k in (3, 3, 4))
         assert np.array_equal(a.image, b.image) and not np.array_equal(a.image, c.image)
@@ -253,20 +221,20 @@ def test_parity_torch_vs_torch_is_exact(make_bundle, tmp_path):
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
 def test_parity_onnxruntime(make_bundle, tmp_path, precision):
-    _need("onnxruntime")
+    need("onnxruntime")
     _parity(make_bundle("onnx", precision), "onnxruntime", tmp_path)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_parity_executorch(make_bundle, tmp_path, precision):
-    _need("executorch")
+    need("executorch")
     _parity(make_bundle("executorch", precision), "executorch", tmp_path)
 
 
 @pytest.mark.skipif(sys.platform != "darwin", reason="Core ML prediction needs macOS (Apple's Core ML framework); this is " + sys.platform)
 @pytest.mark.parametrize("units", ["CPU_ONLY", "ALL"])
 def test_parity_coreml(make_bundle, tmp_path, units):
-    _need("coremltools")
+    need("coremltools")
     _parity(make_bundle("coreml", "fp16"), "coreml", tmp_path, compute_units=units)
 
 
@@ -284,7 +252,7 @@ def test_parity_below_floor_raises_and_still_writes_json(make_bundle, tmp_path):
 
 # ---- bad input ----------------------------------------------------------------------------------------
 def test_missing_and_altered_files(onnx_bundle):
-    _need("onnxruntime")
+    need("onnxruntime")
     with (onnx_bundle / "unet.onnx").open("ab") as f:
         f.write(b"\0")
     with pytest.raises(BundleError, match=r"unet file unet.onnx was altered \(sha256 mismatch\)"):
@@ -333,13 +301,13 @@ def test_unknown_runtime_and_option(make_bundle):
 
 
 def test_unavailable_execution_provider(make_bundle):
-    _need("onnxruntime")
+    need("onnxruntime")
     with pytest.raises(BackendMissingError, match="NnapiExecutionProvider not available .*available: .*CPUExecutionProvider"):
         runtimes.load(make_bundle("onnx", "fp32"), "onnxruntime", providers=["nnapi"])
 
 
 def test_inputs_checked_against_manifest(make_bundle):
-    _need("onnxruntime")
+    need("onnxruntime")
     with runtimes.load(make_bundle("onnx", "fp32"), "onnxruntime") as s:
         ids = s.tokenize([PROMPT])
         with pytest.raises(RuntimeInputError, match=r"text_encoder.input_ids: dtype int64 does not match the manifest \(input_ids int32\[1, 77\]\)"):
@@ -361,7 +329,7 @@ def test_inputs_checked_against_manifest(make_bundle):
 
 def test_program_that_disagrees_with_manifest(onnx_bundle):
     """The .onnx file is checked against the manifest too (a manifest edited by hand, here)."""
-    _need("onnxruntime")
+    need("onnxruntime")
     m = json.loads((onnx_bundle / "manifest.json").read_text())
     m["components"]["decoder"]["inputs"][0]["name"] = "z"
     (onnx_bundle / "manifest.json").write_text(json.dumps(m))
@@ -397,7 +365,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_run_and_parity(make_bundle, tmp_path):
-    _need("onnxruntime")
+    need("onnxruntime")
     bundle = str(make_bundle("onnx", "fp32"))
     r = _cli("run", bundle, PROMPT, "--runtime", "onnxruntime", "--out", str(tmp_path / "a.png"), "--seed", "2")
     assert r.returncode == 0, r.stderr

@@ -315,19 +315,13 @@ def decoder_ceiling(teacher, student, evaluator, n: int) -> dict:
     return out
 
 
-def _save_lora_file(state: dict, path: Path) -> Path:
-    from sdxs_edge.lora import save_lora
-
-    return save_lora(path, state)
-
-
 def run_lora_chain(cfg: LoRAChainConfig, out: str | Path, until: str = "all") -> dict:
     """Teacher style LoRA -> teacher ODE pairs with it -> one-step LoRA distillation -> report; resumable."""
     from safetensors.torch import load_file, save_file
 
     from sdxs_edge import sampler, shapes
     from sdxs_edge.evaluate import STYLE_EVALUATOR_DIR, Evaluator, save_grid
-    from sdxs_edge.lora import fuse_lora, load_lora
+    from sdxs_edge.lora import fuse_lora, load_lora, save_lora
     from sdxs_edge.pipeline import SDXSPipeline
 
     if until not in STAGES:
@@ -346,7 +340,7 @@ def run_lora_chain(cfg: LoRAChainConfig, out: str | Path, until: str = "all") ->
     teacher_lora_file = out / "teacher-lora" / "pytorch_lora_weights.safetensors"
     if not teacher_lora_file.is_file():
         state = train_style_lora(cfg.style_lora, out / "teacher-lora", teacher, acp)
-        _save_lora_file(state, teacher_lora_file)
+        save_lora(teacher_lora_file, state)
     lap("style-lora")
     if until == "style-lora":
         return {"teacher_lora": str(teacher_lora_file)}
@@ -373,7 +367,7 @@ def run_lora_chain(cfg: LoRAChainConfig, out: str | Path, until: str = "all") ->
     student_lora_file = out / "one-step-lora" / "pytorch_lora_weights.safetensors"
     if not student_lora_file.is_file():
         state = distill_lora(cfg.distill, out / "one-step-lora", student, teacher_lora, teacher_base_unet, pairs, acp, seed=cfg.style_lora.seed)
-        _save_lora_file(state, student_lora_file)
+        save_lora(student_lora_file, state)
     lap("lora-distill")
     if until == "lora-distill":
         return {"one_step_lora": str(student_lora_file)}
