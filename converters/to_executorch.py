@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from converters.base import ComponentJob, ComponentResult, Runner
-from converters.sensitivity import QParams, QuantNode, keep_sensitive_in_float, score_nodes
+from converters.sensitivity import QParams, QuantNode, keep_sensitive_in_float, score_nodes, split_calibration
 from sdxs_edge.errors import SDXSError
 
 NOT_OPS = ("getitem", "executorch_call_delegate")  # plumbing, not operators
@@ -104,12 +104,11 @@ def quantize(job: ComponentJob, exported) -> tuple[object, dict]:
         q.set_filter_function(lambda n: n.op != "call_function" or (n.target in allowed and n.name not in skip))
         prepared = prepare_pt2e(copy.deepcopy(graph), q)
         with torch.no_grad():
-            for s in job.calib:
+            for s in fit:
                 prepared(*_tensors(s))
         return convert_pt2e(prepared)
 
-    n_sens = max(1, min(job.config.sensitivity_samples, len(job.calib)))
-    sens_in, sens_ref = job.calib[:n_sens], job.calib_ref[:n_sens]
+    fit, sens_in, sens_ref = split_calibration(job)
 
     def evaluate(excluded: list[str]):
         m = quantized(excluded)
@@ -125,7 +124,8 @@ def quantize(job: ComponentJob, exported) -> tuple[object, dict]:
             "op_types": ["conv2d", "linear (+ fused relu)"],
             "weights": "int8 symmetric per-channel",
             "activations": "int8 per-tensor (histogram observer)",
-            "calibration_samples": len(job.calib),
+            "calibration_samples": len(fit),
+            "sensitivity_samples": len(sens_in),
         }
         candidates = _quantized_nodes(first[1])
         rank = lambda: score_nodes(candidates, _record(graph, sens_in, {t for n in candidates for t in n.tensors}), _qparams(first[1]))

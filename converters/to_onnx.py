@@ -23,7 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from converters.base import ComponentJob, ComponentResult, Runner
-from converters.sensitivity import QParams, QuantNode, keep_sensitive_in_float, score_nodes
+from converters.sensitivity import QParams, QuantNode, keep_sensitive_in_float, score_nodes, split_calibration
 from sdxs_edge.errors import SDXSError
 
 PROTO_LIMIT = 2**31 - 2**20  # protobuf's 2 GiB cap, less headroom for the graph itself
@@ -138,6 +138,7 @@ def quantize_static(job: ComponentJob, fp32_path: Path) -> tuple[list[str], dict
     quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True, save_as_external_data=big, all_tensors_to_one_file=True)
     cache = job.work / f"{job.name}.calibration.json"  # calibrate once; exclusion steps reuse the ranges
     counter = itertools.count()
+    fit, sens_in, sens_ref = split_calibration(job)
     # Products of two activations (attention's Q K^T and softmax V) stay in float, as XNNPACK leaves them:
     # the softmax probabilities on a 1/255 grid and per-tensor ranges over every head cost the most SNR.
     products = _activation_products(pre)
@@ -147,7 +148,7 @@ def quantize_static(job: ComponentJob, fp32_path: Path) -> tuple[list[str], dict
         ort_quantize_static(
             str(pre),
             str(out),
-            _Reader(job, job.calib),
+            _Reader(job, fit),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
             activation_type=QuantType.QUInt8,  # onnxruntime's recommendation for x86 and ARM CPUs alike
@@ -161,8 +162,6 @@ def quantize_static(job: ComponentJob, fp32_path: Path) -> tuple[list[str], dict
         )
         return out
 
-    n_sens = max(1, min(job.config.sensitivity_samples, len(job.calib)))
-    sens_in, sens_ref = job.calib[:n_sens], job.calib_ref[:n_sens]
 
     def evaluate(excluded: list[str]) -> tuple[float, Path]:
         path = quantize(excluded)
@@ -175,7 +174,8 @@ def quantize_static(job: ComponentJob, fp32_path: Path) -> tuple[list[str], dict
         "op_types": list(STATIC_OPS),
         "weights": "int8 per-channel",
         "activations": f"uint8 per-tensor ({CALIBRATION_NAMES[job.config.onnx_calibration]})",
-        "calibration_samples": len(job.calib),
+        "calibration_samples": len(fit),
+        "sensitivity_samples": len(sens_in),
         "float_activation_products": len(products),
     }
     candidates = _quantized_nodes(first[1])

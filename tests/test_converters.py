@@ -479,3 +479,15 @@ def test_sdxs512_to_onnx_fp32(tmp_path):
     assert m["resolution"] == 512 and m["components"]["unet"]["inputs"][0]["shape"] == [1, 4, 64, 64]
     _check_parity_recorded(m, ("text_encoder", "unet", "decoder"))
     assert os.path.getsize(out / "unet.onnx") > 1e9
+
+
+def test_sensitivity_scores_on_samples_the_ranges_never_saw():
+    from types import SimpleNamespace
+
+    from converters.sensitivity import split_calibration
+
+    job = SimpleNamespace(config=ConversionConfig("onnx", "int8", ("unet",), 64, sensitivity_samples=2), calib=list("abcdef"), calib_ref=list("ABCDEF"))
+    fit, sens_in, sens_ref = split_calibration(job)
+    assert fit == list("abcd") and sens_in == list("ef") and sens_ref == list("EF")
+    few = SimpleNamespace(config=job.config, calib=list("ab"), calib_ref=list("AB"))
+    assert split_calibration(few) == (list("ab"), list("ab"), list("AB"))  # too few to hold any out

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -148,3 +147,20 @@ def test_smoke_chain_end_to_end(tmp_path):
 def test_train_dry_run_prints_config():
     r = subprocess.run([sys.executable, "-m", "sdxs_edge.cli", "train", "teacher", "--dry-run"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and json.loads(r.stdout)["preset"] == "shapes-teacher"
+
+
+def test_ode_pair_chunks_resume_to_the_same_pairs(tmp_path):
+    """Teacher ODE pairs come in atomically written chunks; a lost chunk is rebuilt identically."""
+    from sdxs_edge.pipeline import SDXSPipeline
+    from training.onestep import ode_pair_chunks
+
+    pipe = SDXSPipeline.load("tiny")
+    first = ode_pair_chunks(pipe, tmp_path, 5, steps=2, guidance=2.0, chunk=2, batch=2)
+    files = sorted(tmp_path.glob("chunk-*.safetensors"))
+    assert [f.name[:9] for f in files] == ["chunk-000", "chunk-001", "chunk-002"] and not list(tmp_path.glob("*.tmp"))
+    assert first["noise"].shape[0] == first["x0"].shape[0] == first["ids"].shape[0] == 5
+    files[1].unlink()
+    again = ode_pair_chunks(pipe, tmp_path, 5, steps=2, guidance=2.0, chunk=2, batch=2)
+    for k in first:
+        assert torch.equal(first[k], again[k]), k
+    assert not torch.equal(first["noise"][:2], first["noise"][2:4])  # chunks draw different noise

@@ -44,6 +44,35 @@ def make_ode_pairs(pipe, prompts: list[str], steps: int, guidance: float, batch:
     return {"noise": torch.cat(noises), "ids": torch.cat(ids), "x0": torch.cat(x0s)}
 
 
+PAIR_CAPTION_SEED = 10_000  # caption stream of the pair chunks: seeds 10000 + i, disjoint from evaluation
+
+
+def ode_pair_chunks(pipe, out: Path, n: int, steps: int, guidance: float, chunk: int = 2048, batch: int = 64) -> dict[str, torch.Tensor]:
+    """`n` teacher ODE pairs, built in chunks of `chunk` that are each written atomically under `out`.
+
+    A killed run keeps its finished chunks and resumes with the next one; chunk i draws its captions from
+    the evaluation-disjoint stream seed PAIR_CAPTION_SEED + i and its noise from seed i + 1, so the pairs do
+    not depend on how often the build was interrupted.
+    """
+    from safetensors.torch import load_file, save_file
+
+    from sdxs_edge import shapes
+
+    out.mkdir(parents=True, exist_ok=True)
+    parts = []
+    for i in range((n + chunk - 1) // chunk):
+        f = out / f"chunk-{i:03d}-{chunk}-{steps}-{guidance:g}.safetensors"
+        if not f.is_file():
+            size = min(chunk, n - i * chunk)
+            caps = [s.caption for s in shapes.eval_scenes(size, seed=PAIR_CAPTION_SEED + i)]
+            p = make_ode_pairs(pipe, caps, steps, guidance, batch=batch, seed=i + 1)
+            tmp = f.with_suffix(".tmp")
+            save_file(p, str(tmp))
+            tmp.rename(f)
+        parts.append(load_file(str(f)))
+    return {k: torch.cat([p[k] for p in parts])[:n] for k in parts[0]}
+
+
 # ---- feature encoders and the SSIM feature loss -----------------------------------------------------
 class UNetEncoder(nn.Module):
     """The teacher U-Net's encoder (conv_in + down blocks) at a small timestep, frozen."""
