@@ -83,7 +83,7 @@ class LoRADistillConfig:
     fm_scale_without_teacher_lora: lambda_FM factor when the teacher cannot take the LoRA.
     """
 
-    ssd: SSDConfig = SSDConfig(steps=600, batch=32, lr=3e-4, online_lr=1e-4, guidance=2.5, alpha_start=0.95, alpha_end=0.7, fm_start=4.0, fm_end=1.0)
+    ssd: SSDConfig = SSDConfig(steps=600, batch=32, lr=2e-3, online_lr=1e-4, guidance=2.5, alpha_start=0.95, alpha_end=0.7, fm_start=4.0, fm_end=1.0)
     rank: int = 8
     alpha: float = 8.0
     targets: tuple[str, ...] = LORA_TARGETS
