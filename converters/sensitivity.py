@@ -131,7 +131,9 @@ def split_calibration(job) -> tuple[Sequence, Sequence, Sequence]:
     The pass scores on the last `sensitivity_samples` calibration samples and the ranges come from the
     rest: ranges fitted on the very samples they are scored on flatter the int8 model (a real-size
     U-Net scored 28 dB in-sample and 24.9 dB on the parity inputs, so the pass kept nothing in float).
-    With too few samples to spare, both use all of them.
+    With too few samples to spare, both use all of them. The pass judges a candidate by its worst held-out
+    sample (`min_sample_snr_db`), not the mean: two samples' mean sat 3.5 dB above what the conversion
+    check then measured on a LoRA-fused U-Net.
     """
     n = max(1, min(job.config.sensitivity_samples, len(job.calib)))
     if len(job.calib) <= n:

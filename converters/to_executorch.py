@@ -113,7 +113,7 @@ def quantize(job: ComponentJob, exported) -> tuple[object, dict]:
     def evaluate(excluded: list[str]):
         m = quantized(excluded)
         with torch.no_grad():
-            snr = job.sensitivity_figures(lambda s: _numpy(m(*_tensors(s))), sens_in, sens_ref)["snr_db"]
+            snr = job.sensitivity_figures(lambda s: _numpy(m(*_tensors(s))), sens_in, sens_ref)["min_sample_snr_db"]
         return snr, m
 
     try:

@@ -165,7 +165,7 @@ def quantize_static(job: ComponentJob, fp32_path: Path) -> tuple[list[str], dict
 
     def evaluate(excluded: list[str]) -> tuple[float, Path]:
         path = quantize(excluded)
-        return job.sensitivity_figures(runner_for(job, path), sens_in, sens_ref)["snr_db"], path
+        return job.sensitivity_figures(runner_for(job, path), sens_in, sens_ref)["min_sample_snr_db"], path
 
     first = evaluate([])
     report: dict = {
