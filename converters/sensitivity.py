@@ -132,8 +132,8 @@ def split_calibration(job) -> tuple[Sequence, Sequence, Sequence]:
     rest: ranges fitted on the very samples they are scored on flatter the int8 model (a real-size
     U-Net scored 28 dB in-sample and 24.9 dB on the parity inputs, so the pass kept nothing in float).
     With too few samples to spare, both use all of them. The pass judges a candidate by its worst held-out
-    sample (`min_sample_snr_db`), not the mean: two samples' mean sat 3.5 dB above what the conversion
-    check then measured on a LoRA-fused U-Net.
+    sample (`min_sample_snr_db`), not the mean: the conversion check that follows judges other inputs,
+    and two samples' mean hides the one that quantizes badly.
     """
     n = max(1, min(job.config.sensitivity_samples, len(job.calib)))
     if len(job.calib) <= n:
