@@ -28,8 +28,9 @@ import numpy as np
 from converters import calibration, parity
 from converters.base import ComponentJob, ComponentResult, ConversionConfig
 from converters.registry import DELEGATES, ONNX_CALIBRATIONS, PALETTE_BITS, UnsupportedConversion, component_export, precision_spec
+from converters.sensitivity import refusal_detail
 from sdxs_edge.bundle import COMPONENT_NAMES, FORMAT, FORMAT_VERSION, REQUIRED_COMPONENTS, TARGETS, BundleError, atomic_dir, load_manifest, sha256_path, validate_manifest
-from sdxs_edge.errors import SDXSError
+from sdxs_edge.errors import ParityError, SDXSError
 from sdxs_edge.weights import modules_sha256
 
 BACKENDS = {"onnx": "converters.to_onnx", "executorch": "converters.to_executorch", "coreml": "converters.to_coreml"}
@@ -366,7 +367,10 @@ def convert(
                 label = f"{target}/{precision}"
                 if result.runner is not None:
                     figs = parity.component_figures(result.runner, check.inputs[name], check.outputs[name])
-                    par_components[name] = parity.check_component(name, figs, spec.tolerance, label)
+                    try:
+                        par_components[name] = parity.check_component(name, figs, spec.tolerance, label)
+                    except ParityError as e:
+                        raise ParityError(f"{e}{refusal_detail(result.report)}") from None
                 else:
                     par_components[name] = {"checked": "structural", **(result.structural or {})}
                 results[name] = result

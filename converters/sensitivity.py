@@ -223,3 +223,20 @@ def rank_by_exclusion(candidates: Sequence["QuantNode"], evaluate: Callable[[lis
             scored.append((n.name, -snr))
     scored.sort(key=lambda s: (s[1], s[0]))
     return scored
+
+
+def refusal_detail(report: dict) -> str:
+    """One clause on what the int8 sensitivity pass saw, for the error of a conversion its check refuses.
+
+    A refused bundle is never written, so its manifest cannot say why the pass kept what it kept."""
+    for rep in report.values() if isinstance(report, dict) else ():
+        sens = rep.get("sensitivity") if isinstance(rep, dict) else None
+        if not sens or not sens.get("steps"):
+            continue
+        first, last = sens["steps"][0], sens["steps"][-1]
+        return (
+            f"; the int8 sensitivity pass scored {first['snr_db']:.1f} dB on its held-out samples with every node "
+            f"quantized and {last['snr_db']:.1f} dB with {last['excluded']} of {sens['quantized_candidates']} kept in float "
+            f"(target {sens['target_snr_db']:.0f} dB)"
+        )
+    return ""

@@ -498,3 +498,12 @@ def test_sensitivity_scores_on_samples_the_ranges_never_saw():
     assert fit == list("abcd") and sens_in == list("ef") and sens_ref == list("EF")
     few = SimpleNamespace(config=job.config, calib=list("ab"), calib_ref=list("AB"))
     assert split_calibration(few) == (list("ab"), list("ab"), list("AB"))  # too few to hold any out
+
+
+def test_a_refused_int8_conversion_says_what_the_sensitivity_pass_saw():
+    from converters.sensitivity import refusal_detail
+
+    rep = {"int8": {"mode": "static", "sensitivity": {"target_snr_db": 28.0, "quantized_candidates": 104, "steps": [{"excluded": 0, "snr_db": 24.1}, {"excluded": 2, "snr_db": 26.4}]}}}
+    msg = refusal_detail(rep)
+    assert "24.1 dB" in msg and "26.4 dB with 2 of 104 kept in float" in msg and "target 28 dB" in msg
+    assert refusal_detail({"int8": {"mode": "dynamic"}}) == "" and refusal_detail({}) == ""
