@@ -19,14 +19,13 @@ import torch
 
 def main(argv: list[str] | None = None) -> int:
     from diffusers import UNet2DConditionModel
-    from safetensors.torch import load_file
 
     from sdxs_edge import sampler
     from sdxs_edge.evaluate import EvalSettings, evaluate_pipeline
     from sdxs_edge.models import Components
     from sdxs_edge.pipeline import SDXSPipeline
     from training.chain import COMMITTED_TEACHER
-    from training.onestep import SSDConfig, WarmupConfig, score_distill, warmup
+    from training.onestep import SSDConfig, WarmupConfig, ode_pair_chunks, score_distill, warmup
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run", type=Path, help="chain run folder (its unet-kd/unet, pairs/ chunks and model/ decoder)")
@@ -45,12 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(a.threads)
     name = f"{a.loss}-{a.prediction_type}-w{a.steps}-s{a.ssd}"
     out = a.out or a.run / f"ablation-{name}"
-    teacher = SDXSPipeline.load(COMMITTED_TEACHER)
+    config = a.run / "config.json"  # the chain's resolved config: which teacher and pairs the run used
+    if not config.is_file() or not any((a.run / "pairs").glob("chunk-*.safetensors")):
+        raise SystemExit(f"error: {a.run} holds no chain config or teacher ODE pairs (run `sdxs-edge train onestep --out {a.run}` first)")
+    cfg = json.loads(config.read_text())
+    teacher = SDXSPipeline.load(cfg.get("teacher") or COMMITTED_TEACHER)
     decoder = SDXSPipeline.load(a.decoder or a.run / "model").c.vae
-    parts = [load_file(str(f)) for f in sorted((a.run / "pairs").glob("chunk-*.safetensors"))]
-    if not parts:
-        raise SystemExit(f"error: no pair chunks in {a.run / 'pairs'} (run `sdxs-edge train onestep --out {a.run}` first)")
-    pairs = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    pairs = ode_pair_chunks(teacher, a.run / "pairs", cfg["pairs"], cfg["pair_steps"], teacher.default_guidance, chunk=cfg.get("pair_chunk", 2048))
     sched = {k: v for k, v in teacher.c.scheduler_config.items() if not k.startswith("_")}
     sched["prediction_type"] = a.prediction_type
     consts = sampler.one_step_constants(sched, teacher.latent_scaling)
