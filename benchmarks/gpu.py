@@ -55,11 +55,12 @@ def _measure(pipe, mods, batch: int, resolution: int, runs: int, warmup: int, de
         return time_loop(call, runs, warmup + (2 if compiled else 0), batch=batch)
 
 
-def _search(measure, max_batch: int) -> dict:
+def _search(measure, max_batch: int, label: str = "") -> dict:
     """Batch 1, then doubling while images per second grows by MIN_GAIN and memory lasts."""
     import torch
 
     b1 = measure(1)
+    print(f"{label} batch 1: {b1['end_to_end']['images_per_s']:.2f} images/s", flush=True)
     tried = [{"batch": 1, "images_per_s": b1["end_to_end"]["images_per_s"]}]
     best = {"batch": 1, **b1["end_to_end"]}
     batch = 2
@@ -71,6 +72,7 @@ def _search(measure, max_batch: int) -> dict:
             torch.cuda.empty_cache()
             break
         ips = r["end_to_end"]["images_per_s"]
+        print(f"{label} batch {batch}: {ips:.2f} images/s", flush=True)
         tried.append({"batch": batch, "images_per_s": ips})
         if ips < best["images_per_s"] * MIN_GAIN:
             break
@@ -79,7 +81,7 @@ def _search(measure, max_batch: int) -> dict:
     return {"batch1": b1, "best_batch": best, "searched": tried}
 
 
-def gpu_figures(pipe, resolution: int, runs: int, warmup: int, device: str = "cuda", dtype: str = "float16", compile: bool = True, max_batch: int = MAX_BATCH) -> dict:
+def gpu_figures(pipe, resolution: int, runs: int, warmup: int, device: str = "cuda", dtype: str = "float16", compile: bool = True, max_batch: int = MAX_BATCH, on_partial=None) -> dict:
     """fp16 eager and compiled latency and throughput of the one-step chain on a GPU.
 
     Args:
@@ -91,6 +93,8 @@ def gpu_figures(pipe, resolution: int, runs: int, warmup: int, device: str = "cu
         dtype: "float16" (or "float32").
         compile: also measure torch.compile(mode="reduce-overhead").
         max_batch: the largest batch the search tries.
+        on_partial: called with the figures so far after each mode, so a run cut short (a time limit,
+            a crash while compiling) keeps what it measured.
     """
     import copy
 
@@ -104,9 +108,13 @@ def gpu_figures(pipe, resolution: int, runs: int, warmup: int, device: str = "cu
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else device,
         "dtype": dtype,
         "note": "token ids and noise are made once per batch size; end to end = text encoder + U-Net + sampler rule + decoder, with a device sync after each component",
-        "eager": _search(lambda b: _measure(pipe, mods, b, resolution, runs, warmup, dev, dt, False), max_batch),
+        "eager": _search(lambda b: _measure(pipe, mods, b, resolution, runs, warmup, dev, dt, False), max_batch, "eager"),
     }
+    if on_partial is not None:
+        on_partial(out)
     if compile:
         cmods = {k: torch.compile(m, mode="reduce-overhead") for k, m in mods.items()}
-        out["compiled_reduce_overhead"] = _search(lambda b: _measure(pipe, cmods, b, resolution, runs, warmup, dev, dt, True), max_batch)
+        t = time.perf_counter()
+        out["compiled_reduce_overhead"] = _search(lambda b: _measure(pipe, cmods, b, resolution, runs, warmup, dev, dt, True), max_batch, "compiled")
+        out["compiled_reduce_overhead"]["search_wall_s"] = round(time.perf_counter() - t, 1)  # compilation and graph capture included
     return out

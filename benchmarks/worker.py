@@ -219,7 +219,8 @@ def run_gpu(job: Job) -> dict:
     from benchmarks.gpu import gpu_figures
     from sdxs_edge.pipeline import SDXSPipeline
 
-    return gpu_figures(SDXSPipeline.load(job.model, seed=job.seed), job.resolution, job.runs, job.warmup)
+    partial = Path(job.result + ".partial")  # the eager figures, kept if compiling is cut short
+    return gpu_figures(SDXSPipeline.load(job.model, seed=job.seed), job.resolution, job.runs, job.warmup, on_partial=lambda d: write_atomic(partial, json.dumps(d, indent=2)))
 
 
 def run_teacher(job: Job) -> dict:
