@@ -64,6 +64,8 @@ def run_one(target: str, precision: str, args: argparse.Namespace) -> dict:
     stdout, stderr = log_out.read_text(), log_err.read_text()
     log_out.unlink()
     row = {"target": target, "precision": precision, "wall_seconds": round(wall, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+    if target == "onnx" and precision == "int8":
+        row["onnx_calibration"] = args.onnx_calibration
     lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
     if not lines:
         row["error"] = f"worker exited {code}: {(stderr.strip().splitlines() or ['no output'])[-1][:300]} (log: {log_err})"
@@ -107,6 +109,8 @@ def markdown(report: dict) -> str:
             f"| {r['target']} | {r['precision']} | {r['wall_seconds']} | {r.get('conversion_seconds', '-')} | {r['peak_rss_mb']} | {r.get('bundle_mb', '-')} | "
             f"{cell('text_encoder')} | {cell('unet')} | {cell('decoder')} | {psnr_cell} | {r.get('error', r.get('parity_checked', ''))} |"
         )
+    if report.get("notes"):
+        lines += [""] + [n for note in report["notes"] for n in (note, "")][:-1]
     return "\n".join(lines) + "\n"
 
 
@@ -121,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default=str(ROOT / "out" / "bench-convert"), help="where bundles are written")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"), help="folder for conversion_<preset>.json and .md")
     p.add_argument("--keep-bundles", action="store_true", help="keep the bundles under --work")
-    p.add_argument("--onnx-calibration", choices=ONNX_CALIBRATIONS, default="minmax", help="ONNX int8 activation ranges")
+    from benchmarks.jobs import PRESET_ONNX_CALIBRATION
+
+    p.add_argument("--onnx-calibration", choices=ONNX_CALIBRATIONS, default=PRESET_ONNX_CALIBRATION, help=f"ONNX int8 activation ranges (default {PRESET_ONNX_CALIBRATION}, as benchmarks.bench converts presets)")
     p.add_argument("--merge", action="store_true", help="replace only the rows of --jobs in an existing results file")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--target", help=argparse.SUPPRESS)
@@ -157,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         report["results"] = [r for r in old["results"] if (r["target"], r["precision"]) not in done] + results
         order = {j: i for i, j in enumerate(DEFAULT_JOBS)}
         report["results"].sort(key=lambda r: order.get(f"{r['target']}:{r['precision']}", len(order)))
+        if old.get("notes"):
+            report["notes"] = old["notes"]
     tmp = out / f".{stem}.json.tmp"
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     tmp.replace(out / f"{stem}.json")

@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
-from benchmarks.jobs import PRESET_SENSITIVITY, PROMPT, Job, peak_rss_mb, stats_e2e, stats_ms, write_atomic
+from benchmarks.jobs import PRESET_ONNX_CALIBRATION, PRESET_SENSITIVITY, PROMPT, Job, peak_rss_mb, stats_e2e, stats_ms, write_atomic
 from sdxs_edge.errors import SDXSError
 
 COMPONENTS = ("text_encoder", "unet", "decoder")
@@ -99,7 +99,7 @@ def run_convert(job: Job) -> dict:
                 from converters import convert
                 from sdxs_edge.presets import PRESETS
 
-                short = PRESET_SENSITIVITY if job.model in PRESETS else {}
+                short = {**PRESET_SENSITIVITY, "onnx_calibration": PRESET_ONNX_CALIBRATION} if job.model in PRESETS else {}
                 convert(job.model, c.target, c.precision, c.out, resolution=job.resolution, overwrite=True, progress=False, seed=job.seed, **short)
         except SDXSError as e:
             row["error"] = f"{type(e).__name__}: {e}"

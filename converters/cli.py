@@ -64,7 +64,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1, help="static batch size (default 1)")
     p.add_argument("--no-sensitivity", action="store_true", help="int8: quantize every candidate node (skip the per-layer sensitivity pass)")
     p.add_argument("--sensitivity-shortlist", type=_positive(int, "--sensitivity-shortlist"), metavar="N", help="int8: nodes the sensitivity pass re-scores one by one (default 16; one quantize-and-score each)")
-    p.add_argument("--onnx-calibration", choices=ONNX_CALIBRATIONS, default="minmax", help="onnx int8: activation ranges from min/max (default), per-sample min/max averaged, or the 99.999th percentile (small models: it holds every activation in memory)")
+    p.add_argument("--onnx-calibration", choices=ONNX_CALIBRATIONS, default="minmax", help="onnx int8: activation ranges from min/max (default), per-sample min/max averaged, the 99.999th percentile (small models: it holds every activation in memory), or mse: min/max shrunk per tensor to the least-squares clipping")
     p.add_argument("--max-float-fraction", type=_fraction, metavar="F", help="int8: share of quantized nodes the pass may keep in float (default 0.1)")
     p.add_argument("--trained", choices=("auto", "yes", "no"), default="auto", help="enforce the int8 image PSNR floor (auto: yes for folders, no for presets)")
     p.add_argument("--seed", type=int, default=0, help="weight seed when MODEL is a preset")

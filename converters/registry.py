@@ -169,7 +169,7 @@ assert set(COMPONENT_EXPORTS) == {(c, t) for c in COMPONENT_NAMES for t in TARGE
 DELEGATES = ("xnnpack", "coreml")  # ExecuTorch backends a .pte can delegate to
 PALETTE_BITS = (4, 6)
 # ONNX static int8 activation calibrators (onnxruntime): see converters.to_onnx.CALIBRATION_OPTIONS.
-ONNX_CALIBRATIONS = ("minmax", "minmax-average", "percentile")
+ONNX_CALIBRATIONS = ("minmax", "minmax-average", "percentile", "mse")
 
 
 def precision_spec(target: str, precision: str) -> PrecisionSpec:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import itertools
 import os
+import shutil
 from pathlib import Path
 from typing import Sequence
 
@@ -120,15 +121,110 @@ class _Reader:
         return iter(self.get_next, None)
 
 
-# ONNX static int8 activation ranges (`ConversionConfig.onnx_calibration`): onnxruntime's calibrators.
-CALIBRATION_OPTIONS = {"minmax": None, "minmax-average": {"CalibMovingAverage": True}, "percentile": {"CalibPercentile": 99.999}}
-CALIBRATION_NAMES = {"minmax": "MinMax", "minmax-average": "MinMax, averaged over calibration samples", "percentile": "99.999th percentile"}
+# ONNX static int8 activation ranges (`ConversionConfig.onnx_calibration`): onnxruntime's calibrators, and
+# "mse": MinMax ranges each shrunk to the clipping that minimises that tensor's uint8 rounding + clipping
+# error on the calibration values (`mse_ranges`), handed to quantize_static as TensorQuantOverrides.
+CALIBRATION_OPTIONS = {"minmax": None, "minmax-average": {"CalibMovingAverage": True}, "percentile": {"CalibPercentile": 99.999}, "mse": None}
+CALIBRATION_NAMES = {
+    "minmax": "MinMax",
+    "minmax-average": "MinMax, averaged over calibration samples",
+    "percentile": "99.999th percentile",
+    "mse": "MinMax shrunk per tensor to the least-squares clipping",
+}
+MSE_SAMPLES = 8  # calibration samples the "mse" ranges are fitted on (one augmented run each)
+MSE_VALUES = 100_000  # values drawn per tensor and sample: the error curve of a range, not the whole tensor
+MSE_SHRINK = np.linspace(0.2, 1.0, 33)  # candidate ranges: [a * min, a * max]
+
+
+def uint8_error(x: np.ndarray, lo: float, hi: float) -> float:
+    """Mean squared error of onnxruntime's asymmetric uint8 quantization of `x` with range [lo, hi]
+    (widened to hold 0, as the quantizer does): rounding inside the range, clipping outside it."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    if hi - lo <= 0:
+        return float(np.mean(x.astype(np.float64) ** 2))
+    scale = (hi - lo) / 255.0
+    zp = np.round(-lo / scale)
+    q = np.clip(np.round(x / scale) + zp, 0, 255)
+    return float(np.mean(((q - zp) * scale - x) ** 2))
+
+
+def mse_ranges(values: dict[str, np.ndarray]) -> dict[str, tuple[float, float, float]]:
+    """Per tensor: the range [a * min, a * max] (a in MSE_SHRINK) with the least uint8 error on the values,
+    and that error's gain over the full MinMax range in dB; {name: (rmin, rmax, gain_db)}."""
+    out = {}
+    for name, x in values.items():
+        lo, hi = float(x.min()), float(x.max())
+        errs = [uint8_error(x, a * lo, a * hi) for a in MSE_SHRINK]
+        b = int(np.argmin(errs))
+        gain = 10 * np.log10(errs[-1] / errs[b]) if errs[b] > 0 and errs[-1] > 0 else 0.0
+        out[name] = (float(MSE_SHRINK[b] * lo), float(MSE_SHRINK[b] * hi), float(gain))
+    return out
+
+
+def _static_activations(path: Path, excluded: Sequence[str]) -> list[str]:
+    """The float activations static int8 quantizes: the non-constant inputs and the outputs of the
+    STATIC_OPS nodes that are not excluded."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    consts = {t.name for t in m.graph.initializer} | {o for n in m.graph.node if n.op_type == "Constant" for o in n.output}
+    skip = set(excluded)
+    names: dict[str, None] = {}
+    for n in m.graph.node:
+        if n.op_type in STATIC_OPS and n.name not in skip:
+            for t in [*n.input[:2], *n.output[:1]]:
+                if t and t not in consts:
+                    names[t] = None
+    return list(names)
+
+
+def _mse_overrides(pre: Path, job: ComponentJob, samples, excluded: Sequence[str]) -> tuple[dict, dict]:
+    """TensorQuantOverrides for the "mse" calibration, and a summary for the manifest. The values come
+    from one augmented run per sample (at most MSE_SAMPLES), each tensor subsampled to MSE_VALUES."""
+    import onnx
+    import onnxruntime as ort
+
+    names = _static_activations(pre, excluded)
+    m = onnx.load(str(pre))
+    graph_inputs = {i.name for i in m.graph.input}
+    for t in names:
+        if t not in graph_inputs:
+            m.graph.output.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
+    aug_dir = job.work / "aug"
+    aug_dir.mkdir(exist_ok=True)
+    aug = aug_dir / f"{pre.stem}.mse.onnx"
+    _save(m, aug)
+    del m
+    sess = ort.InferenceSession(str(aug), providers=["CPUExecutionProvider"])
+    outs = [o.name for o in sess.get_outputs()]
+    rng = np.random.default_rng(0)
+    pools: dict[str, list[np.ndarray]] = {t: [] for t in names}
+    for sample in list(samples)[:MSE_SAMPLES]:
+        feeds = job.feeds(sample)
+        vals = dict(zip(outs, sess.run(outs, feeds)))
+        vals.update(feeds)
+        for t in names:
+            v = np.asarray(vals[t], dtype=np.float32).ravel()
+            if v.size > MSE_VALUES:  # keep the extremes: they set MinMax, the start of the search
+                v = np.concatenate([v[rng.integers(0, v.size, MSE_VALUES)], [v.min(), v.max()]])
+            pools[t].append(v)
+        del vals
+    del sess
+    shutil.rmtree(aug_dir, ignore_errors=True)
+    fitted = mse_ranges({t: np.concatenate(v) for t, v in pools.items()})
+    overrides = {t: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}] for t, (lo, hi, _) in fitted.items()}
+    gains = [g for _, _, g in fitted.values()]
+    summary = {
+        "tensors": len(fitted),
+        "clipped": sum(1 for g in gains if g > 0),
+        "mean_gain_db": round(float(np.mean(gains)), 2) if gains else 0.0,
+        "samples": min(len(samples), MSE_SAMPLES),
+    }
+    return overrides, summary
 
 
 def quantize_static(job: ComponentJob, fp32_path: Path) -> tuple[list[str], dict]:
     """Static QDQ int8 with the sensitivity pass; the best model found is written to `job.out`."""
-    import shutil
-
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static as ort_quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -142,6 +238,10 @@ def quantize_static(job: ComponentJob, fp32_path: Path) -> tuple[list[str], dict
     # Products of two activations (attention's Q K^T and softmax V) stay in float, as XNNPACK leaves them:
     # the softmax probabilities on a 1/255 grid and per-tensor ranges over every head cost the most SNR.
     products = _activation_products(pre)
+    options, mse_summary = CALIBRATION_OPTIONS[job.config.onnx_calibration], None
+    if job.config.onnx_calibration == "mse":
+        overrides, mse_summary = _mse_overrides(pre, job, fit, products)
+        options = {"TensorQuantOverrides": overrides}
 
     def quantize(excluded: list[str]) -> Path:
         out = job.work / f"{job.name}.int8-{next(counter)}.onnx"
@@ -157,7 +257,7 @@ def quantize_static(job: ComponentJob, fp32_path: Path) -> tuple[list[str], dict
             nodes_to_exclude=[*products, *excluded],
             use_external_data_format=big,
             calibrate_method=CalibrationMethod.Percentile if job.config.onnx_calibration == "percentile" else CalibrationMethod.MinMax,
-            extra_options=CALIBRATION_OPTIONS[job.config.onnx_calibration],
+            extra_options=options,
             calibration_cache_path=str(cache),
         )
         return out
@@ -178,6 +278,8 @@ def quantize_static(job: ComponentJob, fp32_path: Path) -> tuple[list[str], dict
         "sensitivity_samples": len(sens_in),
         "float_activation_products": len(products),
     }
+    if mse_summary is not None:
+        report["mse_clipping"] = mse_summary
     candidates = _quantized_nodes(first[1])
     rank = lambda: score_nodes(candidates, _activations(pre, job, sens_in), _qparams(first[1]))
     best, report["sensitivity"] = keep_sensitive_in_float(job, candidates, rank, evaluate, first)

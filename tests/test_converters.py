@@ -507,3 +507,50 @@ def test_a_refused_int8_conversion_says_what_the_sensitivity_pass_saw():
     msg = refusal_detail(rep)
     assert "24.1 dB" in msg and "26.4 dB with 2 of 104 kept in float" in msg and "target 28 dB" in msg
     assert refusal_detail({"int8": {"mode": "dynamic"}}) == "" and refusal_detail({}) == ""
+
+
+def test_uint8_error_matches_onnxruntime_quantize_linear():
+    """The error the "mse" calibration minimises is the one onnxruntime's QuantizeLinear/DequantizeLinear
+    round trip makes with the same range."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from converters.to_onnx import uint8_error
+
+    x = np.random.default_rng(0).standard_normal(4096).astype(np.float32) * 3
+    lo, hi = -4.0, 5.0  # clips the tails on both sides
+    scale = np.float32((hi - lo) / 255.0)
+    zp = np.uint8(np.round(-lo / scale))
+    g = helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]), helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])],
+        "qdq",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4096])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4096])],
+        [helper.make_tensor("s", TensorProto.FLOAT, [], [scale]), helper.make_tensor("z", TensorProto.UINT8, [], [zp])],
+    )
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert uint8_error(x, lo, hi) == pytest.approx(float(np.mean((y - x) ** 2)), rel=1e-3)
+
+
+def test_mse_ranges_clip_rare_outliers_and_keep_tight_ranges():
+    from converters.to_onnx import mse_ranges
+
+    rng = np.random.default_rng(1)
+    tailed = rng.laplace(size=200_000).astype(np.float32)  # rare extremes: MinMax spends levels on them
+    uniform = rng.uniform(-1, 1, 200_000).astype(np.float32)
+    r = mse_ranges({"tailed": tailed, "uniform": uniform})
+    lo, hi, gain = r["tailed"]
+    assert hi < 0.9 * tailed.max() and lo > 0.9 * tailed.min() and gain > 0.5
+    lo, hi, gain = r["uniform"]
+    assert hi == pytest.approx(uniform.max()) and gain == 0.0  # nothing to clip in a uniform tensor
+
+
+def test_onnx_int8_mse_calibration(pipe, tmp_path):
+    out = convert(pipe, "onnx", "int8", tmp_path / "b", components=("unet",), onnx_calibration="mse", progress=False)
+    m = _manifest(out)
+    rep = m["conversion"]["components"]["unet"]["int8"]
+    assert "least-squares" in rep["activations"] and m["conversion"]["config"]["onnx_calibration"] == "mse"
+    assert rep["mse_clipping"]["tensors"] > 0 and rep["mse_clipping"]["samples"] > 0
+    _check_parity_recorded(m, ("unet",))
