@@ -8,7 +8,7 @@ one machine; JSON, markdown and a chart written atomically under the output fold
 Order of work: convert every bundle needed (one converter process, each conversion timed in process),
 then measure each path in a fresh process (`benchmarks.worker`): load time, a cold first run, then
 median / p90 per component and end to end over `runs` runs after `warmup`, and that process's peak RSS
-(wait4's ru_maxrss). Baselines in the same run: torch eager fp32 of the same model, the teacher
+(its own VmHWM). Baselines in the same run: torch eager fp32 of the same model, the teacher
 architecture (default sd21-base, random weights) at 1 and `teacher_steps` steps with classifier-free
 guidance (per component, U-Net time per evaluation x evaluations), and OpenVINO fp32 / NNCF int8 on the
 same components when the `bench` extra is installed (a row says so when it is not).
@@ -67,6 +67,7 @@ class BenchConfig:
         reuse_bundles: keep bundles already in `work_dir` that match (conversion time then comes from
             their manifest) instead of converting again.
         seed: weight seed of presets (the converters' default is 0).
+        attention: attention layout of every sdxs-edge bundle ("standard" or "split-heads").
     """
 
     model: str
@@ -85,6 +86,7 @@ class BenchConfig:
     teacher_steps: int
     reuse_bundles: bool
     seed: int
+    attention: str = "standard"
 
 
 # ---- request -------------------------------------------------------------------------------------------
@@ -149,8 +151,13 @@ def resolve_config(
     work_dir: str | os.PathLike | None,
     reuse_bundles: bool,
     seed: int,
+    attention: str = "standard",
 ) -> BenchConfig:
     """Check a request before any work starts; every problem is one BenchError naming the fix."""
+    from sdxs_edge.attention import ATTENTION_VARIANTS
+
+    if attention not in ATTENTION_VARIANTS:
+        raise BenchError(f"attention must be one of {', '.join(ATTENTION_VARIANTS)}; got {attention!r}")
     src, name = _resolve_model(model)
     rts, precs = _split(runtimes), _split(precisions)
     if not rts:
@@ -194,7 +201,7 @@ def resolve_config(
     slug = f"{name}-{resolution}"
     out = Path(out_dir) if out_dir is not None else ROOT / "benchmarks" / "results" / slug
     work = Path(work_dir) if work_dir is not None else ROOT / "out" / "bench" / slug
-    return BenchConfig(src, name, rts, precs, int(resolution), int(runs), int(warmup), int(threads), str(out.resolve()), str(work.resolve()), bool(baselines), bool(openvino), teacher_src, int(teacher_steps), bool(reuse_bundles), int(seed))
+    return BenchConfig(src, name, rts, precs, int(resolution), int(runs), int(warmup), int(threads), str(out.resolve()), str(work.resolve()), bool(baselines), bool(openvino), teacher_src, int(teacher_steps), bool(reuse_bundles), int(seed), attention)
 
 
 # ---- workers -------------------------------------------------------------------------------------------
@@ -204,7 +211,9 @@ class WorkerOutcome:
 
     Args:
         result: its result JSON (None if it wrote none).
-        peak_rss_mb: its peak resident memory over its whole life (wait4's ru_maxrss).
+        peak_rss_mb: its peak resident memory over its whole life: the high-water mark the worker reads
+            itself at its end (`jobs.peak_rss_mb`, VmHWM on Linux); wait4's ru_maxrss when it wrote no
+            result (that figure may carry the orchestrator's own peak over, see `jobs.peak_rss_mb`).
         wall_s: its wall-clock life, imports included.
         crash: one line when it exited non-zero or wrote no result (with the log path), else None.
     """
@@ -238,11 +247,13 @@ def spawn(job: Job, name: str, work: Path) -> WorkerOutcome:
     # Output goes to a file, not a pipe: the libraries log a lot and a full pipe would block the worker.
     with log.open("w") as fh:
         proc = subprocess.Popen([sys.executable, "-m", "benchmarks.worker", str(job_file)], stdout=fh, stderr=subprocess.STDOUT, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)  # this worker's own rusage: its peak RSS, nobody else's
+        _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = code = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t
     rss = usage.ru_maxrss / (1 << 20) if platform.system() == "Darwin" else usage.ru_maxrss / 1024
     result = json.loads(Path(job.result).read_text()) if Path(job.result).is_file() else None
+    if result is not None and result.get("peak_rss_mb") is not None:
+        rss = float(result["peak_rss_mb"])
     crash = None
     if code != 0 or result is None:
         lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
@@ -251,7 +262,7 @@ def spawn(job: Job, name: str, work: Path) -> WorkerOutcome:
 
 
 def _job(cfg: BenchConfig, kind: str, name: str, **kw) -> Job:
-    return Job(kind=kind, model=kw.pop("model", cfg.model), resolution=cfg.resolution, threads=cfg.threads, runs=cfg.runs, warmup=cfg.warmup, result=str(Path(cfg.work_dir) / "jobs" / f"{name}.result.json"), seed=cfg.seed, **kw)
+    return Job(kind=kind, model=kw.pop("model", cfg.model), resolution=cfg.resolution, threads=cfg.threads, runs=cfg.runs, warmup=cfg.warmup, result=str(Path(cfg.work_dir) / "jobs" / f"{name}.result.json"), seed=cfg.seed, attention=cfg.attention, **kw)
 
 
 # ---- conversions ---------------------------------------------------------------------------------------
@@ -304,7 +315,8 @@ def _reusable(cfg: BenchConfig, c: ConversionJob) -> bool:
             m = json.loads((out / META_FILE).read_text())
             return (m["model"], m["resolution"], m["precision"]) == (cfg.model, cfg.resolution, c.precision) and all((out / f"{n}.xml").is_file() for n in R.COMPONENTS)
         m = json.loads((out / "manifest.json").read_text())
-        return (m["source"]["model"], m["target"], m["precision"], m["resolution"]) == (cfg.model, c.target, c.precision, cfg.resolution)
+        attention = m["conversion"]["config"].get("attention", "standard")
+        return (m["source"]["model"], m["target"], m["precision"], m["resolution"], attention) == (cfg.model, c.target, c.precision, cfg.resolution, cfg.attention)
     except (OSError, ValueError, KeyError):
         return False
 
@@ -423,6 +435,7 @@ def run_bench(
     work_dir: str | os.PathLike | None = None,
     reuse_bundles: bool = False,
     seed: int = 0,
+    attention: str = "standard",
     progress: bool = True,
 ) -> dict:
     """Benchmark a model's runtime x precision paths and baselines; write results.json, results.md, chart.png.
@@ -444,12 +457,15 @@ def run_bench(
         work_dir: bundles, IR, job files and logs (default out/bench/<model>-<resolution>/).
         reuse_bundles: reuse matching bundles already in `work_dir` instead of converting again.
         seed: weight seed of presets.
+        attention: attention layout of the sdxs-edge bundles: "standard" or "split-heads" (one head at a
+            time; see `sdxs_edge.attention`). OpenVINO is built from the ONNX fp32 bundle, so it gets the
+            same layout.
         progress: print one line per step.
 
     Returns:
         the report (as written to results.json).
     """
-    cfg = resolve_config(model, runtimes, precisions, resolution, runs, warmup, threads, out_dir, baselines, openvino, teacher, teacher_steps, work_dir, reuse_bundles, seed)
+    cfg = resolve_config(model, runtimes, precisions, resolution, runs, warmup, threads, out_dir, baselines, openvino, teacher, teacher_steps, work_dir, reuse_bundles, seed, attention)
     say = (lambda s: print(f"[bench] {s}", flush=True)) if progress else (lambda s: None)
     work = Path(cfg.work_dir)
     work.mkdir(parents=True, exist_ok=True)

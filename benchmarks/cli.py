@@ -3,6 +3,7 @@
     sdxs-edge bench MODEL_OR_PRESET [--runtimes torch,onnxruntime,executorch] [--precisions fp32,fp16,int8]
         [--resolution N] [--runs N] [--warmup N] [--threads N] [--out DIR] [--work DIR]
         [--teacher PRESET] [--teacher-steps N] [--reuse-bundles] [--no-baselines] [--no-openvino]
+        [--attention {standard,split-heads}]
 
 `python -m benchmarks.bench` takes the same flags. The handler raises SDXSError (BenchError for a bad
 request), which the main CLI prints as one line with exit code 2; it returns 1 when some path failed
@@ -49,6 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-baselines", action="store_true", help="skip torch eager fp32 (unless in --runtimes) and the teacher baseline")
     p.add_argument("--no-openvino", action="store_true", help="skip the OpenVINO fp32 / NNCF int8 baseline")
     p.add_argument("--seed", type=int, default=0, help="weight seed when MODEL is a preset")
+    p.add_argument("--attention", choices=("standard", "split-heads"), default="standard", help="attention layout of the sdxs-edge bundles (split-heads: one head at a time, smaller peak memory)")
     p.add_argument("--quiet", action="store_true", help="print only the final table")
 
 
@@ -89,6 +91,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         work_dir=args.work,
         reuse_bundles=args.reuse_bundles,
         seed=args.seed,
+        attention=args.attention,
         progress=not args.quiet,
     )
     print(R.markdown(rep))

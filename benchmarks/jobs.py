@@ -70,6 +70,7 @@ class Job:
         conversions: for "convert": the bundles to produce.
         teacher_steps: for "teacher": the multi-step count the total is projected for.
         seed: weight seed of presets (the converters' default, so bundles and eager runs agree).
+        attention: for "convert": the attention layout of the sdxs-edge bundles.
     """
 
     kind: str
@@ -86,6 +87,7 @@ class Job:
     conversions: tuple[ConversionJob, ...] = field(default_factory=tuple)
     teacher_steps: int = 25
     seed: int = 0
+    attention: str = "standard"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -98,7 +100,19 @@ class Job:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MB (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    """Peak resident set size of this process so far, in MB.
+
+    On Linux, VmHWM of /proc/self/status: the high-water mark of this program's own memory. ru_maxrss
+    is not that: at exec Linux carries the parent's high-water mark over into the child's, so a worker
+    started by a 1.3 GB process reported 1.3 GB whatever it did. Elsewhere ru_maxrss (bytes on macOS).
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(r / (1 << 20) if platform.system() == "Darwin" else r / 1024, 1)
 

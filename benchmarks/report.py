@@ -281,7 +281,8 @@ def markdown(report: dict) -> str:
         f"Libraries: {libs}. Python {mach['python']}, {mach['platform']}.",
         "",
         f"Every backend pinned to {cfg['threads']} threads. {cfg['runs']} measured runs after {cfg['warmup']} warm-up; median / p90. "
-        "Each path ran in its own process: peak RSS is that process's (ru_maxrss), including its imports and load.",
+        "Each path ran in its own process: peak RSS is that process's own high-water mark (VmHWM), including its imports and load. "
+        f"Attention layout of the converted bundles (OpenVINO's included): {cfg.get('attention', 'standard')}.",
         "",
     ]
     L += [f"**Warning:** {w}." for w in report.get("warnings", [])]

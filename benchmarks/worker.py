@@ -100,7 +100,7 @@ def run_convert(job: Job) -> dict:
                 from sdxs_edge.presets import PRESETS
 
                 short = {**PRESET_SENSITIVITY, "onnx_calibration": PRESET_ONNX_CALIBRATION} if job.model in PRESETS else {}
-                convert(job.model, c.target, c.precision, c.out, resolution=job.resolution, overwrite=True, progress=False, seed=job.seed, **short)
+                convert(job.model, c.target, c.precision, c.out, resolution=job.resolution, overwrite=True, progress=False, seed=job.seed, attention=job.attention, **short)
         except SDXSError as e:
             row["error"] = f"{type(e).__name__}: {e}"
             failed.add(c.out)

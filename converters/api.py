@@ -187,6 +187,7 @@ def convert(
     lora_scale: float = 1.0,
     controlnet=None,
     control_scale: float = 1.0,
+    attention: str = "standard",
 ) -> Path:
     """Convert a model into a bundle for one runtime target and check it against PyTorch.
 
@@ -226,6 +227,10 @@ def convert(
             of SHAPES-64 renders of the prompts as control images. Its folder and sha256 are recorded
             under "source.controlnet" and "conversion.config".
         control_scale: the ControlNet's conditioning scale, baked into the controlnet component.
+        attention: "standard" (diffusers' fused attention) or "split-heads" (each head its own Q K^T,
+            softmax and product with V, as Apple's ml-stable-diffusion lays attention out for the Neural
+            Engine; on CPU it caps the largest attention map at one head's). Applied to copies of the U-Net,
+            VAE and ControlNet: a pipeline passed in is left as it was. Recorded under "conversion.config".
 
     Returns:
         the bundle path.
@@ -234,6 +239,10 @@ def convert(
     comps = check_request(target, precision, components, dynamic, palettize, delegate, batch, resolution, lora, lora_scale, controlnet, control_scale)
     if onnx_calibration not in ONNX_CALIBRATIONS:
         raise UnsupportedConversion(f"onnx_calibration must be one of {', '.join(ONNX_CALIBRATIONS)}; got {onnx_calibration!r}")
+    from sdxs_edge.attention import ATTENTION_VARIANTS
+
+    if attention not in ATTENTION_VARIANTS:
+        raise UnsupportedConversion(f"attention must be one of {', '.join(ATTENTION_VARIANTS)}; got {attention!r}")
     spec = precision_spec(target, precision)
     out = Path(out)
     _check_out(out, overwrite)
@@ -297,6 +306,19 @@ def convert(
                 pipe = SDXSPipeline(dataclasses.replace(base.c, unet=copy.deepcopy(base.c.unet)), name=base.name)
                 pipe.default_steps, pipe.default_guidance = base.default_steps, base.default_guidance
             fused = fuse_lora(pipe.c.unet, lora_weights, scale=lora_scale)
+        if attention != "standard":
+            from sdxs_edge.attention import set_attention
+
+            if pipe is model:  # never modify the caller's pipeline: the processors go into copies
+                base = pipe
+                pipe = SDXSPipeline(dataclasses.replace(base.c, unet=copy.deepcopy(base.c.unet), vae=copy.deepcopy(base.c.vae)), name=base.name)
+                pipe.default_steps, pipe.default_guidance = base.default_steps, base.default_guidance
+            set_attention(pipe.c.unet, attention)
+            set_attention(pipe.c.vae, attention)
+            if controlnet is not None:
+                if cn_path is None:  # a module the caller passed in
+                    controlnet = copy.deepcopy(controlnet)
+                set_attention(controlnet, attention)
         if controlnet is not None:  # one line naming the mismatch, before any capture or lowering
             from sdxs_edge.controlnet import check_controlnet
 
@@ -329,6 +351,7 @@ def convert(
             controlnet=(str(cn_path) if cn_path is not None else "<module>") if controlnet is not None else None,
             controlnet_sha256=cn_sha256,
             control_scale=float(control_scale) if controlnet is not None else None,
+            attention=attention,
         )
         modules = C.wrappers(pipe, controlnet, control_scale)
         specs = C.io_specs(pipe, batch, res, controlnet)

@@ -48,6 +48,8 @@ class ConversionConfig:
             shortlist of the component's boundary nodes and the worst by local re-quantization SNR.
         opset: ONNX opset.
         lora: the LoRA file fused into the U-Net before lowering (None: none was).
+        attention: "standard" or "split-heads" (one head at a time: the Neural Engine's layout and a
+            smaller peak memory on CPU; `sdxs_edge.attention`).
         lora_sha256: sha256 of that file.
         lora_scale: the strength it was fused with.
         lora_fused_modules: how many U-Net layers it changed.
@@ -82,6 +84,7 @@ class ConversionConfig:
     controlnet: str | None = None
     controlnet_sha256: str | None = None
     control_scale: float | None = None
+    attention: str = "standard"
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)

@@ -3,7 +3,8 @@
     sdxs-edge convert MODEL --target {onnx,executorch,coreml} --precision {fp32,fp16,int8} --out DIR
         [--components NAME ...] [--resolution N] [--calibration-prompts FILE] [--overwrite]
         [--dynamic] [--palettize {4,6}] [--delegate {xnnpack,coreml}] [--batch N]
-        [--lora PATH [--lora-scale S]] [--controlnet PATH [--control-scale S]] [--dry-run]
+        [--lora PATH [--lora-scale S]] [--controlnet PATH [--control-scale S]] [--attention split-heads]
+        [--onnx-calibration {minmax,minmax-average,percentile,mse}] [--dry-run]
 
 The handler returns an exit code and raises SDXSError (UnsupportedConversion, ParityError, ...), which
 the main CLI prints as one line with exit code 2.
@@ -15,6 +16,7 @@ import json
 from pathlib import Path
 
 from converters.registry import DELEGATES, ONNX_CALIBRATIONS, PALETTE_BITS, PRECISION_SPECS, UnsupportedConversion
+from sdxs_edge.attention import ATTENTION_VARIANTS
 from sdxs_edge.bundle import COMPONENT_NAMES, PRECISIONS, REQUIRED_COMPONENTS, TARGETS
 from sdxs_edge.cli import _positive
 from sdxs_edge.controlnet import parse_control_scale
@@ -72,6 +74,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--lora-scale", type=parse_scale, metavar="S", help="LoRA strength (default 1.0; needs --lora)")
     p.add_argument("--controlnet", type=Path, metavar="PATH", help="ControlNet folder (diffusers ControlNetModel, safetensors) built for MODEL's U-Net: lowered as its own component, the U-Net takes its residuals; recorded in the manifest")
     p.add_argument("--control-scale", type=parse_control_scale, metavar="S", help="ControlNet conditioning scale baked into the bundle (default 1.0; needs --controlnet)")
+    p.add_argument("--attention", choices=ATTENTION_VARIANTS, default="standard", help="attention layout: standard, or split-heads (one head at a time, as Apple's ml-stable-diffusion does for the Neural Engine; on CPU runtimes a smaller peak memory)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--dry-run", action="store_true", help="check the request, print it and exit without converting")
     p.set_defaults(func=run)
@@ -130,6 +133,8 @@ def run(args: argparse.Namespace) -> int:
             "delegate": args.delegate,
             "batch": args.batch,
             "sensitivity": not args.no_sensitivity,
+            "onnx_calibration": args.onnx_calibration,
+            "attention": args.attention,
             "trained": args.trained,
             "lora": lora,
             "controlnet": controlnet,
@@ -158,6 +163,7 @@ def run(args: argparse.Namespace) -> int:
         sensitivity_shortlist=args.sensitivity_shortlist,
         max_float_fraction=args.max_float_fraction,
         onnx_calibration=args.onnx_calibration,
+        attention=args.attention,
         trained=trained,
         seed=args.seed,
         lora=args.lora,

@@ -28,6 +28,7 @@ from converters.sensitivity import QParams, QuantNode, keep_sensitive_in_float, 
 from sdxs_edge.errors import SDXSError
 
 PROTO_LIMIT = 2**31 - 2**20  # protobuf's 2 GiB cap, less headroom for the graph itself
+EXTERNAL_DATA_BYTES = 64 * 2**20  # components this large keep their weights in a .data file (see _save)
 DYNAMIC_OPS = ("MatMul", "Gemm")
 # Static int8 quantizes the compute-heavy ops only. Measured on the tiny U-Net (parity inputs): all op
 # types 27.0 dB, Conv/MatMul/Gemm 28.7 dB; every extra requantization point (Add, Mul, Concat, Softmax)
@@ -40,16 +41,21 @@ class OnnxConversionError(SDXSError):
 
 
 def _save(model, path: Path) -> list[str]:
-    """Save a ModelProto; over the protobuf limit, weights go to one `<file>.data` beside it."""
+    """Save a ModelProto; from EXTERNAL_DATA_BYTES on, the weights go to one `<file>.data` beside the
+    graph. onnxruntime then reads them straight into its tensors; from an inline file it holds the parsed
+    protobuf's copy as well while the session initialises. Measured on the sdxs-512 int8 U-Net (317 MB):
+    loading took +500 MB of resident memory inline, +330 MB with external data, and the peak of a load
+    and a run fell from 822 to 660 MB. Returns the extra files."""
     import onnx
 
     path = Path(path)
-    if model.ByteSize() < PROTO_LIMIT:
+    if model.ByteSize() < min(EXTERNAL_DATA_BYTES, PROTO_LIMIT):
         onnx.save(model, str(path))
         return []
     data = path.name + ".data"
-    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data)
-    return [data]
+    (path.parent / data).unlink(missing_ok=True)  # onnx appends to an existing data file
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data, size_threshold=1024)
+    return [data] if (path.parent / data).is_file() else []  # no tensor over the 1 KB threshold: nothing went out
 
 
 def export(job: ComponentJob) -> Path:
@@ -105,6 +111,10 @@ def quantize_dynamic(job: ComponentJob, fp32_path: Path) -> tuple[list[str], dic
 
     big = os.path.getsize(fp32_path) >= PROTO_LIMIT
     ort_quantize_dynamic(str(fp32_path), str(job.out), op_types_to_quantize=list(DYNAMIC_OPS), per_channel=True, weight_type=QuantType.QInt8, use_external_data_format=big)
+    if not big and os.path.getsize(job.out) >= EXTERNAL_DATA_BYTES:
+        import onnx
+
+        _save(onnx.load(str(job.out)), job.out)
     return _external_files(job.out), {"int8": {"mode": "dynamic", "op_types": list(DYNAMIC_OPS)}}
 
 

@@ -32,7 +32,7 @@ import numpy as np
 
 from runtimes.tokenizer import CLIPBPETokenizer
 from sdxs_edge import sampler
-from sdxs_edge.bundle import REQUIRED_COMPONENTS, BundleError, load_manifest, sha256_path
+from sdxs_edge.bundle import REQUIRED_COMPONENTS, BundleError, load_manifest
 from sdxs_edge.errors import NonFiniteError, SDXSError
 
 
@@ -147,7 +147,6 @@ class Session:
     def __init__(self, bundle: str | Path, *, verify: bool = True):
         self.bundle = Path(bundle)
         self.manifest: dict[str, Any] = load_manifest(self.bundle, verify=verify)
-        self._check_external_data(verify)
         target = self.manifest["target"]
         if self.targets and target not in self.targets:
             from runtimes import DEFAULT_FOR_TARGET
@@ -175,17 +174,6 @@ class Session:
         self.timings: dict[str, float] = {}
         # Read now, so load time includes it and the first `generate` measures tokenizing only.
         self.tokenizer = CLIPBPETokenizer.from_dir(self.bundle / self.manifest["tokenizer"]["dir"], max_length=self.max_length)
-
-    def _check_external_data(self, verify: bool) -> None:
-        """Weights kept beside a program (ONNX external data of models over 2 GB), listed per component
-        under "external_data", get the same presence and sha256 checks as the programs themselves."""
-        for comp, d in self.manifest["components"].items():
-            for extra in d.get("external_data", []):
-                f = self.bundle / extra["file"]
-                if not f.exists():
-                    raise BundleError(f"{self.bundle}: {comp} external data file {extra['file']} is missing")
-                if verify and sha256_path(f) != extra["sha256"]:
-                    raise BundleError(f"{self.bundle}: {comp} external data file {extra['file']} was altered (sha256 mismatch)")
 
     # ---- to implement ------------------------------------------------------------------------------
     def _run(self, component: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -19,6 +19,24 @@ PROVIDER_ALIASES = {
     "cuda": "CUDAExecutionProvider",
 }
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int32)": "int32", "tensor(int64)": "int64"}
+_SHARED_ARENA = False  # registered once per process (onnxruntime's environment is process-wide)
+
+
+def _shared_cpu_arena(ort) -> None:
+    """Register one CPU arena in onnxruntime's environment for every session of this process.
+
+    A bundle runs three sessions one after another; with an arena each, the text encoder's, U-Net's and
+    decoder's peaks add up, while a shared one only holds the largest. Measured on the sdxs-512 int8
+    bundle at 512x512 (559 MB, 2 threads): peak resident memory over load and three images 1,177 MB with
+    an arena and a memory pattern per session, 1,008 MB without the patterns, 722 MB shared and without
+    the patterns; latency unchanged (U-Net 306 / 320 / 310 ms).
+    """
+    global _SHARED_ARENA
+    if _SHARED_ARENA:
+        return
+    info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+    ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))  # defaults: no cap, power-of-two growth
+    _SHARED_ARENA = True
 
 
 class OnnxRuntimeSession(Session):
@@ -51,10 +69,15 @@ class OnnxRuntimeSession(Session):
         if missing:
             raise BackendMissingError(f"onnxruntime execution provider(s) {', '.join(missing)} not available in this onnxruntime build (available: {', '.join(available)})")
         self.providers = wanted
+        _shared_cpu_arena(ort)
         opts = ort.SessionOptions()
         if threads is not None:
             opts.intra_op_num_threads = int(threads)
         opts.log_severity_level = 3
+        # Memory: one process-wide CPU arena for the three sessions, and no per-session memory pattern
+        # (a pre-planned block per session, kept for its lifetime); see _shared_cpu_arena.
+        opts.add_session_config_entry("session.use_env_allocators", "1")
+        opts.enable_mem_pattern = False
         self.sessions = {}
         for comp, spec in self.specs.items():
             path = self.bundle / spec.file

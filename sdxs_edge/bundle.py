@@ -141,6 +141,8 @@ def validate_manifest(manifest: dict) -> dict:
 def sha256_path(path: str | Path) -> str:
     """sha256 of a file, or of a directory (e.g. an .mlpackage) as the hash of its sorted files' paths and bytes."""
     path = Path(path)
+    if not path.exists():  # rglob of a missing path yields nothing: it would hash as an empty folder
+        raise FileNotFoundError(f"{path} does not exist")
     h = hashlib.sha256()
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     for f in files:
@@ -176,6 +178,12 @@ def load_manifest(bundle: str | Path, verify: bool = True) -> dict:
             raise BundleError(f"{bundle}: {name} file {comp['file']} is missing")
         if verify and sha256_path(f) != comp["sha256"]:
             raise BundleError(f"{bundle}: {name} file {comp['file']} was altered (sha256 mismatch)")
+        for extra in comp.get("external_data", []):  # weights beside an ONNX program, checked like it
+            x = bundle / extra["file"]
+            if not x.is_file():
+                raise BundleError(f"{bundle}: {name} external data file {extra['file']} is missing")
+            if verify and sha256_path(x) != extra["sha256"]:
+                raise BundleError(f"{bundle}: {name} external data file {extra['file']} was altered (sha256 mismatch)")
     return manifest
 
 

@@ -554,3 +554,101 @@ def test_onnx_int8_mse_calibration(pipe, tmp_path):
     assert "least-squares" in rep["activations"] and m["conversion"]["config"]["onnx_calibration"] == "mse"
     assert rep["mse_clipping"]["tensors"] > 0 and rep["mse_clipping"]["samples"] > 0
     _check_parity_recorded(m, ("unet",))
+
+
+# ---- attention variants --------------------------------------------------------------------------------
+def test_split_heads_attention_matches_standard(pipe):
+    import copy
+
+    from diffusers.models.attention_processor import Attention, AttnProcessor
+
+    from sdxs_edge.attention import SplitHeadAttnProcessor, set_attention
+
+    unet = copy.deepcopy(pipe.c.unet)
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, unet.config.cross_attention_dim, generator=g)
+    t = torch.tensor([999])
+    with torch.no_grad():
+        ref = unet(x, t, ctx).sample
+        n = set_attention(unet, "split-heads")
+        out = unet(x, t, ctx).sample
+    assert n > 0 and all(isinstance(p, SplitHeadAttnProcessor) for p in unet.attn_processors.values())
+    assert (out - ref).abs().max().item() < 1e-5
+
+    # cross-attention with an additive mask, against diffusers' own processor
+    attn = Attention(query_dim=16, cross_attention_dim=12, heads=4, dim_head=4).eval()
+    h, e = torch.randn(2, 6, 16, generator=g), torch.randn(2, 5, 12, generator=g)
+    mask = torch.zeros(2, 1, 5)
+    mask[0, :, 3:] = -10000.0
+    with torch.no_grad():
+        attn.set_processor(AttnProcessor())
+        ref = attn(h, e, attention_mask=mask)
+        attn.set_processor(SplitHeadAttnProcessor())
+        out = attn(h, e, attention_mask=mask)
+    assert (out - ref).abs().max().item() < 1e-5
+    with pytest.raises(ValueError, match="attention variant must be one of"):
+        set_attention(unet, "flash")
+
+
+def _onnx_op_count(path: Path, op: str) -> int:
+    import onnx
+
+    return sum(n.op_type == op for n in onnx.load(str(path), load_external_data=False).graph.node)
+
+
+def test_onnx_split_heads_attention(pipe, tmp_path):
+    from sdxs_edge.attention import SplitHeadAttnProcessor
+
+    std = convert(pipe, "onnx", "fp32", tmp_path / "std", components=("unet",), progress=False)
+    split = convert(pipe, "onnx", "fp32", tmp_path / "split", components=("unet",), attention="split-heads", progress=False)
+    m = _manifest(split)
+    assert m["conversion"]["config"]["attention"] == "split-heads" and _manifest(std)["conversion"]["config"]["attention"] == "standard"
+    heads = {a.heads for a in pipe.c.unet.modules() if type(a).__name__ == "Attention"}
+    assert heads == {2} and _onnx_op_count(split / "unet.onnx", "Softmax") == 2 * _onnx_op_count(std / "unet.onnx", "Softmax")
+    _check_parity_recorded(m, ("unet",))
+    assert not any(isinstance(p, SplitHeadAttnProcessor) for p in pipe.c.unet.attn_processors.values())  # the caller's model is untouched
+
+
+def test_coreml_split_heads_attention(pipe, tmp_path):
+    import coremltools as ct
+
+    def softmaxes(bundle: Path) -> int:
+        spec = ct.utils.load_spec(str(bundle / "unet.mlpackage"))
+        block = next(iter(spec.mlProgram.functions["main"].block_specializations.values()))
+        return sum(op.type == "softmax" for op in block.operations)
+
+    std = convert(pipe, "coreml", "fp16", tmp_path / "std", components=("unet",), progress=False)
+    split = convert(pipe, "coreml", "fp16", tmp_path / "split", components=("unet",), attention="split-heads", progress=False)
+    assert _manifest(split)["conversion"]["config"]["attention"] == "split-heads"
+    assert softmaxes(split) == 2 * softmaxes(std) > 0
+
+
+def test_bad_attention_variant_is_refused(tmp_path):
+    with pytest.raises(UnsupportedConversion, match="attention must be one of"):
+        convert("tiny", "onnx", "fp32", tmp_path / "b", attention="flash", progress=False)
+    assert not (tmp_path / "b").exists()
+
+
+def test_large_onnx_components_keep_weights_in_a_data_file(pipe, tmp_path, monkeypatch):
+    import runtimes
+    from converters import to_onnx
+
+    monkeypatch.setattr(to_onnx, "EXTERNAL_DATA_BYTES", 4096)  # the tiny preset's components count as large
+    out = convert(pipe, "onnx", "int8", tmp_path / "b", progress=False)
+    m = _manifest(out)  # verify=True checks every listed file's sha256, the .data files included
+    for c in ("text_encoder", "unet"):  # the decoder's tensors are all under the 1 KB threshold: no data file
+        entry = m["components"][c]
+        data = entry["external_data"]
+        assert [d["file"] for d in data] == [entry["file"] + ".data"] and (out / data[0]["file"]).stat().st_size > 4096
+    assert "external_data" not in m["components"]["decoder"] and not (out / "decoder.onnx.data").exists()
+    _check_parity_recorded(m, m["components"])
+    with runtimes.load(out, "onnxruntime") as sess:
+        assert np.isfinite(sess.generate_arrays("a red circle", seed=0).image).all()
+    data = out / "unet.onnx.data"
+    raw = data.read_bytes()
+    data.write_bytes(raw[:-1] + bytes([raw[-1] ^ 1]))
+    with pytest.raises(SDXSError, match="unet external data file unet.onnx.data was altered"):
+        load_manifest(out, verify=True)
+    data.unlink()
+    with pytest.raises(SDXSError, match="unet external data file unet.onnx.data is missing"):
+        load_manifest(out, verify=False)
