@@ -170,7 +170,7 @@ def convert(
     out: str | os.PathLike,
     components: Sequence[str] | None = None,
     resolution: int | None = None,
-    calibration_prompts: str | os.PathLike | Sequence[str] | None = None,
+    calibration_prompts: str | os.PathLike | Sequence[str] | int | None = None,
     overwrite: bool = False,
     progress: bool = True,
     dynamic: bool = False,
@@ -199,7 +199,8 @@ def convert(
         components: any of "text_encoder", "controlnet", "unet", "decoder" (default: all three, and
             controlnet when `controlnet` is given).
         resolution: image side in pixels (default the model's; a multiple of 8 the U-Net can halve).
-        calibration_prompts: int8 calibration prompts: a text file (one per line) or a list; default 32
+        calibration_prompts: int8 calibration prompts: a text file (one per line), a list, or a number of
+            SHAPES-64 captions spread over the grammar (e.g. 128: a fused LoRA may need more); default 32
             SHAPES-64 captions.
         overwrite: replace an existing bundle at `out`.
         progress: show a tqdm bar per stage.
@@ -250,6 +251,8 @@ def convert(
     prompts = calibration.resolve_prompts(calibration_prompts) if (calibrate or calibration_prompts is not None) else []
     if calibration_prompts is None:
         source = "default SHAPES-64 captions"
+    elif isinstance(calibration_prompts, int) and not isinstance(calibration_prompts, bool):
+        source = f"{len(prompts)} SHAPES-64 captions"
     elif isinstance(calibration_prompts, (str, os.PathLike)):
         source = str(calibration_prompts)
     else:

@@ -34,11 +34,17 @@ PARITY_PROMPTS = (
 PARITY_SEED0 = 1000
 
 
-def default_calibration_prompts() -> list[str]:
-    """32 SHAPES-64 captions spread over the grammar (every 37th of the 1152)."""
+def default_calibration_prompts(n: int = 32) -> list[str]:
+    """`n` SHAPES-64 captions spread over the grammar: the default 32 are every 37th of the 1152, other
+    counts every (1152 // n)-th."""
     from sdxs_edge import shapes
 
-    return shapes.all_captions()[::37]
+    caps = shapes.all_captions()
+    if n == 32:
+        return caps[::37]
+    if not 1 <= n <= len(caps):
+        raise CalibrationError(f"calibration caption count must be 1 to {len(caps)}, got {n}")
+    return caps[:: len(caps) // n][:n]
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -64,9 +70,12 @@ def read_prompts(path: str | Path) -> list[str]:
 
 
 def resolve_prompts(prompts: str | Path | Sequence[str] | None) -> list[str]:
-    """None -> the default SHAPES-64 captions; a path -> its lines; a list -> itself (must be non-empty)."""
+    """None -> the default 32 SHAPES-64 captions; an int n -> n of them; a path -> its lines; a list ->
+    itself (must be non-empty)."""
     if prompts is None:
         return default_calibration_prompts()
+    if isinstance(prompts, int) and not isinstance(prompts, bool):
+        return default_calibration_prompts(prompts)
     if isinstance(prompts, (str, Path)):
         return read_prompts(prompts)
     out = [str(p) for p in prompts if str(p).strip()]

@@ -1,7 +1,7 @@
 """`sdxs-edge convert`: the converters' subcommand, added by `sdxs_edge.cli` through `add_parsers`.
 
     sdxs-edge convert MODEL --target {onnx,executorch,coreml} --precision {fp32,fp16,int8} --out DIR
-        [--components NAME ...] [--resolution N] [--calibration-prompts FILE] [--overwrite]
+        [--components NAME ...] [--resolution N] [--calibration-prompts FILE | --calibration-captions N] [--overwrite]
         [--dynamic] [--palettize {4,6}] [--delegate {xnnpack,coreml}] [--batch N]
         [--lora PATH [--lora-scale S]] [--controlnet PATH [--control-scale S]] [--attention split-heads]
         [--onnx-calibration {minmax,minmax-average,percentile,mse}] [--dry-run]
@@ -59,6 +59,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--components", nargs="+", metavar="NAME", help=f"components to convert, of {' '.join(COMPONENT_NAMES)} (default: {' '.join(REQUIRED_COMPONENTS)}, and controlnet with --controlnet)")
     p.add_argument("--resolution", type=int, help="image side in pixels (default: the model's)")
     p.add_argument("--calibration-prompts", type=Path, metavar="FILE", help="int8 calibration prompts, one per line (default: 32 SHAPES-64 captions)")
+    p.add_argument("--calibration-captions", type=_positive(int, "--calibration-captions"), metavar="N", help="int8: calibrate on N SHAPES-64 captions spread over the grammar instead of the default 32 (a fused LoRA may need 128)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
     p.add_argument("--dynamic", action="store_true", help="onnx int8: dynamic quantization instead of calibrated static QDQ")
     p.add_argument("--palettize", type=int, choices=PALETTE_BITS, help="coreml int8: k-means palettize weights to 4 or 6 bits instead of linear int8")
@@ -98,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
     trained = {"auto": None, "yes": True, "no": False}[args.trained]
     if args.lora_scale is not None and args.lora is None:
         raise UnsupportedConversion("--lora-scale needs --lora PATH")
+    if args.calibration_prompts is not None and args.calibration_captions is not None:
+        raise UnsupportedConversion("give --calibration-prompts FILE or --calibration-captions N, not both")
     lora_scale = 1.0 if args.lora_scale is None else args.lora_scale
     if args.control_scale is not None and args.controlnet is None:
         raise UnsupportedConversion("--control-scale needs --controlnet PATH")
@@ -127,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
             "out": str(args.out),
             "components": list(comps),
             "resolution": args.resolution,
-            "calibration_prompts": str(args.calibration_prompts) if args.calibration_prompts else "default SHAPES-64 captions",
+            "calibration_prompts": str(args.calibration_prompts) if args.calibration_prompts else f"{args.calibration_captions or 32} SHAPES-64 captions",
             "dynamic": args.dynamic,
             "palettize": args.palettize,
             "delegate": args.delegate,
@@ -152,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
         args.out,
         components=components,
         resolution=args.resolution,
-        calibration_prompts=args.calibration_prompts,
+        calibration_prompts=args.calibration_prompts if args.calibration_prompts is not None else args.calibration_captions,
         overwrite=args.overwrite,
         progress=not args.no_progress,
         dynamic=args.dynamic,

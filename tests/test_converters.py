@@ -652,3 +652,18 @@ def test_large_onnx_components_keep_weights_in_a_data_file(pipe, tmp_path, monke
     data.unlink()
     with pytest.raises(SDXSError, match="unet external data file unet.onnx.data is missing"):
         load_manifest(out, verify=False)
+
+
+def test_calibration_caption_count(tmp_path):
+    from converters.calibration import CalibrationError, default_calibration_prompts, resolve_prompts
+
+    assert resolve_prompts(None) == default_calibration_prompts() and len(default_calibration_prompts()) == 32
+    many = resolve_prompts(128)
+    assert len(many) == len(set(many)) == 128 and set(default_calibration_prompts()) != set(many)
+    with pytest.raises(CalibrationError, match="caption count must be 1 to 1152"):
+        resolve_prompts(5000)
+    from sdxs_edge.cli import main
+
+    assert main(["convert", "tiny", "--target", "onnx", "--precision", "int8", "--out", str(tmp_path / "b"), "--calibration-captions", "8", "--dry-run"]) == 0
+    assert main(["convert", "tiny", "--target", "onnx", "--precision", "int8", "--out", str(tmp_path / "b"), "--calibration-captions", "8", "--calibration-prompts", str(tmp_path / "p.txt")]) == 2
+    assert not (tmp_path / "b").exists()
