@@ -177,7 +177,7 @@ def _static_activations(path: Path, excluded: Sequence[str]) -> list[str]:
     import onnx
 
     m = onnx.load(str(path), load_external_data=False)
-    consts = {t.name for t in m.graph.initializer} | {o for n in m.graph.node if n.op_type == "Constant" for o in n.output}
+    consts = _constant_names(m)
     skip = set(excluded)
     names: dict[str, None] = {}
     for n in m.graph.node:
@@ -272,7 +272,6 @@ def quantize_static(job: ComponentJob, fp32_path: Path) -> tuple[list[str], dict
         )
         return out
 
-
     def evaluate(excluded: list[str]) -> tuple[float, Path]:
         path = quantize(excluded)
         return job.sensitivity_figures(runner_for(job, path), sens_in, sens_ref)["min_sample_snr_db"], path
@@ -314,8 +313,13 @@ def _activation_products(path: Path) -> list[str]:
     import onnx
 
     m = onnx.load(str(path), load_external_data=False)
-    consts = {t.name for t in m.graph.initializer} | {o for n in m.graph.node if n.op_type == "Constant" for o in n.output}
+    consts = _constant_names(m)
     return [n.name for n in m.graph.node if n.op_type == "MatMul" and not any(i in consts for i in n.input[:2])]
+
+
+def _constant_names(m) -> set[str]:
+    """Names of a model's weights and constants: initializers and Constant node outputs."""
+    return {t.name for t in m.graph.initializer} | {o for n in m.graph.node if n.op_type == "Constant" for o in n.output}
 
 
 def _quantized_nodes(path: Path) -> list[QuantNode]:

@@ -27,9 +27,10 @@ def _shared_cpu_arena(ort) -> None:
 
     A bundle runs three sessions one after another; with an arena each, the text encoder's, U-Net's and
     decoder's peaks add up, while a shared one only holds the largest. Measured on the sdxs-512 int8
-    bundle at 512x512 (559 MB, 2 threads): peak resident memory over load and three images 1,177 MB with
-    an arena and a memory pattern per session, 1,008 MB without the patterns, 722 MB shared and without
-    the patterns; latency unchanged (U-Net 306 / 320 / 310 ms).
+    bundle at 512x512 (split-heads attention, weights in .data files, 552 MB, 2 threads): peak resident
+    memory over load and three images 1,177 MB with an arena and a memory pattern per session, 1,008 MB
+    without the patterns, 722 MB shared and without the patterns; latency unchanged (U-Net 306 / 320 /
+    310 ms).
     """
     global _SHARED_ARENA
     if _SHARED_ARENA:
