@@ -480,12 +480,26 @@ def test_executorch_full_tiny_bundles_with_end_to_end(pipe, tmp_path):
 
 @pytest.mark.slow
 def test_sdxs512_to_onnx_fp32(tmp_path):
-    """The released SDXS-512 layout (random weights) at 512x512: a 1.3 GB U-Net, under the 2 GB protobuf cap."""
+    """The released SDXS-512 layout (random weights) at 512x512: a 1.3 GB U-Net, its weights in a .data file."""
     out = convert("sdxs-512", "onnx", "fp32", tmp_path / "sdxs512", progress=False)
     m = _manifest(out)
     assert m["resolution"] == 512 and m["components"]["unet"]["inputs"][0]["shape"] == [1, 4, 64, 64]
     _check_parity_recorded(m, ("text_encoder", "unet", "decoder"))
-    assert os.path.getsize(out / "unet.onnx") > 1e9
+    data = out / m["components"]["unet"]["external_data"][0]["file"]
+    assert os.path.getsize(out / "unet.onnx") < 1e7 and os.path.getsize(data) > 1e9
+
+
+@pytest.mark.slow
+def test_sdxs512_to_onnx_int8(tmp_path):
+    """Real-size int8 (about 6 minutes, 11 GB peak) with what benchmarks/ uses for presets: mse ranges,
+    the short sensitivity pass, split-heads attention. MinMax ranges fall under the 25 dB floor here."""
+    from benchmarks.jobs import PRESET_ONNX_CALIBRATION, PRESET_SENSITIVITY
+
+    out = convert("sdxs-512", "onnx", "int8", tmp_path / "b", onnx_calibration=PRESET_ONNX_CALIBRATION, attention="split-heads", progress=False, **PRESET_SENSITIVITY)
+    m = _manifest(out)
+    assert m["conversion"]["config"]["attention"] == "split-heads"
+    assert m["conversion"]["components"]["unet"]["int8"]["mse_clipping"]["tensors"] > 100
+    _check_parity_recorded(m, ("text_encoder", "unet", "decoder"))
 
 
 def test_sensitivity_scores_on_samples_the_ranges_never_saw():
