@@ -34,6 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         p: the parser to add them to.
     """
     from benchmarks.bench import DEFAULT_RUNTIMES, PRECISIONS
+    from sdxs_edge.attention import ATTENTION_VARIANTS
 
     p.add_argument("model", help="preset name (e.g. sdxs-512, tiny), diffusers folder or hub id")
     p.add_argument("--runtimes", default=",".join(DEFAULT_RUNTIMES), help=f"comma-separated runtimes (default {','.join(DEFAULT_RUNTIMES)})")
@@ -50,7 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-baselines", action="store_true", help="skip torch eager fp32 (unless in --runtimes) and the teacher baseline")
     p.add_argument("--no-openvino", action="store_true", help="skip the OpenVINO fp32 / NNCF int8 baseline")
     p.add_argument("--seed", type=int, default=0, help="weight seed when MODEL is a preset")
-    p.add_argument("--attention", choices=("standard", "split-heads"), default="standard", help="attention layout of the sdxs-edge bundles (split-heads: one head at a time, smaller peak memory)")
+    p.add_argument("--attention", choices=ATTENTION_VARIANTS, default="standard", help="attention layout of the sdxs-edge bundles (split-heads: one head at a time, smaller peak memory)")
     p.add_argument("--quiet", action="store_true", help="print only the final table")
 
 

@@ -364,7 +364,9 @@ def markdown(report: dict) -> str:
                 last = g["searched"][-1]
                 if last["batch"] == g["best_batch"]["batch"] and not last.get("out_of_memory") and len(g["searched"]) > 1:
                     capped.append(mode)
-        L += ["", "Batch 1 components are median ms with a device sync after each. The batch search doubles from 1 while images per second grows by 5%, up to 64."]
+        from benchmarks.gpu import MAX_BATCH, MIN_GAIN
+
+        L += ["", f"Batch 1 components are median ms with a device sync after each. The batch search doubles from 1 while images per second grows by {round((MIN_GAIN - 1) * 100)}%, up to {MAX_BATCH}."]
         if capped:
             L.append(f"For {', '.join(capped)} throughput still grew at the largest batch tried: the best batch is the search's cap, and the maximum lies beyond it.")
         if "search_wall_s" in gpu.get("compiled_reduce_overhead", {}):

@@ -300,22 +300,28 @@ def convert(
         else:
             pipe = SDXSPipeline.load(model, seed=seed)
         source_sha256 = weights_sha256(pipe)  # of the model as given, before any LoRA
+        # Never modify the caller's pipeline: what this conversion changes goes into copies of its own.
+        owned: set[str] = set() if pipe is model else {"unet", "vae"}
+
+        def own(*names: str) -> None:
+            nonlocal pipe
+            todo = [n for n in names if n not in owned]
+            if todo:
+                base = pipe
+                pipe = SDXSPipeline(dataclasses.replace(base.c, **{n: copy.deepcopy(getattr(base.c, n)) for n in todo}), name=base.name)
+                pipe.default_steps, pipe.default_guidance = base.default_steps, base.default_guidance
+                owned.update(todo)
+
         fused: list[str] = []
         if lora_weights is not None:
             from sdxs_edge.lora import fuse_lora
 
-            if pipe is model:  # never modify the caller's pipeline: fuse into a U-Net of our own
-                base = pipe
-                pipe = SDXSPipeline(dataclasses.replace(base.c, unet=copy.deepcopy(base.c.unet)), name=base.name)
-                pipe.default_steps, pipe.default_guidance = base.default_steps, base.default_guidance
+            own("unet")
             fused = fuse_lora(pipe.c.unet, lora_weights, scale=lora_scale)
         if attention != "standard":
             from sdxs_edge.attention import set_attention
 
-            if pipe is model:  # never modify the caller's pipeline: the processors go into copies
-                base = pipe
-                pipe = SDXSPipeline(dataclasses.replace(base.c, unet=copy.deepcopy(base.c.unet), vae=copy.deepcopy(base.c.vae)), name=base.name)
-                pipe.default_steps, pipe.default_guidance = base.default_steps, base.default_guidance
+            own("unet", "vae")
             set_attention(pipe.c.unet, attention)
             set_attention(pipe.c.vae, attention)
             if controlnet is not None:

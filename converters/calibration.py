@@ -34,13 +34,16 @@ PARITY_PROMPTS = (
 PARITY_SEED0 = 1000
 
 
-def default_calibration_prompts(n: int = 32) -> list[str]:
+DEFAULT_CAPTIONS = 32  # SHAPES-64 captions int8 calibrates on unless told otherwise
+
+
+def default_calibration_prompts(n: int = DEFAULT_CAPTIONS) -> list[str]:
     """`n` SHAPES-64 captions spread over the grammar: the default 32 are every 37th of the 1152, other
     counts every (1152 // n)-th."""
     from sdxs_edge import shapes
 
     caps = shapes.all_captions()
-    if n == 32:
+    if n == DEFAULT_CAPTIONS:
         return caps[::37]
     if not 1 <= n <= len(caps):
         raise CalibrationError(f"calibration caption count must be 1 to {len(caps)}, got {n}")

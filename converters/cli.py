@@ -15,6 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
+from converters.calibration import DEFAULT_CAPTIONS
 from converters.registry import DELEGATES, ONNX_CALIBRATIONS, PALETTE_BITS, PRECISION_SPECS, UnsupportedConversion
 from sdxs_edge.attention import ATTENTION_VARIANTS
 from sdxs_edge.bundle import COMPONENT_NAMES, PRECISIONS, REQUIRED_COMPONENTS, TARGETS
@@ -130,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
             "out": str(args.out),
             "components": list(comps),
             "resolution": args.resolution,
-            "calibration_prompts": str(args.calibration_prompts) if args.calibration_prompts else f"{args.calibration_captions or 32} SHAPES-64 captions",
+            "calibration_prompts": str(args.calibration_prompts) if args.calibration_prompts else f"{args.calibration_captions or DEFAULT_CAPTIONS} SHAPES-64 captions",
             "dynamic": args.dynamic,
             "palettize": args.palettize,
             "delegate": args.delegate,

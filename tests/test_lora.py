@@ -316,3 +316,20 @@ def test_cli_convert_lora_flags(lora_file, tmp_path, capsys):
     assert main([*base, "--components", "unet", "--lora", str(lora_file), "--no-progress"]) == 0
     assert f"lora: {lora_file} fused into {len(TARGETS)} U-Net layers (scale 1)" in capsys.readouterr().out
     assert json.loads((tmp_path / "b" / "manifest.json").read_text())["conversion"]["config"]["lora_fused_modules"] == len(TARGETS)
+
+
+def test_lora_with_split_heads_leaves_the_callers_pipeline_alone(tmp_path):
+    """The LoRA copies the U-Net; split-heads attention then needs the VAE copied too, not the caller's."""
+    from converters.api import convert
+    from sdxs_edge.attention import SplitHeadAttnProcessor
+
+    teacher = SDXSPipeline.load("tiny-teacher")  # an AutoencoderKL: its decoder has attention
+    unet, vae = teacher.c.unet, teacher.c.vae
+    f = save_lora(tmp_path / "l.safetensors", _lora(unet))
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    out = convert(teacher, "onnx", "fp32", tmp_path / "b", components=("unet", "decoder"), lora=f, attention="split-heads", progress=False)
+    assert json.loads((out / "manifest.json").read_text())["conversion"]["config"]["attention"] == "split-heads"
+    assert teacher.c.unet is unet and teacher.c.vae is vae
+    assert all(torch.equal(before[k], v) for k, v in unet.state_dict().items())
+    for m in (unet, vae):
+        assert m.attn_processors and not any(isinstance(p, SplitHeadAttnProcessor) for p in m.attn_processors.values())
