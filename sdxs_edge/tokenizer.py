@@ -57,16 +57,30 @@ def clip_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
 
 
 def write_clip_tokenizer(folder: str | Path, pad_token: str = "<|endoftext|>") -> Path:
-    """Write transformers `CLIPTokenizer` files (vocab.json, merges.txt, configs) into `folder`."""
+    """Write transformers `CLIPTokenizer` files (vocab.json, merges.txt, configs) into `folder`.
+
+    Each file goes to a temporary name and is renamed into place, so a reader never sees half a file:
+    the ranks of a distributed run all write the same files and then read them back."""
+    import os
+    import tempfile
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+
+    def put(name: str, text: str) -> None:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.")
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; these are ordinary model files
+        os.replace(tmp, folder / name)
+
     vocab, merges = clip_vocab_and_merges()
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    put("vocab.json", json.dumps(vocab, ensure_ascii=False))
+    put("merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
     special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": pad_token}
-    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+    put("special_tokens_map.json", json.dumps(special, indent=2))
     config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": MAX_LENGTH, "do_lower_case": True, "errors": "replace", **special}
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    put("tokenizer_config.json", json.dumps(config, indent=2))
     return folder
 
 
