@@ -5,7 +5,8 @@ module that casts its float inputs to float16 and its output back to float32, so
 spec's float32 interface. int8: PT2E static quantization with the XNNPACK quantizer (symmetric per-channel
 int8 weights, int8 per-tensor activations from a histogram observer), calibrated on tensors captured from
 real pipeline runs, then the sensitivity pass of `converters.sensitivity` (kept-in-float nodes are left
-out of the quantizer's annotation). Only convolutions and linears (with a fused ReLU) are quantized:
+out of the quantizer's annotation). Only convolutions (transposed ones too: the upsampling of
+`converters.xnnpack_rewrites`) and linears (with a fused ReLU) are quantized:
 measured on the tiny U-Net, quantizing every annotatable op (add, mul, cat too) gives 19.3 dB, conv and
 linear only 28.5 dB, and XNNPACK's speed-up comes from the integer conv / GEMM kernels.
 
@@ -37,7 +38,7 @@ def _quantizable_targets():
     import torch
 
     a = torch.ops.aten
-    return {a.conv2d.default, a.linear.default, a.relu.default, a.relu_.default, a.hardtanh.default, a.hardtanh_.default}
+    return {a.conv2d.default, a.conv_transpose2d.input, a.linear.default, a.relu.default, a.relu_.default, a.hardtanh.default, a.hardtanh_.default}
 
 
 def half_precision(module):
@@ -61,16 +62,26 @@ def _err(job: ComponentJob, stage: str, e: Exception) -> ExecuTorchConversionErr
     return ExecuTorchConversionError(f"ExecuTorch {stage} of {job.name} ({job.config.precision}, {job.config.delegate}) failed: {type(e).__name__}: {first}")
 
 
-def export(job: ComponentJob):
-    """Stage 1: torch.export of the wrapper (float16 copy for fp16 on XNNPACK)."""
+def export(job: ComponentJob) -> tuple[object, dict[str, int]]:
+    """Stage 1: torch.export of the wrapper; returns the program and the XNNPACK rewrites made.
+
+    On XNNPACK, fp32 and int8 export a copy with `converters.xnnpack_rewrites` applied (group norm,
+    nearest upsampling and GEGLU in ops XNNPACK runs); fp16 exports a float16 copy without them (the
+    group norm rewrite takes E[x^2] - E[x]^2, which float16 cannot hold safely).
+    """
     import torch
 
-    module = job.module
-    if job.config.precision == "fp16" and job.config.delegate == "xnnpack":
-        module = half_precision(module)
+    from converters.xnnpack_rewrites import rewrite_for_xnnpack
+
+    module, rewrites = job.module, {}
+    if job.config.delegate == "xnnpack":
+        if job.config.precision == "fp16":
+            module = half_precision(module)
+        else:
+            module, rewrites = rewrite_for_xnnpack(module, tuple(job.example))
     try:
         with torch.no_grad():
-            return torch.export.export(module, tuple(job.example), strict=False)
+            return torch.export.export(module, tuple(job.example), strict=False), rewrites
     except Exception as e:
         raise _err(job, "export", e) from e
 
@@ -121,7 +132,7 @@ def quantize(job: ComponentJob, exported) -> tuple[object, dict]:
         report: dict = {
             "mode": "static",
             "quantizer": "XNNPACKQuantizer(get_symmetric_quantization_config(is_per_channel=True))",
-            "op_types": ["conv2d", "linear (+ fused relu)"],
+            "op_types": ["conv2d", "conv_transpose2d", "linear (+ fused relu)"],
             "weights": "int8 symmetric per-channel",
             "activations": "int8 per-tensor (histogram observer)",
             "calibration_samples": len(fit),
@@ -287,8 +298,8 @@ def runner_for(job: ComponentJob, path: Path) -> Runner:
 
 def convert_component(job: ComponentJob) -> ComponentResult:
     """export -> (quantize) -> lower -> delegation report -> .pte -> runtime runner."""
-    exported = export(job)
-    report: dict = {}
+    exported, rewrites = export(job)
+    report: dict = {"xnnpack_rewrites": rewrites} if rewrites else {}
     if job.config.precision == "int8":
         exported, report["int8"] = quantize(job, exported)
     edge = lower(job, exported)

@@ -45,18 +45,7 @@ class SplitHeadAttnProcessor:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
         key = attn.to_k(encoder_hidden_states)
         value = attn.to_v(encoder_hidden_states)
-        heads = attn.heads
-        d = query.shape[-1] // heads
-        if mask is not None:
-            mask = mask.reshape(batch, heads, *mask.shape[1:])
-        outs = []
-        for h in range(heads):
-            q, k, v = (t[..., h * d : (h + 1) * d] for t in (query, key, value))
-            scores = torch.matmul(q, k.transpose(-1, -2)) * attn.scale
-            if mask is not None:
-                scores = scores + mask[:, h]
-            outs.append(torch.matmul(scores.softmax(dim=-1).to(v.dtype), v))
-        hidden_states = torch.cat(outs, dim=-1)
+        hidden_states = self.attend(query, key, value, mask, attn.heads, attn.scale)
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
         if input_ndim == 4:
@@ -64,6 +53,48 @@ class SplitHeadAttnProcessor:
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+    @staticmethod
+    def attend(query, key, value, mask, heads: int, scale: float):
+        """(batch, tokens, heads * d) query, key and value -> the attended (batch, tokens, heads * d)."""
+        import torch
+
+        batch = query.shape[0]
+        d = query.shape[-1] // heads
+        if mask is not None:
+            mask = mask.reshape(batch, heads, *mask.shape[1:])
+        outs = []
+        for h in range(heads):
+            q, k, v = (t[..., h * d : (h + 1) * d] for t in (query, key, value))
+            # bmm, not matmul: matmul on 3-D operands exports with broadcasting copies (expand) that
+            # ExecuTorch's XNNPACK delegate does not take, cutting its graph at every head.
+            scores = torch.bmm(q, k.transpose(1, 2)) * scale
+            if mask is not None:
+                scores = scores + mask[:, h]
+            outs.append(torch.bmm(scores.softmax(dim=-1).to(v.dtype), v))
+        return torch.cat(outs, dim=-1)
+
+
+class BatchedHeadsBmmAttnProcessor(SplitHeadAttnProcessor):
+    """diffusers' attention with every head in one `bmm` over (batch x heads): the "standard" variant's
+    arithmetic in ops ExecuTorch's XNNPACK delegate runs (`converters.xnnpack_rewrites`), where
+    `F.scaled_dot_product_attention` exports with mask handling and broadcasting copies it does not."""
+
+    @staticmethod
+    def attend(query, key, value, mask, heads: int, scale: float):
+        import torch
+
+        batch, n, m = query.shape[0], query.shape[1], key.shape[1]
+        d = query.shape[-1] // heads
+
+        def split(t, length):
+            return t.view(batch, length, heads, d).transpose(1, 2).reshape(batch * heads, length, d)
+
+        scores = torch.bmm(split(query, n), split(key, m).transpose(1, 2)) * scale
+        if mask is not None:
+            scores = scores + mask
+        out = torch.bmm(scores.softmax(dim=-1).to(value.dtype), split(value, m))
+        return out.view(batch, heads, n, d).transpose(1, 2).reshape(batch, n, heads * d)
 
 
 def set_attention(module, variant: str) -> int:

@@ -267,11 +267,12 @@ def test_executorch_staged_decoder_fp32(pipe, reference, tmp_path):
     from converters import to_executorch
 
     job = _job(pipe, "decoder", "executorch", "fp32", tmp_path)
-    exported = to_executorch.export(job)  # export
+    exported, rewrites = to_executorch.export(job)  # export (with the XNNPACK rewrites)
+    assert rewrites["upsample_nearest_2x"] == 3, rewrites  # TAESD's three nearest 2x upsamplings
     edge = to_executorch.lower(job, exported)  # lower
     report = to_executorch.delegation_report(edge)  # which ops reached XNNPACK
     assert report["delegated"].get("aten.convolution", 0) >= 10 and "aten.convolution" not in report["not_delegated"]
-    assert report["delegated_share"] >= 0.8, report
+    assert report["partitions"] == 1 and "aten.upsample_nearest2d.vec" not in report["not_delegated"], report
     to_executorch.write(job, edge)
     run = to_executorch.runner_for(job, job.out)  # run
     ins, outs = reference
@@ -576,7 +577,7 @@ def test_split_heads_attention_matches_standard(pipe):
 
     from diffusers.models.attention_processor import Attention, AttnProcessor
 
-    from sdxs_edge.attention import SplitHeadAttnProcessor, set_attention
+    from sdxs_edge.attention import BatchedHeadsBmmAttnProcessor, SplitHeadAttnProcessor, set_attention
 
     unet = copy.deepcopy(pipe.c.unet)
     g = torch.Generator().manual_seed(0)
@@ -599,7 +600,9 @@ def test_split_heads_attention_matches_standard(pipe):
         ref = attn(h, e, attention_mask=mask)
         attn.set_processor(SplitHeadAttnProcessor())
         out = attn(h, e, attention_mask=mask)
-    assert (out - ref).abs().max().item() < 1e-5
+        attn.set_processor(BatchedHeadsBmmAttnProcessor())
+        batched = attn(h, e, attention_mask=mask)
+    assert (out - ref).abs().max().item() < 1e-5 and (batched - ref).abs().max().item() < 1e-5
     with pytest.raises(ValueError, match="attention variant must be one of"):
         set_attention(unet, "flash")
 
@@ -681,3 +684,47 @@ def test_calibration_caption_count(tmp_path):
     assert main(["convert", "tiny", "--target", "onnx", "--precision", "int8", "--out", str(tmp_path / "b"), "--calibration-captions", "8", "--dry-run"]) == 0
     assert main(["convert", "tiny", "--target", "onnx", "--precision", "int8", "--out", str(tmp_path / "b"), "--calibration-captions", "8", "--calibration-prompts", str(tmp_path / "p.txt")]) == 2
     assert not (tmp_path / "b").exists()
+
+
+# ---- XNNPACK rewrites ----------------------------------------------------------------------------------
+def test_xnnpack_rewrites_are_exact_and_leave_the_original(pipe, reference):
+    from torch import nn
+
+    from converters.xnnpack_rewrites import GroupNormXnnpack, LayerNormXnnpack, NearestUp2x, rewrite_for_xnnpack
+    from sdxs_edge.components import wrappers
+
+    mods = wrappers(pipe)
+    ins, outs = reference
+    expected = {  # what each tiny component holds
+        "text_encoder": {"layer_norm", "causal_attention"},
+        "unet": {"group_norm", "layer_norm", "upsample_nearest_2x", "geglu", "attention_bmm"},
+        "decoder": {"upsample_nearest_2x"},
+    }
+    for name in ("text_encoder", "unet", "decoder"):
+        rewritten, counts = rewrite_for_xnnpack(mods[name], tuple(ins[name]))
+        assert {k for k, v in counts.items() if v} == expected[name], (name, counts)
+        assert not any(isinstance(m, nn.GroupNorm | nn.LayerNorm | nn.Upsample) for m in rewritten.modules())
+        assert not any(isinstance(m, GroupNormXnnpack | NearestUp2x) for m in mods[name].modules())  # the original is untouched
+        with torch.no_grad():
+            out = rewritten(*ins[name]).numpy()
+        assert np.abs(out - outs[name]).max() < 1e-4 * max(1.0, np.abs(outs[name]).max()), name
+
+    # group norm with a large mean offset, groups of several channels, no affine
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 64, 9, 7, generator=g) * 0.5 + 3.0
+    for affine in (True, False):
+        gn = nn.GroupNorm(8, 64, affine=affine)
+        if affine:
+            nn.init.normal_(gn.weight, generator=g), nn.init.normal_(gn.bias, generator=g)
+        with torch.no_grad():
+            assert (GroupNormXnnpack(gn)(x) - gn(x)).abs().max().item() < 2e-4
+    up = torch.randn(1, 5, 4, 6, generator=g)
+    ln = nn.LayerNorm(24)
+    nn.init.normal_(ln.weight, generator=g), nn.init.normal_(ln.bias, generator=g)
+    seq = torch.randn(2, 7, 24, generator=g) + 5.0
+    with torch.no_grad():
+        assert torch.equal(NearestUp2x(5)(up), nn.functional.interpolate(up, scale_factor=2.0, mode="nearest"))
+        wide = torch.randn(1, NearestUp2x.DENSE_MAX_CHANNELS + 1, 3, 5, generator=g)
+        assert NearestUp2x(wide.shape[1]).up is None  # the concatenation form
+        assert torch.equal(NearestUp2x(wide.shape[1])(wide), nn.functional.interpolate(wide, scale_factor=2.0, mode="nearest"))
+        assert (LayerNormXnnpack(ln)(seq) - ln(seq)).abs().max().item() < 1e-4
