@@ -342,7 +342,7 @@ def format_table(report: dict) -> str:
     lines.append(f"{'image PSNR':<14}{_num(im['psnr_db'], '.1f'):>10}{im['floor_psnr_db']:>8g}   min {_num(im['psnr_db_min'], '.1f')} dB  {verdict}")
     ac = report["all_correct"]
     if ac["status"] == "measured":
-        lines.append(f"{'all-correct':<14}runtime {ac['runtime']:.3f}  reference {ac['reference']:.3f}  ({ac['points']:+.1f} points, n={ac['n']})  {'not judged (n < ' + str(FLOORS[report['precision']].all_correct_min_prompts) + ')' if ac['ok'] is None else ('ok' if ac['ok'] else 'FAIL')}")
+        lines.append(f"{'all-correct':<14}runtime {ac['runtime']:.3f}  reference {ac['reference']:.3f}  ({-ac['points']:+.1f} points, n={ac['n']})  {'not judged (n < ' + str(FLOORS[report['precision']].all_correct_min_prompts) + ')' if ac['ok'] is None else ('ok' if ac['ok'] else 'FAIL')}")
     else:
         lines.append(f"{'all-correct':<14}{ac['status']}")
     ctl = report.get("control")

@@ -207,3 +207,24 @@ def test_openvino_and_executorch_paths(tmp_path):
     r = rep["ratios"]["fastest_int8_vs_openvino_best"]
     ov_best = min(_row(rep, n)["end_to_end"]["median_s"] for n in ("openvino fp32", "openvino int8"))
     assert r["value"] == pytest.approx(ov_best / _row(rep, "executorch int8")["end_to_end"]["median_s"], rel=REL)
+
+
+def test_profile_breaks_components_down_by_operator(tiny_report, tmp_path):
+    from benchmarks import profile
+    from converters.api import convert
+
+    rep, tmp = tiny_report
+    onnx_bundle = next((tmp / "work").rglob("onnx-int8"))
+    r = profile.profile_bundle(onnx_bundle, ["unet"], runs=2)
+    ops = {o["op"]: o for o in r["components"]["unet"]["ops"]}
+    assert "QLinearConv" in ops or "ConvInteger" in ops, sorted(ops)
+    assert r["components"]["unet"]["total_ms"] >= sum(o["ms"] for o in ops.values()) * 0.5 > 0
+
+    et_bundle = convert("tiny", "executorch", "fp32", tmp_path / "pte", components=("decoder",), progress=False)
+    r = profile.profile_bundle(et_bundle, runs=2)
+    d = r["components"]["decoder"]
+    assert d["partitions"] == 1 and d["portable_ms"] < d["delegated_ms"]  # the rewrites keep it in XNNPACK
+    assert any(o["op"].startswith("Convolution (NHWC, F32)") for o in d["ops"]), d["ops"]
+    assert "## decoder" in profile.render(r, top=3)
+
+    assert profile.main([str(et_bundle), "--components", "vae"]) == 2  # one-line error, non-zero exit

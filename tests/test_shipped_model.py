@@ -61,7 +61,7 @@ def _check(bundle_dir: Path, runtime: str, n: int) -> dict:
     assert ac["status"] == "measured" and ac["n"] == n, ac
     psnr = report["image"]["psnr_db"]  # a string ("inf") when the images are identical
     print(f"{runtime} {manifest['target']} {manifest['precision']}: image PSNR {psnr if isinstance(psnr, str) else f'{psnr:.1f}'} dB, "
-          f"all-correct {ac['runtime']:.3f} vs fp32 reference {ac['reference']:.3f} ({ac['points']:.1f} points)")
+          f"all-correct {ac['runtime']:.3f} vs fp32 reference {ac['reference']:.3f} ({-ac['points']:+.1f} points)")
     return report
 
 
