@@ -33,7 +33,7 @@ CONTAINERS = ("Method::execute", "Method::init", "Program::load_method", "DELEGA
 def _inputs(specs: list[dict], rng: np.random.Generator) -> list[np.ndarray]:
     out = []
     for s in specs:
-        if s["dtype"].startswith("int"):
+        if s["dtype"].startswith("int"):  # token ids, in CLIP's vocabulary (the only one the pipeline takes)
             out.append(rng.integers(0, 49408, size=s["shape"]).astype(s["dtype"]))
         else:
             out.append(rng.standard_normal(s["shape"]).astype(s["dtype"]))

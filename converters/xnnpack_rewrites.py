@@ -165,17 +165,11 @@ class CausalSelfAttentionXnnpack(nn.Module):
         self.register_buffer("causal", torch.full((max_len, max_len), torch.finfo(torch.float32).min).triu(1), persistent=False)
 
     def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
-        a = self.inner
-        b, n, _ = hidden_states.shape
-        h, d = a.num_heads, a.head_dim
+        from sdxs_edge.attention import BatchedHeadsBmmAttnProcessor
 
-        def heads(t):
-            return t.view(b, n, h, d).transpose(1, 2).reshape(b * h, n, d)
-
-        q, k, v = heads(a.q_proj(hidden_states)), heads(a.k_proj(hidden_states)), heads(a.v_proj(hidden_states))
-        scores = torch.bmm(q, k.transpose(1, 2)) * a.scale + self.causal[:n, :n]
-        out = torch.bmm(scores.softmax(dim=-1), v).view(b, h, n, d).transpose(1, 2).reshape(b, n, h * d)
-        return a.out_proj(out), None
+        a, n = self.inner, hidden_states.shape[1]
+        q, k, v = a.q_proj(hidden_states), a.k_proj(hidden_states), a.v_proj(hidden_states)
+        return a.out_proj(BatchedHeadsBmmAttnProcessor.attend(q, k, v, self.causal[:n, :n], a.num_heads, a.scale)), None
 
 
 def _upsample_channels(module: nn.Module, example) -> dict[str, int]:

@@ -293,7 +293,7 @@ def test_executorch_bundle(pipe, reference, tmp_path, precision):
     _check_parity_recorded(m, comps)
     for c in comps:
         d = m["conversion"]["components"][c]["delegation"]
-        assert 0 < d["delegated_share"] <= 1 and d["partitions"] >= 1
+        assert 0 < d["delegated_share"] <= 1 and d["partitions"] == 1, d  # the XNNPACK rewrites leave no cut
     key = {"text_encoder": "aten.linear", "decoder": "aten.convolution"}[comps[0]]
     assert m["conversion"]["components"][comps[0]]["delegation"]["delegated"].get(key, 0) > 0
     floor = PRECISION_SPECS[("executorch", precision)].tolerance.snr_db
