@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -228,3 +229,21 @@ def test_profile_breaks_components_down_by_operator(tiny_report, tmp_path):
     assert "## decoder" in profile.render(r, top=3)
 
     assert profile.main([str(et_bundle), "--components", "vae"]) == 2  # one-line error, non-zero exit
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="the host runner needs g++")
+def test_native_runner_measures_each_component_without_torch(tmp_path):
+    from benchmarks import native_runner
+    from converters.api import convert
+
+    subprocess.run([str(ROOT / "runtimes" / "native" / "build_host.sh")], check=True, capture_output=True)
+    bundle = convert("tiny", "executorch", "fp32", tmp_path / "pte", components=("text_encoder", "decoder"), progress=False)
+    r = native_runner.measure(bundle, runs=2)
+    assert set(r["components"]) == {"text_encoder", "decoder"}
+    for c in r["components"].values():
+        assert len(c["samples_ms"]) == 2 and c["median_ms"] > 0 and c["load_ms"] > 0
+        assert 1 < c["peak_rss_mb"] < 300  # the runner alone: no torch (which is 219 MB by itself)
+    assert r["peak_rss_mb"]["sum_of_components"] >= r["peak_rss_mb"]["largest_component"]
+    assert "Sum of the component medians" in native_runner.render(r)
+    onnx = convert("tiny", "onnx", "fp32", tmp_path / "onnx", components=("decoder",), progress=False)
+    assert native_runner.main([str(onnx)]) == 2  # not an ExecuTorch bundle: one-line error

@@ -268,7 +268,7 @@ def test_executorch_staged_decoder_fp32(pipe, reference, tmp_path):
 
     job = _job(pipe, "decoder", "executorch", "fp32", tmp_path)
     exported, rewrites = to_executorch.export(job)  # export (with the XNNPACK rewrites)
-    assert rewrites["upsample_nearest_2x"] == 3, rewrites  # TAESD's three nearest 2x upsamplings
+    assert rewrites["upsample_conv_fused"] == 3, rewrites  # TAESD's three upsample + 3x3 conv pairs
     edge = to_executorch.lower(job, exported)  # lower
     report = to_executorch.delegation_report(edge)  # which ops reached XNNPACK
     assert report["delegated"].get("aten.convolution", 0) >= 10 and "aten.convolution" not in report["not_delegated"]
@@ -690,15 +690,15 @@ def test_calibration_caption_count(tmp_path):
 def test_xnnpack_rewrites_are_exact_and_leave_the_original(pipe, reference):
     from torch import nn
 
-    from converters.xnnpack_rewrites import GroupNormXnnpack, LayerNormXnnpack, NearestUp2x, rewrite_for_xnnpack
+    from converters.xnnpack_rewrites import GroupNormXnnpack, LayerNormXnnpack, NearestUp2x, fused_upsample_conv, rewrite_for_xnnpack
     from sdxs_edge.components import wrappers
 
     mods = wrappers(pipe)
     ins, outs = reference
     expected = {  # what each tiny component holds
         "text_encoder": {"layer_norm", "causal_attention"},
-        "unet": {"group_norm", "layer_norm", "upsample_nearest_2x", "geglu", "attention_bmm"},
-        "decoder": {"upsample_nearest_2x"},
+        "unet": {"group_norm", "layer_norm", "upsample_conv_fused", "geglu", "attention_bmm"},
+        "decoder": {"upsample_conv_fused"},
     }
     for name in ("text_encoder", "unet", "decoder"):
         rewritten, counts = rewrite_for_xnnpack(mods[name], tuple(ins[name]))
@@ -728,3 +728,8 @@ def test_xnnpack_rewrites_are_exact_and_leave_the_original(pipe, reference):
         assert NearestUp2x(wide.shape[1]).up is None  # the concatenation form
         assert torch.equal(NearestUp2x(wide.shape[1])(wide), nn.functional.interpolate(wide, scale_factor=2.0, mode="nearest"))
         assert (LayerNormXnnpack(ln)(seq) - ln(seq)).abs().max().item() < 1e-4
+        conv = nn.Conv2d(5, 7, 3, padding=1)
+        nn.init.normal_(conv.weight, generator=g)
+        fused = fused_upsample_conv(conv)
+        assert (fused(up) - conv(nn.functional.interpolate(up, scale_factor=2.0, mode="nearest"))).abs().max().item() < 1e-4
+        assert fused_upsample_conv(nn.Conv2d(5, 7, 3, padding=1, stride=2)) is None and fused_upsample_conv(nn.Conv2d(5, 7, 1)) is None
