@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test test-slow test-shipped clean teacher arm64-runner
+.PHONY: install demo test test-slow test-shipped clean teacher arm64-runner host-runner
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,10 @@ test-shipped: install arm64-runner
 # executorch aarch64 wheel from PyPI); idempotent.
 arm64-runner:
 	runtimes/native/build_arm64.sh
+
+# The same runner for this machine, against the installed executorch wheel (no PyTorch in its process).
+host-runner: install
+	runtimes/native/build_host.sh
 
 teacher: install
 	$(PY) -m sdxs_edge.cli train teacher --preset shapes --out runs/shapes-teacher

@@ -30,8 +30,10 @@
 // runtimes/native_io.py writes and reads the same format.
 //
 // Output on success (exit 0): one line on stdout,
-//   SDXS_TIMING {"method": "forward", "load_ms": 12.3, "warmup": 0, "run_ms": [45.6]}
+//   SDXS_TIMING {"method": "forward", "load_ms": 12.3, "warmup": 0, "run_ms": [45.6], "outputs": 1, "peak_rss_kb": 51200}
 // load_ms covers parsing the program and loading the method (XNNPACK builds its graphs here).
+// peak_rss_kb is this process's VmHWM from /proc/self/status (-1 where there is none). A parent's
+// rusage of the child would not do: Linux carries the parent's high-water mark into it at exec.
 // Errors: one line "sdxs_runner: error: ..." on stderr (ExecuTorch's own log lines may precede it);
 // exit 2 for bad arguments or input files, 1 when loading or running the program fails.
 
@@ -188,6 +190,15 @@ struct Args {
   bool describe = false;
 };
 
+long peak_rss_kb() {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line)) {
+    if (line.rfind("VmHWM:", 0) == 0) return std::strtol(line.c_str() + 6, nullptr, 10);
+  }
+  return -1;
+}
+
 Args parse_args(int argc, char** argv) {
   Args a;
   for (int i = 1; i < argc; ++i) {
@@ -310,7 +321,7 @@ int run(const Args& a) {
 
   std::printf("SDXS_TIMING {\"method\": \"%s\", \"load_ms\": %.3f, \"warmup\": %" PRId64 ", \"run_ms\": [", a.method.c_str(), load_ms, a.warmup);
   for (size_t i = 0; i < run_ms.size(); ++i) std::printf("%s%.3f", i ? ", " : "", run_ms[i]);
-  std::printf("], \"outputs\": %zu}\n", outputs.size());
+  std::printf("], \"outputs\": %zu, \"peak_rss_kb\": %ld}\n", outputs.size(), peak_rss_kb());
   return 0;
 }
 

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Build runtimes/native/runner.cpp for this machine (x86-64 or aarch64 Linux) against the ExecuTorch
+# runtime libraries of the installed executorch wheel: a runner with no PyTorch in its process, for
+# `python -m benchmarks.native_runner`. The wheel's libexecutorch*, kernel and XNNPACK libraries do not
+# link libtorch (only its Python bindings do). Rebuilt when runner.cpp or this script is newer.
+#
+#   build/host/sdxs_runner    (RUNPATH: the wheel's executorch/lib)
+#
+# Usage: runtimes/native/build_host.sh      (`make host-runner` runs it)
+# Env:   PY (python with executorch installed; default .venv/bin/python), CXX (default g++).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+PY="${PY:-$ROOT/.venv/bin/python}"
+CXX="${CXX:-g++}"
+SRC="$ROOT/runtimes/native/runner.cpp"
+OUT="$ROOT/build/host"
+RUNNER="$OUT/sdxs_runner"
+# As in build_arm64.sh: kernels_optimized carries the portable ops, kernels_quantized the q/dq ops.
+LIBS=(executorch executorch_threadpool executorch_kernels_optimized executorch_kernels_quantized executorch_backend_xnnpack)
+
+die() { echo "build_host.sh: error: $*" >&2; exit 1; }
+command -v "$CXX" >/dev/null || die "no C++ compiler '$CXX' (apt-get install g++, or set CXX)"
+[[ -x "$PY" ]] || die "no python at $PY (run 'make install' first, or set PY)"
+ET_DIR="$("$PY" -c 'import executorch; print(list(executorch.__path__)[0])')" || die "executorch is not installed for $PY"
+[[ -d "$ET_DIR/include/executorch" && -f "$ET_DIR/lib/libexecutorch.so" ]] || die "$ET_DIR has no runtime headers and libraries"
+
+mkdir -p "$OUT"
+if [[ ! -x "$RUNNER" || "$SRC" -nt "$RUNNER" || "${BASH_SOURCE[0]}" -nt "$RUNNER" ]]; then
+  echo "build_host.sh: compiling $RUNNER"
+  link=()
+  for n in "${LIBS[@]}"; do link+=("-l$n"); done
+  # Same definitions and --no-as-needed as build_arm64.sh (see there why).
+  "$CXX" -std=c++17 -O2 -Wall -Wextra \
+    -DC10_USING_CUSTOM_GENERATED_MACROS -DET_EVENT_TRACER_ENABLED -DET_USE_THREADPOOL \
+    -isystem "$ET_DIR/include" -isystem "$ET_DIR/include/executorch/runtime/core/portable_type/c10" \
+    "$SRC" -o "$RUNNER.tmp" \
+    -L"$ET_DIR/lib" -Wl,--push-state,--no-as-needed "${link[@]}" -Wl,--pop-state \
+    -Wl,-rpath,"$ET_DIR/lib" -lpthread
+  mv "$RUNNER.tmp" "$RUNNER"
+fi
+if ldd "$RUNNER" | grep -q 'libtorch'; then die "$RUNNER links libtorch"; fi
+echo "build_host.sh: ok: $RUNNER"
