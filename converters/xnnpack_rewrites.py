@@ -22,9 +22,11 @@ The rewrites compute the same function from ops XNNPACK runs (differences are fl
   -> conv at 1280 channels 16->32: portable 25.1 ms, concatenation 26.1 ms, transposed convolution
   33.1 ms; the gain is the cut it removes);
 - nearest 2x upsampling followed by a 3x3 convolution (diffusers' `Upsample2D`, TAESD's upsample-conv
-  pairs) -> one 4x4 transposed convolution with stride 2 (`fused_upsample_conv`): the same map with 4
-  instead of 9 multiplies per input channel and output pixel, and no upsampled tensor in between; the
-  forms above remain for an upsampling not followed by such a convolution;
+  pairs) with up to 256 channels -> one 4x4 transposed convolution with stride 2
+  (`fused_upsample_conv`): the same map with 4 instead of 9 multiplies per input channel and output
+  pixel, and no upsampled tensor in between; the forms above remain for an upsampling not followed by
+  such a convolution, and above 256 channels (the U-Net's), where XNNPACK's transposed convolution is the
+  slower form;
 - `nn.LayerNorm` over the last dimension -> mean and variance as products with a constant (C, 1)
   column of 1/C (XNNPACK's reductions take only the two spatial dimensions of 4-D tensors), then one
   scale and shift;
@@ -138,11 +140,17 @@ _UP_CONV_TAPS = ((0.0, 0.0, 1.0), (0.0, 1.0, 1.0), (1.0, 1.0, 0.0), (1.0, 0.0, 0
 
 def fused_upsample_conv(conv: nn.Conv2d) -> nn.ConvTranspose2d | None:
     """The transposed convolution equal to nearest 2x upsampling followed by `conv`, or None if `conv` is
-    not a plain 3x3 convolution with stride 1 and zero padding 1. 4 C_in C_out multiplies per output pixel
-    instead of 9: on the sdxs-512 int8 decoder 89.5 ms against 96.9 ms."""
+    not a plain 3x3 convolution with stride 1 and zero padding 1, or has over 256 channels.
+
+    4 C_in C_out multiplies per output pixel instead of 9: on the sdxs-512 int8 decoder (64 channels)
+    89.5 ms against 96.9 ms. Above 256 channels XNNPACK's transposed convolution is the slower form (int8,
+    conv -> upsample -> conv at 1280 channels 16->32: 35.6 ms fused, 23.6 ms with the concatenation form
+    and a 3x3 convolution; 640 channels 32->64: 35.1 against 25.7 ms)."""
     if not (isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
             and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"):
         return None
+    if max(conv.in_channels, conv.out_channels) > NearestUp2x.DENSE_MAX_CHANNELS:
+        return None  # XNNPACK's transposed convolutions lose to concatenation + 3x3 convolution there
     taps = torch.tensor(_UP_CONV_TAPS, dtype=conv.weight.dtype)
     fused = nn.ConvTranspose2d(conv.in_channels, conv.out_channels, 4, stride=2, padding=1, bias=conv.bias is not None)
     with torch.no_grad():

@@ -697,7 +697,7 @@ def test_xnnpack_rewrites_are_exact_and_leave_the_original(pipe, reference):
     ins, outs = reference
     expected = {  # what each tiny component holds
         "text_encoder": {"layer_norm", "causal_attention"},
-        "unet": {"group_norm", "layer_norm", "upsample_conv_fused", "geglu", "attention_bmm"},
+        "unet": {"group_norm", "layer_norm", "upsample_conv_fused", "geglu", "attention_bmm"},  # tiny: under 256 channels
         "decoder": {"upsample_conv_fused"},
     }
     for name in ("text_encoder", "unet", "decoder"):
@@ -733,3 +733,5 @@ def test_xnnpack_rewrites_are_exact_and_leave_the_original(pipe, reference):
         fused = fused_upsample_conv(conv)
         assert (fused(up) - conv(nn.functional.interpolate(up, scale_factor=2.0, mode="nearest"))).abs().max().item() < 1e-4
         assert fused_upsample_conv(nn.Conv2d(5, 7, 3, padding=1, stride=2)) is None and fused_upsample_conv(nn.Conv2d(5, 7, 1)) is None
+        assert fused_upsample_conv(nn.Conv2d(320, 320, 3, padding=1)) is None  # the U-Net's widths keep the separate forms
+        assert fused_upsample_conv(nn.ReLU()) is None
