@@ -21,12 +21,10 @@ The rewrites compute the same function from ops XNNPACK runs (differences are fl
   weights cost more than copying: there it is two concatenations and reshapes (int8, conv -> upsample
   -> conv at 1280 channels 16->32: portable 25.1 ms, concatenation 26.1 ms, transposed convolution
   33.1 ms; the gain is the cut it removes);
-- nearest 2x upsampling followed by a 3x3 convolution (diffusers' `Upsample2D`, TAESD's upsample-conv
-  pairs) with up to 256 channels -> one 4x4 transposed convolution with stride 2
-  (`fused_upsample_conv`): the same map with 4 instead of 9 multiplies per input channel and output
-  pixel, and no upsampled tensor in between; the forms above remain for an upsampling not followed by
-  such a convolution, and above 256 channels (the U-Net's), where XNNPACK's transposed convolution is the
-  slower form;
+- nearest 2x upsampling followed by a 3x3 convolution in a Sequential (TAESD's decoder), up to 256
+  channels -> one 4x4 transposed convolution with stride 2 (`fused_upsample_conv`): the same map with 4
+  instead of 9 multiplies per input channel and output pixel, and no upsampled tensor in between. The
+  U-Net's `Upsample2D` keeps the forms above (see `Upsample2DXnnpack`);
 - `nn.LayerNorm` over the last dimension -> mean and variance as products with a constant (C, 1)
   column of 1/C (XNNPACK's reductions take only the two spatial dimensions of 4-D tensors), then one
   scale and shift;
@@ -162,22 +160,21 @@ def fused_upsample_conv(conv: nn.Conv2d) -> nn.ConvTranspose2d | None:
 
 
 class Upsample2DXnnpack(nn.Module):
-    """diffusers' `Upsample2D` (interpolating, no norm): upsampling and its 3x3 convolution as one
-    `fused_upsample_conv`, or the upsampling as `NearestUp2x` when the convolution is of another kind."""
+    """diffusers' `Upsample2D` (interpolating, no norm) with its 2x upsampling as `NearestUp2x`.
+
+    Not fused with its convolution: at the U-Net's widths that is the slower form (`fused_upsample_conv`),
+    and on the tiny preset's U-Net XNNPACK rejects the fused int8 form at run time
+    (xnn_status_invalid_parameter while propagating shapes)."""
 
     def __init__(self, inner):
         super().__init__()
         self.inner = inner
-        conv = (inner.conv if inner.name == "conv" else inner.Conv2d_0) if inner.use_conv else None
-        self.fused = fused_upsample_conv(conv) if conv is not None else None
-        self.up = NearestUp2x(inner.channels) if self.fused is None else None
+        self.up = NearestUp2x(inner.channels)
 
     def forward(self, hidden_states, output_size=None, *args, **kwargs):
         h, w = hidden_states.shape[-2:]
         if output_size is not None and tuple(output_size) != (2 * h, 2 * w):
             return self.inner(hidden_states, output_size, *args, **kwargs)
-        if self.fused is not None:
-            return self.fused(hidden_states)
         hidden_states = self.up(hidden_states)
         if self.inner.use_conv:
             hidden_states = self.inner.conv(hidden_states) if self.inner.name == "conv" else self.inner.Conv2d_0(hidden_states)
@@ -264,7 +261,7 @@ def rewrite_for_xnnpack(module: nn.Module, example) -> tuple[nn.Module, dict[str
                 counts["layer_norm"] += 1
             elif isinstance(child, Upsample2D) and child.interpolate and not child.use_conv_transpose and child.norm is None:
                 setattr(parent, name, Upsample2DXnnpack(child))
-                counts["upsample_conv_fused" if getattr(parent, name).fused is not None else "upsample_nearest_2x"] += 1
+                counts["upsample_nearest_2x"] += 1
             elif causal_text and isinstance(child, CLIPAttention) and max_len:
                 setattr(parent, name, CausalSelfAttentionXnnpack(child, max_len))
                 counts["causal_attention"] += 1
