@@ -37,10 +37,10 @@ RUNNER = ROOT / "build" / "host" / "sdxs_runner"
 def _run_component(pte: Path, specs: list[dict], runs: int, io: Path) -> dict:
     from runtimes.native_io import failure_line, parse_timing, write_inputs
 
-    rng = np.random.default_rng(0)
-    arrays = [(rng.integers(0, 49408, s["shape"]) if s["dtype"].startswith("int") else rng.standard_normal(s["shape"])).astype(s["dtype"]) for s in specs]
+    from benchmarks.profile import random_inputs
+
     io.mkdir(parents=True, exist_ok=True)
-    write_inputs(io, arrays)
+    write_inputs(io, random_inputs(specs, np.random.default_rng(0)))
     cmd = [str(RUNNER), "--model", str(pte), "--io", str(io), "--warmup", "1", "--iters", str(runs)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:

@@ -30,7 +30,8 @@ from sdxs_edge.errors import SDXSError
 CONTAINERS = ("Method::execute", "Method::init", "Program::load_method", "DELEGATE_CALL", "OPERATOR_CALL")
 
 
-def _inputs(specs: list[dict], rng: np.random.Generator) -> list[np.ndarray]:
+def random_inputs(specs: list[dict], rng: np.random.Generator) -> list[np.ndarray]:
+    """Random arrays of a manifest's input specs: token ids for integer inputs, unit Gaussians otherwise."""
     out = []
     for s in specs:
         if s["dtype"].startswith("int"):  # token ids, in CLIP's vocabulary (the only one the pipeline takes)
@@ -47,7 +48,7 @@ def profile_executorch(path: Path, specs: list[dict], runs: int, threads: int) -
 
     portable_lib._unsafe_reset_threadpool(threads)
     module = portable_lib._load_for_executorch(str(path), enable_etdump=True)
-    feeds = [torch.from_numpy(x) for x in _inputs(specs, np.random.default_rng(0))]
+    feeds = [torch.from_numpy(x) for x in random_inputs(specs, np.random.default_rng(0))]
     for _ in range(1 + runs):  # the first run is a warm-up, dropped below
         module.forward(feeds)
     with tempfile.TemporaryDirectory() as tmp:
@@ -90,7 +91,7 @@ def profile_onnxruntime(path: Path, specs: list[dict], runs: int, threads: int) 
         so.enable_profiling, so.profile_file_prefix = True, str(Path(tmp) / "profile")
         session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         names = [i.name for i in session.get_inputs()]
-        feeds = dict(zip(names, _inputs(specs, np.random.default_rng(0))))
+        feeds = dict(zip(names, random_inputs(specs, np.random.default_rng(0))))
         for _ in range(1 + runs):  # the first run is a warm-up, dropped below
             session.run(None, feeds)
         events = json.loads(Path(session.end_profiling()).read_text())
