@@ -21,9 +21,7 @@ ET_DIR="$OUT/executorch"
 RUNNER="$OUT/sdxs_runner"
 SRC="$ROOT/runtimes/native/runner.cpp"
 CXX="${CXX_AARCH64:-aarch64-linux-gnu-g++}"
-# The runtime libraries a model needs. kernels_optimized carries the portable ops too; the quantized
-# kernels run the quantize/dequantize ops an int8 program keeps outside the XNNPACK delegate.
-LIBS=(executorch executorch_threadpool executorch_kernels_optimized executorch_kernels_quantized executorch_backend_xnnpack)
+source "$ROOT/runtimes/native/compile.sh"  # LIBS, compile_runner
 
 die() { echo "build_arm64.sh: error: $*" >&2; exit 1; }
 log() { echo "build_arm64.sh: $*"; }
@@ -101,20 +99,7 @@ done
 # 4. The runner. Rebuilt when runner.cpp or this script is newer than the binary.
 if [[ ! -x "$RUNNER" || "$SRC" -nt "$RUNNER" || "${BASH_SOURCE[0]}" -nt "$RUNNER" || "$stamp" -nt "$RUNNER" ]]; then
   log "compiling $RUNNER"
-  link=()
-  for n in "${LIBS[@]}"; do link+=("-l$n"); done
-  # The definitions the wheel's libraries were compiled with (share/cmake/executorch-config.cmake):
-  # without ET_EVENT_TRACER_ENABLED the profiling classes would have another layout.
-  # --no-as-needed: the kernel and XNNPACK libraries only register themselves from static
-  # initializers; the runner references none of their symbols, so --as-needed would drop them and
-  # every program would fail with "Missing operator" / "backend XnnpackBackend is not registered".
-  "$CXX" -std=c++17 -O2 -Wall -Wextra \
-    -DC10_USING_CUSTOM_GENERATED_MACROS -DET_EVENT_TRACER_ENABLED -DET_USE_THREADPOOL \
-    -isystem "$ET_DIR/include" -isystem "$ET_DIR/include/executorch/runtime/core/portable_type/c10" \
-    "$SRC" -o "$RUNNER.tmp" \
-    -L"$ET_DIR/lib" -Wl,--push-state,--no-as-needed "${link[@]}" -Wl,--pop-state \
-    -Wl,-rpath,'$ORIGIN/executorch/lib' -lpthread
-  mv "$RUNNER.tmp" "$RUNNER"
+  compile_runner "$CXX" "$ET_DIR" "$SRC" "$RUNNER" '$ORIGIN/executorch/lib'
 fi
 
 # 5. Check the registrations really landed: every runtime library must be a DT_NEEDED entry.

@@ -16,8 +16,7 @@ CXX="${CXX:-g++}"
 SRC="$ROOT/runtimes/native/runner.cpp"
 OUT="$ROOT/build/host"
 RUNNER="$OUT/sdxs_runner"
-# As in build_arm64.sh: kernels_optimized carries the portable ops, kernels_quantized the q/dq ops.
-LIBS=(executorch executorch_threadpool executorch_kernels_optimized executorch_kernels_quantized executorch_backend_xnnpack)
+source "$ROOT/runtimes/native/compile.sh"  # LIBS, compile_runner
 
 die() { echo "build_host.sh: error: $*" >&2; exit 1; }
 command -v "$CXX" >/dev/null || die "no C++ compiler '$CXX' (apt-get install g++, or set CXX)"
@@ -28,16 +27,7 @@ ET_DIR="$("$PY" -c 'import executorch; print(list(executorch.__path__)[0])')" ||
 mkdir -p "$OUT"
 if [[ ! -x "$RUNNER" || "$SRC" -nt "$RUNNER" || "${BASH_SOURCE[0]}" -nt "$RUNNER" ]]; then
   echo "build_host.sh: compiling $RUNNER"
-  link=()
-  for n in "${LIBS[@]}"; do link+=("-l$n"); done
-  # Same definitions and --no-as-needed as build_arm64.sh (see there why).
-  "$CXX" -std=c++17 -O2 -Wall -Wextra \
-    -DC10_USING_CUSTOM_GENERATED_MACROS -DET_EVENT_TRACER_ENABLED -DET_USE_THREADPOOL \
-    -isystem "$ET_DIR/include" -isystem "$ET_DIR/include/executorch/runtime/core/portable_type/c10" \
-    "$SRC" -o "$RUNNER.tmp" \
-    -L"$ET_DIR/lib" -Wl,--push-state,--no-as-needed "${link[@]}" -Wl,--pop-state \
-    -Wl,-rpath,"$ET_DIR/lib" -lpthread
-  mv "$RUNNER.tmp" "$RUNNER"
+  compile_runner "$CXX" "$ET_DIR" "$SRC" "$RUNNER" "$ET_DIR/lib"
 fi
 if ldd "$RUNNER" | grep -q 'libtorch'; then die "$RUNNER links libtorch"; fi
 echo "build_host.sh: ok: $RUNNER"
