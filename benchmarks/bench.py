@@ -33,11 +33,14 @@ from sdxs_edge.errors import SDXSError
 
 ROOT = Path(__file__).resolve().parents[1]
 # Runtimes measured here and the bundle target each runs (torch runs the model itself).
-RUNTIME_TARGETS = {"torch": None, "onnxruntime": "onnx", "executorch": "executorch"}
-RUNTIME_PACKAGES = {"torch": ("torch",), "onnxruntime": ("onnx", "onnxruntime"), "executorch": ("executorch",)}
-EXTRAS = {"onnxruntime": "onnx", "executorch": "executorch", "torch": "all"}
+# executorch-native runs the executorch bundles in the host runner (runtimes/native_session.py), which the
+# run builds first when it is missing or older than its source (runtimes/native/build_host.sh).
+RUNTIME_TARGETS = {"torch": None, "onnxruntime": "onnx", "executorch": "executorch", "executorch-native": "executorch"}
+RUNTIME_PACKAGES = {"torch": ("torch",), "onnxruntime": ("onnx", "onnxruntime"), "executorch": ("executorch",), "executorch-native": ("executorch",)}
+EXTRAS = {"onnxruntime": "onnx", "executorch": "executorch", "executorch-native": "executorch", "torch": "all"}
 PRECISIONS = ("fp32", "fp16", "int8")
-DEFAULT_RUNTIMES = ("torch", "onnxruntime", "executorch")
+DEFAULT_RUNTIMES = ("torch", "onnxruntime", "executorch", "executorch-native")
+HOST_RUNNER_BUILD = ROOT / "runtimes" / "native" / "build_host.sh"
 OPENVINO_PRECISIONS = ("fp32", "int8")
 TORCH_EAGER = "torch eager fp32"
 BENCH_EXTRA = "pip install '.[bench]'"
@@ -52,7 +55,8 @@ class BenchConfig:
     Args:
         model: preset name, absolute model folder, or hub id the workers load.
         model_name: short name used in titles and the default output folder.
-        runtimes: runtimes measured at every precision ("torch", "onnxruntime", "executorch").
+        runtimes: runtimes measured at every precision ("torch", "onnxruntime", "executorch",
+            "executorch-native").
         precisions: precisions measured on every runtime.
         resolution: image side in pixels (every path and baseline at the same size).
         runs: measured repetitions per path (median and p90 over these).
@@ -407,6 +411,17 @@ def busy_warnings(machine: dict, threads: int) -> list[str]:
     return out
 
 
+def build_host_runner(say: Callable[[str], None]) -> None:
+    """Build (or find up to date) the host runner the executorch-native runtime starts; BenchError naming
+    the build's own error when it cannot be built (no C++ compiler, say)."""
+    say("checking the host runner (runtimes/native/build_host.sh) ...")
+    env = {**os.environ, "PY": sys.executable}
+    proc = subprocess.run(["bash", str(HOST_RUNNER_BUILD)], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
+        raise BenchError(f"runtime executorch-native needs the host runner, and building it failed: {(lines or ['no output'])[-1][:300]}")
+
+
 def openvino_state(enabled: bool) -> dict:
     """Whether the OpenVINO baseline runs, and which precisions; the reason when it does not."""
     if not enabled:
@@ -442,7 +457,8 @@ def run_bench(
 
     Args:
         model: preset name, diffusers folder or hub id.
-        runtimes: "torch", "onnxruntime", "executorch" (list or comma-separated string).
+        runtimes: "torch", "onnxruntime", "executorch", "executorch-native" (list or comma-separated
+            string).
         precisions: "fp32", "fp16", "int8" (list or comma-separated string). The torch runtime runs the
             model in float32 only on CPU; its other precisions get a "not applicable" row.
         resolution: image side in pixels (default: the model's).
@@ -473,6 +489,8 @@ def run_bench(
     machine = R.machine_info()
     ov = openvino_state(cfg.openvino)
 
+    if "executorch-native" in cfg.runtimes:
+        build_host_runner(say)
     conv = run_conversions(cfg, plan_conversions(cfg, ov["precisions"]), say)
 
     paths: list[dict] = []

@@ -303,6 +303,15 @@ def markdown(report: dict) -> str:
             f"{_f(r.get('peak_rss_mb'), '{:.0f}')} | {_f(r.get('bundle_mb'), '{:.2f}') if r.get('bundle_mb') is not None else _f(r.get('weights_mb'), '{:.2f} (weights)')} | {_f(r.get('conversion_s'), '{:.1f}')} | {_parity_cell(r.get('parity'))} |"
         )
     L += ["", "Component cells are median / p90 ms. Bundle MB is everything in the bundle folder (programs, tokenizer, manifest); for torch eager it is the fp32 weights in memory."]
+    for r in report["paths"]:
+        run = r.get("runner") if r["status"] == "ok" else None
+        if run:  # executorch-native: the programs run in the host runner, a second process
+            ex = ", ".join(f"{c.replace('_', ' ')} {v['median_ms']:.1f}" for c, v in run["execute_ms"].items())
+            L.append(
+                f"{r['name']}: the programs run in one `sdxs_runner --serve` process (runtimes/native/runner.cpp, no PyTorch; XNNPACK workspace sharing "
+                f"{run['workspace_sharing']}) driven by a numpy-only Python process over /dev/shm files. Peak RSS is both together: runner {run['peak_rss_mb']:.0f} MB "
+                f"+ driver {r['driver_peak_rss_mb']:.0f} MB. The runner's own Method::execute medians (ms): {ex}; the component cells add the file round trip."
+            )
 
     t = report["baselines"].get("teacher")
     L += ["", "## Baselines: one step against the multi-step teacher architecture", ""]

@@ -124,9 +124,12 @@ class NearestUp2x(nn.Module):
         if self.up is not None:
             return self.up(x)
         n, c, h, w = x.shape
+        # `* 1.0`: XNNPACK's partitioner counts distinct input nodes, and turns down a concatenation of a
+        # tensor with itself ("got 1 tensors"); left in the portable kernels, each such cat split the
+        # sdxs-512 U-Net into another delegate call (7 instead of 1).
         cols = x.unsqueeze(-1)
-        rows = torch.cat([cols, cols], dim=-1).view(n, c, h, 1, 2 * w)
-        return torch.cat([rows, rows], dim=3).view(n, c, 2 * h, 2 * w)
+        rows = torch.cat([cols, cols * 1.0], dim=-1).view(n, c, h, 1, 2 * w)
+        return torch.cat([rows, rows * 1.0], dim=3).view(n, c, 2 * h, 2 * w)
 
 
 # Nearest 2x upsampling then a 3x3 convolution (stride 1, padding 1) equals a 4x4 transposed convolution

@@ -22,6 +22,7 @@ RUNTIMES: dict[str, str] = {
     "torch": "runtimes.torch_session:TorchSession",
     "onnxruntime": "runtimes.onnxruntime_session:OnnxRuntimeSession",
     "executorch": "runtimes.executorch_session:ExecuTorchSession",
+    "executorch-native": "runtimes.native_session:NativeSession",
     "coreml": "runtimes.coreml_session:CoreMLSession",
     "android": "runtimes.android:AndroidSession",
     "arm64-emulated": "runtimes.arm64_emulated:Arm64EmulatedSession",
@@ -58,8 +59,8 @@ def load(bundle: str | Path, runtime: str, **options) -> Session:
 
     Args:
         bundle: the bundle directory.
-        runtime: a key of `RUNTIMES` ("torch", "onnxruntime", "executorch", "coreml", "android",
-            "arm64-emulated").
+        runtime: a key of `RUNTIMES` ("torch", "onnxruntime", "executorch", "executorch-native",
+            "coreml", "android", "arm64-emulated").
         **options: the runtime's own keyword options (e.g. `providers=` for onnxruntime,
             `compute_units=` for coreml, `reference=` for torch, `verify=` for all); an option the
             runtime does not take is an error naming the ones it does.

@@ -9,7 +9,7 @@ Every field little-endian:
     12           8*ndim    int64 dims
     12+8*ndim              data: prod(dims) elements, C-contiguous, nothing after it
 
-Also the helpers both native runtimes (arm64-emulated, android) share around a runner call: the
+Also the helpers the native runtimes (arm64-emulated, android, executorch-native) share around a runner call: the
 `--io` folder layout (in<i>.bin / out<i>.bin), the `SDXS_TIMING` line, and one-line failure messages.
 Numpy and the standard library only, so the emulated and Android runtimes need no PyTorch.
 """

@@ -687,6 +687,24 @@ def test_calibration_caption_count(tmp_path):
 
 
 # ---- XNNPACK rewrites ----------------------------------------------------------------------------------
+def test_wide_nearest_upsampling_lowers_into_one_delegate_call():
+    """The concatenation form of NearestUp2x (over 256 channels) runs inside XNNPACK: a cat of a tensor with
+    itself would be turned down by the partitioner and cut the U-Net into several delegate calls."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+    from torch import nn
+
+    from converters import to_executorch
+    from converters.xnnpack_rewrites import NearestUp2x
+
+    c = NearestUp2x.DENSE_MAX_CHANNELS + 8
+    m = nn.Sequential(nn.Conv2d(c, c, 1), NearestUp2x(c), nn.Conv2d(c, c, 1)).eval()
+    x = torch.randn(1, c, 3, 4)
+    edge = to_edge_transform_and_lower(torch.export.export(m, (x,)), partitioner=[XnnpackPartitioner()])
+    report = to_executorch.delegation_report(edge)
+    assert report["partitions"] == 1 and not report["not_delegated"], report
+
+
 def test_xnnpack_rewrites_are_exact_and_leave_the_original(pipe, reference):
     from torch import nn
 

@@ -21,6 +21,7 @@ from runtimes.tokenizer import CLIPBPETokenizer
 from bundle_cache import BUNDLE_CACHE, need, prune, source_key
 from sdxs_edge.bundle import BundleError, sha256_path
 from sdxs_edge.errors import ParityError, SDXSError
+from sdxs_edge.metrics import snr_db
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a small red circle at the top on a white background"
@@ -231,6 +232,53 @@ def test_parity_executorch(make_bundle, tmp_path, precision):
     _parity(make_bundle("executorch", precision), "executorch", tmp_path)
 
 
+def _host_runner() -> None:
+    """Build the host runner (idempotent, seconds when up to date); skip where there is no compiler."""
+    if shutil.which("g++") is None:
+        pytest.skip("the host runner needs g++")
+    subprocess.run([str(ROOT / "runtimes" / "native" / "build_host.sh")], check=True, capture_output=True)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_parity_executorch_native(make_bundle, tmp_path, precision):
+    """The same .pte programs in one `sdxs_runner --serve` process: the floors against PyTorch, and the
+    ExecuTorch Python runtime's outputs to float rounding (same kernels, same threads)."""
+    need("executorch")
+    _host_runner()
+    bundle = make_bundle("executorch", precision)
+    _parity(bundle, "executorch-native", tmp_path)
+    with runtimes.load(bundle, "executorch-native", threads=2) as nat, runtimes.load(bundle, "executorch") as py:
+        assert nat.threads == 2 and nat.workspace_sharing == "global" and set(nat.load_ms) == {"text_encoder", "unet", "decoder"}
+        a, b = nat.generate_arrays("a small red circle at the top on a white background", seed=3), py.generate_arrays("a small red circle at the top on a white background", seed=3)
+        assert snr_db(b.image, a.image) > 60.0
+        assert all(t["run_ms"][0] > 0 for t in nat.runner_timings.values())
+        assert 1 < nat.peak_rss_mb() < 400  # the runner: ExecuTorch's libraries and the programs, no PyTorch
+
+
+def test_executorch_native_errors_are_one_line(make_bundle, tmp_path):
+    need("executorch")
+    _host_runner()
+    from runtimes.native_io import RunnerError
+
+    with pytest.raises(BackendMissingError, match="make host-runner"):
+        runtimes.load(make_bundle("executorch", "fp32"), "executorch-native", runner=tmp_path / "nope")
+    bundle = Path(shutil.copytree(make_bundle("executorch", "fp32"), tmp_path / "b"))
+    (bundle / "decoder.pte").write_bytes(b"\0" * 64)  # damaged: the runner fails to load it, and exits
+    with pytest.raises(RunnerError) as e:
+        runtimes.load(bundle, "executorch-native", verify=False)
+    assert "\n" not in str(e.value) and "decoder.pte" in str(e.value), e.value
+    with runtimes.load(make_bundle("executorch", "fp32"), "executorch-native") as s:
+        io = tmp_path / "io"
+        io.mkdir()
+        s._proc.stdin.write(f"run unet {io}\n".encode())  # a request the runner refuses: it keeps serving
+        s._proc.stdin.flush()
+        with pytest.raises(RunnerError, match="in0.bin: cannot open"):
+            s._reply("SDXS_TIMING ", "unet")
+        assert s.decode(np.zeros(s.latent_shape, np.float32)).shape[-1] == 64
+    with pytest.raises(RunnerError, match="closed"):
+        s.decode(np.zeros(s.latent_shape, np.float32))
+
+
 @pytest.mark.skipif(sys.platform != "darwin", reason="Core ML prediction needs macOS (Apple's Core ML framework); this is " + sys.platform)
 @pytest.mark.parametrize("units", ["CPU_ONLY", "ALL"])
 def test_parity_coreml(make_bundle, tmp_path, units):
@@ -294,7 +342,7 @@ def test_runtime_cannot_run_target(make_bundle):
 
 
 def test_unknown_runtime_and_option(make_bundle):
-    with pytest.raises(runtimes.UnknownRuntimeError, match="valid runtimes: torch, onnxruntime, executorch, coreml, android, arm64-emulated"):
+    with pytest.raises(runtimes.UnknownRuntimeError, match="valid runtimes: torch, onnxruntime, executorch, executorch-native, coreml, android, arm64-emulated"):
         runtimes.load(make_bundle("onnx", "fp32"), "tensorrt")
     with pytest.raises(SDXSError, match="does not take option\\(s\\) compute_units \\(it takes: providers, threads, verify\\)"):
         runtimes.load(make_bundle("onnx", "fp32"), "onnxruntime", compute_units="ALL")

@@ -1,14 +1,16 @@
-// sdxs_runner: run one method of an ExecuTorch program (.pte) on raw tensor files.
+// sdxs_runner: run ExecuTorch programs (.pte) on raw tensor files.
 //
-// The native half of the `arm64-emulated` and `android` runtimes (runtimes/arm64_emulated.py,
-// runtimes/android.py): the Python side writes each input to a file, runs this program (under
-// qemu-aarch64-static or on a phone over adb), and reads the outputs back. Linked against
+// The native half of the `arm64-emulated`, `android` and `executorch-native` runtimes
+// (runtimes/arm64_emulated.py, runtimes/android.py, runtimes/native_session.py): the Python side
+// writes each input to a file, runs this program (under qemu-aarch64-static, on a phone over adb, or
+// as one long-lived process on this machine with --serve), and reads the outputs back. Linked against
 // ExecuTorch's prebuilt runtime, optimized/portable and quantized kernels, and the XNNPACK delegate,
 // whose registrations run from static initializers (see build_arm64.sh on --no-as-needed).
 //
 // Usage:
-//   sdxs_runner --model PROGRAM.pte --io DIR [--method NAME] [--warmup N] [--iters N]
+//   sdxs_runner --model PROGRAM.pte --io DIR [--method NAME] [--warmup N] [--iters N] [RUNTIME OPTIONS]
 //   sdxs_runner --model PROGRAM.pte --describe [--method NAME]
+//   sdxs_runner --serve --program NAME=PROGRAM.pte [--program NAME=PROGRAM.pte ...] [--method NAME] [RUNTIME OPTIONS]
 //
 //   --model     the .pte program.
 //   --io        folder holding in0.bin .. in<n-1>.bin, one per input of the method, in positional
@@ -17,6 +19,20 @@
 //   --warmup    untimed runs before the timed ones (default 0).
 //   --iters     timed runs (default 1); the outputs written are those of the last run.
 //   --describe  print the method's inputs and outputs (dtype code and shape) and exit.
+//   --serve     load every --program (and its method) once, print one line
+//                 SDXS_READY {"load_ms": {"NAME": 12.3, ...}, "threads": 2, "workspace_sharing": "global", "peak_rss_kb": 51200}
+//               then answer requests read from stdin, one per line, until "quit" or end of input:
+//                 run NAME DIR   runs program NAME on DIR/in<i>.bin, writes DIR/out<i>.bin and prints
+//                                SDXS_TIMING {"program": "NAME", "method": ..., "run_ms": [..], "outputs": 1, "peak_rss_kb": ...}
+//               A request that fails prints SDXS_ERROR {"message": "..."} and the runner goes on serving.
+//               One process then holds every program, as an app does: the libraries are counted once and
+//               the XNNPACK workspace (activation arena) can be shared between programs.
+// Runtime options:
+//   --threads N            size ExecuTorch's threadpool (XNNPACK runs on it) to N; default one per core.
+//   --workspace-sharing M  XNNPACK activation arenas: "disabled" (one per delegate call), "per-model"
+//                          (one per program) or "global" (one for every program; they run one at a
+//                          time). Default: the backend's own ("disabled" in ExecuTorch 1.5), "global"
+//                          with --serve.
 //
 // Tensor file format ("SDXT" version 1), every field little-endian:
 //   offset  size      field
@@ -30,7 +46,7 @@
 // runtimes/native_io.py writes and reads the same format.
 //
 // Output on success (exit 0): one line on stdout,
-//   SDXS_TIMING {"method": "forward", "load_ms": 12.3, "warmup": 0, "run_ms": [45.6], "outputs": 1, "peak_rss_kb": 51200}
+//   SDXS_TIMING {"method": "forward", "load_ms": 12.3, "warmup": 0, "run_ms": [45.6], "outputs": 1, "threads": 2, "peak_rss_kb": 51200}
 // load_ms covers parsing the program and loading the method (XNNPACK builds its graphs here).
 // peak_rss_kb is this process's VmHWM from /proc/self/status (-1 where there is none). A parent's
 // rusage of the child would not do: Linux carries the parent's high-water mark into it at exec.
@@ -38,6 +54,8 @@
 // exit 2 for bad arguments or input files, 1 when loading or running the program fails.
 
 #include <executorch/extension/module/module.h>
+#include <executorch/runtime/backend/interface.h>
+#include <executorch/runtime/backend/options.h>
 #include <executorch/extension/tensor/tensor_ptr.h>
 #include <executorch/runtime/core/exec_aten/util/dim_order_util.h>
 #include <executorch/runtime/core/exec_aten/util/scalar_type_util.h>
@@ -49,6 +67,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <iostream>
+#include <memory>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -63,6 +83,17 @@ using executorch::runtime::EValue;
 using executorch::runtime::MethodMeta;
 using executorch::runtime::Tag;
 using executorch::runtime::TensorInfo;
+
+// libexecutorch_threadpool's ThreadPool (extension/threadpool/threadpool.h, which the wheel does not
+// ship): only these two members are called, through the pointer get_threadpool() returns.
+namespace executorch::extension::threadpool {
+class ThreadPool {
+ public:
+  size_t get_thread_count() const;
+  bool _unsafe_reset_threadpool(uint32_t num_threads);
+};
+ThreadPool* get_threadpool();
+}  // namespace executorch::extension::threadpool
 
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the tensor file format is little-endian; this runner copies bytes as-is");
 
@@ -80,10 +111,13 @@ struct RunError {
 };
 
 const char* kUsage =
-    "usage: sdxs_runner --model PROGRAM.pte --io DIR [--method NAME] [--warmup N] [--iters N]\n"
+    "usage: sdxs_runner --model PROGRAM.pte --io DIR [--method NAME] [--warmup N] [--iters N] [OPTIONS]\n"
     "       sdxs_runner --model PROGRAM.pte --describe [--method NAME]\n"
-    "Runs one method of an ExecuTorch program on DIR/in<i>.bin and writes DIR/out<i>.bin\n"
-    "(tensor file format: see the header of runtimes/native/runner.cpp).\n";
+    "       sdxs_runner --serve --program NAME=PROGRAM.pte [--program ...] [--method NAME] [OPTIONS]\n"
+    "options: --threads N, --workspace-sharing disabled|per-model|global\n"
+    "Runs one method of an ExecuTorch program on DIR/in<i>.bin and writes DIR/out<i>.bin; --serve keeps\n"
+    "the programs loaded and answers 'run NAME DIR' lines on stdin (protocol and tensor file format:\n"
+    "see the header of runtimes/native/runner.cpp).\n";
 
 // Element size of the dtypes the file format allows; 0 for any other code.
 size_t dtype_size(uint32_t code) {
@@ -186,8 +220,10 @@ double ms_since(std::chrono::steady_clock::time_point t0) {
 
 struct Args {
   std::string model, io, method = "forward";
-  int64_t warmup = 0, iters = 1;
-  bool describe = false;
+  int64_t warmup = 0, iters = 1, threads = 0;  // threads 0: ExecuTorch's default (one per core)
+  bool describe = false, serve = false;
+  std::string workspace;                                     // "" : the backend's default
+  std::vector<std::pair<std::string, std::string>> programs;  // --serve: name, path
 };
 
 long peak_rss_kb() {
@@ -199,6 +235,24 @@ long peak_rss_kb() {
   return -1;
 }
 
+// A string as a JSON string literal (error messages carry paths and quotes).
+std::string json_str(const std::string& s) {
+  std::string out = "\"";
+  for (const unsigned char c : s) {
+    if (c == '"' || c == '\\') {
+      out += '\\';
+      out += static_cast<char>(c);
+    } else if (c < 0x20) {
+      char buf[8];
+      std::snprintf(buf, sizeof buf, "\\u%04x", c);
+      out += buf;
+    } else {
+      out += static_cast<char>(c);
+    }
+  }
+  return out + "\"";
+}
+
 Args parse_args(int argc, char** argv) {
   Args a;
   for (int i = 1; i < argc; ++i) {
@@ -207,11 +261,12 @@ Args parse_args(int argc, char** argv) {
       std::fputs(kUsage, stdout);
       std::exit(0);
     }
-    if (k == "--describe") {
-      a.describe = true;
+    if (k == "--describe" || k == "--serve") {
+      (k == "--serve" ? a.serve : a.describe) = true;
       continue;
     }
-    if (k != "--model" && k != "--io" && k != "--method" && k != "--warmup" && k != "--iters")
+    if (k != "--model" && k != "--io" && k != "--method" && k != "--warmup" && k != "--iters" && k != "--threads" &&
+        k != "--workspace-sharing" && k != "--program")
       throw UsageError{"unknown argument '" + k + "' (see --help)"};
     if (i + 1 >= argc) throw UsageError{k + " needs a value"};
     const char* v = argv[++i];
@@ -219,11 +274,50 @@ Args parse_args(int argc, char** argv) {
     else if (k == "--io") a.io = v;
     else if (k == "--method") a.method = v;
     else if (k == "--warmup") a.warmup = parse_count(k, v, 0);
-    else a.iters = parse_count(k, v, 1);
+    else if (k == "--iters") a.iters = parse_count(k, v, 1);
+    else if (k == "--threads") a.threads = parse_count(k, v, 1);
+    else if (k == "--workspace-sharing") {
+      a.workspace = v;
+      if (a.workspace != "disabled" && a.workspace != "per-model" && a.workspace != "global")
+        throw UsageError{"--workspace-sharing expects disabled, per-model or global, got '" + a.workspace + "'"};
+    } else {
+      const std::string p = v;
+      const size_t eq = p.find('=');
+      if (eq == std::string::npos || eq == 0 || eq + 1 == p.size())
+        throw UsageError{"--program expects NAME=PROGRAM.pte, got '" + p + "'"};
+      const std::string name = p.substr(0, eq);
+      for (const auto& have : a.programs)
+        if (have.first == name) throw UsageError{"--program " + name + " given twice"};
+      if (name.find_first_of(" \t") != std::string::npos) throw UsageError{"--program name '" + name + "' has whitespace"};
+      a.programs.emplace_back(name, p.substr(eq + 1));
+    }
   }
+  if (a.serve) {
+    if (a.programs.empty()) throw UsageError{"--serve needs at least one --program NAME=PROGRAM.pte (see --help)"};
+    if (!a.model.empty() || !a.io.empty() || a.describe) throw UsageError{"--serve takes --program, not --model, --io or --describe"};
+    if (a.workspace.empty()) a.workspace = "global";  // the programs run one at a time
+    return a;
+  }
+  if (!a.programs.empty()) throw UsageError{"--program is for --serve; run one program with --model"};
   if (a.model.empty()) throw UsageError{"--model is required (see --help)"};
   if (a.io.empty() && !a.describe) throw UsageError{"--io is required (see --help)"};
   return a;
+}
+
+// Threadpool size and XNNPACK workspace sharing: both must be set before any program loads.
+int64_t setup_runtime(const Args& a) {
+  auto* pool = executorch::extension::threadpool::get_threadpool();
+  if (pool == nullptr) throw RunError{"ExecuTorch has no threadpool in this build"};
+  if (a.threads > 0 && !pool->_unsafe_reset_threadpool(static_cast<uint32_t>(a.threads)))
+    throw RunError{"cannot resize the threadpool to " + std::to_string(a.threads) + " threads"};
+  if (!a.workspace.empty()) {
+    const int mode = a.workspace == "disabled" ? 0 : a.workspace == "per-model" ? 1 : 2;  // WorkspaceSharingMode
+    executorch::runtime::BackendOptions<1> opts;
+    opts.set_option("workspace_sharing_mode", mode);
+    const Error e = executorch::runtime::set_option("XnnpackBackend", opts.view());
+    if (e != Error::Ok) throw RunError{"setting the XNNPACK workspace sharing mode failed: " + err_str(e)};
+  }
+  return static_cast<int64_t>(pool->get_thread_count());
 }
 
 void describe(MethodMeta& meta, const std::string& method) {
@@ -243,85 +337,169 @@ void describe(MethodMeta& meta, const std::string& method) {
   }
 }
 
-int run(const Args& a) {
+// Opens `path` (mmapped: weights stay in the page cache instead of a second heap copy, which matters on
+// a phone) and checks it has `method`; loads the method unless only describing.
+std::unique_ptr<Module> open_program(const std::string& path, const std::string& method, bool load) {
   {
-    std::ifstream probe(a.model, std::ios::binary);
-    if (!probe) throw UsageError{a.model + ": cannot open the program"};
+    std::ifstream probe(path, std::ios::binary);
+    if (!probe) throw UsageError{path + ": cannot open the program"};
   }
-  const auto t_load = std::chrono::steady_clock::now();
-  // Mmap: weights stay in the page cache instead of a second heap copy (matters on a phone).
-  Module module(a.model, Module::LoadMode::Mmap);
-  auto names = module.method_names();
-  if (!names.ok()) throw RunError{a.model + ": not a loadable ExecuTorch program: " + err_str(names.error())};
-  if (!names->count(a.method)) {
+  auto module = std::make_unique<Module>(path, Module::LoadMode::Mmap);
+  auto names = module->method_names();
+  if (!names.ok()) throw RunError{path + ": not a loadable ExecuTorch program: " + err_str(names.error())};
+  if (!names->count(method)) {
     std::string have;
     for (const auto& n : *names) have += (have.empty() ? "" : ", ") + n;
-    throw UsageError{a.model + ": no method '" + a.method + "' (has: " + have + ")"};
+    throw UsageError{path + ": no method '" + method + "' (has: " + have + ")"};
   }
-  auto meta = module.method_meta(a.method);
-  if (!meta.ok()) throw RunError{"method_meta('" + a.method + "') failed: " + err_str(meta.error())};
-  if (a.describe) {
-    describe(*meta, a.method);
-    return 0;
+  if (load) {
+    const Error le = module->load_method(method);
+    if (le != Error::Ok)
+      throw RunError{path + ": loading method '" + method + "' failed: " + err_str(le) +
+                     " (a missing operator or an unregistered backend is named in the log above)"};
   }
-  const Error le = module.load_method(a.method);
-  if (le != Error::Ok)
-    throw RunError{"loading method '" + a.method + "' failed: " + err_str(le) +
-                   " (a missing operator or an unregistered backend is named in the log above)"};
-  const double load_ms = ms_since(t_load);
+  return module;
+}
 
-  // Inputs: in<i>.bin must match the program's declared dtype and shape exactly.
+// The method's inputs from io/in<i>.bin, each checked against the program's declared dtype and shape.
+struct Inputs {
   std::vector<RawTensor> raw;
   std::vector<TensorPtr> tensors;
-  std::vector<EValue> inputs;
-  for (size_t i = 0; i < meta->num_inputs(); ++i) {
-    const std::string path = a.io + "/in" + std::to_string(i) + ".bin";
-    auto tag = meta->input_tag(i);
-    if (!tag.ok() || *tag != Tag::Tensor) throw UsageError{"input " + std::to_string(i) + " of '" + a.method + "' is not a tensor; only tensor inputs are supported"};
-    auto info = meta->input_tensor_meta(i);
+  std::vector<EValue> values;
+};
+
+Inputs read_inputs(const MethodMeta& meta, const std::string& io, const std::string& method) {
+  Inputs in;
+  in.raw.reserve(meta.num_inputs());  // the tensors point into raw's buffers: no reallocation
+  for (size_t i = 0; i < meta.num_inputs(); ++i) {
+    const std::string path = io + "/in" + std::to_string(i) + ".bin";
+    auto tag = meta.input_tag(i);
+    if (!tag.ok() || *tag != Tag::Tensor) throw UsageError{"input " + std::to_string(i) + " of '" + method + "' is not a tensor; only tensor inputs are supported"};
+    auto info = meta.input_tensor_meta(i);
     if (!info.ok()) throw RunError{"input_tensor_meta(" + std::to_string(i) + ") failed: " + err_str(info.error())};
-    raw.push_back(read_tensor(path));
-    RawTensor& t = raw.back();
+    in.raw.push_back(read_tensor(path));
+    RawTensor& t = in.raw.back();
     const auto want = info_dims(*info);
     const auto want_dtype = static_cast<uint32_t>(info->scalar_type());
     if (t.dtype != want_dtype || t.dims != want)
       throw UsageError{path + ": dtype " + std::to_string(t.dtype) + " shape " + shape_str(t.dims) + " does not match input " +
-                       std::to_string(i) + " of '" + a.method + "': dtype " + std::to_string(want_dtype) + " shape " + shape_str(want)};
+                       std::to_string(i) + " of '" + method + "': dtype " + std::to_string(want_dtype) + " shape " + shape_str(want)};
     std::vector<executorch::aten::SizesType> sizes(t.dims.begin(), t.dims.end());
-    tensors.push_back(make_tensor_ptr(std::move(sizes), t.data.data(), info->scalar_type()));
-    inputs.emplace_back(tensors.back());
+    in.tensors.push_back(make_tensor_ptr(std::move(sizes), t.data.data(), info->scalar_type()));
+    in.values.emplace_back(in.tensors.back());
   }
   // Extra in<i>.bin files mean the caller and the program disagree on the input count.
-  {
-    const std::string extra = a.io + "/in" + std::to_string(meta->num_inputs()) + ".bin";
-    if (std::ifstream(extra)) throw UsageError{extra + " exists but '" + a.method + "' takes " + std::to_string(meta->num_inputs()) + " input(s)"};
-  }
+  const std::string extra = io + "/in" + std::to_string(meta.num_inputs()) + ".bin";
+  if (std::ifstream(extra)) throw UsageError{extra + " exists but '" + method + "' takes " + std::to_string(meta.num_inputs()) + " input(s)"};
+  return in;
+}
 
-  std::vector<double> run_ms;
-  std::vector<EValue> outputs;
-  for (int64_t it = 0; it < a.warmup + a.iters; ++it) {
-    const auto t0 = std::chrono::steady_clock::now();
-    auto res = module.execute(a.method, inputs);
-    const double ms = ms_since(t0);
-    if (!res.ok()) throw RunError{"executing '" + a.method + "' failed: " + err_str(res.error())};
-    if (it >= a.warmup) run_ms.push_back(ms);
-    outputs = std::move(*res);
-  }
-
+void write_outputs(const std::vector<EValue>& outputs, const std::string& io, const std::string& method) {
   for (size_t i = 0; i < outputs.size(); ++i) {
-    if (!outputs[i].isTensor()) throw RunError{"output " + std::to_string(i) + " of '" + a.method + "' is not a tensor"};
+    if (!outputs[i].isTensor()) throw RunError{"output " + std::to_string(i) + " of '" + method + "' is not a tensor"};
     const Tensor& t = outputs[i].toTensor();
     if (!executorch::runtime::is_contiguous_dim_order(t.dim_order().data(), t.dim()))
       throw RunError{"output " + std::to_string(i) + " is not in contiguous (NCHW) dim order; re-export without a channels-last output"};
     const uint32_t dtype = static_cast<uint32_t>(t.scalar_type());
     if (dtype_size(dtype) == 0) throw RunError{"output " + std::to_string(i) + " has dtype code " + std::to_string(dtype) + ", which the file format does not carry"};
     std::vector<int64_t> dims(t.sizes().begin(), t.sizes().end());
-    write_tensor(a.io + "/out" + std::to_string(i) + ".bin", dtype, dims, t.const_data_ptr(), t.nbytes());
+    write_tensor(io + "/out" + std::to_string(i) + ".bin", dtype, dims, t.const_data_ptr(), t.nbytes());
   }
+}
 
-  std::printf("SDXS_TIMING {\"method\": \"%s\", \"load_ms\": %.3f, \"warmup\": %" PRId64 ", \"run_ms\": [", a.method.c_str(), load_ms, a.warmup);
+std::vector<EValue> execute(Module& module, const std::string& method, const std::vector<EValue>& inputs, double* ms) {
+  const auto t0 = std::chrono::steady_clock::now();
+  auto res = module.execute(method, inputs);
+  *ms = ms_since(t0);
+  if (!res.ok()) throw RunError{"executing '" + method + "' failed: " + err_str(res.error())};
+  return std::move(*res);
+}
+
+int run(const Args& a) {
+  if (a.describe) {
+    auto module = open_program(a.model, a.method, false);
+    auto meta = module->method_meta(a.method);
+    if (!meta.ok()) throw RunError{"method_meta('" + a.method + "') failed: " + err_str(meta.error())};
+    describe(*meta, a.method);
+    return 0;
+  }
+  const int64_t threads = setup_runtime(a);
+  const auto t_load = std::chrono::steady_clock::now();
+  auto module = open_program(a.model, a.method, true);
+  const double load_ms = ms_since(t_load);
+  auto meta = module->method_meta(a.method);
+  if (!meta.ok()) throw RunError{"method_meta('" + a.method + "') failed: " + err_str(meta.error())};
+  Inputs in = read_inputs(*meta, a.io, a.method);
+
+  std::vector<double> run_ms;
+  std::vector<EValue> outputs;
+  for (int64_t it = 0; it < a.warmup + a.iters; ++it) {
+    double ms = 0;
+    outputs = execute(*module, a.method, in.values, &ms);
+    if (it >= a.warmup) run_ms.push_back(ms);
+  }
+  write_outputs(outputs, a.io, a.method);
+
+  std::printf("SDXS_TIMING {\"method\": %s, \"load_ms\": %.3f, \"warmup\": %" PRId64 ", \"run_ms\": [", json_str(a.method).c_str(), load_ms, a.warmup);
   for (size_t i = 0; i < run_ms.size(); ++i) std::printf("%s%.3f", i ? ", " : "", run_ms[i]);
-  std::printf("], \"outputs\": %zu, \"peak_rss_kb\": %ld}\n", outputs.size(), peak_rss_kb());
+  std::printf("], \"outputs\": %zu, \"threads\": %" PRId64 ", \"peak_rss_kb\": %ld}\n", outputs.size(), threads, peak_rss_kb());
+  return 0;
+}
+
+// --serve: every program loaded once, then one request per stdin line (see the header).
+int serve(const Args& a) {
+  const int64_t threads = setup_runtime(a);
+  std::vector<std::unique_ptr<Module>> modules;
+  std::vector<MethodMeta> metas;
+  std::string load_json;
+  for (const auto& [name, path] : a.programs) {
+    const auto t0 = std::chrono::steady_clock::now();
+    modules.push_back(open_program(path, a.method, true));
+    const double ms = ms_since(t0);
+    auto meta = modules.back()->method_meta(a.method);
+    if (!meta.ok()) throw RunError{path + ": method_meta('" + a.method + "') failed: " + err_str(meta.error())};
+    metas.push_back(*meta);
+    char buf[64];
+    std::snprintf(buf, sizeof buf, ": %.3f", ms);
+    load_json += (load_json.empty() ? "" : ", ") + json_str(name) + buf;
+  }
+  std::printf("SDXS_READY {\"load_ms\": {%s}, \"method\": %s, \"threads\": %" PRId64 ", \"workspace_sharing\": %s, \"peak_rss_kb\": %ld}\n",
+              load_json.c_str(), json_str(a.method).c_str(), threads, json_str(a.workspace).c_str(), peak_rss_kb());
+  std::fflush(stdout);
+
+  std::string line;
+  while (std::getline(std::cin, line)) {
+    if (!line.empty() && line.back() == '\r') line.pop_back();
+    if (line.empty()) continue;
+    if (line == "quit") break;
+    try {
+      std::istringstream req(line);
+      std::string verb, name, io, rest;
+      req >> verb >> name;
+      std::getline(req >> std::ws, io);  // the folder may hold spaces: the rest of the line
+      if (verb != "run" || name.empty() || io.empty()) throw UsageError{"bad request '" + line + "': expected 'run NAME DIR' or 'quit'"};
+      size_t k = 0;
+      while (k < a.programs.size() && a.programs[k].first != name) ++k;
+      if (k == a.programs.size()) {
+        std::string have;
+        for (const auto& p : a.programs) have += (have.empty() ? "" : ", ") + p.first;
+        throw UsageError{"no program '" + name + "' (serving: " + have + ")"};
+      }
+      Inputs in = read_inputs(metas[k], io, a.method);
+      double ms = 0;
+      const std::vector<EValue> outputs = execute(*modules[k], a.method, in.values, &ms);
+      write_outputs(outputs, io, a.method);
+      std::printf("SDXS_TIMING {\"program\": %s, \"method\": %s, \"run_ms\": [%.3f], \"outputs\": %zu, \"peak_rss_kb\": %ld}\n",
+                  json_str(name).c_str(), json_str(a.method).c_str(), ms, outputs.size(), peak_rss_kb());
+    } catch (const UsageError& e) {
+      std::printf("SDXS_ERROR {\"message\": %s}\n", json_str(e.msg).c_str());
+    } catch (const RunError& e) {
+      std::printf("SDXS_ERROR {\"message\": %s}\n", json_str(e.msg).c_str());
+    } catch (const std::exception& e) {
+      std::printf("SDXS_ERROR {\"message\": %s}\n", json_str(e.what()).c_str());
+    }
+    std::fflush(stdout);
+  }
   return 0;
 }
 
@@ -329,7 +507,8 @@ int run(const Args& a) {
 
 int main(int argc, char** argv) {
   try {
-    return run(parse_args(argc, argv));
+    const Args a = parse_args(argc, argv);
+    return a.serve ? serve(a) : run(a);
   } catch (const UsageError& e) {
     std::fprintf(stderr, "sdxs_runner: error: %s\n", e.msg.c_str());
     return 2;
