@@ -247,3 +247,22 @@ def test_native_runner_measures_each_component_without_torch(tmp_path):
     assert "Sum of the component medians" in native_runner.render(r)
     onnx = convert("tiny", "onnx", "fp32", tmp_path / "onnx", components=("decoder",), progress=False)
     assert native_runner.main([str(onnx)]) == 2  # not an ExecuTorch bundle: one-line error
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="the host runner needs g++")
+def test_executorch_native_path_counts_both_processes(tmp_path):
+    """The executorch-native row: the runner built by the run, pinned threads read back from it, and a
+    peak RSS that is the torch-free driver plus the runner (not the driver alone)."""
+    pytest.importorskip("executorch", reason="the executorch extra is not installed")
+    rep = bench.run_bench("tiny", ["executorch-native"], ["fp32"], 64, 2, 1, 2, tmp_path / "out", False, False, work_dir=tmp_path / "work", progress=False)
+    assert rep["failed"] == [], rep["failed"]
+    r = _row(rep, "executorch-native fp32")
+    assert r["status"] == "ok" and r["threads"] == {"threadpool_threads": 2}
+    run = r["runner"]
+    assert run["workspace_sharing"] == "global" and set(run["execute_ms"]) == set(COMPONENTS) and set(run["load_ms"]) == set(COMPONENTS)
+    for c in COMPONENTS:  # the runner's own execute time sits inside the round trip the session timed
+        assert 0 < run["execute_ms"][c]["median_ms"] <= r["components"][c]["median_ms"]
+    assert 0 < run["peak_rss_mb"] < 200 and 0 < r["driver_peak_rss_mb"] < 200  # neither process holds PyTorch (219 MB alone)
+    assert r["peak_rss_mb"] == pytest.approx(run["peak_rss_mb"] + r["driver_peak_rss_mb"], abs=0.11)
+    md = Path(rep["files"]["markdown"]).read_text()
+    assert f"runner {run['peak_rss_mb']:.0f} MB + driver {r['driver_peak_rss_mb']:.0f} MB" in md
