@@ -72,6 +72,8 @@ class BenchConfig:
             their manifest) instead of converting again.
         seed: weight seed of presets (the converters' default is 0).
         attention: attention layout of every sdxs-edge bundle ("standard" or "split-heads").
+        rounds: times every measured path (not the teacher) runs, round-robin, each in a fresh process;
+            its runs are pooled (see `merge_rounds`).
     """
 
     model: str
@@ -91,6 +93,7 @@ class BenchConfig:
     reuse_bundles: bool
     seed: int
     attention: str = "standard"
+    rounds: int = 1
 
 
 # ---- request -------------------------------------------------------------------------------------------
@@ -156,6 +159,7 @@ def resolve_config(
     reuse_bundles: bool,
     seed: int,
     attention: str = "standard",
+    rounds: int = 1,
 ) -> BenchConfig:
     """Check a request before any work starts; every problem is one BenchError naming the fix."""
     from sdxs_edge.attention import ATTENTION_VARIANTS
@@ -183,6 +187,8 @@ def resolve_config(
         raise BenchError(f"runs must be >= 1, got {runs}")
     if warmup < 0:
         raise BenchError(f"warmup must be >= 0, got {warmup}")
+    if rounds < 1:
+        raise BenchError(f"rounds must be >= 1, got {rounds}")
     threads = threads if threads is not None else (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     if threads < 1:
         raise BenchError(f"threads must be >= 1, got {threads}")
@@ -205,7 +211,7 @@ def resolve_config(
     slug = f"{name}-{resolution}"
     out = Path(out_dir) if out_dir is not None else ROOT / "benchmarks" / "results" / slug
     work = Path(work_dir) if work_dir is not None else ROOT / "out" / "bench" / slug
-    return BenchConfig(src, name, rts, precs, int(resolution), int(runs), int(warmup), int(threads), str(out.resolve()), str(work.resolve()), bool(baselines), bool(openvino), teacher_src, int(teacher_steps), bool(reuse_bundles), int(seed), attention)
+    return BenchConfig(src, name, rts, precs, int(resolution), int(runs), int(warmup), int(threads), str(out.resolve()), str(work.resolve()), bool(baselines), bool(openvino), teacher_src, int(teacher_steps), bool(reuse_bundles), int(seed), attention, int(rounds))
 
 
 # ---- workers -------------------------------------------------------------------------------------------
@@ -400,6 +406,49 @@ def measure_session(cfg: BenchConfig, runtime: str, precision: str, conv: dict |
     return row
 
 
+def merge_rounds(rows: list[dict]) -> dict:
+    """One row from a path's rounds (each a fresh process): the runs of every round pooled into the
+    component, tokenize, other and end-to-end statistics (median, p90 and min over all of them, the
+    per-round end-to-end medians kept beside), load and first-run times as the median round, peak
+    memory as the largest. A round that failed makes the row that failure."""
+    import numpy as np
+
+    from benchmarks.jobs import stats_e2e, stats_ms
+
+    bad = next((r for r in rows if r["status"] != "ok"), None)
+    if len(rows) == 1 or bad is not None:
+        return {**(bad or rows[0]), "rounds": len(rows)} if bad is not None and len(rows) > 1 else rows[0]
+
+    def pooled(get) -> dict | None:
+        stats = [get(r) for r in rows]
+        if any(s is None for s in stats):
+            return None
+        return stats_ms([x / 1000 for s in stats for x in s["samples_ms"]])
+
+    out = dict(rows[0])
+    out["rounds"] = len(rows)
+    out["components"] = {c: pooled(lambda r, c=c: r["components"].get(c)) for c in rows[0]["components"]}
+    for key in ("tokenize", "other"):
+        if rows[0].get(key) is not None:
+            out[key] = pooled(lambda r, key=key: r.get(key))
+    e = stats_e2e([x for r in rows for x in r["end_to_end"]["samples_s"]], rows[0]["end_to_end"]["batch"])
+    e["round_medians_s"] = [r["end_to_end"]["median_s"] for r in rows]
+    out["end_to_end"] = e
+    for key in ("load_s", "first_run_s"):
+        if rows[0].get(key) is not None:
+            out[key] = round(float(np.median([r[key] for r in rows])), 4)
+    for key in ("peak_rss_mb", "rss_after_load_mb", "driver_peak_rss_mb"):
+        if rows[0].get(key) is not None:
+            out[key] = max(r[key] for r in rows)
+    out["process_wall_s"] = round(sum(r.get("process_wall_s", 0.0) for r in rows), 2)
+    if rows[0].get("runner"):
+        run = dict(rows[0]["runner"])
+        run["execute_ms"] = {c: pooled(lambda r, c=c: r["runner"]["execute_ms"].get(c)) for c in run["execute_ms"]}
+        run["peak_rss_mb"] = max(r["runner"]["peak_rss_mb"] for r in rows)
+        out["runner"] = run
+    return out
+
+
 def busy_warnings(machine: dict, threads: int) -> list[str]:
     """A warning when other work shared the CPU: spinning thread pools make timings jump by whole
     scheduler slices then, so medians are not the machine's figures."""
@@ -451,6 +500,7 @@ def run_bench(
     reuse_bundles: bool = False,
     seed: int = 0,
     attention: str = "standard",
+    rounds: int = 1,
     progress: bool = True,
 ) -> dict:
     """Benchmark a model's runtime x precision paths and baselines; write results.json, results.md, chart.png.
@@ -476,12 +526,15 @@ def run_bench(
         attention: attention layout of the sdxs-edge bundles: "standard" or "split-heads" (one head at a
             time; see `sdxs_edge.attention`). OpenVINO is built from the ONNX fp32 bundle, so it gets the
             same layout.
+        rounds: measure every path (torch eager, each bundle, OpenVINO; not the teacher) this many times,
+            round-robin, each time in a fresh process, and pool their runs: on a shared machine a burst
+            of other work then lands on every path alike instead of on whichever ran during it.
         progress: print one line per step.
 
     Returns:
         the report (as written to results.json).
     """
-    cfg = resolve_config(model, runtimes, precisions, resolution, runs, warmup, threads, out_dir, baselines, openvino, teacher, teacher_steps, work_dir, reuse_bundles, seed, attention)
+    cfg = resolve_config(model, runtimes, precisions, resolution, runs, warmup, threads, out_dir, baselines, openvino, teacher, teacher_steps, work_dir, reuse_bundles, seed, attention, rounds)
     say = (lambda s: print(f"[bench] {s}", flush=True)) if progress else (lambda s: None)
     work = Path(cfg.work_dir)
     work.mkdir(parents=True, exist_ok=True)
@@ -493,29 +546,47 @@ def run_bench(
         build_host_runner(say)
     conv = run_conversions(cfg, plan_conversions(cfg, ov["precisions"]), say)
 
-    paths: list[dict] = []
+    # Every measured path as one task; with --rounds the task list runs that many times, round-robin.
+    plan: list[tuple[str, Callable[[], dict] | None, dict | None]] = []  # (name, task, fixed row)
     torch_raw: dict | None = None
+
+    def torch_task(role: str) -> Callable[[], dict]:
+        def run() -> dict:
+            nonlocal torch_raw
+            w = spawn(_job(cfg, "torch", "torch-eager-fp32"), "torch-eager-fp32", work)
+            torch_raw = torch_raw or w.result
+            return _path_row(TORCH_EAGER, "torch", "fp32", role, w)
+
+        return run
+
     for rt in cfg.runtimes:
         target = RUNTIME_TARGETS[rt]
         for p in cfg.precisions:
             if rt == "torch":
                 if p != "fp32":
-                    paths.append(_path_row(f"torch {p}", rt, p, "measured", status="not applicable", reason="the torch runtime runs the source model in float32 on CPU (fp16 eager is measured on CUDA only)"))
+                    plan.append((f"torch {p}", None, _path_row(f"torch {p}", rt, p, "measured", status="not applicable", reason="the torch runtime runs the source model in float32 on CPU (fp16 eager is measured on CUDA only)")))
                     continue
-                say(f"measuring {TORCH_EAGER} ...")
-                w = spawn(_job(cfg, "torch", "torch-eager-fp32"), "torch-eager-fp32", work)
-                torch_raw = w.result
-                paths.append(_path_row(TORCH_EAGER, rt, p, "measured", w))
+                plan.append((TORCH_EAGER, torch_task("measured"), None))
             else:
                 name = f"{rt} {p}"
-                say(f"measuring {name} ...")
-                paths.append(measure_session(cfg, rt, p, conv.get((target, p)), name, "measured"))
-    if cfg.baselines and not any(r["name"] == TORCH_EAGER for r in paths):
-        say(f"measuring {TORCH_EAGER} (baseline) ...")
-        w = spawn(_job(cfg, "torch", "torch-eager-fp32"), "torch-eager-fp32", work)
-        torch_raw = w.result
-        paths.append(_path_row(TORCH_EAGER, "torch", "fp32", "baseline", w))
-
+                plan.append((name, lambda rt=rt, p=p, name=name, target=target: measure_session(cfg, rt, p, conv.get((target, p)), name, "measured"), None))
+    if cfg.baselines and not any(name == TORCH_EAGER for name, _, _ in plan):
+        plan.append((TORCH_EAGER, torch_task("baseline"), None))
+    if ov["status"] in ("skipped", "not installed"):
+        plan.append(("openvino", None, _path_row("openvino", "openvino", "-", "baseline", status=ov["status"], reason=ov["reason"])))
+    else:
+        for p in OPENVINO_PRECISIONS:
+            if p not in ov["precisions"]:
+                plan.append((f"openvino {p}", None, _path_row(f"openvino {p}", "openvino", p, "baseline", status="not installed", reason=ov["reason"])))
+                continue
+            plan.append((f"openvino {p}", lambda p=p: measure_session(cfg, "openvino", p, conv.get(("onnx", "fp32")), f"openvino {p}", "baseline", ir_conv=conv.get(("openvino", p))), None))
+    measured: dict[str, list[dict]] = {name: [] for name, task, _ in plan if task}
+    for r in range(cfg.rounds):
+        for name, task, _ in plan:
+            if task:
+                say(f"measuring {name}" + (f" (round {r + 1} of {cfg.rounds})" if cfg.rounds > 1 else "") + " ...")
+                measured[name].append(task())
+    paths = [fixed if task is None else merge_rounds(measured[name]) for name, task, fixed in plan]
     gpu, gpu_status = None, "torch runtime not measured"
     if torch_raw is not None and torch_raw.get("status") == "ok":
         gpu_status = "no CUDA device: GPU figures not measured"  # as the torch worker saw it
@@ -527,16 +598,6 @@ def run_bench(
             else:
                 gpu = {k: v for k, v in w.result.items() if k not in ("status", "peak_rss_mb")}
                 gpu_status = "measured"
-
-    if ov["status"] in ("skipped", "not installed"):
-        paths.append(_path_row("openvino", "openvino", "-", "baseline", status=ov["status"], reason=ov["reason"]))
-    else:
-        for p in OPENVINO_PRECISIONS:
-            if p not in ov["precisions"]:
-                paths.append(_path_row(f"openvino {p}", "openvino", p, "baseline", status="not installed", reason=ov["reason"]))
-                continue
-            say(f"measuring openvino {p} ...")
-            paths.append(measure_session(cfg, "openvino", p, conv.get(("onnx", "fp32")), f"openvino {p}", "baseline", ir_conv=conv.get(("openvino", p))))
 
     teacher_block = None
     if cfg.baselines:

@@ -42,6 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resolution", type=_positive("--resolution", 8), help="image side in pixels (default: the model's)")
     p.add_argument("--runs", type=_positive("--runs"), default=5, help="measured runs per path (default 5)")
     p.add_argument("--warmup", type=_positive("--warmup", 0), default=1, help="unmeasured runs first (default 1)")
+    p.add_argument("--rounds", type=_positive("--rounds"), default=1, help="measure every path this many times, round-robin, each time in a fresh process, and pool the runs (default 1; more evens out a shared machine's bursts)")
     p.add_argument("--threads", type=_positive("--threads"), help="threads every backend is pinned to (default: the usable cores)")
     p.add_argument("--out", help="results folder (default benchmarks/results/<model>-<resolution>/)")
     p.add_argument("--work", help="bundles, job files and worker logs (default out/bench/<model>-<resolution>/)")
@@ -83,6 +84,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         resolution=args.resolution,
         runs=args.runs,
         warmup=args.warmup,
+        rounds=args.rounds,
         threads=args.threads,
         out_dir=args.out,
         baselines=not args.no_baselines,

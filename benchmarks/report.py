@@ -281,7 +281,9 @@ def markdown(report: dict) -> str:
         f"Libraries: {libs}. Python {mach['python']}, {mach['platform']}.",
         "",
         f"Every backend pinned to {cfg['threads']} threads. {cfg['runs']} measured runs after {cfg['warmup']} warm-up; median / p90. "
-        "Each path ran in its own process: peak RSS is that process's own high-water mark (VmHWM), including its imports and load. "
+        + (f"Every path (not the teacher) was measured in {cfg['rounds']} rounds, round-robin, each round in a fresh process; its {cfg['rounds'] * cfg['runs']} runs are pooled. "
+           if cfg.get("rounds", 1) > 1 else "")
+        + "Each path ran in its own process: peak RSS is that process's own high-water mark (VmHWM), including its imports and load. "
         f"Attention layout of the converted bundles (OpenVINO's included): {cfg.get('attention', 'standard')}.",
         "",
     ]

@@ -150,10 +150,10 @@ class NativeSession(Session):
             raise RunnerError(f"{self.name} session on {self.bundle} is closed")
         spec = self.specs[component]
         what = f"{component} on {self.name}"
+        # One folder per component, reused: outputs are read only after the runner's SDXS_TIMING reply,
+        # which it sends after writing them (each via a temporary file renamed into place).
         io = self._io / component
-        if io.exists():
-            shutil.rmtree(io)
-        io.mkdir()
+        io.mkdir(exist_ok=True)
         write_inputs(io, [inputs[s.name] for s in spec.inputs])
         try:
             self._proc.stdin.write(f"run {component} {io}\n".encode())

@@ -159,6 +159,7 @@ def test_openvino_not_installed_is_a_row(monkeypatch, tiny_report):
         ({"resolution": 60}, "positive multiple of 8"),
         ({"resolution": 72}, "multiple of 16 for tiny"),
         ({"runs": 0}, "runs must be >= 1"),
+        ({"rounds": 0}, "rounds must be >= 1"),
         ({"teacher": "no-such-model"}, "no preset or model folder named 'no-such-model'"),
     ],
 )
@@ -175,8 +176,8 @@ def test_cli_hook_and_one_line_error():
 
     add_parsers(p.add_subparsers(dest="command"))
     a = p.parse_args(["bench", "tiny", "--resolution", "64", "--runs", "3", "--no-openvino"])
-    assert (a.func, a.model, a.resolution, a.runs, a.no_openvino, a.no_baselines) == (cmd_bench, "tiny", 64, 3, True, False)
-    assert a.runtimes == "torch,onnxruntime,executorch" and a.precisions == "fp32,fp16,int8"
+    assert (a.func, a.model, a.resolution, a.runs, a.rounds, a.no_openvino, a.no_baselines) == (cmd_bench, "tiny", 64, 3, 1, True, False)
+    assert a.runtimes == "torch,onnxruntime,executorch,executorch-native" and a.precisions == "fp32,fp16,int8"
     proc = subprocess.run([sys.executable, "-m", "benchmarks.bench", "tiny", "--runtimes", "bogus"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: runtime 'bogus'") and len(proc.stderr.strip().splitlines()) == 1
@@ -254,15 +255,38 @@ def test_executorch_native_path_counts_both_processes(tmp_path):
     """The executorch-native row: the runner built by the run, pinned threads read back from it, and a
     peak RSS that is the torch-free driver plus the runner (not the driver alone)."""
     pytest.importorskip("executorch", reason="the executorch extra is not installed")
-    rep = bench.run_bench("tiny", ["executorch-native"], ["fp32"], 64, 2, 1, 2, tmp_path / "out", False, False, work_dir=tmp_path / "work", progress=False)
+    rep = bench.run_bench("tiny", ["executorch-native"], ["fp32"], 64, 2, 1, 2, tmp_path / "out", False, False, work_dir=tmp_path / "work", rounds=2, progress=False)
     assert rep["failed"] == [], rep["failed"]
     r = _row(rep, "executorch-native fp32")
     assert r["status"] == "ok" and r["threads"] == {"threadpool_threads": 2}
+    assert r["rounds"] == 2 and r["end_to_end"]["runs"] == 4 and len(r["end_to_end"]["round_medians_s"]) == 2  # two processes, runs pooled
+    assert "2 rounds, round-robin" in Path(rep["files"]["markdown"]).read_text()
     run = r["runner"]
     assert run["workspace_sharing"] == "global" and set(run["execute_ms"]) == set(COMPONENTS) and set(run["load_ms"]) == set(COMPONENTS)
+    assert run["execute_ms"]["unet"]["runs"] == 4
     for c in COMPONENTS:  # the runner's own execute time sits inside the round trip the session timed
         assert 0 < run["execute_ms"][c]["median_ms"] <= r["components"][c]["median_ms"]
     assert 0 < run["peak_rss_mb"] < 200 and 0 < r["driver_peak_rss_mb"] < 200  # neither process holds PyTorch (219 MB alone)
     assert r["peak_rss_mb"] == pytest.approx(run["peak_rss_mb"] + r["driver_peak_rss_mb"], abs=0.11)
     md = Path(rep["files"]["markdown"]).read_text()
     assert f"runner {run['peak_rss_mb']:.0f} MB + driver {r['driver_peak_rss_mb']:.0f} MB" in md
+
+
+def test_rounds_pool_every_run_of_every_round():
+    """merge_rounds: samples pooled, statistics recomputed over them, per-round medians kept, peak memory
+    the largest round's, and a failed round makes the row a failure."""
+    from benchmarks.jobs import stats_e2e, stats_ms
+
+    def row(comp_s, e2e_s, rss, load):
+        return {"name": "p", "status": "ok", "load_s": load, "first_run_s": 1.0, "peak_rss_mb": rss, "process_wall_s": 2.0,
+                "components": {c: stats_ms(comp_s) for c in COMPONENTS}, "other": stats_ms([0.001] * len(e2e_s)), "end_to_end": stats_e2e(e2e_s)}
+
+    a, b = row([0.10, 0.12], [0.30, 0.32], 500, 1.0), row([0.20, 0.22], [0.50, 0.52], 700, 3.0)
+    m = bench.merge_rounds([a, b])
+    assert m["rounds"] == 2 and m["peak_rss_mb"] == 700 and m["load_s"] == 2.0 and m["process_wall_s"] == 4.0
+    assert m["components"]["unet"]["runs"] == 4 and m["components"]["unet"]["median_ms"] == pytest.approx(160.0)
+    assert m["end_to_end"]["samples_s"] == [0.30, 0.32, 0.50, 0.52] and m["end_to_end"]["median_s"] == pytest.approx(0.41)
+    assert m["end_to_end"]["round_medians_s"] == [0.31, 0.51]
+    assert bench.merge_rounds([a]) is a
+    failed = bench.merge_rounds([a, {"name": "p", "status": "error", "reason": "worker exited 1"}])
+    assert failed["status"] == "error" and failed["rounds"] == 2

@@ -306,7 +306,10 @@ def test_executorch_bundle(pipe, reference, tmp_path, precision):
             assert s < FP32_FLOOR  # really quantized
     if precision == "int8":
         assert m["conversion"]["config"]["calibration_prompts"] == 8
-        assert m["conversion"]["components"]["decoder"]["int8"]["quantized_nodes"] > 0
+        dec = m["conversion"]["components"]["decoder"]
+        # Every convolution and, in the decoder, the four residual adds (one per TAESD block) are int8.
+        assert "add (+ fused relu)" in dec["int8"]["op_types"]
+        assert dec["int8"]["quantized_nodes"] == dec["delegation"]["delegated"]["aten.convolution"] + 4, dec
 
 
 def test_executorch_coreml_delegate_lowers_structurally(pipe, tmp_path):
