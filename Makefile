@@ -33,7 +33,8 @@ demo: install
 	$(PY) -c "from sdxs_edge import shapes; print('\n'.join(s.caption for s in shapes.eval_scenes(128, 0)))" > out/eval-prompts.txt
 	$(SDXS) parity out/default-pte-int8 --runtime executorch --prompts out/eval-prompts.txt --json out/default-pte-int8-parity.json
 
-test: install
+# host-runner: the executorch-native runtime's tests and benchmark path run the C++ runner.
+test: install host-runner
 	$(PY) -m pytest -q
 
 test-slow: install
@@ -41,8 +42,8 @@ test-slow: install
 
 # The shipped model on every CPU runtime: ONNX fp32/fp16/int8 and ExecuTorch fp32/int8 bundles, parity
 # (per component, end to end, SHAPES-64 all-correct within 3 points of fp32) on onnxruntime, executorch,
-# torch and arm64-emulated. CI runs it after `make test` (about 15 minutes on two cores).
-test-shipped: install arm64-runner
+# torch, arm64-emulated and executorch-native. CI runs it after `make test` (about 15 minutes on two cores).
+test-shipped: install arm64-runner host-runner
 	$(PY) -m pytest -q -s -m shipped
 
 # The aarch64 ExecuTorch runner for the arm64-emulated runtime (Debian cross compiler + qemu, the

@@ -5,7 +5,8 @@ default model to ONNX fp32/fp16/int8 and ExecuTorch fp32/int8 and checks each bu
 reference on the runtime that runs it, per component (SNR, max abs error), end to end (image PSNR) and on
 the SHAPES-64 evaluator: the all-correct rate of the bundle must stay within 3 points of the fp32
 reference model's (`runtimes.parity.Floors.all_correct_points`). The arm64-emulated runtime (the C++
-runner under qemu-aarch64-static, `make arm64-runner`) runs the ExecuTorch fp32 and int8 bundles.
+runner under qemu-aarch64-static, `make arm64-runner`) runs the ExecuTorch fp32 and int8 bundles, and
+the executorch-native runtime (the same runner built for this machine, `make host-runner`) the int8 one.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ pytestmark = pytest.mark.shipped
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "sdxs_edge" / "default_model"
 RUNNER = ROOT / "build" / "arm64" / "sdxs_runner"
+HOST_RUNNER = ROOT / "build" / "host" / "sdxs_runner"
 RESULTS = ROOT / "out" / "shipped-parity"
 N_PROMPTS = 512  # x86 runtimes: the evaluation set the distillation report uses
 N_PROMPTS_EMULATED = 64  # qemu runs the ARM kernels about 150x slower than native
@@ -85,3 +87,9 @@ def test_arm64_emulated(bundle, precision):
     if shutil.which("qemu-aarch64-static") is None or not RUNNER.is_file():
         pytest.skip("the arm64 runner or qemu-aarch64-static is missing (make arm64-runner)")
     _check(bundle("executorch", precision), "arm64-emulated", N_PROMPTS_EMULATED)
+
+
+def test_executorch_native(bundle):
+    if not HOST_RUNNER.is_file():
+        pytest.skip("the host runner is missing (make host-runner)")
+    _check(bundle("executorch", "int8"), "executorch-native", N_PROMPTS)

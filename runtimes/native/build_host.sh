@@ -19,7 +19,20 @@ RUNNER="$OUT/sdxs_runner"
 source "$ROOT/runtimes/native/compile.sh"  # LIBS, compile_runner
 
 die() { echo "build_host.sh: error: $*" >&2; exit 1; }
-command -v "$CXX" >/dev/null || die "no C++ compiler '$CXX' (apt-get install g++, or set CXX)"
+# The compiler: Debian's g++ when there is none (as build_arm64.sh installs its cross compiler).
+if ! command -v "$CXX" >/dev/null; then
+  [[ "$CXX" == g++ ]] || die "no C++ compiler '$CXX'"
+  command -v apt-get >/dev/null || die "no g++ and no apt-get here; install a C++ compiler or set CXX"
+  SUDO=""
+  if [[ $(id -u) -ne 0 ]]; then
+    command -v sudo >/dev/null || die "no g++; run as root or install it: apt-get install g++"
+    SUDO=sudo
+  fi
+  echo "build_host.sh: installing g++ (apt-get)"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends g++ >/dev/null
+  command -v g++ >/dev/null || die "g++ still missing after apt-get install g++"
+fi
 [[ -x "$PY" ]] || die "no python at $PY (run 'make install' first, or set PY)"
 ET_DIR="$("$PY" -c 'import executorch; print(list(executorch.__path__)[0])')" || die "executorch is not installed for $PY"
 [[ -d "$ET_DIR/include/executorch" && -f "$ET_DIR/lib/libexecutorch.so" ]] || die "$ET_DIR has no runtime headers and libraries"
