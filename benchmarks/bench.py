@@ -415,9 +415,11 @@ def merge_rounds(rows: list[dict]) -> dict:
 
     from benchmarks.jobs import stats_e2e, stats_ms
 
+    if len(rows) == 1:
+        return rows[0]
     bad = next((r for r in rows if r["status"] != "ok"), None)
-    if len(rows) == 1 or bad is not None:
-        return {**(bad or rows[0]), "rounds": len(rows)} if bad is not None and len(rows) > 1 else rows[0]
+    if bad is not None:
+        return {**bad, "rounds": len(rows)}
 
     def pooled(get) -> dict | None:
         stats = [get(r) for r in rows]

@@ -37,15 +37,7 @@ missing=()
 command -v "$CXX" >/dev/null || missing+=(g++-aarch64-linux-gnu)
 command -v qemu-aarch64-static >/dev/null || missing+=(qemu-user-static)
 if ((${#missing[@]})); then
-  command -v apt-get >/dev/null || die "missing ${missing[*]} and no apt-get here; install them with your package manager"
-  SUDO=""
-  if [[ $(id -u) -ne 0 ]]; then
-    command -v sudo >/dev/null || die "missing ${missing[*]}; run as root or install: apt-get install ${missing[*]}"
-    SUDO=sudo
-  fi
-  log "installing ${missing[*]} (apt-get)"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  apt_install build_arm64.sh "${missing[@]}"
   command -v "$CXX" >/dev/null || die "$CXX still missing after installing g++-aarch64-linux-gnu"
 fi
 

@@ -22,15 +22,7 @@ die() { echo "build_host.sh: error: $*" >&2; exit 1; }
 # The compiler: Debian's g++ when there is none (as build_arm64.sh installs its cross compiler).
 if ! command -v "$CXX" >/dev/null; then
   [[ "$CXX" == g++ ]] || die "no C++ compiler '$CXX'"
-  command -v apt-get >/dev/null || die "no g++ and no apt-get here; install a C++ compiler or set CXX"
-  SUDO=""
-  if [[ $(id -u) -ne 0 ]]; then
-    command -v sudo >/dev/null || die "no g++; run as root or install it: apt-get install g++"
-    SUDO=sudo
-  fi
-  echo "build_host.sh: installing g++ (apt-get)"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends g++ >/dev/null
+  apt_install build_host.sh g++
   command -v g++ >/dev/null || die "g++ still missing after apt-get install g++"
 fi
 [[ -x "$PY" ]] || die "no python at $PY (run 'make install' first, or set PY)"

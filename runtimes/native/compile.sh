@@ -1,5 +1,5 @@
-# Sourced by build_arm64.sh and build_host.sh: the runtime libraries a model needs and the one way the
-# runner is compiled against them.
+# Sourced by build_arm64.sh and build_host.sh: the runtime libraries a model needs, the one way the
+# runner is compiled against them, and the Debian packages they install when missing.
 # kernels_optimized carries the portable ops too; the quantized kernels run the quantize/dequantize ops
 # an int8 program keeps outside the XNNPACK delegate.
 LIBS=(executorch executorch_threadpool executorch_kernels_optimized executorch_kernels_quantized executorch_backend_xnnpack)
@@ -20,4 +20,19 @@ compile_runner() {
     -L"$et_dir/lib" -Wl,--push-state,--no-as-needed "${link[@]}" -Wl,--pop-state \
     -Wl,-rpath,"$rpath" -lpthread
   mv "$out.tmp" "$out"
+}
+
+# apt_install WHO PKG...: install Debian packages (as root, or through sudo); WHO names the caller in
+# its messages. Exits with one error line where there is no apt-get or no way to become root.
+apt_install() {
+  local who="$1" sudo=""
+  shift
+  command -v apt-get >/dev/null || { echo "$who: error: missing $* and no apt-get here; install them with your package manager" >&2; exit 1; }
+  if [[ $(id -u) -ne 0 ]]; then
+    command -v sudo >/dev/null || { echo "$who: error: missing $*; run as root or install: apt-get install $*" >&2; exit 1; }
+    sudo=sudo
+  fi
+  echo "$who: installing $* (apt-get)"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "$@" >/dev/null
 }

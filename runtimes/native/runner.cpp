@@ -472,6 +472,7 @@ int serve(const Args& a) {
     if (!line.empty() && line.back() == '\r') line.pop_back();
     if (line.empty()) continue;
     if (line == "quit") break;
+    std::string error;  // one SDXS_ERROR line per failed request; the runner keeps serving
     try {
       std::istringstream req(line);
       std::string verb, name, io, rest;
@@ -492,12 +493,13 @@ int serve(const Args& a) {
       std::printf("SDXS_TIMING {\"program\": %s, \"method\": %s, \"run_ms\": [%.3f], \"outputs\": %zu, \"peak_rss_kb\": %ld}\n",
                   json_str(name).c_str(), json_str(a.method).c_str(), ms, outputs.size(), peak_rss_kb());
     } catch (const UsageError& e) {
-      std::printf("SDXS_ERROR {\"message\": %s}\n", json_str(e.msg).c_str());
+      error = e.msg;
     } catch (const RunError& e) {
-      std::printf("SDXS_ERROR {\"message\": %s}\n", json_str(e.msg).c_str());
+      error = e.msg;
     } catch (const std::exception& e) {
-      std::printf("SDXS_ERROR {\"message\": %s}\n", json_str(e.what()).c_str());
+      error = e.what();
     }
+    if (!error.empty()) std::printf("SDXS_ERROR {\"message\": %s}\n", json_str(error).c_str());
     std::fflush(stdout);
   }
   return 0;
