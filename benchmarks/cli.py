@@ -1,7 +1,8 @@
 """`sdxs-edge bench`: the benchmarks' subcommand, added by `sdxs_edge.cli` through `add_parsers`.
 
-    sdxs-edge bench MODEL_OR_PRESET [--runtimes torch,onnxruntime,executorch] [--precisions fp32,fp16,int8]
-        [--resolution N] [--runs N] [--warmup N] [--threads N] [--out DIR] [--work DIR]
+    sdxs-edge bench MODEL_OR_PRESET [--runtimes torch,onnxruntime,executorch,executorch-native]
+        [--precisions fp32,fp16,int8] [--resolution N] [--runs N] [--warmup N] [--rounds N] [--threads N]
+        [--out DIR] [--work DIR]
         [--teacher PRESET] [--teacher-steps N] [--reuse-bundles] [--no-baselines] [--no-openvino]
         [--attention {standard,split-heads}]
 
