@@ -414,7 +414,7 @@ def chart_png(report: dict) -> bytes:
         ax.barh(names, vals, left=left, color=colors[c], label=LABELS[c])
         left = [a + b for a, b in zip(left, vals)]
     for i, total in enumerate(left):
-        ax.text(total, i, f" {total:.3g}", va="center", fontsize=7)
+        ax.text(total, i, f" {total:.0f}" if total >= 100 else f" {total:.3g}", va="center", fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("ms per image (median)")
     cfg = report["config"]
