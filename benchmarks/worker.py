@@ -144,33 +144,30 @@ def run_session(job: Job) -> dict:
         raise SDXSError(f"worker: no session runtime {job.runtime!r}")
     load_s = time.perf_counter() - t
     rss_load = peak_rss_mb()
-    extra: dict = {}
-    if job.runtime != "executorch-native":
-        with session:
-            out = time_loop(lambda i: session.generate_arrays(PROMPT, seed=i).timings, job.runs, job.warmup, batch=session.batch)
-        return {"load_s": round(load_s, 4), "rss_after_load_mb": rss_load, "threads": threads, **out}
-    # The programs run in the runner process: the path's memory is this (numpy-only) driver's peak plus
-    # the runner's, read from /proc before it exits; its own Method::execute times are kept beside ours.
+    # executorch-native runs the programs in its runner process: the runner's own Method::execute times
+    # are kept beside ours, and the path's memory is this (numpy-only) driver's peak plus the runner's.
     runner_ms: dict[str, list[float]] = {}
 
     def call(i: int) -> dict[str, float]:
         times = session.generate_arrays(PROMPT, seed=i).timings
-        for c, t in session.runner_timings.items():
+        for c, t in getattr(session, "runner_timings", {}).items():
             runner_ms.setdefault(c, []).append(t["run_ms"][0] / 1000)
         return times
 
     with session:
         out = time_loop(call, job.runs, job.warmup, batch=session.batch)
-        extra["child_peak_rss_mb"] = session.peak_rss_mb()
-    extra["runner"] = {
-        "load_ms": session.load_ms,
-        "workspace_sharing": session.workspace_sharing,
-        "peak_rss_mb": extra["child_peak_rss_mb"],
-        "execute_ms": {c: stats_ms(v[job.warmup :]) for c, v in runner_ms.items()},
-    }
-    if "torch" in sys.modules:
-        raise SDXSError("worker: the executorch-native driver imported torch; its memory figure would not be the app's")
-    return {"load_s": round(load_s, 4), "rss_after_load_mb": rss_load, "threads": threads, **out, **extra}
+    result = {"load_s": round(load_s, 4), "rss_after_load_mb": rss_load, "threads": threads, **out}
+    if job.runtime == "executorch-native":
+        if "torch" in sys.modules:
+            raise SDXSError("worker: the executorch-native driver imported torch; its memory figure would not be the app's")
+        result["child_peak_rss_mb"] = session.peak_rss_mb()
+        result["runner"] = {
+            "load_ms": session.load_ms,
+            "workspace_sharing": session.workspace_sharing,
+            "peak_rss_mb": result["child_peak_rss_mb"],
+            "execute_ms": {c: stats_ms(v[job.warmup :]) for c, v in runner_ms.items()},
+        }
+    return result
 
 
 # ---- PyTorch eager ---------------------------------------------------------------------------------

@@ -15,8 +15,8 @@ side is numpy only (tokenizer, noise, the one-step update). With "global" worksp
 programs share one XNNPACK activation arena, since they run one at a time.
 
 `runner_timings` keeps the runner's own figures per component (`run_ms` of `Method::execute`) next to
-the Session's timings (which include the file round trip); `peak_rss_mb()` reads the runner's
-high-water mark (VmHWM) while it runs.
+the Session's timings (which include the file round trip); `peak_rss_mb()` is the runner's
+high-water mark (VmHWM) as of its last reply.
 """
 from __future__ import annotations
 
@@ -102,6 +102,7 @@ class NativeSession(Session):
             self._io = None
             raise BackendMissingError(f"cannot start the host runner {self.runner}: {e}; {BUILD_HINT}") from None
         self._buf = b""
+        self._peak_kb = -1
         self._sel = selectors.DefaultSelector()
         self._sel.register(self._proc.stdout, selectors.EVENT_READ)
         try:
@@ -133,7 +134,9 @@ class NativeSession(Session):
                 if line.startswith(ERROR):
                     raise RunnerError(f"{what}: {json.loads(line[len(ERROR):])['message']}")
                 if line.startswith(prefix):
-                    return json.loads(line[len(prefix) :])
+                    reply = json.loads(line[len(prefix) :])
+                    self._peak_kb = max(self._peak_kb, reply.get("peak_rss_kb", -1))
+                    return reply
             left = deadline - time.monotonic()
             if left <= 0:
                 self._proc.kill()
@@ -165,16 +168,10 @@ class NativeSession(Session):
         return {s.name: a for s, a in zip(spec.outputs, outputs)}
 
     def peak_rss_mb(self) -> float:
-        """The runner process's peak resident memory so far (VmHWM), MB; -1 where /proc has none."""
-        if self._proc is None or self._proc.poll() is not None:
-            raise RunnerError(f"{self.name}: the runner is not running")
-        try:
-            for line in Path(f"/proc/{self._proc.pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-        except OSError:
-            pass
-        return -1.0
+        """The runner process's peak resident memory (its VmHWM, which it reports with every reply) as of
+        its last reply, MB; -1 where it has no /proc to read it from."""
+        kb = self._peak_kb
+        return round(kb / 1024, 1) if kb >= 0 else -1.0
 
     def close(self) -> None:
         proc, self._proc = self._proc, None

@@ -21,10 +21,8 @@ ET_DIR="$OUT/executorch"
 RUNNER="$OUT/sdxs_runner"
 SRC="$ROOT/runtimes/native/runner.cpp"
 CXX="${CXX_AARCH64:-aarch64-linux-gnu-g++}"
-source "$ROOT/runtimes/native/compile.sh"  # LIBS, compile_runner
+source "$ROOT/runtimes/native/compile.sh"  # LIBS, compile_runner, die, log, apt_install
 
-die() { echo "build_arm64.sh: error: $*" >&2; exit 1; }
-log() { echo "build_arm64.sh: $*"; }
 
 if [[ -z "${PY:-}" ]]; then
   if [[ -x "$ROOT/.venv/bin/python" ]]; then PY="$ROOT/.venv/bin/python"; else PY="$(command -v python3 || true)"; fi
@@ -37,7 +35,7 @@ missing=()
 command -v "$CXX" >/dev/null || missing+=(g++-aarch64-linux-gnu)
 command -v qemu-aarch64-static >/dev/null || missing+=(qemu-user-static)
 if ((${#missing[@]})); then
-  apt_install build_arm64.sh "${missing[@]}"
+  apt_install "${missing[@]}"
   command -v "$CXX" >/dev/null || die "$CXX still missing after installing g++-aarch64-linux-gnu"
 fi
 

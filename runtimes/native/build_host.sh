@@ -16,13 +16,12 @@ CXX="${CXX:-g++}"
 SRC="$ROOT/runtimes/native/runner.cpp"
 OUT="$ROOT/build/host"
 RUNNER="$OUT/sdxs_runner"
-source "$ROOT/runtimes/native/compile.sh"  # LIBS, compile_runner
+source "$ROOT/runtimes/native/compile.sh"  # LIBS, compile_runner, die, log, apt_install
 
-die() { echo "build_host.sh: error: $*" >&2; exit 1; }
 # The compiler: Debian's g++ when there is none (as build_arm64.sh installs its cross compiler).
 if ! command -v "$CXX" >/dev/null; then
   [[ "$CXX" == g++ ]] || die "no C++ compiler '$CXX'"
-  apt_install build_host.sh g++
+  apt_install g++
   command -v g++ >/dev/null || die "g++ still missing after apt-get install g++"
 fi
 [[ -x "$PY" ]] || die "no python at $PY (run 'make install' first, or set PY)"
@@ -31,8 +30,8 @@ ET_DIR="$("$PY" -c 'import executorch; print(list(executorch.__path__)[0])')" ||
 
 mkdir -p "$OUT"
 if [[ ! -x "$RUNNER" || "$SRC" -nt "$RUNNER" || "${BASH_SOURCE[0]}" -nt "$RUNNER" ]]; then
-  echo "build_host.sh: compiling $RUNNER"
+  log "compiling $RUNNER"
   compile_runner "$CXX" "$ET_DIR" "$SRC" "$RUNNER" "$ET_DIR/lib"
 fi
 if ldd "$RUNNER" | grep -q 'libtorch'; then die "$RUNNER links libtorch"; fi
-echo "build_host.sh: ok: $RUNNER"
+log "ok: $RUNNER"

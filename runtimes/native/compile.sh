@@ -22,17 +22,20 @@ compile_runner() {
   mv "$out.tmp" "$out"
 }
 
-# apt_install WHO PKG...: install Debian packages (as root, or through sudo); WHO names the caller in
-# its messages. Exits with one error line where there is no apt-get or no way to become root.
+# Messages name the script that sourced this file.
+die() { echo "${0##*/}: error: $*" >&2; exit 1; }
+log() { echo "${0##*/}: $*"; }
+
+# apt_install PKG...: install Debian packages (as root, or through sudo); one error line and exit where
+# there is no apt-get or no way to become root.
 apt_install() {
-  local who="$1" sudo=""
-  shift
-  command -v apt-get >/dev/null || { echo "$who: error: missing $* and no apt-get here; install them with your package manager" >&2; exit 1; }
+  local sudo=""
+  command -v apt-get >/dev/null || die "missing $* and no apt-get here; install them with your package manager"
   if [[ $(id -u) -ne 0 ]]; then
-    command -v sudo >/dev/null || { echo "$who: error: missing $*; run as root or install: apt-get install $*" >&2; exit 1; }
+    command -v sudo >/dev/null || die "missing $*; run as root or install: apt-get install $*"
     sudo=sudo
   fi
-  echo "$who: installing $* (apt-get)"
+  log "installing $* (apt-get)"
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "$@" >/dev/null
 }
