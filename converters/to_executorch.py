@@ -50,6 +50,59 @@ def _quantizable_targets(component: str | None = None):
     return ops
 
 
+def _share_moved_cat_qparams(gm) -> int:
+    """Ties each concatenation whose inputs all come from one tensor (through slices, reshapes and permutes: the
+    interleaving of `SubpixelUpsampleConv`) to that tensor's quantization; returns how many were tied.
+
+    The XNNPACK quantizer gives a concatenation its own observer on its first input. Here that observer
+    would requantize values that only move, and XNNPACK refuses a reshape whose input and output
+    quantization differ (xnn_status_invalid_parameter at load)."""
+    import torch
+    from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, SharedQuantizationSpec
+
+    a = torch.ops.aten
+    moves = {a.slice.Tensor, a.view.default, a.reshape.default, a.permute.default}
+
+    def source(n):
+        """The tensor `n` moves values of: through slices, reshapes, permutes, and concatenations of moves
+        of one tensor; `n` itself otherwise."""
+        while n.op == "call_function":
+            if n.target in moves:
+                n = n.args[0]
+            elif n.target == a.cat.default and len({source(i) for i in n.args[0]}) == 1:
+                n = n.args[0][0]
+            else:
+                break
+        return n
+
+    tied = 0
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or n.target != a.cat.default:
+            continue
+        inputs = list(n.args[0])
+        # A source kept in float (sensitivity pass) leaves the moves in float: the default, quantizing at the cat, holds.
+        if len(inputs) < 2 or len({source(i) for i in inputs}) != 1 or not all(i.meta.get("quantization_annotation") for i in inputs):
+            continue
+        shared = SharedQuantizationSpec(inputs[0])  # the first input's output: its reshape shares the source's
+        n.meta["quantization_annotation"] = QuantizationAnnotation(input_qspec_map={i: shared for i in inputs}, output_qspec=shared, _annotated=True)
+        tied += 1
+    return tied
+
+
+def _quantizer(filter_fn):
+    """The XNNPACK quantizer (symmetric, per-channel weights) with `filter_fn` and the concatenation tie
+    of `_share_moved_cat_qparams`."""
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
+
+    class Quantizer(XNNPACKQuantizer):
+        def annotate(self, model):
+            model = super().annotate(model)
+            _share_moved_cat_qparams(model)
+            return model
+
+    return Quantizer().set_global(get_symmetric_quantization_config(is_per_channel=True)).set_filter_function(filter_fn)
+
+
 def half_precision(module):
     """A float16 copy of a wrapper with the float32 interface of the io spec (XNNPACK fp16)."""
     import torch
@@ -111,7 +164,6 @@ def _numpy(out):
 def quantize(job: ComponentJob, exported) -> tuple[object, dict]:
     """Stage 1b (int8): PT2E prepare -> calibrate -> convert, with the sensitivity pass; re-exported."""
     import torch
-    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     graph = exported.module()
@@ -119,9 +171,8 @@ def quantize(job: ComponentJob, exported) -> tuple[object, dict]:
 
     def quantized(excluded: list[str]):
         skip = set(excluded)
-        q = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
         # The filter sees every node of a pattern (weights too); call_function nodes must be conv/linear(+relu).
-        q.set_filter_function(lambda n: n.op != "call_function" or (n.target in allowed and n.name not in skip))
+        q = _quantizer(lambda n: n.op != "call_function" or (n.target in allowed and n.name not in skip))
         prepared = prepare_pt2e(copy.deepcopy(graph), q)
         with torch.no_grad():
             for s in fit:
@@ -219,11 +270,17 @@ def _record(gm, samples, names: set[str]) -> dict[str, list[np.ndarray]]:
 
 
 def lower(job: ComponentJob, exported):
-    """Stage 2: edge dialect + delegate partitioning."""
+    """Stage 2: edge dialect + delegate partitioning; on XNNPACK with the channels-last reshapes of
+    `converters.xnnpack_layout`."""
+    import contextlib
+
     from executorch.exir import to_edge_transform_and_lower
 
+    from converters.xnnpack_layout import free_channels_last_reshapes
+
     try:
-        return to_edge_transform_and_lower(exported, partitioner=[_partitioner(job)])
+        with free_channels_last_reshapes() if job.config.delegate == "xnnpack" else contextlib.nullcontext():
+            return to_edge_transform_and_lower(exported, partitioner=[_partitioner(job)])
     except SDXSError:
         raise
     except Exception as e:

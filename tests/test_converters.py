@@ -268,7 +268,7 @@ def test_executorch_staged_decoder_fp32(pipe, reference, tmp_path):
 
     job = _job(pipe, "decoder", "executorch", "fp32", tmp_path)
     exported, rewrites = to_executorch.export(job)  # export (with the XNNPACK rewrites)
-    assert rewrites["upsample_conv_fused"] == 3, rewrites  # TAESD's three upsample + 3x3 conv pairs
+    assert rewrites["upsample_conv_subpixel"] == 3, rewrites  # TAESD's three upsample + 3x3 conv pairs
     edge = to_executorch.lower(job, exported)  # lower
     report = to_executorch.delegation_report(edge)  # which ops reached XNNPACK
     assert report["delegated"].get("aten.convolution", 0) >= 10 and "aten.convolution" not in report["not_delegated"]
@@ -708,18 +708,121 @@ def test_wide_nearest_upsampling_lowers_into_one_delegate_call():
     assert report["partitions"] == 1 and not report["not_delegated"], report
 
 
+def _int8_pte(m, x, keep_float=()):
+    """`m` quantized by the converter's quantizer (calibrated on `x`), lowered to XNNPACK; returns the
+    converted graph, its delegation report and the .pte bytes."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    from converters import to_executorch
+    from converters.xnnpack_layout import free_channels_last_reshapes
+
+    allowed = to_executorch._quantizable_targets("unet")
+    graph = torch.export.export(m, (x,)).module()
+    keep = {n.name for n in graph.graph.nodes if n.op == "call_function" and n.target in allowed and n.meta.get("nn_module_stack") and any(k in str(n.meta["nn_module_stack"]) for k in keep_float)}
+    prepared = prepare_pt2e(graph, to_executorch._quantizer(lambda n: n.op != "call_function" or (n.target in allowed and n.name not in keep)))
+    with torch.no_grad():
+        prepared(x)
+    converted = convert_pt2e(prepared)
+    with free_channels_last_reshapes():  # as converters.to_executorch.lower does
+        edge = to_edge_transform_and_lower(torch.export.export(converted, (x,)), partitioner=[XnnpackPartitioner()])
+    return converted, to_executorch.delegation_report(edge), edge.to_executorch().buffer
+
+
+@pytest.mark.parametrize("keep_float", [(), ("subpixel",)])
+def test_subpixel_upsample_conv_is_exact_and_runs_int8_in_one_delegate_call(keep_float):
+    """diffusers' Upsample2D over 256 channels becomes SubpixelUpsampleConv: the same map in float; in int8
+    its slices, reshapes and concatenations share the convolution's quantization (XNNPACK refuses to load
+    a reshape that requantizes); with the convolution kept in float they are quantized at the cat."""
+    from diffusers.models.upsampling import Upsample2D
+    from executorch.runtime import Runtime
+    from torch import nn
+
+    from converters.xnnpack_rewrites import SubpixelUpsampleConv, Upsample2DXnnpack
+
+    g = torch.Generator().manual_seed(0)
+    c = 264
+    up = Upsample2D(c, use_conv=True).eval()
+    nn.init.normal_(up.conv.weight, std=0.05, generator=g)
+    rewritten = Upsample2DXnnpack(up)
+    assert rewritten.subpixel is not None and rewritten.up is None
+    x = torch.randn(1, c, 3, 5, generator=g)
+    small = nn.Conv2d(5, 7, 3, padding=1)
+    y = torch.randn(2, 5, 4, 6, generator=g)
+    with torch.no_grad():
+        assert (rewritten(x) - up(x)).abs().max().item() < 1e-4
+        assert (SubpixelUpsampleConv(small)(y) - small(nn.functional.interpolate(y, scale_factor=2.0, mode="nearest"))).abs().max().item() < 1e-4
+    with pytest.raises(ValueError, match="3x3"):
+        SubpixelUpsampleConv(nn.Conv2d(5, 7, 3, padding=1, stride=2))
+
+    m = nn.Sequential(nn.Conv2d(c, c, 1), rewritten, nn.Conv2d(c, c, 1)).eval()
+    m[1].subpixel.conv.weight.requires_grad_(False)
+    with torch.no_grad():
+        ref = m(x).numpy()
+    converted, report, pte = _int8_pte(m, x, tuple(f"1.{k}" for k in keep_float))
+    assert report["partitions"] == 1 and not report["not_delegated"], report
+    int8_weights = [n for n in converted.graph.nodes if "dequantize_per_channel" in str(n.target)]
+    assert len(int8_weights) == 3 - len(keep_float)  # the sub-pixel convolution kept in float when asked
+    moves = [n for n in converted.graph.nodes if n.op == "call_function" and n.target in (torch.ops.aten.cat.default, torch.ops.aten.view.default, torch.ops.aten.slice.Tensor, torch.ops.aten.permute.default)]
+    requant = {n.args[1] for m_ in moves for n in m_.users if "quantize_per_tensor" in str(n.target)}
+    assert len(requant) == 1, requant  # one scale for every move (quantized at the last cat when kept in float)
+    method = Runtime.get().load_program(pte).load_method("forward")  # loads: no reshape requantizes
+    out = method.execute([x])[0].numpy()
+    assert snr_db(ref, out) > 30.0
+
+
+def test_channels_last_reshapes_move_nothing_and_keep_the_result(tmp_path):
+    """converters.xnnpack_layout: a channels-to-width interleave and a spatial view between convolutions
+    lower without the transposes ExecuTorch's own pass adds, and compute the same."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+    from torch import nn
+
+    from benchmarks.profile import profile_executorch
+    from converters.xnnpack_layout import free_channels_last_reshapes
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(8, 16, 1), nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x):
+            n, _, h, w = x.shape
+            y = self.a(x).view(n, 2, 8, h, w).permute(0, 2, 3, 4, 1).reshape(n, 8, h, 2 * w)  # channels to width
+            return self.b(y.view(n, 8, 2 * h, w))  # spatial regrouping, N and C kept
+
+    m = M().eval()
+    x = torch.randn(1, 8, 6, 10)
+    with torch.no_grad():
+        ref = m(x).numpy()
+    transposes = {}
+    for free in (False, True):
+        with free_channels_last_reshapes() if free else __import__("contextlib").nullcontext():
+            edge = to_edge_transform_and_lower(torch.export.export(m, (x,)), partitioner=[XnnpackPartitioner()])
+        path = tmp_path / f"{free}.pte"
+        path.write_bytes(edge.to_executorch().buffer)
+        from executorch.runtime import Runtime
+
+        out = Runtime.get().load_program(path).load_method("forward").execute([x])[0].numpy()
+        assert np.abs(out - ref).max() < 1e-4, free
+        ops = profile_executorch(path, [{"shape": list(x.shape), "dtype": "float32"}], runs=1, threads=1)["ops"]
+        transposes[free] = sum(o["calls"] for o in ops if o["op"].startswith("Transpose"))
+    assert transposes[True] == 2 < transposes[False], transposes  # only the graph's NCHW input and output
+
+
 def test_xnnpack_rewrites_are_exact_and_leave_the_original(pipe, reference):
     from torch import nn
 
-    from converters.xnnpack_rewrites import GroupNormXnnpack, LayerNormXnnpack, NearestUp2x, fused_upsample_conv, rewrite_for_xnnpack
+    from converters.xnnpack_rewrites import GroupNormXnnpack, LayerNormXnnpack, NearestUp2x, rewrite_for_xnnpack
     from sdxs_edge.components import wrappers
 
     mods = wrappers(pipe)
     ins, outs = reference
     expected = {  # what each tiny component holds
         "text_encoder": {"layer_norm", "causal_attention"},
-        "unet": {"group_norm", "layer_norm", "upsample_nearest_2x", "geglu", "attention_bmm"},
-        "decoder": {"upsample_conv_fused"},
+        "unet": {"group_norm", "layer_norm", "upsample_conv_subpixel", "geglu", "attention_bmm"},
+        "decoder": {"upsample_conv_subpixel"},
     }
     for name in ("text_encoder", "unet", "decoder"):
         rewritten, counts = rewrite_for_xnnpack(mods[name], tuple(ins[name]))
@@ -749,10 +852,3 @@ def test_xnnpack_rewrites_are_exact_and_leave_the_original(pipe, reference):
         assert NearestUp2x(wide.shape[1]).up is None  # the concatenation form
         assert torch.equal(NearestUp2x(wide.shape[1])(wide), nn.functional.interpolate(wide, scale_factor=2.0, mode="nearest"))
         assert (LayerNormXnnpack(ln)(seq) - ln(seq)).abs().max().item() < 1e-4
-        conv = nn.Conv2d(5, 7, 3, padding=1)
-        nn.init.normal_(conv.weight, generator=g)
-        fused = fused_upsample_conv(conv)
-        assert (fused(up) - conv(nn.functional.interpolate(up, scale_factor=2.0, mode="nearest"))).abs().max().item() < 1e-4
-        assert fused_upsample_conv(nn.Conv2d(5, 7, 3, padding=1, stride=2)) is None and fused_upsample_conv(nn.Conv2d(5, 7, 1)) is None
-        assert fused_upsample_conv(nn.Conv2d(320, 320, 3, padding=1)) is None  # the U-Net's widths keep the separate forms
-        assert fused_upsample_conv(nn.ReLU()) is None

@@ -1,0 +1,115 @@
+"""Reshapes that cost nothing in XNNPACK's channels-last layout, lowered without the copies ExecuTorch adds.
+
+Inside the XNNPACK delegate, convolution outputs live as (N, H, W, C) while the graph's shapes stay
+(N, C, H, W). ExecuTorch's `ChannelsLastTaggedReshapePass` keeps a tensor channels-last through
+layout-agnostic ops, but it sends every `view_copy` back to channels-first first: a transpose before the
+view and usually another after it, each a full copy of the tensor. Two kinds of view need neither:
+
+- a 4-D view that keeps N and C and only regroups the spatial positions, (N, C, H, W) -> (N, C, H', W')
+  with H W = H' W': in (N, H, W, C) memory it is the same bytes, so it is done channels-last;
+- channels to width, (N, 2C, H, W) -> view (N, 2, C, H, W) -> permute (0, 2, 3, 4, 1) -> (N, C, H, 2W),
+  which interleaves the two channel halves column by column: in (N, H, W, 2C) memory the two halves of
+  each pixel already sit next to each other as two pixels of (N, H, 2W, C), so the three ops fold into
+  one channels-last reshape.
+
+`SubpixelUpsampleConv` (converters.xnnpack_rewrites) interleaves its four output phases with exactly these
+two, so with this pass its upsampling moves no more bytes than the slices and concatenations themselves.
+
+`free_channels_last_reshapes()` swaps the pass for `ChannelsLastFreeReshapes` in the pass list of
+ExecuTorch's XNNPACK preprocessing while lowering. It is written against executorch 1.5.1 (pinned); the
+tests check that the folded graph runs and matches PyTorch.
+"""
+from __future__ import annotations
+
+import contextlib
+
+from executorch.backends.xnnpack._passes.channels_last_tagged_reshape_pass import ChannelsLastTaggedReshapePass
+from executorch.backends.xnnpack.utils.quant_utils import is_dequant, is_quant, is_tagged_as_implicit_q_dq, tag_as_implicit_q_dq
+from executorch.exir.dialects._ops import ops as exir_ops
+
+VIEW = exir_ops.edge.aten.view_copy.default
+PERMUTE = exir_ops.edge.aten.permute_copy.default
+CHANNELS_TO_WIDTH = "sdxs_channels_to_width"  # node meta flag of a folded channels-to-width view
+
+
+def _through_qdq(node):
+    """The producer of `node` when `node` is the dequantize of a quantize (the int8 wrapping of an op)."""
+    if is_dequant(node) and node.args and is_quant(node.args[0]):
+        return node.args[0].args[0]
+    return node
+
+
+def fold_channels_to_width(graph_module) -> int:
+    """Folds each view (N, 2, C, H, W) -> permute (0, 2, 3, 4, 1) -> view (N, C, H, 2W) into one flagged
+    view of the (N, 2C, H, W) input; returns how many were folded. The flagged view is only right in
+    channels-last memory: `ChannelsLastFreeReshapes` always gives it a channels-last input."""
+    folded = 0
+    for node in list(graph_module.graph.nodes):
+        if node.op != "call_function" or node.target != VIEW or len(node.args[1]) != 4:
+            continue
+        perm = _through_qdq(node.args[0])
+        if perm.op != "call_function" or perm.target != PERMUTE or list(perm.args[1]) != [0, 2, 3, 4, 1]:
+            continue
+        view5 = _through_qdq(perm.args[0])
+        if view5.op != "call_function" or view5.target != VIEW or len(view5.args[1]) != 5:
+            continue
+        n, two, c, h, w = view5.args[1]
+        if two != 2 or list(node.args[1]) != [n, c, h, 2 * w]:
+            continue
+        node.args = (view5.args[0], node.args[1])
+        node.meta[CHANNELS_TO_WIDTH] = True
+        if is_tagged_as_implicit_q_dq(node.args[0]):
+            # int8 in: keep it int8 out. The partitioner left the quantize after the last view explicit (a
+            # float -> int8 conversion), the permute before it having run in float.
+            for user in node.users:
+                if is_quant(user):
+                    tag_as_implicit_q_dq(user)
+        folded += 1
+    if folded:
+        graph_module.graph.eliminate_dead_code()
+        graph_module.recompile()
+    return folded
+
+
+class ChannelsLastFreeReshapes(ChannelsLastTaggedReshapePass):
+    """ExecuTorch's channels-last pass, with the two reshapes of the module docstring done channels-last."""
+
+    def _keeps_batch_and_channels(self, node) -> bool:
+        src = node.args[0]
+        if "val" not in src.meta or "val" not in node.meta:
+            return False
+        a, b = tuple(src.meta["val"].shape), tuple(node.meta["val"].shape)
+        return len(a) == 4 and len(b) == 4 and a[:2] == b[:2]
+
+    def requires_nhwc_input(self, node) -> bool:
+        if node.op == "call_function" and node.target == VIEW:
+            if node.meta.get(CHANNELS_TO_WIDTH):
+                return True
+            # Only where the input is channels-last already: elsewhere the plain view is as cheap.
+            if self._keeps_batch_and_channels(node) and self.is_nhwc_node(node.args[0]):
+                return True
+        return super().requires_nhwc_input(node)
+
+    def call(self, graph_module):
+        fold_channels_to_width(graph_module)
+        return super().call(graph_module)
+
+
+@contextlib.contextmanager
+def free_channels_last_reshapes():
+    """While active, ExecuTorch's XNNPACK preprocessing runs `ChannelsLastFreeReshapes` in place of its
+    own channels-last pass (wrap `to_edge_transform_and_lower` with it)."""
+    from executorch.backends.xnnpack import xnnpack_preprocess
+
+    base = xnnpack_preprocess.XNNPACKPassManager
+
+    class PassManager(base):
+        def __init__(self, exported_program, passes=None):
+            super().__init__(exported_program, passes)
+            self.passes = [ChannelsLastFreeReshapes if p is ChannelsLastTaggedReshapePass else p for p in self.passes]
+
+    xnnpack_preprocess.XNNPACKPassManager = PassManager
+    try:
+        yield
+    finally:
+        xnnpack_preprocess.XNNPACKPassManager = base
