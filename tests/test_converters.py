@@ -119,6 +119,20 @@ def test_sensitivity_ranks_a_blown_range_first_and_stops_at_target():
     assert calls == [["softmax"]] and s.best == ("softmax",) and [n for n, _ in s.excluded] == ["softmax"]
 
 
+def test_sensitivity_keeps_no_extra_float_node_for_a_negligible_gain():
+    """Below the target, doubling the float set must buy at least MIN_GAIN_DB: one more float node costs
+    float speed (a U-Net linear kept for 0.03 dB cost 7.6 ms); a step that meets the target is kept."""
+    from converters.sensitivity import MIN_GAIN_DB, greedy_exclude
+
+    ranked = [("a", 0.0), ("b", 0.0), ("c", 0.0), ("d", 0.0)]
+    scores = {1: 25.5, 2: 25.5 + MIN_GAIN_DB / 3, 4: 25.5 + MIN_GAIN_DB / 2}
+    s = greedy_exclude(ranked, lambda ex: (scores[len(ex)], tuple(ex)), (25.2, ()), target_db=28.0, max_excluded=4)
+    assert s.best == ("a",) and s.best_snr_db == 25.5
+    scores[4] = 28.0  # meets the target: kept, however small the last gain
+    s = greedy_exclude(ranked, lambda ex: (scores[len(ex)], tuple(ex)), (25.2, ()), target_db=28.0, max_excluded=4)
+    assert s.best == ("a", "b", "c", "d")
+
+
 def test_output_referred_ranking_finds_the_amplified_node_the_local_ranking_misses():
     """The one-step rule multiplies the U-Net output's error by sigma: the last node's modest local error
     dominates the component score, and only re-scoring with each node alone in float shows it."""
