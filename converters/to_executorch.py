@@ -50,9 +50,9 @@ def _quantizable_targets(component: str | None = None):
     return ops
 
 
-def _share_moved_cat_qparams(gm) -> int:
-    """Ties each concatenation whose inputs all come from one tensor (through slices, reshapes and permutes: the
-    interleaving of `SubpixelUpsampleConv`) to that tensor's quantization; returns how many were tied.
+def _share_moved_cat_qparams(gm) -> None:
+    """Ties each concatenation whose inputs all come from one tensor (through slices, reshapes and
+    permutes: the interleaving of `SubpixelUpsampleConv`) to that tensor's quantization.
 
     The XNNPACK quantizer gives a concatenation its own observer on its first input. Here that observer
     would requantize values that only move, and XNNPACK refuses a reshape whose input and output
@@ -75,18 +75,15 @@ def _share_moved_cat_qparams(gm) -> int:
                 break
         return n
 
-    tied = 0
     for n in gm.graph.nodes:
         if n.op != "call_function" or n.target != a.cat.default:
             continue
         inputs = list(n.args[0])
-        # A source kept in float (sensitivity pass) leaves the moves in float: the default, quantizing at the cat, holds.
+        # A source kept in float (sensitivity pass) leaves the moves in float: the default (quantize at the cat) holds.
         if len(inputs) < 2 or len({source(i) for i in inputs}) != 1 or not all(i.meta.get("quantization_annotation") for i in inputs):
             continue
         shared = SharedQuantizationSpec(inputs[0])  # the first input's output: its reshape shares the source's
         n.meta["quantization_annotation"] = QuantizationAnnotation(input_qspec_map={i: shared for i in inputs}, output_qspec=shared, _annotated=True)
-        tied += 1
-    return tied
 
 
 def _quantizer(filter_fn):

@@ -11,9 +11,8 @@ TAESD decoder spent 29 ms of 115 ms upsampling outside XNNPACK, in float32, at u
 The rewrites compute the same function from ops XNNPACK runs (differences are float rounding):
 - `nn.GroupNorm` -> per-channel means of x and x^2 (global average pooling), averaged over each group
   and broadcast back by two small constant matrix products, then one scale and shift per channel;
-- nearest 2x upsampling (`nn.Upsample`, diffusers' `Upsample2D`) not followed by a plain 3x3 convolution
-  (that pair: next item) -> for up to 256 channels a 2x2
-  transposed convolution with stride 2 and identity weights (channel c to channel c), which copies each
+- nearest 2x upsampling (`nn.Upsample`, diffusers' `Upsample2D`) without a plain 3x3 convolution after
+  it (that pair: next item) -> for up to 256 channels a 2x2 transposed convolution with stride 2 and identity weights (channel c to channel c), which copies each
   pixel into its 2x2 block; it runs as four 1x1 GEMMs and in int8 is quantized like the convolutions
   around it, exactly (unit weights, same range in and out). A depthwise one would need no multiplies,
   but XNNPACK runs grouped transposed convolutions one group at a time: 550 ms for the decoder's last
@@ -26,7 +25,7 @@ The rewrites compute the same function from ops XNNPACK runs (differences are fl
   `nn.Upsample` then a convolution in a Sequential: TAESD's decoder) -> `SubpixelUpsampleConv`: one 2x2
   convolution at the input resolution with four output blocks, one per output phase, interleaved into
   the 2x output; 4 instead of 9 multiplies per input channel and output pixel, and no upsampled tensor
-  (int8, 2 threads: sdxs-512 U-Net 258.6 -> 245.8 ms, decoder 89.0 -> 83.6 ms, random weights);
+  (int8, 2 threads: sdxs-512 U-Net 261 -> 242 ms, decoder 89.0 -> 83.6 ms, random weights);
 - `nn.LayerNorm` over the last dimension -> mean and variance as products with a constant (C, 1)
   column of 1/C (XNNPACK's reductions take only the two spatial dimensions of 4-D tensors), then one
   scale and shift;

@@ -789,9 +789,13 @@ def test_subpixel_upsample_conv_is_exact_and_runs_int8_in_one_delegate_call(keep
 def test_channels_last_reshapes_move_nothing_and_keep_the_result(tmp_path):
     """converters.xnnpack_layout: a channels-to-width interleave and a spatial view between convolutions
     lower without the transposes ExecuTorch's own pass adds, and compute the same."""
+    import contextlib
+
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
     from torch import nn
+
+    from executorch.runtime import Runtime
 
     from benchmarks.profile import profile_executorch
     from converters.xnnpack_layout import free_channels_last_reshapes
@@ -812,12 +816,10 @@ def test_channels_last_reshapes_move_nothing_and_keep_the_result(tmp_path):
         ref = m(x).numpy()
     transposes = {}
     for free in (False, True):
-        with free_channels_last_reshapes() if free else __import__("contextlib").nullcontext():
+        with free_channels_last_reshapes() if free else contextlib.nullcontext():
             edge = to_edge_transform_and_lower(torch.export.export(m, (x,)), partitioner=[XnnpackPartitioner()])
         path = tmp_path / f"{free}.pte"
         path.write_bytes(edge.to_executorch().buffer)
-        from executorch.runtime import Runtime
-
         out = Runtime.get().load_program(path).load_method("forward").execute([x])[0].numpy()
         assert np.abs(out - ref).max() < 1e-4, free
         ops = profile_executorch(path, [{"shape": list(x.shape), "dtype": "float32"}], runs=1, threads=1)["ops"]

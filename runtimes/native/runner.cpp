@@ -218,7 +218,9 @@ void write_tensor(const std::string& path, uint32_t dtype, const std::vector<int
   put(header.data(), header.size(), 0);
   put(data, nbytes, static_cast<off_t>(header.size()));
   const off_t total = static_cast<off_t>(header.size() + nbytes);
-  if (::ftruncate(fd, total) != 0 || ::close(fd) != 0) throw RunError{target + ": write failed: " + std::strerror(errno)};
+  const bool sized = ::ftruncate(fd, total) == 0;  // drops a longer file's stale tail
+  const int err = errno;
+  if (::close(fd) != 0 || !sized) throw RunError{target + ": write failed: " + std::strerror(sized ? errno : err)};
   if (!in_place && std::rename(target.c_str(), path.c_str()) != 0) throw RunError{path + ": cannot rename " + target};
 }
 
