@@ -160,11 +160,10 @@ def run_session(job: Job) -> dict:
     if job.runtime == "executorch-native":
         if "torch" in sys.modules:
             raise SDXSError("worker: the executorch-native driver imported torch; its memory figure would not be the app's")
-        result["child_peak_rss_mb"] = session.peak_rss_mb()
         result["runner"] = {
             "load_ms": session.load_ms,
             "workspace_sharing": session.workspace_sharing,
-            "peak_rss_mb": result["child_peak_rss_mb"],
+            "peak_rss_mb": session.peak_rss_mb(),
             "execute_ms": {c: stats_ms(v[job.warmup :]) for c, v in runner_ms.items()},
         }
     return result
@@ -311,12 +310,12 @@ def main(argv: list[str] | None = None) -> int:
         result = {"status": "ok", **KINDS[job.kind](job)}
     except SDXSError as e:
         result = {"status": "error", "error": f"{type(e).__name__}: {e}"}
-    # A path that runs its models in a child process (executorch-native) reports the child's peak too:
+    # A path that runs its models in a runner process (executorch-native) reports the runner's peak too:
     # the path's memory is both processes together.
     own = peak_rss_mb()
-    if "child_peak_rss_mb" in result:
+    if "runner" in result:
         result["driver_peak_rss_mb"] = own
-        result["peak_rss_mb"] = round(own + result.pop("child_peak_rss_mb"), 1)
+        result["peak_rss_mb"] = round(own + result["runner"]["peak_rss_mb"], 1)
     else:
         result["peak_rss_mb"] = own
     write_atomic(job.result, json.dumps(result, indent=2))

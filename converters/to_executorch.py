@@ -188,7 +188,7 @@ def quantize(job: ComponentJob, exported) -> tuple[object, dict]:
         first = evaluate([])
         report: dict = {
             "mode": "static",
-            "quantizer": "XNNPACKQuantizer(get_symmetric_quantization_config(is_per_channel=True))",
+            "quantizer": "XNNPACKQuantizer(get_symmetric_quantization_config(is_per_channel=True)); a concatenation of moves of one tensor shares its quantization",
             "op_types": ["conv2d", "conv_transpose2d", "linear (+ fused relu)"] + (["add (+ fused relu)"] if job.name == "decoder" else []),
             "weights": "int8 symmetric per-channel",
             "activations": "int8 per-tensor (histogram observer)",

@@ -771,7 +771,6 @@ def test_subpixel_upsample_conv_is_exact_and_runs_int8_in_one_delegate_call(keep
         SubpixelUpsampleConv(nn.Conv2d(5, 7, 3, padding=1, stride=2))
 
     m = nn.Sequential(nn.Conv2d(c, c, 1), rewritten, nn.Conv2d(c, c, 1)).eval()
-    m[1].subpixel.conv.weight.requires_grad_(False)
     with torch.no_grad():
         ref = m(x).numpy()
     converted, report, pte = _int8_pte(m, x, tuple(f"1.{k}" for k in keep_float))
