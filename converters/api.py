@@ -188,6 +188,7 @@ def convert(
     controlnet=None,
     control_scale: float = 1.0,
     attention: str = "standard",
+    cpu_classes: Sequence[str] = ("host",),
 ) -> Path:
     """Convert a model into a bundle for one runtime target and check it against PyTorch.
 
@@ -232,6 +233,9 @@ def convert(
             softmax and product with V, as Apple's ml-stable-diffusion lays attention out for the Neural
             Engine; on CPU it caps the largest attention map at one head's). Applied to copies of the U-Net,
             VAE and ControlNet: a pipeline passed in is left as it was. Recorded under "conversion.config".
+        cpu_classes: CPU classes (`sdxs_edge.cpu.CLASSES`, "host" for this machine's) to check the bundle
+            on, each against the same floors: the host natively, others under qemu emulation
+            (`converters.cpu_check`). Recorded under "parity.cpu_classes".
 
     Returns:
         the bundle path.
@@ -245,6 +249,11 @@ def convert(
     if attention not in ATTENTION_VARIANTS:
         raise UnsupportedConversion(f"attention must be one of {', '.join(ATTENTION_VARIANTS)}; got {attention!r}")
     spec = precision_spec(target, precision)
+    from sdxs_edge import cpu
+
+    classes = cpu.parse_classes(",".join(cpu_classes))
+    for cls in classes:  # a class that cannot be emulated here fails now, before any lowering
+        cpu.emulator(cls)
     out = Path(out)
     _check_out(out, overwrite)
     calibrate = precision == "int8" and not dynamic and target != "coreml"
@@ -473,6 +482,12 @@ def convert(
             validate_manifest(manifest)
             (Path(tmp) / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
             _check_written(Path(tmp), manifest)
+            if runnable and manifest["parity"]["checked"] == "numeric":
+                from converters.cpu_check import check_classes
+
+                inputs = {n: check.inputs[n] for n in par_components}
+                manifest["parity"]["cpu_classes"] = check_classes(Path(tmp), classes, par_components, inputs, check.outputs, spec.tolerance, label)
+                (Path(tmp) / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
             done("write", t0)
     finally:
         bar.close()

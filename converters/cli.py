@@ -21,6 +21,7 @@ from sdxs_edge.attention import ATTENTION_VARIANTS
 from sdxs_edge.bundle import COMPONENT_NAMES, PRECISIONS, REQUIRED_COMPONENTS, TARGETS
 from sdxs_edge.cli import _positive
 from sdxs_edge.controlnet import parse_control_scale
+from sdxs_edge.cpu import parse_classes
 from sdxs_edge.lora import parse_scale
 
 
@@ -77,6 +78,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--controlnet", type=Path, metavar="PATH", help="ControlNet folder (diffusers ControlNetModel, safetensors) built for MODEL's U-Net: lowered as its own component, the U-Net takes its residuals; recorded in the manifest")
     p.add_argument("--control-scale", type=parse_control_scale, metavar="S", help="ControlNet conditioning scale baked into the bundle (default 1.0; needs --controlnet)")
     p.add_argument("--attention", choices=ATTENTION_VARIANTS, default="standard", help="attention layout: standard, or split-heads (one head at a time, as Apple's ml-stable-diffusion does for the Neural Engine; on CPU runtimes a smaller peak memory)")
+    p.add_argument("--cpu-classes", default="host", metavar="LIST", help="CPU classes to check the bundle on, comma-separated: host (this machine), x86-64-avx2 (emulated with qemu-x86_64-static -cpu Haswell), arm64 (ExecuTorch bundles, emulated with qemu-aarch64-static); recorded in the manifest (default: host)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--dry-run", action="store_true", help="check the request, print it and exit without converting")
     p.set_defaults(func=run)
@@ -139,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
             "sensitivity": not args.no_sensitivity,
             "onnx_calibration": args.onnx_calibration,
             "attention": args.attention,
+            "cpu_classes": list(parse_classes(args.cpu_classes)),
             "trained": args.trained,
             "lora": lora,
             "controlnet": controlnet,
@@ -174,6 +177,7 @@ def run(args: argparse.Namespace) -> int:
         lora_scale=lora_scale,
         controlnet=args.controlnet,
         control_scale=control_scale,
+        cpu_classes=parse_classes(args.cpu_classes),
     )
     print(summary(json.loads((out / "manifest.json").read_text()), out))
     return 0
@@ -201,4 +205,7 @@ def summary(manifest: dict, out: Path) -> str:
             lines.append(f"  edge IoU with the control images: lowered {e2e['edge_iou']['lowered']:.3f}, PyTorch {e2e['edge_iou']['pytorch']:.3f}")
     else:
         lines.append(f"  end to end: {e2e['why_not_enforced']}")
+    for rec in manifest["parity"].get("cpu_classes", []):
+        worst = min((c["snr_db"] for c in rec["components"].values() if c.get("snr_db") is not None), default=None)
+        lines.append(f"  checked as {rec['class']} ({rec['how']})" + (f": lowest component SNR {worst:.1f} dB" if worst is not None else ""))
     return "\n".join(lines)

@@ -6,11 +6,24 @@ handle the TorchScript graphs correctly: on `dynamo=True` graphs the float16 U-N
 `quantize_static` refused the U-Net ("shared mode is not supported for weight"). See the registry.
 
 fp16: `onnxruntime.transformers.float16.convert_float_to_float16(keep_io_types=True)`, so runtimes feed and
-read float32 exactly as the manifest says. int8 static: `quantize_static` in QDQ format, per-channel int8
+read float32 exactly as the manifest says. int8 static: `quantize_static` in QDQ format, per-channel uint8
 weights, uint8 activations calibrated (MinMax) on tensors captured from real pipeline runs, then the
 sensitivity pass of `converters.sensitivity` keeps the most harmful nodes in float (`nodes_to_exclude`).
-int8 dynamic: `quantize_dynamic` of MatMul/Gemm weights (per-channel); convolutions stay float because
-onnxruntime's CPU ConvInteger only takes uint8 weights.
+int8 dynamic: `quantize_dynamic` of MatMul/Gemm weights (per-channel uint8); convolutions stay float
+because onnxruntime's CPU ConvInteger only takes uint8 weights.
+
+Why uint8 weights (`INT8_FORM`): onnxruntime's u8s8 kernels compute exactly only where the CPU has VNNI
+(AVX-512 VNNI, AVX-VNNI) or on arm64. On x86-64 with AVX2 alone they multiply with `vpmaddubsw`, whose
+int16 pair sums saturate, so one bundle scores differently by CPU class. Measured on the shipped model's
+ONNX int8 conversion on an AVX2-only AMD EPYC (U-Net / text encoder / decoder SNR, image PSNR):
+
+    u8 activations, s8 weights           23.6 dB U-Net: fails the 25 dB floor (30.2 dB on AVX-512 VNNI)
+    u8 / s8 with reduce_range (7 bits)   28.8 / 37.4 / 32.7 dB, 40.4 dB image
+    u8 / u8                              30.6 / 38.1 / 40.0 dB, 41.6 dB image
+
+u8u8 products are widened to int16 before they are summed on every ISA (MLAS has no saturating u8u8
+kernel), so its figures hold on AVX2, AVX-512 and arm64 alike; the U-Net ran 1.1x slower than reduce_range
+u8s8 on the AVX2 machine. The manifest records the form and the CPU classes the bundle was checked on.
 """
 from __future__ import annotations
 
@@ -34,6 +47,7 @@ DYNAMIC_OPS = ("MatMul", "Gemm")
 # types 27.0 dB, Conv/MatMul/Gemm 28.7 dB; every extra requantization point (Add, Mul, Concat, Softmax)
 # adds noise while onnxruntime's CPU kernels gain their speed from integer Conv / MatMul.
 STATIC_OPS = ("Conv", "MatMul", "Gemm")
+INT8_FORM = "u8u8"  # uint8 activations x uint8 weights: exact on every CPU class (module docstring)
 
 
 class OnnxConversionError(SDXSError):
@@ -110,12 +124,12 @@ def quantize_dynamic(job: ComponentJob, fp32_path: Path) -> tuple[list[str], dic
     from onnxruntime.quantization import QuantType, quantize_dynamic as ort_quantize_dynamic
 
     big = os.path.getsize(fp32_path) >= PROTO_LIMIT
-    ort_quantize_dynamic(str(fp32_path), str(job.out), op_types_to_quantize=list(DYNAMIC_OPS), per_channel=True, weight_type=QuantType.QInt8, use_external_data_format=big)
+    ort_quantize_dynamic(str(fp32_path), str(job.out), op_types_to_quantize=list(DYNAMIC_OPS), per_channel=True, weight_type=QuantType.QUInt8, use_external_data_format=big)
     if not big and os.path.getsize(job.out) >= EXTERNAL_DATA_BYTES:
         import onnx
 
         _save(onnx.load(str(job.out)), job.out)
-    return _external_files(job.out), {"int8": {"mode": "dynamic", "op_types": list(DYNAMIC_OPS)}}
+    return _external_files(job.out), {"int8": {"mode": "dynamic", "form": INT8_FORM, "op_types": list(DYNAMIC_OPS)}}
 
 
 class _Reader:
@@ -261,8 +275,8 @@ def quantize_static(job: ComponentJob, fp32_path: Path) -> tuple[list[str], dict
             _Reader(job, fit),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
-            activation_type=QuantType.QUInt8,  # onnxruntime's recommendation for x86 and ARM CPUs alike
-            weight_type=QuantType.QInt8,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QUInt8,  # INT8_FORM: u8s8 saturates on AVX2 without VNNI
             op_types_to_quantize=list(STATIC_OPS),
             nodes_to_exclude=[*products, *excluded],
             use_external_data_format=big,
@@ -281,7 +295,8 @@ def quantize_static(job: ComponentJob, fp32_path: Path) -> tuple[list[str], dict
         "mode": "static",
         "format": "QDQ",
         "op_types": list(STATIC_OPS),
-        "weights": "int8 per-channel",
+        "form": INT8_FORM,
+        "weights": "uint8 per-channel",
         "activations": f"uint8 per-tensor ({CALIBRATION_NAMES[job.config.onnx_calibration]})",
         "calibration_samples": len(fit),
         "sensitivity_samples": len(sens_in),

@@ -87,6 +87,7 @@ class AndroidSession(Session):
     """
 
     name = "android"
+    cpu_class = "arm64"
     targets = ("executorch",)
 
     def __init__(

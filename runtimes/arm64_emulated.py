@@ -50,6 +50,7 @@ class Arm64EmulatedSession(Session):
     """
 
     name = "arm64-emulated"
+    cpu_class = "arm64"
     targets = ("executorch",)
 
     def __init__(

@@ -23,6 +23,7 @@ with `torch.Generator`; to compare a runtime with PyTorch, feed both the same ar
 """
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 
 from runtimes.tokenizer import CLIPBPETokenizer
-from sdxs_edge import sampler
+from sdxs_edge import cpu, sampler
 from sdxs_edge.bundle import REQUIRED_COMPONENTS, BundleError, load_manifest
 from sdxs_edge.errors import NonFiniteError, SDXSError
 
@@ -128,6 +129,23 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
     return (x.transpose(0, 2, 3, 1) * np.float32(255)).round().astype(np.uint8)
 
 
+_WARNED: set[tuple[str, str]] = set()
+
+
+def warn_unchecked_class(bundle: Path, manifest: dict, cls: str | None) -> None:
+    """One line on stderr, once per bundle and class in a process, when an int8 bundle runs on a CPU class
+    its conversion did not check (int8 kernels differ by instruction set; not an error)."""
+    if cls is None or manifest["precision"] != "int8":
+        return
+    checked = cpu.checked_classes(manifest)
+    key = (str(Path(bundle).resolve()), cls)
+    if cls in checked or key in _WARNED:
+        return
+    _WARNED.add(key)
+    was = f"was checked on {', '.join(checked)}" if checked else "records no CPU class check"
+    print(f"warning: {bundle} {was}; its int8 accuracy on this CPU ({cls}) is unchecked (convert --cpu-classes {cls})", file=sys.stderr)
+
+
 class Session:
     """A bundle loaded on one backend. Subclass and implement `_run` (and `close` if it holds resources).
 
@@ -143,6 +161,9 @@ class Session:
 
     name: ClassVar[str] = ""
     targets: ClassVar[tuple[str, ...]] = ()
+    # The CPU class whose kernels run the bundle (`sdxs_edge.cpu`): "host" for this machine's, a class name
+    # for a runtime that runs as another (emulation, a device), None where no CPU int8 kernel runs it.
+    cpu_class: ClassVar[str | None] = "host"
 
     def __init__(self, bundle: str | Path, *, verify: bool = True):
         self.bundle = Path(bundle)
@@ -172,8 +193,13 @@ class Session:
         if extra and "controlnet" not in self.specs:
             raise BundleError(f"{self.bundle}: its U-Net takes ControlNet residuals ({', '.join(extra)}) but the bundle has no controlnet component; convert it with the controlnet component")
         self.timings: dict[str, float] = {}
+        warn_unchecked_class(self.bundle, self.manifest, self.runs_as())
         # Read now, so load time includes it and the first `generate` measures tokenizing only.
         self.tokenizer = CLIPBPETokenizer.from_dir(self.bundle / self.manifest["tokenizer"]["dir"], max_length=self.max_length)
+
+    def runs_as(self) -> str | None:
+        """The CPU class this session's kernels compute as (None: not a CPU int8 runtime)."""
+        return cpu.host_class() if self.cpu_class == "host" else self.cpu_class
 
     # ---- to implement ------------------------------------------------------------------------------
     def _run(self, component: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -28,6 +28,7 @@ class CoreMLSession(Session):
     """
 
     name = "coreml"
+    cpu_class = None
     targets = ("coreml",)
 
     def __init__(self, bundle: str | Path, *, compute_units: str = "ALL", verify: bool = True):

@@ -30,7 +30,7 @@ import numpy as np
 
 import runtimes
 from runtimes.base import Session, to_uint8
-from sdxs_edge import metrics, sampler, shapes
+from sdxs_edge import cpu, metrics, sampler, shapes
 from sdxs_edge.errors import ParityError, SDXSError
 
 COMPONENTS = ("text_encoder", "controlnet", "unet", "decoder")  # those a bundle has, in this order
@@ -146,6 +146,8 @@ def run_parity(
         raise SDXSError("parity needs at least one seed")
     with runtimes.load(bundle, runtime, **(runtime_options or {})) as rt, runtimes.load(bundle, "torch", reference=reference, verify=False) as ref:
         report = _compare(rt, ref, prompts, seeds, explicit_reference=reference is not None)
+        report["cpu_class"] = rt.runs_as()
+        report["cpu_classes_checked_at_conversion"] = cpu.checked_classes(rt.manifest)
     report["runtime_options"] = {k: v if isinstance(v, (str, int, float, bool, type(None))) else list(v) for k, v in (runtime_options or {}).items()}
     if json_out is not None:
         write_json(report, json_out)
@@ -328,8 +330,10 @@ def format_table(report: dict) -> str:
     Args:
         report: a `run_parity` report.
     """
+    cls, checked = report.get("cpu_class"), report.get("cpu_classes_checked_at_conversion", [])
+    on = f"  CPU class {cls} ({'checked at conversion' if cls in checked else 'not checked at conversion'})" if cls else ""
     lines = [
-        f"parity  {report['runtime']} vs torch ({report['reference']})  bundle {report['bundle']}  [{report['target']} {report['precision']}]  {report['samples']} sample(s)",
+        f"parity  {report['runtime']} vs torch ({report['reference']})  bundle {report['bundle']}  [{report['target']} {report['precision']}]  {report['samples']} sample(s){on}",
         f"{'component':<14}{'SNR dB':>10}{'floor':>8}{'max abs err':>14}{'runtime ms':>12}{'torch ms':>10}  ",
     ]
     for c, r in report["components"].items():

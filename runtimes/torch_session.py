@@ -47,6 +47,7 @@ class TorchSession(Session):
     """
 
     name = "torch"
+    cpu_class = None
     targets = ()
 
     def __init__(self, bundle: str | Path, *, reference=None, controlnet=None, device: str | None = None, verify: bool = True):
