@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test test-slow test-shipped clean teacher arm64-runner host-runner
+.PHONY: install demo test test-slow test-shipped clean teacher arm64-runner host-runner emulators
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +34,8 @@ demo: install
 	$(SDXS) parity out/default-pte-int8 --runtime executorch --prompts out/eval-prompts.txt --json out/default-pte-int8-parity.json
 
 # host-runner: the executorch-native runtime's tests and benchmark path run the C++ runner.
-test: install host-runner
+# emulators: the int8 checks as an AVX2-only x86-64 CPU and as arm64 run under qemu (sdxs_edge/cpu.py).
+test: install host-runner emulators
 	$(PY) -m pytest -q
 
 test-slow: install
@@ -45,6 +46,10 @@ test-slow: install
 # torch, arm64-emulated and executorch-native. CI runs it after `make test` (about 15 minutes on two cores).
 test-shipped: install arm64-runner host-runner
 	$(PY) -m pytest -q -s -m shipped
+
+# qemu user-mode emulators from Debian (qemu-user-static); idempotent.
+emulators:
+	@command -v qemu-x86_64-static >/dev/null || bash -c 'source runtimes/native/compile.sh && apt_install qemu-user-static'
 
 # The aarch64 ExecuTorch runner for the arm64-emulated runtime (Debian cross compiler + qemu, the
 # executorch aarch64 wheel from PyPI); idempotent.

@@ -7,6 +7,9 @@ the SHAPES-64 evaluator: the all-correct rate of the bundle must stay within 3 p
 reference model's (`runtimes.parity.Floors.all_correct_points`). The arm64-emulated runtime (the C++
 runner under qemu-aarch64-static, `make arm64-runner`) runs the ExecuTorch fp32 and int8 bundles, and
 the executorch-native runtime (the same runner built for this machine, `make host-runner`) the int8 one.
+The int8 conversions are checked on every CPU class this machine can run or emulate (`sdxs_edge.cpu`):
+its own, an AVX2-only x86-64 CPU (qemu-x86_64-static -cpu Haswell where the host has VNNI), and arm64 for
+the ExecuTorch bundle (ONNX bundles: no aarch64 onnxruntime runs here).
 """
 from __future__ import annotations
 
@@ -47,11 +50,33 @@ def bundle(tmp_path_factory):
             pytest.skip(f"the {target} runtime package is not installed")
         if (target, precision) not in built:
             out = tmp_path_factory.mktemp("shipped") / f"{target}-{precision}"
-            convert(str(MODEL), target, precision, out, progress=False)
+            convert(str(MODEL), target, precision, out, progress=False, cpu_classes=_classes(target) if precision == "int8" else ("host",))
             built[(target, precision)] = out
         return built[(target, precision)]
 
     return get
+
+
+def _classes(target: str) -> tuple[str, ...]:
+    from sdxs_edge import cpu
+
+    classes = ["host", "x86-64-avx2"] if cpu.host_class().startswith("x86-64") else ["host"]
+    if target == "executorch" and RUNNER.is_file() and shutil.which("qemu-aarch64-static"):
+        classes.append("arm64")
+    return cpu.parse_classes(",".join(classes))
+
+
+@pytest.mark.parametrize("target", ["onnx", "executorch"])
+def test_int8_checked_on_every_class(bundle, target):
+    from sdxs_edge import cpu
+
+    manifest = json.loads((bundle(target, "int8") / "manifest.json").read_text())
+    records = manifest["parity"]["cpu_classes"]
+    assert [r["class"] for r in records] == list(_classes(target))
+    for r in records:
+        worst = min(c["snr_db"] for c in r["components"].values())
+        print(f"{target} int8 as {r['class']} ({r['how']}): lowest component SNR {worst:.1f} dB")
+    assert cpu.host_class() in cpu.checked_classes(manifest)
 
 
 def _check(bundle_dir: Path, runtime: str, n: int) -> dict:
