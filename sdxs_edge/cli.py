@@ -11,6 +11,7 @@ from pathlib import Path
 from sdxs_edge import control as _control
 from sdxs_edge.cli_args import control_scale, lora_scale, positive
 from sdxs_edge.errors import SDXSError
+from sdxs_edge.images import save_image
 
 DEFAULT_MODEL = Path(__file__).parent / "default_model"
 
@@ -34,15 +35,6 @@ def resolve_model(model: str | None) -> str:
     if not (DEFAULT_MODEL / "model_index.json").is_file():
         raise SDXSError(f"the embedded default model is missing at {DEFAULT_MODEL}; pass --model PRESET|PATH")
     return str(DEFAULT_MODEL)
-
-
-def _save_image(img, out: Path) -> None:
-    if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
-        raise SDXSError(f"--out must end in .png, .jpg or .webp, got {out.name!r}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    img.save(tmp, format={".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}[out.suffix.lower()])
-    os.replace(tmp, out)
 
 
 def _warnings_as_lines(fn, *a):
@@ -103,7 +95,7 @@ def cmd_generate(args) -> int:
     gen = pipe.generate(args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance, noise=noise, control_image=control, control_scale=control_scale)
     outs = [Path(args.out)] if len(gen.images) == 1 else [Path(args.out).with_name(f"{Path(args.out).stem}-{i}{Path(args.out).suffix}") for i in range(len(gen.images))]
     for img, out in zip(gen.images, outs):
-        _save_image(img, out)
+        save_image(img, out)
     steps = args.steps or pipe.default_steps
     print(f"model {pipe.name}  ({steps} step{'s' * (steps > 1)}, guidance {args.guidance if args.guidance is not None else pipe.default_guidance}, seed {args.seed})")
     if lora is not None:

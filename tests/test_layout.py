@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 MAX_FUNCTION_LINES = 80
 
@@ -62,3 +64,31 @@ def test_no_core_module_imports_an_upper_layer():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] in upper]
     assert offenders == []
+
+
+def test_one_table_of_parity_floors():
+    """The converters' check and `sdxs-edge parity` read the same floors (`sdxs_edge.floors`)."""
+    from converters.registry import PRECISION_SPECS
+    from runtimes import parity
+    from sdxs_edge.floors import FLOORS
+
+    assert parity.FLOORS is FLOORS
+    for (_, precision), spec in PRECISION_SPECS.items():
+        floors = FLOORS[precision]
+        assert spec.tolerance.snr_db == floors.component_snr_db
+        assert spec.tolerance.image_psnr_db == (floors.image_psnr_db if floors.image_at_conversion else None)
+
+
+def test_one_image_writer(tmp_path):
+    from PIL import Image
+
+    from sdxs_edge.errors import SDXSError
+    from sdxs_edge.images import save_image
+
+    img = Image.new("RGB", (8, 8), (255, 0, 0))
+    for name, fmt in (("a.png", "PNG"), ("sub/b.jpg", "JPEG"), ("c.webp", "WEBP")):
+        out = save_image(img, tmp_path / name)
+        assert Image.open(out).format == fmt
+    with pytest.raises(SDXSError, match=r"\.png, \.jpg or \.webp"):
+        save_image(img, tmp_path / "d.gif")
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["a.png", "b.jpg", "c.webp"]
