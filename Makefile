@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test test-slow test-shipped clean teacher arm64-runner host-runner
+.PHONY: install demo lint test test-slow test-shipped clean teacher arm64-runner host-runner
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,8 +33,13 @@ demo: install
 	$(PY) -c "from sdxs_edge import shapes; print('\n'.join(s.caption for s in shapes.eval_scenes(128, 0)))" > out/eval-prompts.txt
 	$(SDXS) parity out/default-pte-int8 --runtime executorch --prompts out/eval-prompts.txt --json out/default-pte-int8-parity.json
 
+# ruff lint and format check (rules in pyproject.toml [tool.ruff]); `make test` runs it first.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
 # host-runner: the executorch-native runtime's tests and benchmark path run the C++ runner.
-test: install host-runner
+test: install lint host-runner
 	$(PY) -m pytest -q
 
 test-slow: install

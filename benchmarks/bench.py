@@ -28,7 +28,6 @@ from typing import Callable, Sequence
 
 from benchmarks import report as R
 from benchmarks.jobs import BenchError, ConversionJob, Job, dir_mb, write_atomic
-from sdxs_edge.errors import SDXSError
 
 ROOT = Path(__file__).resolve().parents[1]
 # Runtimes measured here and the bundle target each runs (torch runs the model itself).

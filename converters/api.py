@@ -15,8 +15,8 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from converters import stages as S
 from converters.request import ConversionRequest, check_request
@@ -24,7 +24,16 @@ from converters.stages import CONTROL_IMAGES, TOKENIZER_DIR, backend, weights_sh
 from sdxs_edge.bundle import atomic_dir
 from sdxs_edge.errors import SDXSError
 
-__all__ = ["convert", "run", "check_request", "ConversionRequest", "backend", "weights_sha256", "CONTROL_IMAGES", "TOKENIZER_DIR"]
+__all__ = [
+    "convert",
+    "run",
+    "check_request",
+    "ConversionRequest",
+    "backend",
+    "weights_sha256",
+    "CONTROL_IMAGES",
+    "TOKENIZER_DIR",
+]
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
@@ -34,7 +43,9 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise SDXSError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
     if not out.is_dir() or not ((out / "manifest.json").is_file() or not any(out.iterdir())):
         # --overwrite replaces bundles only: never delete an unrelated file or folder by mistake.
-        raise SDXSError(f"{out} exists and is not a bundle (no manifest.json); refusing to replace it, choose another --out")
+        raise SDXSError(
+            f"{out} exists and is not a bundle (no manifest.json); refusing to replace it, choose another --out"
+        )
 
 
 def convert(
@@ -125,7 +136,13 @@ class _Stages:
         from tqdm.auto import tqdm
 
         names = ["load", "capture", *req.components, "parity", "write"]
-        self.bar = tqdm(total=len(names), desc=f"convert {req.target}/{req.precision}", unit="stage", disable=not req.progress, leave=True)
+        self.bar = tqdm(
+            total=len(names),
+            desc=f"convert {req.target}/{req.precision}",
+            unit="stage",
+            disable=not req.progress,
+            leave=True,
+        )
         self.seconds: dict[str, float] = {}
 
     def start(self, name: str) -> None:

@@ -17,9 +17,9 @@ from pathlib import Path
 
 from converters.calibration import DEFAULT_CAPTIONS
 from converters.registry import DELEGATES, ONNX_CALIBRATIONS, PALETTE_BITS, PRECISION_SPECS, UnsupportedConversion
+from sdxs_edge import cli_args
 from sdxs_edge.attention import ATTENTION_VARIANTS
 from sdxs_edge.bundle import COMPONENT_NAMES, PRECISIONS, REQUIRED_COMPONENTS, TARGETS
-from sdxs_edge import cli_args
 
 
 def _components(values: list[str] | None) -> list[str] | None:

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from converters.registry import DELEGATES, ONNX_CALIBRATIONS, PALETTE_BITS, PrecisionSpec, UnsupportedConversion, precision_spec
+from converters.registry import (
+    DELEGATES,
+    ONNX_CALIBRATIONS,
+    PALETTE_BITS,
+    PrecisionSpec,
+    UnsupportedConversion,
+    precision_spec,
+)
 from sdxs_edge.bundle import COMPONENT_NAMES, REQUIRED_COMPONENTS, TARGETS
 
 
@@ -23,7 +31,9 @@ def _finite(name: str, value) -> None:
 
 def _component_list(components, controlnet) -> list[str]:
     if components is None:
-        return [c for c in COMPONENT_NAMES if c in REQUIRED_COMPONENTS or (c == "controlnet" and controlnet is not None)]
+        return [
+            c for c in COMPONENT_NAMES if c in REQUIRED_COMPONENTS or (c == "controlnet" and controlnet is not None)
+        ]
     comps = [components] if isinstance(components, str) else list(components)
     if not comps:
         raise UnsupportedConversion(f"no components given; choose from {', '.join(COMPONENT_NAMES)}")
@@ -35,7 +45,9 @@ def _component_list(components, controlnet) -> list[str]:
     return comps
 
 
-def _check_options(target: str, precision: str, dynamic: bool, palettize, delegate: str, batch: int, resolution) -> None:
+def _check_options(
+    target: str, precision: str, dynamic: bool, palettize, delegate: str, batch: int, resolution
+) -> None:
     if dynamic and (target, precision) != ("onnx", "int8"):
         raise UnsupportedConversion(f"dynamic quantization is an ONNX int8 option, not {target}/{precision}")
     if palettize is not None and ((target, precision) != ("coreml", "int8") or palettize not in PALETTE_BITS):

@@ -122,7 +122,9 @@ def prepare(req: ConversionRequest, pipe, src: Sources) -> Prepared:
     from sdxs_edge.presets import PRESETS
 
     source_sha256 = weights_sha256(pipe)  # of the model as given, before any LoRA
-    changed = ({"unet"} if src.lora_weights is not None else set()) | ({"unet", "vae"} if req.attention != "standard" else set())
+    changed = ({"unet"} if src.lora_weights is not None else set()) | (
+        {"unet", "vae"} if req.attention != "standard" else set()
+    )
     pipe = _with_copies(pipe, changed if pipe is req.model else set())  # a loaded model is already ours
     fused: list[str] = []
     if src.lora_weights is not None:
@@ -150,7 +152,9 @@ def _resolution(req: ConversionRequest, pipe) -> int:
     res = req.resolution or pipe.resolution
     stages = len(pipe.c.unet.config.block_out_channels)
     if res % (8 * 2 ** (stages - 1)):
-        raise SDXSError(f"resolution {res} must be a multiple of {8 * 2 ** (stages - 1)} for this U-Net ({stages} stages)")
+        raise SDXSError(
+            f"resolution {res} must be a multiple of {8 * 2 ** (stages - 1)} for this U-Net ({stages} stages)"
+        )
     return res
 
 
@@ -199,8 +203,14 @@ class Captures:
 def capture(req: ConversionRequest, prep: Prepared, modules: dict, prompts: list[str]) -> Captures:
     """Run the PyTorch one-step pipeline on the calibration prompts and on the fixed parity prompts."""
     res, batch = prep.resolution, req.batch
-    calib = calibration.capture(prep.pipe, modules, prompts, seed0=0, batch=batch, resolution=res) if req.calibrate else None
-    check = calibration.capture(prep.pipe, modules, calibration.PARITY_PROMPTS, seed0=calibration.PARITY_SEED0, batch=batch, resolution=res)
+    calib = (
+        calibration.capture(prep.pipe, modules, prompts, seed0=0, batch=batch, resolution=res)
+        if req.calibrate
+        else None
+    )
+    check = calibration.capture(
+        prep.pipe, modules, calibration.PARITY_PROMPTS, seed0=calibration.PARITY_SEED0, batch=batch, resolution=res
+    )
     return Captures(calib, check)
 
 
@@ -216,7 +226,9 @@ def _one_step_x0(c):
     return score
 
 
-def component_job(req, prep: Prepared, name: str, modules: dict, specs: dict, caps: Captures, config, work: Path, tmp: Path) -> ComponentJob:
+def component_job(
+    req, prep: Prepared, name: str, modules: dict, specs: dict, caps: Captures, config, work: Path, tmp: Path
+) -> ComponentJob:
     """What the backend needs to lower one component (fp32/fp16 get the parity tensors as examples)."""
     import torch
 
@@ -261,7 +273,9 @@ def check_end_to_end(req: ConversionRequest, prep: Prepared, results: dict, modu
     runnable = all(r.runner is not None for r in results.values())
     needed = set(modules)  # the three, and the ControlNet when there is one
     if set(req.components) == needed and runnable:
-        figures = parity.end_to_end({n: r.runner for n, r in results.items()}, caps.check, prep.pipe.one_step_constants())
+        figures = parity.end_to_end(
+            {n: r.runner for n, r in results.items()}, caps.check, prep.pipe.one_step_constants()
+        )
         return parity.check_end_to_end(figures, req.spec.tolerance, prep.trained, f"{req.target}/{req.precision}")
     if set(req.components) != needed:
         why = f"not all {'three' if len(needed) == 3 else 'four (with the ControlNet)'} components are in the bundle"
@@ -286,7 +300,9 @@ class Lowered:
 def _versions(target: str) -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
-    names = {"onnx": ("onnx", "onnxruntime"), "executorch": ("executorch", "torchao"), "coreml": ("coremltools",)}[target]
+    names = {"onnx": ("onnx", "onnxruntime"), "executorch": ("executorch", "torchao"), "coreml": ("coremltools",)}[
+        target
+    ]
     out = {}
     for n in ("torch", "diffusers", "transformers") + names:
         try:
@@ -320,8 +336,8 @@ def _controlnet_record(req: ConversionRequest, prep: Prepared, src: Sources) -> 
 
 
 def _source_record(req: ConversionRequest, prep: Prepared, src: Sources) -> dict:
-    from sdxs_edge.presets import PRESETS
     from sdxs_edge.pipeline import SDXSPipeline
+    from sdxs_edge.presets import PRESETS
 
     pipe = prep.pipe
     return {
@@ -341,14 +357,21 @@ def _component_entries(low: Lowered, bundle: Path) -> dict:
     entries = {}
     for name, r in low.results.items():
         ins, outs = low.specs[name]
-        entry = {"file": r.file, "sha256": sha256_path(bundle / r.file), "inputs": [s.to_dict() for s in ins], "outputs": [s.to_dict() for s in outs]}
+        entry = {
+            "file": r.file,
+            "sha256": sha256_path(bundle / r.file),
+            "inputs": [s.to_dict() for s in ins],
+            "outputs": [s.to_dict() for s in outs],
+        }
         if r.extra_files:
             entry["external_data"] = [{"file": f, "sha256": sha256_path(bundle / f)} for f in r.extra_files]
         entries[name] = entry
     return entries
 
 
-def build_manifest(req: ConversionRequest, prep: Prepared, src: Sources, low: Lowered, bundle: Path, timings: dict, t_start: float) -> dict:
+def build_manifest(
+    req: ConversionRequest, prep: Prepared, src: Sources, low: Lowered, bundle: Path, timings: dict, t_start: float
+) -> dict:
     """The bundle's manifest.json, from the request and the stage results (`sdxs_edge.bundle` validates it)."""
     spec, tok = req.spec, prep.pipe.c.tokenizer
     return {
@@ -374,9 +397,15 @@ def build_manifest(req: ConversionRequest, prep: Prepared, src: Sources, low: Lo
         },
         "conversion": {
             "config": low.config.to_dict(),
-            "registry": {"summary": spec.summary, "floor_snr_db": spec.tolerance.snr_db, "floor_image_psnr_db": spec.tolerance.image_psnr_db},
+            "registry": {
+                "summary": spec.summary,
+                "floor_snr_db": spec.tolerance.snr_db,
+                "floor_image_psnr_db": spec.tolerance.image_psnr_db,
+            },
             "versions": _versions(req.target),
-            "components": {n: {**r.report, "tracer": component_export(n, req.target).tracer} for n, r in low.results.items()},
+            "components": {
+                n: {**r.report, "tracer": component_export(n, req.target).tracer} for n, r in low.results.items()
+            },
             "seconds": round(time.perf_counter() - t_start, 3),
             "stage_seconds": timings,
             "peak_rss_mb": _peak_rss_mb(),

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -173,7 +173,7 @@ def _compare(rt: Session, ref: Session, prompts: list[str], seeds: list[int], ex
             }
             if control is not None:
                 got_res = rt.control_residuals(rt.cast_input("controlnet", 0, x_in), rt.cast_input("controlnet", 1, want.context), rt.prepare_control(control))
-                flat = lambda rs: np.concatenate([np.asarray(r, np.float32)[:n].reshape(n, -1) for r in rs], axis=1)
+                flat = lambda rs, n=n: np.concatenate([np.asarray(r, np.float32)[:n].reshape(n, -1) for r in rs], axis=1)
                 outs["controlnet"] = (flat(want.residuals), flat(got_res))
                 controls.append(control[:n])
             for c, (a, b) in outs.items():

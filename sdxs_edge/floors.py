@@ -7,9 +7,9 @@ component and, where `image_at_conversion`, end to end) and `sdxs-edge parity` o
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Mapping
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,14 @@ def test_the_length_check_sees_a_long_function(tmp_path, monkeypatch):
     assert long_functions(("pkg",)) == ["pkg/m.py:5 long (81 lines)"]
 
 
-CLI_MODULES = ("sdxs_edge.cli", "sdxs_edge.cli_args", "converters.cli", "runtimes.cli", "benchmarks.cli", "training.cli")
+CLI_MODULES = (
+    "sdxs_edge.cli",
+    "sdxs_edge.cli_args",
+    "converters.cli",
+    "runtimes.cli",
+    "benchmarks.cli",
+    "training.cli",
+)
 
 
 def test_layers_import_no_cli_module():
@@ -61,7 +68,13 @@ def test_no_core_module_imports_an_upper_layer():
         if path.name == "cli.py":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] in upper]
     assert offenders == []
 

@@ -9,17 +9,18 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from training.decoder import DecoderConfig, decoder_report, distill_decoder
+from training.loop import StageClock
 from training.onestep import SSDConfig, WarmupConfig, ode_pair_chunks, score_distill, warmup
 from training.teacher import TeacherConfig, build_latent_cache, smoke_config, train_teacher
 from training.unet_kd import UNetKDConfig, build_student, distill_unet
-from training.loop import StageClock
 
 STAGES = ("teacher", "decoder", "unet-kd", "onestep", "all")
 REPO = Path(__file__).resolve().parent.parent
