@@ -93,14 +93,14 @@ PRECISION_SPECS: Mapping[tuple[str, str], PrecisionSpec] = MappingProxyType(
                 "ExecuTorch .pte, PT2E static int8 with the XNNPACK quantizer (per-channel weights), sensitive nodes kept in fp32",
                 sensitivity_target_db=28.0,
             ),
-            PrecisionSpec("coreml", "fp32", FP32, False, "Core ML ML Program (iOS17), float32 compute; structural check on Linux"),
-            PrecisionSpec("coreml", "fp16", FP16, False, "Core ML ML Program (iOS17), float16 compute; structural check on Linux"),
+            PrecisionSpec("coreml", "fp32", FP32, False, "Core ML ML Program (iOS17), float32 compute; structural check only (no Core ML prediction is run)"),
+            PrecisionSpec("coreml", "fp16", FP16, False, "Core ML ML Program (iOS17), float16 compute; structural check only (no Core ML prediction is run)"),
             PrecisionSpec(
                 "coreml",
                 "int8",
                 INT8,
                 False,
-                "Core ML ML Program (iOS17), int8 linear weight quantization (palettize=6|4 for k-means palettes); structural check on Linux",
+                "Core ML ML Program (iOS17), int8 linear weight quantization (palettize=6|4 for k-means palettes); structural check only (no Core ML prediction is run)",
             ),
         )
     }

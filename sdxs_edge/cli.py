@@ -313,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="run folder (resumes from its last checkpoint)")
     t.add_argument("--steps", type=positive(int, "--steps"), help="override the main stage's step count")
     t.add_argument("--smoke", action="store_true", help="tiny settings that run in seconds (tests)")
-    t.add_argument("--recipe", choices=["cpu", "gpu"], default="cpu", help="chain budgets: cpu (about 2 h on 2 cores) or gpu (one CUDA GPU, about 10 min, wall-clock capped per stage)")
+    t.add_argument("--recipe", choices=["cpu", "gpu"], default="cpu", help="chain budgets: cpu (sized for 2 cores) or gpu (one CUDA GPU, wall-clock capped per stage); stage times: docs/training.md")
     t.add_argument("--threads", type=positive(int, "--threads"), help="lora: CPU threads (default 2; use 1 when other jobs share the cores)")
     t.add_argument("--style", choices=["filled", "mixed"], help="evaluator only: train on filled renders (default) or on filled + outline renders with a style head (the style evaluator)")
     t.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")

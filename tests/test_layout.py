@@ -105,3 +105,26 @@ def test_one_image_writer(tmp_path):
     with pytest.raises(SDXSError, match=r"\.png, \.jpg or \.webp"):
         save_image(img, tmp_path / "d.gif")
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["a.png", "b.jpg", "c.webp"]
+
+
+def test_generated_figures_match_their_result_files():
+    """README.md and docs/ quote benchmark figures through generated blocks (`benchmarks.doc_tables`)."""
+    from benchmarks import doc_tables
+
+    assert doc_tables.stale() == []
+    readme = (ROOT / "README.md").read_text()
+    assert "<!-- generated:headline -->" in readme
+    changed = readme.replace("**0.328 s per image**", "**0.3 s per image**")
+    assert doc_tables.render(changed) != changed  # a hand-edited figure is caught
+
+
+def test_readme_is_a_front_door_and_links_stay_in_the_repository():
+    import re
+
+    assert len((ROOT / "README.md").read_bytes()) < 12_000
+    for doc in (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))):
+        for target in re.findall(r"\]\(([^)]+)\)", doc.read_text()):
+            if target.startswith(("http://", "https://", "#")):
+                continue
+            path = (doc.parent / target.split("#")[0]).resolve()
+            assert path.is_relative_to(ROOT) and path.exists(), f"{doc.name} links to {target}"
