@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test test-slow test-shipped clean teacher arm64-runner host-runner emulators
+.PHONY: install demo lint test test-slow test-shipped clean teacher arm64-runner host-runner emulators
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,9 +33,14 @@ demo: install
 	$(PY) -c "from sdxs_edge import shapes; print('\n'.join(s.caption for s in shapes.eval_scenes(128, 0)))" > out/eval-prompts.txt
 	$(SDXS) parity out/default-pte-int8 --runtime executorch --prompts out/eval-prompts.txt --json out/default-pte-int8-parity.json
 
+# ruff lint and format check (rules in pyproject.toml [tool.ruff]); `make test` runs it first.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
 # host-runner: the executorch-native runtime's tests and benchmark path run the C++ runner.
 # emulators: the int8 checks as an AVX2-only x86-64 CPU and as arm64 run under qemu (sdxs_edge/cpu.py).
-test: install host-runner emulators
+test: install lint host-runner emulators
 	$(PY) -m pytest -q
 
 test-slow: install

@@ -15,7 +15,6 @@ same components when the `bench` extra is installed (a row says so when it is no
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os
@@ -29,7 +28,6 @@ from typing import Callable, Sequence
 
 from benchmarks import report as R
 from benchmarks.jobs import BenchError, ConversionJob, Job, dir_mb, write_atomic
-from sdxs_edge.errors import SDXSError
 
 ROOT = Path(__file__).resolve().parents[1]
 # Runtimes measured here and the bundle target each runs (torch runs the model itself).
@@ -142,32 +140,30 @@ def _split(v: str | Sequence[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(s.strip() for s in items if s.strip()))
 
 
-def resolve_config(
-    model: str,
-    runtimes: str | Sequence[str],
-    precisions: str | Sequence[str],
-    resolution: int | None,
-    runs: int,
-    warmup: int,
-    threads: int | None,
-    out_dir: str | os.PathLike | None,
-    baselines: bool,
-    openvino: bool,
-    teacher: str,
-    teacher_steps: int,
-    work_dir: str | os.PathLike | None,
-    reuse_bundles: bool,
-    seed: int,
-    attention: str = "standard",
-    rounds: int = 1,
-) -> BenchConfig:
-    """Check a request before any work starts; every problem is one BenchError naming the fix."""
-    from sdxs_edge.attention import ATTENTION_VARIANTS
+@dataclass(frozen=True)
+class BenchRequest:
+    """A benchmark request as given (`run_bench`'s arguments); `resolve_config` checks it."""
 
-    if attention not in ATTENTION_VARIANTS:
-        raise BenchError(f"attention must be one of {', '.join(ATTENTION_VARIANTS)}; got {attention!r}")
-    src, name = _resolve_model(model)
-    rts, precs = _split(runtimes), _split(precisions)
+    model: str
+    runtimes: str | Sequence[str] = DEFAULT_RUNTIMES
+    precisions: str | Sequence[str] = PRECISIONS
+    resolution: int | None = None
+    runs: int = 5
+    warmup: int = 1
+    threads: int | None = None
+    out_dir: str | os.PathLike | None = None
+    baselines: bool = True
+    openvino: bool = True
+    teacher: str = "sd21-base"
+    teacher_steps: int = 25
+    work_dir: str | os.PathLike | None = None
+    reuse_bundles: bool = False
+    seed: int = 0
+    attention: str = "standard"
+    rounds: int = 1
+
+
+def _check_runtimes(rts: tuple[str, ...], precs: tuple[str, ...]) -> None:
     if not rts:
         raise BenchError(f"no runtimes given; choose from {', '.join(RUNTIME_TARGETS)}")
     for rt in rts:
@@ -183,35 +179,78 @@ def resolve_config(
     bad = [p for p in precs if p not in PRECISIONS]
     if bad:
         raise BenchError(f"unknown precision {bad[0]!r}; choose from {', '.join(PRECISIONS)}")
-    if runs < 1:
-        raise BenchError(f"runs must be >= 1, got {runs}")
-    if warmup < 0:
-        raise BenchError(f"warmup must be >= 0, got {warmup}")
-    if rounds < 1:
-        raise BenchError(f"rounds must be >= 1, got {rounds}")
-    threads = threads if threads is not None else (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def _check_counts(req: BenchRequest) -> int:
+    """Checks the repetition counts; returns the thread count (default: the usable cores)."""
+    if req.runs < 1:
+        raise BenchError(f"runs must be >= 1, got {req.runs}")
+    if req.warmup < 0:
+        raise BenchError(f"warmup must be >= 0, got {req.warmup}")
+    if req.rounds < 1:
+        raise BenchError(f"rounds must be >= 1, got {req.rounds}")
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = req.threads if req.threads is not None else usable
     if threads < 1:
         raise BenchError(f"threads must be >= 1, got {threads}")
-    if teacher_steps < 1:
-        raise BenchError(f"teacher_steps must be >= 1, got {teacher_steps}")
+    if req.teacher_steps < 1:
+        raise BenchError(f"teacher_steps must be >= 1, got {req.teacher_steps}")
+    return threads
+
+
+def _resolution(req: BenchRequest, src: str) -> int:
+    resolution = req.resolution
     if resolution is None:
         unet = _unet_config(src)
         if unet is None:
-            raise BenchError(f"{model} is a hub id: pass --resolution (the model's own is read only from a preset or local folder)")
+            raise BenchError(f"{req.model} is a hub id: pass --resolution (the model's own is read only from a preset or local folder)")
         resolution = int(unet["sample_size"]) * 8
     _check_resolution(src, resolution)
-    teacher_src = teacher
-    if baselines:
-        teacher_src, _ = _resolve_model(teacher)
+    return resolution
+
+
+def resolve_config(req: BenchRequest) -> BenchConfig:
+    """Check a request before any work starts; every problem is one BenchError naming the fix."""
+    from sdxs_edge.attention import ATTENTION_VARIANTS
+
+    if req.attention not in ATTENTION_VARIANTS:
+        raise BenchError(f"attention must be one of {', '.join(ATTENTION_VARIANTS)}; got {req.attention!r}")
+    src, name = _resolve_model(req.model)
+    rts, precs = _split(req.runtimes), _split(req.precisions)
+    _check_runtimes(rts, precs)
+    threads = _check_counts(req)
+    resolution = _resolution(req, src)
+    teacher_src = req.teacher
+    if req.baselines:
+        teacher_src, _ = _resolve_model(req.teacher)
         _check_resolution(teacher_src, resolution)
     if importlib.util.find_spec("matplotlib") is None:
         raise BenchError(f"the chart needs matplotlib ({BENCH_EXTRA})")
     if not hasattr(os, "wait4"):
         raise BenchError("the per-process peak memory figure needs os.wait4 (Linux or macOS)")
     slug = f"{name}-{resolution}"
-    out = Path(out_dir) if out_dir is not None else ROOT / "benchmarks" / "results" / slug
-    work = Path(work_dir) if work_dir is not None else ROOT / "out" / "bench" / slug
-    return BenchConfig(src, name, rts, precs, int(resolution), int(runs), int(warmup), int(threads), str(out.resolve()), str(work.resolve()), bool(baselines), bool(openvino), teacher_src, int(teacher_steps), bool(reuse_bundles), int(seed), attention, int(rounds))
+    out = Path(req.out_dir) if req.out_dir is not None else ROOT / "benchmarks" / "results" / slug
+    work = Path(req.work_dir) if req.work_dir is not None else ROOT / "out" / "bench" / slug
+    return BenchConfig(
+        model=src,
+        model_name=name,
+        runtimes=rts,
+        precisions=precs,
+        resolution=int(resolution),
+        runs=int(req.runs),
+        warmup=int(req.warmup),
+        threads=int(threads),
+        out_dir=str(out.resolve()),
+        work_dir=str(work.resolve()),
+        baselines=bool(req.baselines),
+        openvino=bool(req.openvino),
+        teacher=teacher_src,
+        teacher_steps=int(req.teacher_steps),
+        reuse_bundles=bool(req.reuse_bundles),
+        seed=int(req.seed),
+        attention=req.attention,
+        rounds=int(req.rounds),
+    )
 
 
 # ---- workers -------------------------------------------------------------------------------------------
@@ -536,27 +575,44 @@ def run_bench(
     Returns:
         the report (as written to results.json).
     """
-    cfg = resolve_config(model, runtimes, precisions, resolution, runs, warmup, threads, out_dir, baselines, openvino, teacher, teacher_steps, work_dir, reuse_bundles, seed, attention, rounds)
+    req = BenchRequest(
+        model, runtimes, precisions, resolution, runs, warmup, threads, out_dir, baselines, openvino,
+        teacher, teacher_steps, work_dir, reuse_bundles, seed, attention, rounds,
+    )  # fmt: skip
+    cfg = resolve_config(req)
     say = (lambda s: print(f"[bench] {s}", flush=True)) if progress else (lambda s: None)
     work = Path(cfg.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     started = time.time()
     machine = R.machine_info()
     ov = openvino_state(cfg.openvino)
-
     if "executorch-native" in cfg.runtimes:
         build_host_runner(say)
     conv = run_conversions(cfg, plan_conversions(cfg, ov["precisions"]), say)
+    torch_seen: dict = {}  # the first torch eager worker's result (it says whether CUDA is there)
+    paths = measure_paths(cfg, plan_paths(cfg, conv, ov, torch_seen), say)
+    gpu, gpu_status = measure_gpu(cfg, torch_seen.get("result"), say)
+    teacher_block = measure_teacher(cfg, say) if cfg.baselines else None
+    rep = build_report(cfg, machine, started, conv, paths, ov, teacher_block, gpu, gpu_status)
+    write_atomic(rep["files"]["chart"], R.chart_png(rep))
+    write_atomic(rep["files"]["markdown"], R.markdown(rep))
+    write_atomic(rep["files"]["json"], json.dumps(rep, indent=2) + "\n")
+    say(f"wrote {rep['files']['json']}, {Path(rep['files']['markdown']).name} and {Path(rep['files']['chart']).name}")
+    return rep
 
-    # Every measured path as one task; with --rounds the task list runs that many times, round-robin.
-    plan: list[tuple[str, Callable[[], dict] | None, dict | None]] = []  # (name, task, fixed row)
-    torch_raw: dict | None = None
+
+# A measured path: (name, task that measures it once, or None with the fixed row to report instead).
+PlannedPath = tuple[str, "Callable[[], dict] | None", "dict | None"]
+
+
+def plan_paths(cfg: BenchConfig, conv: dict, ov: dict, torch_seen: dict) -> list[PlannedPath]:
+    """Every path of the run as one task (or a fixed row where there is nothing to measure), in report order."""
+    plan: list[PlannedPath] = []
 
     def torch_task(role: str) -> Callable[[], dict]:
         def run() -> dict:
-            nonlocal torch_raw
-            w = spawn(_job(cfg, "torch", "torch-eager-fp32"), "torch-eager-fp32", work)
-            torch_raw = torch_raw or w.result
+            w = spawn(_job(cfg, "torch", "torch-eager-fp32"), "torch-eager-fp32", Path(cfg.work_dir))
+            torch_seen["result"] = torch_seen.get("result") or w.result
             return _path_row(TORCH_EAGER, "torch", "fp32", role, w)
 
         return run
@@ -564,60 +620,77 @@ def run_bench(
     for rt in cfg.runtimes:
         target = RUNTIME_TARGETS[rt]
         for p in cfg.precisions:
-            if rt == "torch":
-                if p != "fp32":
-                    plan.append((f"torch {p}", None, _path_row(f"torch {p}", rt, p, "measured", status="not applicable", reason="the torch runtime runs the source model in float32 on CPU (fp16 eager is measured on CUDA only)")))
-                    continue
+            if rt == "torch" and p != "fp32":
+                why = "the torch runtime runs the source model in float32 on CPU (fp16 eager is measured on CUDA only)"
+                plan.append((f"torch {p}", None, _path_row(f"torch {p}", rt, p, "measured", status="not applicable", reason=why)))
+            elif rt == "torch":
                 plan.append((TORCH_EAGER, torch_task("measured"), None))
             else:
                 name = f"{rt} {p}"
                 plan.append((name, lambda rt=rt, p=p, name=name, target=target: measure_session(cfg, rt, p, conv.get((target, p)), name, "measured"), None))
     if cfg.baselines and not any(name == TORCH_EAGER for name, _, _ in plan):
         plan.append((TORCH_EAGER, torch_task("baseline"), None))
+    return plan + _openvino_paths(cfg, conv, ov)
+
+
+def _openvino_paths(cfg: BenchConfig, conv: dict, ov: dict) -> list[PlannedPath]:
     if ov["status"] in ("skipped", "not installed"):
-        plan.append(("openvino", None, _path_row("openvino", "openvino", "-", "baseline", status=ov["status"], reason=ov["reason"])))
-    else:
-        for p in OPENVINO_PRECISIONS:
-            if p not in ov["precisions"]:
-                plan.append((f"openvino {p}", None, _path_row(f"openvino {p}", "openvino", p, "baseline", status="not installed", reason=ov["reason"])))
-                continue
-            plan.append((f"openvino {p}", lambda p=p: measure_session(cfg, "openvino", p, conv.get(("onnx", "fp32")), f"openvino {p}", "baseline", ir_conv=conv.get(("openvino", p))), None))
+        return [("openvino", None, _path_row("openvino", "openvino", "-", "baseline", status=ov["status"], reason=ov["reason"]))]
+    plan: list[PlannedPath] = []
+    for p in OPENVINO_PRECISIONS:
+        name = f"openvino {p}"
+        if p not in ov["precisions"]:
+            plan.append((name, None, _path_row(name, "openvino", p, "baseline", status="not installed", reason=ov["reason"])))
+        else:
+            task = lambda p=p, name=name: measure_session(cfg, "openvino", p, conv.get(("onnx", "fp32")), name, "baseline", ir_conv=conv.get(("openvino", p)))  # noqa: E731
+            plan.append((name, task, None))
+    return plan
+
+
+def measure_paths(cfg: BenchConfig, plan: list[PlannedPath], say: Callable[[str], None]) -> list[dict]:
+    """Run every task `cfg.rounds` times, round-robin, and pool each path's rounds into one row."""
     measured: dict[str, list[dict]] = {name: [] for name, task, _ in plan if task}
     for r in range(cfg.rounds):
         for name, task, _ in plan:
             if task:
                 say(f"measuring {name}" + (f" (round {r + 1} of {cfg.rounds})" if cfg.rounds > 1 else "") + " ...")
                 measured[name].append(task())
-    paths = [fixed if task is None else merge_rounds(measured[name]) for name, task, fixed in plan]
-    gpu, gpu_status = None, "torch runtime not measured"
-    if torch_raw is not None and torch_raw.get("status") == "ok":
-        gpu_status = "no CUDA device: GPU figures not measured"  # as the torch worker saw it
-        if torch_raw.get("cuda_available"):
-            say("measuring torch on CUDA (fp16 eager, torch.compile reduce-overhead, batch search) ...")
-            w = spawn(_job(cfg, "gpu", "torch-cuda"), "torch-cuda", work)
-            if w.crash or w.result.get("status") != "ok":
-                gpu_status = f"error: {w.crash or w.result.get('error')}"
-            else:
-                gpu = {k: v for k, v in w.result.items() if k not in ("status", "peak_rss_mb")}
-                gpu_status = "measured"
+    return [fixed if task is None else merge_rounds(measured[name]) for name, task, fixed in plan]
 
-    teacher_block = None
-    if cfg.baselines:
-        say(f"measuring teacher baseline {cfg.teacher} per component ...")
-        stem = "teacher-" + Path(cfg.teacher).name
-        w = spawn(_job(cfg, "teacher", stem, model=cfg.teacher, teacher_steps=cfg.teacher_steps), stem, work)
-        teacher_block = {"model": Path(cfg.teacher).name, "source": cfg.teacher, **_path_row(stem, "torch", "fp32", "baseline", w)}
-        for k in ("name", "runtime", "precision", "role"):
-            teacher_block.pop(k)
-        if teacher_block["status"] == "ok":
-            teacher_block["guidance"] = teacher_block.pop("default_guidance")
-            teacher_block["projection"] = R.teacher_projection(teacher_block, cfg.teacher_steps)
-            teacher_block["method"] = R.TEACHER_METHOD
 
+def measure_gpu(cfg: BenchConfig, torch_raw: dict | None, say: Callable[[str], None]) -> tuple[dict | None, str]:
+    """Torch on CUDA when the torch worker saw a CUDA device; (figures, status line)."""
+    if torch_raw is None or torch_raw.get("status") != "ok":
+        return None, "torch runtime not measured"
+    if not torch_raw.get("cuda_available"):
+        return None, "no CUDA device: GPU figures not measured"  # as the torch worker saw it
+    say("measuring torch on CUDA (fp16 eager, torch.compile reduce-overhead, batch search) ...")
+    w = spawn(_job(cfg, "gpu", "torch-cuda"), "torch-cuda", Path(cfg.work_dir))
+    if w.crash or w.result.get("status") != "ok":
+        return None, f"error: {w.crash or w.result.get('error')}"
+    return {k: v for k, v in w.result.items() if k not in ("status", "peak_rss_mb")}, "measured"
+
+
+def measure_teacher(cfg: BenchConfig, say: Callable[[str], None]) -> dict:
+    """The multi-step teacher baseline per component, with its guided-total projection."""
+    say(f"measuring teacher baseline {cfg.teacher} per component ...")
+    stem = "teacher-" + Path(cfg.teacher).name
+    w = spawn(_job(cfg, "teacher", stem, model=cfg.teacher, teacher_steps=cfg.teacher_steps), stem, Path(cfg.work_dir))
+    block = {"model": Path(cfg.teacher).name, "source": cfg.teacher, **_path_row(stem, "torch", "fp32", "baseline", w)}
+    for k in ("name", "runtime", "precision", "role"):
+        block.pop(k)
+    if block["status"] == "ok":
+        block["guidance"] = block.pop("default_guidance")
+        block["projection"] = R.teacher_projection(block, cfg.teacher_steps)
+        block["method"] = R.TEACHER_METHOD
+    return block
+
+
+def build_report(cfg: BenchConfig, machine: dict, started: float, conv: dict, paths: list[dict], ov: dict, teacher_block, gpu, gpu_status: str) -> dict:
+    """results.json's content, from the config and every measurement."""
     torch_row = next((r for r in paths if r["name"] == TORCH_EAGER), None)
     machine["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
     out = Path(cfg.out_dir)
-    files = {"json": str(out / "results.json"), "markdown": str(out / "results.md"), "chart": str(out / "chart.png")}
     rep = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -638,29 +711,21 @@ def run_bench(
         "gpu_status": gpu_status,
         "ratios": R.compute_ratios(paths, teacher_block, TORCH_EAGER),
         "where_the_time_goes": R.where_the_time_goes(paths, teacher_block, TORCH_EAGER),
-        "files": files,
+        "files": {"json": str(out / "results.json"), "markdown": str(out / "results.md"), "chart": str(out / "chart.png")},
     }
     rep["warnings"] = busy_warnings(machine, cfg.threads)
-    failed = [r["name"] for r in paths if r["status"] == "error"] + [f"{c['target']}/{c['precision']} conversion" for c in conv.values() if c["status"] != "ok"]
+    failed = [r["name"] for r in paths if r["status"] == "error"]
+    failed += [f"{c['target']}/{c['precision']} conversion" for c in conv.values() if c["status"] != "ok"]
     if teacher_block and teacher_block["status"] == "error":
         failed.append(f"teacher baseline {teacher_block['model']}")
     if gpu_status.startswith("error"):
         failed.append("torch on CUDA")
     rep["failed"] = failed
     rep["wall_s"] = round(time.time() - started, 1)
-    write_atomic(files["chart"], R.chart_png(rep))
-    write_atomic(files["markdown"], R.markdown(rep))
-    write_atomic(files["json"], json.dumps(rep, indent=2) + "\n")
-    say(f"wrote {files['json']}, {Path(files['markdown']).name} and {Path(files['chart']).name}")
     return rep
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m benchmarks.bench MODEL ...`: the same command as `sdxs-edge bench`, same error handling."""
-    from sdxs_edge.cli import main as cli_main
+if __name__ == "__main__":  # `python -m benchmarks.bench`: the bench command of the CLI (benchmarks.cli)
+    from benchmarks.cli import main
 
-    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
     sys.exit(main())

@@ -99,7 +99,7 @@ def markdown(report: dict) -> str:
     for r in report["results"]:
         snr = r.get("snr_db", {})
 
-        def cell(c):
+        def cell(c, snr=snr):
             v = snr.get(c)
             return "-" if v is None and c not in snr else ("exact" if v is None else (f"{v:.1f} dB" if isinstance(v, (int, float)) else str(v)))
 

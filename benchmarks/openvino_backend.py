@@ -100,20 +100,8 @@ def convert(onnx_bundle: str | Path, precision: str, out: str | Path, model: str
         the output folder.
     """
     t_start = time.perf_counter()
-    if precision not in ("fp32", "int8"):
-        raise BackendMissingError(f"OpenVINO baseline precisions are fp32 and int8, not {precision}")
-    ov = _openvino()
-    if precision == "int8":
-        try:
-            import nncf
-        except ImportError:
-            raise BackendMissingError("nncf: not installed, OpenVINO int8 needs it (pip install '.[bench]')") from None
-    onnx_bundle = Path(onnx_bundle)
-    manifest = json.loads((onnx_bundle / "manifest.json").read_text())
-    if manifest["target"] != "onnx" or manifest["precision"] != "fp32":
-        raise BundleError(f"{onnx_bundle}: OpenVINO IR is built from an ONNX fp32 bundle, got {manifest['target']}/{manifest['precision']}")
-    if "controlnet" in manifest["components"]:
-        raise BundleError(f"{onnx_bundle}: the OpenVINO baseline is built for bundles without a ControlNet")
+    onnx_bundle, out = Path(onnx_bundle), Path(out)
+    ov, nncf, manifest = _check_source(onnx_bundle, precision)
 
     from converters import calibration, parity
     from sdxs_edge import sampler
@@ -130,26 +118,10 @@ def convert(onnx_bundle: str | Path, precision: str, out: str | Path, model: str
 
     core = ov.Core()
     figures, runners = {}, {}
-    out = Path(out)
     with atomic_dir(out, overwrite=True) as tmp:
         for comp in REQUIRED_COMPONENTS:
             t = time.perf_counter()
-            spec = manifest["components"][comp]
-            names = [s["name"] for s in spec["inputs"]]
-            ov_model = ov.convert_model(str(onnx_bundle / spec["file"]))
-            if precision == "int8":
-                items = [dict(zip(names, x)) for x in calib.inputs[comp]]
-                # Attention blocks (text encoder, U-Net) get NNCF's transformer scheme (SmoothQuant,
-                # attention-aware patterns); the conv-only decoder the default CNN scheme.
-                kind = nncf.ModelType.TRANSFORMER if comp != "decoder" else None
-                ov_model = nncf.quantize(ov_model, nncf.Dataset(items), subset_size=len(items), model_type=kind)
-            ov.save_model(ov_model, str(Path(tmp) / f"{comp}.xml"), compress_to_fp16=False)
-            compiled = core.compile_model(str(Path(tmp) / f"{comp}.xml"), "CPU", _core_config(None))
-            outname = spec["outputs"][0]["name"]
-
-            def run(x, compiled=compiled, names=names, outname=outname):
-                return np.array(compiled(dict(zip(names, x)))[compiled.output(outname)], copy=True)
-
+            run = _lower(ov, core, nncf, onnx_bundle / manifest["components"][comp]["file"], manifest["components"][comp], comp, calib, Path(tmp))
             figs = parity.component_figures(run, check.inputs[comp], check.outputs[comp])
             figures[comp] = {
                 "snr_db": _db(figs["snr_db"]),
@@ -160,25 +132,70 @@ def convert(onnx_bundle: str | Path, precision: str, out: str | Path, model: str
             runners[comp] = run
             stages[comp] = round(time.perf_counter() - t, 3)
         e2e = parity.end_to_end(runners, check, sampler.OneStepConstants(**manifest["sampler"]))
-        from importlib.metadata import version
-
-        meta = {
-            "target": "openvino",
-            "precision": precision,
-            "source_bundle": str(onnx_bundle),
-            "model": model,
-            "resolution": resolution,
-            "scheme": "OpenVINO IR converted from the ONNX fp32 bundle"
-            + (", NNCF post-training static int8 (TRANSFORMER model type for text encoder and U-Net), 32 calibration captions" if precision == "int8" else ""),
-            "parity": {
-                "checked": "numeric",
-                "reference": "PyTorch float32 wrappers (sdxs_edge.components) on the converters' parity prompts",
-                "null_db_means": "exact match (infinite SNR / PSNR)",
-                "components": figures,
-                "end_to_end": {"image_psnr_db": _db(e2e["image_psnr_db"]), "min_image_psnr_db": _db(e2e["min_image_psnr_db"]), "images": e2e["images"]},
-            },
-            "versions": {"openvino": version("openvino"), **({"nncf": version("nncf")} if precision == "int8" else {})},
-            "conversion": {"stage_seconds": stages, "seconds": round(time.perf_counter() - t_start, 3)},
-        }
+        stages_record = {"stage_seconds": stages, "seconds": round(time.perf_counter() - t_start, 3)}
+        meta = _meta(onnx_bundle, precision, model, resolution, figures, e2e, stages_record)
         (Path(tmp) / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return out
+
+
+def _check_source(onnx_bundle: Path, precision: str):
+    """(openvino, nncf or None, the ONNX fp32 bundle's manifest); a one-line error for anything else."""
+    if precision not in ("fp32", "int8"):
+        raise BackendMissingError(f"OpenVINO baseline precisions are fp32 and int8, not {precision}")
+    ov = _openvino()
+    nncf = None
+    if precision == "int8":
+        try:
+            import nncf
+        except ImportError:
+            raise BackendMissingError("nncf: not installed, OpenVINO int8 needs it (pip install '.[bench]')") from None
+    manifest = json.loads((onnx_bundle / "manifest.json").read_text())
+    if manifest["target"] != "onnx" or manifest["precision"] != "fp32":
+        raise BundleError(f"{onnx_bundle}: OpenVINO IR is built from an ONNX fp32 bundle, got {manifest['target']}/{manifest['precision']}")
+    if "controlnet" in manifest["components"]:
+        raise BundleError(f"{onnx_bundle}: the OpenVINO baseline is built for bundles without a ControlNet")
+    return ov, nncf, manifest
+
+
+def _lower(ov, core, nncf, onnx_file: Path, spec: dict, comp: str, calib, tmp: Path):
+    """One component's IR (NNCF int8 when `calib` is given) written into `tmp`; returns it as a runner."""
+    names = [s["name"] for s in spec["inputs"]]
+    ov_model = ov.convert_model(str(onnx_file))
+    if calib is not None:
+        items = [dict(zip(names, x)) for x in calib.inputs[comp]]
+        # Attention blocks (text encoder, U-Net) get NNCF's transformer scheme (SmoothQuant,
+        # attention-aware patterns); the conv-only decoder the default CNN scheme.
+        kind = nncf.ModelType.TRANSFORMER if comp != "decoder" else None
+        ov_model = nncf.quantize(ov_model, nncf.Dataset(items), subset_size=len(items), model_type=kind)
+    ov.save_model(ov_model, str(tmp / f"{comp}.xml"), compress_to_fp16=False)
+    compiled = core.compile_model(str(tmp / f"{comp}.xml"), "CPU", _core_config(None))
+    outname = spec["outputs"][0]["name"]
+
+    def run(x, compiled=compiled, names=names, outname=outname):
+        return np.array(compiled(dict(zip(names, x)))[compiled.output(outname)], copy=True)
+
+    return run
+
+
+def _meta(onnx_bundle: Path, precision: str, model: str, resolution: int, figures: dict, e2e: dict, conversion: dict) -> dict:
+    """openvino.json: what the IR is, its parity against PyTorch, versions and timings."""
+    from importlib.metadata import version
+
+    return {
+        "target": "openvino",
+        "precision": precision,
+        "source_bundle": str(onnx_bundle),
+        "model": model,
+        "resolution": resolution,
+        "scheme": "OpenVINO IR converted from the ONNX fp32 bundle"
+        + (", NNCF post-training static int8 (TRANSFORMER model type for text encoder and U-Net), 32 calibration captions" if precision == "int8" else ""),
+        "parity": {
+            "checked": "numeric",
+            "reference": "PyTorch float32 wrappers (sdxs_edge.components) on the converters' parity prompts",
+            "null_db_means": "exact match (infinite SNR / PSNR)",
+            "components": figures,
+            "end_to_end": {"image_psnr_db": _db(e2e["image_psnr_db"]), "min_image_psnr_db": _db(e2e["min_image_psnr_db"]), "images": e2e["images"]},
+        },
+        "versions": {"openvino": version("openvino"), **({"nncf": version("nncf")} if precision == "int8" else {})},
+        "conversion": conversion,
+    }

@@ -267,6 +267,13 @@ def _threads_cell(t: dict | None) -> str:
 
 
 def markdown(report: dict) -> str:
+    """results.md: the machine, every path, the baselines, ratios, conversions and GPU figures."""
+    sections = (_md_machine, _md_paths, _md_baselines, _md_ratios, _md_conversions, _md_gpu)
+    return "\n".join(line for section in sections for line in section(report)) + "\n"
+
+
+def _md_machine(report: dict) -> list[str]:
+    """Title, machine, libraries and method."""
     mach, cfg = report["machine"], report["config"]
     on = [f for f, v in mach["flags"].items() if v]
     flags = (", ".join(on) or "none of " + ", ".join(mach["flags"])) if mach["flags"] else mach["flags_source"]
@@ -287,6 +294,12 @@ def markdown(report: dict) -> str:
         f"Attention layout of the converted bundles (OpenVINO's included): {cfg.get('attention', 'standard')}.",
         "",
     ]
+    return L
+
+
+def _md_paths(report: dict) -> list[str]:
+    """Warnings and the table of measured paths."""
+    L: list[str] = []
     L += [f"**Warning:** {w}." for w in report.get("warnings", [])]
     L += [
         "",
@@ -314,7 +327,12 @@ def markdown(report: dict) -> str:
                 f"{run['workspace_sharing']}) driven by a numpy-only Python process over /dev/shm files. Peak RSS is both together: runner {run['peak_rss_mb']:.0f} MB "
                 f"+ driver {r['driver_peak_rss_mb']:.0f} MB. The runner's own Method::execute medians (ms): {ex}; the component cells add the file round trip."
             )
+    return L
 
+
+def _md_baselines(report: dict) -> list[str]:
+    """The multi-step teacher against the one-step model."""
+    cfg, L = report["config"], []
     t = report["baselines"].get("teacher")
     L += ["", "## Baselines: one step against the multi-step teacher architecture", ""]
     if t and t.get("status") == "ok":
@@ -335,8 +353,12 @@ def markdown(report: dict) -> str:
         L.append(f"{t['model']}: {t['status']}: {t.get('reason', '')}")
     else:
         L.append("Not run (--no-baselines).")
+    return L
 
-    L += ["", "## Ratios", "", "| ratio | value | numerator | denominator |", "|---|---:|---|---|"]
+
+def _md_ratios(report: dict) -> list[str]:
+    """Every ratio with the figures it divides."""
+    L = ["", "## Ratios", "", "| ratio | value | numerator | denominator |", "|---|---:|---|---|"]
     for k, r in report["ratios"].items():
         if r["value"] is None:
             L.append(f"| {k}: {r['meaning']} | - | {r.get('why', '')} |  |")
@@ -345,7 +367,12 @@ def markdown(report: dict) -> str:
             L.append(f"| {k}: {r['meaning']} | {r['value']:.3f} | {n['path']} {n['field']} = {n['value']:.4g} | {d['path']} {d['field']} = {d['value']:.4g} |")
 
     L += ["", "## Where the time goes", ""] + [f"- {s}" for s in report["where_the_time_goes"]]
+    return L
 
+
+def _md_conversions(report: dict) -> list[str]:
+    """One row per bundle converted or reused."""
+    L: list[str] = []
     conv = report.get("conversions", [])
     if conv:
         L += ["", "## Conversions", "", "| bundle | status | convert s (in process) | wall s | bundle MB | parity vs PyTorch |", "|---|---|---:|---:|---:|---|"]
@@ -354,7 +381,12 @@ def markdown(report: dict) -> str:
             if c["status"] != "ok":
                 status = f"{c['status']}: {c.get('error', '')}"
             L.append(f"| {c['target']}/{c['precision']} | {status} | {_f(c.get('seconds'))} | {_f(c.get('wall_s'))} | {_f(c.get('bundle_mb'), '{:.2f}')} | {_parity_cell(c.get('parity'))} |")
+    return L
 
+
+def _md_gpu(report: dict) -> list[str]:
+    """Torch on CUDA, when measured."""
+    L: list[str] = []
     gpu = report.get("gpu")
     L += ["", "## GPU", ""]
     if gpu:
@@ -384,7 +416,7 @@ def markdown(report: dict) -> str:
             L.append(f"The compiled search took {gpu['compiled_reduce_overhead']['search_wall_s']:.0f} s, compilation and CUDA-graph capture included.")
     else:
         L.append(report.get("gpu_status", "no CUDA device: not measured"))
-    return "\n".join(L) + "\n"
+    return L
 
 
 # ---- chart ---------------------------------------------------------------------------------------------

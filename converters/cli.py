@@ -17,22 +17,10 @@ from pathlib import Path
 
 from converters.calibration import DEFAULT_CAPTIONS
 from converters.registry import DELEGATES, ONNX_CALIBRATIONS, PALETTE_BITS, PRECISION_SPECS, UnsupportedConversion
+from sdxs_edge import cli_args
 from sdxs_edge.attention import ATTENTION_VARIANTS
 from sdxs_edge.bundle import COMPONENT_NAMES, PRECISIONS, REQUIRED_COMPONENTS, TARGETS
-from sdxs_edge.cli import _positive
-from sdxs_edge.controlnet import parse_control_scale
 from sdxs_edge.cpu import parse_classes
-from sdxs_edge.lora import parse_scale
-
-
-def _fraction(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not 0 < v <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {v}")
-    return v
 
 
 def _components(values: list[str] | None) -> list[str] | None:
@@ -61,22 +49,22 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--components", nargs="+", metavar="NAME", help=f"components to convert, of {' '.join(COMPONENT_NAMES)} (default: {' '.join(REQUIRED_COMPONENTS)}, and controlnet with --controlnet)")
     p.add_argument("--resolution", type=int, help="image side in pixels (default: the model's)")
     p.add_argument("--calibration-prompts", type=Path, metavar="FILE", help="int8 calibration prompts, one per line (default: 32 SHAPES-64 captions)")
-    p.add_argument("--calibration-captions", type=_positive(int, "--calibration-captions"), metavar="N", help="int8: calibrate on N SHAPES-64 captions spread over the grammar instead of the default 32 (a fused LoRA may need 128)")
+    p.add_argument("--calibration-captions", type=cli_args.positive(int, "--calibration-captions"), metavar="N", help="int8: calibrate on N SHAPES-64 captions spread over the grammar instead of the default 32 (a fused LoRA may need 128)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
     p.add_argument("--dynamic", action="store_true", help="onnx int8: dynamic quantization instead of calibrated static QDQ")
     p.add_argument("--palettize", type=int, choices=PALETTE_BITS, help="coreml int8: k-means palettize weights to 4 or 6 bits instead of linear int8")
     p.add_argument("--delegate", choices=DELEGATES, default="xnnpack", help="executorch backend delegate (default xnnpack; coreml lowers here, runs on Apple devices)")
     p.add_argument("--batch", type=int, default=1, help="static batch size (default 1)")
     p.add_argument("--no-sensitivity", action="store_true", help="int8: quantize every candidate node (skip the per-layer sensitivity pass)")
-    p.add_argument("--sensitivity-shortlist", type=_positive(int, "--sensitivity-shortlist"), metavar="N", help="int8: nodes the sensitivity pass re-scores one by one (default 16; one quantize-and-score each)")
+    p.add_argument("--sensitivity-shortlist", type=cli_args.positive(int, "--sensitivity-shortlist"), metavar="N", help="int8: nodes the sensitivity pass re-scores one by one (default 16; one quantize-and-score each)")
     p.add_argument("--onnx-calibration", choices=ONNX_CALIBRATIONS, default="minmax", help="onnx int8: activation ranges from min/max (default), per-sample min/max averaged, the 99.999th percentile (small models: it holds every activation in memory), or mse: min/max shrunk per tensor to the least-squares clipping")
-    p.add_argument("--max-float-fraction", type=_fraction, metavar="F", help="int8: share of quantized nodes the pass may keep in float (default 0.1)")
+    p.add_argument("--max-float-fraction", type=cli_args.fraction, metavar="F", help="int8: share of quantized nodes the pass may keep in float (default 0.1)")
     p.add_argument("--trained", choices=("auto", "yes", "no"), default="auto", help="enforce the int8 image PSNR floor (auto: yes for folders, no for presets)")
     p.add_argument("--seed", type=int, default=0, help="weight seed when MODEL is a preset")
     p.add_argument("--lora", type=Path, metavar="PATH", help="U-Net LoRA (safetensors) to fuse into the weights before lowering; recorded in the manifest")
-    p.add_argument("--lora-scale", type=parse_scale, metavar="S", help="LoRA strength (default 1.0; needs --lora)")
+    p.add_argument("--lora-scale", type=cli_args.lora_scale, metavar="S", help="LoRA strength (default 1.0; needs --lora)")
     p.add_argument("--controlnet", type=Path, metavar="PATH", help="ControlNet folder (diffusers ControlNetModel, safetensors) built for MODEL's U-Net: lowered as its own component, the U-Net takes its residuals; recorded in the manifest")
-    p.add_argument("--control-scale", type=parse_control_scale, metavar="S", help="ControlNet conditioning scale baked into the bundle (default 1.0; needs --controlnet)")
+    p.add_argument("--control-scale", type=cli_args.control_scale, metavar="S", help="ControlNet conditioning scale baked into the bundle (default 1.0; needs --controlnet)")
     p.add_argument("--attention", choices=ATTENTION_VARIANTS, default="standard", help="attention layout: standard, or split-heads (one head at a time, as Apple's ml-stable-diffusion does for the Neural Engine; on CPU runtimes a smaller peak memory)")
     p.add_argument("--cpu-classes", default="host", metavar="LIST", help="CPU classes to check the bundle on, comma-separated: host (this machine), x86-64-avx2 (emulated with qemu-x86_64-static -cpu Haswell), arm64 (ExecuTorch bundles, emulated with qemu-aarch64-static); recorded in the manifest (default: host)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -96,7 +84,7 @@ def add_parsers(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Handle `sdxs-edge convert`; prints the bundle path and its parity figures."""
-    from converters.api import check_request, convert
+    from converters.api import convert
 
     components = _components(args.components)
     trained = {"auto": None, "yes": True, "no": False}[args.trained]
@@ -109,48 +97,7 @@ def run(args: argparse.Namespace) -> int:
         raise UnsupportedConversion("--control-scale needs --controlnet PATH")
     control_scale = 1.0 if args.control_scale is None else args.control_scale
     if args.dry_run:
-        comps = check_request(args.target, args.precision, components, args.dynamic, args.palettize, args.delegate, args.batch, args.resolution, args.lora, lora_scale, args.controlnet, control_scale)
-        lora = None
-        if args.lora is not None:  # the file is read and checked; whether it fits the U-Net needs the model
-            from sdxs_edge.bundle import sha256_path
-            from sdxs_edge.lora import load_lora, resolve_lora_path
-
-            f = resolve_lora_path(args.lora)
-            modules = {k.rsplit(".lora_A.", 1)[0] for k in load_lora(f) if ".lora_A." in k}
-            lora = {"file": str(f), "sha256": sha256_path(f), "scale": lora_scale, "modules": len(modules)}
-        controlnet = None
-        if args.controlnet is not None:  # the folder is read and checked; whether it fits the U-Net needs the model
-            from sdxs_edge.bundle import sha256_path
-            from sdxs_edge.controlnet import load_controlnet
-
-            cn = load_controlnet(args.controlnet)
-            controlnet = {"folder": str(args.controlnet), "sha256": sha256_path(args.controlnet), "scale": control_scale, "block_out_channels": list(cn.config.block_out_channels)}
-        spec = PRECISION_SPECS[(args.target, args.precision)]
-        request = {
-            "model": args.model,
-            "target": args.target,
-            "precision": args.precision,
-            "out": str(args.out),
-            "components": list(comps),
-            "resolution": args.resolution,
-            "calibration_prompts": str(args.calibration_prompts) if args.calibration_prompts else f"{args.calibration_captions or DEFAULT_CAPTIONS} SHAPES-64 captions",
-            "dynamic": args.dynamic,
-            "palettize": args.palettize,
-            "delegate": args.delegate,
-            "batch": args.batch,
-            "sensitivity": not args.no_sensitivity,
-            "onnx_calibration": args.onnx_calibration,
-            "attention": args.attention,
-            "cpu_classes": list(parse_classes(args.cpu_classes)),
-            "trained": args.trained,
-            "lora": lora,
-            "controlnet": controlnet,
-            "summary": spec.summary,
-            "floor_snr_db": spec.tolerance.snr_db,
-            "floor_image_psnr_db": spec.tolerance.image_psnr_db,
-            "checked_here": "numeric" if spec.runs_here and args.delegate == "xnnpack" else "structural",
-        }
-        print(json.dumps(request, indent=2))
+        print(json.dumps(dry_run(args, components, lora_scale, control_scale), indent=2))
         return 0
     out = convert(
         args.model,
@@ -171,16 +118,64 @@ def run(args: argparse.Namespace) -> int:
         max_float_fraction=args.max_float_fraction,
         onnx_calibration=args.onnx_calibration,
         attention=args.attention,
+        cpu_classes=parse_classes(args.cpu_classes),
         trained=trained,
         seed=args.seed,
         lora=args.lora,
         lora_scale=lora_scale,
         controlnet=args.controlnet,
         control_scale=control_scale,
-        cpu_classes=parse_classes(args.cpu_classes),
     )
     print(summary(json.loads((out / "manifest.json").read_text()), out))
     return 0
+
+
+def dry_run(args: argparse.Namespace, components, lora_scale: float, control_scale: float) -> dict:
+    """The checked request as `--dry-run` prints it: the LoRA file and ControlNet folder are read, no model."""
+    from converters.api import check_request
+
+    comps = check_request(args.target, args.precision, components, args.dynamic, args.palettize, args.delegate, args.batch, args.resolution, args.lora, lora_scale, args.controlnet, control_scale)
+    lora = None
+    if args.lora is not None:  # the file is read and checked; whether it fits the U-Net needs the model
+        from sdxs_edge.bundle import sha256_path
+        from sdxs_edge.lora import load_lora, resolve_lora_path
+
+        f = resolve_lora_path(args.lora)
+        modules = {k.rsplit(".lora_A.", 1)[0] for k in load_lora(f) if ".lora_A." in k}
+        lora = {"file": str(f), "sha256": sha256_path(f), "scale": lora_scale, "modules": len(modules)}
+    controlnet = None
+    if args.controlnet is not None:  # the folder is read and checked; whether it fits the U-Net needs the model
+        from sdxs_edge.bundle import sha256_path
+        from sdxs_edge.controlnet import load_controlnet
+
+        cn = load_controlnet(args.controlnet)
+        controlnet = {"folder": str(args.controlnet), "sha256": sha256_path(args.controlnet), "scale": control_scale, "block_out_channels": list(cn.config.block_out_channels)}
+    spec = PRECISION_SPECS[(args.target, args.precision)]
+    request = {
+        "model": args.model,
+        "target": args.target,
+        "precision": args.precision,
+        "out": str(args.out),
+        "components": list(comps),
+        "resolution": args.resolution,
+        "calibration_prompts": str(args.calibration_prompts) if args.calibration_prompts else f"{args.calibration_captions or DEFAULT_CAPTIONS} SHAPES-64 captions",
+        "dynamic": args.dynamic,
+        "palettize": args.palettize,
+        "delegate": args.delegate,
+        "batch": args.batch,
+        "sensitivity": not args.no_sensitivity,
+        "onnx_calibration": args.onnx_calibration,
+        "attention": args.attention,
+        "cpu_classes": list(parse_classes(args.cpu_classes)),
+        "trained": args.trained,
+        "lora": lora,
+        "controlnet": controlnet,
+        "summary": spec.summary,
+        "floor_snr_db": spec.tolerance.snr_db,
+        "floor_image_psnr_db": spec.tolerance.image_psnr_db,
+        "checked_here": "numeric" if spec.runs_here and args.delegate == "xnnpack" else "structural",
+    }
+    return request
 
 
 def summary(manifest: dict, out: Path) -> str:

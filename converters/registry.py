@@ -14,6 +14,7 @@ from typing import Mapping
 
 from sdxs_edge.bundle import COMPONENT_NAMES, PRECISIONS, TARGETS
 from sdxs_edge.errors import SDXSError
+from sdxs_edge.floors import FLOORS
 
 
 class UnsupportedConversion(SDXSError):
@@ -35,11 +36,13 @@ class Tolerance:
     image_psnr_db: float | None = None
 
 
-# fp32 must be a faithful re-expression of the graph (only op-order rounding), fp16 keeps 10 mantissa
-# bits (~60 dB per op, ~40 dB through a deep network), int8 keeps ~8 bits of range per tensor.
-FP32 = Tolerance(snr_db=60.0)
-FP16 = Tolerance(snr_db=40.0)
-INT8 = Tolerance(snr_db=25.0, image_psnr_db=28.0)
+def _tolerance(precision: str) -> Tolerance:
+    """The converters' check of a precision, from the one table of floors (`sdxs_edge.floors`)."""
+    f = FLOORS[precision]
+    return Tolerance(snr_db=f.component_snr_db, image_psnr_db=f.image_psnr_db if f.image_at_conversion else None)
+
+
+FP32, FP16, INT8 = _tolerance("fp32"), _tolerance("fp16"), _tolerance("int8")
 
 
 @dataclass(frozen=True)
@@ -90,14 +93,14 @@ PRECISION_SPECS: Mapping[tuple[str, str], PrecisionSpec] = MappingProxyType(
                 "ExecuTorch .pte, PT2E static int8 with the XNNPACK quantizer (per-channel weights), sensitive nodes kept in fp32",
                 sensitivity_target_db=28.0,
             ),
-            PrecisionSpec("coreml", "fp32", FP32, False, "Core ML ML Program (iOS17), float32 compute; structural check on Linux"),
-            PrecisionSpec("coreml", "fp16", FP16, False, "Core ML ML Program (iOS17), float16 compute; structural check on Linux"),
+            PrecisionSpec("coreml", "fp32", FP32, False, "Core ML ML Program (iOS17), float32 compute; structural check only (no Core ML prediction is run)"),
+            PrecisionSpec("coreml", "fp16", FP16, False, "Core ML ML Program (iOS17), float16 compute; structural check only (no Core ML prediction is run)"),
             PrecisionSpec(
                 "coreml",
                 "int8",
                 INT8,
                 False,
-                "Core ML ML Program (iOS17), int8 linear weight quantization (palettize=6|4 for k-means palettes); structural check on Linux",
+                "Core ML ML Program (iOS17), int8 linear weight quantization (palettize=6|4 for k-means palettes); structural check only (no Core ML prediction is run)",
             ),
         )
     }

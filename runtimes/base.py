@@ -16,8 +16,8 @@ ControlNet bundles take a control image: `generate(prompt, control_image=...)` r
 through `sdxs_edge.control.load_control_image`, numpy and Pillow only; a float array in [0, 1] is used as
 it is). A control image for a bundle without a ControlNet, or none for a bundle with one, is an error.
 
-Noise: `Session.noise(batch, seed)` draws `np.random.default_rng(seed).standard_normal(shape)` in
-float32 (the latent shape comes from the manifest). That is NOT the noise `SDXSPipeline.noise` draws
+Noise: `Session.noise(seed)` draws `np.random.default_rng(seed).standard_normal(shape)` in float32 (the
+latent shape, batch included, comes from the manifest). That is NOT the noise `SDXSPipeline.noise` draws
 with `torch.Generator`; to compare a runtime with PyTorch, feed both the same array (`noise=`), as
 `runtimes.parity` does.
 """

@@ -5,10 +5,10 @@ each component on the reference's own inputs (token ids; x_in and the reference 
 reference x0), so each component's error is measured alone, and the whole generation end to end.
 Reported: per component SNR (dB) and max abs error, end-to-end image PSNR (uint8), and on SHAPES-64
 prompts, when the evaluator is available, both all-correct rates. Floors depend on the bundle's
-precision (`FLOORS`); below them `check_floors` raises ParityError.
+precision (`sdxs_edge.floors.FLOORS`, the table the converters check against too); below them `check_floors` raises ParityError.
 
-Noise is numpy's (`Session.noise(seed)`, one latent per seed and prompt chunk) and fed to both sides,
-so no result depends on torch's random generator.
+Noise is numpy's (`Session.noise(seed)`: one latent of the bundle's batch shape per seed, shared by every
+prompt chunk) and fed to both sides, so no result depends on torch's random generator.
 
 A bundle with a ControlNet gets the same control images on both sides: canny edges of SHAPES-64 renders
 of the prompts' scenes (a random scene for a prompt that is not a SHAPES-64 caption;
@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -32,31 +32,12 @@ import runtimes
 from runtimes.base import Session, to_uint8
 from sdxs_edge import cpu, metrics, sampler, shapes
 from sdxs_edge.errors import ParityError, SDXSError
+from sdxs_edge.floors import FLOORS, Floors
 
 COMPONENTS = ("text_encoder", "controlnet", "unet", "decoder")  # those a bundle has, in this order
 
 
-@dataclass(frozen=True)
-class Floors:
-    """What a bundle of one precision must reach against PyTorch.
-
-    Args:
-        component_snr_db: minimum SNR of every component's output.
-        image_psnr_db: minimum end-to-end image PSNR (uint8); enforced for trained models only, since
-            random weights make images of amplified noise whose PSNR says nothing about deployment.
-        all_correct_points: largest allowed drop of the SHAPES-64 all-correct rate, in percentage points.
-        all_correct_min_prompts: the drop is enforced from this many prompts on; below it one image moves
-            the rate by more than the allowed drop, so the rates are shown but not judged.
-    """
-
-    component_snr_db: float
-    image_psnr_db: float = 28.0
-    all_correct_points: float = 3.0
-    all_correct_min_prompts: int = 64
-
-
-# fp32 differs only by kernel order; fp16 by half-precision rounding (~11 bits); int8 by quantisation.
-FLOORS: dict[str, Floors] = {"fp32": Floors(60.0), "fp16": Floors(40.0), "int8": Floors(25.0)}
+# The floors (one table, shared with the converters' check): `sdxs_edge.floors`.
 
 # Valid prompts for any model; being SHAPES-64 captions they also feed the evaluator on SHAPES models.
 DEFAULT_PROMPTS = (
@@ -194,7 +175,7 @@ def _compare(rt: Session, ref: Session, prompts: list[str], seeds: list[int], ex
             }
             if control is not None:
                 got_res = rt.control_residuals(rt.cast_input("controlnet", 0, x_in), rt.cast_input("controlnet", 1, want.context), rt.prepare_control(control))
-                flat = lambda rs: np.concatenate([np.asarray(r, np.float32)[:n].reshape(n, -1) for r in rs], axis=1)
+                flat = lambda rs, n=n: np.concatenate([np.asarray(r, np.float32)[:n].reshape(n, -1) for r in rs], axis=1)
                 outs["controlnet"] = (flat(want.residuals), flat(got_res))
                 controls.append(control[:n])
             for c, (a, b) in outs.items():

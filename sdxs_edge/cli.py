@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 
 from sdxs_edge import control as _control
-from sdxs_edge.controlnet import parse_control_scale
+from sdxs_edge.cli_args import control_scale, lora_scale, positive
 from sdxs_edge.errors import SDXSError
-from sdxs_edge.lora import parse_scale
+from sdxs_edge.images import save_image
 
 DEFAULT_MODEL = Path(__file__).parent / "default_model"
 
@@ -35,28 +35,6 @@ def resolve_model(model: str | None) -> str:
     if not (DEFAULT_MODEL / "model_index.json").is_file():
         raise SDXSError(f"the embedded default model is missing at {DEFAULT_MODEL}; pass --model PRESET|PATH")
     return str(DEFAULT_MODEL)
-
-
-def _positive(kind: type, name: str):
-    def parse(v: str):
-        try:
-            x = kind(v)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a {kind.__name__}, got {v!r}") from None
-        if x <= 0:
-            raise argparse.ArgumentTypeError(f"{name} must be > 0, got {v}")
-        return x
-
-    return parse
-
-
-def _save_image(img, out: Path) -> None:
-    if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
-        raise SDXSError(f"--out must end in .png, .jpg or .webp, got {out.name!r}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    img.save(tmp, format={".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}[out.suffix.lower()])
-    os.replace(tmp, out)
 
 
 def _warnings_as_lines(fn, *a):
@@ -117,7 +95,7 @@ def cmd_generate(args) -> int:
     gen = pipe.generate(args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance, noise=noise, control_image=control, control_scale=control_scale)
     outs = [Path(args.out)] if len(gen.images) == 1 else [Path(args.out).with_name(f"{Path(args.out).stem}-{i}{Path(args.out).suffix}") for i in range(len(gen.images))]
     for img, out in zip(gen.images, outs):
-        _save_image(img, out)
+        save_image(img, out)
     steps = args.steps or pipe.default_steps
     print(f"model {pipe.name}  ({steps} step{'s' * (steps > 1)}, guidance {args.guidance if args.guidance is not None else pipe.default_guidance}, seed {args.seed})")
     if lora is not None:
@@ -291,15 +269,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", nargs="+", help="one or more prompts (one image each, one batch)")
     g.add_argument("--model", help="preset name, diffusers folder or hub id (default: the embedded SHAPES-64 model)")
     g.add_argument("--seed", type=int, default=0, help="noise seed (same seed, same image)")
-    g.add_argument("--steps", type=_positive(int, "--steps"), help="U-Net evaluations (default: the model's; 1 for SDXS)")
+    g.add_argument("--steps", type=positive(int, "--steps"), help="U-Net evaluations (default: the model's; 1 for SDXS)")
     g.add_argument("--guidance", type=float, help="classifier-free guidance scale; <= 1 disables it")
-    g.add_argument("--resolution", type=_positive(int, "--resolution"), help="image side in pixels (multiple of 8; default: the model's)")
+    g.add_argument("--resolution", type=positive(int, "--resolution"), help="image side in pixels (multiple of 8; default: the model's)")
     g.add_argument("--out", default="out.png", help="output image (several prompts: out-0.png, out-1.png, ...)")
     g.add_argument("--lora", type=Path, metavar="PATH", help="U-Net LoRA (safetensors) fused into the weights before generating")
-    g.add_argument("--lora-scale", type=parse_scale, metavar="S", help="LoRA strength (default 1.0; needs --lora)")
+    g.add_argument("--lora-scale", type=lora_scale, metavar="S", help="LoRA strength (default 1.0; needs --lora)")
     g.add_argument("--controlnet", type=Path, metavar="PATH", help="ControlNet folder (diffusers ControlNetModel, safetensors) built for the model's U-Net; needs --control")
     g.add_argument("--control", metavar="IMAGE", help="control image for --controlnet, e.g. an edge map from `sdxs-edge canny` (square; resized with a warning if its size differs)")
-    g.add_argument("--control-scale", type=parse_control_scale, metavar="S", help="ControlNet conditioning scale (default 1.0; needs --controlnet)")
+    g.add_argument("--control-scale", type=control_scale, metavar="S", help="ControlNet conditioning scale (default 1.0; needs --controlnet)")
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("canny", help="canny edge map of an image (white edges on black), for use as a ControlNet control image")
@@ -317,11 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="SHAPES-64 prompt-following: attribute accuracy, all-correct rate, FID-shapes, grid")
     e.add_argument("model", nargs="?", help="preset, folder or hub id (default: the embedded model)")
-    e.add_argument("--n", type=_positive(int, "--n"), default=512, help="number of evaluation prompts")
-    e.add_argument("--steps", type=_positive(int, "--steps"), help="sampling steps (default: the model's)")
+    e.add_argument("--n", type=positive(int, "--n"), default=512, help="number of evaluation prompts")
+    e.add_argument("--steps", type=positive(int, "--steps"), help="sampling steps (default: the model's)")
     e.add_argument("--guidance", type=float, help="guidance scale (default: the model's)")
     e.add_argument("--prompts", help="file of SHAPES-64 captions, one per line (default: the fixed evaluation set)")
-    e.add_argument("--batch", type=_positive(int, "--batch"), default=64, help="images per batch")
+    e.add_argument("--batch", type=positive(int, "--batch"), default=64, help="images per batch")
     e.add_argument("--seed", type=int, default=0, help="evaluation seed")
     e.add_argument("--out", default="out/eval", help="folder for eval.json and grid.png")
     e.set_defaults(func=cmd_eval)
@@ -333,10 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--student", help="controlnet, lora: the one-step student folder (default: the embedded model)")
     t.add_argument("--retrain-teacher", action="store_true", help="train the teacher as the chain's first stage instead of reusing one")
     t.add_argument("--out", help="run folder (resumes from its last checkpoint)")
-    t.add_argument("--steps", type=_positive(int, "--steps"), help="override the main stage's step count")
+    t.add_argument("--steps", type=positive(int, "--steps"), help="override the main stage's step count")
     t.add_argument("--smoke", action="store_true", help="tiny settings that run in seconds (tests)")
-    t.add_argument("--recipe", choices=["cpu", "gpu"], default="cpu", help="chain budgets: cpu (about 2 h on 2 cores) or gpu (one CUDA GPU, about 10 min, wall-clock capped per stage)")
-    t.add_argument("--threads", type=_positive(int, "--threads"), help="lora: CPU threads (default 2; use 1 when other jobs share the cores)")
+    t.add_argument("--recipe", choices=["cpu", "gpu"], default="cpu", help="chain budgets: cpu (sized for 2 cores) or gpu (one CUDA GPU, wall-clock capped per stage); stage times: docs/training.md")
+    t.add_argument("--threads", type=positive(int, "--threads"), help="lora: CPU threads (default 2; use 1 when other jobs share the cores)")
     t.add_argument("--style", choices=["filled", "mixed"], help="evaluator only: train on filled renders (default) or on filled + outline renders with a style head (the style evaluator)")
     t.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     t.set_defaults(func=cmd_train)

@@ -93,20 +93,6 @@ def check_controlnet(controlnet, unet) -> None:
             raise ControlNetMismatchError(f"the ControlNet was built for another U-Net: {name} {got} vs the U-Net's {want}")
 
 
-def parse_control_scale(text: str) -> float:
-    """argparse type of --control-scale: a finite number."""
-    import argparse
-    import math
-
-    try:
-        x = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--control-scale must be a number, got {text!r}") from None
-    if not math.isfinite(x):
-        raise argparse.ArgumentTypeError(f"--control-scale must be a finite number, got {text}")
-    return x
-
-
 def load_controlnet(path: str | os.PathLike, unet=None):
     """Load a ControlNet folder (config.json + safetensors weights); with `unet`, check it fits.
 

@@ -14,7 +14,6 @@ functions so the CLIs can import this module cheaply.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import re
@@ -214,12 +213,3 @@ def save_lora(path: str | os.PathLike, unet_lora_state: Mapping[str, "torch.Tens
     return path
 
 
-def parse_scale(text: str) -> float:
-    """argparse type of --lora-scale: a finite number."""
-    try:
-        x = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--lora-scale must be a number, got {text!r}") from None
-    if not math.isfinite(x):
-        raise argparse.ArgumentTypeError(f"--lora-scale must be a finite number, got {text}")
-    return x

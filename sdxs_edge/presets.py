@@ -71,7 +71,7 @@ class ModelPreset:
         return self.resolution // 8
 
 
-def _clip_text(hidden: int, layers: int, heads: int, intermediate: int, projection: int, act: str) -> Mapping[str, Any]:
+def _clip_text(*, hidden: int, layers: int, heads: int, intermediate: int, projection: int, act: str) -> Mapping[str, Any]:
     return _frozen(
         {
             "vocab_size": 49408,
@@ -91,6 +91,7 @@ def _clip_text(hidden: int, layers: int, heads: int, intermediate: int, projecti
 
 
 def _unet(
+    *,
     channels: tuple[int, ...],
     down: tuple[str, ...],
     up: tuple[str, ...],
@@ -124,7 +125,7 @@ def _unet(
     )
 
 
-def _kl_vae(channels: tuple[int, ...], layers: int, groups: int, scaling: float, sample_size: int) -> Mapping[str, Any]:
+def _kl_vae(*, channels: tuple[int, ...], layers: int, groups: int, scaling: float, sample_size: int) -> Mapping[str, Any]:
     return _frozen(
         {
             "in_channels": 3,
@@ -141,7 +142,7 @@ def _kl_vae(channels: tuple[int, ...], layers: int, groups: int, scaling: float,
     )
 
 
-def _tiny_vae(channels: int, encoder_blocks: tuple[int, ...], decoder_blocks: tuple[int, ...]) -> Mapping[str, Any]:
+def _tiny_vae(*, channels: int, encoder_blocks: tuple[int, ...], decoder_blocks: tuple[int, ...]) -> Mapping[str, Any]:
     # TAESD layout (ANCHORS.md): latent_magnitude 3, latent_shift 0.5, scaling_factor 1.0.
     return _frozen(
         {
@@ -219,10 +220,10 @@ PRESETS: dict[str, ModelPreset] = {
             name="sd21-base",
             summary="SD-2.1-base teacher layout: 0.87B U-Net, KL VAE, OpenCLIP-H-sized text encoder, 512x512",
             resolution=512,
-            text_encoder=_clip_text(1024, 23, 16, 4096, 512, "gelu"),
-            unet=_unet((320, 640, 1280, 1280), SD21_DOWN, SD21_UP, "UNetMidBlock2DCrossAttn", 2, (5, 10, 20, 20), 1024, 32, True, 64),
+            text_encoder=_clip_text(hidden=1024, layers=23, heads=16, intermediate=4096, projection=512, act="gelu"),
+            unet=_unet(channels=(320, 640, 1280, 1280), down=SD21_DOWN, up=SD21_UP, mid="UNetMidBlock2DCrossAttn", layers=2, heads=(5, 10, 20, 20), context=1024, groups=32, linear_projection=True, sample_size=64),
             vae_class="AutoencoderKL",
-            vae=_kl_vae((128, 256, 512, 512), 2, 32, 0.18215, 512),
+            vae=_kl_vae(channels=(128, 256, 512, 512), layers=2, groups=32, scaling=0.18215, sample_size=512),
             pad_token="!",
             default_steps=25,
             default_guidance=7.5,
@@ -231,38 +232,38 @@ PRESETS: dict[str, ModelPreset] = {
             name="sdxs-512",
             summary="Released SDXS-512 layout: 0.32B block-removed U-Net, TAESD tiny decoder, CLIP ViT-L/14, 512x512",
             resolution=512,
-            text_encoder=_clip_text(768, 12, 12, 3072, 768, "quick_gelu"),
-            unet=_unet((320, 640, 1280), SDXS_DOWN, SDXS_UP, None, 1, 8, 768, 32, False, 64),
+            text_encoder=_clip_text(hidden=768, layers=12, heads=12, intermediate=3072, projection=768, act="quick_gelu"),
+            unet=_unet(channels=(320, 640, 1280), down=SDXS_DOWN, up=SDXS_UP, mid=None, layers=1, heads=8, context=768, groups=32, linear_projection=False, sample_size=64),
             vae_class="AutoencoderTiny",
-            vae=_tiny_vae(64, (1, 3, 3, 3), (3, 3, 3, 1)),
+            vae=_tiny_vae(channels=64, encoder_blocks=(1, 3, 3, 3), decoder_blocks=(3, 3, 3, 1)),
         ),
         ModelPreset(
             name="sdxs-512-0.9",
             summary="SDXS-512-0.9 layout: as sdxs-512 with an OpenCLIP-H text encoder (cross_attention_dim 1024)",
             resolution=512,
-            text_encoder=_clip_text(1024, 23, 16, 4096, 512, "gelu"),
-            unet=_unet((320, 640, 1280), SDXS_DOWN, SDXS_UP, None, 1, 8, 1024, 32, False, 64),
+            text_encoder=_clip_text(hidden=1024, layers=23, heads=16, intermediate=4096, projection=512, act="gelu"),
+            unet=_unet(channels=(320, 640, 1280), down=SDXS_DOWN, up=SDXS_UP, mid=None, layers=1, heads=8, context=1024, groups=32, linear_projection=False, sample_size=64),
             vae_class="AutoencoderTiny",
-            vae=_tiny_vae(64, (1, 3, 3, 3), (3, 3, 3, 1)),
+            vae=_tiny_vae(channels=64, encoder_blocks=(1, 3, 3, 3), decoder_blocks=(3, 3, 3, 1)),
             pad_token="!",
         ),
         ModelPreset(
             name="tiny",
             summary="Test-sized one-step layout: milliseconds on CPU, 64x64 images from 8x8 latents",
             resolution=64,
-            text_encoder=_clip_text(16, 2, 2, 32, 16, "quick_gelu"),
-            unet=_unet((8, 16), ("DownBlock2D", "CrossAttnDownBlock2D"), ("CrossAttnUpBlock2D", "UpBlock2D"), None, 1, 2, 16, 2, False, 8),
+            text_encoder=_clip_text(hidden=16, layers=2, heads=2, intermediate=32, projection=16, act="quick_gelu"),
+            unet=_unet(channels=(8, 16), down=("DownBlock2D", "CrossAttnDownBlock2D"), up=("CrossAttnUpBlock2D", "UpBlock2D"), mid=None, layers=1, heads=2, context=16, groups=2, linear_projection=False, sample_size=8),
             vae_class="AutoencoderTiny",
-            vae=_tiny_vae(8, (1, 1, 1, 1), (1, 1, 1, 1)),
+            vae=_tiny_vae(channels=8, encoder_blocks=(1, 1, 1, 1), decoder_blocks=(1, 1, 1, 1)),
         ),
         ModelPreset(
             name="tiny-teacher",
             summary="Test-sized SD-2.1 topology (4 stages, mid block, KL VAE) for multi-step and distillation tests",
             resolution=64,
-            text_encoder=_clip_text(16, 2, 2, 32, 16, "gelu"),
-            unet=_unet((8, 16, 16, 16), SD21_DOWN, SD21_UP, "UNetMidBlock2DCrossAttn", 2, (1, 2, 2, 2), 16, 2, True, 8),
+            text_encoder=_clip_text(hidden=16, layers=2, heads=2, intermediate=32, projection=16, act="gelu"),
+            unet=_unet(channels=(8, 16, 16, 16), down=SD21_DOWN, up=SD21_UP, mid="UNetMidBlock2DCrossAttn", layers=2, heads=(1, 2, 2, 2), context=16, groups=2, linear_projection=True, sample_size=8),
             vae_class="AutoencoderKL",
-            vae=_kl_vae((8, 8, 8, 8), 1, 2, 1.0, 64),
+            vae=_kl_vae(channels=(8, 8, 8, 8), layers=1, groups=2, scaling=1.0, sample_size=64),
             pad_token="!",
             default_steps=4,
             default_guidance=3.0,
@@ -271,10 +272,10 @@ PRESETS: dict[str, ModelPreset] = {
             name="shapes-teacher",
             summary="SHAPES-64 teacher: SD-2.1 topology at toy width (4 stages, 2 resnets, mid block), KL VAE, 64x64",
             resolution=64,
-            text_encoder=_clip_text(128, 2, 4, 512, 128, "gelu"),
-            unet=_unet((32, 64, 128, 128), SD21_DOWN, SD21_UP, "UNetMidBlock2DCrossAttn", 2, (1, 2, 4, 4), 128, 8, True, 8),
+            text_encoder=_clip_text(hidden=128, layers=2, heads=4, intermediate=512, projection=128, act="gelu"),
+            unet=_unet(channels=(32, 64, 128, 128), down=SD21_DOWN, up=SD21_UP, mid="UNetMidBlock2DCrossAttn", layers=2, heads=(1, 2, 4, 4), context=128, groups=8, linear_projection=True, sample_size=8),
             vae_class="AutoencoderKL",
-            vae=_kl_vae((32, 64, 64, 64), 1, 8, 1.0, 64),
+            vae=_kl_vae(channels=(32, 64, 64, 64), layers=1, groups=8, scaling=1.0, sample_size=64),
             pad_token="!",
             default_steps=25,
             default_guidance=2.5,
@@ -283,10 +284,10 @@ PRESETS: dict[str, ModelPreset] = {
             name="shapes",
             summary="SHAPES-64 one-step student: SDXS block-removed layout of shapes-teacher, tiny decoder, 64x64",
             resolution=64,
-            text_encoder=_clip_text(128, 2, 4, 512, 128, "gelu"),
-            unet=block_removed(_unet((32, 64, 128, 128), SD21_DOWN, SD21_UP, "UNetMidBlock2DCrossAttn", 2, (1, 2, 4, 4), 128, 8, True, 8)),
+            text_encoder=_clip_text(hidden=128, layers=2, heads=4, intermediate=512, projection=128, act="gelu"),
+            unet=block_removed(_unet(channels=(32, 64, 128, 128), down=SD21_DOWN, up=SD21_UP, mid="UNetMidBlock2DCrossAttn", layers=2, heads=(1, 2, 4, 4), context=128, groups=8, linear_projection=True, sample_size=8)),
             vae_class="AutoencoderTiny",
-            vae=_tiny_vae(16, (1, 1, 1, 1), (1, 1, 1, 1)),
+            vae=_tiny_vae(channels=16, encoder_blocks=(1, 1, 1, 1), decoder_blocks=(1, 1, 1, 1)),
             pad_token="!",
             layer_map=SDXS_LAYER_MAP,
             teacher="shapes-teacher",

@@ -9,16 +9,18 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from training.decoder import DecoderConfig, decoder_report, distill_decoder
+from training.loop import StageClock
 from training.onestep import SSDConfig, WarmupConfig, ode_pair_chunks, score_distill, warmup
 from training.teacher import TeacherConfig, build_latent_cache, smoke_config, train_teacher
 from training.unet_kd import UNetKDConfig, build_student, distill_unet
-from training.loop import StageClock
 
 STAGES = ("teacher", "decoder", "unet-kd", "onestep", "all")
 REPO = Path(__file__).resolve().parent.parent
@@ -129,15 +131,257 @@ def _latency(pipe, steps: int | None, guidance: float | None, runs: int = 5) -> 
     return sorted(ts)[len(ts) // 2]
 
 
-def run_chain(cfg: ChainConfig, out: str | Path, until: str = "all") -> dict:
-    """Run the chain up to stage `until`, resuming each stage; returns the report (for "all")."""
+@dataclass
+class _Run:
+    """What the stages of one chain run share: the settings, the teacher, the data built on first use,
+    the models each stage leaves for the next, and the report."""
+
+    cfg: ChainConfig
+    out: Path
+    dev: torch.device
+    teacher: Any = None
+    teacher_dir: Path | None = None
+    preset: Any = None
+    sched_cfg: dict = field(default_factory=dict)
+    acp: Any = None
+    empty: Any = None
+    data: dict = field(default_factory=dict)
+    student_vae: Any = None
+    held: Any = None
+    kd_unet: Any = None
+    warm: Any = None
+    final: Any = None
+    report: dict = field(default_factory=dict)
+
+    @property
+    def pairs_file(self) -> Path:
+        return self.out / "pairs.safetensors"
+
+    @property
+    def held_file(self) -> Path:
+        return self.out / "held-latents.safetensors"
+
+    def cache(self) -> dict:
+        """Latent cache of real images (decoder and U-Net KD), built on first use."""
+        if "cache" not in self.data:
+            tcfg = replace(self.cfg.teacher_cfg, cache_size=self.cfg.cache_size)
+            c = build_latent_cache(tcfg, self.teacher.c.vae, self.teacher.c.tokenizer, self.out / "latents.safetensors")
+            scaling = torch.tensor(self.teacher.latent_scaling)
+            self.data["cache"] = {**{k: v.to(self.dev) for k, v in c.items()}, "scaling_factor": scaling}
+        return self.data["cache"]
+
+    def pairs(self) -> dict:
+        """Teacher ODE pairs (decoder and one-step stages), built on first use, in resumable chunks."""
+        from safetensors.torch import load_file, save_file
+
+        if "pairs" not in self.data:
+            cfg = self.cfg
+            if self.pairs_file.is_file():  # a run from before the pairs were built in chunks
+                p = load_file(str(self.pairs_file))
+            else:
+                batch = 1024 if self.dev.type == "cuda" else 128
+                guidance = self.teacher.default_guidance
+                p = ode_pair_chunks(self.teacher, self.out / "pairs", cfg.pairs, cfg.pair_steps, guidance, chunk=cfg.pair_chunk, batch=batch)
+            if not self.held_file.is_file():  # teacher samples held out for the decoder report
+                tmp = self.held_file.with_suffix(".tmp")
+                save_file({"x0": p["x0"][-256:].contiguous()}, str(tmp))
+                tmp.rename(self.held_file)
+            self.data["pairs"] = {k: v.to(self.dev) for k, v in p.items()}
+        return self.data["pairs"]
+
+    def real_latents(self, n: int, seed: int):
+        """n latents drawn from the cache's per-image Gaussians, scaled as the U-Net sees them."""
+        c = self.cache()
+        g = torch.Generator().manual_seed(seed)
+        mean, std = c["mean"][:n], c["std"][:n]
+        return (mean + std * torch.randn(mean.shape, generator=g).to(self.dev)) * self.teacher.latent_scaling
+
+    def one_step_pipe(self, unet, vae, name: str):
+        from sdxs_edge.models import Components
+        from sdxs_edge.pipeline import SDXSPipeline
+
+        sched = {**self.sched_cfg, "prediction_type": self.cfg.student_prediction_type}
+        p = SDXSPipeline(Components(self.teacher.c.tokenizer, self.teacher.c.text_encoder, unet, vae, sched), name=name)
+        p.default_steps, p.default_guidance = 1, 0.0
+        return p
+
+
+def _teacher_stage(r: _Run) -> None:
+    """Reuse the committed teacher, or train one with `teacher_cfg`."""
     from diffusers import DDPMScheduler
 
-    from sdxs_edge import sampler, shapes
-    from sdxs_edge.models import Components, build_vae, count_parameters
     from sdxs_edge.pipeline import SDXSPipeline
     from sdxs_edge.presets import get_preset
 
+    cfg = r.cfg
+    r.teacher_dir = Path(cfg.teacher) if cfg.teacher else train_teacher(cfg.teacher_cfg, r.out / "teacher")
+    r.teacher = SDXSPipeline.load(r.teacher_dir).to(r.dev)
+    r.report = {"teacher": str(r.teacher_dir)}
+    r.preset = get_preset(cfg.student_preset)
+    r.sched_cfg = {k: v for k, v in r.teacher.c.scheduler_config.items() if not k.startswith("_")}
+    keep = ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps", "prediction_type")
+    r.acp = DDPMScheduler(**{k: v for k, v in r.sched_cfg.items() if k in keep}).alphas_cumprod
+    r.empty = r.teacher.tokenize([""])[0]
+
+
+def _decoder_stage(r: _Run) -> None:
+    """Tiny decoder distilled on real latents and teacher samples."""
+    from safetensors.torch import load_file
+
+    from sdxs_edge.models import build_vae
+
+    done = r.out / "decoder" / "vae"
+    r.student_vae = build_vae(r.preset).to(r.dev)  # built either way: it draws from torch's global generator
+    if done.is_dir():
+        from diffusers import AutoencoderTiny
+
+        r.student_vae = AutoencoderTiny.from_pretrained(done, torch_dtype=torch.float32).to(r.dev)
+    else:
+        pool = torch.cat([r.real_latents(len(r.cache()["mean"]), seed=0), r.pairs()["x0"]])
+        distill_decoder(r.cfg.decoder, r.out / "decoder", r.teacher.c.vae, r.student_vae, pool)
+        r.student_vae.save_pretrained(done, safe_serialization=True)
+    if not r.held_file.is_file():
+        r.pairs()
+    r.held = load_file(str(r.held_file))["x0"].to(r.dev)
+    r.report = {"decoder": decoder_report(r.teacher.c.vae, r.student_vae, r.held)}
+
+
+def _unet_kd_stage(r: _Run) -> None:
+    """Block-removed U-Net, initialized from the teacher's layers and distilled (output and features)."""
+    from diffusers import UNet2DConditionModel
+
+    done = r.out / "unet-kd" / "unet"
+    if done.is_dir():
+        r.kd_unet = UNet2DConditionModel.from_pretrained(done, torch_dtype=torch.float32).to(r.dev)
+        return
+    r.kd_unet, init = build_student(r.teacher.c.unet, r.preset.layer_map)
+    r.kd_unet.to(r.dev)
+    (r.out / "unet-kd").mkdir(parents=True, exist_ok=True)
+    (r.out / "unet-kd" / "init.json").write_text(json.dumps(init, indent=2))
+    t = r.teacher.c
+    distill_unet(r.cfg.unet_kd, r.out / "unet-kd", t.unet, t.text_encoder, r.kd_unet, r.cache(), r.empty, r.acp)
+    _save_unet_folder(r.kd_unet, done)
+
+
+def _consts(r: _Run):
+    from sdxs_edge import sampler
+
+    return sampler.one_step_constants({**r.sched_cfg, "prediction_type": r.cfg.student_prediction_type}, r.teacher.latent_scaling)
+
+
+def _warmup_stage(r: _Run) -> None:
+    """One-step warm-up: regress the teacher's ODE endpoints from noise."""
+    import copy
+
+    from sdxs_edge.pipeline import SDXSPipeline
+
+    done = r.out / "model-warmup"
+    if done.is_dir():
+        r.warm = SDXSPipeline.load(done).to(r.dev)
+        return
+    student = copy.deepcopy(r.kd_unet)
+    warmup(r.cfg.warmup, r.out / "warmup", student, r.teacher.c.text_encoder, r.teacher.c.unet, r.pairs(), _consts(r))
+    r.warm = r.one_step_pipe(student, r.student_vae, "shapes one-step (warm-up only)")
+    r.warm.save_pretrained(done)
+
+
+def _score_distill_stage(r: _Run) -> None:
+    """Segmented score distillation from the warm-up student."""
+    import copy
+
+    from sdxs_edge.pipeline import SDXSPipeline
+
+    done = r.out / "model-ssd"
+    if done.is_dir():
+        r.final = SDXSPipeline.load(done).to(r.dev)
+        return
+    student = copy.deepcopy(r.warm.c.unet)
+    t = r.teacher.c
+    score_distill(r.cfg.ssd, r.out / "ssd", student, t.text_encoder, t.unet, r.pairs(), _consts(r), r.acp, r.empty)
+    r.final = r.one_step_pipe(student, r.student_vae, "sdxs-shapes one-step")
+    r.final.save_pretrained(done)
+
+
+def _decoder_adapt_stage(r: _Run) -> None:
+    """Decoder adaptation: the tiny decoder was distilled on latents of real images and teacher samples;
+    the one-step generator's latents sit slightly off that manifold, where a 36k-parameter decoder errs
+    far more than the teacher's. A short second distillation on a pool that adds the generator's own
+    latents (teacher decoder as the target, same loss) closes that gap."""
+    import copy
+
+    from safetensors.torch import load_file
+
+    from sdxs_edge import shapes
+    from sdxs_edge.pipeline import SDXSPipeline
+
+    done, cfg = r.out / "model", r.cfg
+    if done.is_dir():
+        r.final = SDXSPipeline.load(done).to(r.dev)
+    elif cfg.decoder_adapt.steps > 0:
+        real = r.real_latents(min(len(r.cache()["mean"]), cfg.adapt_latents), seed=1)
+        caps = [s.caption for s in shapes.eval_scenes(cfg.adapt_latents, seed=4243)]  # not an eval seed
+        gen = [r.final.generate(caps[i : i + 256], seed=50_000 + i, output="tensor").latents for i in range(0, len(caps), 256)]
+        pool = torch.cat([real, torch.cat(gen), load_file(str(r.held_file))["x0"].to(r.dev)])
+        adapted = copy.deepcopy(r.final.c.vae)
+        distill_decoder(cfg.decoder_adapt, r.out / "decoder-adapt", r.teacher.c.vae, adapted, pool)
+        r.final = r.one_step_pipe(r.final.c.unet, adapted, "sdxs-shapes one-step")
+        r.final.save_pretrained(done)
+    else:
+        r.final.save_pretrained(done)
+    r.report["decoder_adapted"] = decoder_report(r.teacher.c.vae, r.final.c.vae, r.held)
+
+
+def _report_stage(r: _Run) -> None:
+    """SHAPES-64 scores, grids, parameter counts and CPU latency of the teacher and every student."""
+    from sdxs_edge.evaluate import EvalSettings, Evaluator, evaluate_pipeline, save_grid
+    from sdxs_edge.models import Components, count_parameters
+    from sdxs_edge.pipeline import SDXSPipeline
+
+    cfg, t = r.cfg, r.teacher
+    ev = Evaluator.load()
+    kd_parts = Components(t.c.tokenizer, t.c.text_encoder, r.kd_unet, t.c.vae, dict(r.sched_cfg))
+    rows = [
+        ("teacher", t, cfg.eval_steps, t.default_guidance),
+        ("block-removed (KD)", SDXSPipeline(kd_parts, name="block-removed student"), cfg.eval_steps, t.default_guidance),
+        ("one-step, warm-up only", r.warm, 1, 0.0),
+        ("one-step, score distillation", r.final, 1, 0.0),
+    ]
+    r.report["models"] = {}
+    for name, pipe, steps, guidance in rows:
+        rep, images = evaluate_pipeline(pipe, EvalSettings(n=cfg.eval_n, steps=steps, guidance=guidance), ev)
+        slug = name.split(",")[0].replace(" ", "-").replace("(", "").replace(")", "") + ("-ssd" if "score" in name else "")
+        save_grid(images, r.out / f"grid-{slug}.png")
+        rep["unet_params"] = count_parameters(pipe.c.unet)
+        rep["decoder_params"] = count_parameters(pipe.c.vae.decoder)
+        rep["cpu_latency_s"] = _latency(pipe, steps, guidance)
+        r.report["models"][name] = rep
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One row of the chain: its timing name, what it runs, the ChainConfig field that is its recipe, and
+    the `until` value that stops the chain after it (None: the chain goes on)."""
+
+    name: str
+    run: Callable[[_Run], None]
+    config: str | None
+    stop: str | None = None
+
+
+CHAIN: tuple[Stage, ...] = (
+    Stage("teacher", _teacher_stage, "teacher_cfg", stop="teacher"),
+    Stage("decoder", _decoder_stage, "decoder", stop="decoder"),
+    Stage("unet-kd", _unet_kd_stage, "unet_kd", stop="unet-kd"),
+    Stage("warmup", _warmup_stage, "warmup"),
+    Stage("score-distill", _score_distill_stage, "ssd"),
+    Stage("decoder-adapt", _decoder_adapt_stage, "decoder_adapt", stop="onestep"),
+    Stage("report", _report_stage, "eval_n"),
+)
+
+
+def run_chain(cfg: ChainConfig, out: str | Path, until: str = "all") -> dict:
+    """Run the chain (`CHAIN`, in order) up to stage `until`, each stage resuming from its own folder;
+    returns the report (for "teacher": the teacher folder)."""
     if until not in STAGES:
         raise ValueError(f"unknown stage {until!r}; stages: {', '.join(STAGES)}")
     from training import dist
@@ -151,176 +395,16 @@ def run_chain(cfg: ChainConfig, out: str | Path, until: str = "all") -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
     clock = StageClock(out / "times.json")
-    lap, times = clock.lap, clock.times
-
-    # Teacher.
-    teacher_dir = Path(cfg.teacher) if cfg.teacher else train_teacher(cfg.teacher_cfg, out / "teacher")
-    teacher = SDXSPipeline.load(teacher_dir).to(dev)
-    lap("teacher")
-    if until == "teacher":
-        return {"teacher": str(teacher_dir)}
-    preset = get_preset(cfg.student_preset)
-    sched_cfg = {k: v for k, v in teacher.c.scheduler_config.items() if not k.startswith("_")}
-    acp = DDPMScheduler(**{k: v for k, v in sched_cfg.items() if k in ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps", "prediction_type")}).alphas_cumprod
-    empty = teacher.tokenize([""])[0]
-
-    # Latent cache of real images (for the decoder and U-Net KD) and teacher ODE pairs (for the decoder
-    # and the one-step stages): built on first use, so a chain whose stages are all done needs neither.
-    data: dict[str, dict] = {}
-
-    def cache() -> dict:
-        if "cache" not in data:
-            tcfg = replace(cfg.teacher_cfg, cache_size=cfg.cache_size)
-            c = build_latent_cache(tcfg, teacher.c.vae, teacher.c.tokenizer, out / "latents.safetensors")
-            data["cache"] = {**{k: v.to(dev) for k, v in c.items()}, "scaling_factor": torch.tensor(teacher.latent_scaling)}
-        return data["cache"]
-
-    pairs_file, held_file = out / "pairs.safetensors", out / "held-latents.safetensors"
-
-    def pairs() -> dict:
-        from safetensors.torch import load_file, save_file
-
-        if "pairs" not in data:
-            if pairs_file.is_file():  # a run from before the pairs were built in chunks
-                p = load_file(str(pairs_file))
-            else:
-                p = ode_pair_chunks(teacher, out / "pairs", cfg.pairs, cfg.pair_steps, teacher.default_guidance, chunk=cfg.pair_chunk, batch=1024 if dev.type == "cuda" else 128)
-            if not held_file.is_file():  # teacher samples held out for the decoder report
-                save_file({"x0": p["x0"][-256:].contiguous()}, str(held_file.with_suffix(".tmp")))
-                held_file.with_suffix(".tmp").rename(held_file)
-            data["pairs"] = {k: v.to(dev) for k, v in p.items()}
-        return data["pairs"]
-
-    # Tiny decoder.
-    student_vae = build_vae(preset).to(dev)
-    dec_done = out / "decoder" / "vae"
-    if dec_done.is_dir():
-        from diffusers import AutoencoderTiny
-
-        student_vae = AutoencoderTiny.from_pretrained(dec_done, torch_dtype=torch.float32).to(dev)
-    else:
-        g = torch.Generator().manual_seed(0)
-        c = cache()
-        real = (c["mean"] + c["std"] * torch.randn(c["mean"].shape, generator=g).to(dev)) * teacher.latent_scaling
-        pool = torch.cat([real, pairs()["x0"]])
-        distill_decoder(cfg.decoder, out / "decoder", teacher.c.vae, student_vae, pool)
-        student_vae.save_pretrained(dec_done, safe_serialization=True)
-    if not held_file.is_file():
-        pairs()
-    from safetensors.torch import load_file
-
-    held = load_file(str(held_file))["x0"].to(dev)
-    report: dict = {"decoder": decoder_report(teacher.c.vae, student_vae, held)}
-    lap("decoder")
-    if until == "decoder":
-        return report
-
-    # Block-removed U-Net.
-    kd_done = out / "unet-kd" / "unet"
-    from diffusers import UNet2DConditionModel
-
-    if kd_done.is_dir():
-        kd_unet = UNet2DConditionModel.from_pretrained(kd_done, torch_dtype=torch.float32).to(dev)
-    else:
-        kd_unet, init = build_student(teacher.c.unet, preset.layer_map)
-        kd_unet.to(dev)
-        (out / "unet-kd").mkdir(parents=True, exist_ok=True)
-        (out / "unet-kd" / "init.json").write_text(json.dumps(init, indent=2))
-        distill_unet(cfg.unet_kd, out / "unet-kd", teacher.c.unet, teacher.c.text_encoder, kd_unet, cache(), empty, acp)
-        _save_unet_folder(kd_unet, kd_done)
-    lap("unet-kd")
-    if until == "unet-kd":
-        return report
-
-    # One-step: warm-up then segmented score distillation.
-    student_sched = {**sched_cfg, "prediction_type": cfg.student_prediction_type}
-
-    def one_step_pipe(unet, vae, name: str) -> SDXSPipeline:
-        p = SDXSPipeline(Components(teacher.c.tokenizer, teacher.c.text_encoder, unet, vae, dict(student_sched)), name=name)
-        p.default_steps, p.default_guidance = 1, 0.0
-        return p
-
-    consts = sampler.one_step_constants(student_sched, teacher.latent_scaling)
-    warm_done = out / "model-warmup"
-    if warm_done.is_dir():
-        warm = SDXSPipeline.load(warm_done).to(dev)
-    else:
-        import copy
-
-        student = copy.deepcopy(kd_unet)
-        warmup(cfg.warmup, out / "warmup", student, teacher.c.text_encoder, teacher.c.unet, pairs(), consts)
-        warm = one_step_pipe(student, student_vae, "shapes one-step (warm-up only)")
-        warm.save_pretrained(warm_done)
-    lap("warmup")
-    ssd_done = out / "model-ssd"
-    if ssd_done.is_dir():
-        final = SDXSPipeline.load(ssd_done).to(dev)
-    else:
-        import copy
-
-        student = copy.deepcopy(warm.c.unet)
-        score_distill(cfg.ssd, out / "ssd", student, teacher.c.text_encoder, teacher.c.unet, pairs(), consts, acp, empty)
-        final = one_step_pipe(student, student_vae, "sdxs-shapes one-step")
-        final.save_pretrained(ssd_done)
-    lap("score-distill")
-
-    # Decoder adaptation: the tiny decoder was distilled on latents of real images and teacher samples;
-    # the one-step generator's latents sit slightly off that manifold, where a 36k-parameter decoder
-    # errs far more than the teacher's. A short second distillation on a pool that adds the
-    # generator's own latents (teacher decoder as the target, same loss) closes that gap.
-    final_done = out / "model"
-    if final_done.is_dir():
-        final = SDXSPipeline.load(final_done).to(dev)
-    elif cfg.decoder_adapt.steps > 0:
-        import copy
-
-        from safetensors.torch import load_file
-
-        c = cache()
-        g = torch.Generator().manual_seed(1)
-        n = min(len(c["mean"]), cfg.adapt_latents)
-        real = (c["mean"][:n] + c["std"][:n] * torch.randn(c["mean"][:n].shape, generator=g).to(dev)) * teacher.latent_scaling
-        caps = [s.caption for s in shapes.eval_scenes(cfg.adapt_latents, seed=4243)]  # not an eval seed
-        gen = []
-        for i in range(0, len(caps), 256):
-            gen.append(final.generate(caps[i : i + 256], seed=50_000 + i, output="tensor").latents)
-        pool = torch.cat([real, torch.cat(gen), load_file(str(held_file))["x0"].to(dev)])
-        adapted = copy.deepcopy(final.c.vae)
-        distill_decoder(cfg.decoder_adapt, out / "decoder-adapt", teacher.c.vae, adapted, pool)
-        final = one_step_pipe(final.c.unet, adapted, "sdxs-shapes one-step")
-        final.save_pretrained(final_done)
-    else:
-        final.save_pretrained(final_done)
-    report["decoder_adapted"] = decoder_report(teacher.c.vae, final.c.vae, held)
-    lap("decoder-adapt")
-    if until == "onestep":
-        return report
-
-    # Report.
-    from sdxs_edge.evaluate import EvalSettings, Evaluator, evaluate_pipeline, save_grid
-
-    ev = Evaluator.load()
-    kd_pipe = SDXSPipeline(Components(teacher.c.tokenizer, teacher.c.text_encoder, kd_unet, teacher.c.vae, dict(sched_cfg)), name="block-removed student")
-    rows = [
-        ("teacher", teacher, cfg.eval_steps, teacher.default_guidance),
-        ("block-removed (KD)", kd_pipe, cfg.eval_steps, teacher.default_guidance),
-        ("one-step, warm-up only", warm, 1, 0.0),
-        ("one-step, score distillation", final, 1, 0.0),
-    ]
-    report["models"] = {}
-    for name, pipe, steps, guidance in rows:
-        rep, images = evaluate_pipeline(pipe, EvalSettings(n=cfg.eval_n, steps=steps, guidance=guidance), ev)
-        slug = name.split(",")[0].replace(" ", "-").replace("(", "").replace(")", "") + ("-ssd" if "score" in name else "")
-        save_grid(images, out / f"grid-{slug}.png")
-        rep["unet_params"] = count_parameters(pipe.c.unet)
-        rep["decoder_params"] = count_parameters(pipe.c.vae.decoder)
-        rep["cpu_latency_s"] = _latency(pipe, steps, guidance)
-        report["models"][name] = rep
-    lap("report")
-    report["stage_seconds"] = times
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    (out / "report.md").write_text(format_chain_report(report))
-    return report
+    r = _Run(cfg, out, dev)
+    for stage in CHAIN:
+        stage.run(r)
+        clock.lap(stage.name)
+        if stage.stop == until:
+            return r.report
+    r.report["stage_seconds"] = clock.times
+    (out / "report.json").write_text(json.dumps(r.report, indent=2))
+    (out / "report.md").write_text(format_chain_report(r.report))
+    return r.report
 
 
 def format_chain_report(report: dict) -> str:

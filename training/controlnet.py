@@ -564,6 +564,23 @@ def format_report(rep: dict) -> str:
 
 
 # ---- the run ----------------------------------------------------------------------------------------------------
+def _training_logs(out: Path) -> dict:
+    """Per training stage with a log: its step count, first and last logged losses, whether it stopped early."""
+    training = {}
+    for stage in ("teacher-controlnet", "controlnet"):
+        log = out / stage / "log.jsonl"
+        if log.is_file():
+            recs = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+            steps = [r for r in recs if "loss" in r]
+            training[stage] = {
+                "steps": steps[-1]["step"] if steps else 0,
+                "first": steps[0] if steps else {},
+                "last": steps[-1] if steps else {},
+                "stopped_early": any(r.get("stopped_early") for r in recs),
+            }
+    return training
+
+
 def run_controlnet(cfg: ControlNetRunConfig, out: str | Path, until: str = "report") -> dict:
     """teacher-controlnet -> triplets -> controlnet -> report, each resumed from `out/`; returns the report
     (or a summary when stopping earlier). Final ControlNets: `out/teacher-controlnet/controlnet`,
@@ -638,13 +655,7 @@ def run_controlnet(cfg: ControlNetRunConfig, out: str | Path, until: str = "repo
     rep = controlnet_report(cfg.report, teacher, t_cn, student, s_cn, rdir)
     lap("report")
     rep["stage_seconds"] = times
-    for stage in ("teacher-controlnet", "controlnet"):
-        log = out / stage / "log.jsonl"
-        if log.is_file():
-            recs = [json.loads(l) for l in log.read_text().splitlines() if l.strip()]
-            steps = [r for r in recs if "loss" in r]
-            training[stage] = {"steps": steps[-1]["step"] if steps else 0, "first": steps[0] if steps else {}, "last": steps[-1] if steps else {}, "stopped_early": any(r.get("stopped_early") for r in recs)}
-    rep["training"] = training
+    rep["training"] = {**training, **_training_logs(out)}
     rep["config"] = asdict(cfg)
     _write_text(rdir / "report.json", json.dumps(rep, indent=2))
     _write_text(rdir / "report.md", format_report(rep))

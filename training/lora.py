@@ -315,13 +315,30 @@ def decoder_ceiling(teacher, student, evaluator, n: int) -> dict:
     return out
 
 
+def _with_lora(base, lora_file: Path, name: str, steps: int, guidance: float):
+    """A pipeline sharing `base`'s modules but a copy of its U-Net with the LoRA fused in."""
+    from sdxs_edge.lora import fuse_lora, load_lora
+    from sdxs_edge.pipeline import SDXSPipeline
+
+    p = SDXSPipeline(replace(base.c, unet=copy.deepcopy(base.c.unet)), name=name)
+    p.default_steps, p.default_guidance = steps, guidance
+    fuse_lora(p.c.unet, load_lora(lora_file))
+    return p
+
+
+def _lora_parameters(lora_file: Path) -> int:
+    from safetensors.torch import load_file
+
+    return int(sum(v.numel() for key, v in load_file(str(lora_file)).items() if "lora_" in key))
+
+
 def run_lora_chain(cfg: LoRAChainConfig, out: str | Path, until: str = "all") -> dict:
     """Teacher style LoRA -> teacher ODE pairs with it -> one-step LoRA distillation -> report; resumable."""
     from safetensors.torch import load_file, save_file
 
     from sdxs_edge import sampler, shapes
     from sdxs_edge.evaluate import STYLE_EVALUATOR_DIR, Evaluator, save_grid
-    from sdxs_edge.lora import fuse_lora, load_lora, save_lora
+    from sdxs_edge.lora import save_lora
     from sdxs_edge.pipeline import SDXSPipeline
 
     if until not in STAGES:
@@ -345,9 +362,7 @@ def run_lora_chain(cfg: LoRAChainConfig, out: str | Path, until: str = "all") ->
     if until == "style-lora":
         return {"teacher_lora": str(teacher_lora_file)}
     teacher_base_unet = copy.deepcopy(teacher.c.unet)
-    teacher_lora = SDXSPipeline(replace(teacher.c, unet=copy.deepcopy(teacher.c.unet)), name=f"{teacher.name} + style LoRA")
-    teacher_lora.default_steps, teacher_lora.default_guidance = teacher.default_steps, teacher.default_guidance
-    fuse_lora(teacher_lora.c.unet, load_lora(teacher_lora_file))
+    teacher_lora = _with_lora(teacher, teacher_lora_file, f"{teacher.name} + style LoRA", teacher.default_steps, teacher.default_guidance)
 
     # 2. Teacher ODE samples for the feature-matching segment.
     pairs_file = out / "pairs.safetensors"
@@ -374,9 +389,7 @@ def run_lora_chain(cfg: LoRAChainConfig, out: str | Path, until: str = "all") ->
 
     # 4. Report: style evaluator on teacher / one-step, each with and without its LoRA.
     ev = Evaluator.load(STYLE_EVALUATOR_DIR)
-    student_lora = SDXSPipeline(replace(student.c, unet=copy.deepcopy(student.c.unet)), name=f"{student.name} + one-step LoRA")
-    student_lora.default_steps, student_lora.default_guidance = 1, 0.0
-    fuse_lora(student_lora.c.unet, load_lora(student_lora_file))
+    student_lora = _with_lora(student, student_lora_file, f"{student.name} + one-step LoRA", 1, 0.0)
     rows = [
         ("teacher", teacher, cfg.eval_steps, cfg.eval_guidance, "none"),
         ("teacher + style LoRA", teacher_lora, cfg.eval_steps, cfg.eval_guidance, "teacher LoRA"),
@@ -393,7 +406,7 @@ def run_lora_chain(cfg: LoRAChainConfig, out: str | Path, until: str = "all") ->
     save_grid(np.concatenate(grids), out / "grid.png", cols=16, limit=64)
     report["ceiling"] = decoder_ceiling(teacher, student, ev, cfg.eval_n)
     report["lora_files"] = {"teacher": str(teacher_lora_file), "one_step": str(student_lora_file)}
-    report["lora_parameters"] = {k: int(sum(v.numel() for key, v in load_file(str(f)).items() if "lora_" in key)) for k, f in (("teacher", teacher_lora_file), ("one_step", student_lora_file))}
+    report["lora_parameters"] = {k: _lora_parameters(f) for k, f in (("teacher", teacher_lora_file), ("one_step", student_lora_file))}
     lap("report")
     report["seconds"] = clock.times
     (out / "report.json").write_text(json.dumps(report, indent=2))

@@ -251,6 +251,18 @@ def anneal(cfg: SSDConfig, p: float) -> tuple[float, float]:
     return alpha, lam
 
 
+def _score_difference(offline_unet, online, xt, a, t, ctx, uncond, guidance: float, x0) -> torch.Tensor:
+    """DMD's normalised form of the Diff-Instruct gradient: (x0 of the online DM - x0 of the guided
+    offline DM), divided by the mean distance of the student's x0 from the offline one."""
+    e_u, e_c = offline_unet(torch.cat([xt, xt]), torch.cat([t, t]), torch.cat([uncond.expand_as(ctx), ctx])).sample.chunk(2)
+    e_real = e_u + guidance * (e_c - e_u)
+    e_fake = online(xt, t, ctx).sample
+    x0_real = (xt - (1 - a).sqrt() * e_real) / a.sqrt()
+    x0_fake = (xt - (1 - a).sqrt() * e_fake) / a.sqrt()
+    grad = (x0_fake - x0_real) / (x0 - x0_real).abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-4)
+    return torch.nan_to_num(grad)
+
+
 def score_distill(
     cfg: SSDConfig,
     out: Path,
@@ -304,13 +316,7 @@ def score_distill(
         # Score-difference segment (DMD's normalised form of the Diff-Instruct gradient).
         with torch.no_grad():
             xt, a = noised(x0.detach(), t, g)
-            e_u, e_c = offline_unet(torch.cat([xt, xt]), torch.cat([t, t]), torch.cat([uncond.expand_as(ctx), ctx])).sample.chunk(2)
-            e_real = e_u + cfg.guidance * (e_c - e_u)
-            e_fake = online(xt, t, ctx).sample
-            x0_real = (xt - (1 - a).sqrt() * e_real) / a.sqrt()
-            x0_fake = (xt - (1 - a).sqrt() * e_fake) / a.sqrt()
-            grad = (x0_fake - x0_real) / (x0.detach() - x0_real).abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-4)
-            grad = torch.nan_to_num(grad)
+            grad = _score_difference(offline_unet, online, xt, a, t, ctx, uncond, cfg.guidance, x0.detach())
         sd = 0.5 * (x0 - (x0 - grad).detach()).square().flatten(1).mean(1)
         fm = feature_matching_loss(encoder, x0, pairs["x0"][idx], ctx)
         loss = (sd_mask * sd + (1 - sd_mask) * lam * fm).mean()

@@ -1,0 +1,454 @@
+"""The stages of one conversion, in the order `converters.api.run` calls them.
+
+    sources  read the LoRA file and the ControlNet folder (a bad one fails before the model loads)
+    load     the model as given, and the sha256 of its weights
+    prepare  copies of what the conversion changes: LoRA fused, attention layout, ControlNet checked
+    capture  calibration and parity tensors from real PyTorch one-step runs
+    lower    per component: the backend's export -> quantize (calibration, sensitivity) -> lower
+    check    per component, then end to end, against PyTorch (`converters.parity`)
+    write    tokenizer, the manifest (built by `build_manifest` from the stage results), verification
+
+Each stage takes the request and what earlier stages returned, and returns a small frozen record.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib
+import json
+import os
+import platform
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from converters import calibration, parity
+from converters.base import ComponentJob, ComponentResult, ConversionConfig
+from converters.registry import component_export
+from converters.request import ConversionRequest
+from converters.sensitivity import refusal_detail
+from sdxs_edge.bundle import FORMAT, FORMAT_VERSION, BundleError, load_manifest, sha256_path, validate_manifest
+from sdxs_edge.errors import ParityError, SDXSError
+from sdxs_edge.weights import modules_sha256
+
+BACKENDS = {"onnx": "converters.to_onnx", "executorch": "converters.to_executorch", "coreml": "converters.to_coreml"}
+TOKENIZER_DIR = "tokenizer"
+CONTROL_IMAGES = (
+    "canny edges of a SHAPES-64 render of each prompt's scene (a random scene for other prompts), "
+    "sdxs_edge.control.prompt_controls seeded by the sample's seed"
+)
+
+
+def backend(target: str):
+    """The backend module of a target (imported lazily: each pulls its own heavy libraries)."""
+    return importlib.import_module(BACKENDS[target])
+
+
+def weights_sha256(pipe) -> str:
+    """sha256 of the network weights as loaded: per module (text_encoder, unet, vae) and sorted tensor name,
+    the name, dtype, shape and raw bytes. The same for a preset, a folder or a pipeline instance."""
+    return modules_sha256(pipe.c.modules())
+
+
+# ---- sources -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Sources:
+    """The LoRA and ControlNet as read from disk (or the ControlNet module passed in), with their sha256."""
+
+    lora_weights: Any = None
+    lora_file: Path | None = None
+    lora_sha256: str | None = None
+    controlnet: Any = None
+    controlnet_path: Path | None = None
+    controlnet_sha256: str | None = None
+
+
+def read_sources(req: ConversionRequest) -> Sources:
+    """Read the LoRA file and ControlNet folder; a bad one fails here, before the model is loaded."""
+    lora = {}
+    if req.lora is not None:
+        from sdxs_edge.lora import load_lora, resolve_lora_path
+
+        f = resolve_lora_path(req.lora)
+        lora = {"lora_weights": load_lora(f), "lora_file": f, "lora_sha256": sha256_path(f)}
+    cn = {"controlnet": req.controlnet}
+    if isinstance(req.controlnet, (str, os.PathLike)):
+        from sdxs_edge.controlnet import load_controlnet
+
+        path = Path(req.controlnet)
+        cn = {"controlnet": load_controlnet(path), "controlnet_path": path, "controlnet_sha256": sha256_path(path)}
+    return Sources(**lora, **cn)
+
+
+# ---- load and prepare ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Prepared:
+    """The pipeline the conversion lowers (copies of the caller's modules where it changes them)."""
+
+    pipe: Any
+    controlnet: Any
+    source_sha256: str
+    fused: tuple[str, ...]
+    trained: bool
+    resolution: int
+
+
+def load(req: ConversionRequest):
+    """The model as given: a loaded `SDXSPipeline` is used as is, anything else is loaded."""
+    from sdxs_edge.pipeline import SDXSPipeline
+
+    return req.model if isinstance(req.model, SDXSPipeline) else SDXSPipeline.load(req.model, seed=req.seed)
+
+
+def _with_copies(pipe, names: set[str]):
+    """The pipeline with deep copies of modules `names` (the caller's pipeline is never modified)."""
+    from sdxs_edge.pipeline import SDXSPipeline
+
+    if not names:
+        return pipe
+    copies = {n: copy.deepcopy(getattr(pipe.c, n)) for n in sorted(names)}
+    out = SDXSPipeline(dataclasses.replace(pipe.c, **copies), name=pipe.name)
+    out.default_steps, out.default_guidance = pipe.default_steps, pipe.default_guidance
+    return out
+
+
+def prepare(req: ConversionRequest, pipe, src: Sources) -> Prepared:
+    """Fuse the LoRA, set the attention layout and check the ControlNet fits, on copies of the modules."""
+    from sdxs_edge.presets import PRESETS
+
+    source_sha256 = weights_sha256(pipe)  # of the model as given, before any LoRA
+    changed = ({"unet"} if src.lora_weights is not None else set()) | (
+        {"unet", "vae"} if req.attention != "standard" else set()
+    )
+    pipe = _with_copies(pipe, changed if pipe is req.model else set())  # a loaded model is already ours
+    fused: list[str] = []
+    if src.lora_weights is not None:
+        from sdxs_edge.lora import fuse_lora
+
+        fused = fuse_lora(pipe.c.unet, src.lora_weights, scale=req.lora_scale)
+    controlnet = src.controlnet
+    if req.attention != "standard":
+        from sdxs_edge.attention import set_attention
+
+        set_attention(pipe.c.unet, req.attention)
+        set_attention(pipe.c.vae, req.attention)
+        if controlnet is not None:
+            controlnet = copy.deepcopy(controlnet) if src.controlnet_path is None else controlnet
+            set_attention(controlnet, req.attention)
+    if controlnet is not None:  # one line naming the mismatch, before any capture or lowering
+        from sdxs_edge.controlnet import check_controlnet
+
+        check_controlnet(controlnet, pipe.c.unet)
+    trained = req.trained if req.trained is not None else pipe.name not in PRESETS
+    return Prepared(pipe, controlnet, source_sha256, tuple(fused), trained, _resolution(req, pipe))
+
+
+def _resolution(req: ConversionRequest, pipe) -> int:
+    res = req.resolution or pipe.resolution
+    stages = len(pipe.c.unet.config.block_out_channels)
+    if res % (8 * 2 ** (stages - 1)):
+        raise SDXSError(
+            f"resolution {res} must be a multiple of {8 * 2 ** (stages - 1)} for this U-Net ({stages} stages)"
+        )
+    return res
+
+
+def conversion_config(req: ConversionRequest, prep: Prepared, src: Sources, n_prompts: int) -> ConversionConfig:
+    """The resolved settings recorded under the manifest's "conversion.config"."""
+    has_lora, has_cn = src.lora_file is not None, prep.controlnet is not None
+    optional = {}
+    if req.sensitivity_shortlist is not None:
+        optional["sensitivity_shortlist"] = int(req.sensitivity_shortlist)
+    if req.max_float_fraction is not None:
+        optional["max_excluded_fraction"] = float(req.max_float_fraction)
+    return ConversionConfig(
+        target=req.target,
+        precision=req.precision,
+        components=req.components,
+        resolution=prep.resolution,
+        batch=req.batch,
+        dynamic=req.dynamic,
+        palettize=req.palettize,
+        delegate=req.delegate,
+        calibration_prompts=n_prompts if req.calibrate else 0,
+        calibration_source=req.calibration_source if req.calibrate else "not used",
+        sensitivity=req.sensitivity,
+        **optional,
+        onnx_calibration=req.onnx_calibration,
+        lora=str(src.lora_file) if has_lora else None,
+        lora_sha256=src.lora_sha256,
+        lora_scale=float(req.lora_scale) if has_lora else None,
+        lora_fused_modules=len(prep.fused),
+        controlnet=(str(src.controlnet_path) if src.controlnet_path is not None else "<module>") if has_cn else None,
+        controlnet_sha256=src.controlnet_sha256,
+        control_scale=float(req.control_scale) if has_cn else None,
+        attention=req.attention,
+    )
+
+
+# ---- capture -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Captures:
+    """Calibration tensors (None when nothing calibrates) and the parity tensors, per component."""
+
+    calib: Any
+    check: Any
+
+
+def capture(req: ConversionRequest, prep: Prepared, modules: dict, prompts: list[str]) -> Captures:
+    """Run the PyTorch one-step pipeline on the calibration prompts and on the fixed parity prompts."""
+    res, batch = prep.resolution, req.batch
+    calib = (
+        calibration.capture(prep.pipe, modules, prompts, seed0=0, batch=batch, resolution=res)
+        if req.calibrate
+        else None
+    )
+    check = calibration.capture(
+        prep.pipe, modules, calibration.PARITY_PROMPTS, seed0=calibration.PARITY_SEED0, batch=batch, resolution=res
+    )
+    return Captures(calib, check)
+
+
+# ---- lower and check, per component --------------------------------------------------------------------
+def _one_step_x0(c):
+    """(U-Net input sample, output) -> the one-step x0 (the U-Net wrapper runs at the one-step timestep)."""
+    from sdxs_edge import sampler
+
+    def score(sample, output):
+        latent = np.asarray(sample[0], np.float32)
+        return np.asarray(sampler.denoised(output, latent / np.float32(c.input_scale), c), np.float32)
+
+    return score
+
+
+def component_job(
+    req, prep: Prepared, name: str, modules: dict, specs: dict, caps: Captures, config, work: Path, tmp: Path
+) -> ComponentJob:
+    """What the backend needs to lower one component (fp32/fp16 get the parity tensors as examples)."""
+    import torch
+
+    ins, outs = specs[name]
+    cal = caps.calib or caps.check
+    export = component_export(name, req.target)
+    return ComponentJob(
+        name=name,
+        module=modules[name],
+        example=tuple(torch.from_numpy(x) for x in caps.check.inputs[name][0]),
+        inputs=ins,
+        outputs=outs,
+        calib=cal.inputs[name],
+        calib_ref=cal.outputs[name],
+        spec=req.spec,
+        export=export,
+        config=config,
+        work=work,
+        out=tmp / export.file,
+        score=_one_step_x0(prep.pipe.one_step_constants()) if name == "unet" and prep.trained else None,
+    )
+
+
+def lower(req: ConversionRequest, job: ComponentJob) -> ComponentResult:
+    """The backend's export -> quantize (calibration, sensitivity pass) -> lower -> runner for one component."""
+    return backend(req.target).convert_component(job)
+
+
+def check_component(req: ConversionRequest, name: str, result: ComponentResult, caps: Captures) -> dict:
+    """Per-component parity against PyTorch; a structural record where the lowered model cannot run here."""
+    if result.runner is None:
+        return {"checked": "structural", **(result.structural or {})}
+    figs = parity.component_figures(result.runner, caps.check.inputs[name], caps.check.outputs[name])
+    try:
+        return parity.check_component(name, figs, req.spec.tolerance, f"{req.target}/{req.precision}")
+    except ParityError as e:
+        raise ParityError(f"{e}{refusal_detail(result.report)}") from None
+
+
+def check_end_to_end(req: ConversionRequest, prep: Prepared, results: dict, modules: dict, caps: Captures) -> dict:
+    """Image parity through the lowered components, enforced for trained int8; recorded as why not else."""
+    runnable = all(r.runner is not None for r in results.values())
+    needed = set(modules)  # the three, and the ControlNet when there is one
+    if set(req.components) == needed and runnable:
+        figures = parity.end_to_end(
+            {n: r.runner for n, r in results.items()}, caps.check, prep.pipe.one_step_constants()
+        )
+        return parity.check_end_to_end(figures, req.spec.tolerance, prep.trained, f"{req.target}/{req.precision}")
+    if set(req.components) != needed:
+        why = f"not all {'three' if len(needed) == 3 else 'four (with the ControlNet)'} components are in the bundle"
+    else:
+        why = "the lowered models cannot run on this machine"
+    return {"image_psnr_db": None, "enforced": False, "why_not_enforced": f"not computed: {why}"}
+
+
+# ---- write ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Lowered:
+    """What the lower and check stages produced, for the manifest."""
+
+    results: dict
+    parity_components: dict
+    end_to_end: dict
+    specs: dict
+    config: ConversionConfig
+    n_parity_samples: int
+
+
+def _versions(target: str) -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    names = {"onnx": ("onnx", "onnxruntime"), "executorch": ("executorch", "torchao"), "coreml": ("coremltools",)}[
+        target
+    ]
+    out = {}
+    for n in ("torch", "diffusers", "transformers") + names:
+        try:
+            out[n] = version(n)
+        except PackageNotFoundError:
+            out[n] = None
+    return out
+
+
+def _peak_rss_mb() -> float:
+    # ru_maxrss is KiB on Linux, bytes on macOS.
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(r / (1 << 20) if platform.system() == "Darwin" else r / 1024, 1)
+
+
+def _controlnet_record(req: ConversionRequest, prep: Prepared, src: Sources) -> dict:
+    """The manifest's "source.controlnet": where the ControlNet came from, so the PyTorch reference can
+    load it again (`runtimes.torch_session`), and what it was."""
+    cn = prep.controlnet
+    return {
+        "model": str(src.controlnet_path) if src.controlnet_path is not None else None,
+        "sha256": src.controlnet_sha256,
+        "sha256_of": "the ControlNet folder's files (sdxs_edge.bundle.sha256_path); null for a module passed in",
+        "weights_sha256": modules_sha256({"controlnet": cn}),
+        "weights_sha256_of": "ControlNet weights as loaded (state dict; name, dtype, shape, bytes)",
+        "class": type(cn).__name__,
+        "conditioning_embedding_out_channels": list(cn.config.conditioning_embedding_out_channels),
+        "control_scale": float(req.control_scale),
+        "control_image": "float32 (B, 3, H, W) in [0, 1], white canny edges on black (sdxs_edge.control)",
+    }
+
+
+def _source_record(req: ConversionRequest, prep: Prepared, src: Sources) -> dict:
+    from sdxs_edge.pipeline import SDXSPipeline
+    from sdxs_edge.presets import PRESETS
+
+    pipe = prep.pipe
+    return {
+        "model": pipe.name,
+        "sha256": prep.source_sha256,
+        "sha256_of": "network weights as loaded (text_encoder, unet, vae state dicts; name, dtype, shape, bytes)",
+        "trained": bool(prep.trained),
+        # weights of a preset are random with this seed; None for a folder or a pipeline passed in
+        "preset_seed": req.seed if pipe.name in PRESETS and not isinstance(req.model, SDXSPipeline) else None,
+        "unet_class": type(pipe.c.unet).__name__,
+        "vae_class": type(pipe.c.vae).__name__,
+        **({"controlnet": _controlnet_record(req, prep, src)} if prep.controlnet is not None else {}),
+    }
+
+
+def _component_entries(low: Lowered, bundle: Path) -> dict:
+    entries = {}
+    for name, r in low.results.items():
+        ins, outs = low.specs[name]
+        entry = {
+            "file": r.file,
+            "sha256": sha256_path(bundle / r.file),
+            "inputs": [s.to_dict() for s in ins],
+            "outputs": [s.to_dict() for s in outs],
+        }
+        if r.extra_files:
+            entry["external_data"] = [{"file": f, "sha256": sha256_path(bundle / f)} for f in r.extra_files]
+        entries[name] = entry
+    return entries
+
+
+def build_manifest(
+    req: ConversionRequest, prep: Prepared, src: Sources, low: Lowered, bundle: Path, timings: dict, t_start: float
+) -> dict:
+    """The bundle's manifest.json, from the request and the stage results (`sdxs_edge.bundle` validates it)."""
+    spec, tok = req.spec, prep.pipe.c.tokenizer
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "source": _source_record(req, prep, src),
+        "target": req.target,
+        "precision": req.precision,
+        "resolution": prep.resolution,
+        "batch": req.batch,
+        "sampler": prep.pipe.one_step_constants().to_dict(),
+        "tokenizer": {"dir": TOKENIZER_DIR, "max_length": int(tok.model_max_length), "pad_token": str(tok.pad_token)},
+        "components": _component_entries(low, bundle),
+        "parity": {
+            "checked": "numeric" if spec.runs_here and req.delegate == "xnnpack" else "structural",
+            "reference": "PyTorch float32 wrappers (sdxs_edge.components) on the same inputs",
+            "prompts": list(calibration.PARITY_PROMPTS),
+            **({"control_images": CONTROL_IMAGES} if prep.controlnet is not None else {}),
+            "seeds": [calibration.PARITY_SEED0 + i for i in range(low.n_parity_samples)],
+            "null_db_means": "exact match (infinite SNR / PSNR)",
+            "components": low.parity_components,
+            "end_to_end": low.end_to_end,
+        },
+        "conversion": {
+            "config": low.config.to_dict(),
+            "registry": {
+                "summary": spec.summary,
+                "floor_snr_db": spec.tolerance.snr_db,
+                "floor_image_psnr_db": spec.tolerance.image_psnr_db,
+            },
+            "versions": _versions(req.target),
+            "components": {
+                n: {**r.report, "tracer": component_export(n, req.target).tracer} for n, r in low.results.items()
+            },
+            "seconds": round(time.perf_counter() - t_start, 3),
+            "stage_seconds": timings,
+            "peak_rss_mb": _peak_rss_mb(),
+            "peak_rss_note": "peak resident set size of the converting process (ru_maxrss) up to the end of the conversion",
+        },
+    }
+
+
+def write(req: ConversionRequest, prep: Prepared, manifest: dict, bundle: Path) -> None:
+    """Tokenizer and manifest into the bundle being written; then check it loads and holds nothing unlisted."""
+    from sdxs_edge.tokenizer import write_clip_tokenizer
+
+    write_clip_tokenizer(bundle / TOKENIZER_DIR, pad_token=str(prep.pipe.c.tokenizer.pad_token))
+    validate_manifest(manifest)
+    (bundle / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    check_written(bundle, manifest)
+
+
+def check_cpu_classes(req: ConversionRequest, caps: Captures, manifest: dict, bundle: Path) -> None:
+    """The written bundle checked on each requested CPU class (`converters.cpu_check`), recorded in its
+    manifest; numerically checked bundles only."""
+    if manifest["parity"]["checked"] != "numeric" or not all("snr_db" in c for c in manifest["parity"]["components"].values()):
+        return
+    from converters.cpu_check import check_classes
+
+    host = manifest["parity"]["components"]
+    inputs = {n: caps.check.inputs[n] for n in host}
+    label = f"{req.target}/{req.precision}"
+    manifest["parity"]["cpu_classes"] = check_classes(bundle, req.cpu_classes, host, inputs, caps.check.outputs, req.spec.tolerance, label)
+    validate_manifest(manifest)
+    (bundle / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def check_written(bundle: Path, manifest: dict) -> None:
+    """The bundle as written must load through the runtimes' own reader, and hold nothing unlisted."""
+    try:
+        load_manifest(bundle, verify=True)
+    except BundleError as e:
+        raise SDXSError(f"the bundle written does not verify: {e}") from e
+    listed = {"manifest.json", TOKENIZER_DIR}
+    for c in manifest["components"].values():
+        listed.add(c["file"])
+        listed.update(x["file"] for x in c.get("external_data", []))
+    stray = sorted(p.name for p in bundle.iterdir() if p.name not in listed)
+    if stray:
+        raise SDXSError(f"the bundle written holds unlisted files {stray}; a backend left scratch output in it")

@@ -1,0 +1,71 @@
+"""Argument types shared by every `sdxs-edge` subcommand (argparse `type=` callables).
+
+The CLI is the top floor: `sdxs_edge.cli` (the dispatcher) and the subcommand modules (`converters.cli`,
+`runtimes.cli`, `benchmarks.cli`) import these; no library module does. Each type turns bad text into
+an `argparse.ArgumentTypeError` naming the flag, which argparse prints as one line with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+
+def positive(kind: type, name: str):
+    """A number of type `kind` (int or float) greater than 0."""
+
+    def parse(v: str):
+        try:
+            x = kind(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a {kind.__name__}, got {v!r}") from None
+        if x <= 0:
+            raise argparse.ArgumentTypeError(f"{name} must be > 0, got {v}")
+        return x
+
+    return parse
+
+
+def at_least(name: str, minimum: int = 1):
+    """An integer >= `minimum`."""
+
+    def parse(v: str) -> int:
+        try:
+            x = int(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {v!r}") from None
+        if x < minimum:
+            raise argparse.ArgumentTypeError(f"{name} must be >= {minimum}, got {v}")
+        return x
+
+    return parse
+
+
+def fraction(text: str) -> float:
+    """A number in (0, 1]."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {v}")
+    return v
+
+
+def finite(name: str):
+    """A finite number (a LoRA or ControlNet strength)."""
+
+    def parse(text: str) -> float:
+        try:
+            x = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
+        if not math.isfinite(x):
+            raise argparse.ArgumentTypeError(f"{name} must be a finite number, got {text}")
+        return x
+
+    return parse
+
+
+lora_scale = finite("--lora-scale")
+control_scale = finite("--control-scale")
