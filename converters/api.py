@@ -118,9 +118,7 @@ def convert(
             softmax and product with V, as Apple's ml-stable-diffusion lays attention out for the Neural
             Engine; on CPU it caps the largest attention map at one head's). Applied to copies of the U-Net,
             VAE and ControlNet: a pipeline passed in is left as it was. Recorded under "conversion.config".
-        cpu_classes: CPU classes (`sdxs_edge.cpu.CLASSES`, "host" for this machine's) to check the bundle
-            on, each against the same floors: the host natively, others under qemu emulation
-            (`converters.cpu_check`). Recorded under "parity.cpu_classes".
+        cpu_classes: CPU classes to check the bundle on ("host" and `sdxs_edge.cpu.EMULATED`; `cpu_check`).
 
     Returns:
         the bundle path.

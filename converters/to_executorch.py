@@ -346,8 +346,11 @@ def runner_for(job: ComponentJob, path: Path) -> Runner:
     """Stage 4: the ExecuTorch Python runtime on `path` (XNNPACK is registered in the pip wheel)."""
     from executorch.runtime import Runtime
 
+    from sdxs_edge.quiet import filtered_stderr
+
     try:
-        method = Runtime.get().load_program(str(path)).load_method("forward")
+        with filtered_stderr():  # ExecuTorch's CPU probe logs on every method load
+            method = Runtime.get().load_program(str(path)).load_method("forward")
     except Exception as e:
         raise _err(job, "loading in the ExecuTorch runtime", e) from e
     dtypes = [s.dtype for s in job.inputs]

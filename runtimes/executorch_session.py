@@ -11,6 +11,7 @@ import numpy as np
 
 from runtimes.base import BackendMissingError, Session
 from sdxs_edge.bundle import BundleError
+from sdxs_edge.quiet import filtered_stderr
 
 
 class ExecuTorchSession(Session):
@@ -27,6 +28,10 @@ class ExecuTorchSession(Session):
 
     def __init__(self, bundle: str | Path, *, method: str = "forward", verify: bool = True):
         super().__init__(bundle, verify=verify)
+        with filtered_stderr():  # library noise at import and method load (sdxs_edge.quiet)
+            self._load(method)
+
+    def _load(self, method: str) -> None:
         try:
             import torch
             from executorch.runtime import Runtime

@@ -24,6 +24,7 @@ def _quiet_libraries() -> None:
     import warnings
 
     logging.getLogger("torchao").setLevel(logging.ERROR)
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)  # its Enum deprecation, at executorch import
     warnings.filterwarnings("ignore", module="torchao")
     warnings.filterwarnings("ignore", category=FutureWarning)
 
