@@ -20,7 +20,7 @@ from pathlib import Path
 
 from converters import stages as S
 from converters.request import ConversionRequest, check_request
-from converters.stages import CONTROL_IMAGES, TOKENIZER_DIR, backend, weights_sha256
+from converters.stages import BACKENDS, CONTROL_IMAGES, TOKENIZER_DIR, backend, weights_sha256
 from sdxs_edge.bundle import atomic_dir
 from sdxs_edge.errors import SDXSError
 
@@ -29,6 +29,7 @@ __all__ = [
     "run",
     "check_request",
     "ConversionRequest",
+    "BACKENDS",
     "backend",
     "weights_sha256",
     "CONTROL_IMAGES",
