@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from runtimes.base import BackendMissingError, Session
-from sdxs_edge.bundle import REQUIRED_COMPONENTS, BundleError, atomic_dir
+from sdxs_edge.atomic import atomic_dir
+from sdxs_edge.bundle import REQUIRED_COMPONENTS, BundleError
 
 META_FILE = "openvino.json"
 

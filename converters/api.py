@@ -18,7 +18,6 @@ import math
 import os
 import platform
 import resource
-import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
@@ -29,7 +28,8 @@ from converters import calibration, parity
 from converters.base import ComponentJob, ComponentResult, ConversionConfig
 from converters.registry import DELEGATES, ONNX_CALIBRATIONS, PALETTE_BITS, UnsupportedConversion, component_export, precision_spec
 from converters.sensitivity import refusal_detail
-from sdxs_edge.bundle import COMPONENT_NAMES, FORMAT, FORMAT_VERSION, REQUIRED_COMPONENTS, TARGETS, BundleError, atomic_dir, load_manifest, sha256_path, validate_manifest
+from sdxs_edge.atomic import atomic_dir, scratch_dir
+from sdxs_edge.bundle import COMPONENT_NAMES, FORMAT, FORMAT_VERSION, REQUIRED_COMPONENTS, TARGETS, BundleError, load_manifest, sha256_path, validate_manifest
 from sdxs_edge.errors import ParityError, SDXSError
 from sdxs_edge.weights import modules_sha256
 
@@ -375,7 +375,7 @@ def convert(
         out.parent.mkdir(parents=True, exist_ok=True)
         results: dict[str, ComponentResult] = {}
         par_components: dict[str, dict] = {}
-        with tempfile.TemporaryDirectory(prefix=f".{out.name}.work-", dir=out.parent) as work, atomic_dir(out, overwrite=overwrite) as tmp:
+        with atomic_dir(out, overwrite=overwrite) as tmp, scratch_dir(out) as work:
             for name in comps:
                 t0 = stage(name)
                 ins, outs = specs[name]

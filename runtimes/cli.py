@@ -9,12 +9,12 @@ prints as one line with exit code 2.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 import warnings
 from pathlib import Path
 
+from sdxs_edge.atomic import atomic_file
 from sdxs_edge.errors import SDXSError
 
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
@@ -117,10 +117,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 print(f"warning: {w.message}", file=sys.stderr)
         res = session.generate_arrays(args.prompt, seed=args.seed, control_image=control)
     image = to_pil(res.image)[0]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    image.save(tmp, format=IMAGE_FORMATS[out.suffix.lower()])
-    os.replace(tmp, out)
+    with atomic_file(out) as tmp:
+        image.save(tmp, format=IMAGE_FORMATS[out.suffix.lower()])
     m = session.manifest
     print(f"bundle {args.bundle}  ({m['target']} {m['precision']}, {m['resolution']}px) on {args.runtime}, seed {args.seed}" + (f", control {args.control}" if args.control else ""))
     print(f"  load          {load_s * 1000:9.1f} ms")

@@ -17,11 +17,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
+from sdxs_edge.atomic import write_atomic
 from sdxs_edge.errors import SDXSError
 
 FORMAT = "sdxs-edge-bundle"
@@ -187,32 +186,5 @@ def load_manifest(bundle: str | Path, verify: bool = True) -> dict:
     return manifest
 
 
-@contextmanager
-def atomic_dir(final: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling directory; rename it to `final` only if the block succeeds.
-
-    An interrupted or failed write leaves no `final` behind (and an existing one untouched unless the
-    block succeeds with `overwrite`).
-    """
-    final = Path(final)
-    if final.exists() and not overwrite:
-        raise SDXSError(f"{final} exists; pass --overwrite to replace it")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def write_schema(path: str | Path) -> None:
-    Path(path).write_text(json.dumps(MANIFEST_SCHEMA, indent=2) + "\n")
+    write_atomic(path, json.dumps(MANIFEST_SCHEMA, indent=2) + "\n")

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from sdxs_edge import control as _control
+from sdxs_edge.atomic import atomic_file, write_atomic
 from sdxs_edge.controlnet import parse_control_scale
 from sdxs_edge.errors import SDXSError
 from sdxs_edge.lora import parse_scale
@@ -53,10 +54,8 @@ def _positive(kind: type, name: str):
 def _save_image(img, out: Path) -> None:
     if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise SDXSError(f"--out must end in .png, .jpg or .webp, got {out.name!r}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    img.save(tmp, format={".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}[out.suffix.lower()])
-    os.replace(tmp, out)
+    with atomic_file(out) as tmp:
+        img.save(tmp, format={".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}[out.suffix.lower()])
 
 
 def _warnings_as_lines(fn, *a):
@@ -157,13 +156,8 @@ def cmd_canny(args) -> int:
     if args.low >= args.high:
         raise SDXSError(f"--low ({args.low:g}) must be below --high ({args.high:g})")
     edges = canny(np.asarray(img), low=args.low, high=args.high)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_file(out) as tmp:
         Image.fromarray(edges).save(tmp, format="PNG")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     print(f"wrote {out}  ({img.size[0]}x{img.size[1]}, {100 * float((edges > 0).mean()):.1f}% edge pixels, thresholds {args.low:g}/{args.high:g})")
     return 0
 
@@ -192,9 +186,7 @@ def cmd_eval(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     grid = save_grid(images, out / "grid.png")
-    tmp = out / ".eval.json.tmp"
-    tmp.write_text(json.dumps(rep, indent=2))
-    tmp.replace(out / "eval.json")
+    write_atomic(out / "eval.json", json.dumps(rep, indent=2))
     print(f"wrote {out / 'eval.json'} and {grid}")
     return 0
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -156,9 +155,9 @@ class SDXSPipeline:
         folder = Path(folder)
         if folder.exists() and not overwrite:
             raise SDXSError(f"{folder} exists; pass overwrite=True (--overwrite) to replace it")
-        tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
+        from sdxs_edge.atomic import atomic_dir
+
+        with atomic_dir(folder, overwrite=overwrite) as tmp:
             import copy
 
             for name, module in self.c.modules().items():
@@ -190,11 +189,6 @@ class SDXSPipeline:
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
             meta = {"name": self.name, "default_steps": self.default_steps, "default_guidance": self.default_guidance}
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(tmp, folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         return folder
 
     def attach_controlnet(self, controlnet) -> "SDXSPipeline":

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from sdxs_edge.atomic import atomic_dir, atomic_file, write_atomic
 from training.decoder import DecoderConfig, decoder_report, distill_decoder
 from training.onestep import SSDConfig, WarmupConfig, ode_pair_chunks, score_distill, warmup
 from training.teacher import TeacherConfig, build_latent_cache, smoke_config, train_teacher
@@ -104,13 +105,8 @@ def smoke_chain() -> ChainConfig:
 
 
 def _save_unet_folder(unet, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    unet.save_pretrained(tmp, safe_serialization=True)
-    if path.exists():
-        import shutil
-
-        shutil.rmtree(path)
-    tmp.rename(path)
+    with atomic_dir(path, overwrite=True) as tmp:
+        unet.save_pretrained(tmp, safe_serialization=True)
 
 
 def _latency(pipe, steps: int | None, guidance: float | None, runs: int = 5) -> float:
@@ -149,7 +145,7 @@ def run_chain(cfg: ChainConfig, out: str | Path, until: str = "all") -> dict:
         torch.backends.cudnn.allow_tf32 = True
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
+    write_atomic(out / "config.json", json.dumps(asdict(cfg), indent=2, default=str))
     clock = StageClock(out / "times.json")
     lap, times = clock.lap, clock.times
 
@@ -186,8 +182,8 @@ def run_chain(cfg: ChainConfig, out: str | Path, until: str = "all") -> dict:
             else:
                 p = ode_pair_chunks(teacher, out / "pairs", cfg.pairs, cfg.pair_steps, teacher.default_guidance, chunk=cfg.pair_chunk, batch=1024 if dev.type == "cuda" else 128)
             if not held_file.is_file():  # teacher samples held out for the decoder report
-                save_file({"x0": p["x0"][-256:].contiguous()}, str(held_file.with_suffix(".tmp")))
-                held_file.with_suffix(".tmp").rename(held_file)
+                with atomic_file(held_file) as tmp:
+                    save_file({"x0": p["x0"][-256:].contiguous()}, str(tmp))
             data["pairs"] = {k: v.to(dev) for k, v in p.items()}
         return data["pairs"]
 
@@ -225,7 +221,7 @@ def run_chain(cfg: ChainConfig, out: str | Path, until: str = "all") -> dict:
         kd_unet, init = build_student(teacher.c.unet, preset.layer_map)
         kd_unet.to(dev)
         (out / "unet-kd").mkdir(parents=True, exist_ok=True)
-        (out / "unet-kd" / "init.json").write_text(json.dumps(init, indent=2))
+        write_atomic(out / "unet-kd" / "init.json", json.dumps(init, indent=2))
         distill_unet(cfg.unet_kd, out / "unet-kd", teacher.c.unet, teacher.c.text_encoder, kd_unet, cache(), empty, acp)
         _save_unet_folder(kd_unet, kd_done)
     lap("unet-kd")
@@ -318,8 +314,8 @@ def run_chain(cfg: ChainConfig, out: str | Path, until: str = "all") -> dict:
         report["models"][name] = rep
     lap("report")
     report["stage_seconds"] = times
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    (out / "report.md").write_text(format_chain_report(report))
+    write_atomic(out / "report.json", json.dumps(report, indent=2))
+    write_atomic(out / "report.md", format_chain_report(report))
     return report
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from sdxs_edge import shapes
+from sdxs_edge.atomic import atomic_file, write_atomic
 from sdxs_edge.presets import get_preset
 from training import dist
 from training.dist import DistInfo
@@ -192,9 +192,8 @@ def build_latent_cache(cfg: TeacherConfig, vae, tokenizer, path: Path) -> dict:
     }
     # SD's convention: scale latents to unit variance (the "scaling_factor" in the VAE config).
     cache["scaling_factor"] = torch.tensor(1.0 / cache["mean"].std().item())
-    tmp = path.with_suffix(f".tmp{os.getpid()}")  # data-parallel ranks write identical caches
-    save_file(cache, str(tmp))
-    tmp.replace(path)
+    with atomic_file(path) as tmp:  # data-parallel ranks write identical caches, each through its own temporary
+        save_file(cache, str(tmp))
     return cache
 
 
@@ -264,7 +263,7 @@ def train_teacher(cfg: TeacherConfig, out: str | Path) -> Path:
     torch.set_num_threads(cfg.threads)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    write_atomic(out / "config.json", json.dumps(asdict(cfg), indent=2))
     preset = get_preset(cfg.preset)
     times = {}
     t = time.time()
@@ -290,7 +289,7 @@ def train_teacher(cfg: TeacherConfig, out: str | Path) -> Path:
     pipe.default_steps, pipe.default_guidance = preset.default_steps, preset.default_guidance
     model = pipe.save_pretrained(out / "model", overwrite=True)
     report = {"vae": vae_metrics, "scaling_factor": float(cache["scaling_factor"]), "seconds": times, "config": asdict(cfg)}
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    write_atomic(out / "report.json", json.dumps(report, indent=2))
     if d.world > 1:
         torch.distributed.barrier()
     return model
