@@ -38,6 +38,21 @@ def resolve_model(model: str | None) -> str:
     return str(DEFAULT_MODEL)
 
 
+def fetch_named_models(args) -> None:
+    """`--allow-download`: put the hub ids a command names into the local cache before it runs; every
+    load after that reads the cache only (`SDXSPipeline.load(..., allow_download=False)`)."""
+    from sdxs_edge.pipeline import fetch_hub_model, is_hub_id
+
+    names = [getattr(args, a, None) for a in ("model", "reference", "teacher", "student")]
+    if getattr(args, "bundle", None) and (getattr(args, "runtime", None) == "torch" or args.command == "parity"):
+        from sdxs_edge.bundle import load_manifest
+
+        names.append(load_manifest(args.bundle, verify=False)["source"]["model"])
+    for name in names:
+        if name and is_hub_id(str(name)):
+            fetch_hub_model(str(name), allow_download=True)
+
+
 def _positive(kind: type, name: str):
     def parse(v: str):
         try:
@@ -277,6 +292,7 @@ def cmd_train(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sdxs-edge", description="One-step SDXS text-to-image: generate, train, convert, run on device.")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    p.add_argument("--allow-download", action="store_true", help="fetch the Hugging Face hub ids this command names (model, reference, a bundle's source) when the local cache lacks them; without it nothing is downloaded")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     g = sub.add_parser("generate", help="generate images from text with a model or preset")
@@ -350,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _quiet_libraries()
     try:
+        if args.allow_download:
+            fetch_named_models(args)
         return args.func(args) or 0
     except SDXSError as e:
         if args.debug:
