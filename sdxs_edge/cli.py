@@ -151,21 +151,15 @@ def cmd_generate(args) -> int:
 def cmd_canny(args) -> int:
     """Edge map of an image (white canny edges on black, PNG), as a ControlNet's control image."""
     import numpy as np
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
-    from sdxs_edge.control import ControlImageError, canny
+    from sdxs_edge.control import ControlImageError, canny, open_image
 
     src, out = Path(args.image), Path(args.out)
     if out.suffix.lower() != ".png":
         raise SDXSError(f"OUT must end in .png (edge maps are stored losslessly), got {out.name!r}")
-    if not src.is_file():
-        raise ControlImageError(f"image {src} does not exist")
-    try:
-        with Image.open(src) as im:
-            im.load()
-            img = im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
-        raise ControlImageError(f"image {src} is not a readable image ({type(e).__name__})") from None
+    with open_image(src, "image") as im:
+        img = im.convert("RGB")
     if min(img.size) < 3:
         raise ControlImageError(f"image {src} is {img.size[0]}x{img.size[1]}; too small for edges")
     if args.low >= args.high:

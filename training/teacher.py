@@ -55,6 +55,8 @@ class TeacherConfig:
             at high noise (0 disables; the plain DDPM loss).
         grad_accum: micro-batches per optimizer step (the batch sizes above are global, per step).
         log_every: steps between log lines.
+        vae_ckpt_every: VAE steps between checkpoints (a killed run resumes from the last one).
+        unet_ckpt_every: U-Net steps between checkpoints.
     """
 
     preset: str = "shapes-teacher"
@@ -76,9 +78,11 @@ class TeacherConfig:
     snr_weight_cap: float = 5.0
     grad_accum: int = 1
     log_every: int = 25
+    vae_ckpt_every: int = 250
+    unet_ckpt_every: int = 500
 
 
-SMOKE = dict(preset="tiny-teacher", vae_steps=6, vae_batch=8, cache_size=64, unet_steps=6, unet_batch=8, warmup=2, emphasis_from=3, log_every=1, threads=1)
+SMOKE = dict(preset="tiny-teacher", vae_steps=6, vae_batch=8, cache_size=64, unet_steps=6, unet_batch=8, warmup=2, emphasis_from=3, log_every=1, threads=1, vae_ckpt_every=2, unet_ckpt_every=2)
 
 
 def _lr_lambda(warmup: int, total: int):
@@ -138,7 +142,7 @@ def _micro(cfg: TeacherConfig, d: DistInfo, tensors: list[torch.Tensor]) -> list
     return [list(parts) for parts in zip(*(t.chunk(cfg.grad_accum) for t in local))]
 
 
-def train_vae(cfg: TeacherConfig, out: Path, ckpt_every: int = 250):
+def train_vae(cfg: TeacherConfig, out: Path):
     from sdxs_edge.models import build_vae
 
     d, dev = dist.init(), dist.device()
@@ -166,7 +170,7 @@ def train_vae(cfg: TeacherConfig, out: Path, ckpt_every: int = 250):
         opt.step()
         return {"loss": d.mean(total), **parts}
 
-    run_loop("vae", out / "vae", LoopConfig(cfg.vae_steps, log_every=cfg.log_every, ckpt_every=ckpt_every), step, {"vae": vae}, {"opt": opt}, is_main=d.is_main)
+    run_loop("vae", out / "vae", LoopConfig(cfg.vae_steps, log_every=cfg.log_every, ckpt_every=cfg.vae_ckpt_every), step, {"vae": vae}, {"opt": opt}, is_main=d.is_main)
     return vae.cpu().eval()
 
 
@@ -197,7 +201,7 @@ def build_latent_cache(cfg: TeacherConfig, vae, tokenizer, path: Path) -> dict:
     return cache
 
 
-def train_unet(cfg: TeacherConfig, out: Path, text_encoder, unet, tokenizer, cache: dict, ckpt_every: int = 500) -> None:
+def train_unet(cfg: TeacherConfig, out: Path, text_encoder, unet, tokenizer, cache: dict) -> None:
     from diffusers import DDPMScheduler
 
     preset = get_preset(cfg.preset)
@@ -247,7 +251,7 @@ def train_unet(cfg: TeacherConfig, out: Path, text_encoder, unet, tokenizer, cac
         opt.step()
         return {"loss": d.mean(total), "lr": opt.param_groups[0]["lr"]}
 
-    run_loop("unet", out / "unet", LoopConfig(cfg.unet_steps, log_every=cfg.log_every, ckpt_every=ckpt_every), step, {"unet": unet, "text_encoder": text_encoder}, {"opt": opt}, is_main=d.is_main)
+    run_loop("unet", out / "unet", LoopConfig(cfg.unet_steps, log_every=cfg.log_every, ckpt_every=cfg.unet_ckpt_every), step, {"unet": unet, "text_encoder": text_encoder}, {"opt": opt}, is_main=d.is_main)
     unet.cpu().eval()
     text_encoder.cpu().eval()
 
