@@ -167,16 +167,18 @@ def open_image(path: str | os.PathLike, what: str = "image"):
     if not p.is_file():
         raise ControlImageError(f"{what} {p} does not exist")
     try:
-        img = Image.open(p)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # sized below, with our message
+            img = Image.open(p)
         w, h = img.size
         if w * h > MAX_IMAGE_PIXELS:
             img.close()
             raise ControlImageError(f"{what} {p} is {w}x{h}; images above {MAX_IMAGE_PIXELS} pixels are refused")
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img.load()
+        img.load()
     except ControlImageError:
         raise
+    except Image.DecompressionBombError:  # Pillow's own header check (above twice the bound) came first
+        raise ControlImageError(f"{what} {p} is above {2 * MAX_IMAGE_PIXELS} pixels; images above {MAX_IMAGE_PIXELS} pixels are refused") from None
     except Exception as e:  # Pillow's decoders raise OSError, ValueError, SyntaxError, EOFError, struct.error, ...
         raise ControlImageError(f"{what} {p} is not a readable image ({type(e).__name__})") from None
     return img
