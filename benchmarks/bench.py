@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from benchmarks import report as R
-from benchmarks.jobs import BenchError, ConversionJob, Job, dir_mb, write_atomic
+from benchmarks.jobs import BenchError, ConversionJob, Job, dir_mb
+from sdxs_edge.atomic import write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 # Runtimes measured here and the bundle target each runs (torch runs the model itself).

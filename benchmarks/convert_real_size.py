@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from sdxs_edge.atomic import write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_JOBS = ("onnx:fp32", "onnx:int8", "executorch:fp32", "executorch:int8", "coreml:fp16")
@@ -165,10 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         report["results"].sort(key=lambda r: order.get(f"{r['target']}:{r['precision']}", len(order)))
         if old.get("notes"):
             report["notes"] = old["notes"]
-    tmp = out / f".{stem}.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(out / f"{stem}.json")
-    (out / f"{stem}.md").write_text(markdown(report))
+    write_atomic(out / f"{stem}.json", json.dumps(report, indent=2) + "\n")
+    write_atomic(out / f"{stem}.md", markdown(report))
     print(f"wrote {out / stem}.json and .md")
     return 0 if all("error" not in r for r in results) else 1
 

@@ -155,17 +155,3 @@ def dir_mb(path: str | os.PathLike) -> float:
     return round(n / 1e6, 3)
 
 
-def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
-    """Write a file through a temporary sibling and a rename, so readers never see half of it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        if isinstance(data, bytes):
-            tmp.write_bytes(data)
-        else:
-            tmp.write_text(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path

@@ -27,8 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.jobs import dir_mb, stats_ms, write_atomic
+from benchmarks.jobs import dir_mb, stats_ms
 from sdxs_edge.errors import SDXSError
+from sdxs_edge.atomic import write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNNER = ROOT / "build" / "host" / "sdxs_runner"

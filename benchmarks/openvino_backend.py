@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from runtimes.base import BackendMissingError, Session
-from sdxs_edge.bundle import REQUIRED_COMPONENTS, BundleError, atomic_dir
+from sdxs_edge.atomic import atomic_dir
+from sdxs_edge.bundle import REQUIRED_COMPONENTS, BundleError, load_manifest
 
 META_FILE = "openvino.json"
 
@@ -149,7 +150,7 @@ def _check_source(onnx_bundle: Path, precision: str):
             import nncf
         except ImportError:
             raise BackendMissingError("nncf: not installed, OpenVINO int8 needs it (pip install '.[bench]')") from None
-    manifest = json.loads((onnx_bundle / "manifest.json").read_text())
+    manifest = load_manifest(onnx_bundle)
     if manifest["target"] != "onnx" or manifest["precision"] != "fp32":
         raise BundleError(f"{onnx_bundle}: OpenVINO IR is built from an ONNX fp32 bundle, got {manifest['target']}/{manifest['precision']}")
     if "controlnet" in manifest["components"]:

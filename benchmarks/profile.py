@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.jobs import write_atomic
 from sdxs_edge.errors import SDXSError
+from sdxs_edge.atomic import write_atomic
 
 CONTAINERS = ("Method::execute", "Method::init", "Program::load_method", "DELEGATE_CALL", "OPERATOR_CALL")
 

@@ -18,8 +18,9 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
-from benchmarks.jobs import PRESET_ONNX_CALIBRATION, PRESET_SENSITIVITY, PROMPT, Job, peak_rss_mb, stats_e2e, stats_ms, write_atomic
+from benchmarks.jobs import PRESET_ONNX_CALIBRATION, PRESET_SENSITIVITY, PROMPT, Job, peak_rss_mb, stats_e2e, stats_ms
 from sdxs_edge.errors import SDXSError
+from sdxs_edge.atomic import write_atomic
 
 COMPONENTS = ("text_encoder", "unet", "decoder")
 

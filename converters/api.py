@@ -13,7 +13,6 @@ behind and an existing one untouched.
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 from converters import stages as S
 from converters.request import ConversionRequest, check_request
 from converters.stages import BACKENDS, CONTROL_IMAGES, TOKENIZER_DIR, backend, weights_sha256
-from sdxs_edge.bundle import atomic_dir
+from sdxs_edge.atomic import atomic_dir, scratch_dir
 from sdxs_edge.errors import SDXSError
 
 __all__ = [
@@ -177,8 +176,7 @@ def run(req: ConversionRequest) -> Path:
         caps = S.capture(req, prep, modules, prompts)
         st.done()
         req.out.parent.mkdir(parents=True, exist_ok=True)
-        work_dir = tempfile.TemporaryDirectory(prefix=f".{req.out.name}.work-", dir=req.out.parent)
-        with work_dir as work, atomic_dir(req.out, overwrite=req.overwrite) as tmp:
+        with atomic_dir(req.out, overwrite=req.overwrite) as tmp, scratch_dir(req.out) as work:
             results, checks = {}, {}
             for name in req.components:
                 st.start(name)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
@@ -31,6 +30,7 @@ import numpy as np
 import runtimes
 from runtimes.base import Session, to_uint8
 from sdxs_edge import cpu, metrics, sampler, shapes
+from sdxs_edge.atomic import write_atomic
 from sdxs_edge.errors import ParityError, SDXSError
 from sdxs_edge.floors import FLOORS, Floors
 
@@ -293,12 +293,7 @@ def write_json(report: dict, path: str | Path) -> Path:
         report: a `run_parity` report.
         path: destination file.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, json.dumps(report, indent=2) + "\n")
 
 
 def _num(x, fmt: str) -> str:

@@ -8,6 +8,10 @@ For a bundle converted with a LoRA (`convert --lora`) it fuses the LoRA file the
 (manifest["conversion"]["config"]["lora"], checked against the recorded sha256) at the recorded scale
 into its U-Net (a copy of it, for a pipeline passed in), so the reference is the model the bundle lowered.
 
+The source model is never downloaded here: a hub id loads from the local Hugging Face cache only
+(`sdxs-edge --allow-download` fills it), and the loaded weights must hash to the manifest's
+`source.sha256` (the hash `converters.api.weights_sha256` recorded), or the session refuses to start.
+
 For a bundle with a ControlNet it loads the ControlNet the manifest records (manifest["source"]
 ["controlnet"]["model"], a folder, checked against the recorded weights sha256), or an explicit
 `controlnet=`, with the recorded conditioning scale.
@@ -62,9 +66,10 @@ class TorchSession(Session):
         self._torch = torch
         if isinstance(reference, SDXSPipeline):
             pipe = reference
+        elif reference is not None:
+            pipe = SDXSPipeline.load(str(reference))
         else:
-            src = str(reference) if reference is not None else resolve_source(self.bundle, self.manifest["source"]["model"])
-            pipe = SDXSPipeline.load(src)
+            pipe = self._load_source()
         pipe = self._with_lora(pipe, reference)
         self.pipeline = pipe
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -79,6 +84,20 @@ class TorchSession(Session):
         elif controlnet is not None:
             raise BundleError(f"{self.bundle} has no ControlNet; controlnet= applies to bundles converted with one")
         self.modules = {k: m.to(self.device) for k, m in wrappers(pipe, self.controlnet, scale).items()}
+
+    def _load_source(self):
+        """The manifest's source model, loaded only from a preset, a local folder or the local hub cache
+        (never downloaded here), and checked against `source.sha256` before anything runs."""
+        from sdxs_edge.pipeline import SDXSPipeline
+        from sdxs_edge.weights import modules_sha256
+
+        source = self.manifest["source"]
+        src = resolve_source(self.bundle, source["model"])
+        pipe = SDXSPipeline.load(src, seed=int(source.get("preset_seed") or 0))
+        if modules_sha256(pipe.c.modules()) != source["sha256"]:
+            where = f"{src}/{{text_encoder,unet,vae}}/*.safetensors" if Path(src).is_dir() else f"preset {src} (seed {source.get('preset_seed') or 0})"
+            raise BundleError(f"the source model's weights ({where}) differ from those {self.bundle} was converted from (source.sha256 mismatch); pass reference= (--reference) to compare with it anyway")
+        return pipe
 
     def _with_lora(self, pipe, reference):
         """`pipe` with the bundle's recorded LoRA fused into its U-Net (unchanged when there is none)."""

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-from contextlib import contextmanager
+import math
+import posixpath
+import re
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
+from sdxs_edge.atomic import write_atomic
 from sdxs_edge.errors import SDXSError
 
 FORMAT = "sdxs-edge-bundle"
@@ -115,15 +116,17 @@ def _validate(obj: Any, schema: dict, where: str) -> None:
 
 
 def validate_manifest(manifest: dict) -> dict:
-    """Check a manifest dict against the schema; a newer or unknown format version gets its own message."""
+    """Check a manifest dict against the schema and the limits below; a newer or unknown format version
+    gets its own message. Pure: the files are checked by `load_manifest` (`check_contained`)."""
     if not isinstance(manifest, dict):
         raise BundleError("manifest is not a JSON object")
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise BundleError(f"manifest format version {manifest.get('format_version')!r} is not supported (this sdxs-edge reads version {FORMAT_VERSION})")
+        raise BundleError(f"manifest format version {_short(manifest.get('format_version'))} is not supported (this sdxs-edge reads version {FORMAT_VERSION})")
     _validate(manifest, MANIFEST_SCHEMA, "$")
     for name in manifest["components"]:
         if name not in COMPONENT_NAMES:
-            raise BundleError(f"manifest: unknown component {name!r} (known: {', '.join(COMPONENT_NAMES)})")
+            raise BundleError(f"manifest: unknown component {_short(name)} (known: {', '.join(COMPONENT_NAMES)})")
+    _check_limits(manifest)
     comps = manifest["components"]
     if "controlnet" in comps:
         if "unet" not in comps:
@@ -136,6 +139,127 @@ def validate_manifest(manifest: dict) -> dict:
             if got["shape"] != t["shape"] or got["dtype"] != t["dtype"]:
                 raise BundleError(f"manifest: unet input {t['name']} {got['dtype']}{got['shape']} differs from the controlnet output {t['dtype']}{t['shape']}")
     return manifest
+
+
+# ---- limits and containment: a bundle is untrusted input ---------------------------------------------
+MAX_MANIFEST_BYTES = 16 << 20  # a real manifest is a few KiB
+MAX_DIM = 1 << 16  # per tensor dimension
+MAX_ELEMENTS = 1 << 31  # per tensor
+MAX_RANK = 8
+MAX_RESOLUTION = 8192
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_TENSOR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,127}")
+
+
+def _short(v: Any, n: int = 60) -> str:
+    """repr of a manifest value for an error line: one line, at most `n` characters."""
+    r = repr(v)
+    return r if len(r) <= n else r[: n - 3] + "..."
+
+
+def check_sha256(value: Any, where: str) -> str:
+    """A sha256 field: exactly 64 lowercase hex digits."""
+    if not isinstance(value, str) or not _SHA256.fullmatch(value):
+        raise BundleError(f"manifest {where}: {_short(value)} is not a sha256 (64 lowercase hex digits)")
+    return value
+
+
+def check_relative(rel: Any, where: str) -> str:
+    """A path a manifest names inside its bundle: a relative, normalised POSIX path without `..`."""
+    bad = (
+        not isinstance(rel, str)
+        or not rel
+        or len(rel) > 255
+        or "\0" in rel
+        or "\\" in rel
+        or rel.startswith("/")
+        or (len(rel) > 1 and rel[1] == ":")  # a Windows drive
+        or posixpath.normpath(rel) != rel
+        or any(part in ("..", ".") for part in rel.split("/"))
+    )
+    if bad:
+        raise BundleError(f"manifest {where}: {_short(rel)} must be a relative path inside the bundle (no '..', no absolute path)")
+    return rel
+
+
+def _check_tensors(tensors: list, where: str) -> None:
+    seen = set()
+    for i, t in enumerate(tensors):
+        name, shape = t["name"], t["shape"]
+        if not _TENSOR_NAME.fullmatch(name):
+            raise BundleError(f"manifest {where}[{i}].name: {_short(name)} is not a tensor name (letters, digits, '_', '.'; at most 128)")
+        if name in seen:
+            raise BundleError(f"manifest {where}: tensor name {name!r} appears twice")
+        seen.add(name)
+        if not 1 <= len(shape) <= MAX_RANK or any(d > MAX_DIM for d in shape) or math.prod(shape) > MAX_ELEMENTS:
+            raise BundleError(f"manifest {where}[{i}].shape: {_short(shape)} is out of bounds (rank 1-{MAX_RANK}, each dimension at most {MAX_DIM}, at most {MAX_ELEMENTS} elements)")
+
+
+def _check_limits(manifest: dict) -> None:
+    """What the schema cannot say: path syntax, sha256 syntax, tensor names and sizes, finite numbers."""
+    if not 8 <= manifest["resolution"] <= MAX_RESOLUTION:
+        raise BundleError(f"manifest $.resolution: {manifest['resolution']} is out of bounds (8-{MAX_RESOLUTION})")
+    for k, v in manifest["sampler"].items():
+        if isinstance(v, float) and not math.isfinite(v):
+            raise BundleError(f"manifest $.sampler.{k}: {v} is not a finite number")
+    if not 1 <= manifest["tokenizer"]["max_length"] <= 1024:
+        raise BundleError(f"manifest $.tokenizer.max_length: {manifest['tokenizer']['max_length']} is out of bounds (1-1024)")
+    check_relative(manifest["tokenizer"]["dir"], "$.tokenizer.dir")
+    check_sha256(manifest["source"]["sha256"], "$.source.sha256")
+    for name, comp in manifest["components"].items():
+        where = f"$.components.{name}"
+        check_relative(comp["file"], f"{where}.file")
+        check_sha256(comp["sha256"], f"{where}.sha256")
+        _check_tensors(comp["inputs"], f"{where}.inputs")
+        _check_tensors(comp["outputs"], f"{where}.outputs")
+        extra = comp.get("external_data", [])
+        if not isinstance(extra, list):
+            raise BundleError(f"manifest {where}.external_data: expected array, got {type(extra).__name__}")
+        for i, x in enumerate(extra):
+            if not isinstance(x, dict):
+                raise BundleError(f"manifest {where}.external_data[{i}]: expected object, got {type(x).__name__}")
+            check_relative(x.get("file"), f"{where}.external_data[{i}].file")
+            check_sha256(x.get("sha256"), f"{where}.external_data[{i}].sha256")
+    _check_source_records(manifest)
+
+
+def _check_source_records(manifest: dict) -> None:
+    """The records of what a bundle was converted from (read by the PyTorch reference only): optional
+    sha256 fields are sha256s, recorded paths and ids are one-line strings."""
+    cn = manifest["source"].get("controlnet")
+    cfg = (manifest.get("conversion") or {}).get("config") or {}
+    if cn is not None and not isinstance(cn, dict):
+        raise BundleError(f"manifest $.source.controlnet: expected object, got {type(cn).__name__}")
+    if not isinstance(cfg, dict):
+        raise BundleError(f"manifest $.conversion.config: expected object, got {type(cfg).__name__}")
+    for rec, key, where in ((cn or {}, "sha256", "$.source.controlnet.sha256"), (cn or {}, "weights_sha256", "$.source.controlnet.weights_sha256"), (cfg, "lora_sha256", "$.conversion.config.lora_sha256")):
+        if rec.get(key) is not None:
+            check_sha256(rec[key], where)
+    for rec, key, where in ((manifest["source"], "model", "$.source.model"), (cn or {}, "model", "$.source.controlnet.model"), (cfg, "lora", "$.conversion.config.lora")):
+        v = rec.get(key)
+        if v is not None and (not isinstance(v, str) or not v or len(v) > 4096 or any(c in v for c in "\0\n\r")):
+            raise BundleError(f"manifest {where}: {_short(v)} is not a model path or id")
+
+
+def inside(bundle: str | Path, rel: str, where: str) -> Path:
+    """The path `rel` names in `bundle`, after checking it stays there: relative and normalised
+    (`check_relative`), and, following every symlink on the way, still inside the bundle folder; a
+    folder's entries are checked the same way. Every file a runtime opens from a bundle comes from here."""
+    check_relative(rel, where)
+    root = Path(bundle).resolve()
+    path = Path(bundle) / rel
+    _check_resolves_inside(path, root, rel)
+    if path.is_dir():
+        for p in path.rglob("*"):
+            _check_resolves_inside(p, root, str(p.relative_to(bundle)))
+    return path
+
+
+def _check_resolves_inside(path: Path, root: Path, rel: str) -> None:
+    real = path.resolve()
+    if real != root and root not in real.parents:
+        raise BundleError(f"{root}: {rel} leads outside the bundle (to {real}); a bundle may only name its own files")
+
 
 
 def sha256_path(path: str | Path) -> str:
@@ -155,7 +279,8 @@ def sha256_path(path: str | Path) -> str:
 
 
 def load_manifest(bundle: str | Path, verify: bool = True) -> dict:
-    """Read and validate `bundle/manifest.json`; with `verify`, check every component's sha256.
+    """Read and validate `bundle/manifest.json`: its schema and limits (`validate_manifest`), that every
+    path it names stays inside the bundle (`inside`), and with `verify`, every component's sha256.
 
     Args:
         bundle: the bundle directory.
@@ -165,54 +290,37 @@ def load_manifest(bundle: str | Path, verify: bool = True) -> dict:
     mf = bundle / "manifest.json"
     if not mf.is_file():
         raise BundleError(f"{bundle} is not a bundle (no manifest.json)")
+    inside(bundle, "manifest.json", "manifest.json")
+    if mf.stat().st_size > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{mf}: {mf.stat().st_size} bytes; a manifest is at most {MAX_MANIFEST_BYTES} bytes")
     try:
-        manifest = json.loads(mf.read_text())
+        manifest = json.loads(mf.read_bytes().decode("utf-8"))
     except json.JSONDecodeError as e:
         raise BundleError(f"{mf}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    except UnicodeDecodeError:
+        raise BundleError(f"{mf}: not UTF-8 text") from None
+    except RecursionError:
+        raise BundleError(f"{mf}: JSON nested too deeply") from None
     validate_manifest(manifest)
-    if not (bundle / manifest["tokenizer"]["dir"] / "vocab.json").is_file():
-        raise BundleError(f"{bundle}: tokenizer files are missing ({manifest['tokenizer']['dir']}/vocab.json)")
-    for name, comp in manifest["components"].items():
-        f = bundle / comp["file"]
-        if not f.exists():
-            raise BundleError(f"{bundle}: {name} file {comp['file']} is missing")
-        if verify and sha256_path(f) != comp["sha256"]:
-            raise BundleError(f"{bundle}: {name} file {comp['file']} was altered (sha256 mismatch)")
-        for extra in comp.get("external_data", []):  # weights beside an ONNX program, checked like it
-            x = bundle / extra["file"]
-            if not x.is_file():
-                raise BundleError(f"{bundle}: {name} external data file {extra['file']} is missing")
-            if verify and sha256_path(x) != extra["sha256"]:
-                raise BundleError(f"{bundle}: {name} external data file {extra['file']} was altered (sha256 mismatch)")
+    check_contained(bundle, manifest, verify)
     return manifest
 
 
-@contextmanager
-def atomic_dir(final: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling directory; rename it to `final` only if the block succeeds.
-
-    An interrupted or failed write leaves no `final` behind (and an existing one untouched unless the
-    block succeeds with `overwrite`).
-    """
-    final = Path(final)
-    if final.exists() and not overwrite:
-        raise SDXSError(f"{final} exists; pass --overwrite to replace it")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def check_contained(bundle: Path, manifest: dict, verify: bool = True) -> None:
+    """Every path `manifest` names stays inside `bundle` and exists; with `verify`, each file's sha256."""
+    tok = inside(bundle, manifest["tokenizer"]["dir"], "$.tokenizer.dir")
+    if not (tok / "vocab.json").is_file():
+        raise BundleError(f"{bundle}: tokenizer files are missing ({manifest['tokenizer']['dir']}/vocab.json)")
+    for name, comp in manifest["components"].items():
+        files = [(comp["file"], comp["sha256"], f"{name} file")]
+        files += [(x["file"], x["sha256"], f"{name} external data file") for x in comp.get("external_data", [])]
+        for rel, sha, what in files:
+            f = inside(bundle, rel, f"$.components.{name}")
+            if not f.exists():
+                raise BundleError(f"{bundle}: {what} {rel} is missing")
+            if verify and sha256_path(f) != sha:
+                raise BundleError(f"{bundle}: {what} {rel} was altered (sha256 mismatch)")
 
 
 def write_schema(path: str | Path) -> None:
-    Path(path).write_text(json.dumps(MANIFEST_SCHEMA, indent=2) + "\n")
+    write_atomic(path, json.dumps(MANIFEST_SCHEMA, indent=2) + "\n")

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from sdxs_edge import control as _control
+from sdxs_edge.atomic import atomic_file, write_atomic
 from sdxs_edge.cli_args import control_scale, lora_scale, positive
 from sdxs_edge.errors import SDXSError
 from sdxs_edge.images import save_image
@@ -36,6 +37,21 @@ def resolve_model(model: str | None) -> str:
     if not (DEFAULT_MODEL / "model_index.json").is_file():
         raise SDXSError(f"the embedded default model is missing at {DEFAULT_MODEL}; pass --model PRESET|PATH")
     return str(DEFAULT_MODEL)
+
+
+def fetch_named_models(args) -> None:
+    """`--allow-download`: put the hub ids a command names into the local cache before it runs; every
+    load after that reads the cache only (`SDXSPipeline.load(..., allow_download=False)`)."""
+    from sdxs_edge.pipeline import fetch_hub_model, is_hub_id
+
+    names = [getattr(args, a, None) for a in ("model", "reference", "teacher", "student")]
+    if getattr(args, "bundle", None) and (getattr(args, "runtime", None) == "torch" or args.command == "parity"):
+        from sdxs_edge.bundle import load_manifest
+
+        names.append(load_manifest(args.bundle, verify=False)["source"]["model"])
+    for name in names:
+        if name and is_hub_id(str(name)):
+            fetch_hub_model(str(name), allow_download=True)
 
 
 def _warnings_as_lines(fn, *a):
@@ -116,33 +132,22 @@ def cmd_generate(args) -> int:
 def cmd_canny(args) -> int:
     """Edge map of an image (white canny edges on black, PNG), as a ControlNet's control image."""
     import numpy as np
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
-    from sdxs_edge.control import ControlImageError, canny
+    from sdxs_edge.control import ControlImageError, canny, open_image
 
     src, out = Path(args.image), Path(args.out)
     if out.suffix.lower() != ".png":
         raise SDXSError(f"OUT must end in .png (edge maps are stored losslessly), got {out.name!r}")
-    if not src.is_file():
-        raise ControlImageError(f"image {src} does not exist")
-    try:
-        with Image.open(src) as im:
-            im.load()
-            img = im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
-        raise ControlImageError(f"image {src} is not a readable image ({type(e).__name__})") from None
+    with open_image(src, "image") as im:
+        img = im.convert("RGB")
     if min(img.size) < 3:
         raise ControlImageError(f"image {src} is {img.size[0]}x{img.size[1]}; too small for edges")
     if args.low >= args.high:
         raise SDXSError(f"--low ({args.low:g}) must be below --high ({args.high:g})")
     edges = canny(np.asarray(img), low=args.low, high=args.high)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_file(out) as tmp:
         Image.fromarray(edges).save(tmp, format="PNG")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     print(f"wrote {out}  ({img.size[0]}x{img.size[1]}, {100 * float((edges > 0).mean()):.1f}% edge pixels, thresholds {args.low:g}/{args.high:g})")
     return 0
 
@@ -171,9 +176,7 @@ def cmd_eval(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     grid = save_grid(images, out / "grid.png")
-    tmp = out / ".eval.json.tmp"
-    tmp.write_text(json.dumps(rep, indent=2))
-    tmp.replace(out / "eval.json")
+    write_atomic(out / "eval.json", json.dumps(rep, indent=2))
     print(f"wrote {out / 'eval.json'} and {grid}")
     return 0
 
@@ -264,6 +267,7 @@ def cmd_train(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sdxs-edge", description="One-step SDXS text-to-image: generate, train, convert, run on device.")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    p.add_argument("--allow-download", action="store_true", help="fetch the Hugging Face hub ids this command names (model, reference, a bundle's source) when the local cache lacks them; without it nothing is downloaded")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     g = sub.add_parser("generate", help="generate images from text with a model or preset")
@@ -337,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _quiet_libraries()
     try:
+        if args.allow_download:
+            fetch_named_models(args)
         return args.func(args) or 0
     except SDXSError as e:
         if args.debug:

@@ -21,6 +21,7 @@ from sdxs_edge.errors import SDXSError
 CONTROL_STREAM = 0xC0DE  # seed space of the scenes `prompt_controls` draws (apart from train / eval streams)
 LOW, HIGH = 40.0, 80.0  # canny thresholds on the Sobel magnitude of a 0-255 image
 IOU_TOLERANCE = 1  # pixels: edges count as matching within this distance (a 3x3 neighbourhood)
+MAX_IMAGE_PIXELS = 8192 * 8192  # larger images are refused from their header, before any decoding
 
 
 class ControlImageError(SDXSError):
@@ -148,6 +149,41 @@ def edge_iou(edges_a: np.ndarray, edges_b: np.ndarray, tolerance: int = IOU_TOLE
     return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
 
 
+def open_image(path: str | os.PathLike, what: str = "image"):
+    """Open and decode an image file, refusing one above MAX_IMAGE_PIXELS from its header first.
+
+    Pillow reads only the header in `Image.open`; the size is checked before `load()` decodes anything,
+    so a small file that claims huge dimensions costs no memory. A truncated or garbled file is a
+    ControlImageError naming it.
+
+    Args:
+        path: the image file.
+        what: how error messages name it ("control image", "image").
+    """
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # Pillow's own check, for formats whose frames it sizes later
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ControlImageError(f"{what} {p} does not exist")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # sized below, with our message
+            img = Image.open(p)
+        w, h = img.size
+        if w * h > MAX_IMAGE_PIXELS:
+            img.close()
+            raise ControlImageError(f"{what} {p} is {w}x{h}; images above {MAX_IMAGE_PIXELS} pixels are refused")
+        img.load()
+    except ControlImageError:
+        raise
+    except Image.DecompressionBombError:  # Pillow's own header check (above twice the bound) came first
+        raise ControlImageError(f"{what} {p} is above {2 * MAX_IMAGE_PIXELS} pixels; images above {MAX_IMAGE_PIXELS} pixels are refused") from None
+    except Exception as e:  # Pillow's decoders raise OSError, ValueError, SyntaxError, EOFError, struct.error, ...
+        raise ControlImageError(f"{what} {p} is not a readable image ({type(e).__name__})") from None
+    return img
+
+
 def load_control_image(source, resolution: int) -> np.ndarray:
     """A control image (path, PIL image or uint8 array) -> float32 (1, 3, resolution, resolution) in [0, 1].
 
@@ -161,18 +197,11 @@ def load_control_image(source, resolution: int) -> np.ndarray:
         source: path to an image file, a PIL image, or a uint8 array (H, W) / (H, W, 3).
         resolution: the model's image side in pixels.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     if isinstance(source, (str, os.PathLike)):
-        p = Path(source).expanduser()
-        if not p.is_file():
-            raise ControlImageError(f"control image {p} does not exist")
-        try:
-            img = Image.open(p)
-            img.load()
-        except (UnidentifiedImageError, OSError) as e:
-            raise ControlImageError(f"control image {p} is not a readable image ({type(e).__name__})") from None
-        where = str(p)
+        img = open_image(source, "control image")
+        where = str(Path(source).expanduser())
     elif isinstance(source, np.ndarray):
         a = source
         if a.dtype != np.uint8 or a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (1, 3)):

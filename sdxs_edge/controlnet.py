@@ -131,7 +131,7 @@ def save_controlnet(controlnet, folder: str | os.PathLike, overwrite: bool = Fal
     """Write a ControlNet folder (safetensors), atomically; `dtype` e.g. torch.float16 halves the size."""
     import copy
 
-    from sdxs_edge.bundle import atomic_dir
+    from sdxs_edge.atomic import atomic_dir
 
     folder = Path(folder)
     if folder.exists() and not overwrite:

@@ -199,10 +199,11 @@ def save_grid(images: np.ndarray, path: str | Path, cols: int = 16, limit: int =
     for k, im in enumerate(imgs):
         r, c = divmod(k, cols)
         grid[r * (h + 2) + 1 : r * (h + 2) + 1 + h, c * (w + 2) + 1 : c * (w + 2) + 1 + w] = im
+    from sdxs_edge.atomic import atomic_file
+
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(grid).save(tmp, format="PNG")
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        Image.fromarray(grid).save(tmp, format="PNG")
     return path
 
 

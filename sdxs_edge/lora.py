@@ -201,15 +201,12 @@ def save_lora(path: str | os.PathLike, unet_lora_state: Mapping[str, "torch.Tens
     import torch
     from safetensors.torch import save_file
 
+    from sdxs_edge.atomic import atomic_file
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: (v.detach().to("cpu").contiguous() if isinstance(v, torch.Tensor) else torch.tensor(float(v))) for k, v in unet_lora_state.items()}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_file(path) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

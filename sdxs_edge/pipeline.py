@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -76,12 +75,14 @@ class SDXSPipeline:
 
     # ---- loading and saving -------------------------------------------------------------------------
     @classmethod
-    def load(cls, source: str | os.PathLike, seed: int = 0) -> "SDXSPipeline":
+    def load(cls, source: str | os.PathLike, seed: int = 0, allow_download: bool = False) -> "SDXSPipeline":
         """Load a preset (random weights, seeded), a diffusers folder, or a hub id.
 
         Args:
             source: preset name, path of a diffusers folder, or "owner/name" on the Hugging Face hub.
             seed: weight seed for presets.
+            allow_download: fetch a hub id that is not in the local Hugging Face cache (`--allow-download`);
+                without it only a cached copy is used, and a missing one is an error.
         """
         s = str(source)
         if s in PRESETS:
@@ -96,8 +97,8 @@ class SDXSPipeline:
             return cls.from_folder(path)
         if path.exists():
             raise ModelLoadError(f"{path} is a file; expected a preset or a diffusers model folder")
-        if s.count("/") == 1 and not s.startswith((".", "/", "~")):
-            return cls.from_folder(_download(s), name=s)
+        if is_hub_id(s):
+            return cls.from_folder(fetch_hub_model(s, allow_download), name=s)
         raise ModelLoadError(f"no preset or model folder named {s!r}; valid presets: {', '.join(PRESETS)}")
 
     @classmethod
@@ -156,9 +157,9 @@ class SDXSPipeline:
         folder = Path(folder)
         if folder.exists() and not overwrite:
             raise SDXSError(f"{folder} exists; pass overwrite=True (--overwrite) to replace it")
-        tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
+        from sdxs_edge.atomic import atomic_dir
+
+        with atomic_dir(folder, overwrite=overwrite) as tmp:
             import copy
 
             for name, module in self.c.modules().items():
@@ -190,11 +191,6 @@ class SDXSPipeline:
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
             meta = {"name": self.name, "default_steps": self.default_steps, "default_guidance": self.default_guidance}
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(tmp, folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         return folder
 
     def attach_controlnet(self, controlnet) -> "SDXSPipeline":
@@ -374,18 +370,35 @@ class SDXSPipeline:
         return x
 
 
-def _download(repo_id: str) -> Path:
-    """Fetch a diffusers repo's safetensors weights and configs from the hub (needs a network)."""
+def is_hub_id(source: str) -> bool:
+    """"owner/name" that is not a preset or an existing path: a Hugging Face hub id."""
+    s = str(source)
+    return s not in PRESETS and s.count("/") == 1 and not s.startswith((".", "/", "~")) and not Path(s).expanduser().exists()
+
+
+def fetch_hub_model(repo_id: str, allow_download: bool = False) -> Path:
+    """A diffusers repo's safetensors weights and configs: from the local Hugging Face cache, or, only
+    with `allow_download`, from the hub (needs a network).
+
+    Args:
+        repo_id: "owner/name" on the hub.
+        allow_download: fetch what the cache lacks; without it nothing goes over the network.
+    """
     try:
         from huggingface_hub import snapshot_download
-
+    except ImportError:
+        raise ModelLoadError(f"{repo_id!r} is a hub id, and loading one needs the huggingface_hub package") from None
+    try:
         return Path(
             snapshot_download(
                 repo_id,
                 allow_patterns=["model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors"],
                 ignore_patterns=["*fp16*", "*non_ema*", "*.ckpt", "*.bin"],
+                local_files_only=not allow_download,
             )
         )
     except Exception as e:
+        if not allow_download:
+            raise ModelLoadError(f"{repo_id!r} is a Hugging Face hub id that is not in the local cache; sdxs-edge downloads only when asked: pass --allow-download, or a local model folder") from None
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ModelLoadError(f"cannot fetch {repo_id!r} from the Hugging Face hub ({first[:160]}); without a network, download it elsewhere and pass the local folder") from e

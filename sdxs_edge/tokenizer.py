@@ -61,18 +61,12 @@ def write_clip_tokenizer(folder: str | Path, pad_token: str = "<|endoftext|>") -
 
     Each file goes to a temporary name and is renamed into place, so a reader never sees half a file:
     the ranks of a distributed run all write the same files and then read them back."""
-    import os
-    import tempfile
+    from sdxs_edge.atomic import write_atomic
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
 
     def put(name: str, text: str) -> None:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.")
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; these are ordinary model files
-        os.replace(tmp, folder / name)
+        write_atomic(folder / name, text)
 
     vocab, merges = clip_vocab_and_merges()
     put("vocab.json", json.dumps(vocab, ensure_ascii=False))

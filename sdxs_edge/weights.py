@@ -27,12 +27,46 @@ def check_safetensors(path: str | Path) -> dict:
             raise ModelLoadError(f"{path}: corrupt safetensors file (header length {n} exceeds the file)")
         try:
             header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             raise ModelLoadError(f"{path}: corrupt safetensors file (unreadable header)") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if not isinstance(header, dict):
+        raise ModelLoadError(f"{path}: corrupt safetensors file (the header is not a JSON object)")
+    end = _check_entries(path, header)
     if 8 + n + end != size:
         raise ModelLoadError(f"{path}: truncated or corrupt safetensors file ({size} bytes, header says {8 + n + end})")
     return header
+
+
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+def _check_entries(path: Path, header: dict) -> int:
+    """Each tensor entry's dtype, shape and byte range, and that the ranges tile the data from 0 without
+    gaps or overlaps (the safetensors rules); returns the data length the header declares."""
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise ModelLoadError(f"{path}: corrupt safetensors file (__metadata__ is not a string map)")
+    spans = []
+    for name, v in header.items():
+        if name == "__metadata__":
+            continue
+        ok = isinstance(v, dict) and v.get("dtype") in _DTYPE_BYTES and isinstance(v.get("shape"), list) and isinstance(v.get("data_offsets"), list)
+        ok = ok and all(type(d) is int and d >= 0 for d in v["shape"]) and len(v["data_offsets"]) == 2 and all(type(o) is int for o in v["data_offsets"])
+        if not ok:
+            raise ModelLoadError(f"{path}: corrupt safetensors file (bad entry for tensor {name[:80]!r})")
+        begin, stop = v["data_offsets"]
+        numel = 1
+        for d in v["shape"]:
+            numel *= d
+        if not 0 <= begin <= stop or stop - begin != numel * _DTYPE_BYTES[v["dtype"]]:
+            raise ModelLoadError(f"{path}: corrupt safetensors file (tensor {name[:80]!r}: byte range {begin}-{stop} does not hold {v['dtype']}{v['shape']})")
+        spans.append((begin, stop))
+    at = 0
+    for begin, stop in sorted(spans):
+        if begin != at:
+            raise ModelLoadError(f"{path}: corrupt safetensors file (tensor data overlaps or leaves a gap at byte {at})")
+        at = stop
+    return at
 
 
 def modules_sha256(modules: dict) -> str:

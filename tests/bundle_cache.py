@@ -54,3 +54,21 @@ def need(module: str) -> None:
     """Skip the test when a backend package is not installed."""
     if importlib.util.find_spec(module) is None:
         pytest.skip(f"the {module} package is not installed")
+
+
+def cached_bundle(model: str, target: str, precision: str) -> Path:
+    """A converted bundle of `model` (a preset) kept under build/test-bundles/, built on first use."""
+    from converters.api import convert
+
+    prefix = f"{model}-{target}-{precision}-"
+    out = BUNDLE_CACHE / (prefix + source_key(f"{model}|{target}|{precision}"))
+    if not (out / "manifest.json").is_file():
+        tmp = out.with_name(f".{out.name}.{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        convert(model, target, precision, tmp, progress=False)
+        try:
+            os.rename(tmp, out)
+        except OSError:  # another test run finished the same bundle first
+            shutil.rmtree(tmp)
+    prune(out, f"*{prefix}*")
+    return out

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from sdxs_edge.atomic import atomic_dir, atomic_file, write_atomic
 from training.decoder import DecoderConfig, decoder_report, distill_decoder
 from training.loop import StageClock
 from training.onestep import SSDConfig, WarmupConfig, ode_pair_chunks, score_distill, warmup
@@ -106,13 +107,8 @@ def smoke_chain() -> ChainConfig:
 
 
 def _save_unet_folder(unet, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    unet.save_pretrained(tmp, safe_serialization=True)
-    if path.exists():
-        import shutil
-
-        shutil.rmtree(path)
-    tmp.rename(path)
+    with atomic_dir(path, overwrite=True) as tmp:
+        unet.save_pretrained(tmp, safe_serialization=True)
 
 
 def _latency(pipe, steps: int | None, guidance: float | None, runs: int = 5) -> float:
@@ -183,9 +179,8 @@ class _Run:
                 guidance = self.teacher.default_guidance
                 p = ode_pair_chunks(self.teacher, self.out / "pairs", cfg.pairs, cfg.pair_steps, guidance, chunk=cfg.pair_chunk, batch=batch)
             if not self.held_file.is_file():  # teacher samples held out for the decoder report
-                tmp = self.held_file.with_suffix(".tmp")
-                save_file({"x0": p["x0"][-256:].contiguous()}, str(tmp))
-                tmp.rename(self.held_file)
+                with atomic_file(self.held_file) as tmp:
+                    save_file({"x0": p["x0"][-256:].contiguous()}, str(tmp))
             self.data["pairs"] = {k: v.to(self.dev) for k, v in p.items()}
         return self.data["pairs"]
 
@@ -257,7 +252,7 @@ def _unet_kd_stage(r: _Run) -> None:
     r.kd_unet, init = build_student(r.teacher.c.unet, r.preset.layer_map)
     r.kd_unet.to(r.dev)
     (r.out / "unet-kd").mkdir(parents=True, exist_ok=True)
-    (r.out / "unet-kd" / "init.json").write_text(json.dumps(init, indent=2))
+    write_atomic(r.out / "unet-kd" / "init.json", json.dumps(init, indent=2))
     t = r.teacher.c
     distill_unet(r.cfg.unet_kd, r.out / "unet-kd", t.unet, t.text_encoder, r.kd_unet, r.cache(), r.empty, r.acp)
     _save_unet_folder(r.kd_unet, done)
@@ -393,7 +388,7 @@ def run_chain(cfg: ChainConfig, out: str | Path, until: str = "all") -> dict:
         torch.backends.cudnn.allow_tf32 = True
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
+    write_atomic(out / "config.json", json.dumps(asdict(cfg), indent=2, default=str))
     clock = StageClock(out / "times.json")
     r = _Run(cfg, out, dev)
     for stage in CHAIN:
@@ -402,8 +397,8 @@ def run_chain(cfg: ChainConfig, out: str | Path, until: str = "all") -> dict:
         if stage.stop == until:
             return r.report
     r.report["stage_seconds"] = clock.times
-    (out / "report.json").write_text(json.dumps(r.report, indent=2))
-    (out / "report.md").write_text(format_chain_report(r.report))
+    write_atomic(out / "report.json", json.dumps(r.report, indent=2))
+    write_atomic(out / "report.md", format_chain_report(r.report))
     return r.report
 
 

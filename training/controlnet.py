@@ -20,7 +20,6 @@ Stages (each resumes from its own folder under `out/`):
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from sdxs_edge import sampler, shapes
+from sdxs_edge.atomic import atomic_file, write_atomic
 from sdxs_edge.control import canny, edge_iou, edges_to_control
 from sdxs_edge.errors import SDXSError
 from training.loop import LoopConfig, Progress, StageClock, cosine_lr, run_loop, set_lr
@@ -182,15 +182,12 @@ def _to_uint8(images: torch.Tensor) -> np.ndarray:
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomic(path, text)
 
 
 def residuals(controlnet, x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor, control: torch.Tensor) -> dict:
@@ -465,9 +462,8 @@ def _row_grid(columns: list[np.ndarray], path: Path) -> Path:
     for c, imgs in enumerate(columns):
         for r in range(n):
             grid[r * (h + 2) + 1 : r * (h + 2) + 1 + h, c * (w + 2) + 1 : c * (w + 2) + 1 + w] = imgs[r]
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(grid).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        Image.fromarray(grid).save(tmp, format="PNG")
     return path
 
 

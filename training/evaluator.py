@@ -80,10 +80,12 @@ def train_evaluator(cfg: EvaluatorConfig, out: str | Path, dest: str | Path | No
     if ccfg.style:
         acc["style"] = float((pred["style"] == held.styles).mean())
     dest = Path(dest) if dest else out / "evaluator"
-    dest.mkdir(parents=True, exist_ok=True)
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(dest / "model.safetensors"))
+    from sdxs_edge.atomic import atomic_dir
+
     meta = {"config": asdict(ccfg), "training": asdict(cfg), "heldout_accuracy": acc}
-    (dest / "config.json").write_text(json.dumps(meta, indent=2))
+    with atomic_dir(dest, overwrite=True) as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2))
     return acc

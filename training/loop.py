@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -19,6 +18,8 @@ from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from sdxs_edge.atomic import atomic_dir, write_atomic
 
 
 @dataclass(frozen=True)
@@ -108,19 +109,15 @@ class Checkpointer:
 
     def save(self, step: int, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer], extra: dict | None = None) -> Path:
         final = self.dir / f"step-{step:07d}"
-        tmp = self.dir / f".tmp-step-{step:07d}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for name, m in modules.items():
-            save_file({k: v.detach().contiguous().cpu() for k, v in m.state_dict().items()}, str(tmp / f"{name}.safetensors"))
-        opt_scalars = {}
-        for name, opt in optimizers.items():
-            tensors, opt_scalars[name] = _optimizer_to_tensors(opt)
-            save_file(tensors, str(tmp / f"optim-{name}.safetensors"))
-        state = {"step": step, "optimizers": opt_scalars, "rng": torch.get_rng_state().tolist(), "extra": extra or {}}
-        (tmp / "state.json").write_text(json.dumps(state))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        with atomic_dir(final, overwrite=True) as tmp:
+            for name, m in modules.items():
+                save_file({k: v.detach().contiguous().cpu() for k, v in m.state_dict().items()}, str(tmp / f"{name}.safetensors"))
+            opt_scalars = {}
+            for name, opt in optimizers.items():
+                tensors, opt_scalars[name] = _optimizer_to_tensors(opt)
+                save_file(tensors, str(tmp / f"optim-{name}.safetensors"))
+            state = {"step": step, "optimizers": opt_scalars, "rng": torch.get_rng_state().tolist(), "extra": extra or {}}
+            (tmp / "state.json").write_text(json.dumps(state))
         for old in sorted(p for p in self.dir.glob("step-*"))[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         return final
@@ -221,7 +218,5 @@ class StageClock:
         now = time.time()
         self.times[name] = round(self.times.get(name, 0.0) + now - self._stamp, 1)
         self._stamp = now
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text(json.dumps(self.times, indent=2))
-        os.replace(tmp, self.path)
+        write_atomic(self.path, json.dumps(self.times, indent=2))
 

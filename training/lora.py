@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sdxs_edge.atomic import atomic_file, write_atomic
 from training.loop import LoopConfig, Progress, StageClock, cosine_lr, run_loop, set_lr
 from training.onestep import SSDConfig, make_ode_pairs, score_distill
 
@@ -195,9 +196,8 @@ def style_latents(cfg: StyleLoRAConfig, teacher, path: Path) -> dict:
             stds.append(post.std.cpu())
             ids.append(teacher.tokenize(b.captions).int())
     cache = {"mean": torch.cat(means)[: cfg.cache_size].contiguous(), "std": torch.cat(stds)[: cfg.cache_size].contiguous(), "ids": torch.cat(ids)[: cfg.cache_size].contiguous()}
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file(cache, str(tmp))
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_file(cache, str(tmp))
     return cache
 
 
@@ -346,7 +346,7 @@ def run_lora_chain(cfg: LoRAChainConfig, out: str | Path, until: str = "all") ->
     torch.set_num_threads(max(1, min(cfg.threads, os.cpu_count() or 1)))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
+    write_atomic(out / "config.json", json.dumps(asdict(cfg), indent=2, default=str))
     clock = StageClock(out / "times.json")
     lap = clock.lap
 
@@ -370,8 +370,8 @@ def run_lora_chain(cfg: LoRAChainConfig, out: str | Path, until: str = "all") ->
         caps = [s.caption for s in shapes.eval_scenes(cfg.distill.pairs, seed=4243)]  # not an evaluation seed
         source = teacher_lora if cfg.distill.teacher_takes_lora else teacher
         p = make_ode_pairs(source, caps, cfg.distill.pair_steps, cfg.eval_guidance, batch=64, seed=2)
-        save_file(p, str(pairs_file.with_suffix(".tmp")))
-        os.replace(pairs_file.with_suffix(".tmp"), pairs_file)
+        with atomic_file(pairs_file) as tmp:
+            save_file(p, str(tmp))
     pairs = load_file(str(pairs_file))
     lap("pairs")
     if until == "pairs":
@@ -409,8 +409,8 @@ def run_lora_chain(cfg: LoRAChainConfig, out: str | Path, until: str = "all") ->
     report["lora_parameters"] = {k: _lora_parameters(f) for k, f in (("teacher", teacher_lora_file), ("one_step", student_lora_file))}
     lap("report")
     report["seconds"] = clock.times
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    (out / "report.md").write_text(format_lora_report(report) + "\n")
+    write_atomic(out / "report.json", json.dumps(report, indent=2))
+    write_atomic(out / "report.md", format_lora_report(report) + "\n")
     return report
 
 

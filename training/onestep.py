@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdxs_edge import sampler
+from sdxs_edge.atomic import atomic_file
 from training.loop import LoopConfig, Progress, cosine_lr, run_loop, set_lr
 
 
@@ -66,9 +67,8 @@ def ode_pair_chunks(pipe, out: Path, n: int, steps: int, guidance: float, chunk:
             size = min(chunk, n - i * chunk)
             caps = [s.caption for s in shapes.eval_scenes(size, seed=PAIR_CAPTION_SEED + i)]
             p = make_ode_pairs(pipe, caps, steps, guidance, batch=batch, seed=i + 1)
-            tmp = f.with_suffix(".tmp")
-            save_file(p, str(tmp))
-            tmp.rename(f)
+            with atomic_file(f) as tmp:
+                save_file(p, str(tmp))
         parts.append(load_file(str(f)))
     return {k: torch.cat([p[k] for p in parts])[:n] for k in parts[0]}
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from sdxs_edge import shapes
+from sdxs_edge.atomic import atomic_file, write_atomic
 from sdxs_edge.presets import get_preset
 from training import dist
 from training.dist import DistInfo
@@ -55,6 +55,8 @@ class TeacherConfig:
             at high noise (0 disables; the plain DDPM loss).
         grad_accum: micro-batches per optimizer step (the batch sizes above are global, per step).
         log_every: steps between log lines.
+        vae_ckpt_every: VAE steps between checkpoints (a killed run resumes from the last one).
+        unet_ckpt_every: U-Net steps between checkpoints.
     """
 
     preset: str = "shapes-teacher"
@@ -76,9 +78,11 @@ class TeacherConfig:
     snr_weight_cap: float = 5.0
     grad_accum: int = 1
     log_every: int = 25
+    vae_ckpt_every: int = 250
+    unet_ckpt_every: int = 500
 
 
-SMOKE = dict(preset="tiny-teacher", vae_steps=6, vae_batch=8, cache_size=64, unet_steps=6, unet_batch=8, warmup=2, emphasis_from=3, log_every=1, threads=1)
+SMOKE = dict(preset="tiny-teacher", vae_steps=6, vae_batch=8, cache_size=64, unet_steps=6, unet_batch=8, warmup=2, emphasis_from=3, log_every=1, threads=1, vae_ckpt_every=2, unet_ckpt_every=2)
 
 
 def _lr_lambda(warmup: int, total: int):
@@ -138,7 +142,7 @@ def _micro(cfg: TeacherConfig, d: DistInfo, tensors: list[torch.Tensor]) -> list
     return [list(parts) for parts in zip(*(t.chunk(cfg.grad_accum) for t in local))]
 
 
-def train_vae(cfg: TeacherConfig, out: Path, ckpt_every: int = 250):
+def train_vae(cfg: TeacherConfig, out: Path):
     from sdxs_edge.models import build_vae
 
     d, dev = dist.init(), dist.device()
@@ -166,7 +170,7 @@ def train_vae(cfg: TeacherConfig, out: Path, ckpt_every: int = 250):
         opt.step()
         return {"loss": d.mean(total), **parts}
 
-    run_loop("vae", out / "vae", LoopConfig(cfg.vae_steps, log_every=cfg.log_every, ckpt_every=ckpt_every), step, {"vae": vae}, {"opt": opt}, is_main=d.is_main)
+    run_loop("vae", out / "vae", LoopConfig(cfg.vae_steps, log_every=cfg.log_every, ckpt_every=cfg.vae_ckpt_every), step, {"vae": vae}, {"opt": opt}, is_main=d.is_main)
     return vae.cpu().eval()
 
 
@@ -192,13 +196,12 @@ def build_latent_cache(cfg: TeacherConfig, vae, tokenizer, path: Path) -> dict:
     }
     # SD's convention: scale latents to unit variance (the "scaling_factor" in the VAE config).
     cache["scaling_factor"] = torch.tensor(1.0 / cache["mean"].std().item())
-    tmp = path.with_suffix(f".tmp{os.getpid()}")  # data-parallel ranks write identical caches
-    save_file(cache, str(tmp))
-    tmp.replace(path)
+    with atomic_file(path) as tmp:  # data-parallel ranks write identical caches, each through its own temporary
+        save_file(cache, str(tmp))
     return cache
 
 
-def train_unet(cfg: TeacherConfig, out: Path, text_encoder, unet, tokenizer, cache: dict, ckpt_every: int = 500) -> None:
+def train_unet(cfg: TeacherConfig, out: Path, text_encoder, unet, tokenizer, cache: dict) -> None:
     from diffusers import DDPMScheduler
 
     preset = get_preset(cfg.preset)
@@ -248,7 +251,7 @@ def train_unet(cfg: TeacherConfig, out: Path, text_encoder, unet, tokenizer, cac
         opt.step()
         return {"loss": d.mean(total), "lr": opt.param_groups[0]["lr"]}
 
-    run_loop("unet", out / "unet", LoopConfig(cfg.unet_steps, log_every=cfg.log_every, ckpt_every=ckpt_every), step, {"unet": unet, "text_encoder": text_encoder}, {"opt": opt}, is_main=d.is_main)
+    run_loop("unet", out / "unet", LoopConfig(cfg.unet_steps, log_every=cfg.log_every, ckpt_every=cfg.unet_ckpt_every), step, {"unet": unet, "text_encoder": text_encoder}, {"opt": opt}, is_main=d.is_main)
     unet.cpu().eval()
     text_encoder.cpu().eval()
 
@@ -264,7 +267,7 @@ def train_teacher(cfg: TeacherConfig, out: str | Path) -> Path:
     torch.set_num_threads(cfg.threads)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    write_atomic(out / "config.json", json.dumps(asdict(cfg), indent=2))
     preset = get_preset(cfg.preset)
     times = {}
     t = time.time()
@@ -290,7 +293,7 @@ def train_teacher(cfg: TeacherConfig, out: str | Path) -> Path:
     pipe.default_steps, pipe.default_guidance = preset.default_steps, preset.default_guidance
     model = pipe.save_pretrained(out / "model", overwrite=True)
     report = {"vae": vae_metrics, "scaling_factor": float(cache["scaling_factor"]), "seconds": times, "config": asdict(cfg)}
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    write_atomic(out / "report.json", json.dumps(report, indent=2))
     if d.world > 1:
         torch.distributed.barrier()
     return model

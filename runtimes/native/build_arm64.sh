@@ -87,7 +87,7 @@ for n in "${LIBS[@]}"; do
 done
 
 # 4. The runner. Rebuilt when runner.cpp or this script is newer than the binary.
-if [[ ! -x "$RUNNER" || "$SRC" -nt "$RUNNER" || "${BASH_SOURCE[0]}" -nt "$RUNNER" || "$stamp" -nt "$RUNNER" ]]; then
+if [[ ! -x "$RUNNER" || "$SRC" -nt "$RUNNER" || "${SRC%/*}/sdxt.h" -nt "$RUNNER" || "${BASH_SOURCE[0]}" -nt "$RUNNER" || "$stamp" -nt "$RUNNER" ]]; then
   log "compiling $RUNNER"
   compile_runner "$CXX" "$ET_DIR" "$SRC" "$RUNNER" '$ORIGIN/executorch/lib'
 fi

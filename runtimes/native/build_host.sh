@@ -29,7 +29,7 @@ ET_DIR="$("$PY" -c 'import executorch; print(list(executorch.__path__)[0])')" ||
 [[ -d "$ET_DIR/include/executorch" && -f "$ET_DIR/lib/libexecutorch.so" ]] || die "$ET_DIR has no runtime headers and libraries"
 
 mkdir -p "$OUT"
-if [[ ! -x "$RUNNER" || "$SRC" -nt "$RUNNER" || "${BASH_SOURCE[0]}" -nt "$RUNNER" ]]; then
+if [[ ! -x "$RUNNER" || "$SRC" -nt "$RUNNER" || "${SRC%/*}/sdxt.h" -nt "$RUNNER" || "${BASH_SOURCE[0]}" -nt "$RUNNER" ]]; then
   log "compiling $RUNNER"
   compile_runner "$CXX" "$ET_DIR" "$SRC" "$RUNNER" "$ET_DIR/lib"
 fi

@@ -77,6 +77,8 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include "sdxt.h"
+
 using executorch::aten::ScalarType;
 using executorch::aten::Tensor;
 using executorch::extension::TensorPtr;
@@ -103,16 +105,14 @@ static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the tensor file format
 
 namespace {
 
-constexpr char kMagic[4] = {'S', 'D', 'X', 'T'};
-constexpr uint32_t kMaxDims = 16;
-
-// Bad arguments or input files: exit 2. A program that fails to load or run: exit 1.
-struct UsageError {
-  std::string msg;
-};
-struct RunError {
-  std::string msg;
-};
+using sdxs::RawTensor;
+using sdxs::RunError;
+using sdxs::UsageError;
+using sdxs::dtype_size;
+using sdxs::json_str;
+using sdxs::kMagic;
+using sdxs::read_tensor;
+using sdxs::shape_str;
 
 const char* kUsage =
     "usage: sdxs_runner --model PROGRAM.pte --io DIR [--method NAME] [--warmup N] [--iters N] [OPTIONS]\n"
@@ -123,70 +123,10 @@ const char* kUsage =
     "the programs loaded and answers 'run NAME DIR' lines on stdin (protocol and tensor file format:\n"
     "see the header of runtimes/native/runner.cpp).\n";
 
-// Element size of the dtypes the file format allows; 0 for any other code.
-size_t dtype_size(uint32_t code) {
-  switch (code) {
-    case 0: case 1: case 11: return 1;  // uint8, int8, bool
-    case 2: case 5: return 2;           // int16, float16
-    case 3: case 6: return 4;           // int32, float32
-    case 4: case 7: return 8;           // int64, float64
-    default: return 0;
-  }
-}
-
-std::string shape_str(const std::vector<int64_t>& dims) {
-  std::ostringstream s;
-  s << "[";
-  for (size_t i = 0; i < dims.size(); ++i) s << (i ? "," : "") << dims[i];
-  s << "]";
-  return s.str();
-}
-
 std::string err_str(Error e) {
   std::ostringstream s;
   s << executorch::runtime::to_string(e) << " (error 0x" << std::hex << static_cast<int>(e) << ")";
   return s.str();
-}
-
-struct RawTensor {
-  uint32_t dtype = 0;
-  std::vector<int64_t> dims;
-  std::vector<uint8_t> data;
-};
-
-RawTensor read_tensor(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  if (!f) throw UsageError{path + ": cannot open (missing input file?)"};
-  f.seekg(0, std::ios::end);
-  const int64_t file_size = f.tellg();
-  f.seekg(0);
-  char magic[4];
-  uint32_t head[2];
-  if (!f.read(magic, 4) || !f.read(reinterpret_cast<char*>(head), 8))
-    throw UsageError{path + ": truncated header (" + std::to_string(file_size) + " bytes)"};
-  if (std::memcmp(magic, kMagic, 4) != 0) throw UsageError{path + ": not an SDXT tensor file (bad magic)"};
-  RawTensor t;
-  t.dtype = head[0];
-  const uint32_t ndim = head[1];
-  if (dtype_size(t.dtype) == 0) throw UsageError{path + ": unsupported dtype code " + std::to_string(t.dtype)};
-  if (ndim > kMaxDims) throw UsageError{path + ": ndim " + std::to_string(ndim) + " exceeds " + std::to_string(kMaxDims)};
-  t.dims.resize(ndim);
-  if (ndim && !f.read(reinterpret_cast<char*>(t.dims.data()), 8 * ndim))
-    throw UsageError{path + ": truncated header (dims)"};
-  int64_t numel = 1;
-  for (int64_t d : t.dims) {
-    if (d < 0 || d > INT32_MAX) throw UsageError{path + ": bad dimension in shape " + shape_str(t.dims)};
-    if (d && numel > INT64_MAX / d) throw UsageError{path + ": shape " + shape_str(t.dims) + " overflows"};
-    numel *= d;
-  }
-  const int64_t header = 12 + 8 * static_cast<int64_t>(ndim);
-  const int64_t nbytes = numel * static_cast<int64_t>(dtype_size(t.dtype));
-  if (file_size != header + nbytes)
-    throw UsageError{path + ": " + std::to_string(file_size) + " bytes, expected " + std::to_string(header + nbytes) +
-                     " for dtype " + std::to_string(t.dtype) + " shape " + shape_str(t.dims)};
-  t.data.resize(static_cast<size_t>(nbytes));
-  if (nbytes && !f.read(reinterpret_cast<char*>(t.data.data()), nbytes)) throw UsageError{path + ": read failed"};
-  return t;
 }
 
 // Writes one SDXT file. One-shot runs write a temporary file and rename it into place. --serve overwrites
@@ -256,24 +196,6 @@ long peak_rss_kb() {
     if (line.rfind("VmHWM:", 0) == 0) return std::strtol(line.c_str() + 6, nullptr, 10);
   }
   return -1;
-}
-
-// A string as a JSON string literal (error messages carry paths and quotes).
-std::string json_str(const std::string& s) {
-  std::string out = "\"";
-  for (const unsigned char c : s) {
-    if (c == '"' || c == '\\') {
-      out += '\\';
-      out += static_cast<char>(c);
-    } else if (c < 0x20) {
-      char buf[8];
-      std::snprintf(buf, sizeof buf, "\\u%04x", c);
-      out += buf;
-    } else {
-      out += static_cast<char>(c);
-    }
-  }
-  return out + "\"";
 }
 
 Args parse_args(int argc, char** argv) {
@@ -497,18 +419,8 @@ int serve(const Args& a) {
     if (line == "quit") break;
     std::string error;  // one SDXS_ERROR line per failed request; the runner keeps serving
     try {
-      std::istringstream req(line);
-      std::string verb, name, io, rest;
-      req >> verb >> name;
-      std::getline(req >> std::ws, io);  // the folder may hold spaces: the rest of the line
-      if (verb != "run" || name.empty() || io.empty()) throw UsageError{"bad request '" + line + "': expected 'run NAME DIR' or 'quit'"};
-      size_t k = 0;
-      while (k < a.programs.size() && a.programs[k].first != name) ++k;
-      if (k == a.programs.size()) {
-        std::string have;
-        for (const auto& p : a.programs) have += (have.empty() ? "" : ", ") + p.first;
-        throw UsageError{"no program '" + name + "' (serving: " + have + ")"};
-      }
+      const auto [k, io] = sdxs::parse_request(line, a.programs);
+      const std::string& name = a.programs[k].first;
       Inputs in = read_inputs(metas[k], io, a.method);
       double ms = 0;
       const std::vector<EValue> outputs = execute(*modules[k], a.method, in.values, &ms);
