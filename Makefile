@@ -24,7 +24,7 @@ DEMO_PROMPT := a large cyan triangle at the bottom left on a black background
 
 # The main job, offline: generate with the embedded one-step model on CPU, lower it to an int8
 # ExecuTorch bundle (PT2E + XNNPACK, sensitivity pass), run that bundle with the ExecuTorch runtime (the
-# fastest sdxs-edge CPU path for this model: benchmarks/results/default_model-64), and print its parity
+# fastest sdxs-edge CPU path for this model: benchmarks/results/default_model-64-x86-64-avx512-vnni), and print its parity
 # table against PyTorch (per component, end to end, SHAPES-64 all-correct rate).
 demo: install
 	$(SDXS) generate "$(DEMO_PROMPT)" --seed 0 --out out/demo.png

@@ -28,6 +28,7 @@ from typing import Callable, Sequence
 
 from benchmarks import report as R
 from benchmarks.jobs import BenchError, ConversionJob, Job, dir_mb
+from sdxs_edge import cpu
 from sdxs_edge.atomic import write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -230,7 +231,8 @@ def resolve_config(req: BenchRequest) -> BenchConfig:
     if not hasattr(os, "wait4"):
         raise BenchError("the per-process peak memory figure needs os.wait4 (Linux or macOS)")
     slug = f"{name}-{resolution}"
-    out = Path(req.out_dir) if req.out_dir is not None else ROOT / "benchmarks" / "results" / slug
+    results = f"{slug}-{cpu.host_class()}"  # figures hold for one CPU class: the folder names it
+    out = Path(req.out_dir) if req.out_dir is not None else ROOT / "benchmarks" / "results" / results
     work = Path(req.work_dir) if req.work_dir is not None else ROOT / "out" / "bench" / slug
     return BenchConfig(
         model=src,

@@ -15,6 +15,8 @@ import re
 import sys
 from pathlib import Path
 
+from sdxs_edge import cpu
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 DOCS = (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")))
@@ -28,9 +30,10 @@ def _load(name: str) -> dict:
 def _machine(rep: dict, name: str) -> str:
     m, cfg = rep["machine"], rep["config"]
     flags = ", ".join(f for f, on in m["flags"].items() if on) or "none"
+    cls = cpu.classify(m.get("machine", "x86_64"), {f for f, on in m["flags"].items() if on})
     rounds = f", {cfg['rounds']} rounds" if cfg.get("rounds", 1) > 1 else ""
     return (
-        f"Source: `benchmarks/results/{name}/results.json` ({m['cpu_model']}, {m['usable_cores']} usable cores, "
+        f"Source: `benchmarks/results/{name}/results.json` (CPU class {cls}: {m['cpu_model']}, {m['usable_cores']} usable cores, "
         f"SIMD: {flags}; every backend on {cfg['threads']} threads, {cfg['runs']} runs{rounds}, median)."
     )
 
@@ -82,7 +85,7 @@ def cpu_table(name: str) -> str:
 
 def headline() -> str:
     """The ratios the README leads with, from the sdxs-512 CPU run."""
-    name = "sdxs-512-512"
+    name = "sdxs-512-512-x86-64-avx512-vnni"
     rep = _load(name)
     r = rep["ratios"]
     fast = r["fastest_int8_vs_torch_eager_fp32"]["denominator"]
@@ -128,8 +131,8 @@ def gpu_table() -> str:
 
 TABLES = {
     "headline": headline,
-    "cpu-sdxs512": lambda: cpu_table("sdxs-512-512"),
-    "cpu-shapes": lambda: cpu_table("default_model-64"),
+    "cpu-sdxs512": lambda: cpu_table("sdxs-512-512-x86-64-avx512-vnni"),
+    "cpu-shapes": lambda: cpu_table("default_model-64-x86-64-avx512-vnni"),
     "gpu": gpu_table,
 }
 BLOCK = re.compile(r"(<!-- generated:([\w-]+) -->\n)(.*?)(<!-- /generated:\2 -->)", re.S)

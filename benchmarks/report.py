@@ -10,6 +10,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from sdxs_edge import cpu
+
 COMPONENTS = ("text_encoder", "unet", "decoder")
 LABELS = {"text_encoder": "text encoder", "unet": "U-Net", "decoder": "decoder", "other": "other (tokenizer, sampler, copies)"}
 LIBRARIES = ("torch", "onnxruntime", "onnx", "executorch", "openvino", "nncf", "diffusers", "transformers", "numpy", "matplotlib")
@@ -55,6 +57,7 @@ def machine_info() -> dict[str, Any]:
         info["physical_cores"] = None
         info["flags"] = {}
         info["flags_source"] = "not available (no /proc/cpuinfo on this OS)"
+    info["cpu_class"] = cpu.host_class()
     info["logical_cores"] = os.cpu_count()
     info["usable_cores"] = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     meminfo = Path("/proc/meminfo")
