@@ -96,7 +96,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 stderr_log(f"warning: listening on {args.host}: other machines can reach this server" + ("" if api_key else "; set --api-key"))
             shown = f"[{host}]" if ":" in host else host
             print(f"sdxs-edge serve: http://{shown}:{port}/  ({len(entries)} model{'s' * (len(entries) > 1)}{', API key required' if api_key else ''}; Ctrl-C stops)", flush=True)
-            uvicorn.Server(config).run(sockets=[sock])
+            try:
+                uvicorn.Server(config).run(sockets=[sock])
+            except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled after shutting down: the normal stop
+                pass
         finally:
             server.close()
     finally:

@@ -110,7 +110,7 @@ def cached_bundles(variants: list[Variant], cache: Path, target: str, precision:
         if (folder / "manifest.json").is_file():
             log(f"[{i}/{len(variants)}] {v.name}: {target} {precision} bundle from the cache {folder}")
         else:
-            log(f"[{i}/{len(variants)}] {v.name}: converting {v.model.name}{_extras(v)} to {target} {precision} once (minutes on a laptop CPU; cached in {folder.parent})")
+            log(f"[{i}/{len(variants)}] {v.name}: converting {v.model.name}{_extras(v)} to {target} {precision} once (reused afterwards from {folder.parent})")
             t = time.perf_counter()
             _convert(v, target, precision, folder)
             log(f"[{i}/{len(variants)}] {v.name}: converted in {time.perf_counter() - t:.0f} s")
