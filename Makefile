@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test test-slow test-shipped clean teacher arm64-runner host-runner
+.PHONY: install demo test test-slow test-shipped clean teacher arm64-runner host-runner serve browser
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,8 +33,20 @@ demo: install
 	$(PY) -c "from sdxs_edge import shapes; print('\n'.join(s.caption for s in shapes.eval_scenes(128, 0)))" > out/eval-prompts.txt
 	$(SDXS) parity out/default-pte-int8 --runtime executorch --prompts out/eval-prompts.txt --json out/default-pte-int8-parity.json
 
-# host-runner: the executorch-native runtime's tests and benchmark path run the C++ runner.
-test: install host-runner
+# The local app: a page and an HTTP API at the printed URL (http://127.0.0.1:7860/). With no arguments it
+# serves the embedded model, its canny ControlNet and its outline LoRA, converted once to int8 ExecuTorch
+# into ~/.cache/sdxs-edge (a line per bundle; reused afterwards). Ctrl-C stops it. docs/app.md.
+serve: install
+	$(SDXS) serve $(SERVE_ARGS)
+
+# Headless Chromium and its driver for the page's browser test (Debian packages); idempotent.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get update -q && apt-get install -y -q chromium chromium-driver)
+
+# host-runner: the executorch-native runtime's tests and benchmark path run the C++ runner; browser: the
+# page's test in headless Chromium.
+test: install host-runner browser
 	$(PY) -m pytest -q
 
 test-slow: install

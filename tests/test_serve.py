@@ -33,6 +33,7 @@ from bundle_cache import BUNDLE_CACHE, need, prune, source_key
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a large cyan triangle at the bottom left on a black background"
 OTHER = "a small red circle at the top right on a white background"
+SKETCH = "a large orange square at the center on a black background"
 START_TIMEOUT_S = 120
 
 
@@ -374,7 +375,7 @@ def browser(tmp_path_factory):
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1000,820"):
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1000,900"):
         opts.add_argument(flag)
     opts.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
@@ -422,10 +423,15 @@ def test_page_in_chromium(server, browser, tmp_path):
     # Sketch: switch to the ControlNet model and draw a stroke; the picture follows it.
     d.find_element(By.ID, "mode-sketch").click()
     _wait(lambda: d.find_element(By.ID, "sketch").is_displayed(), what="the sketch canvas")
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys(Keys.DELETE)
+    box.send_keys(SKETCH)
+    _wait(lambda: idle() and "sdxs-shapes-canny" in d.find_element(By.ID, "stats").text and box.get_attribute("value") == SKETCH, what="the sketch-mode image")
+    time.sleep(0.3)  # past the debounce
     _wait(idle, what="the sketch-mode image")
     before = out.get_attribute("src")
     canvas = d.find_element(By.ID, "sketch")
-    chain = ActionChains(d).move_to_element_with_offset(canvas, -80, -60).click_and_hold()
+    chain = ActionChains(d).move_to_element_with_offset(canvas, -60, -60).click_and_hold()  # a square round the centre
     for dx, dy in ((40, 0), (40, 0), (40, 0), (0, 40), (0, 40), (0, 40), (-40, 0), (-40, 0), (-40, 0), (0, -40), (0, -40), (0, -40)):
         chain = chain.move_by_offset(dx, dy)
     chain.release().perform()
