@@ -104,7 +104,9 @@ def markdown(rep: dict) -> str:
         f"Server: {', '.join(rep['models'])} on {rep['runtime']} ({rep['target']} {rep['precision']}, {rep['resolution']}x{rep['resolution']}), "
         f"`POST /v1/images/generations` with one image per request. Client: {rep['client']}.",
         "",
-        f"Machine: {rep['machine']['cpu']}, {rep['machine']['cores']} cores; ISA {rep['machine']['isa']}. {rep['machine']['note']}",
+        f"Machine: {rep['machine']['cpu']}, {rep['machine']['cores']} cores; ISA {rep['machine']['isa']}. Load average (1, 5, 15 min) "
+        f"{rep['machine']['load_average_start']} at the start, {rep['machine']['load_average_end']} at the end "
+        f"(above {rep['machine']['cores']}: other processes competed for the cores, and every figure includes that contention). {rep['machine']['note']}",
         "",
         f"{rep['seconds_per_phase']} s per phase (at most {rep['max_requests_per_phase']} requests), after {rep['warmup_requests']} warm-up requests.",
         "",
@@ -189,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         model = json.loads(conn.getresponse().read())["data"][0]
         conn.close()
         phase(host, port, 1, 60.0, args.warmup)
+        load_start = os.getloadavg()
         rss_start = rss_mb(proc.pid)
         phases, rss_after = [], []
         for c in counts:
@@ -196,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             rss_after.append(rss_mb(proc.pid))
             print(json.dumps(phases[-1]), flush=True)
         rss_end = rss_mb(proc.pid)
+        load_end = os.getloadavg()
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(30)
@@ -212,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds_per_phase": args.seconds,
         "max_requests_per_phase": args.max_requests,
         "warmup_requests": args.warmup,
-        "machine": {"cpu": cpu, "cores": cores, "isa": args.isa, "note": args.note},
+        "machine": {"cpu": cpu, "cores": cores, "isa": args.isa, "note": args.note, "load_average_start": [round(x, 2) for x in load_start], "load_average_end": [round(x, 2) for x in load_end]},
         "phases": phases,
         "rss_mb": {"start": round(rss_start, 1), "after_phase": [round(x, 1) for x in rss_after], "end": round(rss_end, 1)},
     }

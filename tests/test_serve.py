@@ -329,6 +329,32 @@ def test_worker_queue_is_bounded():
     w.stop()
 
 
+def test_request_that_times_out_is_503_with_retry_after():
+    import asyncio
+
+    pytest.importorskip("fastapi")
+    from sdxs_edge.serve.app import ApiError, Limits, Server
+    from sdxs_edge.serve.models import Entry
+
+    class Slow:  # a session that takes longer than the timeout
+        has_controlnet, batch, manifest = False, 1, {"resolution": 64}
+
+        def generate_arrays(self, prompt, seed=0, control_image=None):
+            time.sleep(0.5)
+            raise AssertionError("not reached in time")
+
+        def close(self):
+            pass
+
+    server = Server([Entry("slow", Path("."), "stub", Slow(), "stub", None, 0.0)], Limits(timeout_s=0.05))
+    try:
+        with pytest.raises(ApiError) as e:
+            asyncio.run(server.generate(server.pick(None, False), PROMPT, (0,), None))
+        assert e.value.status == 503 and e.value.headers == {"Retry-After": "1"} and "did not finish within 0.05 s" in str(e.value)
+    finally:
+        server.close()
+
+
 def test_port_in_use_is_one_line(bundles):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

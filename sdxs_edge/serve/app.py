@@ -320,6 +320,10 @@ def create_app(server: Server) -> FastAPI:
     async def _http(request: Request, exc: StarletteHTTPException):
         return error_response(exc.status_code, str(exc.detail), "invalid_request_error", getattr(exc, "headers", None))
 
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):  # a backend failure: still JSON, one line
+        return error_response(500, f"{type(exc).__name__}: {exc}".splitlines()[0], "server_error")
+
     def require_key(request: Request) -> None:
         if server.api_key is None:
             return

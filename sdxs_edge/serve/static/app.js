@@ -44,11 +44,15 @@ function refreshPickers() {
   $("styles").innerHTML = "";
   for (const s of styles) {
     const label = document.createElement("label");
-    label.innerHTML = `<input type="radio" name="style" value="${s}"> ${s || "plain"}`;
+    const radio = document.createElement("input");
+    radio.type = "radio";
+    radio.name = "style";
+    radio.value = s;
+    label.append(radio, " " + (s || "plain"));
     $("styles").append(label);
   }
-  const pick = document.querySelector(`input[name=style][value="${styles.includes(current) ? current : styles[0]}"]`);
-  if (pick) pick.checked = true;
+  const want = styles.includes(current) ? current : styles[0];
+  for (const r of document.querySelectorAll("input[name=style]")) r.checked = r.value === want;
   $("style-box").classList.toggle("hidden", styles.length < 2);
   const canSketch = here.some((m) => m.controlnet);
   $("mode-box").classList.toggle("hidden", !canSketch);
