@@ -380,6 +380,20 @@ def test_cache_is_reused(bundles, monkeypatch):
     assert again == bundles and len(lines) == 4 and all("from the cache" in line for line in lines)
 
 
+def test_several_runtimes_make_one_entry_each(bundles):
+    from sdxs_edge.serve.models import load_entries
+
+    entries = load_entries([bundles[1]], ["onnxruntime", "torch"], log=lambda line: None)
+    try:
+        assert [e.id for e in entries] == ["sdxs-shapes-outline@onnxruntime", "sdxs-shapes-outline@torch"]
+        assert [e.describe()["runtime"] for e in entries] == ["onnxruntime", "torch"] and all(e.style == "outline" for e in entries)
+        a, b = (e.session.generate_arrays(PROMPT, seed=0).image for e in entries)
+        assert np.abs(a - b).max() < 0.05  # the same bundle on two runtimes: the same picture (fp32)
+    finally:
+        for e in entries:
+            e.session.close()
+
+
 def test_server_imports_no_torch(bundles):
     code = "import sys, sdxs_edge.cli, sdxs_edge.serve.app, sdxs_edge.serve.cli, runtimes.onnxruntime_session; print('torch' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
