@@ -458,7 +458,8 @@ def test_page_in_chromium(server, browser, tmp_path):
     assert typed_src != first
     stats = d.find_element(By.ID, "stats").text
     assert "unet" in stats and "img/s" in stats, stats
-    print(f"typed prompt -> image on the page in {typed_s:.2f} s (including the {0.12:.2f} s debounce)")
+    print(f"typed prompt -> image on the page in {typed_s:.2f} s (including the 0.12 s debounce)")
+    assert typed_s < 2.0  # the goal is 1 s on 2 idle cores (0.33 s measured); the bound leaves room for a shared machine
 
     # Sketch: switch to the ControlNet model and draw a stroke; the picture follows it.
     d.find_element(By.ID, "mode-sketch").click()
