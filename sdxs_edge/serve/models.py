@@ -148,7 +148,7 @@ class Entry:
         session: the loaded `runtimes.base.Session`.
         base: the source model's name (the page groups variants of one model under it).
         style: the fused LoRA's name, or None.
-        load_s: seconds the session took to load.
+        load_s: seconds the session took to load and warm up.
     """
 
     id: str
@@ -225,6 +225,7 @@ def load_entries(bundles: list[Path], runtimes_: list[str] | None, log=print) ->
             eid = b.name if len(names) == 1 else f"{b.name}@{rt}"
             if any(e.id == eid for e in entries):
                 raise SDXSError(f"two bundles would have the id {eid!r}: give bundle folders distinct names")
+            warm_up(session)
             m = session.manifest
             entry = Entry(eid, b, rt, session, Path(m["source"]["model"]).name, _style(m), time.perf_counter() - t)
             log(f"loaded {eid}: {m['target']} {m['precision']} {entry.resolution}px on {rt}{' + ControlNet' if entry.has_controlnet else ''}{f' + LoRA {entry.style}' if entry.style else ''} ({entry.load_s:.2f} s)")
@@ -232,6 +233,15 @@ def load_entries(bundles: list[Path], runtimes_: list[str] | None, log=print) ->
     if not entries:
         raise SDXSError("no bundle could be loaded on the runtimes asked for")
     return entries
+
+
+def warm_up(session) -> None:
+    """One generation at load (a blank control image for a ControlNet), so the first request pays no
+    first-run cost (allocations, kernel selection)."""
+    import numpy as np
+
+    control = np.zeros(session.control_shape, np.float32) if session.has_controlnet else None
+    session.generate_arrays("a small red circle at the center on a white background", seed=0, control_image=control)
 
 
 def stderr_log(line: str) -> None:
