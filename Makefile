@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo lint test test-slow test-shipped clean teacher arm64-runner host-runner emulators
+.PHONY: install demo lint test test-slow test-shipped clean teacher arm64-runner host-runner emulators serve browser
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -38,9 +38,21 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# host-runner: the executorch-native runtime's tests and benchmark path run the C++ runner.
-# emulators: the int8 checks as an AVX2-only x86-64 CPU and as arm64 run under qemu (sdxs_edge/cpu.py).
-test: install lint host-runner emulators
+# The local app: a page and an HTTP API at the printed URL (http://127.0.0.1:7860/). With no arguments it
+# serves the embedded model, its canny ControlNet and its outline LoRA, converted once to int8 ExecuTorch
+# into ~/.cache/sdxs-edge (a line per bundle; reused afterwards). Ctrl-C stops it. docs/app.md.
+serve: install
+	$(SDXS) serve $(SERVE_ARGS)
+
+# Headless Chromium and its driver for the page's browser test (Debian packages); idempotent.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get update -q && apt-get install -y -q chromium chromium-driver)
+
+# host-runner: the executorch-native runtime's tests and benchmark path run the C++ runner; browser: the
+# page's test in headless Chromium; emulators: the int8 checks as an AVX2-only x86-64 CPU and as arm64
+# run under qemu (sdxs_edge/cpu.py).
+test: install lint host-runner browser emulators
 	$(PY) -m pytest -q
 
 test-slow: install
