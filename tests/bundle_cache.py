@@ -54,3 +54,25 @@ def need(module: str) -> None:
     """Skip the test when a backend package is not installed."""
     if importlib.util.find_spec(module) is None:
         pytest.skip(f"the {module} package is not installed")
+
+
+def tiny_bundle(target: str, precision: str) -> Path:
+    """A tiny-preset bundle from `converters.convert`, converted once per source key and kept in
+    BUNDLE_CACHE. Skips when the backend package is absent; a conversion that fails is a test error."""
+    from converters.api import BACKENDS, convert
+
+    need({"onnx": "onnxruntime", "executorch": "executorch", "coreml": "coremltools"}[target])
+    if importlib.util.find_spec(BACKENDS[target]) is None:
+        pytest.skip(f"the converters have no {target} backend ({BACKENDS[target]}) in this checkout")
+    prefix = f"tiny-{target}-{precision}-"
+    out = BUNDLE_CACHE / (prefix + source_key(f"tiny|{target}|{precision}"))
+    if not (out / "manifest.json").is_file():
+        tmp = out.with_name(f".{out.name}.{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        convert("tiny", target, precision, tmp, progress=False)
+        try:
+            os.rename(tmp, out)
+        except OSError:  # another test run finished the same bundle first
+            shutil.rmtree(tmp)
+    prune(out, f"*{prefix}*")
+    return out

@@ -36,6 +36,17 @@ using executorch::runtime::Error;
 using executorch::runtime::EValue;
 using json = nlohmann::json;
 
+// libexecutorch_threadpool's ThreadPool (extension/threadpool/threadpool.h, which the wheel does not
+// ship; runner.cpp does the same): only these two members are called.
+namespace executorch::extension::threadpool {
+class ThreadPool {
+ public:
+  size_t get_thread_count() const;
+  bool _unsafe_reset_threadpool(uint32_t num_threads);
+};
+ThreadPool* get_threadpool();
+}  // namespace executorch::extension::threadpool
+
 namespace {
 
 constexpr const char* kFormat = "sdxs-edge-bundle";
@@ -547,6 +558,15 @@ int sdxs_noise(uint64_t seed, int64_t numel, float* out) {
     if (!out || numel < 0) raise(SDXS_E_ARGUMENT, "out must not be NULL and numel must be >= 0");
     const auto v = sdxs::torch_randn(seed, numel);
     std::copy(v.begin(), v.end(), out);
+  });
+}
+
+int sdxs_threads(int n, int* threads) {
+  return guarded([&] {
+    auto* pool = executorch::extension::threadpool::get_threadpool();
+    if (!pool) raise(SDXS_E_RUNTIME, "ExecuTorch has no threadpool in this build");
+    if (n > 0 && !pool->_unsafe_reset_threadpool(static_cast<uint32_t>(n))) raise(SDXS_E_RUNTIME, "cannot resize the threadpool to " + std::to_string(n) + " threads");
+    if (threads) *threads = static_cast<int>(pool->get_thread_count());
   });
 }
 

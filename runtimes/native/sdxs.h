@@ -50,6 +50,10 @@ int sdxs_last_error_code(void);
 /* Frees the context (NULL is fine). */
 void sdxs_close(sdxs_ctx* ctx);
 
+/* Sizes ExecuTorch's threadpool (XNNPACK runs on it; default one per core) for every context of the
+ * process; *threads gets the size in effect. n <= 0 only reads it. */
+int sdxs_threads(int n, int* threads);
+
 /* ---- below: the steps one by one, for runtimes that check each component ---------------------- */
 
 /* The image size the bundle makes. */
