@@ -170,7 +170,7 @@ class CapiSession(Session):
         self._need_open()
         if control_image is not None:
             raise RuntimeInputError(f"{self.bundle} has no ControlNet, so it takes no control image (libsdxs runs bundles without one)")
-        (text,) = self._prompts(prompt)
+        (text,) = [prompt] if isinstance(prompt, bytes) else self._prompts(prompt)  # bytes go to libsdxs as they are
         te, un, de = self.specs["text_encoder"], self.specs["unet"], self.specs["decoder"]
         given = noise is not None
         if given:

@@ -205,7 +205,9 @@ def test_bad_bundles_are_one_error_each(lib, et_fp32, tmp_path):
 
 
 def test_sdxs_run_bad_prompt_size_and_output(lib, et_fp32, tmp_path):
-    run = lambda *args: subprocess.run([str(HOST / "sdxs-run"), *map(str, args)], capture_output=True)  # noqa: E731
+    def run(*args):
+        return subprocess.run([str(HOST / "sdxs-run"), *(a if isinstance(a, bytes) else str(a) for a in args)], capture_output=True)
+
     out = tmp_path / "o.png"
     for args, fragment in [
         ((et_fp32, b"caf\xe9", "--out", out), b"not valid UTF-8"),
