@@ -257,3 +257,24 @@ def test_capi_tokenize_and_noise_feed_the_session(lib, et_fp32):
         assert np.array_equal(s.noise(9), want)
         r = s.generate_arrays(PROMPT, seed=9)
         assert np.array_equal(r.noise, want) and set(r.timings) >= {"text_encoder", "unet", "decoder"}
+
+
+def test_docs_example_compiles_and_runs(lib, et_fp32, tmp_path):
+    """The C example of docs/c-api.md, compiled against build/host/libsdxs.so, writes the library's image."""
+    text = (ROOT / "docs" / "c-api.md").read_text()
+    src = text.split("```c\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "gen.c").write_text(src)
+    cc = shutil.which("gcc") or shutil.which("cc")
+    build = subprocess.run([cc, "-std=c11", "-Wall", "-Werror", str(tmp_path / "gen.c"), "-I", str(ROOT / "runtimes" / "native"), "-L", str(HOST),
+                            "-lsdxs", f"-Wl,-rpath,{HOST}", "-o", str(tmp_path / "gen")], capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    proc = subprocess.run([str(tmp_path / "gen"), str(et_fp32), PROMPT, str(tmp_path / "x.ppm")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    ppm = (tmp_path / "x.ppm").read_bytes()
+    header = b"P6\n64 64\n255\n"
+    assert ppm.startswith(header)
+    with runtimes.load(et_fp32, "executorch-capi") as s:
+        want = to_uint8(s.generate_arrays(PROMPT, seed=0).image)[0]
+    assert np.array_equal(np.frombuffer(ppm[len(header):], np.uint8).reshape(64, 64, 3), want)
+    bad = subprocess.run([str(tmp_path / "gen"), str(tmp_path), PROMPT, str(tmp_path / "y.ppm")], capture_output=True, text=True)
+    assert bad.returncode == 1 and "error 2:" in bad.stderr and "no manifest.json" in bad.stderr
