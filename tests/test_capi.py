@@ -278,3 +278,16 @@ def test_docs_example_compiles_and_runs(lib, et_fp32, tmp_path):
     assert np.array_equal(np.frombuffer(ppm[len(header):], np.uint8).reshape(64, 64, 3), want)
     bad = subprocess.run([str(tmp_path / "gen"), str(tmp_path), PROMPT, str(tmp_path / "y.ppm")], capture_output=True, text=True)
     assert bad.returncode == 1 and "error 2:" in bad.stderr and "no manifest.json" in bad.stderr
+
+
+def test_bench_worker_measures_executorch_capi(lib, et_fp32, tmp_path):
+    """The benchmark's session worker runs the executorch-capi path: pinned threads read back, every
+    component timed on every run."""
+    from benchmarks.jobs import Job
+    from benchmarks.worker import run_session
+
+    job = Job(kind="session", model="tiny", resolution=64, threads=2, runs=2, warmup=1, result=str(tmp_path / "r.json"),
+              runtime="executorch-capi", precision="fp32", bundle=str(et_fp32))
+    r = run_session(job)
+    assert r["threads"] == {"threadpool_threads": 2}
+    assert r["components"]["unet"]["runs"] == 2 and r["end_to_end"]["runs"] == 2 and r["end_to_end"]["median_s"] > 0
