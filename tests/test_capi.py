@@ -291,3 +291,22 @@ def test_bench_worker_measures_executorch_capi(lib, et_fp32, tmp_path):
     r = run_session(job)
     assert r["threads"] == {"threadpool_threads": 2}
     assert r["components"]["unet"]["runs"] == 2 and r["end_to_end"]["runs"] == 2 and r["end_to_end"]["median_s"] > 0
+
+
+@pytest.mark.shipped
+def test_sdxs_run_under_aarch64_emulation(lib, et_fp32, tmp_path):
+    """The cross-built sdxs-run (make arm64-runner) under qemu-aarch64-static: XNNPACK's NEON kernels give
+    the x86-64 image to the fp32 floor; a bad prompt is the same one-line error there."""
+    from PIL import Image
+
+    arm = ROOT / "build" / "arm64" / "sdxs-run"
+    if shutil.which("qemu-aarch64-static") is None or not arm.is_file():
+        pytest.skip("the aarch64 sdxs-run or qemu-aarch64-static is missing (make arm64-runner)")
+    qemu = ["qemu-aarch64-static", "-cpu", "cortex-a76", "-L", "/usr/aarch64-linux-gnu", str(arm)]
+    for exe, out in ((qemu, tmp_path / "arm.png"), ([str(HOST / "sdxs-run")], tmp_path / "x86.png")):
+        proc = subprocess.run([*exe, str(et_fp32), PROMPT, "--seed", "3", "--out", str(out)], capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+    a, b = (np.asarray(Image.open(p)).astype(np.float64) for p in (tmp_path / "arm.png", tmp_path / "x86.png"))
+    assert snr_db(b, a) >= FLOORS["fp32"].component_snr_db
+    proc = subprocess.run([*qemu, str(et_fp32), b"\xff\xfe", "--out", str(tmp_path / "bad.png")], capture_output=True, timeout=600)
+    assert proc.returncode == 1 and proc.stderr.count(b"\n") == 1 and b"not valid UTF-8" in proc.stderr
