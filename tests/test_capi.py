@@ -310,3 +310,11 @@ def test_sdxs_run_under_aarch64_emulation(lib, et_fp32, tmp_path):
     assert snr_db(b, a) >= FLOORS["fp32"].component_snr_db
     proc = subprocess.run([*qemu, str(et_fp32), b"\xff\xfe", "--out", str(tmp_path / "bad.png")], capture_output=True, timeout=600)
     assert proc.returncode == 1 and proc.stderr.count(b"\n") == 1 and b"not valid UTF-8" in proc.stderr
+
+
+@pytest.mark.slow
+def test_unicode_tables_are_current():
+    """unicode_tables.inc is what gen_unicode_tables.py writes from this Python and regex (about 30 s)."""
+    proc = subprocess.run([str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv").is_dir() else "python3",
+                           str(ROOT / "runtimes" / "native" / "gen_unicode_tables.py"), "--check"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
