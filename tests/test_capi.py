@@ -136,32 +136,26 @@ def test_noise_is_torch_randn(lib, seed):
         assert np.array_equal(got, want), f"seed {seed}, n {n}: {int((got != want).sum())} elements differ"
 
 
-def _python_image(bundle: Path, seed: int) -> np.ndarray:
-    """The Python executorch runtime's image for PROMPT with torch.randn's noise for `seed`, uint8 HWC."""
-    import torch
-
-    with runtimes.load(bundle, "executorch") as s:
-        noise = torch.randn(s.latent_shape, generator=torch.Generator().manual_seed(seed)).numpy()
-        return s.generate_arrays(PROMPT, noise=noise).image
-
-
 def test_sdxs_run_writes_the_python_runtimes_image(lib, et_fp32, tmp_path):
     """sdxs-run's PNG and the executorch-capi arrays equal the Python executorch runtime's image for the same
-    bundle, prompt and seed, to the precision's floor (on x86-64 they are bit-identical)."""
+    bundle, prompt and seed (torch.randn's noise fed to it), to the precision's floor (on x86-64 they are
+    bit-identical)."""
+    import torch
     from PIL import Image
 
     precision = json.loads((et_fp32 / "manifest.json").read_text())["precision"]
-    for seed in (0, 3):
-        want = _python_image(et_fp32, seed)
-        out = tmp_path / f"s{seed}.png"
-        proc = subprocess.run([str(HOST / "sdxs-run"), str(et_fp32), PROMPT, "--seed", str(seed), "--out", str(out)], capture_output=True, text=True)
-        assert proc.returncode == 0 and proc.stderr == "", proc.stderr
-        png = np.asarray(Image.open(out))
-        with runtimes.load(et_fp32, "executorch-capi") as s:
-            got = s.generate_arrays(PROMPT, seed=seed).image
-        assert snr_db(want, got) >= FLOORS[precision].component_snr_db
-        assert np.array_equal(png, to_uint8(got)[0])
-        assert np.abs(png.astype(int) - to_uint8(want)[0]).max() <= 1
+    with runtimes.load(et_fp32, "executorch") as py, runtimes.load(et_fp32, "executorch-capi") as capi:
+        for seed in (0, 3):
+            noise = torch.randn(py.latent_shape, generator=torch.Generator().manual_seed(seed)).numpy()
+            want = py.generate_arrays(PROMPT, noise=noise).image
+            got = capi.generate_arrays(PROMPT, seed=seed).image
+            out = tmp_path / f"s{seed}.png"
+            proc = subprocess.run([str(HOST / "sdxs-run"), str(et_fp32), PROMPT, "--seed", str(seed), "--out", str(out)], capture_output=True, text=True)
+            assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+            png = np.asarray(Image.open(out))
+            assert snr_db(want, got) >= FLOORS[precision].component_snr_db
+            assert np.array_equal(png, to_uint8(got)[0])
+            assert np.abs(png.astype(int) - to_uint8(want)[0]).max() <= 1
 
 
 def _bad_bundles(good: Path, root: Path) -> dict[str, tuple[Path, int, str]]:
