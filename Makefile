@@ -73,7 +73,8 @@ emulators:
 arm64-runner:
 	runtimes/native/build_arm64.sh
 
-# The same runner for this machine, against the installed executorch wheel (no PyTorch in its process).
+# The same runner for this machine, against the installed executorch wheel (no PyTorch in its process),
+# and libsdxs + sdxs-run (docs/c-api.md; Debian's nlohmann-json3-dev and libstb-dev, installed when missing).
 host-runner: install
 	runtimes/native/build_host.sh
 

@@ -34,10 +34,11 @@ from sdxs_edge.atomic import write_atomic
 ROOT = Path(__file__).resolve().parents[1]
 # Runtimes measured here and the bundle target each runs (torch runs the model itself).
 # executorch-native runs the executorch bundles in the host runner (runtimes/native_session.py), which the
-# run builds first when it is missing or older than its source (runtimes/native/build_host.sh).
-RUNTIME_TARGETS = {"torch": None, "onnxruntime": "onnx", "executorch": "executorch", "executorch-native": "executorch"}
-RUNTIME_PACKAGES = {"torch": ("torch",), "onnxruntime": ("onnx", "onnxruntime"), "executorch": ("executorch",), "executorch-native": ("executorch",)}
-EXTRAS = {"onnxruntime": "onnx", "executorch": "executorch", "executorch-native": "executorch", "torch": "all"}
+# run builds first when it is missing or older than its source (runtimes/native/build_host.sh), as it
+# builds libsdxs for executorch-capi (runtimes/capi_session.py: the C API in this process).
+RUNTIME_TARGETS = {"torch": None, "onnxruntime": "onnx", "executorch": "executorch", "executorch-native": "executorch", "executorch-capi": "executorch"}
+RUNTIME_PACKAGES = {"torch": ("torch",), "onnxruntime": ("onnx", "onnxruntime"), "executorch": ("executorch",), "executorch-native": ("executorch",), "executorch-capi": ("executorch",)}
+EXTRAS = {"onnxruntime": "onnx", "executorch": "executorch", "executorch-native": "executorch", "executorch-capi": "executorch", "torch": "all"}
 PRECISIONS = ("fp32", "fp16", "int8")
 DEFAULT_RUNTIMES = ("torch", "onnxruntime", "executorch", "executorch-native")
 HOST_RUNNER_BUILD = ROOT / "runtimes" / "native" / "build_host.sh"
@@ -551,8 +552,8 @@ def run_bench(
 
     Args:
         model: preset name, diffusers folder or hub id.
-        runtimes: "torch", "onnxruntime", "executorch", "executorch-native" (list or comma-separated
-            string).
+        runtimes: "torch", "onnxruntime", "executorch", "executorch-native", "executorch-capi" (list or
+            comma-separated string).
         precisions: "fp32", "fp16", "int8" (list or comma-separated string). The torch runtime runs the
             model in float32 only on CPU; its other precisions get a "not applicable" row.
         resolution: image side in pixels (default: the model's).
@@ -589,7 +590,7 @@ def run_bench(
     started = time.time()
     machine = R.machine_info()
     ov = openvino_state(cfg.openvino)
-    if "executorch-native" in cfg.runtimes:
+    if {"executorch-native", "executorch-capi"} & set(cfg.runtimes):
         build_host_runner(say)
     conv = run_conversions(cfg, plan_conversions(cfg, ov["precisions"]), say)
     torch_seen: dict = {}  # the first torch eager worker's result (it says whether CUDA is there)

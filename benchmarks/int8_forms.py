@@ -19,11 +19,11 @@ from pathlib import Path
 from sdxs_edge import cpu
 from sdxs_edge.errors import SDXSError
 
-FORMS = {
-    "u8s8": {},
-    "u8s8-reduce-range": {"reduce_range": True},
-    "u8u8": {"weight_type": "QUInt8"},
-    "s8s8": {"activation_type": "QInt8"},
+FORMS = {  # every argument that makes the form, so the converter's own choice never leaks through
+    "u8s8": {"activation_type": "QUInt8", "weight_type": "QInt8", "reduce_range": False},
+    "u8s8-reduce-range": {"activation_type": "QUInt8", "weight_type": "QInt8", "reduce_range": True},
+    "u8u8": {"activation_type": "QUInt8", "weight_type": "QUInt8", "reduce_range": False},
+    "s8s8": {"activation_type": "QInt8", "weight_type": "QInt8", "reduce_range": False},
 }
 
 

@@ -62,7 +62,8 @@ class Job:
         runs: measured repetitions (after `warmup`).
         warmup: unmeasured repetitions first (the first one's time is reported as the cold run).
         result: where the worker writes its result JSON.
-        runtime: for "session": "onnxruntime", "executorch", "executorch-native" or "openvino".
+        runtime: for "session": "onnxruntime", "executorch", "executorch-native", "executorch-capi" or
+            "openvino".
         precision: the precision of the path (reported).
         bundle: for "session": the bundle directory (for openvino: the ONNX fp32 bundle giving the
             manifest and tokenizer).

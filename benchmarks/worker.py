@@ -141,6 +141,11 @@ def run_session(job: Job) -> dict:
 
         session = runtimes.load(job.bundle, "executorch-native", threads=job.threads, verify=False)
         threads["threadpool_threads"] = session.threads
+    elif job.runtime == "executorch-capi":
+        import runtimes
+
+        session = runtimes.load(job.bundle, "executorch-capi", threads=job.threads, verify=False)
+        threads["threadpool_threads"] = session.threads
     else:
         raise SDXSError(f"worker: no session runtime {job.runtime!r}")
     load_s = time.perf_counter() - t

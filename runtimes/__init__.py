@@ -23,6 +23,7 @@ RUNTIMES: dict[str, str] = {
     "onnxruntime": "runtimes.onnxruntime_session:OnnxRuntimeSession",
     "executorch": "runtimes.executorch_session:ExecuTorchSession",
     "executorch-native": "runtimes.native_session:NativeSession",
+    "executorch-capi": "runtimes.capi_session:CapiSession",
     "coreml": "runtimes.coreml_session:CoreMLSession",
     "android": "runtimes.android:AndroidSession",
     "arm64-emulated": "runtimes.arm64_emulated:Arm64EmulatedSession",
@@ -60,7 +61,7 @@ def load(bundle: str | Path, runtime: str, **options) -> Session:
     Args:
         bundle: the bundle directory.
         runtime: a key of `RUNTIMES` ("torch", "onnxruntime", "executorch", "executorch-native",
-            "coreml", "android", "arm64-emulated").
+            "executorch-capi", "coreml", "android", "arm64-emulated").
         **options: the runtime's own keyword options (e.g. `providers=` for onnxruntime,
             `compute_units=` for coreml, `reference=` for torch, `verify=` for all); an option the
             runtime does not take is an error naming the ones it does.

@@ -60,7 +60,7 @@ class OnnxRuntimeSession(Session):
         try:
             import onnxruntime as ort
         except ImportError:
-            raise BackendMissingError("the onnxruntime runtime needs onnxruntime (pip install 'sdxs-edge[onnx]')") from None
+            raise BackendMissingError("the onnxruntime runtime needs onnxruntime (pip install 'sdxs-edge[onnxruntime]')") from None
         names = [providers] if isinstance(providers, str) else list(providers)
         if not names:
             raise BackendMissingError("providers= is empty; name at least one execution provider (e.g. cpu)")

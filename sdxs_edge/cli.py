@@ -354,6 +354,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as e:  # an extra that is not installed (a deployment install has no PyTorch)
+        if args.debug:
+            raise
+        top = (e.name or "").split(".")[0]
+        hint = " (pip install 'sdxs-edge[torch]')" if top in ("torch", "diffusers", "transformers", "safetensors", "tqdm") else ""
+        print(f"error: this command needs a package that is not installed: {e}{hint}", file=sys.stderr)
+        return 2
     except Exception as e:  # unexpected: still one line unless --debug
         if args.debug:
             raise

@@ -58,9 +58,11 @@ def need(module: str) -> None:
 
 
 def cached_bundle(model: str, target: str, precision: str) -> Path:
-    """A converted bundle of `model` (a preset) kept under build/test-bundles/, built on first use."""
+    """A converted bundle of `model` (a preset) kept under build/test-bundles/, built on first use. Skips
+    when the backend package is absent; a conversion that fails is a test error."""
     from converters.api import convert
 
+    need({"onnx": "onnxruntime", "executorch": "executorch", "coreml": "coremltools"}[target])
     prefix = f"{model}-{target}-{precision}-"
     out = BUNDLE_CACHE / (prefix + source_key(f"{model}|{target}|{precision}"))
     if not (out / "manifest.json").is_file():

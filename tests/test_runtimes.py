@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import runtimes
 from runtimes.base import BackendMissingError, RuntimeInputError, Session, UnsupportedTargetError
 from runtimes.parity import FLOORS, check_floors, run_parity
 from runtimes.tokenizer import CLIPBPETokenizer
-from bundle_cache import BUNDLE_CACHE, need, prune, source_key
+from bundle_cache import cached_bundle, need
 from sdxs_edge.bundle import BundleError, sha256_path
 from sdxs_edge.errors import ParityError, SDXSError
 from sdxs_edge.metrics import snr_db
@@ -28,7 +27,6 @@ PROMPT = "a small red circle at the top on a white background"
 
 
 # ---- bundles ---------------------------------------------------------------------------------------
-BACKEND_PACKAGES = {"onnx": "onnxruntime", "executorch": "executorch", "coreml": "coremltools"}
 
 
 # Converted test bundles are cached between runs (tests/bundle_cache.py). These tests check the runtimes;
@@ -42,29 +40,12 @@ def make_bundle():
     Skips only when the backend package is absent or the converters have no backend for the target;
     a conversion that fails is a test error.
     """
-    from converters.api import BACKENDS, convert
-
     built: dict[tuple[str, str], Path] = {}
 
     def get(target: str, precision: str) -> Path:
-        need(BACKEND_PACKAGES[target])
-        if importlib.util.find_spec(BACKENDS[target]) is None:
-            pytest.skip(f"the converters have no {target} backend ({BACKENDS[target]}) in this checkout")
-        if (target, precision) in built:  # one key per run, even if sources change meanwhile
-            return built[(target, precision)]
-        prefix = f"tiny-{target}-{precision}-"
-        out = BUNDLE_CACHE / (prefix + source_key(f"tiny|{target}|{precision}"))
-        if not (out / "manifest.json").is_file():
-            tmp = out.with_name(f".{out.name}.{os.getpid()}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            convert("tiny", target, precision, tmp, progress=False)
-            try:
-                os.rename(tmp, out)
-            except OSError:  # another test run finished the same bundle first
-                shutil.rmtree(tmp)
-        prune(out, f"*{prefix}*")
-        built[(target, precision)] = out
-        return out
+        if (target, precision) not in built:  # one key per run, even if sources change meanwhile
+            built[(target, precision)] = cached_bundle("tiny", target, precision)
+        return built[(target, precision)]
 
     return get
 

@@ -10,12 +10,15 @@ the executorch-native runtime (the same runner built for this machine, `make hos
 The int8 conversions are checked on every CPU class this machine can run or emulate (`sdxs_edge.cpu`):
 its own, an AVX2-only x86-64 CPU (qemu-x86_64-static -cpu Haswell where the host has VNNI), and arm64 for
 the ExecuTorch bundle (ONNX bundles: no aarch64 onnxruntime runs here).
+libsdxs (runtimes/native/sdxs.h) runs the int8 bundle through the executorch-capi runtime, and `sdxs-run`
+writes the Python executorch runtime's image for it on x86-64 and, cross-built, under aarch64 emulation.
 """
 from __future__ import annotations
 
 import importlib.util
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -29,6 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "sdxs_edge" / "default_model"
 RUNNER = ROOT / "build" / "arm64" / "sdxs_runner"
 HOST_RUNNER = ROOT / "build" / "host" / "sdxs_runner"
+SDXS_RUN = {"x86-64": [str(ROOT / "build" / "host" / "sdxs-run")],
+            "aarch64": ["qemu-aarch64-static", "-cpu", "cortex-a76", "-L", "/usr/aarch64-linux-gnu", str(ROOT / "build" / "arm64" / "sdxs-run")]}
 RESULTS = ROOT / "out" / "shipped-parity"
 N_PROMPTS = 512  # x86 runtimes: the evaluation set the distillation report uses
 N_PROMPTS_EMULATED = 64  # qemu runs the ARM kernels about 150x slower than native
@@ -118,3 +123,44 @@ def test_executorch_native(bundle):
     if not HOST_RUNNER.is_file():
         pytest.skip("the host runner is missing (make host-runner)")
     _check(bundle("executorch", "int8"), "executorch-native", N_PROMPTS)
+
+
+def test_executorch_capi(bundle):
+    if not (ROOT / "build" / "host" / "libsdxs.so").is_file():
+        pytest.skip("libsdxs is missing (make host-runner)")
+    _check(bundle("executorch", "int8"), "executorch-capi", N_PROMPTS)
+
+
+@pytest.mark.parametrize("arch", ["x86-64", "aarch64"])
+def test_sdxs_run_writes_the_python_runtimes_image(bundle, tmp_path, arch):
+    """sdxs-run (C++ only) against the Python executorch runtime fed torch.randn's noise for the same seed:
+    the same uint8 image on x86-64; under aarch64 emulation (XNNPACK's NEON kernels) within the int8
+    floor (image PSNR)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    import runtimes
+    from runtimes.base import to_uint8
+    from runtimes.parity import FLOORS
+    from sdxs_edge.metrics import psnr
+
+    cmd = SDXS_RUN[arch]
+    if not Path(cmd[-1]).is_file() or (arch == "aarch64" and shutil.which(cmd[0]) is None):
+        pytest.skip(f"{cmd[-1]} or qemu is missing (make host-runner / make arm64-runner)")
+    b = bundle("executorch", "int8")
+    prompts = _prompts(2 if arch == "aarch64" else 4)
+    with runtimes.load(b, "executorch") as py:
+        for seed, prompt in enumerate(prompts):
+            noise = torch.randn(py.latent_shape, generator=torch.Generator().manual_seed(seed)).numpy()
+            want = to_uint8(py.generate_arrays(prompt, noise=noise).image)[0]
+            out = tmp_path / f"{seed}.png"
+            proc = subprocess.run([*cmd, str(b), prompt, "--seed", str(seed), "--out", str(out)], capture_output=True, text=True, timeout=1800)
+            assert proc.returncode == 0, proc.stderr
+            got = np.asarray(Image.open(out))
+            value = psnr(want, got)
+            print(f"sdxs-run {arch} int8 seed {seed}: {'identical' if np.array_equal(want, got) else f'PSNR {value:.1f} dB'}")
+            if arch == "x86-64":
+                assert np.array_equal(want, got)
+            else:
+                assert value >= FLOORS["int8"].image_psnr_db

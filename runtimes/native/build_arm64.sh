@@ -7,6 +7,7 @@
 #   build/arm64/wheel/executorch-*.whl     the downloaded wheel (cache)
 #   build/arm64/executorch/{include,lib}   headers and the runtime libraries extracted from it
 #   build/arm64/sdxs_runner                the runner (RUNPATH $ORIGIN/executorch/lib)
+#   build/arm64/libsdxs.so, sdxs-run       the C API and its CLI (sdxs.h; RUNPATH $ORIGIN/executorch/lib, $ORIGIN)
 #
 # Usage: runtimes/native/build_arm64.sh      (from anywhere; `make arm64-runner` runs it)
 # Env:   PY (python with pip; default .venv/bin/python, else python3), ET_VERSION (default 1.5.1).
@@ -96,5 +97,12 @@ fi
 needed="$(aarch64-linux-gnu-readelf -d "$RUNNER")"
 for n in "${LIBS[@]}"; do
   grep -q "\[lib$n.so\]" <<<"$needed" || die "$RUNNER does not load lib$n.so (its registrations would never run)"
+done
+# 6. libsdxs and sdxs-run (rebuilt when a source is newer), with the same registration check.
+[[ -f /usr/include/nlohmann/json.hpp && -f /usr/include/stb/stb_image_write.h ]] || apt_install nlohmann-json3-dev libstb-dev
+compile_capi "$CXX" "$ET_DIR" "$OUT" '$ORIGIN/executorch/lib'
+needed="$(aarch64-linux-gnu-readelf -d "$OUT/libsdxs.so")"
+for n in "${LIBS[@]}"; do
+  grep -q "\[lib$n.so\]" <<<"$needed" || die "$OUT/libsdxs.so does not load lib$n.so (its registrations would never run)"
 done
 log "ok: $RUNNER (run: qemu-aarch64-static -cpu cortex-a76 -L /usr/aarch64-linux-gnu $RUNNER --help)"

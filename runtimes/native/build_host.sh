@@ -2,11 +2,16 @@
 # Build runtimes/native/runner.cpp for this machine (x86-64 or aarch64 Linux) against the ExecuTorch
 # runtime libraries of the installed executorch wheel: a runner with no PyTorch in its process, for
 # `python -m benchmarks.native_runner`. The wheel's libexecutorch*, kernel and XNNPACK libraries do not
-# link libtorch (only its Python bindings do). Rebuilt when runner.cpp or this script is newer.
+# link libtorch (only its Python bindings do). Also libsdxs and sdxs-run (sdxs.h, docs/c-api.md). Each
+# output is rebuilt when one of its sources or this script is newer.
 #
 #   build/host/sdxs_runner    (RUNPATH: the wheel's executorch/lib)
+#   build/host/libsdxs.so     (RUNPATH: the wheel's executorch/lib)
+#   build/host/sdxs-run       (RUNPATH: $ORIGIN)
+#   build/host/asan/          with --asan only: libsdxs.so, sdxs-run and test_capi (test_capi.c) built
+#                             with -fsanitize=address, for tests/test_capi.py
 #
-# Usage: runtimes/native/build_host.sh      (`make host-runner` runs it)
+# Usage: runtimes/native/build_host.sh [--asan]     (`make host-runner` runs it without --asan)
 # Env:   PY (python with executorch installed; default .venv/bin/python), CXX (default g++).
 set -euo pipefail
 
@@ -34,4 +39,16 @@ if [[ ! -x "$RUNNER" || "$SRC" -nt "$RUNNER" || "${SRC%/*}/sdxt.h" -nt "$RUNNER"
   compile_runner "$CXX" "$ET_DIR" "$SRC" "$RUNNER" "$ET_DIR/lib"
 fi
 if ldd "$RUNNER" | grep -q 'libtorch'; then die "$RUNNER links libtorch"; fi
-log "ok: $RUNNER"
+[[ -f /usr/include/nlohmann/json.hpp && -f /usr/include/stb/stb_image_write.h ]] || apt_install nlohmann-json3-dev libstb-dev
+compile_capi "$CXX" "$ET_DIR" "$OUT" "$ET_DIR/lib"
+if [[ "${1:-}" == --asan ]]; then
+  ASAN=(-fsanitize=address -fno-omit-frame-pointer -g -O1)
+  compile_capi "$CXX" "$ET_DIR" "$OUT/asan" "$ET_DIR/lib" "${ASAN[@]}"
+  if stale "$OUT/asan/test_capi" "$ROOT/runtimes/native/test_capi.c" "$ROOT/runtimes/native/sdxs.h" "$OUT/asan/libsdxs.so"; then
+    log "compiling $OUT/asan/test_capi"
+    "${CC:-gcc}" -std=c11 -Wall -Wextra "${ASAN[@]}" -I"$ROOT/runtimes/native" "$ROOT/runtimes/native/test_capi.c" \
+      -o "$OUT/asan/test_capi.tmp" -L"$OUT/asan" -lsdxs -Wl,-rpath,'$ORIGIN'
+    mv "$OUT/asan/test_capi.tmp" "$OUT/asan/test_capi"
+  fi
+fi
+log "ok: $RUNNER $OUT/libsdxs.so $OUT/sdxs-run"

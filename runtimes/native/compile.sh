@@ -39,3 +39,55 @@ apt_install() {
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "$@" >/dev/null
 }
+
+# ---- libsdxs (sdxs.h) and sdxs-run -----------------------------------------------------------------
+CAPI_SRC=(sdxs.cpp sdxs_tokenizer.cpp)
+CAPI_HEADERS=(sdxs.h sdxs_tokenizer.h sdxs_noise.h unicode_tables.inc)
+
+# stale OUT DEP...: true when OUT is missing or older than any DEP.
+stale() {
+  local out="$1" d
+  shift
+  [[ -e "$out" ]] || return 0
+  for d in "$@"; do [[ "$d" -nt "$out" ]] && return 0; done
+  return 1
+}
+
+# compile_capi CXX ET_DIR OUT_DIR ET_RPATH [FLAGS...]: OUT_DIR/libsdxs.so (RUNPATH ET_RPATH, the ExecuTorch
+# libraries, linked --no-as-needed as for the runner) and OUT_DIR/sdxs-run (RUNPATH $ORIGIN). Header-only
+# nlohmann/json and stb_image_write come from Debian's nlohmann-json3-dev and libstb-dev, through a
+# folder of links so a cross compiler sees those two and nothing else of /usr/include. -ffp-contract=off:
+# the noise and the one-step rule round once per operation, as numpy and PyTorch do.
+compile_capi() {
+  local cxx="$1" et_dir="$2" out="$3" rpath="$4" link=() n s objs=()
+  shift 4
+  local flags=("$@") here
+  here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+  for n in "${LIBS[@]}"; do link+=("-l$n"); done
+  mkdir -p "$out/obj" "$out/include"
+  ln -sfn /usr/include/nlohmann "$out/include/nlohmann"
+  ln -sfn /usr/include/stb "$out/include/stb"
+  local cflags=(-std=c++17 -O2 -Wall -Wextra -fPIC -ffp-contract=off "${flags[@]}"
+    -DC10_USING_CUSTOM_GENERATED_MACROS -DET_EVENT_TRACER_ENABLED -DET_USE_THREADPOOL
+    -isystem "$out/include" -isystem "$et_dir/include" -isystem "$et_dir/include/executorch/runtime/core/portable_type/c10")
+  local deps=("${CAPI_HEADERS[@]/#/$here/}" "$here/compile.sh")
+  for s in "${CAPI_SRC[@]}"; do
+    objs+=("$out/obj/${s%.cpp}.o")
+    if stale "$out/obj/${s%.cpp}.o" "$here/$s" "${deps[@]}"; then
+      log "compiling $s -> $out/obj/${s%.cpp}.o"
+      "$cxx" "${cflags[@]}" -c "$here/$s" -o "$out/obj/${s%.cpp}.o.tmp"
+      mv "$out/obj/${s%.cpp}.o.tmp" "$out/obj/${s%.cpp}.o"
+    fi
+  done
+  if stale "$out/libsdxs.so" "${objs[@]}"; then
+    log "linking $out/libsdxs.so"
+    "$cxx" -shared "${flags[@]}" "${objs[@]}" -o "$out/libsdxs.so.tmp" -Wl,-soname,libsdxs.so \
+      -L"$et_dir/lib" -Wl,--push-state,--no-as-needed "${link[@]}" -Wl,--pop-state -Wl,-rpath,"$rpath" -lpthread
+    mv "$out/libsdxs.so.tmp" "$out/libsdxs.so"
+  fi
+  if stale "$out/sdxs-run" "$here/sdxs_run.cpp" "$here/sdxs.h" "$out/libsdxs.so"; then
+    log "compiling $out/sdxs-run"
+    "$cxx" "${cflags[@]}" "$here/sdxs_run.cpp" -o "$out/sdxs-run.tmp" -L"$out" -lsdxs -Wl,-rpath,'$ORIGIN'
+    mv "$out/sdxs-run.tmp" "$out/sdxs-run"
+  fi
+}
