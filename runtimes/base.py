@@ -16,10 +16,11 @@ ControlNet bundles take a control image: `generate(prompt, control_image=...)` r
 through `sdxs_edge.control.load_control_image`, numpy and Pillow only; a float array in [0, 1] is used as
 it is). A control image for a bundle without a ControlNet, or none for a bundle with one, is an error.
 
-Noise: `Session.noise(batch, seed)` draws `np.random.default_rng(seed).standard_normal(shape)` in
-float32 (the latent shape comes from the manifest). That is NOT the noise `SDXSPipeline.noise` draws
-with `torch.Generator`; to compare a runtime with PyTorch, feed both the same array (`noise=`), as
-`runtimes.parity` does.
+Noise: `Session.noise(seed)` draws the latent (shape from the manifest) with `rng="torch"` (the
+default) exactly as `torch.randn(shape, generator=torch.Generator().manual_seed(seed))` does on a CPU
+(`sdxs_edge.torch_rng`, numpy only), which is the noise diffusers' `StableDiffusionPipeline` and
+`SDXSPipeline.noise` draw for that seed: one seed, one picture, on every runtime and in diffusers.
+`rng="numpy"` keeps the earlier stream, `np.random.default_rng(seed).standard_normal` in float32.
 """
 from __future__ import annotations
 
@@ -31,9 +32,13 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 
 from runtimes.tokenizer import CLIPBPETokenizer
-from sdxs_edge import sampler
+from sdxs_edge import sampler, torch_rng
 from sdxs_edge.bundle import REQUIRED_COMPONENTS, BundleError, load_manifest
 from sdxs_edge.errors import NonFiniteError, SDXSError
+
+
+# Noise generators `Session.noise` offers; the first is the default.
+RNGS = ("torch", "numpy")
 
 
 class RuntimeInputError(SDXSError):
@@ -112,6 +117,15 @@ class GenerationResult:
     timings: dict[str, float] = field(default_factory=dict)
     control: np.ndarray | None = None
     residuals: tuple[np.ndarray, ...] = ()
+
+
+def draw_noise(shape: Sequence[int], seed: int, rng: str = "torch") -> np.ndarray:
+    """Unit Gaussian float32 array of `shape` from one of `RNGS` (see `Session.noise`)."""
+    if rng == "torch":
+        return torch_rng.randn(shape, seed)
+    if rng == "numpy":
+        return np.random.default_rng(seed).standard_normal(tuple(shape), dtype=np.float32)
+    raise RuntimeInputError(f"unknown rng {rng!r}; choose one of: {', '.join(RNGS)}")
 
 
 def to_pil(image: np.ndarray) -> list:
@@ -326,9 +340,16 @@ class Session:
         ids = self.tokenizer(list(prompts))
         return ids.astype(self.specs["text_encoder"].inputs[0].dtype)
 
-    def noise(self, seed: int) -> np.ndarray:
-        """Unit Gaussian latent of the bundle's shape: `np.random.default_rng(seed).standard_normal`, float32."""
-        return np.random.default_rng(seed).standard_normal(self.latent_shape, dtype=np.float32)
+    def noise(self, seed: int, rng: str = "torch") -> np.ndarray:
+        """Unit Gaussian latent of the bundle's shape, float32.
+
+        Args:
+            seed: the seed.
+            rng: "torch" draws PyTorch's CPU `torch.randn` under `torch.Generator().manual_seed(seed)`
+                (diffusers' noise; `sdxs_edge.torch_rng`); "numpy" draws
+                `np.random.default_rng(seed).standard_normal`.
+        """
+        return draw_noise(self.latent_shape, seed, rng)
 
     def _prompts(self, prompt: str | Sequence[str]) -> list[str]:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -365,7 +386,7 @@ class Session:
             a = np.repeat(a, B, axis=0)
         return np.ascontiguousarray(a, dtype=self.specs["controlnet"].inputs[2].dtype)
 
-    def generate_arrays(self, prompt: str | Sequence[str], seed: int = 0, noise: np.ndarray | None = None, control_image=None) -> GenerationResult:
+    def generate_arrays(self, prompt: str | Sequence[str], seed: int = 0, noise: np.ndarray | None = None, control_image=None, rng: str = "torch") -> GenerationResult:
         """Prompt -> tokens -> text encoder -> (ControlNet ->) one U-Net step (arXiv 2403.16627 Sec. 4) ->
         decoder, as arrays.
 
@@ -375,6 +396,7 @@ class Session:
             noise: explicit unit Gaussian latent of shape `latent_shape` (float32).
             control_image: for a bundle with a ControlNet (required there, refused elsewhere): see
                 `prepare_control`.
+            rng: noise generator for `seed` (`Session.noise`): "torch" (diffusers' noise) or "numpy".
         """
         if control_image is not None and not self.has_controlnet:
             raise RuntimeInputError(f"{self.bundle} has no ControlNet, so it takes no control image (convert it with --controlnet PATH)")
@@ -387,7 +409,7 @@ class Session:
         ids = self.tokenize(prompts)
         timings["tokenize"] = time.perf_counter() - t
         if noise is None:
-            noise = self.noise(seed)
+            noise = self.noise(seed, rng)
         noise = np.asarray(noise)
         if tuple(noise.shape) != self.latent_shape or noise.dtype.kind != "f":
             raise RuntimeInputError(f"noise: expected float {list(self.latent_shape)}, got {noise.dtype}{list(noise.shape)}")
@@ -406,7 +428,7 @@ class Session:
         timings["decoder"] = self.timings["decoder"]
         return GenerationResult(image.astype(np.float32), latent, context, out, noise, ids, timings, control, residuals)
 
-    def generate(self, prompt: str | Sequence[str], seed: int = 0, noise: np.ndarray | None = None, control_image=None):
+    def generate(self, prompt: str | Sequence[str], seed: int = 0, noise: np.ndarray | None = None, control_image=None, rng: str = "torch"):
         """Generate: a PIL image for one prompt, a list of them for a list of prompts.
 
         Args:
@@ -415,6 +437,7 @@ class Session:
             noise: explicit unit Gaussian latent of shape `latent_shape` (float32).
             control_image: for a bundle with a ControlNet: a path, PIL image, uint8 array or float array
                 in [0, 1] (see `prepare_control`).
+            rng: noise generator for `seed`: "torch" (diffusers' noise, the default) or "numpy".
         """
-        images = to_pil(self.generate_arrays(prompt, seed, noise, control_image).image)
+        images = to_pil(self.generate_arrays(prompt, seed, noise, control_image, rng).image)
         return images[0] if isinstance(prompt, str) else images

@@ -7,8 +7,9 @@ Reported: per component SNR (dB) and max abs error, end-to-end image PSNR (uint8
 prompts, when the evaluator is available, both all-correct rates. Floors depend on the bundle's
 precision (`FLOORS`); below them `check_floors` raises ParityError.
 
-Noise is numpy's (`Session.noise(seed)`, one latent per seed and prompt chunk) and fed to both sides,
-so no result depends on torch's random generator.
+Noise comes from `Session.noise(seed, rng)` (one latent per seed and prompt chunk; `rng="torch"`, the
+default, is PyTorch's CPU `torch.randn` stream in numpy, `"numpy"` the earlier numpy stream; the report
+records which) and is fed to both sides, so no result depends on the reference's own generator.
 
 A bundle with a ControlNet gets the same control images on both sides: canny edges of SHAPES-64 renders
 of the prompts' scenes (a random scene for a prompt that is not a SHAPES-64 caption;
@@ -121,6 +122,7 @@ def run_parity(
     runtime_options: dict[str, Any] | None = None,
     json_out: str | Path | None = None,
     check: bool = True,
+    rng: str = "torch",
 ) -> dict:
     """Compare a bundle on `runtime` with its PyTorch source model; optionally raise under the floors.
 
@@ -134,6 +136,8 @@ def run_parity(
         runtime_options: keyword options for `runtimes.load` (e.g. {"providers": ["cpu"]}).
         json_out: write the report here as JSON (before any ParityError, so a failure is inspectable).
         check: raise ParityError when a floor is missed (`check_floors`).
+        rng: noise generator for the seeds (`Session.noise`): "torch" (diffusers' noise) or "numpy";
+            recorded in the report.
 
     Returns:
         the report (see `format_table` for the fields shown).
@@ -145,7 +149,7 @@ def run_parity(
     if not seeds:
         raise SDXSError("parity needs at least one seed")
     with runtimes.load(bundle, runtime, **(runtime_options or {})) as rt, runtimes.load(bundle, "torch", reference=reference, verify=False) as ref:
-        report = _compare(rt, ref, prompts, seeds, explicit_reference=reference is not None)
+        report = _compare(rt, ref, prompts, seeds, explicit_reference=reference is not None, rng=rng)
     report["runtime_options"] = {k: v if isinstance(v, (str, int, float, bool, type(None))) else list(v) for k, v in (runtime_options or {}).items()}
     if json_out is not None:
         write_json(report, json_out)
@@ -154,7 +158,7 @@ def run_parity(
     return report
 
 
-def _compare(rt: Session, ref: Session, prompts: list[str], seeds: list[int], explicit_reference: bool) -> dict:
+def _compare(rt: Session, ref: Session, prompts: list[str], seeds: list[int], explicit_reference: bool, rng: str) -> dict:
     from sdxs_edge.presets import PRESETS
 
     manifest = rt.manifest
@@ -171,7 +175,7 @@ def _compare(rt: Session, ref: Session, prompts: list[str], seeds: list[int], ex
             chunk = prompts[start : start + B]
             n = len(chunk)
             chunk = chunk + [chunk[-1]] * (B - n)  # fill a static batch; the fill is dropped below
-            noise = rt.noise(seed)
+            noise = rt.noise(seed, rng)
             control = None
             if rt.has_controlnet:
                 from sdxs_edge.control import prompt_controls
@@ -241,6 +245,7 @@ def _compare(rt: Session, ref: Session, prompts: list[str], seeds: list[int], ex
         "trained": trained,
         "prompts": prompts,
         "seeds": seeds,
+        "rng": rng,
         "samples": len(order),
         "floors": asdict(floors),
         "components": components,

@@ -21,7 +21,7 @@ BUNDLE_CACHE = ROOT / "build" / "test-bundles"
 STALE_AFTER_S = 3600  # entries of other keys unused this long are removed (a test run takes minutes)
 KEY_PACKAGES = ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "executorch", "torchao", "coremltools")
 # sdxs_edge modules no conversion reads (the CLI, reports, the SHAPES-64 evaluator) stay out of the key.
-NOT_IN_KEY = {"cli.py", "info.py", "evaluate.py"}
+NOT_IN_KEY = {"cli.py", "info.py", "evaluate.py", "torch_rng.py"}
 
 
 def source_key(label: str, *extra: str) -> str:

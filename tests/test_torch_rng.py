@@ -1,0 +1,84 @@
+"""`sdxs_edge.torch_rng.randn` against PyTorch's CPU `torch.randn`, and the bundle runtimes' default noise."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sdxs_edge import torch_rng
+from sdxs_edge.errors import SDXSError
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = [(1,), (2,), (3,), (7,), (15,), (5, 3), (16,), (17,), (31,), (33,), (3, 5, 7), (2, 4, 8, 8), (1, 4, 64, 64), (1, 4, 96, 64)]
+SEEDS = [0, 1, 42, 12345, 2**31 + 5, 2**40 + 3, -1]
+# PyTorch x86 builds dispatched to AVX2 run `normal_fill_16_AVX2`, which torch_rng evaluates exactly; other
+# dispatches (AVX-512, ARM) run the scalar `normal_fill` with libm logf/cosf/sinf: a last-bit or two
+# difference there (|x| < 6, float32 ulp <= 4.8e-7).
+AVX2 = torch.backends.cpu.get_cpu_capability() == "AVX2"
+TOLERANCE = 0.0 if AVX2 else 2e-6
+
+
+def _torch(shape, seed) -> np.ndarray:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).numpy()
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_randn_matches_torch(shape):
+    for seed in SEEDS:
+        want, got = _torch(shape, seed), torch_rng.randn(shape, seed)
+        assert got.dtype == np.float32 and got.shape == want.shape
+        if len(want.reshape(-1)) < 16:  # double-precision scalar path: same libm on both sides
+            assert np.array_equal(got, want), (shape, seed)
+        else:
+            assert np.abs(got - want).max() <= TOLERANCE, (shape, seed, np.abs(got - want).max())
+
+
+def test_randn_many_seeds_bitwise_on_avx2():
+    """1.6 M draws of the default latent shape: every value equal (within TOLERANCE off AVX2)."""
+    for seed in range(0, 100 * 7919, 7919):
+        diff = np.abs(torch_rng.randn((1, 4, 64, 64), seed) - _torch((1, 4, 64, 64), seed)).max()
+        assert diff <= TOLERANCE, (seed, diff)
+
+
+def test_fma_rounds_once():
+    """The halfway case double rounding gets wrong: 1 + 2^-23 + (2^-24 - 2^-60) rounds down to 1 + 2^-23."""
+    a, b, c = np.float32(1 + 2**-18), np.float32(2**-24 * (1 - 2**-18)), np.float32(1 + 2**-23)
+    exact = Fraction(float(a)) * Fraction(float(b)) + Fraction(float(c))
+    assert float(np.float64(a) * np.float64(b) + np.float64(c)) == 1 + 2**-23 + 2**-24  # the float64 sum is a tie
+    assert torch_rng._fma(a, b, c) == np.float32(1 + 2**-23)
+    assert abs(Fraction(float(torch_rng._fma(a, b, c))) - exact) < Fraction(2**-24)
+    rng = np.random.default_rng(0)
+    x, y, z = (rng.standard_normal(10_000).astype(np.float32) for _ in range(3))
+    got = torch_rng._fma(x, y, z)
+    for i in range(0, 10_000, 97):  # against exact rational arithmetic, rounded to nearest float32
+        e = Fraction(float(x[i])) * Fraction(float(y[i])) + Fraction(float(z[i]))
+        cands = [np.float32(float(e)), np.nextafter(np.float32(float(e)), np.float32(np.inf)), np.nextafter(np.float32(float(e)), np.float32(-np.inf))]
+        best = min(cands, key=lambda v: abs(Fraction(float(v)) - e))
+        assert got[i] == best
+
+
+def test_randn_imports_no_torch_and_is_fast():
+    code = (
+        "import sys, time\nfrom sdxs_edge import torch_rng\n"
+        "t = time.perf_counter(); torch_rng.randn((1, 4, 64, 64), 0); dt = time.perf_counter() - t\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\nprint(dt)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert float(r.stdout) < 0.5  # about 20 ms on two shared cores; the bound leaves room for load
+
+
+@pytest.mark.parametrize("bad", [2**64, -(2**63) - 1, 1.5, "3"])
+def test_randn_refuses_bad_seed(bad):
+    with pytest.raises(SDXSError, match="seed must be an integer"):
+        torch_rng.randn((16,), bad)
+
+
+def test_randn_refuses_negative_dimension():
+    with pytest.raises(SDXSError, match="negative dimension"):
+        torch_rng.randn((2, -1), 0)
