@@ -82,3 +82,59 @@ def test_randn_refuses_bad_seed(bad):
 def test_randn_refuses_negative_dimension():
     with pytest.raises(SDXSError, match="negative dimension"):
         torch_rng.randn((2, -1), 0)
+
+
+# ---- the same seed gives diffusers' image --------------------------------------------------------------
+MODEL = ROOT / "sdxs_edge" / "default_model"
+PROMPT = "a small red circle at the top on a white background"
+
+
+@pytest.fixture(scope="module")
+def default_onnx_fp32() -> Path:
+    """The embedded default model as an ONNX fp32 bundle (cached in build/test-bundles; about a minute to build)."""
+    import os
+    import shutil
+
+    from bundle_cache import BUNDLE_CACHE, need, prune, source_key
+
+    need("onnxruntime")
+    from converters import convert
+
+    out = BUNDLE_CACHE / ("default-onnx-fp32-" + source_key("default|onnx|fp32"))
+    if not (out / "manifest.json").is_file():
+        tmp = out.with_name(f".{out.name}.{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        convert(str(MODEL), "onnx", "fp32", tmp, progress=False)
+        try:
+            os.rename(tmp, out)
+        except OSError:  # another run finished it first
+            shutil.rmtree(tmp)
+    prune(out, "default-onnx-fp32-*")
+    return out
+
+
+def test_bundle_seed_gives_diffusers_image(default_onnx_fp32):
+    """diffusers' StableDiffusionPipeline (1 step, guidance 0, generator seeded) and the ONNX fp32 bundle with
+    the same seed give the same picture, to the fp32 parity floors; numpy's stream gives another picture."""
+    import warnings
+
+    import runtimes
+    from diffusers import StableDiffusionPipeline
+    from runtimes.base import to_uint8
+    from runtimes.parity import FLOORS
+    from sdxs_edge import metrics
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = StableDiffusionPipeline.from_pretrained(MODEL, safety_checker=None, requires_safety_checker=False, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    floor = FLOORS["fp32"]
+    with runtimes.load(default_onnx_fp32, "onnxruntime") as s:
+        for seed in (0, 7):
+            want = pipe(PROMPT, num_inference_steps=1, guidance_scale=0.0, generator=torch.Generator().manual_seed(seed), output_type="np").images
+            want = want.transpose(0, 3, 1, 2) * 2 - 1  # diffusers clamps to [0, 1]: compare clamped images
+            got = np.clip(s.generate_arrays(PROMPT, seed=seed).image, -1, 1)
+            assert metrics.snr_db(want, got) >= floor.component_snr_db
+            assert metrics.psnr(to_uint8(want), to_uint8(got)) >= floor.image_psnr_db
+            other = s.generate_arrays(PROMPT, seed=seed, rng="numpy").image
+            assert metrics.psnr(to_uint8(want), to_uint8(other)) < floor.image_psnr_db
