@@ -119,6 +119,13 @@ class GenerationResult:
     residuals: tuple[np.ndarray, ...] = ()
 
 
+@dataclass
+class CallOutput:
+    """What `Session.__call__` returns, as diffusers' pipeline output: `.images`."""
+
+    images: Any
+
+
 def draw_noise(shape: Sequence[int], seed: int, rng: str = "torch") -> np.ndarray:
     """Unit Gaussian float32 array of `shape` from one of `RNGS` (see `Session.noise`)."""
     if rng == "torch":
@@ -441,3 +448,63 @@ class Session:
         """
         images = to_pil(self.generate_arrays(prompt, seed, noise, control_image, rng).image)
         return images[0] if isinstance(prompt, str) else images
+
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        num_inference_steps: int = 1,
+        guidance_scale: float = 0.0,
+        height: int | None = None,
+        width: int | None = None,
+        num_images_per_prompt: int = 1,
+        seed: int = 0,
+        image=None,
+        strength: float | None = None,
+        output_type: str = "pil",
+        rng: str = "torch",
+    ) -> "CallOutput":
+        """diffusers' pipeline call on a bundle: `session(prompt, seed=0).images` (`SDXSPipeline.__call__`
+        with `seed=` for `generator=`; the same seed gives diffusers' image with the default rng).
+
+        Args:
+            prompt: a prompt or a list of prompts; with `num_images_per_prompt` they must fill the
+                bundle's batch exactly.
+            num_inference_steps: must be 1 (a bundle holds the one-step U-Net).
+            guidance_scale: must be <= 1 (no classifier-free guidance in a one-step bundle; SDXS runs 0).
+            height: image height; must be the bundle's (default).
+            width: image width; must be the bundle's (default).
+            num_images_per_prompt: images per prompt (each prompt's images together, as diffusers).
+            seed: noise seed (`Session.noise`).
+            image: image-to-image input: refused, bundles have no encoder component (the PyTorch
+                pipeline's call takes it).
+            strength: image-to-image strength: refused with `image`.
+            output_type: "pil", "np" (float (B, H, W, 3) in [0, 1]) or "latent" (the one-step latents).
+            rng: noise generator for `seed`: "torch" (diffusers' noise) or "numpy".
+        """
+        if output_type not in ("pil", "np", "latent"):
+            raise RuntimeInputError(f"output_type must be pil, np or latent for a bundle, got {output_type!r}")
+        if int(num_inference_steps) != 1:
+            raise RuntimeInputError(f"a bundle runs the one-step U-Net: num_inference_steps must be 1, got {num_inference_steps}")
+        if float(guidance_scale) > 1.0:
+            raise RuntimeInputError(f"a one-step bundle runs without classifier-free guidance: guidance_scale must be <= 1, got {guidance_scale:g}")
+        H, W = self.image_size
+        want = (H if height is None else height, W if width is None else width)
+        if want != (H, W):
+            raise RuntimeInputError(f"this bundle draws {W}x{H} images (width x height); got {want[1]}x{want[0]}")
+        if image is not None or strength is not None:  # no bundle format carries an encoder component yet
+            raise RuntimeInputError(f"{self.bundle} has no encoder component, so it takes no image-to-image input (run image-to-image on the PyTorch pipeline: SDXSPipeline(prompt, image=..., strength=...))")
+        if int(num_images_per_prompt) < 1:
+            raise RuntimeInputError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = [p for p in prompts for _ in range(int(num_images_per_prompt))]
+        res = self.generate_arrays(prompts, seed=seed, rng=rng)
+        if output_type == "latent":
+            return CallOutput(res.latent)
+        if output_type == "np":
+            return CallOutput(np.clip(res.image / np.float32(2) + np.float32(0.5), 0, 1).transpose(0, 2, 3, 1))
+        return CallOutput(to_pil(res.image))
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(height, width) of the images the bundle draws."""
+        return tuple(self.specs["decoder"].outputs[0].shape[2:4])
