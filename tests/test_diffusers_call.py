@@ -132,3 +132,15 @@ def test_generate_cli_image_to_image(tmp_path):
         r = run(PROMPT, *args, "--out", str(tmp_path / "bad.png"))
         assert r.returncode != 0 and msg in r.stderr, r.stderr[-500:]
         assert not (tmp_path / "bad.png").exists()
+
+
+def test_strength_sweep_changes_attributes_more_as_strength_grows(pipe):
+    """SHAPES-64: a render re-generated with a caption differing in every attribute moves more of its
+    attributes to the new caption (evaluator) as the strength grows, and keeps fewer of its own."""
+    from sdxs_edge.evaluate import strength_sweep
+
+    rep, images = strength_sweep(pipe, (0.1, 0.5, 1.0), n=8)
+    assert images.shape == (8, 4, 64, 64, 3)
+    t, s = rep["target_rate"], rep["source_rate"]
+    assert t[0] < t[1] < t[2] and t[2] >= 0.8, t  # docs/img2img-strength.json: 0.15, 0.55, 0.925
+    assert s[0] > s[1] > s[2] and s[0] >= 0.5, s  # 0.65, 0.2, 0.0

@@ -138,3 +138,55 @@ def test_bundle_seed_gives_diffusers_image(default_onnx_fp32):
             assert metrics.psnr(to_uint8(want), to_uint8(got)) >= floor.image_psnr_db
             other = s.generate_arrays(PROMPT, seed=seed, rng="numpy").image
             assert metrics.psnr(to_uint8(want), to_uint8(other)) < floor.image_psnr_db
+
+
+def test_session_call_is_the_pipeline_call(default_onnx_fp32):
+    """`Session.__call__(prompt, seed=s)` gives what `SDXSPipeline.__call__(prompt, generator=manual_seed(s))`
+    gives (the fp32 floors), with diffusers' argument names; what a bundle cannot do is refused."""
+    import runtimes
+    from runtimes.base import RuntimeInputError
+    from runtimes.parity import FLOORS
+    from sdxs_edge import metrics
+    from sdxs_edge.pipeline import SDXSPipeline
+
+    pipe = SDXSPipeline.load(MODEL)
+    want = pipe(PROMPT, num_inference_steps=1, guidance_scale=0.0, generator=torch.Generator().manual_seed(4), output_type="np").images
+    with runtimes.load(default_onnx_fp32, "onnxruntime") as s:
+        got = s(PROMPT, num_inference_steps=1, guidance_scale=0.0, seed=4, output_type="np").images
+        assert got.shape == want.shape == (1, 64, 64, 3)
+        assert metrics.snr_db(want, got) >= FLOORS["fp32"].component_snr_db
+        pil = s(PROMPT, seed=4).images
+        assert len(pil) == 1 and np.array_equal(np.asarray(pil[0]), (np.clip(got[0], 0, 1) * 255).round().astype(np.uint8))
+        for kwargs, match in [
+            (dict(height=128), r"draws 64x64 images \(width x height\); got 64x128"),
+            (dict(width=0), "draws 64x64 images"),
+            (dict(num_inference_steps=4), "num_inference_steps must be 1"),
+            (dict(guidance_scale=7.5), "guidance_scale must be <= 1"),
+            (dict(num_images_per_prompt=2), "lowered for batch 1; got 2 prompt"),
+            (dict(image=np.zeros((64, 64, 3), np.uint8), strength=0.5), "has no encoder component"),
+            (dict(output_type="pt"), "output_type must be pil, np or latent"),
+            (dict(rng="mt"), "unknown rng 'mt'"),
+        ]:
+            with pytest.raises(RuntimeInputError, match=match):
+                s(PROMPT, **kwargs)
+
+
+def test_run_cli_rng_flag(default_onnx_fp32, tmp_path):
+    """`run --rng` picks the stream (torch by default) and says which; parity records it."""
+    from PIL import Image
+
+    from runtimes.parity import run_parity
+
+    run = lambda *a: subprocess.run([sys.executable, "-m", "sdxs_edge.cli", "run", str(default_onnx_fp32), PROMPT, "--runtime", "onnxruntime", *a], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    images = {}
+    for rng in ("torch", "numpy"):
+        r = run("--rng", rng, "--seed", "2", "--out", str(tmp_path / f"{rng}.png"))
+        assert r.returncode == 0 and f"seed 2 ({rng} rng)" in r.stdout, r.stderr[-1000:]
+        images[rng] = np.asarray(Image.open(tmp_path / f"{rng}.png"))
+    r = run("--seed", "2", "--out", str(tmp_path / "default.png"))
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "default.png")), images["torch"])
+    assert not np.array_equal(images["torch"], images["numpy"])
+    r = run("--rng", "mt", "--out", str(tmp_path / "bad.png"))
+    assert r.returncode != 0 and "invalid choice: 'mt'" in r.stderr and not (tmp_path / "bad.png").exists()
+    rep = run_parity(default_onnx_fp32, "onnxruntime", prompts=[PROMPT], rng="numpy", check=False)
+    assert rep["rng"] == "numpy"
