@@ -21,6 +21,9 @@ default) exactly as `torch.randn(shape, generator=torch.Generator().manual_seed(
 (`sdxs_edge.torch_rng`, numpy only), which is the noise diffusers' `StableDiffusionPipeline` and
 `SDXSPipeline.noise` draw for that seed: one seed, one picture, on every runtime and in diffusers.
 `rng="numpy"` keeps the earlier stream, `np.random.default_rng(seed).standard_normal` in float32.
+
+`session(prompt, num_inference_steps=1, guidance_scale=0.0, seed=0).images` is diffusers' pipeline call
+(`SDXSPipeline.__call__` with `seed=` for `generator=`); docs/diffusers-call.md.
 """
 from __future__ import annotations
 
