@@ -100,6 +100,10 @@ def cmd_generate(args) -> int:
         raise SDXSError("--strength is for image-to-image: give --image PATH too")
     if args.encoder is not None and args.image is None:
         raise SDXSError("--encoder is for image-to-image: give --image PATH too")
+    if args.encoder is not None:  # a bad folder fails before the model is loaded
+        from sdxs_edge.pipeline import check_vae_folder
+
+        check_vae_folder(args.encoder)
     lora, lora_scale = None, 1.0 if args.lora_scale is None else args.lora_scale
     if args.lora is not None:  # a bad LoRA file fails before the model is loaded
         from sdxs_edge.lora import load_lora

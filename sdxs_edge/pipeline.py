@@ -226,15 +226,8 @@ class SDXSPipeline:
         if isinstance(vae, (str, os.PathLike)):
             import diffusers
 
-            folder = Path(vae)
-            cfg = folder / "config.json"
-            if not cfg.is_file():
-                raise ModelLoadError(f"{folder} has no config.json; expected a diffusers VAE folder (e.g. MODEL/vae)")
-            cls = json.loads(cfg.read_text()).get("_class_name")
-            if cls not in ("AutoencoderKL", "AutoencoderTiny"):
-                raise ModelLoadError(f"{folder}: unsupported VAE class {cls!r} (AutoencoderKL or AutoencoderTiny)")
-            check_safetensors(folder / "diffusion_pytorch_model.safetensors")
-            vae = getattr(diffusers, cls).from_pretrained(folder, use_safetensors=True, torch_dtype=torch.float32)
+            cls = check_vae_folder(vae)
+            vae = getattr(diffusers, cls).from_pretrained(Path(vae), use_safetensors=True, torch_dtype=torch.float32)
         if vae is not None:
             vae = vae.to(self.device).eval()
         self.encoder_vae = vae
@@ -501,6 +494,19 @@ class SDXSPipeline:
                 eps = self._unet(x_in, t, ctx)
             x = sched.step(eps, t, x).prev_sample
         return x
+
+
+def check_vae_folder(folder: str | os.PathLike) -> str:
+    """Check a diffusers VAE folder (config + safetensors weights) before loading it; returns its class name."""
+    folder = Path(folder)
+    cfg = folder / "config.json"
+    if not cfg.is_file():
+        raise ModelLoadError(f"{folder} has no config.json; expected a diffusers VAE folder (e.g. MODEL/vae)")
+    cls = json.loads(cfg.read_text()).get("_class_name")
+    if cls not in ("AutoencoderKL", "AutoencoderTiny"):
+        raise ModelLoadError(f"{folder}: unsupported VAE class {cls!r} (AutoencoderKL or AutoencoderTiny)")
+    check_safetensors(folder / "diffusion_pytorch_model.safetensors")
+    return cls
 
 
 def _randn_like_diffusers(shape: tuple[int, ...], generator) -> torch.Tensor:

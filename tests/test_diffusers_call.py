@@ -115,23 +115,28 @@ def test_init_image_bad_inputs(tmp_path):
         load_init_image(np.zeros((64, 64), np.uint8), 64, 64)
 
 
-def test_generate_cli_image_to_image(tmp_path):
-    src = tmp_path / "src.png"
+def test_generate_cli_image_to_image(tmp_path, capsys):
     from PIL import Image
 
+    from sdxs_edge.cli import main
+
+    src = tmp_path / "src.png"
     Image.fromarray(shapes.render(shapes.eval_scenes(1, 0)[0])).save(src)
-    run = lambda *a: subprocess.run([sys.executable, "-m", "sdxs_edge.cli", "generate", *a], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    r = run("a large blue square at the left on a black background", "--image", str(src), "--strength", "0.6", "--out", str(tmp_path / "o.png"))
+    r = subprocess.run([sys.executable, "-m", "sdxs_edge.cli", "generate", "a large blue square at the left on a black background", "--image", str(src), "--strength", "0.6", "--out", str(tmp_path / "o.png")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert Image.open(tmp_path / "o.png").size == (64, 64) and "strength 0.6" in r.stdout
-    for args, msg in [
-        (("--strength", "0"), "--strength must be in (0, 1]"),
+    for args, msg in [  # in-process: each ends in one error line and a non-zero exit, nothing written
         (("--strength", "0.5"), "--strength is for image-to-image"),
         (("--image", str(tmp_path / "nope.png")), "does not exist"),
+        (("--image", str(src), "--encoder", str(tmp_path)), "has no config.json"),
     ]:
-        r = run(PROMPT, *args, "--out", str(tmp_path / "bad.png"))
-        assert r.returncode != 0 and msg in r.stderr, r.stderr[-500:]
+        assert main(["generate", PROMPT, *args, "--out", str(tmp_path / "bad.png")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()  # library loading bars may come before it
+        assert err[-1].startswith("error: ") and msg in err[-1], err
         assert not (tmp_path / "bad.png").exists()
+    with pytest.raises(SystemExit):
+        main(["generate", PROMPT, "--image", str(src), "--strength", "0", "--out", str(tmp_path / "bad.png")])
+    assert "--strength must be in (0, 1]" in capsys.readouterr().err
 
 
 def test_strength_sweep_changes_attributes_more_as_strength_grows(pipe):
