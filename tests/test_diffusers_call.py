@@ -149,3 +149,18 @@ def test_strength_sweep_changes_attributes_more_as_strength_grows(pipe):
     t, s = rep["target_rate"], rep["source_rate"]
     assert t[0] < t[1] < t[2] and t[2] >= 0.8, t  # docs/img2img-strength.json: 0.15, 0.55, 0.925
     assert s[0] > s[1] > s[2] and s[0] >= 0.5, s  # 0.65, 0.2, 0.0
+
+
+def test_teacher_encoder_by_flag():
+    """attach_encoder(teacher vae/) encodes with the teacher's KL encoder (posterior mean): same latent space,
+    so low strength keeps the render; a folder that is not a VAE is refused before loading."""
+    from sdxs_edge.errors import ModelLoadError
+
+    p = SDXSPipeline.load(MODEL).attach_encoder(ROOT / "models" / "shapes-teacher" / "vae")
+    assert type(p.encoder_vae).__name__ == "AutoencoderKL"
+    src = shapes.render(shapes.eval_scenes(1, 3)[0])
+    low = p("a large green cross at the bottom right on a black background", image=src, strength=0.05, generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    assert np.abs(low - src / 255.0).mean() < 0.06
+    with pytest.raises(ModelLoadError, match="has no config.json"):
+        p.attach_encoder(ROOT / "models")
+    assert p.attach_encoder(None).encoder_vae is None
