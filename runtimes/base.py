@@ -16,10 +16,14 @@ ControlNet bundles take a control image: `generate(prompt, control_image=...)` r
 through `sdxs_edge.control.load_control_image`, numpy and Pillow only; a float array in [0, 1] is used as
 it is). A control image for a bundle without a ControlNet, or none for a bundle with one, is an error.
 
-Noise: `Session.noise(seed)` draws `np.random.default_rng(seed).standard_normal(shape)` in float32 (the
-latent shape, batch included, comes from the manifest). That is NOT the noise `SDXSPipeline.noise` draws
-with `torch.Generator`; to compare a runtime with PyTorch, feed both the same array (`noise=`), as
-`runtimes.parity` does.
+Noise: `Session.noise(seed)` draws the latent (shape from the manifest) with `rng="torch"` (the
+default) exactly as `torch.randn(shape, generator=torch.Generator().manual_seed(seed))` does on a CPU
+(`sdxs_edge.torch_rng`, numpy only), which is the noise diffusers' `StableDiffusionPipeline` and
+`SDXSPipeline.noise` draw for that seed: one seed, one picture, on every runtime and in diffusers.
+`rng="numpy"` keeps the earlier stream, `np.random.default_rng(seed).standard_normal` in float32.
+
+`session(prompt, num_inference_steps=1, guidance_scale=0.0, seed=0).images` is diffusers' pipeline call
+(`SDXSPipeline.__call__` with `seed=` for `generator=`); docs/diffusers-call.md.
 """
 from __future__ import annotations
 
@@ -32,9 +36,13 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 
 from runtimes.tokenizer import CLIPBPETokenizer
-from sdxs_edge import cpu, sampler
+from sdxs_edge import cpu, sampler, torch_rng
 from sdxs_edge.bundle import REQUIRED_COMPONENTS, BundleError, load_manifest
 from sdxs_edge.errors import NonFiniteError, SDXSError
+
+
+# Noise generators `Session.noise` offers; the first is the default.
+RNGS = ("torch", "numpy")
 
 
 class RuntimeInputError(SDXSError):
@@ -113,6 +121,22 @@ class GenerationResult:
     timings: dict[str, float] = field(default_factory=dict)
     control: np.ndarray | None = None
     residuals: tuple[np.ndarray, ...] = ()
+
+
+@dataclass
+class CallOutput:
+    """What `Session.__call__` returns, as diffusers' pipeline output: `.images`."""
+
+    images: Any
+
+
+def draw_noise(shape: Sequence[int], seed: int, rng: str = "torch") -> np.ndarray:
+    """Unit Gaussian float32 array of `shape` from one of `RNGS` (see `Session.noise`)."""
+    if rng == "torch":
+        return torch_rng.randn(shape, seed)
+    if rng == "numpy":
+        return np.random.default_rng(seed).standard_normal(tuple(shape), dtype=np.float32)
+    raise RuntimeInputError(f"unknown rng {rng!r}; choose one of: {', '.join(RNGS)}")
 
 
 def to_pil(image: np.ndarray) -> list:
@@ -352,9 +376,16 @@ class Session:
         ids = self.tokenizer(list(prompts))
         return ids.astype(self.specs["text_encoder"].inputs[0].dtype)
 
-    def noise(self, seed: int) -> np.ndarray:
-        """Unit Gaussian latent of the bundle's shape: `np.random.default_rng(seed).standard_normal`, float32."""
-        return np.random.default_rng(seed).standard_normal(self.latent_shape, dtype=np.float32)
+    def noise(self, seed: int, rng: str = "torch") -> np.ndarray:
+        """Unit Gaussian latent of the bundle's shape, float32.
+
+        Args:
+            seed: the seed.
+            rng: "torch" draws PyTorch's CPU `torch.randn` under `torch.Generator().manual_seed(seed)`
+                (diffusers' noise; `sdxs_edge.torch_rng`); "numpy" draws
+                `np.random.default_rng(seed).standard_normal`.
+        """
+        return draw_noise(self.latent_shape, seed, rng)
 
     def _prompts(self, prompt: str | Sequence[str]) -> list[str]:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -391,7 +422,7 @@ class Session:
             a = np.repeat(a, B, axis=0)
         return np.ascontiguousarray(a, dtype=self.specs["controlnet"].inputs[2].dtype)
 
-    def generate_arrays(self, prompt: str | Sequence[str], seed: int = 0, noise: np.ndarray | None = None, control_image=None) -> GenerationResult:
+    def generate_arrays(self, prompt: str | Sequence[str], seed: int = 0, noise: np.ndarray | None = None, control_image=None, rng: str = "torch") -> GenerationResult:
         """Prompt -> tokens -> text encoder -> (ControlNet ->) one U-Net step (arXiv 2403.16627 Sec. 4) ->
         decoder, as arrays.
 
@@ -401,6 +432,7 @@ class Session:
             noise: explicit unit Gaussian latent of shape `latent_shape` (float32).
             control_image: for a bundle with a ControlNet (required there, refused elsewhere): see
                 `prepare_control`.
+            rng: noise generator for `seed` (`Session.noise`): "torch" (diffusers' noise) or "numpy".
         """
         if control_image is not None and not self.has_controlnet:
             raise RuntimeInputError(f"{self.bundle} has no ControlNet, so it takes no control image (convert it with --controlnet PATH)")
@@ -413,7 +445,7 @@ class Session:
         ids = self.tokenize(prompts)
         timings["tokenize"] = time.perf_counter() - t
         if noise is None:
-            noise = self.noise(seed)
+            noise = self.noise(seed, rng)
         noise = np.asarray(noise)
         if tuple(noise.shape) != self.latent_shape or noise.dtype.kind != "f":
             raise RuntimeInputError(f"noise: expected float {list(self.latent_shape)}, got {noise.dtype}{list(noise.shape)}")
@@ -432,7 +464,7 @@ class Session:
         timings["decoder"] = self.timings["decoder"]
         return GenerationResult(image.astype(np.float32), latent, context, out, noise, ids, timings, control, residuals)
 
-    def generate(self, prompt: str | Sequence[str], seed: int = 0, noise: np.ndarray | None = None, control_image=None):
+    def generate(self, prompt: str | Sequence[str], seed: int = 0, noise: np.ndarray | None = None, control_image=None, rng: str = "torch"):
         """Generate: a PIL image for one prompt, a list of them for a list of prompts.
 
         Args:
@@ -441,6 +473,67 @@ class Session:
             noise: explicit unit Gaussian latent of shape `latent_shape` (float32).
             control_image: for a bundle with a ControlNet: a path, PIL image, uint8 array or float array
                 in [0, 1] (see `prepare_control`).
+            rng: noise generator for `seed`: "torch" (diffusers' noise, the default) or "numpy".
         """
-        images = to_pil(self.generate_arrays(prompt, seed, noise, control_image).image)
+        images = to_pil(self.generate_arrays(prompt, seed, noise, control_image, rng).image)
         return images[0] if isinstance(prompt, str) else images
+
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        num_inference_steps: int = 1,
+        guidance_scale: float = 0.0,
+        height: int | None = None,
+        width: int | None = None,
+        num_images_per_prompt: int = 1,
+        seed: int = 0,
+        image=None,
+        strength: float | None = None,
+        output_type: str = "pil",
+        rng: str = "torch",
+    ) -> "CallOutput":
+        """diffusers' pipeline call on a bundle: `session(prompt, seed=0).images` (`SDXSPipeline.__call__`
+        with `seed=` for `generator=`; the same seed gives diffusers' image with the default rng).
+
+        Args:
+            prompt: a prompt or a list of prompts; with `num_images_per_prompt` they must fill the
+                bundle's batch exactly.
+            num_inference_steps: must be 1 (a bundle holds the one-step U-Net).
+            guidance_scale: must be <= 1 (no classifier-free guidance in a one-step bundle; SDXS runs 0).
+            height: image height; must be the bundle's (default).
+            width: image width; must be the bundle's (default).
+            num_images_per_prompt: images per prompt (each prompt's images together, as diffusers).
+            seed: noise seed (`Session.noise`).
+            image: image-to-image input: refused, bundles have no encoder component (the PyTorch
+                pipeline's call takes it).
+            strength: image-to-image strength: refused with `image`.
+            output_type: "pil", "np" (float (B, H, W, 3) in [0, 1]) or "latent" (the one-step latents).
+            rng: noise generator for `seed`: "torch" (diffusers' noise) or "numpy".
+        """
+        if output_type not in ("pil", "np", "latent"):
+            raise RuntimeInputError(f"output_type must be pil, np or latent for a bundle, got {output_type!r}")
+        if int(num_inference_steps) != 1:
+            raise RuntimeInputError(f"a bundle runs the one-step U-Net: num_inference_steps must be 1, got {num_inference_steps}")
+        if float(guidance_scale) > 1.0:
+            raise RuntimeInputError(f"a one-step bundle runs without classifier-free guidance: guidance_scale must be <= 1, got {guidance_scale:g}")
+        H, W = self.image_size
+        want = (H if height is None else height, W if width is None else width)
+        if want != (H, W):
+            raise RuntimeInputError(f"this bundle draws {W}x{H} images (width x height); got {want[1]}x{want[0]}")
+        if image is not None or strength is not None:  # no bundle format carries an encoder component yet
+            raise RuntimeInputError(f"{self.bundle} has no encoder component, so it takes no image-to-image input (run image-to-image on the PyTorch pipeline: SDXSPipeline(prompt, image=..., strength=...))")
+        if int(num_images_per_prompt) < 1:
+            raise RuntimeInputError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = [p for p in prompts for _ in range(int(num_images_per_prompt))]
+        res = self.generate_arrays(prompts, seed=seed, rng=rng)
+        if output_type == "latent":
+            return CallOutput(res.latent)
+        if output_type == "np":
+            return CallOutput(np.clip(res.image / np.float32(2) + np.float32(0.5), 0, 1).transpose(0, 2, 3, 1))
+        return CallOutput(to_pil(res.image))
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(height, width) of the images the bundle draws."""
+        return tuple(self.specs["decoder"].outputs[0].shape[2:4])

@@ -29,11 +29,13 @@ def _seeds(value: str) -> list[int]:
 
 def _add_runtime_options(p: argparse.ArgumentParser) -> None:
     from runtimes import RUNTIMES
+    from runtimes.base import RNGS
 
     p.add_argument("--runtime", required=True, metavar="NAME", help=f"runtime: {', '.join(RUNTIMES)}")
     p.add_argument("--providers", help="onnxruntime execution providers, comma-separated (cpu, coreml, nnapi, xnnpack, cuda; default cpu)")
     p.add_argument("--compute-units", help="coreml compute units: CPU_ONLY, CPU_AND_GPU, CPU_AND_NE or ALL (default ALL)")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle's files")
+    p.add_argument("--rng", choices=RNGS, default="torch", help="noise for the seed: torch (PyTorch's CPU torch.randn, diffusers' image for the seed; default) or numpy (the earlier numpy stream)")
 
 
 def runtime_options(args: argparse.Namespace) -> dict:
@@ -73,7 +75,7 @@ def add_parsers(subparsers) -> None:
     _add_runtime_options(r)
     r.add_argument("--reference", help="torch runtime only: model to run instead of the bundle's source")
     r.add_argument("--out", default="out.png", help="output image (.png, .jpg or .webp)")
-    r.add_argument("--seed", type=int, default=0, help="noise seed (numpy; same seed, same image on every runtime)")
+    r.add_argument("--seed", type=int, default=0, help="noise seed (same seed, same image on every runtime and in diffusers, see --rng)")
     r.add_argument("--control", metavar="IMAGE", help="control image for a bundle with a ControlNet (e.g. an edge map from `sdxs-edge canny`; resized with a warning if its size differs)")
     r.set_defaults(func=cmd_run)
 
@@ -83,7 +85,7 @@ def cmd_parity(args: argparse.Namespace) -> int:
     from runtimes.parity import check_floors, format_table, read_prompts, run_parity
 
     prompts = read_prompts(args.prompts) if args.prompts else None
-    report = run_parity(args.bundle, args.runtime, reference=args.reference, prompts=prompts, seeds=args.seeds, runtime_options=runtime_options(args), json_out=args.json_out, check=False)
+    report = run_parity(args.bundle, args.runtime, reference=args.reference, prompts=prompts, seeds=args.seeds, runtime_options=runtime_options(args), json_out=args.json_out, check=False, rng=args.rng)
     print(format_table(report))
     if args.json_out:
         print(f"wrote {args.json_out}")
@@ -111,11 +113,11 @@ def cmd_run(args: argparse.Namespace) -> int:
                 control = session.prepare_control(args.control)
             for w in caught:
                 print(f"warning: {w.message}", file=sys.stderr)
-        res = session.generate_arrays(args.prompt, seed=args.seed, control_image=control)
+        res = session.generate_arrays(args.prompt, seed=args.seed, control_image=control, rng=args.rng)
     image = to_pil(res.image)[0]
     save_image(image, out)
     m = session.manifest
-    print(f"bundle {args.bundle}  ({m['target']} {m['precision']}, {m['resolution']}px) on {args.runtime}, seed {args.seed}" + (f", control {args.control}" if args.control else ""))
+    print(f"bundle {args.bundle}  ({m['target']} {m['precision']}, {m['resolution']}px) on {args.runtime}, seed {args.seed} ({args.rng} rng)" + (f", control {args.control}" if args.control else ""))
     print(f"  load          {load_s * 1000:9.1f} ms")
     for k, v in res.timings.items():
         print(f"  {k:<13} {v * 1000:9.1f} ms")

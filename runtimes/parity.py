@@ -7,8 +7,10 @@ Reported: per component SNR (dB) and max abs error, end-to-end image PSNR (uint8
 prompts, when the evaluator is available, both all-correct rates. Floors depend on the bundle's
 precision (`sdxs_edge.floors.FLOORS`, the table the converters check against too); below them `check_floors` raises ParityError.
 
-Noise is numpy's (`Session.noise(seed)`: one latent of the bundle's batch shape per seed, shared by every
-prompt chunk) and fed to both sides, so no result depends on torch's random generator.
+Noise comes from `Session.noise(seed, rng)`: one latent of the bundle's batch shape per seed, shared by
+every prompt chunk (`rng="torch"`, the default, is PyTorch's CPU `torch.randn` stream in numpy, `"numpy"`
+the earlier numpy stream; the report records which), fed to both sides, so no result depends on the
+reference's own generator.
 
 A bundle with a ControlNet gets the same control images on both sides: canny edges of SHAPES-64 renders
 of the prompts' scenes (a random scene for a prompt that is not a SHAPES-64 caption;
@@ -102,6 +104,7 @@ def run_parity(
     runtime_options: dict[str, Any] | None = None,
     json_out: str | Path | None = None,
     check: bool = True,
+    rng: str = "torch",
 ) -> dict:
     """Compare a bundle on `runtime` with its PyTorch source model; optionally raise under the floors.
 
@@ -115,6 +118,8 @@ def run_parity(
         runtime_options: keyword options for `runtimes.load` (e.g. {"providers": ["cpu"]}).
         json_out: write the report here as JSON (before any ParityError, so a failure is inspectable).
         check: raise ParityError when a floor is missed (`check_floors`).
+        rng: noise generator for the seeds (`Session.noise`): "torch" (diffusers' noise) or "numpy";
+            recorded in the report.
 
     Returns:
         the report (see `format_table` for the fields shown).
@@ -126,7 +131,7 @@ def run_parity(
     if not seeds:
         raise SDXSError("parity needs at least one seed")
     with runtimes.load(bundle, runtime, **(runtime_options or {})) as rt, runtimes.load(bundle, "torch", reference=reference, verify=False) as ref:
-        report = _compare(rt, ref, prompts, seeds, explicit_reference=reference is not None)
+        report = _compare(rt, ref, prompts, seeds, explicit_reference=reference is not None, rng=rng)
         report["cpu_class"] = rt.runs_as()
         report["cpu_classes_checked_at_conversion"] = cpu.checked_classes(rt.manifest)
     report["runtime_options"] = {k: v if isinstance(v, (str, int, float, bool, type(None))) else list(v) for k, v in (runtime_options or {}).items()}
@@ -137,7 +142,7 @@ def run_parity(
     return report
 
 
-def _compare(rt: Session, ref: Session, prompts: list[str], seeds: list[int], explicit_reference: bool) -> dict:
+def _compare(rt: Session, ref: Session, prompts: list[str], seeds: list[int], explicit_reference: bool, rng: str) -> dict:
     from sdxs_edge.presets import PRESETS
 
     manifest = rt.manifest
@@ -154,7 +159,7 @@ def _compare(rt: Session, ref: Session, prompts: list[str], seeds: list[int], ex
             chunk = prompts[start : start + B]
             n = len(chunk)
             chunk = chunk + [chunk[-1]] * (B - n)  # fill a static batch; the fill is dropped below
-            noise = rt.noise(seed)
+            noise = rt.noise(seed, rng)
             control = None
             if rt.has_controlnet:
                 from sdxs_edge.control import prompt_controls
@@ -224,6 +229,7 @@ def _compare(rt: Session, ref: Session, prompts: list[str], seeds: list[int], ex
         "trained": trained,
         "prompts": prompts,
         "seeds": seeds,
+        "rng": rng,
         "samples": len(order),
         "floors": asdict(floors),
         "components": components,

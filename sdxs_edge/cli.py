@@ -54,6 +54,16 @@ def fetch_named_models(args) -> None:
             fetch_hub_model(str(name), allow_download=True)
 
 
+def _strength(value: str) -> float:
+    try:
+        s = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--strength must be a number in (0, 1], got {value!r}") from None
+    if not 0.0 < s <= 1.0:
+        raise argparse.ArgumentTypeError(f"--strength must be in (0, 1], got {value}")
+    return s
+
+
 def _warnings_as_lines(fn, *a):
     """Call fn(*a); print each warning it raised as one `warning: ...` line on stderr (no source lines)."""
     import warnings
@@ -81,6 +91,14 @@ def cmd_generate(args) -> int:
     res = args.resolution
     if res is not None and res % 8:
         raise SDXSError(f"--resolution must be a multiple of 8, got {res}")
+    if args.strength is not None and args.image is None:
+        raise SDXSError("--strength is for image-to-image: give --image PATH too")
+    if args.encoder is not None and args.image is None:
+        raise SDXSError("--encoder is for image-to-image: give --image PATH too")
+    if args.encoder is not None:  # a bad folder fails before the model is loaded
+        from sdxs_edge.pipeline import check_vae_folder
+
+        check_vae_folder(args.encoder)
     lora, lora_scale = None, 1.0 if args.lora_scale is None else args.lora_scale
     if args.lora is not None:  # a bad LoRA file fails before the model is loaded
         from sdxs_edge.lora import load_lora
@@ -106,10 +124,17 @@ def cmd_generate(args) -> int:
 
         pipe.attach_controlnet(controlnet)  # ControlNetMismatchError: built for another U-Net
         control = torch.from_numpy(_warnings_as_lines(load_control_image, args.control, res or pipe.resolution))
+    init = None
+    if args.image is not None:
+        from sdxs_edge.init_image import load_init_image
+
+        side = res or pipe.resolution
+        init = _warnings_as_lines(load_init_image, args.image, side, side)
+        pipe.attach_encoder(args.encoder)
     load_s = time.perf_counter() - t
     noise = pipe.noise(len(args.prompt), args.seed, resolution=res)
     control_scale = 1.0 if args.control_scale is None else args.control_scale
-    gen = pipe.generate(args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance, noise=noise, control_image=control, control_scale=control_scale)
+    gen = pipe.generate(args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance, noise=noise, control_image=control, control_scale=control_scale, image=init, strength=args.strength)
     outs = [Path(args.out)] if len(gen.images) == 1 else [Path(args.out).with_name(f"{Path(args.out).stem}-{i}{Path(args.out).suffix}") for i in range(len(gen.images))]
     for img, out in zip(gen.images, outs):
         save_image(img, out)
@@ -119,6 +144,8 @@ def cmd_generate(args) -> int:
         print(f"lora  {args.lora}  (fused into {len(fused)} U-Net layers, scale {lora_scale:g})")
     if controlnet is not None:
         print(f"controlnet  {args.controlnet}  (control {args.control}, scale {control_scale:g})")
+    if init is not None:
+        print(f"image {args.image}  (strength {0.8 if args.strength is None else args.strength:g}, encoder {args.encoder or 'the model VAE'})")
     print(f"  load          {load_s * 1000:9.1f} ms")
     for k, v in gen.timings.items():
         print(f"  {k:<13} {v * 1000:9.1f} ms")
@@ -283,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--controlnet", type=Path, metavar="PATH", help="ControlNet folder (diffusers ControlNetModel, safetensors) built for the model's U-Net; needs --control")
     g.add_argument("--control", metavar="IMAGE", help="control image for --controlnet, e.g. an edge map from `sdxs-edge canny` (square; resized with a warning if its size differs)")
     g.add_argument("--control-scale", type=control_scale, metavar="S", help="ControlNet conditioning scale (default 1.0; needs --controlnet)")
+    g.add_argument("--image", metavar="PATH", help="image-to-image: start from this image (RGB, no alpha; resized with a warning if its size differs)")
+    g.add_argument("--strength", type=_strength, metavar="S", help="image-to-image strength in (0, 1]: how far from --image to go (default 0.8; needs --image)")
+    g.add_argument("--encoder", metavar="VAE_DIR", help="image-to-image: encode with this VAE folder (e.g. the teacher's MODEL/vae) instead of the model's tiny encoder")
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("canny", help="canny edge map of an image (white edges on black), for use as a ControlNet control image")

@@ -4,7 +4,13 @@
 IDKiro/sdxs-512-dreamshaper or stabilityai/stable-diffusion-2-1-base) or a hub id, and
 `save_pretrained` writes a folder that diffusers' own `StableDiffusionPipeline.from_pretrained` loads.
 One step uses the pure rule in `sdxs_edge.sampler`; several steps use diffusers' Euler scheduler with
-classifier-free guidance, for teachers.
+classifier-free guidance, for teachers. Image-to-image is one step at the timestep the strength selects
+(`sampler.strength_timestep`), from the image encoded by the VAE's encoder (the tiny encoder the shipped
+model carries, or a teacher's, `attach_encoder`).
+
+Calling the pipeline takes diffusers' arguments (`pipe(prompt, num_inference_steps=1,
+guidance_scale=0.0, generator=...)`) and returns an object with `.images`, so code written for
+diffusers' SDXS example runs unchanged; docs/diffusers-call.md.
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ from sdxs_edge.presets import PRESETS, get_preset
 from sdxs_edge.tokenizer import write_clip_tokenizer
 from sdxs_edge.weights import check_safetensors
 
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")  # what `SDXSPipeline.__call__` returns, as diffusers names them
 META_FILE = "sdxs_edge.json"  # our defaults (steps, guidance) beside diffusers' model_index.json
 REQUIRED = {
     "unet": "diffusion_pytorch_model.safetensors",
@@ -71,6 +78,7 @@ class SDXSPipeline:
         self.default_steps = 1
         self.default_guidance = 0.0
         self.controlnet = None  # a diffusers ControlNetModel, see `attach_controlnet`
+        self.encoder_vae = None  # a VAE whose encoder image-to-image uses instead of the model's own, see `attach_encoder`
         self._control = None  # (control image (B, 3, H, W) in [0, 1], conditioning scale) during generate
 
     # ---- loading and saving -------------------------------------------------------------------------
@@ -206,6 +214,21 @@ class SDXSPipeline:
         self.controlnet = controlnet
         return self
 
+    def attach_encoder(self, vae) -> "SDXSPipeline":
+        """Encode image-to-image inputs with `vae` (a diffusers AutoencoderKL / AutoencoderTiny, or its
+        folder, e.g. the teacher's `vae/`) instead of the model's own VAE; None detaches it. Its latents
+        must live in this model's latent space (a teacher VAE and its distilled tiny VAE share it).
+        Returns self."""
+        if isinstance(vae, (str, os.PathLike)):
+            import diffusers
+
+            cls = check_vae_folder(vae)
+            vae = getattr(diffusers, cls).from_pretrained(Path(vae), use_safetensors=True, torch_dtype=torch.float32)
+        if vae is not None:
+            vae = vae.to(self.device).eval()
+        self.encoder_vae = vae
+        return self
+
     # ---- properties ------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
@@ -250,6 +273,18 @@ class SDXSPipeline:
         """Latents in the U-Net's space -> images in [-1, 1]."""
         return _check_finite("decoder", self.c.vae.decode(latents / self.latent_scaling).sample)
 
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] (B, 3, H, W) -> latents in the U-Net's space (the encoder's mean / output
+        times the VAE's scaling factor), with the attached encoder or the model's own VAE."""
+        vae = self.encoder_vae if self.encoder_vae is not None else self.c.vae
+        x = images.to(self.device, torch.float32)
+        if hasattr(vae, "quant_conv"):  # AutoencoderKL: the posterior's mean, deterministic
+            z = vae.encode(x).latent_dist.mode()
+        else:
+            z = vae.encode(x).latents
+        return _check_finite("encoder", z * float(vae.config.scaling_factor))
+
     def noise(self, batch: int, seed: int, resolution: int | None = None) -> torch.Tensor:
         """Unit Gaussian latents drawn exactly as diffusers' pipeline draws them for `generator.manual_seed(seed)`.
 
@@ -276,6 +311,8 @@ class SDXSPipeline:
         output: str = "pil",
         control_image=None,
         control_scale: float = 1.0,
+        image=None,
+        strength: float | None = None,
     ) -> Generation:
         """Generate one image per prompt.
 
@@ -290,6 +327,12 @@ class SDXSPipeline:
                 image / uint8 array (`sdxs_edge.control.load_control_image`: resized with a warning when
                 its size differs).
             control_scale: strength of the ControlNet residuals.
+            image: image-to-image input (one image for the batch): a path, PIL image, uint8 array
+                (H, W, 3), or float tensor / array (1, 3, H, W) in [-1, 1]; resized with a warning when
+                its size differs from the noise's (`sdxs_edge.init_image.load_init_image`).
+            strength: image-to-image strength in (0, 1] (default 0.8, diffusers' default): the timestep
+                `sampler.strength_timestep` selects; 1 keeps nothing of the image but what the noise
+                level lets through.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         steps = self.default_steps if steps is None else int(steps)
@@ -311,11 +354,20 @@ class SDXSPipeline:
             uncond = self.encode_prompt([""] * len(prompts))
         timings["text_encoder"] = time.perf_counter() - t
         x = (self.noise(len(prompts), seed) if noise is None else noise.float()).to(ctx.device)
+        init, c = None, self.one_step_constants()
+        if image is not None:
+            if steps != 1 or cfg:
+                raise SDXSError(f"image-to-image runs one step without guidance (got {steps} steps, guidance {guidance:g})")
+            t = time.perf_counter()
+            init = self._init_latent(image, x)
+            c = sampler.one_step_constants(self.c.scheduler_config, self.latent_scaling, sampler.strength_timestep(0.8 if strength is None else strength))
+            timings["encoder"] = time.perf_counter() - t
+        elif strength is not None:
+            raise SDXSError("strength is for image-to-image: give an image too (image=..., --image PATH)")
         t = time.perf_counter()
         try:
             if steps == 1 and not cfg:
-                c = self.one_step_constants()
-                latents = sampler.sample_one_step(lambda x_in, ts, cx: self._unet(x_in, ts, cx), x, ctx, c)
+                latents = sampler.sample_one_step(lambda x_in, ts, cx: self._unet(x_in, ts, cx), x, ctx, c, init)
             else:
                 latents = self._multi_step(x, ctx, uncond if cfg else None, steps, guidance)
         finally:
@@ -326,6 +378,76 @@ class SDXSPipeline:
         timings["decoder"] = time.perf_counter() - t
         out = to_pil(images.cpu()) if output == "pil" else images
         return Generation(out, timings, latents)
+
+    def _init_latent(self, image, noise: torch.Tensor) -> torch.Tensor:
+        """The image-to-image input encoded to the noise's latent shape, repeated over the batch."""
+        from sdxs_edge.init_image import load_init_image
+
+        B, _, h, w = noise.shape
+        a = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else image
+        x = torch.from_numpy(load_init_image(a, h * 8, w * 8))
+        return self.encode(x).expand(B, -1, -1, -1)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        num_inference_steps: int = 1,
+        guidance_scale: float = 0.0,
+        height: int | None = None,
+        width: int | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        image=None,
+        strength: float | None = None,
+        output_type: str = "pil",
+    ) -> Generation:
+        """diffusers' pipeline call: `pipe(prompt, num_inference_steps=1, guidance_scale=0.0, generator=g).images`.
+
+        Noise is drawn as diffusers' `randn_tensor` draws it, so a seeded generator gives diffusers'
+        image for this model.
+
+        Args:
+            prompt: a prompt or a list of prompts.
+            num_inference_steps: U-Net evaluations (1 for SDXS).
+            guidance_scale: classifier-free guidance scale; <= 1 disables it (SDXS runs with 0).
+            height: image height in pixels, a multiple of 8 (default: the model's resolution).
+            width: image width in pixels, a multiple of 8 (default: the model's resolution).
+            num_images_per_prompt: images per prompt (prompt order: each prompt's images together).
+            generator: a `torch.Generator` (one draw for the whole batch), a list of one per image, or
+                None (PyTorch's global generator).
+            image: image-to-image input (see `generate`); resized to height x width with a warning.
+            strength: image-to-image strength in (0, 1] (default 0.8 with an image).
+            output_type: "pil" (PIL images), "np" (float (B, H, W, 3) in [0, 1]), "pt" (float tensor
+                (B, 3, H, W) in [0, 1]) or "latent" (the one-step latents).
+        """
+        if output_type not in OUTPUT_TYPES:
+            raise SDXSError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+        if int(num_images_per_prompt) < 1:
+            raise SDXSError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = [p for p in prompts for _ in range(int(num_images_per_prompt))]
+        shape = (len(prompts), self.c.unet.config.in_channels, *self._latent_size(height, width))
+        noise = _randn_like_diffusers(shape, generator)
+        gen = self.generate(prompts, steps=num_inference_steps, guidance=guidance_scale, noise=noise, output="tensor", image=image, strength=strength)
+        images = (gen.images.cpu() / 2 + 0.5).clamp(0, 1)
+        if output_type == "pil":
+            gen.images = to_pil(gen.images.cpu())
+        elif output_type == "np":
+            gen.images = images.permute(0, 2, 3, 1).numpy()
+        elif output_type == "pt":
+            gen.images = images
+        else:
+            gen.images = gen.latents
+        return gen
+
+    def _latent_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        h = self.resolution if height is None else height
+        w = self.resolution if width is None else width
+        for name, v in (("height", h), ("width", w)):
+            if int(v) <= 0 or int(v) % 8:
+                raise SDXSError(f"{name} must be a positive multiple of 8, got {v}")
+        return int(h) // 8, int(w) // 8
 
     def _control_tensor(self, control_image, batch: int, noise: torch.Tensor | None) -> torch.Tensor:
         if self.controlnet is None:
@@ -368,6 +490,31 @@ class SDXSPipeline:
                 eps = self._unet(x_in, t, ctx)
             x = sched.step(eps, t, x).prev_sample
         return x
+
+
+def check_vae_folder(folder: str | os.PathLike) -> str:
+    """Check a diffusers VAE folder (config + safetensors weights) before loading it; returns its class name."""
+    folder = Path(folder)
+    cfg = folder / "config.json"
+    if not cfg.is_file():
+        raise ModelLoadError(f"{folder} has no config.json; expected a diffusers VAE folder (e.g. MODEL/vae)")
+    cls = json.loads(cfg.read_text()).get("_class_name")
+    if cls not in ("AutoencoderKL", "AutoencoderTiny"):
+        raise ModelLoadError(f"{folder}: unsupported VAE class {cls!r} (AutoencoderKL or AutoencoderTiny)")
+    check_safetensors(folder / "diffusion_pytorch_model.safetensors")
+    return cls
+
+
+def _randn_like_diffusers(shape: tuple[int, ...], generator) -> torch.Tensor:
+    """Unit Gaussian latents as diffusers' `randn_tensor` draws them on the CPU: one draw of the whole
+    shape from one generator, or one image per generator from a list."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise SDXSError(f"{len(generator)} generators for {shape[0]} images; give one per image or a single one")
+        return torch.cat([torch.randn((1, *shape[1:]), generator=g, dtype=torch.float32) for g in generator])
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise SDXSError(f"generator must be a torch.Generator or a list of them, got {type(generator).__name__}")
+    return torch.randn(shape, generator=generator, dtype=torch.float32)
 
 
 def is_hub_id(source: str) -> bool:

@@ -13,6 +13,12 @@ diffusers:
     one Euler step from sigma to 0 lands exactly on x0.
 
 The returned latent is in the U-Net's (scaled) space; the decoder divides by the VAE's scaling factor.
+
+Image-to-image (SDEdit, one step): strength S in (0, 1] selects t_S = round(S * T) - 1 on the trailing
+schedule (S = 1 is t = 999, text-to-image); the encoded image z0 is noised as EulerDiscrete's
+`add_noise` does, x = z0 + sigma_t * noise, and the same rule runs at t_S:
+
+    x_in = x / sqrt(sigma_t^2 + 1),   x0 = rule(U-Net(x_in, t_S, context), x)
 """
 from __future__ import annotations
 
@@ -60,10 +66,26 @@ class OneStepConstants:
         return dict(self.__dict__)
 
 
-def one_step_constants(scheduler_config: Mapping[str, Any], latent_scaling: float) -> OneStepConstants:
-    """Constants of the one-step rule for a scheduler config (trailing spacing: t = T - 1)."""
+def strength_timestep(strength: float, num_train_timesteps: int = 1000) -> int:
+    """The trailing-schedule timestep image-to-image strength `strength` in (0, 1] selects: round(S * T) - 1."""
+    s = float(strength)
+    if not 0.0 < s <= 1.0:
+        raise SDXSError(f"strength must be in (0, 1], got {strength!r}")
+    return max(int(round(s * num_train_timesteps)) - 1, 0)
+
+
+def one_step_constants(scheduler_config: Mapping[str, Any], latent_scaling: float, timestep: int | None = None) -> OneStepConstants:
+    """Constants of the one-step rule for a scheduler config at `timestep` (default: trailing t = T - 1).
+
+    Args:
+        scheduler_config: the model's scheduler config.
+        latent_scaling: the VAE's scaling factor.
+        timestep: the U-Net timestep (image-to-image: `strength_timestep`).
+    """
     acp = alphas_cumprod(scheduler_config)
-    t = len(acp) - 1
+    t = len(acp) - 1 if timestep is None else int(timestep)
+    if not 0 <= t < len(acp):
+        raise SDXSError(f"timestep must be in [0, {len(acp) - 1}], got {timestep}")
     sigma = np.float32(((1 - acp[t]) / acp[t]) ** 0.5)
     pt = scheduler_config.get("prediction_type", "epsilon")
     if pt not in ("epsilon", "v_prediction"):
@@ -71,33 +93,36 @@ def one_step_constants(scheduler_config: Mapping[str, Any], latent_scaling: floa
     return OneStepConstants(t, float(sigma), float(sigma / np.sqrt(sigma**2 + 1)), pt, float(latent_scaling))
 
 
-def initial_latent(noise, c: OneStepConstants):
-    """U-Net input x_in from unit Gaussian noise."""
-    return noise * np.float32(c.input_scale)
+def initial_latent(noise, c: OneStepConstants, init=None):
+    """U-Net input x_in from unit Gaussian noise (plus, for image-to-image, the encoded image `init`)."""
+    if init is None:
+        return noise * np.float32(c.input_scale)
+    return (init + noise * np.float32(c.sigma)) * np.float32(1.0 / (c.sigma**2 + 1) ** 0.5)
 
 
-def denoised(model_output, noise, c: OneStepConstants):
-    """x0 from the U-Net output at t = c.timestep for input `initial_latent(noise, c)`.
+def denoised(model_output, noise, c: OneStepConstants, init=None):
+    """x0 from the U-Net output at t = c.timestep for input `initial_latent(noise, c, init)`.
 
     Works on numpy arrays and torch tensors alike (plain arithmetic).
     """
     sigma = np.float32(c.sigma)
-    x = noise * sigma
+    x = noise * sigma if init is None else init + noise * sigma
     if c.prediction_type == "epsilon":
         return x - sigma * model_output
     return model_output * np.float32(-sigma / (sigma**2 + 1) ** 0.5) + x / np.float32(sigma**2 + 1)
 
 
-def sample_one_step(denoise: Callable[[Any, int, Any], Any], noise, context, c: OneStepConstants):
+def sample_one_step(denoise: Callable[[Any, int, Any], Any], noise, context, c: OneStepConstants, init=None):
     """The SDXS one-step sampler: x0 = rule(denoise(x_in, t, context)).
 
     Args:
         denoise: the U-Net, `denoise(x_in, timestep, context) -> model output`.
         noise: unit Gaussian latent, (B, 4, h, w).
         context: text-encoder hidden states, (B, 77, D).
-        c: the one-step constants.
+        c: the one-step constants (image-to-image: at `strength_timestep`).
+        init: image-to-image: the encoded image in the U-Net's space, (B, 4, h, w); None for text-to-image.
 
     Returns:
         the predicted clean latent in the U-Net's space (divide by c.latent_scaling before decoding).
     """
-    return denoised(denoise(initial_latent(noise, c), c.timestep, context), noise, c)
+    return denoised(denoise(initial_latent(noise, c, init), c.timestep, context), noise, c, init)

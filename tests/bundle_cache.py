@@ -20,8 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 BUNDLE_CACHE = ROOT / "build" / "test-bundles"
 STALE_AFTER_S = 3600  # entries of other keys unused this long are removed (a test run takes minutes)
 KEY_PACKAGES = ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "executorch", "torchao", "coremltools")
-# sdxs_edge modules no conversion reads (the CLI, reports, the SHAPES-64 evaluator, the server) stay out of the key.
-NOT_IN_KEY = {"cli.py", "cli_args.py", "info.py", "evaluate.py"}
+# sdxs_edge modules no conversion reads (the CLI, reports, the SHAPES-64 evaluator, the server, the noise
+# stream) stay out of the key.
+NOT_IN_KEY = {"cli.py", "cli_args.py", "info.py", "evaluate.py", "torch_rng.py"}
 NOT_IN_KEY_DIRS = {"serve"}
 
 
