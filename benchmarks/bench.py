@@ -13,6 +13,7 @@ architecture (default sd21-base, random weights) at 1 and `teacher_steps` steps 
 guidance (per component, U-Net time per evaluation x evaluations), and OpenVINO fp32 / NNCF int8 on the
 same components when the `bench` extra is installed (a row says so when it is not).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -22,9 +23,9 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 from benchmarks import report as R
 from benchmarks.jobs import BenchError, ConversionJob, Job, dir_mb
@@ -36,9 +37,27 @@ ROOT = Path(__file__).resolve().parents[1]
 # executorch-native runs the executorch bundles in the host runner (runtimes/native_session.py), which the
 # run builds first when it is missing or older than its source (runtimes/native/build_host.sh), as it
 # builds libsdxs for executorch-capi (runtimes/capi_session.py: the C API in this process).
-RUNTIME_TARGETS = {"torch": None, "onnxruntime": "onnx", "executorch": "executorch", "executorch-native": "executorch", "executorch-capi": "executorch"}
-RUNTIME_PACKAGES = {"torch": ("torch",), "onnxruntime": ("onnx", "onnxruntime"), "executorch": ("executorch",), "executorch-native": ("executorch",), "executorch-capi": ("executorch",)}
-EXTRAS = {"onnxruntime": "onnx", "executorch": "executorch", "executorch-native": "executorch", "executorch-capi": "executorch", "torch": "all"}
+RUNTIME_TARGETS = {
+    "torch": None,
+    "onnxruntime": "onnx",
+    "executorch": "executorch",
+    "executorch-native": "executorch",
+    "executorch-capi": "executorch",
+}
+RUNTIME_PACKAGES = {
+    "torch": ("torch",),
+    "onnxruntime": ("onnx", "onnxruntime"),
+    "executorch": ("executorch",),
+    "executorch-native": ("executorch",),
+    "executorch-capi": ("executorch",),
+}
+EXTRAS = {
+    "onnxruntime": "onnx",
+    "executorch": "executorch",
+    "executorch-native": "executorch",
+    "executorch-capi": "executorch",
+    "torch": "all",
+}
 PRECISIONS = ("fp32", "fp16", "int8")
 DEFAULT_RUNTIMES = ("torch", "onnxruntime", "executorch", "executorch-native")
 HOST_RUNNER_BUILD = ROOT / "runtimes" / "native" / "build_host.sh"
@@ -120,7 +139,9 @@ def _check_resolution(model: str, resolution: int) -> None:
         stages = len(unet["block_out_channels"])
         step = 8 * 2 ** (stages - 1)
         if resolution % step:
-            raise BenchError(f"resolution {resolution} must be a multiple of {step} for {model} ({stages} U-Net stages)")
+            raise BenchError(
+                f"resolution {resolution} must be a multiple of {step} for {model} ({stages} U-Net stages)"
+            )
 
 
 def _resolve_model(model: str) -> tuple[str, str]:
@@ -171,9 +192,15 @@ def _check_runtimes(rts: tuple[str, ...], precs: tuple[str, ...]) -> None:
         raise BenchError(f"no runtimes given; choose from {', '.join(RUNTIME_TARGETS)}")
     for rt in rts:
         if rt == "openvino":
-            raise BenchError("openvino is a baseline, measured unless --no-openvino; list only " + ", ".join(RUNTIME_TARGETS) + " in --runtimes")
+            raise BenchError(
+                "openvino is a baseline, measured unless --no-openvino; list only "
+                + ", ".join(RUNTIME_TARGETS)
+                + " in --runtimes"
+            )
         if rt not in RUNTIME_TARGETS:
-            raise BenchError(f"runtime {rt!r} cannot be benchmarked on this host; choose from {', '.join(RUNTIME_TARGETS)}")
+            raise BenchError(
+                f"runtime {rt!r} cannot be benchmarked on this host; choose from {', '.join(RUNTIME_TARGETS)}"
+            )
         missing = [p for p in RUNTIME_PACKAGES[rt] if importlib.util.find_spec(p) is None]
         if missing:
             raise BenchError(f"runtime {rt} needs {', '.join(missing)} (pip install '.[{EXTRAS[rt]}]')")
@@ -206,7 +233,9 @@ def _resolution(req: BenchRequest, src: str) -> int:
     if resolution is None:
         unet = _unet_config(src)
         if unet is None:
-            raise BenchError(f"{req.model} is a hub id: pass --resolution (the model's own is read only from a preset or local folder)")
+            raise BenchError(
+                f"{req.model} is a hub id: pass --resolution (the model's own is read only from a preset or local folder)"
+            )
         resolution = int(unet["sample_size"]) * 8
     _check_resolution(src, resolution)
     return resolution
@@ -299,7 +328,9 @@ def spawn(job: Job, name: str, work: Path) -> WorkerOutcome:
     t = time.perf_counter()
     # Output goes to a file, not a pipe: the libraries log a lot and a full pipe would block the worker.
     with log.open("w") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "benchmarks.worker", str(job_file)], stdout=fh, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.worker", str(job_file)], stdout=fh, stderr=subprocess.STDOUT, env=env
+        )
         _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = code = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t
@@ -315,14 +346,32 @@ def spawn(job: Job, name: str, work: Path) -> WorkerOutcome:
 
 
 def _job(cfg: BenchConfig, kind: str, name: str, **kw) -> Job:
-    return Job(kind=kind, model=kw.pop("model", cfg.model), resolution=cfg.resolution, threads=cfg.threads, runs=cfg.runs, warmup=cfg.warmup, result=str(Path(cfg.work_dir) / "jobs" / f"{name}.result.json"), seed=cfg.seed, attention=cfg.attention, **kw)
+    return Job(
+        kind=kind,
+        model=kw.pop("model", cfg.model),
+        resolution=cfg.resolution,
+        threads=cfg.threads,
+        runs=cfg.runs,
+        warmup=cfg.warmup,
+        result=str(Path(cfg.work_dir) / "jobs" / f"{name}.result.json"),
+        seed=cfg.seed,
+        attention=cfg.attention,
+        **kw,
+    )
 
 
 # ---- conversions ---------------------------------------------------------------------------------------
 def _bundle_parity(manifest: dict) -> dict:
     par = manifest["parity"]
-    comps = {n: ("structural" if p.get("checked") == "structural" else p.get("snr_db")) for n, p in par["components"].items()}
-    return {"checked": par["checked"], "components": comps, "image_psnr_db": par["end_to_end"].get("image_psnr_db"), "null_db_means": "exact match"}
+    comps = {
+        n: ("structural" if p.get("checked") == "structural" else p.get("snr_db")) for n, p in par["components"].items()
+    }
+    return {
+        "checked": par["checked"],
+        "components": comps,
+        "image_psnr_db": par["end_to_end"].get("image_psnr_db"),
+        "null_db_means": "exact match",
+    }
 
 
 def _conversion_row(c: ConversionJob, wall: float | None, reused: bool, error: str | None) -> dict:
@@ -344,7 +393,12 @@ def _conversion_row(c: ConversionJob, wall: float | None, reused: bool, error: s
             "bundle_mb": round(dir_mb(out) + (dir_mb(tok) if tok.exists() else 0.0), 3),
             "components_mb": {n: round(dir_mb(out / f"{n}.xml") + dir_mb(out / f"{n}.bin"), 3) for n in R.COMPONENTS},
             "scheme": meta["scheme"],
-            "parity": {"checked": par["checked"], "components": {n: p["snr_db"] for n, p in par["components"].items()}, "image_psnr_db": par["end_to_end"]["image_psnr_db"], "null_db_means": "exact match"},
+            "parity": {
+                "checked": par["checked"],
+                "components": {n: p["snr_db"] for n, p in par["components"].items()},
+                "image_psnr_db": par["end_to_end"]["image_psnr_db"],
+                "null_db_means": "exact match",
+            },
         }
     m = json.loads((out / "manifest.json").read_text())
     return {
@@ -366,10 +420,18 @@ def _reusable(cfg: BenchConfig, c: ConversionJob) -> bool:
             from benchmarks.openvino_backend import META_FILE
 
             m = json.loads((out / META_FILE).read_text())
-            return (m["model"], m["resolution"], m["precision"]) == (cfg.model, cfg.resolution, c.precision) and all((out / f"{n}.xml").is_file() for n in R.COMPONENTS)
+            return (m["model"], m["resolution"], m["precision"]) == (cfg.model, cfg.resolution, c.precision) and all(
+                (out / f"{n}.xml").is_file() for n in R.COMPONENTS
+            )
         m = json.loads((out / "manifest.json").read_text())
         attention = m["conversion"]["config"].get("attention", "standard")
-        return (m["source"]["model"], m["target"], m["precision"], m["resolution"], attention) == (cfg.model, c.target, c.precision, cfg.resolution, cfg.attention)
+        return (m["source"]["model"], m["target"], m["precision"], m["resolution"], attention) == (
+            cfg.model,
+            c.target,
+            c.precision,
+            cfg.resolution,
+            cfg.attention,
+        )
     except (OSError, ValueError, KeyError):
         return False
 
@@ -387,11 +449,16 @@ def plan_conversions(cfg: BenchConfig, openvino_precisions: Sequence[str]) -> li
         onnx32 = ConversionJob("onnx", "fp32", str(work / "onnx-fp32"))
         if onnx32 not in jobs:
             jobs.insert(0, onnx32)
-        jobs += [ConversionJob("openvino", p, str(work / f"openvino-{p}"), source_bundle=onnx32.out) for p in openvino_precisions]
+        jobs += [
+            ConversionJob("openvino", p, str(work / f"openvino-{p}"), source_bundle=onnx32.out)
+            for p in openvino_precisions
+        ]
     return list(dict.fromkeys(jobs))
 
 
-def run_conversions(cfg: BenchConfig, jobs: list[ConversionJob], say: Callable[[str], None]) -> dict[tuple[str, str], dict]:
+def run_conversions(
+    cfg: BenchConfig, jobs: list[ConversionJob], say: Callable[[str], None]
+) -> dict[tuple[str, str], dict]:
     """Convert (or reuse) every bundle in one converter process; rows keyed by (target, precision)."""
     rows: dict[tuple[str, str], dict] = {}
     todo = []
@@ -419,12 +486,23 @@ def run_conversions(cfg: BenchConfig, jobs: list[ConversionJob], say: Callable[[
         else:
             rows[(c.target, c.precision)] = _conversion_row(c, r["wall_s"], False, r.get("error"))
         row = rows[(c.target, c.precision)]
-        say(f"  {c.target}/{c.precision}: " + (f"{row['seconds']:.1f} s, {row['bundle_mb']:.1f} MB" if row["status"] == "ok" else row["error"]))
+        say(
+            f"  {c.target}/{c.precision}: "
+            + (f"{row['seconds']:.1f} s, {row['bundle_mb']:.1f} MB" if row["status"] == "ok" else row["error"])
+        )
     return {(c.target, c.precision): rows[(c.target, c.precision)] for c in jobs}  # in plan order
 
 
 # ---- measurements --------------------------------------------------------------------------------------
-def _path_row(name: str, runtime: str, precision: str, role: str, w: WorkerOutcome | None = None, status: str | None = None, reason: str | None = None) -> dict:
+def _path_row(
+    name: str,
+    runtime: str,
+    precision: str,
+    role: str,
+    w: WorkerOutcome | None = None,
+    status: str | None = None,
+    reason: str | None = None,
+) -> dict:
     row = {"name": name, "runtime": runtime, "precision": precision, "role": role}
     if w is None:
         return {**row, "status": status, "reason": reason}
@@ -436,16 +514,40 @@ def _path_row(name: str, runtime: str, precision: str, role: str, w: WorkerOutco
     return {**row, "status": "ok", **res, "peak_rss_mb": w.peak_rss_mb, "process_wall_s": w.wall_s}
 
 
-def measure_session(cfg: BenchConfig, runtime: str, precision: str, conv: dict | None, name: str, role: str, ir_conv: dict | None = None) -> dict:
+def measure_session(
+    cfg: BenchConfig, runtime: str, precision: str, conv: dict | None, name: str, role: str, ir_conv: dict | None = None
+) -> dict:
     """One bundle on one runtime in a fresh worker; conversion figures copied onto the row."""
     src = ir_conv or conv
     if conv is None or conv["status"] != "ok" or (ir_conv is not None and ir_conv["status"] != "ok"):
         bad = src if src and src.get("status") != "ok" else conv
-        return _path_row(name, runtime, precision, role, status="error", reason=f"conversion failed: {bad['error'] if bad else 'no bundle'}")
+        return _path_row(
+            name,
+            runtime,
+            precision,
+            role,
+            status="error",
+            reason=f"conversion failed: {bad['error'] if bad else 'no bundle'}",
+        )
     stem = name.replace(" ", "-")
-    job = _job(cfg, "session", stem, runtime=runtime, precision=precision, bundle=conv["bundle"], ir_dir=ir_conv["bundle"] if ir_conv else None)
+    job = _job(
+        cfg,
+        "session",
+        stem,
+        runtime=runtime,
+        precision=precision,
+        bundle=conv["bundle"],
+        ir_dir=ir_conv["bundle"] if ir_conv else None,
+    )
     row = _path_row(name, runtime, precision, role, spawn(job, stem, Path(cfg.work_dir)))
-    row.update(bundle=src["bundle"], bundle_mb=src["bundle_mb"], conversion_s=src["seconds"], bundle_reused=src["reused"], parity=src["parity"], scheme=src["scheme"])
+    row.update(
+        bundle=src["bundle"],
+        bundle_mb=src["bundle_mb"],
+        conversion_s=src["seconds"],
+        bundle_reused=src["reused"],
+        parity=src["parity"],
+        scheme=src["scheme"],
+    )
     return row
 
 
@@ -501,7 +603,9 @@ def busy_warnings(machine: dict, threads: int) -> list[str]:
     for when in ("start", "end"):
         la = machine.get(f"load_average_at_{when}")
         if la and la[0] > 0.5 * (machine.get("usable_cores") or threads):
-            out.append(f"the machine was busy at the {when} (1-minute load average {la[0]} on {machine.get('usable_cores')} usable cores): timings include contention from other processes; rerun on an idle machine for reference figures")
+            out.append(
+                f"the machine was busy at the {when} (1-minute load average {la[0]} on {machine.get('usable_cores')} usable cores): timings include contention from other processes; rerun on an idle machine for reference figures"
+            )
     return out
 
 
@@ -513,7 +617,9 @@ def build_host_runner(say: Callable[[str], None]) -> None:
     proc = subprocess.run(["bash", str(HOST_RUNNER_BUILD)], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
-        raise BenchError(f"runtime executorch-native needs the host runner, and building it failed: {(lines or ['no output'])[-1][:300]}")
+        raise BenchError(
+            f"runtime executorch-native needs the host runner, and building it failed: {(lines or ['no output'])[-1][:300]}"
+        )
 
 
 def openvino_state(enabled: bool) -> dict:
@@ -523,7 +629,11 @@ def openvino_state(enabled: bool) -> dict:
     if importlib.util.find_spec("openvino") is None:
         return {"status": "not installed", "reason": f"openvino: not installed ({BENCH_EXTRA})", "precisions": []}
     if importlib.util.find_spec("nncf") is None:
-        return {"status": "partial", "reason": f"nncf: not installed, so no OpenVINO int8 ({BENCH_EXTRA})", "precisions": ["fp32"]}
+        return {
+            "status": "partial",
+            "reason": f"nncf: not installed, so no OpenVINO int8 ({BENCH_EXTRA})",
+            "precisions": ["fp32"],
+        }
     return {"status": "ok", "reason": None, "precisions": list(OPENVINO_PRECISIONS)}
 
 
@@ -626,12 +736,26 @@ def plan_paths(cfg: BenchConfig, conv: dict, ov: dict, torch_seen: dict) -> list
         for p in cfg.precisions:
             if rt == "torch" and p != "fp32":
                 why = "the torch runtime runs the source model in float32 on CPU (fp16 eager is measured on CUDA only)"
-                plan.append((f"torch {p}", None, _path_row(f"torch {p}", rt, p, "measured", status="not applicable", reason=why)))
+                plan.append(
+                    (
+                        f"torch {p}",
+                        None,
+                        _path_row(f"torch {p}", rt, p, "measured", status="not applicable", reason=why),
+                    )
+                )
             elif rt == "torch":
                 plan.append((TORCH_EAGER, torch_task("measured"), None))
             else:
                 name = f"{rt} {p}"
-                plan.append((name, lambda rt=rt, p=p, name=name, target=target: measure_session(cfg, rt, p, conv.get((target, p)), name, "measured"), None))
+                plan.append(
+                    (
+                        name,
+                        lambda rt=rt, p=p, name=name, target=target: measure_session(
+                            cfg, rt, p, conv.get((target, p)), name, "measured"
+                        ),
+                        None,
+                    )
+                )
     if cfg.baselines and not any(name == TORCH_EAGER for name, _, _ in plan):
         plan.append((TORCH_EAGER, torch_task("baseline"), None))
     return plan + _openvino_paths(cfg, conv, ov)
@@ -639,14 +763,24 @@ def plan_paths(cfg: BenchConfig, conv: dict, ov: dict, torch_seen: dict) -> list
 
 def _openvino_paths(cfg: BenchConfig, conv: dict, ov: dict) -> list[PlannedPath]:
     if ov["status"] in ("skipped", "not installed"):
-        return [("openvino", None, _path_row("openvino", "openvino", "-", "baseline", status=ov["status"], reason=ov["reason"]))]
+        return [
+            (
+                "openvino",
+                None,
+                _path_row("openvino", "openvino", "-", "baseline", status=ov["status"], reason=ov["reason"]),
+            )
+        ]
     plan: list[PlannedPath] = []
     for p in OPENVINO_PRECISIONS:
         name = f"openvino {p}"
         if p not in ov["precisions"]:
-            plan.append((name, None, _path_row(name, "openvino", p, "baseline", status="not installed", reason=ov["reason"])))
+            plan.append(
+                (name, None, _path_row(name, "openvino", p, "baseline", status="not installed", reason=ov["reason"]))
+            )
         else:
-            task = lambda p=p, name=name: measure_session(cfg, "openvino", p, conv.get(("onnx", "fp32")), name, "baseline", ir_conv=conv.get(("openvino", p)))  # noqa: E731
+            task = lambda p=p, name=name: measure_session(
+                cfg, "openvino", p, conv.get(("onnx", "fp32")), name, "baseline", ir_conv=conv.get(("openvino", p))
+            )  # noqa: E731
             plan.append((name, task, None))
     return plan
 
@@ -690,7 +824,17 @@ def measure_teacher(cfg: BenchConfig, say: Callable[[str], None]) -> dict:
     return block
 
 
-def build_report(cfg: BenchConfig, machine: dict, started: float, conv: dict, paths: list[dict], ov: dict, teacher_block, gpu, gpu_status: str) -> dict:
+def build_report(
+    cfg: BenchConfig,
+    machine: dict,
+    started: float,
+    conv: dict,
+    paths: list[dict],
+    ov: dict,
+    teacher_block,
+    gpu,
+    gpu_status: str,
+) -> dict:
     """results.json's content, from the config and every measurement."""
     torch_row = next((r for r in paths if r["name"] == TORCH_EAGER), None)
     machine["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
@@ -715,7 +859,11 @@ def build_report(cfg: BenchConfig, machine: dict, started: float, conv: dict, pa
         "gpu_status": gpu_status,
         "ratios": R.compute_ratios(paths, teacher_block, TORCH_EAGER),
         "where_the_time_goes": R.where_the_time_goes(paths, teacher_block, TORCH_EAGER),
-        "files": {"json": str(out / "results.json"), "markdown": str(out / "results.md"), "chart": str(out / "chart.png")},
+        "files": {
+            "json": str(out / "results.json"),
+            "markdown": str(out / "results.md"),
+            "chart": str(out / "chart.png"),
+        },
     }
     rep["warnings"] = busy_warnings(machine, cfg.threads)
     failed = [r["name"] for r in paths if r["status"] == "error"]

@@ -10,6 +10,7 @@
 request), which the main CLI prints as one line with exit code 2; it returns 1 when some path failed
 (the table says which and why) and 0 when every path ran.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,22 +29,55 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from sdxs_edge.attention import ATTENTION_VARIANTS
 
     p.add_argument("model", help="preset name (e.g. sdxs-512, tiny), diffusers folder or hub id")
-    p.add_argument("--runtimes", default=",".join(DEFAULT_RUNTIMES), help=f"comma-separated runtimes (default {','.join(DEFAULT_RUNTIMES)})")
-    p.add_argument("--precisions", default=",".join(PRECISIONS), help=f"comma-separated precisions (default {','.join(PRECISIONS)})")
+    p.add_argument(
+        "--runtimes",
+        default=",".join(DEFAULT_RUNTIMES),
+        help=f"comma-separated runtimes (default {','.join(DEFAULT_RUNTIMES)})",
+    )
+    p.add_argument(
+        "--precisions",
+        default=",".join(PRECISIONS),
+        help=f"comma-separated precisions (default {','.join(PRECISIONS)})",
+    )
     p.add_argument("--resolution", type=at_least("--resolution", 8), help="image side in pixels (default: the model's)")
     p.add_argument("--runs", type=at_least("--runs"), default=5, help="measured runs per path (default 5)")
     p.add_argument("--warmup", type=at_least("--warmup", 0), default=1, help="unmeasured runs first (default 1)")
-    p.add_argument("--rounds", type=at_least("--rounds"), default=1, help="measure every path this many times, round-robin, each time in a fresh process, and pool the runs (default 1; more evens out a shared machine's bursts)")
-    p.add_argument("--threads", type=at_least("--threads"), help="threads every backend is pinned to (default: the usable cores)")
+    p.add_argument(
+        "--rounds",
+        type=at_least("--rounds"),
+        default=1,
+        help="measure every path this many times, round-robin, each time in a fresh process, and pool the runs (default 1; more evens out a shared machine's bursts)",
+    )
+    p.add_argument(
+        "--threads", type=at_least("--threads"), help="threads every backend is pinned to (default: the usable cores)"
+    )
     p.add_argument("--out", help="results folder (default benchmarks/results/<model>-<resolution>/)")
     p.add_argument("--work", help="bundles, job files and worker logs (default out/bench/<model>-<resolution>/)")
-    p.add_argument("--teacher", default="sd21-base", help="multi-step baseline architecture (default sd21-base, random weights)")
-    p.add_argument("--teacher-steps", type=at_least("--teacher-steps"), default=25, help="steps of the guided teacher total (default 25)")
-    p.add_argument("--reuse-bundles", action="store_true", help="reuse matching bundles under --work instead of converting again")
-    p.add_argument("--no-baselines", action="store_true", help="skip torch eager fp32 (unless in --runtimes) and the teacher baseline")
+    p.add_argument(
+        "--teacher", default="sd21-base", help="multi-step baseline architecture (default sd21-base, random weights)"
+    )
+    p.add_argument(
+        "--teacher-steps",
+        type=at_least("--teacher-steps"),
+        default=25,
+        help="steps of the guided teacher total (default 25)",
+    )
+    p.add_argument(
+        "--reuse-bundles", action="store_true", help="reuse matching bundles under --work instead of converting again"
+    )
+    p.add_argument(
+        "--no-baselines",
+        action="store_true",
+        help="skip torch eager fp32 (unless in --runtimes) and the teacher baseline",
+    )
     p.add_argument("--no-openvino", action="store_true", help="skip the OpenVINO fp32 / NNCF int8 baseline")
     p.add_argument("--seed", type=int, default=0, help="weight seed when MODEL is a preset")
-    p.add_argument("--attention", choices=ATTENTION_VARIANTS, default="standard", help="attention layout of the sdxs-edge bundles (split-heads: one head at a time, smaller peak memory)")
+    p.add_argument(
+        "--attention",
+        choices=ATTENTION_VARIANTS,
+        default="standard",
+        help="attention layout of the sdxs-edge bundles (split-heads: one head at a time, smaller peak memory)",
+    )
     p.add_argument("--quiet", action="store_true", help="print only the final table")
 
 

@@ -8,6 +8,7 @@ benchmarks/results/conversion_<preset>.json and .md (e.g. conversion_sdxs512.jso
 under --work and deleted unless --keep-bundles. A conversion that fails (e.g. a ParityError) is recorded
 with its one-line error and the run goes on.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
 from sdxs_edge.atomic import write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,20 +39,56 @@ def worker(args: argparse.Namespace) -> int:
     try:
         from benchmarks.jobs import PRESET_SENSITIVITY  # presets carry random weights, as in benchmarks.bench
 
-        out = convert(args.preset, args.target, args.precision, args.bundle, resolution=args.resolution, overwrite=True, progress=False, onnx_calibration=args.onnx_calibration, **PRESET_SENSITIVITY)
+        out = convert(
+            args.preset,
+            args.target,
+            args.precision,
+            args.bundle,
+            resolution=args.resolution,
+            overwrite=True,
+            progress=False,
+            onnx_calibration=args.onnx_calibration,
+            **PRESET_SENSITIVITY,
+        )
     except SDXSError as e:
         print(json.dumps({"error": f"{type(e).__name__}: {e}"}))
         return 2
     m = json.loads((out / "manifest.json").read_text())
-    comps = {n: {"file": c["file"], "mb": round(_dir_bytes(out / c["file"]) / 1e6, 2)} for n, c in m["components"].items()}
+    comps = {
+        n: {"file": c["file"], "mb": round(_dir_bytes(out / c["file"]) / 1e6, 2)} for n, c in m["components"].items()
+    }
     parity = {n: p.get("snr_db", p.get("checked")) for n, p in m["parity"]["components"].items()}
-    print(json.dumps({"conversion_seconds": m["conversion"]["seconds"], "stage_seconds": m["conversion"]["stage_seconds"], "components": comps, "snr_db": parity, "image_psnr_db": m["parity"]["end_to_end"].get("image_psnr_db"), "e2e_images": m["parity"]["end_to_end"].get("images", 0), "parity_checked": m["parity"]["checked"]}))
+    print(
+        json.dumps(
+            {
+                "conversion_seconds": m["conversion"]["seconds"],
+                "stage_seconds": m["conversion"]["stage_seconds"],
+                "components": comps,
+                "snr_db": parity,
+                "image_psnr_db": m["parity"]["end_to_end"].get("image_psnr_db"),
+                "e2e_images": m["parity"]["end_to_end"].get("images", 0),
+                "parity_checked": m["parity"]["checked"],
+            }
+        )
+    )
     return 0
 
 
 def run_one(target: str, precision: str, args: argparse.Namespace) -> dict:
     bundle = Path(args.work) / f"{args.preset}-{target}-{precision}"
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--preset", args.preset, "--target", target, "--precision", precision, "--bundle", str(bundle)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        "--preset",
+        args.preset,
+        "--target",
+        target,
+        "--precision",
+        precision,
+        "--bundle",
+        str(bundle),
+    ]
     cmd += ["--onnx-calibration", args.onnx_calibration]
     if args.resolution:
         cmd += ["--resolution", str(args.resolution)]
@@ -64,12 +102,19 @@ def run_one(target: str, precision: str, args: argparse.Namespace) -> dict:
     code = proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here; tell Popen
     stdout, stderr = log_out.read_text(), log_err.read_text()
     log_out.unlink()
-    row = {"target": target, "precision": precision, "wall_seconds": round(wall, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+    row = {
+        "target": target,
+        "precision": precision,
+        "wall_seconds": round(wall, 1),
+        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+    }
     if target == "onnx" and precision == "int8":
         row["onnx_calibration"] = args.onnx_calibration
     lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
     if not lines:
-        row["error"] = f"worker exited {code}: {(stderr.strip().splitlines() or ['no output'])[-1][:300]} (log: {log_err})"
+        row["error"] = (
+            f"worker exited {code}: {(stderr.strip().splitlines() or ['no output'])[-1][:300]} (log: {log_err})"
+        )
         return row
     log_err.unlink()
     row.update(json.loads(lines[-1]))
@@ -102,7 +147,11 @@ def markdown(report: dict) -> str:
 
         def cell(c, snr=snr):
             v = snr.get(c)
-            return "-" if v is None and c not in snr else ("exact" if v is None else (f"{v:.1f} dB" if isinstance(v, (int, float)) else str(v)))
+            return (
+                "-"
+                if v is None and c not in snr
+                else ("exact" if v is None else (f"{v:.1f} dB" if isinstance(v, (int, float)) else str(v)))
+            )
 
         psnr = r.get("image_psnr_db")
         psnr_cell = ("exact" if r.get("e2e_images") else "-") if psnr is None else f"{psnr:.1f}"
@@ -124,11 +173,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resolution", type=int, help="image side in pixels (default: the preset's)")
     p.add_argument("--jobs", default=",".join(DEFAULT_JOBS), help="comma-separated target:precision pairs")
     p.add_argument("--work", default=str(ROOT / "out" / "bench-convert"), help="where bundles are written")
-    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"), help="folder for conversion_<preset>.json and .md")
+    p.add_argument(
+        "--results", default=str(ROOT / "benchmarks" / "results"), help="folder for conversion_<preset>.json and .md"
+    )
     p.add_argument("--keep-bundles", action="store_true", help="keep the bundles under --work")
     from benchmarks.jobs import PRESET_ONNX_CALIBRATION
 
-    p.add_argument("--onnx-calibration", choices=ONNX_CALIBRATIONS, default=PRESET_ONNX_CALIBRATION, help=f"ONNX int8 activation ranges (default {PRESET_ONNX_CALIBRATION}, as benchmarks.bench converts presets)")
+    p.add_argument(
+        "--onnx-calibration",
+        choices=ONNX_CALIBRATIONS,
+        default=PRESET_ONNX_CALIBRATION,
+        help=f"ONNX int8 activation ranges (default {PRESET_ONNX_CALIBRATION}, as benchmarks.bench converts presets)",
+    )
     p.add_argument("--merge", action="store_true", help="replace only the rows of --jobs in an existing results file")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--target", help=argparse.SUPPRESS)
@@ -145,14 +201,27 @@ def main(argv: list[str] | None = None) -> int:
     for target, precision in jobs:
         print(f"converting {args.preset} -> {target}/{precision} ...", flush=True)
         row = run_one(target, precision, args)
-        print("  " + (row["error"] if "error" in row else f"{row['wall_seconds']} s, peak {row['peak_rss_mb']} MB, bundle {row['bundle_mb']} MB"), flush=True)
+        print(
+            "  "
+            + (
+                row["error"]
+                if "error" in row
+                else f"{row['wall_seconds']} s, peak {row['peak_rss_mb']} MB, bundle {row['bundle_mb']} MB"
+            ),
+            flush=True,
+        )
         results.append(row)
     import torch
 
     report = {
         "preset": args.preset,
         "resolution": args.resolution,
-        "host": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
+        "host": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        },
         "results": results,
     }
     out = Path(args.results)

@@ -5,6 +5,7 @@ memory or no gain).
 Called by the torch worker only when `torch.cuda.is_available()`; the CPU path never imports it. The
 device and dtype are arguments so the same code is exercised on CPU in fp32 (eager) by hand.
 """
+
 from __future__ import annotations
 
 import time
@@ -81,7 +82,17 @@ def _search(measure, max_batch: int, label: str = "") -> dict:
     return {"batch1": b1, "best_batch": best, "searched": tried}
 
 
-def gpu_figures(pipe, resolution: int, runs: int, warmup: int, device: str = "cuda", dtype: str = "float16", compile: bool = True, max_batch: int = MAX_BATCH, on_partial=None) -> dict:
+def gpu_figures(
+    pipe,
+    resolution: int,
+    runs: int,
+    warmup: int,
+    device: str = "cuda",
+    dtype: str = "float16",
+    compile: bool = True,
+    max_batch: int = MAX_BATCH,
+    on_partial=None,
+) -> dict:
     """fp16 eager and compiled latency and throughput of the one-step chain on a GPU.
 
     Args:
@@ -108,13 +119,19 @@ def gpu_figures(pipe, resolution: int, runs: int, warmup: int, device: str = "cu
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else device,
         "dtype": dtype,
         "note": "token ids and noise are made once per batch size; end to end = text encoder + U-Net + sampler rule + decoder, with a device sync after each component",
-        "eager": _search(lambda b: _measure(pipe, mods, b, resolution, runs, warmup, dev, dt, False), max_batch, "eager"),
+        "eager": _search(
+            lambda b: _measure(pipe, mods, b, resolution, runs, warmup, dev, dt, False), max_batch, "eager"
+        ),
     }
     if on_partial is not None:
         on_partial(out)
     if compile:
         cmods = {k: torch.compile(m, mode="reduce-overhead") for k, m in mods.items()}
         t = time.perf_counter()
-        out["compiled_reduce_overhead"] = _search(lambda b: _measure(pipe, cmods, b, resolution, runs, warmup, dev, dt, True), max_batch, "compiled")
-        out["compiled_reduce_overhead"]["search_wall_s"] = round(time.perf_counter() - t, 1)  # compilation and graph capture included
+        out["compiled_reduce_overhead"] = _search(
+            lambda b: _measure(pipe, cmods, b, resolution, runs, warmup, dev, dt, True), max_batch, "compiled"
+        )
+        out["compiled_reduce_overhead"]["search_wall_s"] = round(
+            time.perf_counter() - t, 1
+        )  # compilation and graph capture included
     return out

@@ -8,6 +8,7 @@ u8u8 (uint8 weights; `converters.to_onnx.INT8_FORM`), s8s8. Each conversion runs
 with the quantizer's arguments swapped; a form whose check fails a floor is recorded with the failure.
 Writes int8-forms-<cpu class>.json and .md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,7 +55,12 @@ def measure(model: str, form: str) -> dict:
             out = convert(model, "onnx", "int8", Path(tmp) / "b", progress=False)
             m = json.loads((out / "manifest.json").read_text())
     except SDXSError as e:
-        return {"form": form, "status": "failed", "error": str(e).splitlines()[0], "seconds": round(time.perf_counter() - t, 1)}
+        return {
+            "form": form,
+            "status": "failed",
+            "error": str(e).splitlines()[0],
+            "seconds": round(time.perf_counter() - t, 1),
+        }
     finally:
         undo()
     par = m["parity"]
@@ -63,7 +69,11 @@ def measure(model: str, form: str) -> dict:
         "status": "ok",
         "snr_db": {c: p["snr_db"] for c, p in par["components"].items()},
         "image_psnr_db": par["end_to_end"]["image_psnr_db"],
-        "kept_in_float": {c: len(r["int8"].get("sensitivity", {}).get("excluded_nodes", [])) for c, r in m["conversion"]["components"].items() if "int8" in r},
+        "kept_in_float": {
+            c: len(r["int8"].get("sensitivity", {}).get("excluded_nodes", []))
+            for c, r in m["conversion"]["components"].items()
+            if "int8" in r
+        },
         "seconds": round(time.perf_counter() - t, 1),
     }
 
@@ -80,7 +90,9 @@ def markdown(report: dict) -> str:
     for r in report["forms"]:
         if r["status"] == "ok":
             s = r["snr_db"]
-            lines.append(f"| {r['form']} | {s['text_encoder']:.1f} dB | {s['unet']:.1f} dB | {s['decoder']:.1f} dB | {r['image_psnr_db']:.1f} dB | ok |")
+            lines.append(
+                f"| {r['form']} | {s['text_encoder']:.1f} dB | {s['unet']:.1f} dB | {s['decoder']:.1f} dB | {r['image_psnr_db']:.1f} dB | ok |"
+            )
         else:
             lines.append(f"| {r['form']} | | | | | failed: {r['error']} |")
     return "\n".join(lines) + "\n"
@@ -100,7 +112,13 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown form(s) {unknown}; known: {', '.join(FORMS)}")
     info = machine_info()
-    report = {"model": args.model, "cpu_class": cpu.host_class(), "cpu_model": info["cpu_model"], "machine": info, "forms": []}
+    report = {
+        "model": args.model,
+        "cpu_class": cpu.host_class(),
+        "cpu_model": info["cpu_model"],
+        "machine": info,
+        "forms": [],
+    }
     for form in forms:
         report["forms"].append(measure(args.model, form))
         print(json.dumps(report["forms"][-1]))

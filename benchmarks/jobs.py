@@ -3,15 +3,17 @@
 A job is a frozen dataclass written as JSON; the worker (`python -m benchmarks.worker JOB.json`) writes
 its result JSON next to it. Only the standard library and numpy are imported here.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import platform
 import resource
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from sdxs_edge.errors import SDXSError
 
@@ -94,7 +96,7 @@ class Job:
         return json.dumps(asdict(self), indent=2)
 
     @classmethod
-    def from_json(cls, text: str) -> "Job":
+    def from_json(cls, text: str) -> Job:
         d = json.loads(text)
         d["conversions"] = tuple(ConversionJob(**c) for c in d.get("conversions", ()))
         return cls(**d)
@@ -154,5 +156,3 @@ def dir_mb(path: str | os.PathLike) -> float:
     p = Path(path)
     n = p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
     return round(n / 1e6, 3)
-
-

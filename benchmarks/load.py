@@ -8,6 +8,7 @@ kept-alive connection) for `--seconds`, bounded also by `--max-requests` per pha
 back-to-back single requests, the baseline the queue must not slow down. Writes results.json,
 results.md and chart.png into `--out`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,11 +26,19 @@ from pathlib import Path
 
 import numpy as np
 
-PROMPTS = ("a large cyan triangle at the bottom left on a black background", "a small red circle at the top right on a white background")
+PROMPTS = (
+    "a large cyan triangle at the bottom left on a black background",
+    "a small red circle at the top right on a white background",
+)
 
 
 def start_server(bundles: list[str]) -> tuple[subprocess.Popen, str, int]:
-    proc = subprocess.Popen([sys.executable, "-m", "sdxs_edge.cli", "serve", *bundles, "--port", "0", "--queue", "64"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sdxs_edge.cli", "serve", *bundles, "--port", "0", "--queue", "64"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     line = proc.stdout.readline()
     if "http://" not in line:
         proc.kill()
@@ -44,7 +53,9 @@ def rss_mb(pid: int) -> float:
     return psutil.Process(pid).memory_info().rss / 2**20
 
 
-def client(host: str, port: int, stop_at: float, budget: list[int], lock: threading.Lock, out: list, seed0: int) -> None:
+def client(
+    host: str, port: int, stop_at: float, budget: list[int], lock: threading.Lock, out: list, seed0: int
+) -> None:
     """Closed loop: POST, read, record (latency s, status) until the deadline or the shared budget is spent."""
     conn = http.client.HTTPConnection(host, port, timeout=60)
     i = 0
@@ -75,7 +86,10 @@ def phase(host: str, port: int, clients: int, seconds: float, max_requests: int)
     budget = [max_requests]
     t0 = time.perf_counter()
     stop_at = t0 + seconds
-    threads = [threading.Thread(target=client, args=(host, port, stop_at, budget, lock, results, 1000 * k)) for k in range(clients)]
+    threads = [
+        threading.Thread(target=client, args=(host, port, stop_at, budget, lock, results, 1000 * k))
+        for k in range(clients)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -115,18 +129,25 @@ def markdown(rep: dict) -> str:
     ]
     for p in rep["phases"]:
         errors = ", ".join(f"{k}: {v}" for k, v in p["errors_by_code"].items()) or "none"
-        lines.append(f"| {p['clients']} | {p['requests']} | {p['throughput_rps']:.1f} | {p['p50_ms']} | {p['p95_ms']} | {p['p99_ms']} | {errors} |")
+        lines.append(
+            f"| {p['clients']} | {p['requests']} | {p['throughput_rps']:.1f} | {p['p50_ms']} | {p['p95_ms']} | {p['p99_ms']} | {errors} |"
+        )
     g = rep["goals"]
     lines += [
         "",
         f"Server RSS: {rep['rss_mb']['start']:.1f} MB at start, {rep['rss_mb']['end']:.1f} MB at the end ({g['rss_change_pct']:+.1f}%; per phase: "
-        + ", ".join(f"{x:.1f}" for x in rep["rss_mb"]["after_phase"]) + " MB).",
+        + ", ".join(f"{x:.1f}" for x in rep["rss_mb"]["after_phase"])
+        + " MB).",
         "",
-        "Goals: " + "; ".join([
-            f"zero 5xx: {'met' if g['zero_5xx'] else 'NOT met'}",
-            f"RSS flat within 10%: {'met' if g['rss_flat_10pct'] else 'NOT met'}",
-            f"throughput at 4 clients >= 1 client ({g['throughput_4_over_1']:.2f}x): {'met' if g['throughput_4_ge_1'] else 'NOT met'}",
-        ]) + ".",
+        "Goals: "
+        + "; ".join(
+            [
+                f"zero 5xx: {'met' if g['zero_5xx'] else 'NOT met'}",
+                f"RSS flat within 10%: {'met' if g['rss_flat_10pct'] else 'NOT met'}",
+                f"throughput at 4 clients >= 1 client ({g['throughput_4_over_1']:.2f}x): {'met' if g['throughput_4_ge_1'] else 'NOT met'}",
+            ]
+        )
+        + ".",
         "",
         "![throughput and latency by client count](chart.png)",
         "",
@@ -154,7 +175,10 @@ def chart(rep: dict, path: Path) -> None:
     b.set_yscale("log")
     b.set_title("latency")
     b.legend()
-    fig.suptitle(f"sdxs-edge serve, {rep['target']} {rep['precision']} on {rep['runtime']}, {rep['machine']['cores']} cores ({rep['machine']['isa']})", fontsize=10)
+    fig.suptitle(
+        f"sdxs-edge serve, {rep['target']} {rep['precision']} on {rep['runtime']}, {rep['machine']['cores']} cores ({rep['machine']['isa']})",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -216,9 +240,20 @@ def main(argv: list[str] | None = None) -> int:
         "seconds_per_phase": args.seconds,
         "max_requests_per_phase": args.max_requests,
         "warmup_requests": args.warmup,
-        "machine": {"cpu": cpu, "cores": cores, "isa": args.isa, "note": args.note, "load_average_start": [round(x, 2) for x in load_start], "load_average_end": [round(x, 2) for x in load_end]},
+        "machine": {
+            "cpu": cpu,
+            "cores": cores,
+            "isa": args.isa,
+            "note": args.note,
+            "load_average_start": [round(x, 2) for x in load_start],
+            "load_average_end": [round(x, 2) for x in load_end],
+        },
         "phases": phases,
-        "rss_mb": {"start": round(rss_start, 1), "after_phase": [round(x, 1) for x in rss_after], "end": round(rss_end, 1)},
+        "rss_mb": {
+            "start": round(rss_start, 1),
+            "after_phase": [round(x, 1) for x in rss_after],
+            "end": round(rss_end, 1),
+        },
     }
     change = (rss_end - rss_start) / rss_start * 100
     rep["goals"] = {

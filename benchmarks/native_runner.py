@@ -14,6 +14,7 @@ medians (one image without tokenizer and sampler, which take well under a millis
 figures for one process holding all three programs: the largest single component (lower bound) and the
 sum of the three (upper bound: it counts the runtime libraries three times).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,17 +29,16 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.jobs import dir_mb, stats_ms
-from sdxs_edge.errors import SDXSError
 from sdxs_edge.atomic import write_atomic
+from sdxs_edge.errors import SDXSError
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNNER = ROOT / "build" / "host" / "sdxs_runner"
 
 
 def _run_component(pte: Path, specs: list[dict], runs: int, io: Path) -> dict:
-    from runtimes.native_io import failure_line, parse_timing, write_inputs
-
     from benchmarks.profile import random_inputs
+    from runtimes.native_io import failure_line, parse_timing, write_inputs
 
     io.mkdir(parents=True, exist_ok=True)
     write_inputs(io, random_inputs(specs, np.random.default_rng(0)))
@@ -48,9 +48,16 @@ def _run_component(pte: Path, specs: list[dict], runs: int, io: Path) -> dict:
         raise SDXSError(f"the native runner failed on {pte.name}: {failure_line(proc.stderr, proc.returncode)}")
     timing = parse_timing(proc.stdout)
     if timing.get("peak_rss_kb", -1) < 0:
-        raise SDXSError(f"the runner at {RUNNER} reports no peak RSS (no /proc/self/status here, or an older build: run 'make host-runner')")
+        raise SDXSError(
+            f"the runner at {RUNNER} reports no peak RSS (no /proc/self/status here, or an older build: run 'make host-runner')"
+        )
     stats = stats_ms([ms / 1000 for ms in timing["run_ms"]])
-    return {"load_ms": timing["load_ms"], **{k: stats[k] for k in ("median_ms", "p90_ms", "min_ms")}, "samples_ms": timing["run_ms"], "peak_rss_mb": round(timing["peak_rss_kb"] / 1024, 1)}
+    return {
+        "load_ms": timing["load_ms"],
+        **{k: stats[k] for k in ("median_ms", "p90_ms", "min_ms")},
+        "samples_ms": timing["run_ms"],
+        "peak_rss_mb": round(timing["peak_rss_kb"] / 1024, 1),
+    }
 
 
 def measure(bundle: str | Path, runs: int = 5) -> dict:
@@ -59,7 +66,10 @@ def measure(bundle: str | Path, runs: int = 5) -> dict:
 
     bundle = Path(bundle)
     manifest = load_manifest(bundle)
-    if manifest["target"] != "executorch" or manifest.get("conversion", {}).get("config", {}).get("delegate", "xnnpack") != "xnnpack":
+    if (
+        manifest["target"] != "executorch"
+        or manifest.get("conversion", {}).get("config", {}).get("delegate", "xnnpack") != "xnnpack"
+    ):
         raise SDXSError(f"{bundle} is not an ExecuTorch XNNPACK bundle")
     if not RUNNER.is_file():
         raise SDXSError(f"no host runner at {RUNNER}: run 'make host-runner'")
@@ -74,13 +84,20 @@ def measure(bundle: str | Path, runs: int = 5) -> dict:
     return {
         "bundle": str(bundle),
         "precision": manifest["precision"],
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": "the runner's default: one per core"},
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "threads": "the runner's default: one per core",
+        },
         "runs": runs,
         "components": comps,
         "sum_of_medians_ms": round(sum(c["median_ms"] for c in comps.values()), 2),
         "bundle_mb": bundle_mb,
         "peak_rss_mb": {"largest_component": max(rss), "sum_of_components": round(sum(rss), 1)},
-        "peak_rss_over_bundle": {"largest_component": round(max(rss) / bundle_mb, 3), "sum_of_components": round(sum(rss) / bundle_mb, 3)},
+        "peak_rss_over_bundle": {
+            "largest_component": round(max(rss) / bundle_mb, 3),
+            "sum_of_components": round(sum(rss) / bundle_mb, 3),
+        },
     }
 
 
@@ -92,7 +109,9 @@ def render(r: dict) -> str:
         "|---|---:|---:|---:|",
     ]
     for name, c in r["components"].items():
-        lines.append(f"| {name} | {c['load_ms']:.1f} | {c['median_ms']:.1f} / {c['p90_ms']:.1f} / {c['min_ms']:.1f} | {c['peak_rss_mb']:.0f} |")
+        lines.append(
+            f"| {name} | {c['load_ms']:.1f} | {c['median_ms']:.1f} / {c['p90_ms']:.1f} / {c['min_ms']:.1f} | {c['peak_rss_mb']:.0f} |"
+        )
     p, q = r["peak_rss_mb"], r["peak_rss_over_bundle"]
     lines += [
         "",

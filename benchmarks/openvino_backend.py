@@ -6,6 +6,7 @@ these functions. The int8 IR is calibrated on real one-step pipeline inputs (the
 `calibration.capture` with the default SHAPES-64 captions) and checked against PyTorch on the parity
 prompts with the converters' own figures, so its quality is reported beside its speed.
 """
+
 from __future__ import annotations
 
 import json
@@ -57,7 +58,9 @@ class OpenVINOSession(Session):
     name = "openvino"
     targets = ("onnx",)
 
-    def __init__(self, bundle: str | Path, *, ir_dir: str | Path | None = None, threads: int | None = None, verify: bool = True):
+    def __init__(
+        self, bundle: str | Path, *, ir_dir: str | Path | None = None, threads: int | None = None, verify: bool = True
+    ):
         super().__init__(bundle, verify=verify)
         ov = _openvino()
         core = ov.Core()
@@ -86,7 +89,9 @@ class OpenVINOSession(Session):
         self.compiled, self.requests = {}, {}
 
 
-def convert(onnx_bundle: str | Path, precision: str, out: str | Path, model: str, resolution: int, seed: int = 0) -> Path:
+def convert(
+    onnx_bundle: str | Path, precision: str, out: str | Path, model: str, resolution: int, seed: int = 0
+) -> Path:
     """OpenVINO IR of an ONNX fp32 bundle's components: fp32 as is, or NNCF static int8, checked against PyTorch.
 
     Args:
@@ -113,8 +118,14 @@ def convert(onnx_bundle: str | Path, precision: str, out: str | Path, model: str
     t = time.perf_counter()
     pipe = SDXSPipeline.load(model, seed=seed)
     modules = wrappers(pipe)
-    check = calibration.capture(pipe, modules, calibration.PARITY_PROMPTS, seed0=calibration.PARITY_SEED0, resolution=resolution)
-    calib = calibration.capture(pipe, modules, calibration.default_calibration_prompts(), seed0=0, resolution=resolution) if precision == "int8" else None
+    check = calibration.capture(
+        pipe, modules, calibration.PARITY_PROMPTS, seed0=calibration.PARITY_SEED0, resolution=resolution
+    )
+    calib = (
+        calibration.capture(pipe, modules, calibration.default_calibration_prompts(), seed0=0, resolution=resolution)
+        if precision == "int8"
+        else None
+    )
     stages["capture"] = round(time.perf_counter() - t, 3)
 
     core = ov.Core()
@@ -122,7 +133,16 @@ def convert(onnx_bundle: str | Path, precision: str, out: str | Path, model: str
     with atomic_dir(out, overwrite=True) as tmp:
         for comp in REQUIRED_COMPONENTS:
             t = time.perf_counter()
-            run = _lower(ov, core, nncf, onnx_bundle / manifest["components"][comp]["file"], manifest["components"][comp], comp, calib, Path(tmp))
+            run = _lower(
+                ov,
+                core,
+                nncf,
+                onnx_bundle / manifest["components"][comp]["file"],
+                manifest["components"][comp],
+                comp,
+                calib,
+                Path(tmp),
+            )
             figs = parity.component_figures(run, check.inputs[comp], check.outputs[comp])
             figures[comp] = {
                 "snr_db": _db(figs["snr_db"]),
@@ -152,7 +172,9 @@ def _check_source(onnx_bundle: Path, precision: str):
             raise BackendMissingError("nncf: not installed, OpenVINO int8 needs it (pip install '.[bench]')") from None
     manifest = load_manifest(onnx_bundle)
     if manifest["target"] != "onnx" or manifest["precision"] != "fp32":
-        raise BundleError(f"{onnx_bundle}: OpenVINO IR is built from an ONNX fp32 bundle, got {manifest['target']}/{manifest['precision']}")
+        raise BundleError(
+            f"{onnx_bundle}: OpenVINO IR is built from an ONNX fp32 bundle, got {manifest['target']}/{manifest['precision']}"
+        )
     if "controlnet" in manifest["components"]:
         raise BundleError(f"{onnx_bundle}: the OpenVINO baseline is built for bundles without a ControlNet")
     return ov, nncf, manifest
@@ -178,7 +200,9 @@ def _lower(ov, core, nncf, onnx_file: Path, spec: dict, comp: str, calib, tmp: P
     return run
 
 
-def _meta(onnx_bundle: Path, precision: str, model: str, resolution: int, figures: dict, e2e: dict, conversion: dict) -> dict:
+def _meta(
+    onnx_bundle: Path, precision: str, model: str, resolution: int, figures: dict, e2e: dict, conversion: dict
+) -> dict:
     """openvino.json: what the IR is, its parity against PyTorch, versions and timings."""
     from importlib.metadata import version
 
@@ -189,13 +213,21 @@ def _meta(onnx_bundle: Path, precision: str, model: str, resolution: int, figure
         "model": model,
         "resolution": resolution,
         "scheme": "OpenVINO IR converted from the ONNX fp32 bundle"
-        + (", NNCF post-training static int8 (TRANSFORMER model type for text encoder and U-Net), 32 calibration captions" if precision == "int8" else ""),
+        + (
+            ", NNCF post-training static int8 (TRANSFORMER model type for text encoder and U-Net), 32 calibration captions"
+            if precision == "int8"
+            else ""
+        ),
         "parity": {
             "checked": "numeric",
             "reference": "PyTorch float32 wrappers (sdxs_edge.components) on the converters' parity prompts",
             "null_db_means": "exact match (infinite SNR / PSNR)",
             "components": figures,
-            "end_to_end": {"image_psnr_db": _db(e2e["image_psnr_db"]), "min_image_psnr_db": _db(e2e["min_image_psnr_db"]), "images": e2e["images"]},
+            "end_to_end": {
+                "image_psnr_db": _db(e2e["image_psnr_db"]),
+                "min_image_psnr_db": _db(e2e["min_image_psnr_db"]),
+                "images": e2e["images"],
+            },
         },
         "versions": {"openvino": version("openvino"), **({"nncf": version("nncf")} if precision == "int8" else {})},
         "conversion": conversion,

@@ -12,6 +12,7 @@ profilers' own overhead included: compare them with each other, not with `sdxs-e
     python -m benchmarks.profile out/bench/sdxs-512-512/bundles/executorch-int8 --components unet
     python -m benchmarks.profile out/onnx-int8 --top 10 --json profile.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sdxs_edge.errors import SDXSError
 from sdxs_edge.atomic import write_atomic
+from sdxs_edge.errors import SDXSError
 
 CONTAINERS = ("Method::execute", "Method::init", "Program::load_method", "DELEGATE_CALL", "OPERATOR_CALL")
 
@@ -95,7 +96,9 @@ def profile_onnxruntime(path: Path, specs: list[dict], runs: int, threads: int) 
         for _ in range(1 + runs):  # the first run is a warm-up, dropped below
             session.run(None, feeds)
         events = json.loads(Path(session.end_profiling()).read_text())
-    model_runs = sorted((e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"), key=lambda e: e["ts"])
+    model_runs = sorted(
+        (e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"), key=lambda e: e["ts"]
+    )
     warm_end = model_runs[0]["ts"] + model_runs[0]["dur"]
     events = [e for e in events if e.get("ts", 0) >= warm_end]
     ops: collections.Counter = collections.Counter()
@@ -129,7 +132,10 @@ def profile_bundle(bundle: str | Path, components: list[str] | None = None, runs
     target = manifest["target"]
     if target not in ("executorch", "onnx"):
         raise SDXSError(f"profile reads executorch and onnx bundles; {bundle} is a {target} bundle")
-    if manifest.get("conversion", {}).get("config", {}).get("delegate", "xnnpack") != "xnnpack" and target == "executorch":
+    if (
+        manifest.get("conversion", {}).get("config", {}).get("delegate", "xnnpack") != "xnnpack"
+        and target == "executorch"
+    ):
         raise SDXSError(f"{bundle} uses the Core ML delegate, which runs only on Apple devices")
     if runs < 1 or threads < 1:
         raise SDXSError("--runs and --threads must be at least 1")
@@ -138,7 +144,14 @@ def profile_bundle(bundle: str | Path, components: list[str] | None = None, runs
     if unknown:
         raise SDXSError(f"{bundle} has no component {unknown[0]!r}; it has {', '.join(manifest['components'])}")
     run = profile_executorch if target == "executorch" else profile_onnxruntime
-    out = {"bundle": str(bundle), "target": target, "precision": manifest["precision"], "runs": runs, "threads": threads, "components": {}}
+    out = {
+        "bundle": str(bundle),
+        "target": target,
+        "precision": manifest["precision"],
+        "runs": runs,
+        "threads": threads,
+        "components": {},
+    }
     for c in names:
         entry = manifest["components"][c]
         out["components"][c] = run(bundle / entry["file"], entry["inputs"], runs, threads)
@@ -146,7 +159,9 @@ def profile_bundle(bundle: str | Path, components: list[str] | None = None, runs
 
 
 def render(report: dict, top: int) -> str:
-    lines = [f"# {report['bundle']} ({report['target']} {report['precision']}, {report['threads']} threads, {report['runs']} runs)"]
+    lines = [
+        f"# {report['bundle']} ({report['target']} {report['precision']}, {report['threads']} threads, {report['runs']} runs)"
+    ]
     for c, r in report["components"].items():
         head = f"\n## {c}: {r['total_ms']:.1f} ms per run"
         if "partitions" in r:
@@ -157,7 +172,9 @@ def render(report: dict, top: int) -> str:
             lines.append(f"| {o['op']} | {o['ms']:.2f} | {100 * o['ms'] / total:.1f}% | {o['calls']} |")
         if len(r["ops"]) > top:
             rest = r["ops"][top:]
-            lines.append(f"| ({len(rest)} more) | {sum(o['ms'] for o in rest):.2f} | {100 * sum(o['ms'] for o in rest) / total:.1f}% | {sum(o['calls'] for o in rest)} |")
+            lines.append(
+                f"| ({len(rest)} more) | {sum(o['ms'] for o in rest):.2f} | {100 * sum(o['ms'] for o in rest) / total:.1f}% | {sum(o['calls'] for o in rest)} |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -2,6 +2,7 @@
 goes" summary, the markdown table and the stacked-bar chart. Every figure here is computed from the
 measured numbers handed in; nothing is quoted.
 """
+
 from __future__ import annotations
 
 import os
@@ -13,9 +14,37 @@ from typing import Any
 from sdxs_edge import cpu
 
 COMPONENTS = ("text_encoder", "unet", "decoder")
-LABELS = {"text_encoder": "text encoder", "unet": "U-Net", "decoder": "decoder", "other": "other (tokenizer, sampler, copies)"}
-LIBRARIES = ("torch", "onnxruntime", "onnx", "executorch", "openvino", "nncf", "diffusers", "transformers", "numpy", "matplotlib")
-FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "neon", "asimddp")
+LABELS = {
+    "text_encoder": "text encoder",
+    "unet": "U-Net",
+    "decoder": "decoder",
+    "other": "other (tokenizer, sampler, copies)",
+}
+LIBRARIES = (
+    "torch",
+    "onnxruntime",
+    "onnx",
+    "executorch",
+    "openvino",
+    "nncf",
+    "diffusers",
+    "transformers",
+    "numpy",
+    "matplotlib",
+)
+FLAGS = (
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512_vnni",
+    "avx_vnni",
+    "avx512_bf16",
+    "amx_tile",
+    "amx_int8",
+    "neon",
+    "asimddp",
+)
 
 
 # ---- machine -------------------------------------------------------------------------------------------
@@ -31,7 +60,11 @@ def _lib_versions() -> dict[str, str | None]:
 
 def machine_info() -> dict[str, Any]:
     """CPU model, cores, SIMD flags (from /proc/cpuinfo), memory, OS and library versions of this host."""
-    info: dict[str, Any] = {"platform": platform.platform(), "machine": platform.machine(), "python": platform.python_version()}
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+    }
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
         model, flags, cores = None, set(), set()
@@ -95,9 +128,25 @@ def teacher_projection(teacher: dict, steps: int) -> dict:
     """
     c = teacher["components"]
     te, u1, u2, dec = (c[k]["median_ms"] for k in ("text_encoder", "unet_batch1", "unet_batch2_cfg", "decoder"))
-    one = {"text_encoder_ms": te, "unet_ms_per_eval": u1, "unet_evals": 1, "unet_batch": 1, "unet_ms": u1, "decoder_ms": dec}
+    one = {
+        "text_encoder_ms": te,
+        "unet_ms_per_eval": u1,
+        "unet_evals": 1,
+        "unet_batch": 1,
+        "unet_ms": u1,
+        "decoder_ms": dec,
+    }
     one["total_s"] = round((te + u1 + dec) / 1000, 6)
-    cfg = {"steps": steps, "text_encoder_calls": 2, "text_encoder_ms": 2 * te, "unet_ms_per_eval": u2, "unet_evals": steps, "unet_batch": 2, "unet_ms": steps * u2, "decoder_ms": dec}
+    cfg = {
+        "steps": steps,
+        "text_encoder_calls": 2,
+        "text_encoder_ms": 2 * te,
+        "unet_ms_per_eval": u2,
+        "unet_evals": steps,
+        "unet_batch": 2,
+        "unet_ms": steps * u2,
+        "decoder_ms": dec,
+    }
     cfg["total_s"] = round((2 * te + steps * u2 + dec) / 1000, 6)
     return {"one_step": one, "cfg": cfg}
 
@@ -107,7 +156,13 @@ def same_method(row: dict) -> dict | None:
     parts = {c: med(row, c) for c in COMPONENTS}
     if any(v is None for v in parts.values()):
         return None
-    return {"text_encoder_ms": parts["text_encoder"], "unet_ms": parts["unet"], "unet_evals": 1, "decoder_ms": parts["decoder"], "total_s": round(sum(parts.values()) / 1000, 6)}
+    return {
+        "text_encoder_ms": parts["text_encoder"],
+        "unet_ms": parts["unet"],
+        "unet_evals": 1,
+        "decoder_ms": parts["decoder"],
+        "total_s": round(sum(parts.values()) / 1000, 6),
+    }
 
 
 # ---- ratios --------------------------------------------------------------------------------------------
@@ -131,6 +186,7 @@ def _missing(meaning: str, why: str) -> dict:
 def fastest(rows: list[dict], **match) -> dict | None:
     """The measured row with the smallest end-to-end median among those matching every key=value
     (a value may be a tuple of allowed values; a key prefixed `not_` excludes)."""
+
     def ok(r):
         if r.get("status") != "ok":
             return False
@@ -156,32 +212,57 @@ def compute_ratios(paths: list[dict], teacher: dict | None, torch_name: str) -> 
 
     m = "end-to-end speed-up of the fastest int8 path over torch eager fp32 (x, higher is faster)"
     if i8 and torch_row:
-        out["fastest_int8_vs_torch_eager_fp32"] = _ratio(m, (torch_row["name"], E2E, _e2e(torch_row)), (i8["name"], E2E, _e2e(i8)))
+        out["fastest_int8_vs_torch_eager_fp32"] = _ratio(
+            m, (torch_row["name"], E2E, _e2e(torch_row)), (i8["name"], E2E, _e2e(i8))
+        )
     else:
-        out["fastest_int8_vs_torch_eager_fp32"] = _missing(m, "no int8 path measured" if not i8 else "torch eager fp32 not measured")
+        out["fastest_int8_vs_torch_eager_fp32"] = _missing(
+            m, "no int8 path measured" if not i8 else "torch eager fp32 not measured"
+        )
 
     m = "end-to-end speed of the fastest int8 path relative to the best OpenVINO path (x, above 1: ours is faster)"
     if i8 and ov:
         out["fastest_int8_vs_openvino_best"] = _ratio(m, (ov["name"], E2E, _e2e(ov)), (i8["name"], E2E, _e2e(i8)))
     else:
-        out["fastest_int8_vs_openvino_best"] = _missing(m, "no int8 path measured" if not i8 else "no OpenVINO path measured")
+        out["fastest_int8_vs_openvino_best"] = _missing(
+            m, "no int8 path measured" if not i8 else "no OpenVINO path measured"
+        )
 
     m = "peak resident memory of the fastest int8 path over its bundle size on disk"
     if i8 and i8.get("bundle_mb"):
-        out["fastest_int8_peak_rss_over_bundle"] = _ratio(m, (i8["name"], "peak_rss_mb", i8["peak_rss_mb"]), (i8["name"], "bundle_mb", i8["bundle_mb"]))
+        out["fastest_int8_peak_rss_over_bundle"] = _ratio(
+            m, (i8["name"], "peak_rss_mb", i8["peak_rss_mb"]), (i8["name"], "bundle_mb", i8["bundle_mb"])
+        )
     else:
         out["fastest_int8_peak_rss_over_bundle"] = _missing(m, "no int8 path measured")
 
     sdxs = same_method(torch_row) if torch_row else None
     for key, which, m in (
-        ("one_step_vs_teacher_cfg", "cfg", "teacher at its multi-step count with classifier-free guidance over the one-step model, both torch eager fp32, same threads (x)"),
-        ("one_step_vs_teacher_one_step", "one_step", "teacher at one step over the one-step model, both torch eager fp32 (x): the architecture alone"),
+        (
+            "one_step_vs_teacher_cfg",
+            "cfg",
+            "teacher at its multi-step count with classifier-free guidance over the one-step model, both torch eager fp32, same threads (x)",
+        ),
+        (
+            "one_step_vs_teacher_one_step",
+            "one_step",
+            "teacher at one step over the one-step model, both torch eager fp32 (x): the architecture alone",
+        ),
     ):
         if teacher and teacher.get("status") == "ok" and sdxs:
             t = teacher["projection"][which]
-            out[key] = _ratio(m, (f"{teacher['model']} {which}", f"baselines.teacher.projection.{which}.total_s", t["total_s"]), (torch_row["name"], "same_method.total_s", sdxs["total_s"]))
+            out[key] = _ratio(
+                m,
+                (f"{teacher['model']} {which}", f"baselines.teacher.projection.{which}.total_s", t["total_s"]),
+                (torch_row["name"], "same_method.total_s", sdxs["total_s"]),
+            )
         else:
-            out[key] = _missing(m, "teacher baseline not measured" if not (teacher and teacher.get("status") == "ok") else "torch eager fp32 not measured")
+            out[key] = _missing(
+                m,
+                "teacher baseline not measured"
+                if not (teacher and teacher.get("status") == "ok")
+                else "torch eager fp32 not measured",
+            )
     return out
 
 
@@ -216,18 +297,26 @@ def where_the_time_goes(paths: list[dict], teacher: dict | None, torch_name: str
         have = [(med(r, c), r["name"]) for r in ok if med(r, c) is not None]
         if len(have) > 1:
             lo, hi = min(have), max(have)
-            lines.append(f"{LABELS[c]}: fastest on {lo[1]} ({lo[0]:.1f} ms), slowest on {hi[1]} ({hi[0]:.1f} ms), x{hi[0] / lo[0]:.2f} apart.")
+            lines.append(
+                f"{LABELS[c]}: fastest on {lo[1]} ({lo[0]:.1f} ms), slowest on {hi[1]} ({hi[0]:.1f} ms), x{hi[0] / lo[0]:.2f} apart."
+            )
     for rt in sorted({r["runtime"] for r in ok}):
         f32 = next((r for r in ok if r["runtime"] == rt and r["precision"] == "fp32"), None)
         for p in ("fp16", "int8"):
             q = next((r for r in ok if r["runtime"] == rt and r["precision"] == p), None)
             if f32 and q:
-                parts = ", ".join(f"{LABELS[c]} x{med(f32, c) / med(q, c):.2f}" for c in COMPONENTS if med(f32, c) and med(q, c))
-                lines.append(f"{p} vs fp32 on {rt} (speed-up, above 1 is faster): {parts}; end to end x{_e2e(f32) / _e2e(q):.2f}.")
+                parts = ", ".join(
+                    f"{LABELS[c]} x{med(f32, c) / med(q, c):.2f}" for c in COMPONENTS if med(f32, c) and med(q, c)
+                )
+                lines.append(
+                    f"{p} vs fp32 on {rt} (speed-up, above 1 is faster): {parts}; end to end x{_e2e(f32) / _e2e(q):.2f}."
+                )
     mem = [r for r in ok if r.get("peak_rss_mb")]
     if len(mem) > 1:
         lo, hi = min(mem, key=lambda r: r["peak_rss_mb"]), max(mem, key=lambda r: r["peak_rss_mb"])
-        lines.append(f"Peak memory: {lo['peak_rss_mb']:.0f} MB on {lo['name']} to {hi['peak_rss_mb']:.0f} MB on {hi['name']}.")
+        lines.append(
+            f"Peak memory: {lo['peak_rss_mb']:.0f} MB on {lo['name']} to {hi['peak_rss_mb']:.0f} MB on {hi['name']}."
+        )
     loads = [r for r in ok if r.get("load_s") is not None]
     if loads:
         lo, hi = min(loads, key=lambda r: r["load_s"]), max(loads, key=lambda r: r["load_s"])
@@ -291,8 +380,11 @@ def _md_machine(report: dict) -> list[str]:
         f"Libraries: {libs}. Python {mach['python']}, {mach['platform']}.",
         "",
         f"Every backend pinned to {cfg['threads']} threads. {cfg['runs']} measured runs after {cfg['warmup']} warm-up; median / p90. "
-        + (f"Every path (not the teacher) was measured in {cfg['rounds']} rounds, round-robin, each round in a fresh process; its {cfg['rounds'] * cfg['runs']} runs are pooled. "
-           if cfg.get("rounds", 1) > 1 else "")
+        + (
+            f"Every path (not the teacher) was measured in {cfg['rounds']} rounds, round-robin, each round in a fresh process; its {cfg['rounds'] * cfg['runs']} runs are pooled. "
+            if cfg.get("rounds", 1) > 1
+            else ""
+        )
         + "Each path ran in its own process: peak RSS is that process's own high-water mark (VmHWM), including its imports and load. "
         f"Attention layout of the converted bundles (OpenVINO's included): {cfg.get('attention', 'standard')}.",
         "",
@@ -313,14 +405,20 @@ def _md_paths(report: dict) -> list[str]:
         if r["status"] != "ok":
             L.append(f"| {r['name']} | {r['status']}: {r.get('reason', '')} |  |  |  |  |  |  |  |  |  |  |  |  |")
             continue
-        comp = [f"{med(r, c):.1f} / {r['components'][c]['p90_ms']:.1f}" if med(r, c) is not None else "-" for c in COMPONENTS]
+        comp = [
+            f"{med(r, c):.1f} / {r['components'][c]['p90_ms']:.1f}" if med(r, c) is not None else "-"
+            for c in COMPONENTS
+        ]
         e = r["end_to_end"]
         L.append(
             f"| {r['name']} | ok | {_threads_cell(r.get('threads'))} | {_f(r.get('load_s'), '{:.2f}')} | {_f(r.get('first_run_s'), '{:.3f}')} | "
             f"{comp[0]} | {comp[1]} | {comp[2]} | {e['median_s']:.4f} / {e['p90_s']:.4f} | {_f(e['images_per_s'], '{:.2f}')} | "
             f"{_f(r.get('peak_rss_mb'), '{:.0f}')} | {_f(r.get('bundle_mb'), '{:.2f}') if r.get('bundle_mb') is not None else _f(r.get('weights_mb'), '{:.2f} (weights)')} | {_f(r.get('conversion_s'), '{:.1f}')} | {_parity_cell(r.get('parity'))} |"
         )
-    L += ["", "Component cells are median / p90 ms. Bundle MB is everything in the bundle folder (programs, tokenizer, manifest); for torch eager it is the fp32 weights in memory."]
+    L += [
+        "",
+        "Component cells are median / p90 ms. Bundle MB is everything in the bundle folder (programs, tokenizer, manifest); for torch eager it is the fp32 weights in memory.",
+    ]
     for r in report["paths"]:
         run = r.get("runner") if r["status"] == "ok" else None
         if run:  # executorch-native: the programs run in the host runner, a second process
@@ -351,7 +449,9 @@ def _md_baselines(report: dict) -> list[str]:
             f"| {t['model']}, {cfgp['steps']} steps, guidance {t['guidance']} | {cfgp['text_encoder_ms']:.1f} (2 calls) | {cfgp['unet_ms_per_eval']:.1f} (batch 2) | {cfgp['steps']} | {cfgp['decoder_ms']:.1f} | {cfgp['total_s']:.3f} |",
         ]
         if sd:
-            L.append(f"| {report['model']['name']}, 1 step (torch eager fp32) | {sd['text_encoder_ms']:.1f} | {sd['unet_ms']:.1f} (batch 1) | 1 | {sd['decoder_ms']:.1f} | {sd['total_s']:.3f} |")
+            L.append(
+                f"| {report['model']['name']}, 1 step (torch eager fp32) | {sd['text_encoder_ms']:.1f} | {sd['unet_ms']:.1f} (batch 1) | 1 | {sd['decoder_ms']:.1f} | {sd['total_s']:.3f} |"
+            )
     elif t:
         L.append(f"{t['model']}: {t['status']}: {t.get('reason', '')}")
     else:
@@ -367,7 +467,9 @@ def _md_ratios(report: dict) -> list[str]:
             L.append(f"| {k}: {r['meaning']} | - | {r.get('why', '')} |  |")
         else:
             n, d = r["numerator"], r["denominator"]
-            L.append(f"| {k}: {r['meaning']} | {r['value']:.3f} | {n['path']} {n['field']} = {n['value']:.4g} | {d['path']} {d['field']} = {d['value']:.4g} |")
+            L.append(
+                f"| {k}: {r['meaning']} | {r['value']:.3f} | {n['path']} {n['field']} = {n['value']:.4g} | {d['path']} {d['field']} = {d['value']:.4g} |"
+            )
 
     L += ["", "## Where the time goes", ""] + [f"- {s}" for s in report["where_the_time_goes"]]
     return L
@@ -378,12 +480,20 @@ def _md_conversions(report: dict) -> list[str]:
     L: list[str] = []
     conv = report.get("conversions", [])
     if conv:
-        L += ["", "## Conversions", "", "| bundle | status | convert s (in process) | wall s | bundle MB | parity vs PyTorch |", "|---|---|---:|---:|---:|---|"]
+        L += [
+            "",
+            "## Conversions",
+            "",
+            "| bundle | status | convert s (in process) | wall s | bundle MB | parity vs PyTorch |",
+            "|---|---|---:|---:|---:|---|",
+        ]
         for c in conv:
             status = "reused" if c.get("reused") else c["status"]
             if c["status"] != "ok":
                 status = f"{c['status']}: {c.get('error', '')}"
-            L.append(f"| {c['target']}/{c['precision']} | {status} | {_f(c.get('seconds'))} | {_f(c.get('wall_s'))} | {_f(c.get('bundle_mb'), '{:.2f}')} | {_parity_cell(c.get('parity'))} |")
+            L.append(
+                f"| {c['target']}/{c['precision']} | {status} | {_f(c.get('seconds'))} | {_f(c.get('wall_s'))} | {_f(c.get('bundle_mb'), '{:.2f}')} | {_parity_cell(c.get('parity'))} |"
+            )
     return L
 
 
@@ -404,19 +514,37 @@ def _md_gpu(report: dict) -> list[str]:
             if mode in gpu:
                 g = gpu[mode]
                 comp = g["batch1"].get("components", {})
-                cells = " | ".join(_f(comp.get(k, {}).get("median_ms"), "{:.2f}") for k in ("text_encoder", "unet", "decoder"))
-                tried = ", ".join(f"{t['batch']}: OOM" if t.get("out_of_memory") else f"{t['batch']}: {t['images_per_s']:.0f}" for t in g["searched"])
-                L.append(f"| {mode} | {cells} | {g['batch1']['end_to_end']['median_s']:.5f} | {g['batch1']['end_to_end']['images_per_s']:.1f} | {g['best_batch']['batch']} | {g['best_batch']['images_per_s']:.1f} | {tried} |")
+                cells = " | ".join(
+                    _f(comp.get(k, {}).get("median_ms"), "{:.2f}") for k in ("text_encoder", "unet", "decoder")
+                )
+                tried = ", ".join(
+                    f"{t['batch']}: OOM" if t.get("out_of_memory") else f"{t['batch']}: {t['images_per_s']:.0f}"
+                    for t in g["searched"]
+                )
+                L.append(
+                    f"| {mode} | {cells} | {g['batch1']['end_to_end']['median_s']:.5f} | {g['batch1']['end_to_end']['images_per_s']:.1f} | {g['best_batch']['batch']} | {g['best_batch']['images_per_s']:.1f} | {tried} |"
+                )
                 last = g["searched"][-1]
-                if last["batch"] == g["best_batch"]["batch"] and not last.get("out_of_memory") and len(g["searched"]) > 1:
+                if (
+                    last["batch"] == g["best_batch"]["batch"]
+                    and not last.get("out_of_memory")
+                    and len(g["searched"]) > 1
+                ):
                     capped.append(mode)
         from benchmarks.gpu import MAX_BATCH, MIN_GAIN
 
-        L += ["", f"Batch 1 components are median ms with a device sync after each. The batch search doubles from 1 while images per second grows by {round((MIN_GAIN - 1) * 100)}%, up to {MAX_BATCH}."]
+        L += [
+            "",
+            f"Batch 1 components are median ms with a device sync after each. The batch search doubles from 1 while images per second grows by {round((MIN_GAIN - 1) * 100)}%, up to {MAX_BATCH}.",
+        ]
         if capped:
-            L.append(f"For {', '.join(capped)} throughput still grew at the largest batch tried: the best batch is the search's cap, and the maximum lies beyond it.")
+            L.append(
+                f"For {', '.join(capped)} throughput still grew at the largest batch tried: the best batch is the search's cap, and the maximum lies beyond it."
+            )
         if "search_wall_s" in gpu.get("compiled_reduce_overhead", {}):
-            L.append(f"The compiled search took {gpu['compiled_reduce_overhead']['search_wall_s']:.0f} s, compilation and CUDA-graph capture included.")
+            L.append(
+                f"The compiled search took {gpu['compiled_reduce_overhead']['search_wall_s']:.0f} s, compilation and CUDA-graph capture included."
+            )
     else:
         L.append(report.get("gpu_status", "no CUDA device: not measured"))
     return L
@@ -437,7 +565,9 @@ def chart_png(report: dict) -> bytes:
     ok = [r for r in report["paths"] if r["status"] == "ok"]
     t = report["baselines"].get("teacher")
     has_teacher = bool(t and t.get("status") == "ok" and report["baselines"].get("one_step_same_method"))
-    fig, axes = plt.subplots(1, 2 if has_teacher else 1, figsize=(13 if has_teacher else 8, 1.2 + 0.45 * max(len(ok), 3)), squeeze=False)
+    fig, axes = plt.subplots(
+        1, 2 if has_teacher else 1, figsize=(13 if has_teacher else 8, 1.2 + 0.45 * max(len(ok), 3)), squeeze=False
+    )
     ax = axes[0][0]
     names = [r["name"] for r in ok]
     left = [0.0] * len(ok)

@@ -8,6 +8,7 @@ pinned to `job.threads` before it loads and the thread count it reports is writt
 An SDXSError (a failed conversion, a missing backend) is written to the result as that path's error;
 anything else is a bug and ends the process with its traceback (the orchestrator reports the crash).
 """
+
 from __future__ import annotations
 
 import json
@@ -15,12 +16,12 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from benchmarks.jobs import PRESET_ONNX_CALIBRATION, PRESET_SENSITIVITY, PROMPT, Job, peak_rss_mb, stats_e2e, stats_ms
-from sdxs_edge.errors import SDXSError
 from sdxs_edge.atomic import write_atomic
+from sdxs_edge.errors import SDXSError
 
 COMPONENTS = ("text_encoder", "unet", "decoder")
 
@@ -100,8 +101,21 @@ def run_convert(job: Job) -> dict:
                 from converters import convert
                 from sdxs_edge.presets import PRESETS
 
-                short = {**PRESET_SENSITIVITY, "onnx_calibration": PRESET_ONNX_CALIBRATION} if job.model in PRESETS else {}
-                convert(job.model, c.target, c.precision, c.out, resolution=job.resolution, overwrite=True, progress=False, seed=job.seed, attention=job.attention, **short)
+                short = (
+                    {**PRESET_SENSITIVITY, "onnx_calibration": PRESET_ONNX_CALIBRATION} if job.model in PRESETS else {}
+                )
+                convert(
+                    job.model,
+                    c.target,
+                    c.precision,
+                    c.out,
+                    resolution=job.resolution,
+                    overwrite=True,
+                    progress=False,
+                    seed=job.seed,
+                    attention=job.attention,
+                    **short,
+                )
         except SDXSError as e:
             row["error"] = f"{type(e).__name__}: {e}"
             failed.add(c.out)
@@ -165,7 +179,9 @@ def run_session(job: Job) -> dict:
     result = {"load_s": round(load_s, 4), "rss_after_load_mb": rss_load, "threads": threads, **out}
     if job.runtime == "executorch-native":
         if "torch" in sys.modules:
-            raise SDXSError("worker: the executorch-native driver imported torch; its memory figure would not be the app's")
+            raise SDXSError(
+                "worker: the executorch-native driver imported torch; its memory figure would not be the app's"
+            )
         result["runner"] = {
             "load_ms": session.load_ms,
             "workspace_sharing": session.workspace_sharing,
@@ -231,9 +247,19 @@ def run_torch(job: Job) -> dict:
     out = time_loop(call, job.runs, job.warmup)
     result = {
         "load_s": round(load_s, 4),
-        "load_note": "random weights built in memory (preset)" if job.model in PRESETS else "weights read from the model folder",
+        "load_note": "random weights built in memory (preset)"
+        if job.model in PRESETS
+        else "weights read from the model folder",
         "rss_after_load_mb": rss_load,
-        "weights_mb": round(sum(p.numel() * p.element_size() for m in (pipe.c.text_encoder, pipe.c.unet, pipe.c.vae.decoder) for p in m.parameters()) / 1e6, 3),
+        "weights_mb": round(
+            sum(
+                p.numel() * p.element_size()
+                for m in (pipe.c.text_encoder, pipe.c.unet, pipe.c.vae.decoder)
+                for p in m.parameters()
+            )
+            / 1e6,
+            3,
+        ),
         "threads": {"torch_num_threads": torch.get_num_threads()},
         "cuda_available": torch.cuda.is_available(),
         **out,
@@ -251,7 +277,13 @@ def run_gpu(job: Job) -> dict:
     from sdxs_edge.pipeline import SDXSPipeline
 
     partial = Path(job.result + ".partial")  # the eager figures, kept if compiling is cut short
-    return gpu_figures(SDXSPipeline.load(job.model, seed=job.seed), job.resolution, job.runs, job.warmup, on_partial=lambda d: write_atomic(partial, json.dumps(d, indent=2)))
+    return gpu_figures(
+        SDXSPipeline.load(job.model, seed=job.seed),
+        job.resolution,
+        job.runs,
+        job.warmup,
+        on_partial=lambda d: write_atomic(partial, json.dumps(d, indent=2)),
+    )
 
 
 def run_teacher(job: Job) -> dict:
@@ -295,11 +327,20 @@ def run_teacher(job: Job) -> dict:
         "default_guidance": pipe.default_guidance,
         "unet_class": type(pipe.c.unet).__name__,
         "vae_class": type(pipe.c.vae).__name__,
-        "parameters": {k: sum(p.numel() for p in m.parameters()) for k, m in (("text_encoder", pipe.c.text_encoder), ("unet", pipe.c.unet), ("decoder", pipe.c.vae.decoder))},
+        "parameters": {
+            k: sum(p.numel() for p in m.parameters())
+            for k, m in (("text_encoder", pipe.c.text_encoder), ("unet", pipe.c.unet), ("decoder", pipe.c.vae.decoder))
+        },
     }
 
 
-KINDS: dict[str, Callable[[Job], dict]] = {"convert": run_convert, "session": run_session, "torch": run_torch, "teacher": run_teacher, "gpu": run_gpu}
+KINDS: dict[str, Callable[[Job], dict]] = {
+    "convert": run_convert,
+    "session": run_session,
+    "torch": run_torch,
+    "teacher": run_teacher,
+    "gpu": run_gpu,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,11 +4,13 @@ A backend module (`to_onnx`, `to_executorch`, `to_coreml`) exposes the stages th
 one by one (after executorch's backends/test/harness/tester.py): `export` -> `lower` -> an op / delegation
 report -> `runner` (None where the target cannot run here), and `convert_component` chaining them.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -130,13 +132,19 @@ class ComponentJob:
     out: Path
     score: Any = None
 
-    def sensitivity_figures(self, run, inputs: Sequence[tuple[np.ndarray, ...]], reference: Sequence[np.ndarray]) -> dict:
+    def sensitivity_figures(
+        self, run, inputs: Sequence[tuple[np.ndarray, ...]], reference: Sequence[np.ndarray]
+    ) -> dict:
         """`component_figures` on what the sensitivity pass scores (see `score`)."""
         from converters.parity import component_figures
 
         if self.score is None:
             return component_figures(run, inputs, reference)
-        return component_figures(lambda x: self.score(x, np.asarray(run(x), np.float32)), inputs, [self.score(x, r) for x, r in zip(inputs, reference)])
+        return component_figures(
+            lambda x: self.score(x, np.asarray(run(x), np.float32)),
+            inputs,
+            [self.score(x, r) for x, r in zip(inputs, reference)],
+        )
 
     def feeds(self, sample: tuple[np.ndarray, ...]) -> dict[str, np.ndarray]:
         """Named inputs for one sample, in the io spec's dtypes."""

@@ -11,11 +11,12 @@ one is made from the prompt: canny edges of a SHAPES-64 render of the prompt's s
 that is not a SHAPES-64 caption, of a random SHAPES-64 scene (`sdxs_edge.control.prompt_controls`, seeded
 by the sample's seed). The ControlNet sees (x_in, context, control), the U-Net its residuals.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -61,11 +62,15 @@ def read_prompts(path: str | Path) -> list[str]:
         raise CalibrationError(f"calibration prompts file {path} does not exist")
     raw = path.read_bytes()
     if b"\0" in raw:
-        raise CalibrationError(f"calibration prompts file {path} is not a text file (it contains NUL bytes); give one prompt per line")
+        raise CalibrationError(
+            f"calibration prompts file {path} is not a text file (it contains NUL bytes); give one prompt per line"
+        )
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise CalibrationError(f"calibration prompts file {path} is not UTF-8 text (byte {e.start}); give one prompt per line") from None
+        raise CalibrationError(
+            f"calibration prompts file {path} is not UTF-8 text (byte {e.start}); give one prompt per line"
+        ) from None
     prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise CalibrationError(f"calibration prompts file {path} has no prompts; give one prompt per line")
@@ -123,7 +128,9 @@ def noise(batch: int, latent_size: int, seed: int) -> np.ndarray:
     return torch.randn((batch, 4, latent_size, latent_size), generator=g, dtype=torch.float32).numpy()
 
 
-def capture(pipe, modules: dict, prompts: Sequence[str], seed0: int, batch: int = 1, resolution: int | None = None) -> Captured:
+def capture(
+    pipe, modules: dict, prompts: Sequence[str], seed0: int, batch: int = 1, resolution: int | None = None
+) -> Captured:
     """Run the one-step pipeline with the PyTorch wrappers and keep every component's inputs and outputs.
 
     Args:

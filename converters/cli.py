@@ -9,6 +9,7 @@
 The handler returns an exit code and raises SDXSError (UnsupportedConversion, ParityError, ...), which
 the main CLI prints as one line with exit code 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,27 +47,105 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--target", required=True, choices=TARGETS, help="runtime format")
     p.add_argument("--precision", required=True, choices=PRECISIONS, help="weights / compute precision")
     p.add_argument("--out", required=True, type=Path, help="bundle directory to create")
-    p.add_argument("--components", nargs="+", metavar="NAME", help=f"components to convert, of {' '.join(COMPONENT_NAMES)} (default: {' '.join(REQUIRED_COMPONENTS)}, and controlnet with --controlnet)")
+    p.add_argument(
+        "--components",
+        nargs="+",
+        metavar="NAME",
+        help=f"components to convert, of {' '.join(COMPONENT_NAMES)} (default: {' '.join(REQUIRED_COMPONENTS)}, and controlnet with --controlnet)",
+    )
     p.add_argument("--resolution", type=int, help="image side in pixels (default: the model's)")
-    p.add_argument("--calibration-prompts", type=Path, metavar="FILE", help="int8 calibration prompts, one per line (default: 32 SHAPES-64 captions)")
-    p.add_argument("--calibration-captions", type=cli_args.positive(int, "--calibration-captions"), metavar="N", help="int8: calibrate on N SHAPES-64 captions spread over the grammar instead of the default 32 (a fused LoRA may need 128)")
+    p.add_argument(
+        "--calibration-prompts",
+        type=Path,
+        metavar="FILE",
+        help="int8 calibration prompts, one per line (default: 32 SHAPES-64 captions)",
+    )
+    p.add_argument(
+        "--calibration-captions",
+        type=cli_args.positive(int, "--calibration-captions"),
+        metavar="N",
+        help="int8: calibrate on N SHAPES-64 captions spread over the grammar instead of the default 32 (a fused LoRA may need 128)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
-    p.add_argument("--dynamic", action="store_true", help="onnx int8: dynamic quantization instead of calibrated static QDQ")
-    p.add_argument("--palettize", type=int, choices=PALETTE_BITS, help="coreml int8: k-means palettize weights to 4 or 6 bits instead of linear int8")
-    p.add_argument("--delegate", choices=DELEGATES, default="xnnpack", help="executorch backend delegate (default xnnpack; coreml lowers here, runs on Apple devices)")
+    p.add_argument(
+        "--dynamic", action="store_true", help="onnx int8: dynamic quantization instead of calibrated static QDQ"
+    )
+    p.add_argument(
+        "--palettize",
+        type=int,
+        choices=PALETTE_BITS,
+        help="coreml int8: k-means palettize weights to 4 or 6 bits instead of linear int8",
+    )
+    p.add_argument(
+        "--delegate",
+        choices=DELEGATES,
+        default="xnnpack",
+        help="executorch backend delegate (default xnnpack; coreml lowers here, runs on Apple devices)",
+    )
     p.add_argument("--batch", type=int, default=1, help="static batch size (default 1)")
-    p.add_argument("--no-sensitivity", action="store_true", help="int8: quantize every candidate node (skip the per-layer sensitivity pass)")
-    p.add_argument("--sensitivity-shortlist", type=cli_args.positive(int, "--sensitivity-shortlist"), metavar="N", help="int8: nodes the sensitivity pass re-scores one by one (default 16; one quantize-and-score each)")
-    p.add_argument("--onnx-calibration", choices=ONNX_CALIBRATIONS, default="minmax", help="onnx int8: activation ranges from min/max (default), per-sample min/max averaged, the 99.999th percentile (small models: it holds every activation in memory), or mse: min/max shrunk per tensor to the least-squares clipping")
-    p.add_argument("--max-float-fraction", type=cli_args.fraction, metavar="F", help="int8: share of quantized nodes the pass may keep in float (default 0.1)")
-    p.add_argument("--trained", choices=("auto", "yes", "no"), default="auto", help="enforce the int8 image PSNR floor (auto: yes for folders, no for presets)")
+    p.add_argument(
+        "--no-sensitivity",
+        action="store_true",
+        help="int8: quantize every candidate node (skip the per-layer sensitivity pass)",
+    )
+    p.add_argument(
+        "--sensitivity-shortlist",
+        type=cli_args.positive(int, "--sensitivity-shortlist"),
+        metavar="N",
+        help="int8: nodes the sensitivity pass re-scores one by one (default 16; one quantize-and-score each)",
+    )
+    p.add_argument(
+        "--onnx-calibration",
+        choices=ONNX_CALIBRATIONS,
+        default="minmax",
+        help="onnx int8: activation ranges from min/max (default), per-sample min/max averaged, the 99.999th percentile (small models: it holds every activation in memory), or mse: min/max shrunk per tensor to the least-squares clipping",
+    )
+    p.add_argument(
+        "--max-float-fraction",
+        type=cli_args.fraction,
+        metavar="F",
+        help="int8: share of quantized nodes the pass may keep in float (default 0.1)",
+    )
+    p.add_argument(
+        "--trained",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="enforce the int8 image PSNR floor (auto: yes for folders, no for presets)",
+    )
     p.add_argument("--seed", type=int, default=0, help="weight seed when MODEL is a preset")
-    p.add_argument("--lora", type=Path, metavar="PATH", help="U-Net LoRA (safetensors) to fuse into the weights before lowering; recorded in the manifest")
-    p.add_argument("--lora-scale", type=cli_args.lora_scale, metavar="S", help="LoRA strength (default 1.0; needs --lora)")
-    p.add_argument("--controlnet", type=Path, metavar="PATH", help="ControlNet folder (diffusers ControlNetModel, safetensors) built for MODEL's U-Net: lowered as its own component, the U-Net takes its residuals; recorded in the manifest")
-    p.add_argument("--control-scale", type=cli_args.control_scale, metavar="S", help="ControlNet conditioning scale baked into the bundle (default 1.0; needs --controlnet)")
-    p.add_argument("--attention", choices=ATTENTION_VARIANTS, default="standard", help="attention layout: standard, or split-heads (one head at a time, as Apple's ml-stable-diffusion does for the Neural Engine; on CPU runtimes a smaller peak memory)")
-    p.add_argument("--cpu-classes", default="host", metavar="LIST", help="CPU classes to check the bundle on, comma-separated: host (this machine), x86-64-avx2 (emulated with qemu-x86_64-static -cpu Haswell), arm64 (ExecuTorch bundles, emulated with qemu-aarch64-static); recorded in the manifest (default: host)")
+    p.add_argument(
+        "--lora",
+        type=Path,
+        metavar="PATH",
+        help="U-Net LoRA (safetensors) to fuse into the weights before lowering; recorded in the manifest",
+    )
+    p.add_argument(
+        "--lora-scale", type=cli_args.lora_scale, metavar="S", help="LoRA strength (default 1.0; needs --lora)"
+    )
+    p.add_argument(
+        "--controlnet",
+        type=Path,
+        metavar="PATH",
+        help="ControlNet folder (diffusers ControlNetModel, safetensors) built for MODEL's U-Net: lowered as its own component, the U-Net takes its residuals; recorded in the manifest",
+    )
+    p.add_argument(
+        "--control-scale",
+        type=cli_args.control_scale,
+        metavar="S",
+        help="ControlNet conditioning scale baked into the bundle (default 1.0; needs --controlnet)",
+    )
+    p.add_argument(
+        "--attention",
+        choices=ATTENTION_VARIANTS,
+        default="standard",
+        help="attention layout: standard, or split-heads (one head at a time, as Apple's ml-stable-diffusion does for the Neural Engine; on CPU runtimes a smaller peak memory)",
+    )
+    p.add_argument(
+        "--cpu-classes",
+        default="host",
+        metavar="LIST",
+        help="CPU classes to check the bundle on, comma-separated: host (this machine), x86-64-avx2 (emulated with qemu-x86_64-static -cpu Haswell), arm64 (ExecuTorch bundles, emulated with qemu-aarch64-static); recorded in the manifest (default: host)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--dry-run", action="store_true", help="check the request, print it and exit without converting")
     p.set_defaults(func=run)
@@ -106,7 +185,9 @@ def run(args: argparse.Namespace) -> int:
         args.out,
         components=components,
         resolution=args.resolution,
-        calibration_prompts=args.calibration_prompts if args.calibration_prompts is not None else args.calibration_captions,
+        calibration_prompts=args.calibration_prompts
+        if args.calibration_prompts is not None
+        else args.calibration_captions,
         overwrite=args.overwrite,
         progress=not args.no_progress,
         dynamic=args.dynamic,
@@ -134,7 +215,20 @@ def dry_run(args: argparse.Namespace, components, lora_scale: float, control_sca
     """The checked request as `--dry-run` prints it: the LoRA file and ControlNet folder are read, no model."""
     from converters.api import check_request
 
-    comps = check_request(args.target, args.precision, components, args.dynamic, args.palettize, args.delegate, args.batch, args.resolution, args.lora, lora_scale, args.controlnet, control_scale)
+    comps = check_request(
+        args.target,
+        args.precision,
+        components,
+        args.dynamic,
+        args.palettize,
+        args.delegate,
+        args.batch,
+        args.resolution,
+        args.lora,
+        lora_scale,
+        args.controlnet,
+        control_scale,
+    )
     lora = None
     if args.lora is not None:  # the file is read and checked; whether it fits the U-Net needs the model
         from sdxs_edge.bundle import sha256_path
@@ -149,7 +243,12 @@ def dry_run(args: argparse.Namespace, components, lora_scale: float, control_sca
         from sdxs_edge.controlnet import load_controlnet
 
         cn = load_controlnet(args.controlnet)
-        controlnet = {"folder": str(args.controlnet), "sha256": sha256_path(args.controlnet), "scale": control_scale, "block_out_channels": list(cn.config.block_out_channels)}
+        controlnet = {
+            "folder": str(args.controlnet),
+            "sha256": sha256_path(args.controlnet),
+            "scale": control_scale,
+            "block_out_channels": list(cn.config.block_out_channels),
+        }
     spec = PRECISION_SPECS[(args.target, args.precision)]
     request = {
         "model": args.model,
@@ -158,7 +257,9 @@ def dry_run(args: argparse.Namespace, components, lora_scale: float, control_sca
         "out": str(args.out),
         "components": list(comps),
         "resolution": args.resolution,
-        "calibration_prompts": str(args.calibration_prompts) if args.calibration_prompts else f"{args.calibration_captions or DEFAULT_CAPTIONS} SHAPES-64 captions",
+        "calibration_prompts": str(args.calibration_prompts)
+        if args.calibration_prompts
+        else f"{args.calibration_captions or DEFAULT_CAPTIONS} SHAPES-64 captions",
         "dynamic": args.dynamic,
         "palettize": args.palettize,
         "delegate": args.delegate,
@@ -180,27 +281,43 @@ def dry_run(args: argparse.Namespace, components, lora_scale: float, control_sca
 
 def summary(manifest: dict, out: Path) -> str:
     """A few lines: where the bundle is and how it compares with PyTorch."""
-    lines = [f"bundle: {out} ({manifest['target']}/{manifest['precision']}, {manifest['resolution']}x{manifest['resolution']}, {manifest['conversion']['seconds']:.1f} s)"]
+    lines = [
+        f"bundle: {out} ({manifest['target']}/{manifest['precision']}, {manifest['resolution']}x{manifest['resolution']}, {manifest['conversion']['seconds']:.1f} s)"
+    ]
     cfg = manifest["conversion"].get("config", {})
     if cfg.get("lora"):
-        lines.append(f"  lora: {cfg['lora']} fused into {cfg['lora_fused_modules']} U-Net layers (scale {cfg['lora_scale']:g})")
+        lines.append(
+            f"  lora: {cfg['lora']} fused into {cfg['lora_fused_modules']} U-Net layers (scale {cfg['lora_scale']:g})"
+        )
     if cfg.get("controlnet"):
-        lines.append(f"  controlnet: {cfg['controlnet']} (scale {cfg['control_scale']:g}); the U-Net takes its residuals")
+        lines.append(
+            f"  controlnet: {cfg['controlnet']} (scale {cfg['control_scale']:g}); the U-Net takes its residuals"
+        )
     for name, p in manifest["parity"]["components"].items():
         if p.get("checked") == "structural":
             lines.append(f"  {name}: structural check passed ({p['why']})")
         else:
             snr = "exact" if p["snr_db"] is None else f"{p['snr_db']:.1f} dB"
-            lines.append(f"  {name}: SNR {snr} (floor {p['floor_snr_db']:.0f} dB), max abs error {p['max_abs_error']:.3g}")
+            lines.append(
+                f"  {name}: SNR {snr} (floor {p['floor_snr_db']:.0f} dB), max abs error {p['max_abs_error']:.3g}"
+            )
     e2e = manifest["parity"]["end_to_end"]
     if e2e.get("image_psnr_db") is not None or e2e.get("images"):
         psnr = "identical" if e2e["image_psnr_db"] is None else f"{e2e['image_psnr_db']:.1f} dB"
-        lines.append(f"  end to end: image PSNR {psnr}" + ("" if e2e["enforced"] else f" (recorded, not enforced: {e2e['why_not_enforced']})"))
+        lines.append(
+            f"  end to end: image PSNR {psnr}"
+            + ("" if e2e["enforced"] else f" (recorded, not enforced: {e2e['why_not_enforced']})")
+        )
         if e2e.get("edge_iou"):
-            lines.append(f"  edge IoU with the control images: lowered {e2e['edge_iou']['lowered']:.3f}, PyTorch {e2e['edge_iou']['pytorch']:.3f}")
+            lines.append(
+                f"  edge IoU with the control images: lowered {e2e['edge_iou']['lowered']:.3f}, PyTorch {e2e['edge_iou']['pytorch']:.3f}"
+            )
     else:
         lines.append(f"  end to end: {e2e['why_not_enforced']}")
     for rec in manifest["parity"].get("cpu_classes", []):
         worst = min((c["snr_db"] for c in rec["components"].values() if c.get("snr_db") is not None), default=None)
-        lines.append(f"  checked as {rec['class']} ({rec['how']})" + (f": lowest component SNR {worst:.1f} dB" if worst is not None else ""))
+        lines.append(
+            f"  checked as {rec['class']} ({rec['how']})"
+            + (f": lowest component SNR {worst:.1f} dB" if worst is not None else "")
+        )
     return "\n".join(lines)

@@ -11,6 +11,7 @@ them, on the parity samples the host check used, against the same PyTorch refere
 
 Every record goes to the manifest's `parity.cpu_classes`; a class below a floor fails the conversion.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,8 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -31,7 +32,9 @@ RUNTIME_OF_TARGET = {"onnx": "onnxruntime", "executorch": "executorch"}
 EMULATED_TIMEOUT_S = 1800  # one emulated run of every component on the parity samples (the shipped model: minutes)
 
 
-def check_classes(bundle: Path, classes: Sequence[str], host_figures: dict, inputs: dict, reference: dict, tolerance, label: str) -> list[dict]:
+def check_classes(
+    bundle: Path, classes: Sequence[str], host_figures: dict, inputs: dict, reference: dict, tolerance, label: str
+) -> list[dict]:
     """One record per class: how it was run and its per-component figures; raises ParityError when a
     class falls below a floor (the message names the class).
 
@@ -52,17 +55,24 @@ def check_classes(bundle: Path, classes: Sequence[str], host_figures: dict, inpu
         outputs = _emulated_outputs(bundle, target, cls, prefix, {n: inputs[n] for n in host_figures})
         comps = {}
         for name, outs in outputs.items():
-            it = iter(outs)
-            figs = component_figures(lambda _x: next(it), inputs[name], reference[name])
+            figs = component_figures(_replay(outs), inputs[name], reference[name])
             comps[name] = check_component(name, figs, tolerance, f"{label} as {cls} ({how})")
         records.append({"class": cls, "how": how, "passed": True, "components": comps})
     return records
 
 
+def _replay(outputs: list):
+    """A runner that hands back the emulated process's outputs, one sample per call, in order."""
+    it = iter(outputs)
+    return lambda _sample: next(it)
+
+
 def _emulated_outputs(bundle: Path, target: str, cls: str, prefix: list[str], inputs: dict) -> dict[str, list]:
     if cls == "arm64":
         if target != "executorch":
-            raise cpu.CpuClassError(f"arm64 checks run ExecuTorch bundles (the aarch64 runner); a {target} bundle cannot be checked as arm64 here")
+            raise cpu.CpuClassError(
+                f"arm64 checks run ExecuTorch bundles (the aarch64 runner); a {target} bundle cannot be checked as arm64 here"
+            )
         from runtimes.arm64_emulated import Arm64EmulatedSession
 
         with Arm64EmulatedSession(bundle, verify=False) as s:
@@ -74,7 +84,9 @@ def _emulated_outputs(bundle: Path, target: str, cls: str, prefix: list[str], in
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=EMULATED_TIMEOUT_S, env=env)
         if proc.returncode != 0:
             lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and cpu.QEMU_NOISE not in ln]
-            raise SDXSError(f"the {cls} check ({' '.join(prefix)}) failed: {lines[-1] if lines else f'exit code {proc.returncode}'}")
+            raise SDXSError(
+                f"the {cls} check ({' '.join(prefix)}) failed: {lines[-1] if lines else f'exit code {proc.returncode}'}"
+            )
         with np.load(Path(tmp) / "outputs.npz") as z:
             return _unflatten(dict(z))
 
@@ -91,7 +103,9 @@ def run_components(session, inputs: dict[str, list[tuple[np.ndarray, ...]]]) -> 
 
 
 def _flatten(tree: dict[str, list[tuple[np.ndarray, ...]]]) -> dict[str, np.ndarray]:
-    return {f"{name}/{i}/{j}": a for name, samples in tree.items() for i, x in enumerate(samples) for j, a in enumerate(x)}
+    return {
+        f"{name}/{i}/{j}": a for name, samples in tree.items() for i, x in enumerate(samples) for j, a in enumerate(x)
+    }
 
 
 def _unflatten(flat: dict[str, np.ndarray]) -> dict[str, list]:
@@ -99,7 +113,9 @@ def _unflatten(flat: dict[str, np.ndarray]) -> dict[str, list]:
     for key, a in flat.items():
         name, i, j = key.split("/")
         tree.setdefault(name, {}).setdefault(int(i), {})[int(j)] = a
-    return {name: [tuple(x[j] for j in sorted(x)) for _, x in sorted(samples.items())] for name, samples in tree.items()}
+    return {
+        name: [tuple(x[j] for j in sorted(x)) for _, x in sorted(samples.items())] for name, samples in tree.items()
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

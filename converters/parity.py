@@ -5,10 +5,11 @@ inputs (all outputs together for the ControlNet's residuals). End to end: the fu
 rule -> decoder) with lowered components only, compared as uint8 images by PSNR. Below a floor from the
 registry a `ParityError` names the component, the figure and the floor.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -28,7 +29,11 @@ def _json_db(x: float) -> float | None:
 
 def outputs_of(out) -> tuple[np.ndarray, ...]:
     """A runner's or reference's output as a tuple of float32 arrays (several for the ControlNet)."""
-    return tuple(np.asarray(a, np.float32) for a in out) if isinstance(out, (tuple, list)) else (np.asarray(out, np.float32),)
+    return (
+        tuple(np.asarray(a, np.float32) for a in out)
+        if isinstance(out, (tuple, list))
+        else (np.asarray(out, np.float32),)
+    )
 
 
 def component_figures(run: Runner, inputs: Sequence[tuple[np.ndarray, ...]], reference: Sequence) -> dict:
@@ -52,9 +57,17 @@ def component_figures(run: Runner, inputs: Sequence[tuple[np.ndarray, ...]], ref
     flat = lambda t: np.concatenate([a.ravel() for a in t])
     ref, test = np.concatenate([flat(r) for r in refs]), np.concatenate([flat(o) for o in outs])
     per = [snr_db(flat(r), flat(o)) for r, o in zip(refs, outs)]
-    figures = {"snr_db": snr_db(ref, test), "min_sample_snr_db": min(per), "max_abs_error": max_abs_error(ref, test), "samples": len(outs)}
+    figures = {
+        "snr_db": snr_db(ref, test),
+        "min_sample_snr_db": min(per),
+        "max_abs_error": max_abs_error(ref, test),
+        "samples": len(outs),
+    }
     if len(outs[0]) > 1:
-        figures["min_output_snr_db"] = min(snr_db(np.concatenate([r[i].ravel() for r in refs]), np.concatenate([o[i].ravel() for o in outs])) for i in range(len(outs[0])))
+        figures["min_output_snr_db"] = min(
+            snr_db(np.concatenate([r[i].ravel() for r in refs]), np.concatenate([o[i].ravel() for o in outs]))
+            for i in range(len(outs[0]))
+        )
     return figures
 
 
@@ -106,7 +119,10 @@ def end_to_end(runners: dict[str, Runner], captured: Captured, constants: sample
     overall = float("inf") if mse_mean == 0 else -10 * math.log10(mse_mean)
     figures = {"image_psnr_db": overall, "min_image_psnr_db": min(per), "images": len(per)}
     if ious_rt:
-        figures["edge_iou"] = {"lowered": round(float(np.mean(ious_rt)), 4), "pytorch": round(float(np.mean(ious_ref)), 4)}
+        figures["edge_iou"] = {
+            "lowered": round(float(np.mean(ious_rt)), 4),
+            "pytorch": round(float(np.mean(ious_ref)), 4),
+        }
     return figures
 
 
@@ -129,10 +145,17 @@ def check_end_to_end(figures: dict, tol: Tolerance, trained: bool, label: str) -
         "enforced": enforced,
         "why_not_enforced": None
         if enforced
-        else ("no end-to-end floor for this precision" if tol.image_psnr_db is None else "random-weight model: per-component floors only"),
+        else (
+            "no end-to-end floor for this precision"
+            if tol.image_psnr_db is None
+            else "random-weight model: per-component floors only"
+        ),
     }
     if "edge_iou" in figures:
-        rec["edge_iou"] = {**figures["edge_iou"], "what": "mean edge IoU (1 px tolerance) of canny(image) against the control image's edges; recorded, not enforced"}
+        rec["edge_iou"] = {
+            **figures["edge_iou"],
+            "what": "mean edge IoU (1 px tolerance) of canny(image) against the control image's edges; recorded, not enforced",
+        }
     return rec
 
 

@@ -6,11 +6,12 @@ target accepts, and the numerical floor every conversion is checked against befo
 (arXiv 2403.16627 targets on-device one-step generation, so the bundle must match PyTorch, not just
 load). Nothing here imports a backend.
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Mapping
 
 from sdxs_edge.bundle import COMPONENT_NAMES, PRECISIONS, TARGETS
 from sdxs_edge.errors import SDXSError
@@ -84,7 +85,13 @@ PRECISION_SPECS: Mapping[tuple[str, str], PrecisionSpec] = MappingProxyType(
                 sensitivity_target_db=28.0,
             ),
             PrecisionSpec("executorch", "fp32", FP32, True, "ExecuTorch .pte, XNNPACK-delegated float32"),
-            PrecisionSpec("executorch", "fp16", FP16, True, "ExecuTorch .pte, XNNPACK-delegated float16 compute, float32 inputs/outputs"),
+            PrecisionSpec(
+                "executorch",
+                "fp16",
+                FP16,
+                True,
+                "ExecuTorch .pte, XNNPACK-delegated float16 compute, float32 inputs/outputs",
+            ),
             PrecisionSpec(
                 "executorch",
                 "int8",
@@ -93,8 +100,20 @@ PRECISION_SPECS: Mapping[tuple[str, str], PrecisionSpec] = MappingProxyType(
                 "ExecuTorch .pte, PT2E static int8 with the XNNPACK quantizer (per-channel weights), sensitive nodes kept in fp32",
                 sensitivity_target_db=28.0,
             ),
-            PrecisionSpec("coreml", "fp32", FP32, False, "Core ML ML Program (iOS17), float32 compute; structural check only (no Core ML prediction is run)"),
-            PrecisionSpec("coreml", "fp16", FP16, False, "Core ML ML Program (iOS17), float16 compute; structural check only (no Core ML prediction is run)"),
+            PrecisionSpec(
+                "coreml",
+                "fp32",
+                FP32,
+                False,
+                "Core ML ML Program (iOS17), float32 compute; structural check only (no Core ML prediction is run)",
+            ),
+            PrecisionSpec(
+                "coreml",
+                "fp16",
+                FP16,
+                False,
+                "Core ML ML Program (iOS17), float16 compute; structural check only (no Core ML prediction is run)",
+            ),
             PrecisionSpec(
                 "coreml",
                 "int8",
@@ -138,12 +157,26 @@ COMPONENT_EXPORTS: Mapping[tuple[str, str], ComponentExport] = MappingProxyType(
             ComponentExport("controlnet", "onnx", "controlnet.onnx", "torchscript", _ONNX_WHY),
             ComponentExport("unet", "onnx", "unet.onnx", "torchscript", _ONNX_WHY),
             ComponentExport("decoder", "onnx", "decoder.onnx", "torchscript", _ONNX_WHY),
-            ComponentExport("text_encoder", "executorch", "text_encoder.pte", "export", "ExecuTorch lowers torch.export programs only"),
-            ComponentExport("controlnet", "executorch", "controlnet.pte", "export", "ExecuTorch lowers torch.export programs only"),
-            ComponentExport("unet", "executorch", "unet.pte", "export", "ExecuTorch lowers torch.export programs only"),
-            ComponentExport("decoder", "executorch", "decoder.pte", "export", "ExecuTorch lowers torch.export programs only"),
             ComponentExport(
-                "text_encoder", "coreml", "text_encoder.mlpackage", "torchscript", "coremltools 9 has no converter for the 'alias' node torch.export leaves in CLIP"
+                "text_encoder",
+                "executorch",
+                "text_encoder.pte",
+                "export",
+                "ExecuTorch lowers torch.export programs only",
+            ),
+            ComponentExport(
+                "controlnet", "executorch", "controlnet.pte", "export", "ExecuTorch lowers torch.export programs only"
+            ),
+            ComponentExport("unet", "executorch", "unet.pte", "export", "ExecuTorch lowers torch.export programs only"),
+            ComponentExport(
+                "decoder", "executorch", "decoder.pte", "export", "ExecuTorch lowers torch.export programs only"
+            ),
+            ComponentExport(
+                "text_encoder",
+                "coreml",
+                "text_encoder.mlpackage",
+                "torchscript",
+                "coremltools 9 has no converter for the 'alias' node torch.export leaves in CLIP",
             ),
             ComponentExport(
                 "controlnet",
@@ -153,7 +186,11 @@ COMPONENT_EXPORTS: Mapping[tuple[str, str], ComponentExport] = MappingProxyType(
                 "a copy of the U-Net's encoder with the same timestep broadcast, lowered with the U-Net's tracer",
             ),
             ComponentExport(
-                "unet", "coreml", "unet.mlpackage", "export", "coremltools 9 fails on the traced 'int' of the timestep broadcast; the torch.export graph converts"
+                "unet",
+                "coreml",
+                "unet.mlpackage",
+                "export",
+                "coremltools 9 fails on the traced 'int' of the timestep broadcast; the torch.export graph converts",
             ),
             ComponentExport(
                 "decoder",
@@ -188,4 +225,6 @@ def component_export(component: str, target: str) -> ComponentExport:
     try:
         return COMPONENT_EXPORTS[(component, target)]
     except KeyError:
-        raise UnsupportedConversion(f"unknown component {component!r} for target {target!r}; components: {', '.join(COMPONENT_NAMES)}") from None
+        raise UnsupportedConversion(
+            f"unknown component {component!r} for target {target!r}; components: {', '.join(COMPONENT_NAMES)}"
+        ) from None

@@ -12,11 +12,13 @@ about 0 dB or worse; a well-behaved conv 35-45 dB. Nodes are then kept in float 
 the count (1, 2, 4, ...) until the component reaches the registry's sensitivity target or the budget is
 spent; the best model seen is kept. The score is local (upstream-independent), so one pass ranks all.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -54,7 +56,9 @@ def local_snr(values: Sequence[np.ndarray], qp: QParams) -> float:
     return tensor_snr(ref, [qp.fake_quant(r) for r in ref])
 
 
-def score_nodes(nodes: Sequence[QuantNode], values: Mapping[str, Sequence[np.ndarray]], qparams: Mapping[str, QParams]) -> list[tuple[str, float]]:
+def score_nodes(
+    nodes: Sequence[QuantNode], values: Mapping[str, Sequence[np.ndarray]], qparams: Mapping[str, QParams]
+) -> list[tuple[str, float]]:
     """(node name, worst local SNR_q in dB of its quantized tensors), worst first.
 
     Args:
@@ -92,7 +96,10 @@ class Search:
             "target_snr_db": target_db,
             "quantized_candidates": candidates,
             # JSON has no infinities: a tensor destroyed by quantization (-inf dB) is written as -999.
-            "excluded_nodes": [{"name": n, "quant_snr_db": round(d, 2) if math.isfinite(d) else (-999.0 if d < 0 else None)} for n, d in self.excluded],
+            "excluded_nodes": [
+                {"name": n, "quant_snr_db": round(d, 2) if math.isfinite(d) else (-999.0 if d < 0 else None)}
+                for n, d in self.excluded
+            ],
             "steps": self.steps,
         }
 
@@ -149,7 +156,7 @@ def split_calibration(job) -> tuple[Sequence, Sequence, Sequence]:
 
 def keep_sensitive_in_float(
     job,
-    candidates: Sequence["QuantNode"],
+    candidates: Sequence[QuantNode],
     rank: Callable[[], Sequence[tuple[str, float]]],
     evaluate: Callable[[list[str]], tuple[float, Any]],
     first: tuple[float, Any],
@@ -187,13 +194,17 @@ def keep_sensitive_in_float(
     )
     rep["budget_nodes"] = budget
     rep["excluded_nodes"] = [
-        {"name": n, "snr_db_with_it_alone_in_float": round(-d, 2)} if n in helpful else {"name": n, "quant_snr_db": round(d, 2) if math.isfinite(d) else -999.0}
+        {"name": n, "snr_db_with_it_alone_in_float": round(-d, 2)}
+        if n in helpful
+        else {"name": n, "quant_snr_db": round(d, 2) if math.isfinite(d) else -999.0}
         for n, d in search.excluded
     ]
     return search.best, rep
 
 
-def _shortlist(candidates: Sequence["QuantNode"], local: Sequence[tuple[str, float]], limit: int, input_names: set[str]) -> list["QuantNode"]:
+def _shortlist(
+    candidates: Sequence[QuantNode], local: Sequence[tuple[str, float]], limit: int, input_names: set[str]
+) -> list[QuantNode]:
     """Up to `limit` candidates worth an output-referred score: all of them when few; else the nodes that
     quantize a component input and the last two in graph order (where the component's input and output
     pass through int8: the one-step rule multiplies the U-Net output's error by sigma), then the worst by
@@ -214,7 +225,9 @@ def _shortlist(candidates: Sequence["QuantNode"], local: Sequence[tuple[str, flo
     return picked[:limit]
 
 
-def rank_by_exclusion(candidates: Sequence["QuantNode"], evaluate: Callable[[list[str]], tuple[float, Any]], base_db: float) -> list[tuple[str, float]]:
+def rank_by_exclusion(
+    candidates: Sequence[QuantNode], evaluate: Callable[[list[str]], tuple[float, Any]], base_db: float
+) -> list[tuple[str, float]]:
     """Rank nodes by the component score with that node alone kept in float (best first).
 
     Output-referred, unlike the local ranking: it finds the node whose small local error a later layer

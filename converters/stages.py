@@ -427,14 +427,18 @@ def write(req: ConversionRequest, prep: Prepared, manifest: dict, bundle: Path) 
 def check_cpu_classes(req: ConversionRequest, caps: Captures, manifest: dict, bundle: Path) -> None:
     """The written bundle checked on each requested CPU class (`converters.cpu_check`), recorded in its
     manifest; numerically checked bundles only."""
-    if manifest["parity"]["checked"] != "numeric" or not all("snr_db" in c for c in manifest["parity"]["components"].values()):
+    if manifest["parity"]["checked"] != "numeric" or not all(
+        "snr_db" in c for c in manifest["parity"]["components"].values()
+    ):
         return
     from converters.cpu_check import check_classes
 
     host = manifest["parity"]["components"]
     inputs = {n: caps.check.inputs[n] for n in host}
     label = f"{req.target}/{req.precision}"
-    manifest["parity"]["cpu_classes"] = check_classes(bundle, req.cpu_classes, host, inputs, caps.check.outputs, req.spec.tolerance, label)
+    manifest["parity"]["cpu_classes"] = check_classes(
+        bundle, req.cpu_classes, host, inputs, caps.check.outputs, req.spec.tolerance, label
+    )
     validate_manifest(manifest)
     (bundle / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 

@@ -8,6 +8,7 @@ with float32 inputs and outputs; int8 is float16 compute with weights linearly q
 package's inputs and outputs (names, shapes, dtypes) must be the io spec's and its weights must be stored
 in the requested form.
 """
+
 from __future__ import annotations
 
 import collections
@@ -57,7 +58,10 @@ def lower(job: ComponentJob, traced):
 
     inputs = None
     if job.export.tracer == "torchscript":  # an ExportedProgram carries its own input names and dtypes
-        inputs = [ct.TensorType(name=s.name, shape=s.shape, dtype=np.int32 if s.dtype == "int32" else np.float32) for s in job.inputs]
+        inputs = [
+            ct.TensorType(name=s.name, shape=s.shape, dtype=np.int32 if s.dtype == "int32" else np.float32)
+            for s in job.inputs
+        ]
     precision = ct.precision.FLOAT32 if job.config.precision == "fp32" else ct.precision.FLOAT16
     try:
         model = ct.convert(
@@ -80,7 +84,9 @@ def lower(job: ComponentJob, traced):
         if job.config.palettize:
             op = cto.OpPalettizerConfig(mode="kmeans", nbits=job.config.palettize, weight_threshold=WEIGHT_THRESHOLD)
             return cto.palettize_weights(model, cto.OptimizationConfig(op_type_configs={t: op for t in WEIGHT_OPS}))
-        op = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel", weight_threshold=WEIGHT_THRESHOLD)
+        op = cto.OpLinearQuantizerConfig(
+            mode="linear_symmetric", dtype="int8", granularity="per_channel", weight_threshold=WEIGHT_THRESHOLD
+        )
         return cto.linear_quantize_weights(model, cto.OptimizationConfig(op_type_configs={t: op for t in WEIGHT_OPS}))
     except Exception as e:
         raise _err(job, "weight compression", e) from e
@@ -114,7 +120,14 @@ def structure(path: Path) -> dict:
     spec = ct.utils.load_spec(str(path))
 
     def io(features):
-        return [[f.name, ARRAY_DTYPES.get(f.type.multiArrayType.dataType, str(f.type.multiArrayType.dataType)), list(f.type.multiArrayType.shape)] for f in features]
+        return [
+            [
+                f.name,
+                ARRAY_DTYPES.get(f.type.multiArrayType.dataType, str(f.type.multiArrayType.dataType)),
+                list(f.type.multiArrayType.shape),
+            ]
+            for f in features
+        ]
 
     ops: collections.Counter = collections.Counter()
     weights: collections.Counter = collections.Counter()  # uncompressed weight-sized constants of WEIGHT_OPS
@@ -158,7 +171,9 @@ def check_structure(job: ComponentJob, s: dict) -> dict:
     if s["model_type"] != "mlProgram":
         raise CoreMLConversionError(f"{job.name}: expected an ML Program, got {s['model_type']}")
     if s["inputs"] != want_in or s["outputs"] != want_out:
-        raise CoreMLConversionError(f"{job.name}: Core ML inputs/outputs {s['inputs']} -> {s['outputs']} differ from the io spec {want_in} -> {want_out}")
+        raise CoreMLConversionError(
+            f"{job.name}: Core ML inputs/outputs {s['inputs']} -> {s['outputs']} differ from the io spec {want_in} -> {want_out}"
+        )
     w = s["uncompressed_weight_elements"]
     p = job.config.precision
     if p == "fp16" and w.get("float32"):
@@ -169,7 +184,9 @@ def check_structure(job: ComponentJob, s: dict) -> dict:
         op = "constexpr_lut_to_dense" if job.config.palettize else "constexpr_affine_dequantize"
         left = sum(n for d, n in w.items() if d.startswith("float"))
         if left:
-            raise CoreMLConversionError(f"{job.name}: int8 package still stores {left} float weight elements of tensors over {WEIGHT_THRESHOLD} elements")
+            raise CoreMLConversionError(
+                f"{job.name}: int8 package still stores {left} float weight elements of tensors over {WEIGHT_THRESHOLD} elements"
+            )
         if set(s["compressed_ops"]) - {op}:
             raise CoreMLConversionError(f"{job.name}: expected {op} weights, found {s['compressed_ops']}")
     return {
@@ -190,7 +207,15 @@ def convert_component(job: ComponentJob) -> ComponentResult:
         raise _err(job, "saving", e) from e
     s = structure(job.out)
     structural = check_structure(job, s)
-    report = {**s, "compute_precision": "float32" if job.config.precision == "fp32" else "float16", "minimum_deployment_target": "iOS17"}
+    report = {
+        **s,
+        "compute_precision": "float32" if job.config.precision == "fp32" else "float16",
+        "minimum_deployment_target": "iOS17",
+    }
     if job.config.precision == "int8":
-        report["weights"] = f"{job.config.palettize}-bit k-means palettes" if job.config.palettize else "int8 linear symmetric per-channel"
+        report["weights"] = (
+            f"{job.config.palettize}-bit k-means palettes"
+            if job.config.palettize
+            else "int8 linear symmetric per-channel"
+        )
     return ComponentResult(job.out.name, report, None, structural=structural)

@@ -16,6 +16,7 @@ The delegation report (share of operators inside delegates, and which ops run on
 kernels instead) goes into the manifest. `delegate="coreml"` lowers to the Core ML delegate, which
 lowers on Linux but only runs on Apple devices, so its check is structural.
 """
+
 from __future__ import annotations
 
 import collections
@@ -29,7 +30,13 @@ from converters.sensitivity import QParams, QuantNode, keep_sensitive_in_float, 
 from sdxs_edge.errors import SDXSError
 
 NOT_OPS = ("getitem", "executorch_call_delegate")  # plumbing, not operators
-QDQ_OPS = ("quantize_per_tensor", "dequantize_per_tensor", "quantize_per_channel", "dequantize_per_channel", "choose_qparams")
+QDQ_OPS = (
+    "quantize_per_tensor",
+    "dequantize_per_tensor",
+    "quantize_per_channel",
+    "dequantize_per_channel",
+    "choose_qparams",
+)
 
 
 class ExecuTorchConversionError(SDXSError):
@@ -44,7 +51,15 @@ def _quantizable_targets(component: str | None = None):
     import torch
 
     a = torch.ops.aten
-    ops = {a.conv2d.default, a.conv_transpose2d.input, a.linear.default, a.relu.default, a.relu_.default, a.hardtanh.default, a.hardtanh_.default}
+    ops = {
+        a.conv2d.default,
+        a.conv_transpose2d.input,
+        a.linear.default,
+        a.relu.default,
+        a.relu_.default,
+        a.hardtanh.default,
+        a.hardtanh_.default,
+    }
     if component == "decoder":
         ops |= {a.add.Tensor, a.add_.Tensor}
     return ops
@@ -80,16 +95,25 @@ def _share_moved_cat_qparams(gm) -> None:
             continue
         inputs = list(n.args[0])
         # A source kept in float (sensitivity pass) leaves the moves in float: the default (quantize at the cat) holds.
-        if len(inputs) < 2 or len({source(i) for i in inputs}) != 1 or not all(i.meta.get("quantization_annotation") for i in inputs):
+        if (
+            len(inputs) < 2
+            or len({source(i) for i in inputs}) != 1
+            or not all(i.meta.get("quantization_annotation") for i in inputs)
+        ):
             continue
         shared = SharedQuantizationSpec(inputs[0])  # the first input's output: its reshape shares the source's
-        n.meta["quantization_annotation"] = QuantizationAnnotation(input_qspec_map={i: shared for i in inputs}, output_qspec=shared, _annotated=True)
+        n.meta["quantization_annotation"] = QuantizationAnnotation(
+            input_qspec_map={i: shared for i in inputs}, output_qspec=shared, _annotated=True
+        )
 
 
 def _quantizer(filter_fn):
     """The XNNPACK quantizer (symmetric, per-channel weights) with `filter_fn` and the concatenation tie
     of `_share_moved_cat_qparams`."""
-    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
 
     class Quantizer(XNNPACKQuantizer):
         def annotate(self, model):
@@ -118,7 +142,9 @@ def half_precision(module):
 
 def _err(job: ComponentJob, stage: str, e: Exception) -> ExecuTorchConversionError:
     first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-    return ExecuTorchConversionError(f"ExecuTorch {stage} of {job.name} ({job.config.precision}, {job.config.delegate}) failed: {type(e).__name__}: {first}")
+    return ExecuTorchConversionError(
+        f"ExecuTorch {stage} of {job.name} ({job.config.precision}, {job.config.delegate}) failed: {type(e).__name__}: {first}"
+    )
 
 
 def export(job: ComponentJob) -> tuple[object, dict[str, int]]:
@@ -189,14 +215,17 @@ def quantize(job: ComponentJob, exported) -> tuple[object, dict]:
         report: dict = {
             "mode": "static",
             "quantizer": "XNNPACKQuantizer(get_symmetric_quantization_config(is_per_channel=True)); a concatenation of moves of one tensor shares its quantization",
-            "op_types": ["conv2d", "conv_transpose2d", "linear (+ fused relu)"] + (["add (+ fused relu)"] if job.name == "decoder" else []),
+            "op_types": ["conv2d", "conv_transpose2d", "linear (+ fused relu)"]
+            + (["add (+ fused relu)"] if job.name == "decoder" else []),
             "weights": "int8 symmetric per-channel",
             "activations": "int8 per-tensor (histogram observer)",
             "calibration_samples": len(fit),
             "sensitivity_samples": len(sens_in),
         }
         candidates = _quantized_nodes(first[1], allowed)
-        rank = lambda: score_nodes(candidates, _record(graph, sens_in, {t for n in candidates for t in n.tensors}), _qparams(first[1]))
+        rank = lambda: score_nodes(
+            candidates, _record(graph, sens_in, {t for n in candidates for t in n.tensors}), _qparams(first[1])
+        )
         best, report["sensitivity"] = keep_sensitive_in_float(job, candidates, rank, evaluate, first)
         report["quantized_nodes"] = len(_quantized_nodes(best, allowed))
         with torch.no_grad():
@@ -299,7 +328,9 @@ def _partitioner(job: ComponentJob):
         from executorch.backends.apple.coreml.compiler import CoreMLBackend
         from executorch.backends.apple.coreml.partition import CoreMLPartitioner
     except Exception as e:  # the Core ML delegate's Python side is an optional part of executorch
-        raise ExecuTorchConversionError(f"the ExecuTorch Core ML delegate is not usable here ({type(e).__name__}: {e}); lower on macOS or use target coreml") from e
+        raise ExecuTorchConversionError(
+            f"the ExecuTorch Core ML delegate is not usable here ({type(e).__name__}: {e}); lower on macOS or use target coreml"
+        ) from e
     precision = ct.precision.FLOAT16 if job.config.precision == "fp16" else ct.precision.FLOAT32
     specs = CoreMLBackend.generate_compile_specs(minimum_deployment_target=ct.target.iOS17, compute_precision=precision)
     return CoreMLPartitioner(compile_specs=specs)
@@ -314,14 +345,20 @@ def delegation_report(edge, delegate: str = "xnnpack") -> dict:
         name = n.target.name() if hasattr(n.target, "name") else getattr(n.target, "__name__", str(n.target))
         return name.replace("::", ".")
 
-    outside = collections.Counter(op_name(n) for n in gm.graph.nodes if n.op == "call_function" and not _is_op(n, NOT_OPS + QDQ_OPS))
+    outside = collections.Counter(
+        op_name(n) for n in gm.graph.nodes if n.op == "call_function" and not _is_op(n, NOT_OPS + QDQ_OPS)
+    )
     inside: collections.Counter = collections.Counter()
     partitions = 0
     for n in gm.graph.nodes:
         if n.op == "get_attr" and n.target.startswith("lowered_module"):
             lowered = getattr(gm, n.target)
             partitions += 1
-            inside.update(op_name(m) for m in lowered.original_module.graph_module.graph.nodes if m.op == "call_function" and not _is_op(m, NOT_OPS + QDQ_OPS))
+            inside.update(
+                op_name(m)
+                for m in lowered.original_module.graph_module.graph.nodes
+                if m.op == "call_function" and not _is_op(m, NOT_OPS + QDQ_OPS)
+            )
     total = sum(inside.values()) + sum(outside.values())
     return {
         "delegate": delegate,

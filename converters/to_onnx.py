@@ -25,14 +25,15 @@ u8u8 products are widened to int16 before they are summed on every ISA (MLAS has
 kernel), so its figures hold on AVX2, AVX-512 and arm64 alike; the U-Net ran 1.1x slower than reduce_range
 u8s8 on the AVX2 machine. The manifest records the form and the CPU classes the bundle was checked on.
 """
+
 from __future__ import annotations
 
 import collections
 import itertools
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -68,7 +69,9 @@ def _save(model, path: Path) -> list[str]:
         return []
     data = path.name + ".data"
     (path.parent / data).unlink(missing_ok=True)  # onnx appends to an existing data file
-    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data, size_threshold=1024)
+    onnx.save(
+        model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data, size_threshold=1024
+    )
     return [data] if (path.parent / data).is_file() else []  # no tensor over the 1 KB threshold: nothing went out
 
 
@@ -93,7 +96,9 @@ def export(job: ComponentJob) -> Path:
                 dynamo=False,
             )
         except Exception as e:  # the exporter raises many kinds; name the component and keep the cause
-            raise OnnxConversionError(f"ONNX export of {job.name} failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}") from e
+            raise OnnxConversionError(
+                f"ONNX export of {job.name} failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            ) from e
     return path
 
 
@@ -117,14 +122,24 @@ def lower(job: ComponentJob, fp32_path: Path) -> tuple[list[str], dict]:
         raise
     except Exception as e:  # onnx / onnxruntime tools raise many kinds; name the step and keep the cause
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-        raise OnnxConversionError(f"ONNX {p}{' dynamic' if job.config.dynamic else ''} lowering of {job.name} failed: {type(e).__name__}: {first}") from e
+        raise OnnxConversionError(
+            f"ONNX {p}{' dynamic' if job.config.dynamic else ''} lowering of {job.name} failed: {type(e).__name__}: {first}"
+        ) from e
 
 
 def quantize_dynamic(job: ComponentJob, fp32_path: Path) -> tuple[list[str], dict]:
-    from onnxruntime.quantization import QuantType, quantize_dynamic as ort_quantize_dynamic
+    from onnxruntime.quantization import QuantType
+    from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
 
     big = os.path.getsize(fp32_path) >= PROTO_LIMIT
-    ort_quantize_dynamic(str(fp32_path), str(job.out), op_types_to_quantize=list(DYNAMIC_OPS), per_channel=True, weight_type=QuantType.QUInt8, use_external_data_format=big)
+    ort_quantize_dynamic(
+        str(fp32_path),
+        str(job.out),
+        op_types_to_quantize=list(DYNAMIC_OPS),
+        per_channel=True,
+        weight_type=QuantType.QUInt8,
+        use_external_data_format=big,
+    )
     if not big and os.path.getsize(job.out) >= EXTERNAL_DATA_BYTES:
         import onnx
 
@@ -148,7 +163,12 @@ class _Reader:
 # ONNX static int8 activation ranges (`ConversionConfig.onnx_calibration`): onnxruntime's calibrators, and
 # "mse": MinMax ranges each shrunk to the clipping that minimises that tensor's uint8 rounding + clipping
 # error on the calibration values (`mse_ranges`), handed to quantize_static as TensorQuantOverrides.
-CALIBRATION_OPTIONS = {"minmax": None, "minmax-average": {"CalibMovingAverage": True}, "percentile": {"CalibPercentile": 99.999}, "mse": None}
+CALIBRATION_OPTIONS = {
+    "minmax": None,
+    "minmax-average": {"CalibMovingAverage": True},
+    "percentile": {"CalibPercentile": 99.999},
+    "mse": None,
+}
 CALIBRATION_NAMES = {
     "minmax": "MinMax",
     "minmax-average": "MinMax, averaged over calibration samples",
@@ -249,13 +269,16 @@ def _mse_overrides(pre: Path, job: ComponentJob, samples, excluded: Sequence[str
 
 def quantize_static(job: ComponentJob, fp32_path: Path) -> tuple[list[str], dict]:
     """Static QDQ int8 with the sensitivity pass; the best model found is written to `job.out`."""
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static as ort_quantize_static
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType
+    from onnxruntime.quantization import quantize_static as ort_quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     CalibrationDataReader.register(_Reader)
     big = os.path.getsize(fp32_path) >= PROTO_LIMIT
     pre = job.work / f"{job.name}.pre.onnx"
-    quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True, save_as_external_data=big, all_tensors_to_one_file=True)
+    quant_pre_process(
+        str(fp32_path), str(pre), skip_symbolic_shape=True, save_as_external_data=big, all_tensors_to_one_file=True
+    )
     cache = job.work / f"{job.name}.calibration.json"  # calibrate once; exclusion steps reuse the ranges
     counter = itertools.count()
     fit, sens_in, sens_ref = split_calibration(job)
@@ -280,7 +303,9 @@ def quantize_static(job: ComponentJob, fp32_path: Path) -> tuple[list[str], dict
             op_types_to_quantize=list(STATIC_OPS),
             nodes_to_exclude=[*products, *excluded],
             use_external_data_format=big,
-            calibrate_method=CalibrationMethod.Percentile if job.config.onnx_calibration == "percentile" else CalibrationMethod.MinMax,
+            calibrate_method=CalibrationMethod.Percentile
+            if job.config.onnx_calibration == "percentile"
+            else CalibrationMethod.MinMax,
             extra_options=options,
             calibration_cache_path=str(cache),
         )
@@ -334,7 +359,9 @@ def _activation_products(path: Path) -> list[str]:
 
 def _constant_names(m) -> set[str]:
     """Names of a model's weights and constants: initializers and Constant node outputs."""
-    return {t.name for t in m.graph.initializer} | {o for n in m.graph.node if n.op_type == "Constant" for o in n.output}
+    return {t.name for t in m.graph.initializer} | {
+        o for n in m.graph.node if n.op_type == "Constant" for o in n.output
+    }
 
 
 def _quantized_nodes(path: Path) -> list[QuantNode]:
@@ -389,7 +416,9 @@ def _activations(path: Path, job: ComponentJob, samples) -> dict[str, list[np.nd
     aug_dir = job.work / "aug"
     aug_dir.mkdir(exist_ok=True)
     aug = aug_dir / f"{Path(path).stem}.aug.onnx"
-    modify_model_output_intermediate_tensors(str(path), str(aug), save_as_external_data=os.path.getsize(path) >= PROTO_LIMIT)
+    modify_model_output_intermediate_tensors(
+        str(path), str(aug), save_as_external_data=os.path.getsize(path) >= PROTO_LIMIT
+    )
     acts = collect_activations(str(aug), _Reader(job, samples))
     aug.unlink()
     return acts
@@ -403,7 +432,9 @@ def runner_for(job: ComponentJob, path: Path) -> Runner:
     try:
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as e:
-        raise OnnxConversionError(f"onnxruntime cannot load the {job.name} model {Path(path).name}: {str(e).splitlines()[0][:300]}") from e
+        raise OnnxConversionError(
+            f"onnxruntime cannot load the {job.name} model {Path(path).name}: {str(e).splitlines()[0][:300]}"
+        ) from e
     names = [s.name for s in job.outputs]
     if len(names) == 1:
         return lambda sample: sess.run(names, job.feeds(sample))[0]
@@ -426,11 +457,24 @@ def op_report(path: Path) -> dict:
     ops = collections.Counter(n.op_type for n in m.graph.node)
     dtypes = collections.Counter(_dtype(t.data_type) for t in m.graph.initializer)
     io = {
-        "inputs": [(i.name, _dtype(i.type.tensor_type.elem_type), [d.dim_value for d in i.type.tensor_type.shape.dim]) for i in m.graph.input],
-        "outputs": [(o.name, _dtype(o.type.tensor_type.elem_type), [d.dim_value for d in o.type.tensor_type.shape.dim]) for o in m.graph.output],
+        "inputs": [
+            (i.name, _dtype(i.type.tensor_type.elem_type), [d.dim_value for d in i.type.tensor_type.shape.dim])
+            for i in m.graph.input
+        ],
+        "outputs": [
+            (o.name, _dtype(o.type.tensor_type.elem_type), [d.dim_value for d in o.type.tensor_type.shape.dim])
+            for o in m.graph.output
+        ],
     }
     q = len(_quantized_nodes(path)) if ops.get("DequantizeLinear") else 0
-    return {"opset": max(o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), "nodes": sum(ops.values()), "op_counts": dict(ops.most_common()), "initializer_dtypes": dict(dtypes), "quantized_compute_nodes": q, **io}
+    return {
+        "opset": max(o.version for o in m.opset_import if o.domain in ("", "ai.onnx")),
+        "nodes": sum(ops.values()),
+        "op_counts": dict(ops.most_common()),
+        "initializer_dtypes": dict(dtypes),
+        "quantized_compute_nodes": q,
+        **io,
+    }
 
 
 def check_io(job: ComponentJob, report: dict) -> None:
@@ -440,7 +484,9 @@ def check_io(job: ComponentJob, report: dict) -> None:
     got_in = [tuple(x) for x in report["inputs"]]
     got_out = [tuple(x) for x in report["outputs"]]
     if got_in != want_in or got_out != want_out:
-        raise OnnxConversionError(f"{job.name}: ONNX inputs/outputs {got_in} -> {got_out} differ from the io spec {want_in} -> {want_out}")
+        raise OnnxConversionError(
+            f"{job.name}: ONNX inputs/outputs {got_in} -> {got_out} differ from the io spec {want_in} -> {want_out}"
+        )
 
 
 def convert_component(job: ComponentJob) -> ComponentResult:

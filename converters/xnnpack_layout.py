@@ -19,12 +19,18 @@ two, so with this pass its upsampling moves no more bytes than the slices and co
 ExecuTorch's XNNPACK preprocessing while lowering. It is written against executorch 1.5.1 (pinned); the
 tests check that the folded graph runs and matches PyTorch.
 """
+
 from __future__ import annotations
 
 import contextlib
 
 from executorch.backends.xnnpack._passes.channels_last_tagged_reshape_pass import ChannelsLastTaggedReshapePass
-from executorch.backends.xnnpack.utils.quant_utils import is_dequant, is_quant, is_tagged_as_implicit_q_dq, tag_as_implicit_q_dq
+from executorch.backends.xnnpack.utils.quant_utils import (
+    is_dequant,
+    is_quant,
+    is_tagged_as_implicit_q_dq,
+    tag_as_implicit_q_dq,
+)
 from executorch.exir.dialects._ops import ops as exir_ops
 
 VIEW = exir_ops.edge.aten.view_copy.default

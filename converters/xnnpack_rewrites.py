@@ -40,6 +40,7 @@ They run on a copy: the caller's modules are untouched. int8 quantizes only conv
 ones included) and linears (`converters.to_executorch`), so the other ops added here stay in float32
 inside the delegate.
 """
+
 from __future__ import annotations
 
 import copy
@@ -135,8 +136,15 @@ class NearestUp2x(nn.Module):
 
 def _plain_3x3(conv) -> bool:
     """Whether `conv` is a 3x3 `nn.Conv2d` with stride 1, zero padding 1, no dilation and no groups."""
-    return (isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
-            and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros")
+    return (
+        isinstance(conv, nn.Conv2d)
+        and conv.kernel_size == (3, 3)
+        and conv.stride == (1, 1)
+        and conv.padding == (1, 1)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+    )
 
 
 # Sub-pixel form of nearest 2x upsampling then a 3x3 convolution. Along each axis, output 2i+a sees two
@@ -166,10 +174,14 @@ class SubpixelUpsampleConv(nn.Module):
     def __init__(self, conv: nn.Conv2d):
         super().__init__()
         if not _plain_3x3(conv):
-            raise ValueError(f"SubpixelUpsampleConv needs a 3x3 convolution with stride 1 and zero padding 1, got {conv}")
+            raise ValueError(
+                f"SubpixelUpsampleConv needs a 3x3 convolution with stride 1 and zero padding 1, got {conv}"
+            )
         taps = torch.tensor(_PHASE_TAPS, dtype=conv.weight.dtype)
         with torch.no_grad():
-            weight = torch.cat([torch.einsum("ak,oikl,bl->oiab", taps[a], conv.weight, taps[b]) for a in (0, 1) for b in (0, 1)])
+            weight = torch.cat(
+                [torch.einsum("ak,oikl,bl->oiab", taps[a], conv.weight, taps[b]) for a in (0, 1) for b in (0, 1)]
+            )
         self.out_channels = conv.out_channels
         self.conv = nn.Conv2d(conv.in_channels, 4 * conv.out_channels, 2, padding=1, bias=conv.bias is not None)
         with torch.no_grad():
@@ -183,11 +195,21 @@ class SubpixelUpsampleConv(nn.Module):
         c = self.out_channels
         y = self.conv(x)  # (N, 4C, H+1, W+1): phase (a, b) is block 2a+b at rows a..a+H, columns b..b+W
         # The channel block first: the two spatial slices then copy a quarter of the tensor each.
-        phase = [y[:, (2 * a + b) * c:(2 * a + b + 1) * c][:, :, a:a + h][:, :, :, b:b + w] for a in (0, 1) for b in (0, 1)]
+        phase = [
+            y[:, (2 * a + b) * c : (2 * a + b + 1) * c][:, :, a : a + h][:, :, :, b : b + w]
+            for a in (0, 1)
+            for b in (0, 1)
+        ]
         # Columns: the two phases of a row side by side in channels, then channels to width. Rows: the two
         # interleaved rows side by side in width, then a view. In XNNPACK's channels-last memory both
         # reshapes move nothing (converters.xnnpack_layout), so the copies are the slices and the cats.
-        rows = [torch.cat(phase[2 * a:2 * a + 2], dim=1).view(n, 2, c, h, w).permute(0, 2, 3, 4, 1).reshape(n, c, h, 2 * w) for a in (0, 1)]
+        rows = [
+            torch.cat(phase[2 * a : 2 * a + 2], dim=1)
+            .view(n, 2, c, h, w)
+            .permute(0, 2, 3, 4, 1)
+            .reshape(n, c, h, 2 * w)
+            for a in (0, 1)
+        ]
         return torch.cat(rows, dim=3).view(n, c, 2 * h, 2 * w)
 
 
@@ -212,7 +234,9 @@ class Upsample2DXnnpack(nn.Module):
             return self.subpixel(hidden_states)
         hidden_states = self.up(hidden_states)
         if self.inner.use_conv:
-            hidden_states = self.inner.conv(hidden_states) if self.inner.name == "conv" else self.inner.Conv2d_0(hidden_states)
+            hidden_states = (
+                self.inner.conv(hidden_states) if self.inner.name == "conv" else self.inner.Conv2d_0(hidden_states)
+            )
         return hidden_states
 
 
@@ -235,7 +259,9 @@ class CausalSelfAttentionXnnpack(nn.Module):
     def __init__(self, inner, max_len: int):
         super().__init__()
         self.inner = inner
-        self.register_buffer("causal", torch.full((max_len, max_len), torch.finfo(torch.float32).min).triu(1), persistent=False)
+        self.register_buffer(
+            "causal", torch.full((max_len, max_len), torch.finfo(torch.float32).min).triu(1), persistent=False
+        )
 
     def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
         from sdxs_edge.attention import BatchedHeadsBmmAttnProcessor
@@ -250,8 +276,19 @@ def _upsample_channels(module: nn.Module, example) -> dict[str, int]:
     seen: dict[str, int] = {}
     hooks = []
     for name, m in module.named_modules():
-        if isinstance(m, nn.Upsample) and m.mode == "nearest" and m.size is None and m.scale_factor in (2, 2.0, (2, 2), (2.0, 2.0)):
-            hooks.append(m.register_forward_pre_hook(lambda mod, args, name=name: seen.__setitem__(name, args[0].shape[1]) if args[0].dim() == 4 else None))
+        if (
+            isinstance(m, nn.Upsample)
+            and m.mode == "nearest"
+            and m.size is None
+            and m.scale_factor in (2, 2.0, (2, 2), (2.0, 2.0))
+        ):
+            hooks.append(
+                m.register_forward_pre_hook(
+                    lambda mod, args, name=name: (
+                        seen.__setitem__(name, args[0].shape[1]) if args[0].dim() == 4 else None
+                    )
+                )
+            )
     if hooks:
         try:
             with torch.no_grad():
@@ -281,7 +318,15 @@ def rewrite_for_xnnpack(module: nn.Module, example) -> tuple[nn.Module, dict[str
     causal_text = isinstance(module, TextEncoder)  # token ids only: CLIP's causal mask is the only mask
     max_len = getattr(getattr(getattr(module, "text_encoder", None), "config", None), "max_position_embeddings", 0)
     channels = _upsample_channels(module, example)
-    counts = {"group_norm": 0, "layer_norm": 0, "upsample_nearest_2x": 0, "upsample_conv_subpixel": 0, "geglu": 0, "causal_attention": 0, "attention_bmm": 0}
+    counts = {
+        "group_norm": 0,
+        "layer_norm": 0,
+        "upsample_nearest_2x": 0,
+        "upsample_conv_subpixel": 0,
+        "geglu": 0,
+        "causal_attention": 0,
+        "attention_bmm": 0,
+    }
     for m in module.modules():
         if isinstance(m, Attention) and isinstance(m.processor, AttnProcessor | AttnProcessor2_0):
             m.set_processor(BatchedHeadsBmmAttnProcessor())
@@ -294,7 +339,12 @@ def rewrite_for_xnnpack(module: nn.Module, example) -> tuple[nn.Module, dict[str
             elif isinstance(child, nn.LayerNorm) and len(child.normalized_shape) == 1:
                 setattr(parent, name, LayerNormXnnpack(child))
                 counts["layer_norm"] += 1
-            elif isinstance(child, Upsample2D) and child.interpolate and not child.use_conv_transpose and child.norm is None:
+            elif (
+                isinstance(child, Upsample2D)
+                and child.interpolate
+                and not child.use_conv_transpose
+                and child.norm is None
+            ):
                 setattr(parent, name, rewritten := Upsample2DXnnpack(child))
                 counts["upsample_conv_subpixel" if rewritten.subpixel is not None else "upsample_nearest_2x"] += 1
             elif causal_text and isinstance(child, CLIPAttention) and max_len:
@@ -306,7 +356,11 @@ def rewrite_for_xnnpack(module: nn.Module, example) -> tuple[nn.Module, dict[str
     for qualified, c in channels.items():
         *path, name = qualified.split(".")
         parent = module.get_submodule(".".join(path)) if path else module
-        following = parent[int(name) + 1] if isinstance(parent, nn.Sequential) and name.isdigit() and int(name) + 1 < len(parent) else None
+        following = (
+            parent[int(name) + 1]
+            if isinstance(parent, nn.Sequential) and name.isdigit() and int(name) + 1 < len(parent)
+            else None
+        )
         if _plain_3x3(following):  # upsampling then a 3x3 convolution in a Sequential (TAESD's decoder)
             parent[int(name)], parent[int(name) + 1] = nn.Identity(), SubpixelUpsampleConv(following)
             counts["upsample_conv_subpixel"] += 1

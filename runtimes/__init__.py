@@ -7,15 +7,15 @@
 Every runtime is a `runtimes.base.Session` subclass, named in `RUNTIMES` by a lazy import path, so
 importing this package imports no backend library (the optional extras of pyproject.toml).
 """
+
 from __future__ import annotations
 
 import importlib
 import inspect
 from pathlib import Path
 
-from sdxs_edge.errors import SDXSError
-
 from runtimes.base import BackendMissingError, RuntimeInputError, Session, UnsupportedTargetError
+from sdxs_edge.errors import SDXSError
 
 # name -> "module:Class". Order is the order `sdxs-edge` lists them.
 RUNTIMES: dict[str, str] = {
@@ -50,7 +50,9 @@ def session_class(runtime: str) -> type[Session]:
         mod = importlib.import_module(module)
     except ModuleNotFoundError as e:
         if e.name == module:
-            raise BackendMissingError(f"runtime {runtime!r} is registered but its module {module} is not installed in this checkout") from e
+            raise BackendMissingError(
+                f"runtime {runtime!r} is registered but its module {module} is not installed in this checkout"
+            ) from e
         raise
     return getattr(mod, cls)
 
@@ -71,7 +73,9 @@ def load(bundle: str | Path, runtime: str, **options) -> Session:
     accepted = [n for n, p in params.items() if p.kind == inspect.Parameter.KEYWORD_ONLY]
     unknown = sorted(set(options) - set(accepted))
     if unknown and not any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        raise SDXSError(f"runtime {runtime!r} does not take option(s) {', '.join(unknown)} (it takes: {', '.join(accepted) or 'none'})")
+        raise SDXSError(
+            f"runtime {runtime!r} does not take option(s) {', '.join(unknown)} (it takes: {', '.join(accepted) or 'none'})"
+        )
     return cls(bundle, **options)
 
 

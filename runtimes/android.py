@@ -10,6 +10,7 @@ bionic (/system/bin/linker64). The session checks the runner's ELF interpreter a
 
 Timings in `native_timings` are the device's own (program load, method run), without adb transfers.
 """
+
 from __future__ import annotations
 
 import shlex
@@ -43,7 +44,9 @@ def elf_interpreter(path: Path) -> tuple[int, str | None]:
     """
     data = path.read_bytes()
     if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
-        raise BackendMissingError(f"{path} is not a 64-bit little-endian ELF executable; build the Android runner as {README} describes")
+        raise BackendMissingError(
+            f"{path} is not a 64-bit little-endian ELF executable; build the Android runner as {README} describes"
+        )
     machine = struct.unpack_from("<H", data, 18)[0]
     phoff = struct.unpack_from("<Q", data, 32)[0]
     phentsize, phnum = struct.unpack_from("<HH", data, 54)
@@ -59,10 +62,14 @@ def elf_interpreter(path: Path) -> tuple[int, str | None]:
 def check_android_runner(path: Path) -> None:
     """Raise BackendMissingError unless `path` is an arm64 executable for Android (bionic) or static."""
     if not path.is_file():
-        raise BackendMissingError(f"the Android runner {path} is not built; build it with the Android NDK as {README} describes (arm64-v8a)")
+        raise BackendMissingError(
+            f"the Android runner {path} is not built; build it with the Android NDK as {README} describes (arm64-v8a)"
+        )
     machine, interp = elf_interpreter(path)
     if machine != 183:  # EM_AARCH64
-        raise BackendMissingError(f"{path} is not an arm64 (aarch64) executable (ELF machine {machine}); build it for ABI arm64-v8a ({README})")
+        raise BackendMissingError(
+            f"{path} is not an arm64 (aarch64) executable (ELF machine {machine}); build it for ABI arm64-v8a ({README})"
+        )
     if interp is not None and interp.startswith(GLIBC_INTERP_PREFIXES):
         raise BackendMissingError(
             f"{path} is a glibc Linux binary (interpreter {interp}); Android's C library is bionic, so build the runner with the NDK ({README})"
@@ -142,13 +149,17 @@ class AndroidSession(Session):
         others = [ln.strip() for ln in out.splitlines()[1:] if ln.strip() and not ln.strip().endswith("\tdevice")]
         if serial is not None:
             if serial not in ready:
-                raise BackendMissingError(f"Android device {serial!r} is not connected and ready (adb devices: {', '.join(ready + others) or 'none'})")
+                raise BackendMissingError(
+                    f"Android device {serial!r} is not connected and ready (adb devices: {', '.join(ready + others) or 'none'})"
+                )
             return serial
         if not ready:
             state = f"; not ready: {', '.join(others)}" if others else ""
             raise BackendMissingError(f"no Android device or emulator connected (adb devices){state}")
         if len(ready) > 1:
-            raise BackendMissingError(f"{len(ready)} Android devices connected ({', '.join(ready)}); pass serial= to pick one")
+            raise BackendMissingError(
+                f"{len(ready)} Android devices connected ({', '.join(ready)}); pass serial= to pick one"
+            )
         return ready[0]
 
     def check_runner(self) -> None:
@@ -164,7 +175,9 @@ class AndroidSession(Session):
         self._shell(f"chmod 755 {d}/sdxs_runner", "chmod")
         if self.lib_dir is not None:
             self._shell(f"mkdir -p {d}/lib", "mkdir lib")
-            self._adb("push", *map(str, sorted(self.lib_dir.glob("*.so"))), f"{self.device_dir}/lib/", what="push libraries")
+            self._adb(
+                "push", *map(str, sorted(self.lib_dir.glob("*.so"))), f"{self.device_dir}/lib/", what="push libraries"
+            )
         present = set(self._shell(f"ls {d}", "ls").split())
         for comp, spec in self.specs.items():
             sha = self.manifest["components"][comp]["sha256"]
@@ -210,4 +223,3 @@ class AndroidSession(Session):
         if getattr(self, "remote_programs", None):
             self.remote_programs = {}
             self._shell(f"rm -rf {shlex.quote(self.device_dir)}/io-*", "cleanup")
-

@@ -13,6 +13,7 @@ numerical parity measured this way carries to devices; timings do not: emulation
 slower than the real core. `make arm64-runner`
 (runtimes/native/build_arm64.sh) builds everything this needs.
 """
+
 from __future__ import annotations
 
 import os
@@ -78,7 +79,9 @@ class Arm64EmulatedSession(Session):
         if not (self.lib_dir / "libexecutorch.so").is_file():
             raise BackendMissingError(f"the aarch64 ExecuTorch libraries are missing from {self.lib_dir}; {BUILD_HINT}")
         if not (self.sysroot / "lib" / "ld-linux-aarch64.so.1").exists():
-            raise BackendMissingError(f"no aarch64 glibc under {self.sysroot} (apt-get install g++-aarch64-linux-gnu, or {BUILD_HINT})")
+            raise BackendMissingError(
+                f"no aarch64 glibc under {self.sysroot} (apt-get install g++-aarch64-linux-gnu, or {BUILD_HINT})"
+            )
         self.command = [qemu_path, "-cpu", cpu, "-L", str(self.sysroot), str(self.runner)]
         self.method = method
         self.timeout_s = float(timeout_s)
@@ -96,7 +99,9 @@ class Arm64EmulatedSession(Session):
             try:
                 proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=self.timeout_s)
             except subprocess.TimeoutExpired:
-                raise RunnerError(f"{what}: the emulated runner took over {self.timeout_s:g} s (pass timeout_s= to allow more)") from None
+                raise RunnerError(
+                    f"{what}: the emulated runner took over {self.timeout_s:g} s (pass timeout_s= to allow more)"
+                ) from None
             if proc.returncode != 0:
                 raise RunnerError(f"{what}: {failure_line(proc.stderr, proc.returncode)}")
             self.native_timings[component] = parse_timing(proc.stdout)

@@ -25,13 +25,15 @@ default) exactly as `torch.randn(shape, generator=torch.Generator().manual_seed(
 `session(prompt, num_inference_steps=1, guidance_scale=0.0, seed=0).images` is diffusers' pipeline call
 (`SDXSPipeline.__call__` with `seed=` for `generator=`); docs/diffusers-call.md.
 """
+
 from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -39,7 +41,6 @@ from runtimes.tokenizer import CLIPBPETokenizer
 from sdxs_edge import cpu, sampler, torch_rng
 from sdxs_edge.bundle import REQUIRED_COMPONENTS, BundleError, load_manifest
 from sdxs_edge.errors import NonFiniteError, SDXSError
-
 
 # Noise generators `Session.noise` offers; the first is the default.
 RNGS = ("torch", "numpy")
@@ -72,7 +73,7 @@ class TensorSpec:
     dtype: str
 
     @classmethod
-    def from_manifest(cls, d: dict) -> "TensorSpec":
+    def from_manifest(cls, d: dict) -> TensorSpec:
         return cls(str(d["name"]), tuple(int(s) for s in d["shape"]), str(d["dtype"]))
 
     def describe(self) -> str:
@@ -167,7 +168,10 @@ def warn_unchecked_class(bundle: Path, manifest: dict, cls: str | None) -> None:
         return
     _WARNED.add(key)
     was = f"was checked on {', '.join(checked)}" if checked else "records no CPU class check"
-    print(f"warning: {bundle} {was}; its int8 accuracy on this CPU ({cls}) is unchecked (convert --cpu-classes {cls})", file=sys.stderr)
+    print(
+        f"warning: {bundle} {was}; its int8 accuracy on this CPU ({cls}) is unchecked (convert --cpu-classes {cls})",
+        file=sys.stderr,
+    )
 
 
 class Session:
@@ -215,11 +219,15 @@ class Session:
                 raise SDXSError(f"{self.bundle}: the bundle has no {comp} component; a runtime needs all three")
         extra = [s.name for s in self.specs["unet"].inputs[2:]]
         if extra and "controlnet" not in self.specs:
-            raise BundleError(f"{self.bundle}: its U-Net takes ControlNet residuals ({', '.join(extra)}) but the bundle has no controlnet component; convert it with the controlnet component")
+            raise BundleError(
+                f"{self.bundle}: its U-Net takes ControlNet residuals ({', '.join(extra)}) but the bundle has no controlnet component; convert it with the controlnet component"
+            )
         self.timings: dict[str, float] = {}
         warn_unchecked_class(self.bundle, self.manifest, self.runs_as())
         # Read now, so load time includes it and the first `generate` measures tokenizing only.
-        self.tokenizer = CLIPBPETokenizer.from_dir(self.bundle / self.manifest["tokenizer"]["dir"], max_length=self.max_length)
+        self.tokenizer = CLIPBPETokenizer.from_dir(
+            self.bundle / self.manifest["tokenizer"]["dir"], max_length=self.max_length
+        )
 
     def runs_as(self) -> str | None:
         """The CPU class this session's kernels compute as (None: not a CPU int8 runtime)."""
@@ -241,7 +249,7 @@ class Session:
     def close(self) -> None:
         """Release backend resources (files, devices, subprocesses). Safe to call twice."""
 
-    def __enter__(self) -> "Session":
+    def __enter__(self) -> Session:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -266,7 +274,9 @@ class Session:
     def control_shape(self) -> tuple[int, ...]:
         """Shape of the ControlNet's control input (B, 3, H, W); an error for a bundle without one."""
         if not self.has_controlnet:
-            raise RuntimeInputError(f"{self.bundle} has no ControlNet, so it takes no control image (convert it with --controlnet PATH)")
+            raise RuntimeInputError(
+                f"{self.bundle} has no ControlNet, so it takes no control image (convert it with --controlnet PATH)"
+            )
         return self.specs["controlnet"].inputs[2].shape
 
     @property
@@ -292,9 +302,13 @@ class Session:
             if not isinstance(a, np.ndarray):
                 raise RuntimeInputError(f"{component}.{s.name}: expected a numpy array, got {type(a).__name__}")
             if a.dtype != np.dtype(s.dtype):
-                raise RuntimeInputError(f"{component}.{s.name}: dtype {a.dtype} does not match the manifest ({s.describe()})")
+                raise RuntimeInputError(
+                    f"{component}.{s.name}: dtype {a.dtype} does not match the manifest ({s.describe()})"
+                )
             if tuple(a.shape) != s.shape:
-                raise RuntimeInputError(f"{component}.{s.name}: shape {list(a.shape)} does not match the manifest ({s.describe()})")
+                raise RuntimeInputError(
+                    f"{component}.{s.name}: shape {list(a.shape)} does not match the manifest ({s.describe()})"
+                )
             out[s.name] = np.ascontiguousarray(a)
         return out
 
@@ -305,7 +319,9 @@ class Session:
                 raise SDXSError(f"{self.name} runtime returned no {component}.{s.name} (got {sorted(outputs)})")
             a = np.asarray(outputs[s.name])
             if tuple(a.shape) != s.shape:
-                raise SDXSError(f"{self.name} runtime returned {component}.{s.name} of shape {list(a.shape)}; the manifest declares {s.describe()}")
+                raise SDXSError(
+                    f"{self.name} runtime returned {component}.{s.name} of shape {list(a.shape)}; the manifest declares {s.describe()}"
+                )
             if a.dtype.kind == "f" and not np.isfinite(a).all():
                 raise NonFiniteError(f"{component} produced non-finite values (NaN/Inf) on the {self.name} runtime")
             outputs[s.name] = a
@@ -345,9 +361,13 @@ class Session:
         """ControlNet: x_in (B, 4, h, w), context (B, 77, D) and control image (B, 3, H, W) in [0, 1] ->
         its residuals (down_res_0 .., mid_res), in the manifest's order, already scaled."""
         if not self.has_controlnet:
-            raise RuntimeInputError(f"{self.bundle} has no ControlNet, so it takes no control image (convert it with --controlnet PATH)")
+            raise RuntimeInputError(
+                f"{self.bundle} has no ControlNet, so it takes no control image (convert it with --controlnet PATH)"
+            )
         spec = self.specs["controlnet"]
-        out = self.run("controlnet", {spec.inputs[0].name: latent, spec.inputs[1].name: context, spec.inputs[2].name: control})
+        out = self.run(
+            "controlnet", {spec.inputs[0].name: latent, spec.inputs[1].name: context, spec.inputs[2].name: control}
+        )
         return tuple(out[s.name] for s in spec.outputs)
 
     def denoise(self, latent: np.ndarray, context: np.ndarray, residuals: Sequence[np.ndarray] = ()) -> np.ndarray:
@@ -361,7 +381,9 @@ class Session:
         spec = self.specs["unet"]
         names = [s.name for s in spec.inputs[2:]]
         if len(residuals) != len(names):
-            raise RuntimeInputError(f"unet: takes {len(names)} ControlNet residual(s) ({', '.join(names) or 'none'}), got {len(residuals)}")
+            raise RuntimeInputError(
+                f"unet: takes {len(names)} ControlNet residual(s) ({', '.join(names) or 'none'}), got {len(residuals)}"
+            )
         feeds = {spec.inputs[0].name: latent, spec.inputs[1].name: context, **dict(zip(names, residuals))}
         return self.run("unet", feeds)[spec.outputs[0].name]
 
@@ -413,16 +435,27 @@ class Session:
             a = control_image
             if a.ndim != 4 or a.shape[0] not in (1, B) or tuple(a.shape[1:]) != (3, H, W):
                 batch = "1" if B == 1 else f"1 or {B}"
-                raise RuntimeInputError(f"control image array: expected float ({batch}, 3, {H}, {W}) in [0, 1], got {a.dtype}{list(a.shape)}")
+                raise RuntimeInputError(
+                    f"control image array: expected float ({batch}, 3, {H}, {W}) in [0, 1], got {a.dtype}{list(a.shape)}"
+                )
             if not np.isfinite(a).all() or a.min() < 0 or a.max() > 1:
-                raise RuntimeInputError(f"control image array: values must be finite and in [0, 1], got [{np.nanmin(a):g}, {np.nanmax(a):g}]")
+                raise RuntimeInputError(
+                    f"control image array: values must be finite and in [0, 1], got [{np.nanmin(a):g}, {np.nanmax(a):g}]"
+                )
         else:
             a = load_control_image(control_image, H)
         if a.shape[0] == 1 and B > 1:
             a = np.repeat(a, B, axis=0)
         return np.ascontiguousarray(a, dtype=self.specs["controlnet"].inputs[2].dtype)
 
-    def generate_arrays(self, prompt: str | Sequence[str], seed: int = 0, noise: np.ndarray | None = None, control_image=None, rng: str = "torch") -> GenerationResult:
+    def generate_arrays(
+        self,
+        prompt: str | Sequence[str],
+        seed: int = 0,
+        noise: np.ndarray | None = None,
+        control_image=None,
+        rng: str = "torch",
+    ) -> GenerationResult:
         """Prompt -> tokens -> text encoder -> (ControlNet ->) one U-Net step (arXiv 2403.16627 Sec. 4) ->
         decoder, as arrays.
 
@@ -435,9 +468,13 @@ class Session:
             rng: noise generator for `seed` (`Session.noise`): "torch" (diffusers' noise) or "numpy".
         """
         if control_image is not None and not self.has_controlnet:
-            raise RuntimeInputError(f"{self.bundle} has no ControlNet, so it takes no control image (convert it with --controlnet PATH)")
+            raise RuntimeInputError(
+                f"{self.bundle} has no ControlNet, so it takes no control image (convert it with --controlnet PATH)"
+            )
         if control_image is None and self.has_controlnet:
-            raise RuntimeInputError(f"{self.bundle} has a ControlNet: give a control image (control_image=..., --control IMAGE)")
+            raise RuntimeInputError(
+                f"{self.bundle} has a ControlNet: give a control image (control_image=..., --control IMAGE)"
+            )
         prompts = self._prompts(prompt)
         control = self.prepare_control(control_image) if control_image is not None else None
         timings: dict[str, float] = {}
@@ -448,23 +485,38 @@ class Session:
             noise = self.noise(seed, rng)
         noise = np.asarray(noise)
         if tuple(noise.shape) != self.latent_shape or noise.dtype.kind != "f":
-            raise RuntimeInputError(f"noise: expected float {list(self.latent_shape)}, got {noise.dtype}{list(noise.shape)}")
+            raise RuntimeInputError(
+                f"noise: expected float {list(self.latent_shape)}, got {noise.dtype}{list(noise.shape)}"
+            )
         noise = noise.astype(np.float32)
         context = self.encode_text(ids)
         timings["text_encoder"] = self.timings["text_encoder"]
         x_in = sampler.initial_latent(noise, self.constants)
         residuals: tuple[np.ndarray, ...] = ()
         if control is not None:
-            residuals = self.control_residuals(self.cast_input("controlnet", 0, x_in), self.cast_input("controlnet", 1, context), control)
+            residuals = self.control_residuals(
+                self.cast_input("controlnet", 0, x_in), self.cast_input("controlnet", 1, context), control
+            )
             timings["controlnet"] = self.timings["controlnet"]
-        out = self.denoise(self.cast_input("unet", 0, x_in), self.cast_input("unet", 1, context), [self.cast_input("unet", 2 + i, r) for i, r in enumerate(residuals)])
+        out = self.denoise(
+            self.cast_input("unet", 0, x_in),
+            self.cast_input("unet", 1, context),
+            [self.cast_input("unet", 2 + i, r) for i, r in enumerate(residuals)],
+        )
         timings["unet"] = self.timings["unet"]
         latent = sampler.denoised(out.astype(np.float32), noise, self.constants).astype(np.float32)
         image = self.decode(self.cast_input("decoder", 0, latent))
         timings["decoder"] = self.timings["decoder"]
         return GenerationResult(image.astype(np.float32), latent, context, out, noise, ids, timings, control, residuals)
 
-    def generate(self, prompt: str | Sequence[str], seed: int = 0, noise: np.ndarray | None = None, control_image=None, rng: str = "torch"):
+    def generate(
+        self,
+        prompt: str | Sequence[str],
+        seed: int = 0,
+        noise: np.ndarray | None = None,
+        control_image=None,
+        rng: str = "torch",
+    ):
         """Generate: a PIL image for one prompt, a list of them for a list of prompts.
 
         Args:
@@ -491,7 +543,7 @@ class Session:
         strength: float | None = None,
         output_type: str = "pil",
         rng: str = "torch",
-    ) -> "CallOutput":
+    ) -> CallOutput:
         """diffusers' pipeline call on a bundle: `session(prompt, seed=0).images` (`SDXSPipeline.__call__`
         with `seed=` for `generator=`; the same seed gives diffusers' image with the default rng).
 
@@ -513,15 +565,21 @@ class Session:
         if output_type not in ("pil", "np", "latent"):
             raise RuntimeInputError(f"output_type must be pil, np or latent for a bundle, got {output_type!r}")
         if int(num_inference_steps) != 1:
-            raise RuntimeInputError(f"a bundle runs the one-step U-Net: num_inference_steps must be 1, got {num_inference_steps}")
+            raise RuntimeInputError(
+                f"a bundle runs the one-step U-Net: num_inference_steps must be 1, got {num_inference_steps}"
+            )
         if float(guidance_scale) > 1.0:
-            raise RuntimeInputError(f"a one-step bundle runs without classifier-free guidance: guidance_scale must be <= 1, got {guidance_scale:g}")
+            raise RuntimeInputError(
+                f"a one-step bundle runs without classifier-free guidance: guidance_scale must be <= 1, got {guidance_scale:g}"
+            )
         H, W = self.image_size
         want = (H if height is None else height, W if width is None else width)
         if want != (H, W):
             raise RuntimeInputError(f"this bundle draws {W}x{H} images (width x height); got {want[1]}x{want[0]}")
         if image is not None or strength is not None:  # no bundle format carries an encoder component yet
-            raise RuntimeInputError(f"{self.bundle} has no encoder component, so it takes no image-to-image input (run image-to-image on the PyTorch pipeline: SDXSPipeline(prompt, image=..., strength=...))")
+            raise RuntimeInputError(
+                f"{self.bundle} has no encoder component, so it takes no image-to-image input (run image-to-image on the PyTorch pipeline: SDXSPipeline(prompt, image=..., strength=...))"
+            )
         if int(num_images_per_prompt) < 1:
             raise RuntimeInputError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)

@@ -7,12 +7,13 @@ uint8 conversion; Python only hands over buffers. `generate_arrays` is one `sdxs
 (`sdxs_run_component`), so `parity` and the benchmark measure this path like the others. Build the
 library with `make host-runner` (runtimes/native/build_host.sh: build/host/libsdxs.so).
 """
+
 from __future__ import annotations
 
 import ctypes
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -115,7 +116,9 @@ class CapiSession(Session):
     name = "executorch-capi"
     targets = ("executorch",)
 
-    def __init__(self, bundle: str | Path, *, library: str | Path | None = None, threads: int | None = None, verify: bool = True):
+    def __init__(
+        self, bundle: str | Path, *, library: str | Path | None = None, threads: int | None = None, verify: bool = True
+    ):
         self._ctx = None
         super().__init__(bundle, verify=False)  # the manifest for shapes; libsdxs checks the hashes itself
         self._lib = load_library(library)
@@ -165,18 +168,24 @@ class CapiSession(Session):
         check(self._lib, self._lib.sdxs_noise(int(seed) & (2**64 - 1), out.size, out.ctypes.data))
         return out
 
-    def generate_arrays(self, prompt: str | Sequence[str], seed: int = 0, noise: np.ndarray | None = None, control_image=None) -> GenerationResult:
+    def generate_arrays(
+        self, prompt: str | Sequence[str], seed: int = 0, noise: np.ndarray | None = None, control_image=None
+    ) -> GenerationResult:
         """One `sdxs_generate_arrays` call: tokenizer, noise (unless given), components and rule in libsdxs."""
         self._need_open()
         if control_image is not None:
-            raise RuntimeInputError(f"{self.bundle} has no ControlNet, so it takes no control image (libsdxs runs bundles without one)")
+            raise RuntimeInputError(
+                f"{self.bundle} has no ControlNet, so it takes no control image (libsdxs runs bundles without one)"
+            )
         (text,) = [prompt] if isinstance(prompt, bytes) else self._prompts(prompt)  # bytes go to libsdxs as they are
         te, un, de = self.specs["text_encoder"], self.specs["unet"], self.specs["decoder"]
         given = noise is not None
         if given:
             noise = np.asarray(noise)
             if tuple(noise.shape) != self.latent_shape or noise.dtype.kind != "f":
-                raise RuntimeInputError(f"noise: expected float {list(self.latent_shape)}, got {noise.dtype}{list(noise.shape)}")
+                raise RuntimeInputError(
+                    f"noise: expected float {list(self.latent_shape)}, got {noise.dtype}{list(noise.shape)}"
+                )
             noise = np.ascontiguousarray(noise, np.float32)
         else:
             noise = np.empty(self.latent_shape, np.float32)
@@ -187,7 +196,11 @@ class CapiSession(Session):
         image = np.empty(de.outputs[0].shape, np.float32)
         arrays = _Arrays(_ptr(ids), _ptr(noise), _ptr(context), _ptr(eps), _ptr(latent), _ptr(image), None)
         t = time.perf_counter()
-        self._check(self._lib.sdxs_generate_arrays(self._ctx, _prompt_bytes(text), int(seed) & (2**64 - 1), int(given), ctypes.byref(arrays)))
+        self._check(
+            self._lib.sdxs_generate_arrays(
+                self._ctx, _prompt_bytes(text), int(seed) & (2**64 - 1), int(given), ctypes.byref(arrays)
+            )
+        )
         total = time.perf_counter() - t
         ms = list(arrays.ms)
         timings = {"tokenize": ms[0] / 1e3, "text_encoder": ms[1] / 1e3, "unet": ms[2] / 1e3, "decoder": ms[3] / 1e3}

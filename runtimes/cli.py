@@ -6,6 +6,7 @@
 Handlers return an exit code and raise SDXSError (ParityError below the floors), which the main CLI
 prints as one line with exit code 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,10 +33,20 @@ def _add_runtime_options(p: argparse.ArgumentParser) -> None:
     from runtimes.base import RNGS
 
     p.add_argument("--runtime", required=True, metavar="NAME", help=f"runtime: {', '.join(RUNTIMES)}")
-    p.add_argument("--providers", help="onnxruntime execution providers, comma-separated (cpu, coreml, nnapi, xnnpack, cuda; default cpu)")
-    p.add_argument("--compute-units", help="coreml compute units: CPU_ONLY, CPU_AND_GPU, CPU_AND_NE or ALL (default ALL)")
+    p.add_argument(
+        "--providers",
+        help="onnxruntime execution providers, comma-separated (cpu, coreml, nnapi, xnnpack, cuda; default cpu)",
+    )
+    p.add_argument(
+        "--compute-units", help="coreml compute units: CPU_ONLY, CPU_AND_GPU, CPU_AND_NE or ALL (default ALL)"
+    )
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle's files")
-    p.add_argument("--rng", choices=RNGS, default="torch", help="noise for the seed: torch (PyTorch's CPU torch.randn, diffusers' image for the seed; default) or numpy (the earlier numpy stream)")
+    p.add_argument(
+        "--rng",
+        choices=RNGS,
+        default="torch",
+        help="noise for the seed: torch (PyTorch's CPU torch.randn, diffusers' image for the seed; default) or numpy (the earlier numpy stream)",
+    )
 
 
 def runtime_options(args: argparse.Namespace) -> dict:
@@ -60,10 +71,14 @@ def add_parsers(subparsers) -> None:
     Args:
         subparsers: the object `ArgumentParser.add_subparsers` returned.
     """
-    p = subparsers.add_parser("parity", help="compare a bundle on a runtime with its PyTorch source model (SNR, PSNR, all-correct)")
+    p = subparsers.add_parser(
+        "parity", help="compare a bundle on a runtime with its PyTorch source model (SNR, PSNR, all-correct)"
+    )
     p.add_argument("bundle", help="bundle directory (converters' output)")
     _add_runtime_options(p)
-    p.add_argument("--reference", help="model to compare against (preset, folder or hub id; default: the bundle's source model)")
+    p.add_argument(
+        "--reference", help="model to compare against (preset, folder or hub id; default: the bundle's source model)"
+    )
     p.add_argument("--prompts", help="prompt file, one per line (default: 4 SHAPES-64 captions)")
     p.add_argument("--seeds", type=_seeds, default=[0], help="comma-separated noise seeds (default 0)")
     p.add_argument("--json", dest="json_out", metavar="OUT", help="write the report as JSON")
@@ -75,8 +90,17 @@ def add_parsers(subparsers) -> None:
     _add_runtime_options(r)
     r.add_argument("--reference", help="torch runtime only: model to run instead of the bundle's source")
     r.add_argument("--out", default="out.png", help="output image (.png, .jpg or .webp)")
-    r.add_argument("--seed", type=int, default=0, help="noise seed (same seed, same image on every runtime and in diffusers, see --rng)")
-    r.add_argument("--control", metavar="IMAGE", help="control image for a bundle with a ControlNet (e.g. an edge map from `sdxs-edge canny`; resized with a warning if its size differs)")
+    r.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="noise seed (same seed, same image on every runtime and in diffusers, see --rng)",
+    )
+    r.add_argument(
+        "--control",
+        metavar="IMAGE",
+        help="control image for a bundle with a ControlNet (e.g. an edge map from `sdxs-edge canny`; resized with a warning if its size differs)",
+    )
     r.set_defaults(func=cmd_run)
 
 
@@ -85,7 +109,17 @@ def cmd_parity(args: argparse.Namespace) -> int:
     from runtimes.parity import check_floors, format_table, read_prompts, run_parity
 
     prompts = read_prompts(args.prompts) if args.prompts else None
-    report = run_parity(args.bundle, args.runtime, reference=args.reference, prompts=prompts, seeds=args.seeds, runtime_options=runtime_options(args), json_out=args.json_out, check=False, rng=args.rng)
+    report = run_parity(
+        args.bundle,
+        args.runtime,
+        reference=args.reference,
+        prompts=prompts,
+        seeds=args.seeds,
+        runtime_options=runtime_options(args),
+        json_out=args.json_out,
+        check=False,
+        rng=args.rng,
+    )
     print(format_table(report))
     if args.json_out:
         print(f"wrote {args.json_out}")
@@ -117,7 +151,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     image = to_pil(res.image)[0]
     save_image(image, out)
     m = session.manifest
-    print(f"bundle {args.bundle}  ({m['target']} {m['precision']}, {m['resolution']}px) on {args.runtime}, seed {args.seed} ({args.rng} rng)" + (f", control {args.control}" if args.control else ""))
+    print(
+        f"bundle {args.bundle}  ({m['target']} {m['precision']}, {m['resolution']}px) on {args.runtime}, seed {args.seed} ({args.rng} rng)"
+        + (f", control {args.control}" if args.control else "")
+    )
     print(f"  load          {load_s * 1000:9.1f} ms")
     for k, v in res.timings.items():
         print(f"  {k:<13} {v * 1000:9.1f} ms")

@@ -3,6 +3,7 @@
 Core ML prediction needs Apple's Core ML framework: coremltools installs and converts on Linux, but
 cannot run a model there, so on any other system this runtime stops with one line saying so.
 """
+
 from __future__ import annotations
 
 import platform
@@ -44,7 +45,9 @@ class CoreMLSession(Session):
         try:
             import coremltools as ct
         except ImportError:
-            raise BackendMissingError("the coreml runtime needs coremltools (pip install 'sdxs-edge[coreml]')") from None
+            raise BackendMissingError(
+                "the coreml runtime needs coremltools (pip install 'sdxs-edge[coreml]')"
+            ) from None
         self.compute_units = units
         self.models = {}
         for comp, spec in self.specs.items():
@@ -52,7 +55,9 @@ class CoreMLSession(Session):
             try:
                 self.models[comp] = ct.models.MLModel(str(path), compute_units=getattr(ct.ComputeUnit, units))
             except Exception as e:  # coremltools raises many kinds; name the file and keep the cause
-                raise BundleError(f"{path}: Core ML cannot load it ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from e
+                raise BundleError(
+                    f"{path}: Core ML cannot load it ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
+                ) from e
 
     def _run(self, component: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         spec = self.specs[component]

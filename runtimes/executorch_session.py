@@ -3,6 +3,7 @@
 The Python bindings take and return torch tensors, so this runtime needs PyTorch (the executorch
 wheel depends on it anyway); the on-device path is the native runner (`runtimes/native/`).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -36,7 +37,9 @@ class ExecuTorchSession(Session):
             import torch
             from executorch.runtime import Runtime
         except ImportError as e:
-            raise BackendMissingError(f"the executorch runtime needs the executorch package (pip install 'sdxs-edge[executorch]'): {e}") from None
+            raise BackendMissingError(
+                f"the executorch runtime needs the executorch package (pip install 'sdxs-edge[executorch]'): {e}"
+            ) from None
         self._torch = torch
         rt = Runtime.get()
         self.backends = list(rt.backend_registry.registered_backend_names)
@@ -52,7 +55,9 @@ class ExecuTorchSession(Session):
                     f"backends in this runtime: {', '.join(self.backends)}"
                 ) from e
             if m is None:
-                raise BundleError(f"{path}: the program has no method {method!r} (it has: {', '.join(sorted(program.method_names))})")
+                raise BundleError(
+                    f"{path}: the program has no method {method!r} (it has: {', '.join(sorted(program.method_names))})"
+                )
             self.methods[comp] = m
 
     def _run(self, component: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

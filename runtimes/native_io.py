@@ -13,6 +13,7 @@ Also the helpers the native runtimes (arm64-emulated, android, executorch-native
 `--io` folder layout (in<i>.bin / out<i>.bin), the `SDXS_TIMING` line, and one-line failure messages.
 Numpy and the standard library only, so the emulated and Android runtimes need no PyTorch.
 """
+
 from __future__ import annotations
 
 import json
@@ -147,7 +148,9 @@ def parse_timing(stdout: str) -> dict:
                 return json.loads(line[len(TIMING_PREFIX) :])
             except json.JSONDecodeError:
                 break
-    raise RunnerError(f"the runner exited 0 but printed no valid {TIMING_PREFIX.strip()} line (stdout: {stdout.strip()[-200:]!r})")
+    raise RunnerError(
+        f"the runner exited 0 but printed no valid {TIMING_PREFIX.strip()} line (stdout: {stdout.strip()[-200:]!r})"
+    )
 
 
 def failure_line(stderr: str, returncode: int) -> str:

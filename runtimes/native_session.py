@@ -18,6 +18,7 @@ programs share one XNNPACK activation arena, since they run one at a time.
 the Session's timings (which include the file round trip); `peak_rss_mb()` is the runner's
 high-water mark (VmHWM) as of its last reply.
 """
+
 from __future__ import annotations
 
 import json
@@ -75,12 +76,16 @@ class NativeSession(Session):
         super().__init__(bundle, verify=verify)
         delegate = self.manifest.get("conversion", {}).get("config", {}).get("delegate", "xnnpack")
         if delegate != "xnnpack":
-            raise BackendMissingError(f"{self.bundle} holds {delegate} programs; the host runner executes XNNPACK ones (run Core ML bundles on an Apple device)")
+            raise BackendMissingError(
+                f"{self.bundle} holds {delegate} programs; the host runner executes XNNPACK ones (run Core ML bundles on an Apple device)"
+            )
         self.runner = Path(runner) if runner is not None else DEFAULT_RUNNER
         if not self.runner.is_file():
             raise BackendMissingError(f"the host runner {self.runner} is not built; {BUILD_HINT}")
         if workspace_sharing not in WORKSPACE_SHARING:
-            raise ValueError(f"workspace_sharing must be one of {', '.join(WORKSPACE_SHARING)}; got {workspace_sharing!r}")
+            raise ValueError(
+                f"workspace_sharing must be one of {', '.join(WORKSPACE_SHARING)}; got {workspace_sharing!r}"
+            )
         if threads is not None and threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
         self.timeout_s = float(timeout_s)
@@ -91,7 +96,9 @@ class NativeSession(Session):
         for comp, spec in self.specs.items():
             cmd += ["--program", f"{comp}={self.bundle / spec.file}"]
         shm = Path("/dev/shm")
-        self._io = Path(tempfile.mkdtemp(prefix="sdxs-native-", dir=shm if shm.is_dir() and os.access(shm, os.W_OK) else None))
+        self._io = Path(
+            tempfile.mkdtemp(prefix="sdxs-native-", dir=shm if shm.is_dir() and os.access(shm, os.W_OK) else None)
+        )
         # ExecuTorch logs to stderr: a file, so a chatty runner can never block on a full pipe.
         self._stderr = open(self._io / "stderr.log", "w+b")
         try:
@@ -132,7 +139,7 @@ class NativeSession(Session):
                 raw, self._buf = self._buf.split(b"\n", 1)
                 line = raw.decode(errors="replace").strip()
                 if line.startswith(ERROR):
-                    raise RunnerError(f"{what}: {json.loads(line[len(ERROR):])['message']}")
+                    raise RunnerError(f"{what}: {json.loads(line[len(ERROR) :])['message']}")
                 if line.startswith(prefix):
                     reply = json.loads(line[len(prefix) :])
                     self._peak_kb = max(self._peak_kb, reply.get("peak_rss_kb", -1))
@@ -140,7 +147,9 @@ class NativeSession(Session):
             left = deadline - time.monotonic()
             if left <= 0:
                 self._proc.kill()
-                raise RunnerError(f"{what}: the host runner gave no answer in {self.timeout_s:g} s (pass timeout_s= to allow more)")
+                raise RunnerError(
+                    f"{what}: the host runner gave no answer in {self.timeout_s:g} s (pass timeout_s= to allow more)"
+                )
             if not self._sel.select(timeout=left):
                 continue
             chunk = os.read(fd, 1 << 16)

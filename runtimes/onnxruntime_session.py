@@ -1,6 +1,7 @@
 """ONNX Runtime over a bundle's .onnx files: CPU by default, Core ML / NNAPI / other execution providers
 on request. Imports no PyTorch.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,7 +19,12 @@ PROVIDER_ALIASES = {
     "xnnpack": "XnnpackExecutionProvider",
     "cuda": "CUDAExecutionProvider",
 }
-_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int32)": "int32", "tensor(int64)": "int64"}
+_ORT_TYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(int32)": "int32",
+    "tensor(int64)": "int64",
+}
 _SHARED_ARENA = False  # registered once per process (onnxruntime's environment is process-wide)
 
 
@@ -55,12 +61,21 @@ class OnnxRuntimeSession(Session):
     name = "onnxruntime"
     targets = ("onnx",)
 
-    def __init__(self, bundle: str | Path, *, providers: tuple[str, ...] | list[str] | str = ("cpu",), threads: int | None = None, verify: bool = True):
+    def __init__(
+        self,
+        bundle: str | Path,
+        *,
+        providers: tuple[str, ...] | list[str] | str = ("cpu",),
+        threads: int | None = None,
+        verify: bool = True,
+    ):
         super().__init__(bundle, verify=verify)
         try:
             import onnxruntime as ort
         except ImportError:
-            raise BackendMissingError("the onnxruntime runtime needs onnxruntime (pip install 'sdxs-edge[onnxruntime]')") from None
+            raise BackendMissingError(
+                "the onnxruntime runtime needs onnxruntime (pip install 'sdxs-edge[onnxruntime]')"
+            ) from None
         names = [providers] if isinstance(providers, str) else list(providers)
         if not names:
             raise BackendMissingError("providers= is empty; name at least one execution provider (e.g. cpu)")
@@ -68,7 +83,9 @@ class OnnxRuntimeSession(Session):
         available = ort.get_available_providers()
         missing = [p for p in wanted if p not in available]
         if missing:
-            raise BackendMissingError(f"onnxruntime execution provider(s) {', '.join(missing)} not available in this onnxruntime build (available: {', '.join(available)})")
+            raise BackendMissingError(
+                f"onnxruntime execution provider(s) {', '.join(missing)} not available in this onnxruntime build (available: {', '.join(available)})"
+            )
         self.providers = wanted
         _shared_cpu_arena(ort)
         opts = ort.SessionOptions()
@@ -85,7 +102,9 @@ class OnnxRuntimeSession(Session):
             try:
                 sess = ort.InferenceSession(str(path), sess_options=opts, providers=wanted)
             except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
-                raise BundleError(f"{path}: onnxruntime cannot load it ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from e
+                raise BundleError(
+                    f"{path}: onnxruntime cannot load it ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
+                ) from e
             self._check_program(comp, sess)
             self.sessions[comp] = sess
 
@@ -96,14 +115,19 @@ class OnnxRuntimeSession(Session):
         want = [(s.name, s.dtype, s.shape) for s in spec.inputs]
         # Dynamic dimensions (strings) are allowed; static ones must equal the manifest's.
         same = len(got) == len(want) and all(
-            gn == wn and gt == wt and len(gs) == len(ws) and all(not isinstance(g, int) or g == w for g, w in zip(gs, ws))
+            gn == wn
+            and gt == wt
+            and len(gs) == len(ws)
+            and all(not isinstance(g, int) or g == w for g, w in zip(gs, ws))
             for (gn, gt, gs), (wn, wt, ws) in zip(got, want)
         )
         if not same:
             raise BundleError(f"{self.bundle / spec.file}: program inputs {got} do not match the manifest's {want}")
         out_names = [o.name for o in sess.get_outputs()]
         if out_names[: len(spec.outputs)] != [s.name for s in spec.outputs]:
-            raise BundleError(f"{self.bundle / spec.file}: program outputs {out_names} do not match the manifest's {[s.name for s in spec.outputs]}")
+            raise BundleError(
+                f"{self.bundle / spec.file}: program outputs {out_names} do not match the manifest's {[s.name for s in spec.outputs]}"
+            )
 
     def _run(self, component: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         spec = self.specs[component]

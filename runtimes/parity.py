@@ -19,13 +19,15 @@ component (all residuals together), the U-Net on the reference's residuals, and 
 an edge IoU against the control edges (`sdxs_edge.control.edge_iou` with `canny` of the image): how
 closely each follows the control, reported next to the image PSNR.
 """
+
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -130,11 +132,17 @@ def run_parity(
         raise SDXSError("parity needs at least one prompt")
     if not seeds:
         raise SDXSError("parity needs at least one seed")
-    with runtimes.load(bundle, runtime, **(runtime_options or {})) as rt, runtimes.load(bundle, "torch", reference=reference, verify=False) as ref:
+    with (
+        runtimes.load(bundle, runtime, **(runtime_options or {})) as rt,
+        runtimes.load(bundle, "torch", reference=reference, verify=False) as ref,
+    ):
         report = _compare(rt, ref, prompts, seeds, explicit_reference=reference is not None, rng=rng)
         report["cpu_class"] = rt.runs_as()
         report["cpu_classes_checked_at_conversion"] = cpu.checked_classes(rt.manifest)
-    report["runtime_options"] = {k: v if isinstance(v, (str, int, float, bool, type(None))) else list(v) for k, v in (runtime_options or {}).items()}
+    report["runtime_options"] = {
+        k: v if isinstance(v, (str, int, float, bool, type(None))) else list(v)
+        for k, v in (runtime_options or {}).items()
+    }
     if json_out is not None:
         write_json(report, json_out)
     if check:
@@ -142,7 +150,9 @@ def run_parity(
     return report
 
 
-def _compare(rt: Session, ref: Session, prompts: list[str], seeds: list[int], explicit_reference: bool, rng: str) -> dict:
+def _compare(
+    rt: Session, ref: Session, prompts: list[str], seeds: list[int], explicit_reference: bool, rng: str
+) -> dict:
     from sdxs_edge.presets import PRESETS
 
     manifest = rt.manifest
@@ -175,12 +185,21 @@ def _compare(rt: Session, ref: Session, prompts: list[str], seeds: list[int], ex
             residuals = [rt.cast_input("unet", 2 + i, r) for i, r in enumerate(want.residuals)]
             outs = {
                 "text_encoder": (want.context, rt.encode_text(want.token_ids)),
-                "unet": (want.model_output, rt.denoise(rt.cast_input("unet", 0, x_in), rt.cast_input("unet", 1, want.context), residuals)),
+                "unet": (
+                    want.model_output,
+                    rt.denoise(rt.cast_input("unet", 0, x_in), rt.cast_input("unet", 1, want.context), residuals),
+                ),
                 "decoder": (want.image, rt.decode(rt.cast_input("decoder", 0, want.latent))),
             }
             if control is not None:
-                got_res = rt.control_residuals(rt.cast_input("controlnet", 0, x_in), rt.cast_input("controlnet", 1, want.context), rt.prepare_control(control))
-                flat = lambda rs, n=n: np.concatenate([np.asarray(r, np.float32)[:n].reshape(n, -1) for r in rs], axis=1)
+                got_res = rt.control_residuals(
+                    rt.cast_input("controlnet", 0, x_in),
+                    rt.cast_input("controlnet", 1, want.context),
+                    rt.prepare_control(control),
+                )
+                flat = lambda rs, n=n: np.concatenate(
+                    [np.asarray(r, np.float32)[:n].reshape(n, -1) for r in rs], axis=1
+                )
                 outs["controlnet"] = (flat(want.residuals), flat(got_res))
                 controls.append(control[:n])
             for c, (a, b) in outs.items():
@@ -195,7 +214,12 @@ def _compare(rt: Session, ref: Session, prompts: list[str], seeds: list[int], ex
         a, b = np.concatenate(pairs[c][0]), np.concatenate(pairs[c][1])
         snr = metrics.snr_db(a, b)
         ok = snr >= floors.component_snr_db
-        components[c] = {"snr_db": _finite(snr), "max_abs_error": metrics.max_abs_error(a, b), "floor_snr_db": floors.component_snr_db, "ok": ok}
+        components[c] = {
+            "snr_db": _finite(snr),
+            "max_abs_error": metrics.max_abs_error(a, b),
+            "floor_snr_db": floors.component_snr_db,
+            "ok": ok,
+        }
         if not ok:
             failures.append(f"{c} SNR {snr:.1f} dB < {floors.component_snr_db:g} dB")
     ri, ti = np.concatenate(ref_images), np.concatenate(rt_images)
@@ -204,7 +228,9 @@ def _compare(rt: Session, ref: Session, prompts: list[str], seeds: list[int], ex
     source = ref.pipeline.name
     # The manifest says whether its source is trained (converters record it); a reference given by hand,
     # or a manifest without the flag, counts as trained unless it is a random-weight preset.
-    trained = source not in PRESETS if explicit_reference else bool(manifest["source"].get("trained", source not in PRESETS))
+    trained = (
+        source not in PRESETS if explicit_reference else bool(manifest["source"].get("trained", source not in PRESETS))
+    )
     image_ok = psnr >= floors.image_psnr_db
     image = {
         "psnr_db": _finite(psnr),
@@ -218,7 +244,9 @@ def _compare(rt: Session, ref: Session, prompts: list[str], seeds: list[int], ex
     all_correct = _all_correct(order, ri, ti, rt.manifest["resolution"], floors)
     control = _control_report(np.concatenate(controls), ri, ti) if controls else None
     if all_correct.get("ok") is False:
-        failures.append(f"all-correct rate {all_correct['runtime']:.3f} vs reference {all_correct['reference']:.3f} ({all_correct['points']:.1f} points > {floors.all_correct_points:g})")
+        failures.append(
+            f"all-correct rate {all_correct['runtime']:.3f} vs reference {all_correct['reference']:.3f} ({all_correct['points']:.1f} points > {floors.all_correct_points:g})"
+        )
     return {
         "bundle": str(rt.bundle),
         "runtime": rt.name,
@@ -245,7 +273,9 @@ def _compare(rt: Session, ref: Session, prompts: list[str], seeds: list[int], ex
     }
 
 
-def _all_correct(prompts: list[str], ref_images: np.ndarray, rt_images: np.ndarray, resolution: int, floors: Floors) -> dict:
+def _all_correct(
+    prompts: list[str], ref_images: np.ndarray, rt_images: np.ndarray, resolution: int, floors: Floors
+) -> dict:
     """SHAPES-64 all-correct rates of both sides, or an explicit "n/a" with the reason."""
     labels = _shapes_labels(prompts)
     if labels is None:
@@ -262,7 +292,15 @@ def _all_correct(prompts: list[str], ref_images: np.ndarray, rt_images: np.ndarr
     points = 100.0 * (ref_rate - rt_rate)
     n = len(prompts)
     enforced = n >= floors.all_correct_min_prompts
-    return {"status": "measured", "reference": ref_rate, "runtime": rt_rate, "points": points, "n": n, "enforced": enforced, "ok": (points <= floors.all_correct_points) if enforced else None}
+    return {
+        "status": "measured",
+        "reference": ref_rate,
+        "runtime": rt_rate,
+        "points": points,
+        "n": n,
+        "enforced": enforced,
+        "ok": (points <= floors.all_correct_points) if enforced else None,
+    }
 
 
 def _control_report(controls: np.ndarray, ref_images: np.ndarray, rt_images: np.ndarray) -> dict:
@@ -289,7 +327,9 @@ def check_floors(report: dict) -> None:
         report: a `run_parity` report.
     """
     if report["failures"]:
-        raise ParityError(f"{report['runtime']} on {report['bundle']} ({report['target']} {report['precision']}) is below its parity floors: {'; '.join(report['failures'])}")
+        raise ParityError(
+            f"{report['runtime']} on {report['bundle']} ({report['target']} {report['precision']}) is below its parity floors: {'; '.join(report['failures'])}"
+        )
 
 
 def write_json(report: dict, path: str | Path) -> Path:
@@ -313,7 +353,11 @@ def format_table(report: dict) -> str:
         report: a `run_parity` report.
     """
     cls, checked = report.get("cpu_class"), report.get("cpu_classes_checked_at_conversion", [])
-    on = f"  CPU class {cls} ({'checked at conversion' if cls in checked else 'not checked at conversion'})" if cls else ""
+    on = (
+        f"  CPU class {cls} ({'checked at conversion' if cls in checked else 'not checked at conversion'})"
+        if cls
+        else ""
+    )
     lines = [
         f"parity  {report['runtime']} vs torch ({report['reference']})  bundle {report['bundle']}  [{report['target']} {report['precision']}]  {report['samples']} sample(s){on}",
         f"{'component':<14}{'SNR dB':>10}{'floor':>8}{'max abs err':>14}{'runtime ms':>12}{'torch ms':>10}  ",
@@ -325,14 +369,20 @@ def format_table(report: dict) -> str:
         )
     im = report["image"]
     verdict = ("ok" if im["ok"] else "FAIL") if im["enforced"] else "reported only (random weights)"
-    lines.append(f"{'image PSNR':<14}{_num(im['psnr_db'], '.1f'):>10}{im['floor_psnr_db']:>8g}   min {_num(im['psnr_db_min'], '.1f')} dB  {verdict}")
+    lines.append(
+        f"{'image PSNR':<14}{_num(im['psnr_db'], '.1f'):>10}{im['floor_psnr_db']:>8g}   min {_num(im['psnr_db_min'], '.1f')} dB  {verdict}"
+    )
     ac = report["all_correct"]
     if ac["status"] == "measured":
-        lines.append(f"{'all-correct':<14}runtime {ac['runtime']:.3f}  reference {ac['reference']:.3f}  ({-ac['points']:+.1f} points, n={ac['n']})  {'not judged (n < ' + str(FLOORS[report['precision']].all_correct_min_prompts) + ')' if ac['ok'] is None else ('ok' if ac['ok'] else 'FAIL')}")
+        lines.append(
+            f"{'all-correct':<14}runtime {ac['runtime']:.3f}  reference {ac['reference']:.3f}  ({-ac['points']:+.1f} points, n={ac['n']})  {'not judged (n < ' + str(FLOORS[report['precision']].all_correct_min_prompts) + ')' if ac['ok'] is None else ('ok' if ac['ok'] else 'FAIL')}"
+        )
     else:
         lines.append(f"{'all-correct':<14}{ac['status']}")
     ctl = report.get("control")
     if ctl:
-        lines.append(f"{'edge IoU':<14}runtime {ctl['edge_iou_runtime']:.3f}  reference {ctl['edge_iou_reference']:.3f}  ({ctl['edge_iou_change']:+.3f}; canny of the image vs the control edges, reported only)")
+        lines.append(
+            f"{'edge IoU':<14}runtime {ctl['edge_iou_runtime']:.3f}  reference {ctl['edge_iou_reference']:.3f}  ({ctl['edge_iou_change']:+.3f}; canny of the image vs the control edges, reported only)"
+        )
     lines.append("PASSED" if report["passed"] else "FAILED: " + "; ".join(report["failures"]))
     return "\n".join(lines)

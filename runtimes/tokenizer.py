@@ -8,15 +8,16 @@ regex (then GPT-2's, as transformers' ByteLevel step does), bytes -> printable u
 truncation to `max_length` (with a warning) and padding with the pad token of the tokenizer folder
 (`<|endoftext|>` for CLIP ViT-L, "!" for OpenCLIP-H checkpoints).
 """
+
 from __future__ import annotations
 
 import json
 import unicodedata
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import regex
@@ -26,7 +27,9 @@ from sdxs_edge.tokenizer import bytes_to_unicode
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # CLIP's split pattern (clip/simple_tokenizer.py; identical in transformers' CLIPTokenizer).
-PATTERN = regex.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", regex.IGNORECASE)
+PATTERN = regex.compile(
+    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", regex.IGNORECASE
+)
 # transformers' ByteLevel pre-tokenizer splits every CLIP piece again with GPT-2's pattern; that only
 # changes pieces CLIP's pattern keeps whole but GPT-2's does not (a lowercased "<|endoftext|>" typed
 # in a prompt: "<|", "endoftext", "|>"), and we follow it to give the same ids.
@@ -65,7 +68,7 @@ class CLIPBPETokenizer:
     _cache: dict[str, tuple[str, ...]] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
-    def from_dir(cls, folder: str | Path, max_length: int = 77) -> "CLIPBPETokenizer":
+    def from_dir(cls, folder: str | Path, max_length: int = 77) -> CLIPBPETokenizer:
         """Read vocab.json, merges.txt and the pad token (special_tokens_map.json, else tokenizer_config.json).
 
         Args:
@@ -104,7 +107,7 @@ class CLIPBPETokenizer:
         return cls(encoder, ranks, pad, int(max_length))
 
     @cached_property
-    def _special_re(self) -> "regex.Pattern":
+    def _special_re(self) -> regex.Pattern:
         specials = sorted({BOS, EOS, self.pad_token}, key=len, reverse=True)
         return regex.compile("(" + "|".join(regex.escape(t) for t in specials) + ")")
 
@@ -157,7 +160,9 @@ class CLIPBPETokenizer:
             if k % 2:
                 ids.append(self.encoder[segment])
                 continue
-            for piece in (p for clip_piece in PATTERN.findall(_normalize(segment)) for p in GPT2_PATTERN.findall(clip_piece)):
+            for piece in (
+                p for clip_piece in PATTERN.findall(_normalize(segment)) for p in GPT2_PATTERN.findall(clip_piece)
+            ):
                 symbols = "".join(_BYTE_ENCODER[b] for b in piece.encode("utf-8"))
                 ids.extend(self.encoder[s] for s in self._bpe(symbols))
         return ids

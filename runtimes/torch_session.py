@@ -16,6 +16,7 @@ For a bundle with a ControlNet it loads the ControlNet the manifest records (man
 ["controlnet"]["model"], a folder, checked against the recorded weights sha256), or an explicit
 `controlnet=`, with the recorded conditioning scale.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -54,7 +55,9 @@ class TorchSession(Session):
     cpu_class = None
     targets = ()
 
-    def __init__(self, bundle: str | Path, *, reference=None, controlnet=None, device: str | None = None, verify: bool = True):
+    def __init__(
+        self, bundle: str | Path, *, reference=None, controlnet=None, device: str | None = None, verify: bool = True
+    ):
         super().__init__(bundle, verify=verify)
         try:
             import torch
@@ -77,7 +80,9 @@ class TorchSession(Session):
         scale = 1.0
         if "controlnet" in self.specs:
             record = self.manifest["source"].get("controlnet") or {}
-            scale = float(record.get("control_scale", self.manifest["conversion"].get("config", {}).get("control_scale") or 1.0))
+            scale = float(
+                record.get("control_scale", self.manifest["conversion"].get("config", {}).get("control_scale") or 1.0)
+            )
             if controlnet is None and isinstance(reference, SDXSPipeline):
                 controlnet = reference.controlnet
             self.controlnet = self._load_controlnet(controlnet, record, pipe)
@@ -95,8 +100,14 @@ class TorchSession(Session):
         src = resolve_source(self.bundle, source["model"])
         pipe = SDXSPipeline.load(src, seed=int(source.get("preset_seed") or 0))
         if modules_sha256(pipe.c.modules()) != source["sha256"]:
-            where = f"{src}/{{text_encoder,unet,vae}}/*.safetensors" if Path(src).is_dir() else f"preset {src} (seed {source.get('preset_seed') or 0})"
-            raise BundleError(f"the source model's weights ({where}) differ from those {self.bundle} was converted from (source.sha256 mismatch); pass reference= (--reference) to compare with it anyway")
+            where = (
+                f"{src}/{{text_encoder,unet,vae}}/*.safetensors"
+                if Path(src).is_dir()
+                else f"preset {src} (seed {source.get('preset_seed') or 0})"
+            )
+            raise BundleError(
+                f"the source model's weights ({where}) differ from those {self.bundle} was converted from (source.sha256 mismatch); pass reference= (--reference) to compare with it anyway"
+            )
         return pipe
 
     def _with_lora(self, pipe, reference):
@@ -140,7 +151,9 @@ class TorchSession(Session):
             from sdxs_edge.weights import modules_sha256
 
             if modules_sha256({"controlnet": cn}) != record["weights_sha256"]:
-                raise BundleError(f"the ControlNet {record['model']} has changed since {self.bundle} was converted (weights sha256 mismatch); pass controlnet= to compare with it anyway")
+                raise BundleError(
+                    f"the ControlNet {record['model']} has changed since {self.bundle} was converted (weights sha256 mismatch); pass controlnet= to compare with it anyway"
+                )
         return cn
 
     def _run(self, component: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

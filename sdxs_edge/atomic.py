@@ -16,6 +16,7 @@ Every writer (images, bundles, model folders, checkpoints, reports, tokenizer fi
 
 Standard library only; runtimes use it without PyTorch.
 """
+
 from __future__ import annotations
 
 import errno
@@ -23,9 +24,9 @@ import fcntl
 import itertools
 import os
 import shutil
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from sdxs_edge.errors import SDXSError
 
@@ -63,7 +64,13 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-_WRITE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EFBIG: "the file size limit was reached", errno.EDQUOT: "the disk quota is exceeded", errno.EACCES: "permission denied", errno.EROFS: "the file system is read-only"}
+_WRITE_ERRNOS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EFBIG: "the file size limit was reached",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EACCES: "permission denied",
+    errno.EROFS: "the file system is read-only",
+}
 
 
 def write_failed(final: str | os.PathLike, e: BaseException) -> WriteError | None:
@@ -76,7 +83,11 @@ def write_failed(final: str | os.PathLike, e: BaseException) -> WriteError | Non
     if why is None:
         text = str(e)
         why = next((w for code, w in _WRITE_ERRNOS.items() if os.strerror(code) in text), None)
-    return None if why is None else WriteError(f"could not write {final}: {why}; the previous version, if any, is unchanged")
+    return (
+        None
+        if why is None
+        else WriteError(f"could not write {final}: {why}; the previous version, if any, is unchanged")
+    )
 
 
 @contextmanager
@@ -136,7 +147,7 @@ def remove_stale(final: str | os.PathLike) -> list[Path]:
     removed = []
     for kind in _TEMP_KINDS:
         for p in final.parent.glob(f".{final.name}.{kind}-*"):
-            pid = p.name[len(f".{final.name}.{kind}-"):].split("-")[0]
+            pid = p.name[len(f".{final.name}.{kind}-") :].split("-")[0]
             if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
                 _remove(p)
                 removed.append(p)
@@ -153,7 +164,9 @@ def _locked(final: Path) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise WriteError(f"{final} is being written by another process; wait for it to finish or choose another output") from None
+            raise WriteError(
+                f"{final} is being written by another process; wait for it to finish or choose another output"
+            ) from None
         try:
             same = os.stat(lock).st_ino == os.fstat(fd).st_ino  # the holder before us may have removed it
         except FileNotFoundError:

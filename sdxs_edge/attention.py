@@ -12,6 +12,7 @@ SD-2.1-style U-Net attends over 4,096 tokens with 5 heads, so the scores and pro
 
 Both give the same outputs up to float rounding (`tests/test_converters.py`).
 """
+
 from __future__ import annotations
 
 ATTENTION_VARIANTS = ("standard", "split-heads")
@@ -24,8 +25,9 @@ class SplitHeadAttnProcessor:
     residual connection, output rescale) and differs only in the per-head loop.
     """
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
-        import torch
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs
+    ):
 
         residual = hidden_states
         if attn.spatial_norm is not None:

@@ -12,6 +12,7 @@ runtimes' input.
 `load_manifest` validates a bundle and checks every file's sha256, with one clear error per problem.
 This module imports numpy and the standard library only: runtimes use it without PyTorch.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -51,11 +52,25 @@ MANIFEST_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "title": "sdxs-edge bundle manifest",
     "type": "object",
-    "required": ["format", "format_version", "source", "target", "precision", "resolution", "sampler", "tokenizer", "components"],
+    "required": [
+        "format",
+        "format_version",
+        "source",
+        "target",
+        "precision",
+        "resolution",
+        "sampler",
+        "tokenizer",
+        "components",
+    ],
     "properties": {
         "format": {"const": FORMAT},
         "format_version": {"const": FORMAT_VERSION},
-        "source": {"type": "object", "required": ["model", "sha256"], "properties": {"model": {"type": "string"}, "sha256": {"type": "string"}}},
+        "source": {
+            "type": "object",
+            "required": ["model", "sha256"],
+            "properties": {"model": {"type": "string"}, "sha256": {"type": "string"}},
+        },
         "target": {"enum": list(TARGETS)},
         "precision": {"enum": list(PRECISIONS)},
         "resolution": {"type": "integer", "minimum": 8},
@@ -70,7 +85,11 @@ MANIFEST_SCHEMA: dict[str, Any] = {
                 "latent_scaling": {"type": "number"},
             },
         },
-        "tokenizer": {"type": "object", "required": ["dir", "max_length"], "properties": {"dir": {"type": "string"}, "max_length": {"type": "integer"}}},
+        "tokenizer": {
+            "type": "object",
+            "required": ["dir", "max_length"],
+            "properties": {"dir": {"type": "string"}, "max_length": {"type": "integer"}},
+        },
         "components": {
             "type": "object",
             "additionalProperties": {
@@ -121,7 +140,9 @@ def validate_manifest(manifest: dict) -> dict:
     if not isinstance(manifest, dict):
         raise BundleError("manifest is not a JSON object")
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise BundleError(f"manifest format version {_short(manifest.get('format_version'))} is not supported (this sdxs-edge reads version {FORMAT_VERSION})")
+        raise BundleError(
+            f"manifest format version {_short(manifest.get('format_version'))} is not supported (this sdxs-edge reads version {FORMAT_VERSION})"
+        )
     _validate(manifest, MANIFEST_SCHEMA, "$")
     for name in manifest["components"]:
         if name not in COMPONENT_NAMES:
@@ -137,7 +158,9 @@ def validate_manifest(manifest: dict) -> dict:
             if got is None:
                 raise BundleError(f"manifest: the unet does not declare the ControlNet residual input {t['name']!r}")
             if got["shape"] != t["shape"] or got["dtype"] != t["dtype"]:
-                raise BundleError(f"manifest: unet input {t['name']} {got['dtype']}{got['shape']} differs from the controlnet output {t['dtype']}{t['shape']}")
+                raise BundleError(
+                    f"manifest: unet input {t['name']} {got['dtype']}{got['shape']} differs from the controlnet output {t['dtype']}{t['shape']}"
+                )
     return manifest
 
 
@@ -178,7 +201,9 @@ def check_relative(rel: Any, where: str) -> str:
         or any(part in ("..", ".") for part in rel.split("/"))
     )
     if bad:
-        raise BundleError(f"manifest {where}: {_short(rel)} must be a relative path inside the bundle (no '..', no absolute path)")
+        raise BundleError(
+            f"manifest {where}: {_short(rel)} must be a relative path inside the bundle (no '..', no absolute path)"
+        )
     return rel
 
 
@@ -187,12 +212,16 @@ def _check_tensors(tensors: list, where: str) -> None:
     for i, t in enumerate(tensors):
         name, shape = t["name"], t["shape"]
         if not _TENSOR_NAME.fullmatch(name):
-            raise BundleError(f"manifest {where}[{i}].name: {_short(name)} is not a tensor name (letters, digits, '_', '.'; at most 128)")
+            raise BundleError(
+                f"manifest {where}[{i}].name: {_short(name)} is not a tensor name (letters, digits, '_', '.'; at most 128)"
+            )
         if name in seen:
             raise BundleError(f"manifest {where}: tensor name {name!r} appears twice")
         seen.add(name)
         if not 1 <= len(shape) <= MAX_RANK or any(d > MAX_DIM for d in shape) or math.prod(shape) > MAX_ELEMENTS:
-            raise BundleError(f"manifest {where}[{i}].shape: {_short(shape)} is out of bounds (rank 1-{MAX_RANK}, each dimension at most {MAX_DIM}, at most {MAX_ELEMENTS} elements)")
+            raise BundleError(
+                f"manifest {where}[{i}].shape: {_short(shape)} is out of bounds (rank 1-{MAX_RANK}, each dimension at most {MAX_DIM}, at most {MAX_ELEMENTS} elements)"
+            )
 
 
 def _check_limits(manifest: dict) -> None:
@@ -203,7 +232,9 @@ def _check_limits(manifest: dict) -> None:
         if isinstance(v, float) and not math.isfinite(v):
             raise BundleError(f"manifest $.sampler.{k}: {v} is not a finite number")
     if not 1 <= manifest["tokenizer"]["max_length"] <= 1024:
-        raise BundleError(f"manifest $.tokenizer.max_length: {manifest['tokenizer']['max_length']} is out of bounds (1-1024)")
+        raise BundleError(
+            f"manifest $.tokenizer.max_length: {manifest['tokenizer']['max_length']} is out of bounds (1-1024)"
+        )
     check_relative(manifest["tokenizer"]["dir"], "$.tokenizer.dir")
     check_sha256(manifest["source"]["sha256"], "$.source.sha256")
     for name, comp in manifest["components"].items():
@@ -232,10 +263,18 @@ def _check_source_records(manifest: dict) -> None:
         raise BundleError(f"manifest $.source.controlnet: expected object, got {type(cn).__name__}")
     if not isinstance(cfg, dict):
         raise BundleError(f"manifest $.conversion.config: expected object, got {type(cfg).__name__}")
-    for rec, key, where in ((cn or {}, "sha256", "$.source.controlnet.sha256"), (cn or {}, "weights_sha256", "$.source.controlnet.weights_sha256"), (cfg, "lora_sha256", "$.conversion.config.lora_sha256")):
+    for rec, key, where in (
+        (cn or {}, "sha256", "$.source.controlnet.sha256"),
+        (cn or {}, "weights_sha256", "$.source.controlnet.weights_sha256"),
+        (cfg, "lora_sha256", "$.conversion.config.lora_sha256"),
+    ):
         if rec.get(key) is not None:
             check_sha256(rec[key], where)
-    for rec, key, where in ((manifest["source"], "model", "$.source.model"), (cn or {}, "model", "$.source.controlnet.model"), (cfg, "lora", "$.conversion.config.lora")):
+    for rec, key, where in (
+        (manifest["source"], "model", "$.source.model"),
+        (cn or {}, "model", "$.source.controlnet.model"),
+        (cfg, "lora", "$.conversion.config.lora"),
+    ):
         v = rec.get(key)
         if v is not None and (not isinstance(v, str) or not v or len(v) > 4096 or any(c in v for c in "\0\n\r")):
             raise BundleError(f"manifest {where}: {_short(v)} is not a model path or id")
@@ -259,7 +298,6 @@ def _check_resolves_inside(path: Path, root: Path, rel: str) -> None:
     real = path.resolve()
     if real != root and root not in real.parents:
         raise BundleError(f"{root}: {rel} leads outside the bundle (to {real}); a bundle may only name its own files")
-
 
 
 def sha256_path(path: str | Path) -> str:

@@ -1,4 +1,5 @@
 """`sdxs-edge` command line. Errors are one line on stderr with exit code 2; `--debug` shows tracebacks."""
+
 from __future__ import annotations
 
 import argparse
@@ -85,7 +86,9 @@ def cmd_generate(args) -> int:
     if args.control is not None and args.controlnet is None:
         raise SDXSError("--control needs a ControlNet: pass --controlnet PATH (a folder built for the model's U-Net)")
     if args.controlnet is not None and args.control is None:
-        raise SDXSError("--controlnet needs a control image: pass --control IMAGE (e.g. an edge map from `sdxs-edge canny`)")
+        raise SDXSError(
+            "--controlnet needs a control image: pass --control IMAGE (e.g. an edge map from `sdxs-edge canny`)"
+        )
     if args.control_scale is not None and args.controlnet is None:
         raise SDXSError("--control-scale needs --controlnet PATH")
     res = args.resolution
@@ -134,18 +137,39 @@ def cmd_generate(args) -> int:
     load_s = time.perf_counter() - t
     noise = pipe.noise(len(args.prompt), args.seed, resolution=res)
     control_scale = 1.0 if args.control_scale is None else args.control_scale
-    gen = pipe.generate(args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance, noise=noise, control_image=control, control_scale=control_scale, image=init, strength=args.strength)
-    outs = [Path(args.out)] if len(gen.images) == 1 else [Path(args.out).with_name(f"{Path(args.out).stem}-{i}{Path(args.out).suffix}") for i in range(len(gen.images))]
+    gen = pipe.generate(
+        args.prompt,
+        seed=args.seed,
+        steps=args.steps,
+        guidance=args.guidance,
+        noise=noise,
+        control_image=control,
+        control_scale=control_scale,
+        image=init,
+        strength=args.strength,
+    )
+    outs = (
+        [Path(args.out)]
+        if len(gen.images) == 1
+        else [
+            Path(args.out).with_name(f"{Path(args.out).stem}-{i}{Path(args.out).suffix}")
+            for i in range(len(gen.images))
+        ]
+    )
     for img, out in zip(gen.images, outs):
         save_image(img, out)
     steps = args.steps or pipe.default_steps
-    print(f"model {pipe.name}  ({steps} step{'s' * (steps > 1)}, guidance {args.guidance if args.guidance is not None else pipe.default_guidance}, seed {args.seed})")
+    print(
+        f"model {pipe.name}  ({steps} step{'s' * (steps > 1)}, guidance {args.guidance if args.guidance is not None else pipe.default_guidance}, seed {args.seed})"
+    )
     if lora is not None:
         print(f"lora  {args.lora}  (fused into {len(fused)} U-Net layers, scale {lora_scale:g})")
     if controlnet is not None:
         print(f"controlnet  {args.controlnet}  (control {args.control}, scale {control_scale:g})")
     if init is not None:
-        print(f"image {args.image}  (strength {0.8 if args.strength is None else args.strength:g}, encoder {args.encoder or 'the model VAE'})")
+        print(
+            f"image {args.image}  (strength {0.8 if args.strength is None else args.strength:g}, encoder {args.encoder or 'the model VAE'})"
+        )
     print(f"  load          {load_s * 1000:9.1f} ms")
     for k, v in gen.timings.items():
         print(f"  {k:<13} {v * 1000:9.1f} ms")
@@ -175,13 +199,15 @@ def cmd_canny(args) -> int:
     edges = canny(np.asarray(img), low=args.low, high=args.high)
     with atomic_file(out) as tmp:
         Image.fromarray(edges).save(tmp, format="PNG")
-    print(f"wrote {out}  ({img.size[0]}x{img.size[1]}, {100 * float((edges > 0).mean()):.1f}% edge pixels, thresholds {args.low:g}/{args.high:g})")
+    print(
+        f"wrote {out}  ({img.size[0]}x{img.size[1]}, {100 * float((edges > 0).mean()):.1f}% edge pixels, thresholds {args.low:g}/{args.high:g})"
+    )
     return 0
 
 
 # ---- info --------------------------------------------------------------------------------------------
 def cmd_info(args) -> int:
-    from sdxs_edge.info import model_info, format_info
+    from sdxs_edge.info import format_info, model_info
 
     rep = model_info(args.model, flops=not args.no_flops)
     print(json.dumps(rep, indent=2) if args.json else format_info(rep))
@@ -190,7 +216,14 @@ def cmd_info(args) -> int:
 
 # ---- eval --------------------------------------------------------------------------------------------
 def cmd_eval(args) -> int:
-    from sdxs_edge.evaluate import EvalSettings, Evaluator, evaluate_pipeline, format_report, read_prompt_file, save_grid
+    from sdxs_edge.evaluate import (
+        EvalSettings,
+        Evaluator,
+        evaluate_pipeline,
+        format_report,
+        read_prompt_file,
+        save_grid,
+    )
     from sdxs_edge.pipeline import SDXSPipeline
 
     prompts = read_prompt_file(args.prompts) if args.prompts else None
@@ -273,7 +306,11 @@ def cmd_train(args) -> int:
 
     if args.preset not in ("shapes", "tiny"):
         raise SDXSError(f"the distillation chain has presets 'shapes' and 'tiny' (smoke); got {args.preset!r}")
-    cfg = smoke_chain() if args.smoke or args.preset == "tiny" else (gpu_chain() if args.recipe == "gpu" else ChainConfig())
+    cfg = (
+        smoke_chain()
+        if args.smoke or args.preset == "tiny"
+        else (gpu_chain() if args.recipe == "gpu" else ChainConfig())
+    )
     if args.teacher:
         cfg = replace(cfg, teacher=args.teacher)
     elif args.retrain_teacher:
@@ -292,34 +329,84 @@ def cmd_train(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sdxs-edge", description="One-step SDXS text-to-image: generate, train, convert, run on device.")
+    p = argparse.ArgumentParser(
+        prog="sdxs-edge", description="One-step SDXS text-to-image: generate, train, convert, run on device."
+    )
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    p.add_argument("--allow-download", action="store_true", help="fetch the Hugging Face hub ids this command names (model, reference, a bundle's source) when the local cache lacks them; without it nothing is downloaded")
+    p.add_argument(
+        "--allow-download",
+        action="store_true",
+        help="fetch the Hugging Face hub ids this command names (model, reference, a bundle's source) when the local cache lacks them; without it nothing is downloaded",
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     g = sub.add_parser("generate", help="generate images from text with a model or preset")
     g.add_argument("prompt", nargs="+", help="one or more prompts (one image each, one batch)")
     g.add_argument("--model", help="preset name, diffusers folder or hub id (default: the embedded SHAPES-64 model)")
     g.add_argument("--seed", type=int, default=0, help="noise seed (same seed, same image)")
-    g.add_argument("--steps", type=positive(int, "--steps"), help="U-Net evaluations (default: the model's; 1 for SDXS)")
+    g.add_argument(
+        "--steps", type=positive(int, "--steps"), help="U-Net evaluations (default: the model's; 1 for SDXS)"
+    )
     g.add_argument("--guidance", type=float, help="classifier-free guidance scale; <= 1 disables it")
-    g.add_argument("--resolution", type=positive(int, "--resolution"), help="image side in pixels (multiple of 8; default: the model's)")
+    g.add_argument(
+        "--resolution",
+        type=positive(int, "--resolution"),
+        help="image side in pixels (multiple of 8; default: the model's)",
+    )
     g.add_argument("--out", default="out.png", help="output image (several prompts: out-0.png, out-1.png, ...)")
-    g.add_argument("--lora", type=Path, metavar="PATH", help="U-Net LoRA (safetensors) fused into the weights before generating")
+    g.add_argument(
+        "--lora", type=Path, metavar="PATH", help="U-Net LoRA (safetensors) fused into the weights before generating"
+    )
     g.add_argument("--lora-scale", type=lora_scale, metavar="S", help="LoRA strength (default 1.0; needs --lora)")
-    g.add_argument("--controlnet", type=Path, metavar="PATH", help="ControlNet folder (diffusers ControlNetModel, safetensors) built for the model's U-Net; needs --control")
-    g.add_argument("--control", metavar="IMAGE", help="control image for --controlnet, e.g. an edge map from `sdxs-edge canny` (square; resized with a warning if its size differs)")
-    g.add_argument("--control-scale", type=control_scale, metavar="S", help="ControlNet conditioning scale (default 1.0; needs --controlnet)")
-    g.add_argument("--image", metavar="PATH", help="image-to-image: start from this image (RGB, no alpha; resized with a warning if its size differs)")
-    g.add_argument("--strength", type=_strength, metavar="S", help="image-to-image strength in (0, 1]: how far from --image to go (default 0.8; needs --image)")
-    g.add_argument("--encoder", metavar="VAE_DIR", help="image-to-image: encode with this VAE folder (e.g. the teacher's MODEL/vae) instead of the model's tiny encoder")
+    g.add_argument(
+        "--controlnet",
+        type=Path,
+        metavar="PATH",
+        help="ControlNet folder (diffusers ControlNetModel, safetensors) built for the model's U-Net; needs --control",
+    )
+    g.add_argument(
+        "--control",
+        metavar="IMAGE",
+        help="control image for --controlnet, e.g. an edge map from `sdxs-edge canny` (square; resized with a warning if its size differs)",
+    )
+    g.add_argument(
+        "--control-scale",
+        type=control_scale,
+        metavar="S",
+        help="ControlNet conditioning scale (default 1.0; needs --controlnet)",
+    )
+    g.add_argument(
+        "--image",
+        metavar="PATH",
+        help="image-to-image: start from this image (RGB, no alpha; resized with a warning if its size differs)",
+    )
+    g.add_argument(
+        "--strength",
+        type=_strength,
+        metavar="S",
+        help="image-to-image strength in (0, 1]: how far from --image to go (default 0.8; needs --image)",
+    )
+    g.add_argument(
+        "--encoder",
+        metavar="VAE_DIR",
+        help="image-to-image: encode with this VAE folder (e.g. the teacher's MODEL/vae) instead of the model's tiny encoder",
+    )
     g.set_defaults(func=cmd_generate)
 
-    c = sub.add_parser("canny", help="canny edge map of an image (white edges on black), for use as a ControlNet control image")
+    c = sub.add_parser(
+        "canny", help="canny edge map of an image (white edges on black), for use as a ControlNet control image"
+    )
     c.add_argument("image", help="input image (any size; converted to RGB)")
     c.add_argument("out", help="output edge map (.png)")
-    c.add_argument("--low", type=float, default=_control.LOW, help=f"hysteresis low threshold on the Sobel magnitude, 0-255 units (default {_control.LOW:g})")
-    c.add_argument("--high", type=float, default=_control.HIGH, help=f"hysteresis high threshold (default {_control.HIGH:g})")
+    c.add_argument(
+        "--low",
+        type=float,
+        default=_control.LOW,
+        help=f"hysteresis low threshold on the Sobel magnitude, 0-255 units (default {_control.LOW:g})",
+    )
+    c.add_argument(
+        "--high", type=float, default=_control.HIGH, help=f"hysteresis high threshold (default {_control.HIGH:g})"
+    )
     c.set_defaults(func=cmd_canny)
 
     i = sub.add_parser("info", help="parameters, FLOPs and size per component")
@@ -328,7 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print JSON")
     i.set_defaults(func=cmd_info)
 
-    e = sub.add_parser("eval", help="SHAPES-64 prompt-following: attribute accuracy, all-correct rate, FID-shapes, grid")
+    e = sub.add_parser(
+        "eval", help="SHAPES-64 prompt-following: attribute accuracy, all-correct rate, FID-shapes, grid"
+    )
     e.add_argument("model", nargs="?", help="preset, folder or hub id (default: the embedded model)")
     e.add_argument("--n", type=positive(int, "--n"), default=512, help="number of evaluation prompts")
     e.add_argument("--steps", type=positive(int, "--steps"), help="sampling steps (default: the model's)")
@@ -339,18 +428,44 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default="out/eval", help="folder for eval.json and grid.png")
     e.set_defaults(func=cmd_eval)
 
-    t = sub.add_parser("train", help="train a stage: teacher, evaluator, decoder, unet-kd, onestep, all (the SDXS chain), controlnet (canny ControlNets), or lora (an outline style LoRA, distilled to one step)")
-    t.add_argument("stage", choices=["teacher", "evaluator", "decoder", "unet-kd", "onestep", "all", "controlnet", "lora"], help="stage; chain stages run the chain up to and including it, resuming earlier stages")
+    t = sub.add_parser(
+        "train",
+        help="train a stage: teacher, evaluator, decoder, unet-kd, onestep, all (the SDXS chain), controlnet (canny ControlNets), or lora (an outline style LoRA, distilled to one step)",
+    )
+    t.add_argument(
+        "stage",
+        choices=["teacher", "evaluator", "decoder", "unet-kd", "onestep", "all", "controlnet", "lora"],
+        help="stage; chain stages run the chain up to and including it, resuming earlier stages",
+    )
     t.add_argument("--preset", default="shapes", help="shapes (SHAPES-64) or tiny (smoke)")
-    t.add_argument("--teacher", help="trained teacher folder to distill from (default: the committed models/shapes-teacher)")
+    t.add_argument(
+        "--teacher", help="trained teacher folder to distill from (default: the committed models/shapes-teacher)"
+    )
     t.add_argument("--student", help="controlnet, lora: the one-step student folder (default: the embedded model)")
-    t.add_argument("--retrain-teacher", action="store_true", help="train the teacher as the chain's first stage instead of reusing one")
+    t.add_argument(
+        "--retrain-teacher",
+        action="store_true",
+        help="train the teacher as the chain's first stage instead of reusing one",
+    )
     t.add_argument("--out", help="run folder (resumes from its last checkpoint)")
     t.add_argument("--steps", type=positive(int, "--steps"), help="override the main stage's step count")
     t.add_argument("--smoke", action="store_true", help="tiny settings that run in seconds (tests)")
-    t.add_argument("--recipe", choices=["cpu", "gpu"], default="cpu", help="chain budgets: cpu (sized for 2 cores) or gpu (one CUDA GPU, wall-clock capped per stage); stage times: docs/training.md")
-    t.add_argument("--threads", type=positive(int, "--threads"), help="lora: CPU threads (default 2; use 1 when other jobs share the cores)")
-    t.add_argument("--style", choices=["filled", "mixed"], help="evaluator only: train on filled renders (default) or on filled + outline renders with a style head (the style evaluator)")
+    t.add_argument(
+        "--recipe",
+        choices=["cpu", "gpu"],
+        default="cpu",
+        help="chain budgets: cpu (sized for 2 cores) or gpu (one CUDA GPU, wall-clock capped per stage); stage times: docs/training.md",
+    )
+    t.add_argument(
+        "--threads",
+        type=positive(int, "--threads"),
+        help="lora: CPU threads (default 2; use 1 when other jobs share the cores)",
+    )
+    t.add_argument(
+        "--style",
+        choices=["filled", "mixed"],
+        help="evaluator only: train on filled renders (default) or on filled + outline renders with a style head (the style evaluator)",
+    )
     t.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     t.set_defaults(func=cmd_train)
 
@@ -388,7 +503,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         top = (e.name or "").split(".")[0]
-        hint = " (pip install 'sdxs-edge[torch]')" if top in ("torch", "diffusers", "transformers", "safetensors", "tqdm") else ""
+        hint = (
+            " (pip install 'sdxs-edge[torch]')"
+            if top in ("torch", "diffusers", "transformers", "safetensors", "tqdm")
+            else ""
+        )
         print(f"error: this command needs a package that is not installed: {e}{hint}", file=sys.stderr)
         return 2
     except Exception as e:  # unexpected: still one line unless --debug

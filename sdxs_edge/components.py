@@ -12,6 +12,7 @@ named residual per U-Net skip (`down_res_0` .. `down_res_{N-1}`) plus `mid_res` 
 already multiplied by the conditioning scale; the U-Net wrapper then takes those residuals as extra
 inputs, by the same names, after latent and context.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -67,7 +68,13 @@ class ControlledUNet(UNet):
 
     def forward(self, latent: torch.Tensor, context: torch.Tensor, *residuals: torch.Tensor) -> torch.Tensor:
         t = self.timestep.expand(latent.shape[0])
-        return self.unet(latent, t, context, down_block_additional_residuals=list(residuals[:-1]), mid_block_additional_residual=residuals[-1]).sample
+        return self.unet(
+            latent,
+            t,
+            context,
+            down_block_additional_residuals=list(residuals[:-1]),
+            mid_block_additional_residual=residuals[-1],
+        ).sample
 
 
 class ControlNet(torch.nn.Module):
@@ -146,7 +153,9 @@ def residual_specs(controlnet, batch: int, latent_size: int) -> list[TensorSpec]
     return specs + [TensorSpec(MID_RESIDUAL, (batch, ch[-1], side, side), "float32")]
 
 
-def io_specs(pipe: SDXSPipeline, batch: int = 1, resolution: int | None = None, controlnet=None) -> dict[str, tuple[list[TensorSpec], list[TensorSpec]]]:
+def io_specs(
+    pipe: SDXSPipeline, batch: int = 1, resolution: int | None = None, controlnet=None
+) -> dict[str, tuple[list[TensorSpec], list[TensorSpec]]]:
     """Static input/output specs per component for a batch size and image resolution.
 
     Args:
@@ -165,7 +174,10 @@ def io_specs(pipe: SDXSPipeline, batch: int = 1, resolution: int | None = None, 
     lat = TensorSpec("latent", (batch, 4, h, h), "float32")
     ctx = TensorSpec("context", (batch, L, d), "float32")
     specs: dict[str, tuple[list[TensorSpec], list[TensorSpec]]] = {
-        "text_encoder": ([TensorSpec("input_ids", (batch, L), "int32")], [TensorSpec("hidden_states", (batch, L, d), "float32")]),
+        "text_encoder": (
+            [TensorSpec("input_ids", (batch, L), "int32")],
+            [TensorSpec("hidden_states", (batch, L, d), "float32")],
+        ),
     }
     residuals: list[TensorSpec] = []
     if controlnet is not None:
@@ -176,7 +188,9 @@ def io_specs(pipe: SDXSPipeline, batch: int = 1, resolution: int | None = None, 
     return specs
 
 
-def example_inputs(pipe: SDXSPipeline, component: str, batch: int = 1, resolution: int | None = None, seed: int = 0, controlnet=None) -> tuple[torch.Tensor, ...]:
+def example_inputs(
+    pipe: SDXSPipeline, component: str, batch: int = 1, resolution: int | None = None, seed: int = 0, controlnet=None
+) -> tuple[torch.Tensor, ...]:
     """Deterministic example inputs matching `io_specs` (real token ids of a prompt for the text encoder;
     for the ControlNet, canny edges of a SHAPES-64 render of that prompt's scene as the control image).
 

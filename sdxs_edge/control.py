@@ -8,6 +8,7 @@ convention), at the model's image resolution.
 response, non-maximum suppression, double threshold with hysteresis) written in numpy, so training,
 evaluation and deployment extract identical edges without OpenCV.
 """
+
 from __future__ import annotations
 
 import os
@@ -79,7 +80,9 @@ def canny(images: np.ndarray, low: float = LOW, high: float = HIGH, sigma: float
     if single:
         a = a[None]
     if a.ndim != 4 or a.shape[-1] != 3:
-        raise ControlImageError(f"canny expects RGB images (H, W, 3) or (B, H, W, 3), got shape {list(np.asarray(images).shape)}")
+        raise ControlImageError(
+            f"canny expects RGB images (H, W, 3) or (B, H, W, 3), got shape {list(np.asarray(images).shape)}"
+        )
     x = _blur(a.astype(np.float32).transpose(0, 3, 1, 2), sigma)  # (B, 3, H, W)
     gx, gy = _sobel(x)
     mag_c = np.hypot(gx, gy)
@@ -178,7 +181,9 @@ def open_image(path: str | os.PathLike, what: str = "image"):
     except ControlImageError:
         raise
     except Image.DecompressionBombError:  # Pillow's own header check (above twice the bound) came first
-        raise ControlImageError(f"{what} {p} is above {2 * MAX_IMAGE_PIXELS} pixels; images above {MAX_IMAGE_PIXELS} pixels are refused") from None
+        raise ControlImageError(
+            f"{what} {p} is above {2 * MAX_IMAGE_PIXELS} pixels; images above {MAX_IMAGE_PIXELS} pixels are refused"
+        ) from None
     except Exception as e:  # Pillow's decoders raise OSError, ValueError, SyntaxError, EOFError, struct.error, ...
         raise ControlImageError(f"{what} {p} is not a readable image ({type(e).__name__})") from None
     return img
@@ -205,22 +210,30 @@ def load_control_image(source, resolution: int) -> np.ndarray:
     elif isinstance(source, np.ndarray):
         a = source
         if a.dtype != np.uint8 or a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (1, 3)):
-            raise ControlImageError(f"control image array must be uint8 (H, W) or (H, W, 3), got {a.dtype}{list(a.shape)}")
+            raise ControlImageError(
+                f"control image array must be uint8 (H, W) or (H, W, 3), got {a.dtype}{list(a.shape)}"
+            )
         img = Image.fromarray(a[..., 0] if a.ndim == 3 and a.shape[2] == 1 else a)
         where = "control image array"
     elif isinstance(source, Image.Image):
         img, where = source, "control image"
     else:
-        raise ControlImageError(f"control image must be a path, a PIL image or a uint8 array, got {type(source).__name__}")
+        raise ControlImageError(
+            f"control image must be a path, a PIL image or a uint8 array, got {type(source).__name__}"
+        )
     w, h = img.size
     if w == 0 or h == 0:
         raise ControlImageError(f"{where} is empty ({w}x{h})")
     if abs(w / h - 1.0) > 0.02:
-        raise ControlImageError(f"{where} is {w}x{h}; the model draws square {resolution}x{resolution} images, so the control image must be square (crop it first)")
+        raise ControlImageError(
+            f"{where} is {w}x{h}; the model draws square {resolution}x{resolution} images, so the control image must be square (crop it first)"
+        )
     if img.mode == "F":
         lo, hi = img.getextrema()
         if lo < 0 or hi > 255:
-            raise ControlImageError(f"{where} is a float image with values in [{lo:g}, {hi:g}]; expected 0-255 (save the edge map as 8-bit)")
+            raise ControlImageError(
+                f"{where} is a float image with values in [{lo:g}, {hi:g}]; expected 0-255 (save the edge map as 8-bit)"
+            )
     if img.mode not in ("L", "RGB"):
         if img.mode in ("RGBA", "LA", "P", "PA", "1", "I;16", "I", "F", "CMYK", "YCbCr", "LAB", "HSV"):
             warnings.warn(f"{where}: mode {img.mode} converted to RGB", stacklevel=2)
@@ -231,7 +244,9 @@ def load_control_image(source, resolution: int) -> np.ndarray:
                 img = Image.fromarray(np.asarray(img).round().astype(np.uint8))
             img = img.convert("RGB")
         else:
-            raise ControlImageError(f"{where} has image mode {img.mode!r}, which cannot be read as a control image (use 8-bit grey or RGB)")
+            raise ControlImageError(
+                f"{where} has image mode {img.mode!r}, which cannot be read as a control image (use 8-bit grey or RGB)"
+            )
     if (w, h) != (resolution, resolution):
         warnings.warn(f"{where} is {w}x{h}; resized to {resolution}x{resolution}", stacklevel=2)
         img = img.resize((resolution, resolution), Image.BILINEAR)

@@ -9,6 +9,7 @@ whose residual the U-Net adds to its bottleneck features, as diffusers' U-Net do
 A ControlNet folder is what `ControlNetModel.save_pretrained` writes (config.json +
 diffusion_pytorch_model.safetensors), so diffusers loads ours and we load diffusers'.
 """
+
 from __future__ import annotations
 
 import os
@@ -25,7 +26,9 @@ class ControlNetMismatchError(SDXSError):
     """A ControlNet was built for another U-Net (its residuals would not fit this U-Net's skips)."""
 
 
-def controlnet_for_unet(unet, conditioning_embedding_out_channels: tuple[int, ...] = (16, 32, 96, 256), load_weights_from_unet: bool = True):
+def controlnet_for_unet(
+    unet, conditioning_embedding_out_channels: tuple[int, ...] = (16, 32, 96, 256), load_weights_from_unet: bool = True
+):
     """A `ControlNetModel` shaped for `unet`, initialised from its encoder (conv_in, time embedding,
     down blocks, and mid block where the U-Net has one); zero convolutions start at zero, so the U-Net's
     output is unchanged until the ControlNet is trained.
@@ -90,7 +93,9 @@ def check_controlnet(controlnet, unet) -> None:
     ]
     for name, got, want in checks:
         if got != want:
-            raise ControlNetMismatchError(f"the ControlNet was built for another U-Net: {name} {got} vs the U-Net's {want}")
+            raise ControlNetMismatchError(
+                f"the ControlNet was built for another U-Net: {name} {got} vs the U-Net's {want}"
+            )
 
 
 def load_controlnet(path: str | os.PathLike, unet=None):
@@ -121,7 +126,9 @@ def load_controlnet(path: str | os.PathLike, unet=None):
             warnings.simplefilter("ignore")
             cn = ControlNetModel.from_pretrained(p, use_safetensors=True, torch_dtype=torch.float32)
     except Exception as e:
-        raise ModelLoadError(f"cannot load the ControlNet {p}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        raise ModelLoadError(
+            f"cannot load the ControlNet {p}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from e
     if unet is not None:
         check_controlnet(cn, unet)
     return cn.eval()

@@ -12,6 +12,7 @@ An x86-64 machine can run a bundle as an AVX2-only CPU would under `qemu-x86_64-
 `arm64-emulated` runtime). Emulated numerics are what real CPUs of that class compute; emulated timings
 mean nothing. Standard library only.
 """
+
 from __future__ import annotations
 
 import platform
@@ -77,7 +78,9 @@ def emulator(cls: str) -> list[str]:
     if cls == host_class():
         return []
     if cls not in EMULATED:
-        raise CpuClassError(f"CPU class {cls} can only be checked on such a machine (this one is {host_class()}; emulated: {', '.join(EMULATED)})")
+        raise CpuClassError(
+            f"CPU class {cls} can only be checked on such a machine (this one is {host_class()}; emulated: {', '.join(EMULATED)})"
+        )
     binary, model = EMULATED[cls]
     if cls.startswith("x86-64") and not host_class().startswith("x86-64"):
         raise CpuClassError(f"CPU class {cls} is emulated on x86-64 hosts only (this one is {host_class()})")

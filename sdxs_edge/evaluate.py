@@ -8,13 +8,14 @@ The committed classifier lives in `sdxs_edge/evaluator/` (safetensors + JSON); `
 trains it. `sdxs_edge/evaluator-style/` is a second classifier, trained on filled and outline renders
 alike, with one more head, "style" (filled / outline): it scores style LoRAs (`STYLE_EVALUATOR_DIR`).
 """
+
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -47,16 +48,27 @@ class ShapesClassifier(nn.Module):
         w = cfg.width
 
         def block(cin: int, cout: int) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.SiLU(), nn.Conv2d(cout, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.SiLU())
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, padding=1),
+                nn.GroupNorm(8, cout),
+                nn.SiLU(),
+                nn.Conv2d(cout, cout, 3, padding=1),
+                nn.GroupNorm(8, cout),
+                nn.SiLU(),
+            )
 
         # CoordConv-style x/y channels make position trivially readable.
         stem = nn.Sequential(nn.Conv2d(5, w, 3, padding=1), nn.GroupNorm(8, w), nn.SiLU())
-        self.body = nn.Sequential(stem, nn.MaxPool2d(2), block(w, 2 * w), nn.MaxPool2d(2), block(2 * w, 4 * w), nn.MaxPool2d(2))
+        self.body = nn.Sequential(
+            stem, nn.MaxPool2d(2), block(w, 2 * w), nn.MaxPool2d(2), block(2 * w, 4 * w), nn.MaxPool2d(2)
+        )
         self.proj = nn.Sequential(nn.Flatten(), nn.Linear(4 * w * 8 * 8, cfg.feature_dim), nn.SiLU())
         heads = {**shapes.ATTRIBUTES, **({"style": shapes.STYLES} if cfg.style else {})}
         self.heads = nn.ModuleDict({a: nn.Linear(cfg.feature_dim, len(v)) for a, v in heads.items()})
         coords = torch.linspace(-1, 1, shapes.SIZE)
-        self.register_buffer("coords", torch.stack(torch.meshgrid(coords, coords, indexing="ij"))[None], persistent=False)
+        self.register_buffer(
+            "coords", torch.stack(torch.meshgrid(coords, coords, indexing="ij"))[None], persistent=False
+        )
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.cat([x, self.coords.expand(x.shape[0], -1, -1, -1)], 1)
@@ -75,7 +87,7 @@ class Evaluator:
         self.meta = meta
 
     @classmethod
-    def load(cls, folder: str | Path = EVALUATOR_DIR) -> "Evaluator":
+    def load(cls, folder: str | Path = EVALUATOR_DIR) -> Evaluator:
         from safetensors.torch import load_file
 
         folder = Path(folder)
@@ -160,7 +172,13 @@ class EvalSettings:
     seed: int = 0
 
 
-def evaluate_pipeline(pipe, settings: EvalSettings, evaluator: Evaluator | None = None, prompts: Sequence[str] | None = None, progress: bool = True) -> tuple[dict, np.ndarray]:
+def evaluate_pipeline(
+    pipe,
+    settings: EvalSettings,
+    evaluator: Evaluator | None = None,
+    prompts: Sequence[str] | None = None,
+    progress: bool = True,
+) -> tuple[dict, np.ndarray]:
     """Generate for the evaluation prompts and score them. Returns (report, generated uint8 images)."""
     from tqdm.auto import tqdm
 
@@ -174,7 +192,9 @@ def evaluate_pipeline(pipe, settings: EvalSettings, evaluator: Evaluator | None 
     gen, t0 = [], time.perf_counter()
     for i in tqdm(range(0, len(scenes), settings.batch), desc="generate", disable=not progress):
         caps = ref.captions[i : i + settings.batch]
-        out = pipe.generate(caps, seed=settings.seed * 100_003 + i, steps=settings.steps, guidance=settings.guidance, output="tensor").images
+        out = pipe.generate(
+            caps, seed=settings.seed * 100_003 + i, steps=settings.steps, guidance=settings.guidance, output="tensor"
+        ).images
         gen.append(((out / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8))
     seconds = time.perf_counter() - t0
     images = np.concatenate(gen)
@@ -218,19 +238,23 @@ def format_report(rep: dict) -> str:
     return "\n".join(lines)
 
 
-
 def strength_pairs(n: int, seed: int = 0) -> list[tuple[shapes.Scene, shapes.Scene]]:
     """`n` (source scene, target scene) pairs that differ in every attribute, for image-to-image sweeps."""
     rng = np.random.default_rng([shapes.EVAL_STREAM, seed, 2])
     pairs = []
     while len(pairs) < n:
         a = shapes.sample_scene(rng)
-        fixed = {k: v[(v.index(getattr(a, k)) + 1 + int(rng.integers(len(v) - 1))) % len(v)] for k, v in shapes.ATTRIBUTES.items()}
+        fixed = {
+            k: v[(v.index(getattr(a, k)) + 1 + int(rng.integers(len(v) - 1))) % len(v)]
+            for k, v in shapes.ATTRIBUTES.items()
+        }
         pairs.append((a, shapes.sample_scene(rng, **fixed)))
     return pairs
 
 
-def strength_sweep(pipe, strengths: Sequence[float], n: int = 8, seed: int = 0, evaluator: Evaluator | None = None) -> tuple[dict, np.ndarray]:
+def strength_sweep(
+    pipe, strengths: Sequence[float], n: int = 8, seed: int = 0, evaluator: Evaluator | None = None
+) -> tuple[dict, np.ndarray]:
     """Image-to-image on SHAPES-64: render a source caption, re-generate it with a target caption that
     differs in every attribute, at each strength; the evaluator says how many attributes moved.
 
@@ -254,13 +278,22 @@ def strength_sweep(pipe, strengths: Sequence[float], n: int = 8, seed: int = 0, 
     rows, target_rate, source_rate = [src], [], []
     for s in strengths:
         g = [torch.Generator().manual_seed(seed * 1000 + i) for i in range(n)]
-        out = np.concatenate([
-            pipe(b.caption, image=src[i], strength=s, generator=g[i], output_type="np").images for i, (_, b) in enumerate(pairs)
-        ])
+        out = np.concatenate(
+            [
+                pipe(b.caption, image=src[i], strength=s, generator=g[i], output_type="np").images
+                for i, (_, b) in enumerate(pairs)
+            ]
+        )
         img = (out * 255).round().astype(np.uint8)
         pred = ev.classify(img)
         target_rate.append(float(np.mean([pred[k] == tgt_labels[k] for k in shapes.ATTRIBUTES])))
         source_rate.append(float(np.mean([pred[k] == src_labels[k] for k in shapes.ATTRIBUTES])))
         rows.append(img)
-    report = {"strengths": [float(s) for s in strengths], "target_rate": target_rate, "source_rate": source_rate, "n": n, "seed": seed}
+    report = {
+        "strengths": [float(s) for s in strengths],
+        "target_rate": target_rate,
+        "source_rate": source_rate,
+        "n": n,
+        "seed": seed,
+    }
     return report, np.stack(rows, axis=1)

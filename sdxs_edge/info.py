@@ -1,4 +1,5 @@
 """`sdxs-edge info`: parameters, FLOPs and size per component of a model or preset."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -31,7 +32,12 @@ def model_info(source: str, flops: bool = True) -> dict:
     for name, mod in mods.items():
         sub = {"text_encoder": pipe.c.text_encoder, "unet": pipe.c.unet, "decoder": pipe.c.vae.decoder}[name]
         n = count_parameters(sub)
-        item = {"class": type(sub).__name__ if name != "decoder" else f"{type(pipe.c.vae).__name__}.decoder", "parameters": n, "fp32_mb": n * 4 / 1e6, "fp16_mb": n * 2 / 1e6}
+        item = {
+            "class": type(sub).__name__ if name != "decoder" else f"{type(pipe.c.vae).__name__}.decoder",
+            "parameters": n,
+            "fp32_mb": n * 4 / 1e6,
+            "fp16_mb": n * 2 / 1e6,
+        }
         if flops:
             item["gflops"] = _flops(mod, example_inputs(pipe, name)) / 1e9
         folder_name = {"decoder": "vae"}.get(name, name)
@@ -43,7 +49,9 @@ def model_info(source: str, flops: bool = True) -> dict:
 
 def format_info(rep: dict) -> str:
     has_flops = all("gflops" in c for c in rep["components"].values())
-    head = f"{'component':<14}{'class':<26}{'parameters':>14}{'fp32 MB':>10}{'fp16 MB':>10}" + (f"{'GFLOPs':>10}" if has_flops else "")
+    head = f"{'component':<14}{'class':<26}{'parameters':>14}{'fp32 MB':>10}{'fp16 MB':>10}" + (
+        f"{'GFLOPs':>10}" if has_flops else ""
+    )
     lines = [f"{rep['model']}  ({rep['resolution']}x{rep['resolution']}, {rep['default_steps']} step default)", head]
     for name, c in rep["components"].items():
         row = f"{name:<14}{c['class']:<26}{c['parameters']:>14,}{c['fp32_mb']:>10.1f}{c['fp16_mb']:>10.1f}"

@@ -6,6 +6,7 @@ transparent pixels should be is the user's call: flatten it first), and arrays t
 (H, W, 3) or float (1, 3, H, W) in [-1, 1]. Grey and palette images are converted to RGB, and an image
 of another size is resized (bicubic), each with a warning.
 """
+
 from __future__ import annotations
 
 import os
@@ -35,7 +36,9 @@ def load_init_image(source, height: int, width: int) -> np.ndarray:
     if isinstance(source, np.ndarray) and source.dtype.kind == "f":
         a = source
         if a.shape != (1, 3, height, width) or not np.isfinite(a).all() or a.min() < -1 or a.max() > 1:
-            raise InitImageError(f"image array: expected float (1, 3, {height}, {width}) in [-1, 1], got {a.dtype}{list(a.shape)}")
+            raise InitImageError(
+                f"image array: expected float (1, 3, {height}, {width}) in [-1, 1], got {a.dtype}{list(a.shape)}"
+            )
         return a.astype(np.float32)
     if isinstance(source, (str, os.PathLike)):
         p = Path(source).expanduser()
@@ -49,7 +52,9 @@ def load_init_image(source, height: int, width: int) -> np.ndarray:
         where = str(p)
     elif isinstance(source, np.ndarray):
         if source.dtype != np.uint8 or source.ndim != 3 or source.shape[2] != 3:
-            raise InitImageError(f"image array must be uint8 (H, W, 3) or float (1, 3, H, W), got {source.dtype}{list(source.shape)}")
+            raise InitImageError(
+                f"image array must be uint8 (H, W, 3) or float (1, 3, H, W), got {source.dtype}{list(source.shape)}"
+            )
         img, where = Image.fromarray(source), "image array"
     elif isinstance(source, Image.Image):
         img, where = source, "image"

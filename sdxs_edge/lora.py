@@ -12,13 +12,15 @@ where <module> is a Linear or Conv2d path inside `UNet2DConditionModel` (e.g.
 `down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`). Heavy libraries are imported inside
 functions so the CLIs can import this module cheaply.
 """
+
 from __future__ import annotations
 
 import math
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING
 
 from sdxs_edge.errors import LoRAError, ModelLoadError
 
@@ -59,11 +61,11 @@ def _split(key: str) -> tuple[str, str] | None:
     for suffix, role in _SUFFIXES:
         if key.endswith(suffix):
             module = key[: -len(suffix)]
-            return (module[len("unet."):] if module.startswith("unet.") else module), role
+            return (module[len("unet.") :] if module.startswith("unet.") else module), role
     return None
 
 
-def _group(lora: Mapping[str, "torch.Tensor"], where: str = "LoRA") -> dict[str, dict[str, "torch.Tensor"]]:
+def _group(lora: Mapping[str, torch.Tensor], where: str = "LoRA") -> dict[str, dict[str, torch.Tensor]]:
     """module -> {"A": ..., "B": ..., optional "alpha": ...}; rejects foreign keys and unpaired halves."""
     import torch
 
@@ -78,13 +80,19 @@ def _group(lora: Mapping[str, "torch.Tensor"], where: str = "LoRA") -> dict[str,
         if not isinstance(value, torch.Tensor):
             value = torch.tensor(float(value))
         if role in groups.setdefault(module, {}):
-            raise LoRAError(f"{where} gives module {module!r} two {role} tensors (with and without the 'unet.' prefix, or both namings)")
+            raise LoRAError(
+                f"{where} gives module {module!r} two {role} tensors (with and without the 'unet.' prefix, or both namings)"
+            )
         groups[module][role] = value
     if not any({"A", "B"} & g.keys() for g in groups.values()):
-        raise LoRAError(f"{where} has no LoRA keys (expected <module>.lora_A.weight / <module>.lora_B.weight, or <module>.lora.down.weight / .lora.up.weight)")
+        raise LoRAError(
+            f"{where} has no LoRA keys (expected <module>.lora_A.weight / <module>.lora_B.weight, or <module>.lora.down.weight / .lora.up.weight)"
+        )
     unknown = [k for k in lora if _split(k) is None]
     if unknown:
-        raise LoRAError(f"{where} has a key that is not a U-Net LoRA weight: {unknown[0]!r} ({len(unknown)} such key{'s' * (len(unknown) > 1)})")
+        raise LoRAError(
+            f"{where} has a key that is not a U-Net LoRA weight: {unknown[0]!r} ({len(unknown)} such key{'s' * (len(unknown) > 1)})"
+        )
     for module, g in groups.items():
         for half, other in (("A", "B"), ("B", "A")):
             if half in g and other not in g:
@@ -95,13 +103,15 @@ def _group(lora: Mapping[str, "torch.Tensor"], where: str = "LoRA") -> dict[str,
             raise LoRAError(f"{where} alpha of module {module!r} must be a scalar, got shape {tuple(g['alpha'].shape)}")
         for role, t in g.items():
             if not (t.is_floating_point() or role == "alpha"):
-                raise LoRAError(f"{where} lora_{role} of module {module!r} has dtype {t.dtype}; expected floating point")
+                raise LoRAError(
+                    f"{where} lora_{role} of module {module!r} has dtype {t.dtype}; expected floating point"
+                )
             if not torch.isfinite(t.float()).all():
                 raise LoRAError(f"{where} for module {module!r} holds NaN or Inf values")
     return groups
 
 
-def load_lora(path: str | os.PathLike) -> dict[str, "torch.Tensor"]:
+def load_lora(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a U-Net LoRA from a safetensors file; returns it in the normalized peft form.
 
     Args:
@@ -121,7 +131,9 @@ def load_lora(path: str | os.PathLike) -> dict[str, "torch.Tensor"]:
     except ModelLoadError as e:
         detail = re.search(r"\(([^()]*)\)$", str(e))  # "(0 bytes, no header)", "(unreadable header)", ...
         why = detail.group(1) if detail else str(e).removeprefix(f"{f}: ")
-        raise LoRAError(f"{f} is not a safetensors file ({why}); LoRAs are read from safetensors only, pickled .bin/.pt/.ckpt files are refused") from None
+        raise LoRAError(
+            f"{f} is not a safetensors file ({why}); LoRAs are read from safetensors only, pickled .bin/.pt/.ckpt files are refused"
+        ) from None
     try:
         from safetensors.torch import load_file
 
@@ -133,7 +145,7 @@ def load_lora(path: str | os.PathLike) -> dict[str, "torch.Tensor"]:
     return {module + _NORMAL[role]: t for module, g in groups.items() for role, t in g.items()}
 
 
-def fuse_lora(unet, lora: Mapping[str, "torch.Tensor"], scale: float = 1.0, alpha: float | None = None) -> list[str]:
+def fuse_lora(unet, lora: Mapping[str, torch.Tensor], scale: float = 1.0, alpha: float | None = None) -> list[str]:
     """Add scale * (alpha / rank) * B @ A into the U-Net's Linear and Conv2d weights, in place.
 
     Every target is checked before any weight changes, so a LoRA that does not fit leaves the U-Net as it was.
@@ -163,14 +175,22 @@ def fuse_lora(unet, lora: Mapping[str, "torch.Tensor"], scale: float = 1.0, alph
         if m is None:
             raise LoRAError(f"LoRA targets module {name!r} which this U-Net does not have")
         if not isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
-            raise LoRAError(f"LoRA targets module {name!r}, a {type(m).__name__}; only Linear and Conv2d layers can be fused")
+            raise LoRAError(
+                f"LoRA targets module {name!r}, a {type(m).__name__}; only Linear and Conv2d layers can be fused"
+            )
         a, b, w = g["A"], g["B"], m.weight
         if a.dim() not in (2, 4) or b.dim() not in (2, 4) or (b.dim() == 4 and tuple(b.shape[2:]) != (1, 1)):
-            raise LoRAError(f"LoRA for module {name!r} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; expected (r, in[, k, k]) and (out, r[, 1, 1])")
+            raise LoRAError(
+                f"LoRA for module {name!r} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; expected (r, in[, k, k]) and (out, r[, 1, 1])"
+            )
         a2, b2 = a.flatten(1), b.flatten(1)
         if b2.shape[1] != a2.shape[0]:
-            raise LoRAError(f"LoRA for module {name!r} has rank {a2.shape[0]} in lora_A {tuple(a.shape)} but {b2.shape[1]} in lora_B {tuple(b.shape)}")
-        if (b2.shape[0], a2.shape[1]) != (w.shape[0], w[0].numel()) or (a.dim() == 4 and tuple(a.shape[1:]) != tuple(w.shape[1:])):
+            raise LoRAError(
+                f"LoRA for module {name!r} has rank {a2.shape[0]} in lora_A {tuple(a.shape)} but {b2.shape[1]} in lora_B {tuple(b.shape)}"
+            )
+        if (b2.shape[0], a2.shape[1]) != (w.shape[0], w[0].numel()) or (
+            a.dim() == 4 and tuple(a.shape[1:]) != tuple(w.shape[1:])
+        ):
             raise LoRAError(
                 f"LoRA for module {name!r} does not fit: lora_B {tuple(b.shape)} @ lora_A {tuple(a.shape)} "
                 f"against a {type(m).__name__} weight of shape {tuple(w.shape)}"
@@ -187,7 +207,7 @@ def fuse_lora(unet, lora: Mapping[str, "torch.Tensor"], scale: float = 1.0, alph
     return fused
 
 
-def save_lora(path: str | os.PathLike, unet_lora_state: Mapping[str, "torch.Tensor | float"]) -> Path:
+def save_lora(path: str | os.PathLike, unet_lora_state: Mapping[str, torch.Tensor | float]) -> Path:
     """Write a LoRA state dict to a safetensors file, atomically (temporary file + rename).
 
     Args:
@@ -204,9 +224,10 @@ def save_lora(path: str | os.PathLike, unet_lora_state: Mapping[str, "torch.Tens
     from sdxs_edge.atomic import atomic_file
 
     path = Path(path)
-    tensors = {k: (v.detach().to("cpu").contiguous() if isinstance(v, torch.Tensor) else torch.tensor(float(v))) for k, v in unet_lora_state.items()}
+    tensors = {
+        k: (v.detach().to("cpu").contiguous() if isinstance(v, torch.Tensor) else torch.tensor(float(v)))
+        for k, v in unet_lora_state.items()
+    }
     with atomic_file(path) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
     return path
-
-

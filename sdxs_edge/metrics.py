@@ -1,4 +1,5 @@
 """Numerical agreement measures used by converters, runtimes and parity reports (numpy only)."""
+
 from __future__ import annotations
 
 import numpy as np

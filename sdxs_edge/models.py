@@ -2,6 +2,7 @@
 
 Heavy libraries are imported inside functions so `import sdxs_edge` stays light.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

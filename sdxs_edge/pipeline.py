@@ -12,15 +12,16 @@ Calling the pipeline takes diffusers' arguments (`pipe(prompt, num_inference_ste
 guidance_scale=0.0, generator=...)`) and returns an object with `.images`, so code written for
 diffusers' SDXS example runs unchanged; docs/diffusers-call.md.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -52,7 +53,9 @@ class Generation:
 
 def _check_finite(name: str, t: torch.Tensor) -> torch.Tensor:
     if not torch.isfinite(t).all():
-        raise NonFiniteError(f"{name} produced non-finite values (NaN/Inf); the weights may be corrupt or the precision too low")
+        raise NonFiniteError(
+            f"{name} produced non-finite values (NaN/Inf); the weights may be corrupt or the precision too low"
+        )
     return t
 
 
@@ -78,12 +81,14 @@ class SDXSPipeline:
         self.default_steps = 1
         self.default_guidance = 0.0
         self.controlnet = None  # a diffusers ControlNetModel, see `attach_controlnet`
-        self.encoder_vae = None  # a VAE whose encoder image-to-image uses instead of the model's own, see `attach_encoder`
+        self.encoder_vae = (
+            None  # a VAE whose encoder image-to-image uses instead of the model's own, see `attach_encoder`
+        )
         self._control = None  # (control image (B, 3, H, W) in [0, 1], conditioning scale) during generate
 
     # ---- loading and saving -------------------------------------------------------------------------
     @classmethod
-    def load(cls, source: str | os.PathLike, seed: int = 0, allow_download: bool = False) -> "SDXSPipeline":
+    def load(cls, source: str | os.PathLike, seed: int = 0, allow_download: bool = False) -> SDXSPipeline:
         """Load a preset (random weights, seeded), a diffusers folder, or a hub id.
 
         Args:
@@ -110,7 +115,7 @@ class SDXSPipeline:
         raise ModelLoadError(f"no preset or model folder named {s!r}; valid presets: {', '.join(PRESETS)}")
 
     @classmethod
-    def from_folder(cls, path: Path, name: str | None = None) -> "SDXSPipeline":
+    def from_folder(cls, path: Path, name: str | None = None) -> SDXSPipeline:
         import diffusers
         from transformers import CLIPTextModel
 
@@ -127,7 +132,11 @@ class SDXSPipeline:
             f = path / comp / fname
             if not f.is_file():
                 bins = [p.name for p in (path / comp).glob("*.bin")]
-                hint = f" (found {', '.join(bins)}: pickled weights are refused, convert them to safetensors)" if bins else ""
+                hint = (
+                    f" (found {', '.join(bins)}: pickled weights are refused, convert them to safetensors)"
+                    if bins
+                    else ""
+                )
                 raise ModelLoadError(f"{f} is missing{hint}")
             check_safetensors(f)
         for sub in ("tokenizer/vocab.json", "tokenizer/merges.txt", "scheduler/scheduler_config.json"):
@@ -139,22 +148,37 @@ class SDXSPipeline:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                unet = diffusers.UNet2DConditionModel.from_pretrained(path / "unet", use_safetensors=True, torch_dtype=torch.float32)
-                vae = getattr(diffusers, vae_class).from_pretrained(path / "vae", use_safetensors=True, torch_dtype=torch.float32)
-                text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", use_safetensors=True, dtype=torch.float32)
+                unet = diffusers.UNet2DConditionModel.from_pretrained(
+                    path / "unet", use_safetensors=True, torch_dtype=torch.float32
+                )
+                vae = getattr(diffusers, vae_class).from_pretrained(
+                    path / "vae", use_safetensors=True, torch_dtype=torch.float32
+                )
+                text_encoder = CLIPTextModel.from_pretrained(
+                    path / "text_encoder", use_safetensors=True, dtype=torch.float32
+                )
         except SDXSError:
             raise
         except Exception as e:  # diffusers/transformers raise many kinds; name the folder and keep the cause
-            raise ModelLoadError(f"cannot load {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+            raise ModelLoadError(
+                f"cannot load {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            ) from e
         scheduler_config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
-        pipe = cls(Components(load_clip_tokenizer(path / "tokenizer"), text_encoder.eval(), unet.eval(), vae.eval(), scheduler_config), name=name or str(path))
+        pipe = cls(
+            Components(
+                load_clip_tokenizer(path / "tokenizer"), text_encoder.eval(), unet.eval(), vae.eval(), scheduler_config
+            ),
+            name=name or str(path),
+        )
         meta = path / META_FILE
         if meta.is_file():
             m = json.loads(meta.read_text())
             pipe.default_steps, pipe.default_guidance = int(m["default_steps"]), float(m["default_guidance"])
         return pipe
 
-    def save_pretrained(self, folder: str | os.PathLike, overwrite: bool = False, dtype: torch.dtype | None = None) -> Path:
+    def save_pretrained(
+        self, folder: str | os.PathLike, overwrite: bool = False, dtype: torch.dtype | None = None
+    ) -> Path:
         """Write a diffusers StableDiffusionPipeline folder (safetensors), atomically.
 
         Args:
@@ -176,7 +200,9 @@ class SDXSPipeline:
             # SD checkpoints carry the CLIP BPE files (vocab.json + merges.txt); every supported model
             # uses that one vocabulary, so they are written from the shipped source, not re-serialised.
             if len(self.c.tokenizer) != 49408:
-                raise SDXSError(f"tokenizer has {len(self.c.tokenizer)} tokens; only the CLIP BPE vocabulary (49408) is supported")
+                raise SDXSError(
+                    f"tokenizer has {len(self.c.tokenizer)} tokens; only the CLIP BPE vocabulary (49408) is supported"
+                )
             write_clip_tokenizer(tmp / "tokenizer", pad_token=str(self.c.tokenizer.pad_token))
             from diffusers import EulerDiscreteScheduler
 
@@ -201,7 +227,7 @@ class SDXSPipeline:
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
         return folder
 
-    def attach_controlnet(self, controlnet) -> "SDXSPipeline":
+    def attach_controlnet(self, controlnet) -> SDXSPipeline:
         """Use `controlnet` (a `ControlNetModel` built for this U-Net, or a folder) when `generate` is given a
         control image; None detaches it. Returns self."""
         if controlnet is not None:
@@ -214,7 +240,7 @@ class SDXSPipeline:
         self.controlnet = controlnet
         return self
 
-    def attach_encoder(self, vae) -> "SDXSPipeline":
+    def attach_encoder(self, vae) -> SDXSPipeline:
         """Encode image-to-image inputs with `vae` (a diffusers AutoencoderKL / AutoencoderTiny, or its
         folder, e.g. the teacher's `vae/`) instead of the model's own VAE; None detaches it. Its latents
         must live in this model's latent space (a teacher VAE and its distilled tiny VAE share it).
@@ -234,7 +260,7 @@ class SDXSPipeline:
     def device(self) -> torch.device:
         return self.c.unet.device
 
-    def to(self, device: str | torch.device) -> "SDXSPipeline":
+    def to(self, device: str | torch.device) -> SDXSPipeline:
         """Move the text encoder, U-Net and decoder to `device` (in place); returns self."""
         for m in (self.c.text_encoder, self.c.unet, self.c.vae, self.controlnet):
             if m is not None:
@@ -256,11 +282,16 @@ class SDXSPipeline:
     def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
         """Token ids (B, 77); prompts over 77 tokens are truncated with a warning, as diffusers does."""
         tok = self.c.tokenizer
-        ids = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+        ids = tok(
+            list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
         for p in prompts:
             n = len(tok(p).input_ids)
             if n > tok.model_max_length:
-                warnings.warn(f"prompt is {n} tokens; CLIP takes {tok.model_max_length}, the rest is truncated: {p[:60]!r}...", stacklevel=2)
+                warnings.warn(
+                    f"prompt is {n} tokens; CLIP takes {tok.model_max_length}, the rest is truncated: {p[:60]!r}...",
+                    stacklevel=2,
+                )
         return ids
 
     @torch.no_grad()
@@ -346,7 +377,9 @@ class SDXSPipeline:
         if control_image is not None:
             self._control = (self._control_tensor(control_image, len(prompts), noise), float(control_scale))
         elif self.controlnet is not None:
-            raise SDXSError("a ControlNet is attached but no control image was given (control_image=..., --control IMAGE)")
+            raise SDXSError(
+                "a ControlNet is attached but no control image was given (control_image=..., --control IMAGE)"
+            )
         t = time.perf_counter()
         ctx = self.encode_prompt(prompts)
         cfg = guidance > 1.0
@@ -357,10 +390,16 @@ class SDXSPipeline:
         init, c = None, self.one_step_constants()
         if image is not None:
             if steps != 1 or cfg:
-                raise SDXSError(f"image-to-image runs one step without guidance (got {steps} steps, guidance {guidance:g})")
+                raise SDXSError(
+                    f"image-to-image runs one step without guidance (got {steps} steps, guidance {guidance:g})"
+                )
             t = time.perf_counter()
             init = self._init_latent(image, x)
-            c = sampler.one_step_constants(self.c.scheduler_config, self.latent_scaling, sampler.strength_timestep(0.8 if strength is None else strength))
+            c = sampler.one_step_constants(
+                self.c.scheduler_config,
+                self.latent_scaling,
+                sampler.strength_timestep(0.8 if strength is None else strength),
+            )
             timings["encoder"] = time.perf_counter() - t
         elif strength is not None:
             raise SDXSError("strength is for image-to-image: give an image too (image=..., --image PATH)")
@@ -429,7 +468,15 @@ class SDXSPipeline:
         prompts = [p for p in prompts for _ in range(int(num_images_per_prompt))]
         shape = (len(prompts), self.c.unet.config.in_channels, *self._latent_size(height, width))
         noise = _randn_like_diffusers(shape, generator)
-        gen = self.generate(prompts, steps=num_inference_steps, guidance=guidance_scale, noise=noise, output="tensor", image=image, strength=strength)
+        gen = self.generate(
+            prompts,
+            steps=num_inference_steps,
+            guidance=guidance_scale,
+            noise=noise,
+            output="tensor",
+            image=image,
+            strength=strength,
+        )
         images = (gen.images.cpu() / 2 + 0.5).clamp(0, 1)
         if output_type == "pil":
             gen.images = to_pil(gen.images.cpu())
@@ -472,7 +519,10 @@ class SDXSPipeline:
             cond, scale = self._control
             n = x.shape[0] // cond.shape[0]  # classifier-free guidance doubles the batch
             down, mid = self.controlnet(x, t, ctx, torch.cat([cond] * n), conditioning_scale=scale, return_dict=False)
-            return _check_finite("unet", self.c.unet(x, t, ctx, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample)
+            return _check_finite(
+                "unet",
+                self.c.unet(x, t, ctx, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample,
+            )
         return _check_finite("unet", self.c.unet(x, t, ctx).sample)
 
     def _multi_step(self, noise, ctx, uncond, steps: int, guidance: float) -> torch.Tensor:
@@ -518,9 +568,14 @@ def _randn_like_diffusers(shape: tuple[int, ...], generator) -> torch.Tensor:
 
 
 def is_hub_id(source: str) -> bool:
-    """"owner/name" that is not a preset or an existing path: a Hugging Face hub id."""
+    """ "owner/name" that is not a preset or an existing path: a Hugging Face hub id."""
     s = str(source)
-    return s not in PRESETS and s.count("/") == 1 and not s.startswith((".", "/", "~")) and not Path(s).expanduser().exists()
+    return (
+        s not in PRESETS
+        and s.count("/") == 1
+        and not s.startswith((".", "/", "~"))
+        and not Path(s).expanduser().exists()
+    )
 
 
 def fetch_hub_model(repo_id: str, allow_download: bool = False) -> Path:
@@ -546,6 +601,10 @@ def fetch_hub_model(repo_id: str, allow_download: bool = False) -> Path:
         )
     except Exception as e:
         if not allow_download:
-            raise ModelLoadError(f"{repo_id!r} is a Hugging Face hub id that is not in the local cache; sdxs-edge downloads only when asked: pass --allow-download, or a local model folder") from None
+            raise ModelLoadError(
+                f"{repo_id!r} is a Hugging Face hub id that is not in the local cache; sdxs-edge downloads only when asked: pass --allow-download, or a local model folder"
+            ) from None
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ModelLoadError(f"cannot fetch {repo_id!r} from the Hugging Face hub ({first[:160]}); without a network, download it elsewhere and pass the local folder") from e
+        raise ModelLoadError(
+            f"cannot fetch {repo_id!r} from the Hugging Face hub ({first[:160]}); without a network, download it elsewhere and pass the local folder"
+        ) from e

@@ -5,11 +5,13 @@ diffusers / transformers modules in seconds, so every tool (info, convert, bench
 layout without weights. Configs are plain dicts in the exact keyword form of the diffusers /
 transformers class they feed, so a saved folder is a normal diffusers folder.
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
 from sdxs_edge.errors import ModelLoadError
 
@@ -71,7 +73,9 @@ class ModelPreset:
         return self.resolution // 8
 
 
-def _clip_text(*, hidden: int, layers: int, heads: int, intermediate: int, projection: int, act: str) -> Mapping[str, Any]:
+def _clip_text(
+    *, hidden: int, layers: int, heads: int, intermediate: int, projection: int, act: str
+) -> Mapping[str, Any]:
     return _frozen(
         {
             "vocab_size": 49408,
@@ -125,7 +129,9 @@ def _unet(
     )
 
 
-def _kl_vae(*, channels: tuple[int, ...], layers: int, groups: int, scaling: float, sample_size: int) -> Mapping[str, Any]:
+def _kl_vae(
+    *, channels: tuple[int, ...], layers: int, groups: int, scaling: float, sample_size: int
+) -> Mapping[str, Any]:
     return _frozen(
         {
             "in_channels": 3,
@@ -203,7 +209,10 @@ SDXS_LAYER_MAP = _frozen(
 )
 # Feature-KD pairs (student block -> teacher block whose output it matches), after BK-SDM.
 SDXS_FEATURE_PAIRS = _frozen(
-    {**{f"down_blocks.{i}": f"down_blocks.{i}" for i in range(3)}, **{f"up_blocks.{i}": f"up_blocks.{i + 1}" for i in range(3)}}
+    {
+        **{f"down_blocks.{i}": f"down_blocks.{i}" for i in range(3)},
+        **{f"up_blocks.{i}": f"up_blocks.{i + 1}" for i in range(3)},
+    }
 )
 
 SD21_DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
@@ -221,7 +230,18 @@ PRESETS: dict[str, ModelPreset] = {
             summary="SD-2.1-base teacher layout: 0.87B U-Net, KL VAE, OpenCLIP-H-sized text encoder, 512x512",
             resolution=512,
             text_encoder=_clip_text(hidden=1024, layers=23, heads=16, intermediate=4096, projection=512, act="gelu"),
-            unet=_unet(channels=(320, 640, 1280, 1280), down=SD21_DOWN, up=SD21_UP, mid="UNetMidBlock2DCrossAttn", layers=2, heads=(5, 10, 20, 20), context=1024, groups=32, linear_projection=True, sample_size=64),
+            unet=_unet(
+                channels=(320, 640, 1280, 1280),
+                down=SD21_DOWN,
+                up=SD21_UP,
+                mid="UNetMidBlock2DCrossAttn",
+                layers=2,
+                heads=(5, 10, 20, 20),
+                context=1024,
+                groups=32,
+                linear_projection=True,
+                sample_size=64,
+            ),
             vae_class="AutoencoderKL",
             vae=_kl_vae(channels=(128, 256, 512, 512), layers=2, groups=32, scaling=0.18215, sample_size=512),
             pad_token="!",
@@ -232,8 +252,21 @@ PRESETS: dict[str, ModelPreset] = {
             name="sdxs-512",
             summary="Released SDXS-512 layout: 0.32B block-removed U-Net, TAESD tiny decoder, CLIP ViT-L/14, 512x512",
             resolution=512,
-            text_encoder=_clip_text(hidden=768, layers=12, heads=12, intermediate=3072, projection=768, act="quick_gelu"),
-            unet=_unet(channels=(320, 640, 1280), down=SDXS_DOWN, up=SDXS_UP, mid=None, layers=1, heads=8, context=768, groups=32, linear_projection=False, sample_size=64),
+            text_encoder=_clip_text(
+                hidden=768, layers=12, heads=12, intermediate=3072, projection=768, act="quick_gelu"
+            ),
+            unet=_unet(
+                channels=(320, 640, 1280),
+                down=SDXS_DOWN,
+                up=SDXS_UP,
+                mid=None,
+                layers=1,
+                heads=8,
+                context=768,
+                groups=32,
+                linear_projection=False,
+                sample_size=64,
+            ),
             vae_class="AutoencoderTiny",
             vae=_tiny_vae(channels=64, encoder_blocks=(1, 3, 3, 3), decoder_blocks=(3, 3, 3, 1)),
         ),
@@ -242,7 +275,18 @@ PRESETS: dict[str, ModelPreset] = {
             summary="SDXS-512-0.9 layout: as sdxs-512 with an OpenCLIP-H text encoder (cross_attention_dim 1024)",
             resolution=512,
             text_encoder=_clip_text(hidden=1024, layers=23, heads=16, intermediate=4096, projection=512, act="gelu"),
-            unet=_unet(channels=(320, 640, 1280), down=SDXS_DOWN, up=SDXS_UP, mid=None, layers=1, heads=8, context=1024, groups=32, linear_projection=False, sample_size=64),
+            unet=_unet(
+                channels=(320, 640, 1280),
+                down=SDXS_DOWN,
+                up=SDXS_UP,
+                mid=None,
+                layers=1,
+                heads=8,
+                context=1024,
+                groups=32,
+                linear_projection=False,
+                sample_size=64,
+            ),
             vae_class="AutoencoderTiny",
             vae=_tiny_vae(channels=64, encoder_blocks=(1, 3, 3, 3), decoder_blocks=(3, 3, 3, 1)),
             pad_token="!",
@@ -252,7 +296,18 @@ PRESETS: dict[str, ModelPreset] = {
             summary="Test-sized one-step layout: milliseconds on CPU, 64x64 images from 8x8 latents",
             resolution=64,
             text_encoder=_clip_text(hidden=16, layers=2, heads=2, intermediate=32, projection=16, act="quick_gelu"),
-            unet=_unet(channels=(8, 16), down=("DownBlock2D", "CrossAttnDownBlock2D"), up=("CrossAttnUpBlock2D", "UpBlock2D"), mid=None, layers=1, heads=2, context=16, groups=2, linear_projection=False, sample_size=8),
+            unet=_unet(
+                channels=(8, 16),
+                down=("DownBlock2D", "CrossAttnDownBlock2D"),
+                up=("CrossAttnUpBlock2D", "UpBlock2D"),
+                mid=None,
+                layers=1,
+                heads=2,
+                context=16,
+                groups=2,
+                linear_projection=False,
+                sample_size=8,
+            ),
             vae_class="AutoencoderTiny",
             vae=_tiny_vae(channels=8, encoder_blocks=(1, 1, 1, 1), decoder_blocks=(1, 1, 1, 1)),
         ),
@@ -261,7 +316,18 @@ PRESETS: dict[str, ModelPreset] = {
             summary="Test-sized SD-2.1 topology (4 stages, mid block, KL VAE) for multi-step and distillation tests",
             resolution=64,
             text_encoder=_clip_text(hidden=16, layers=2, heads=2, intermediate=32, projection=16, act="gelu"),
-            unet=_unet(channels=(8, 16, 16, 16), down=SD21_DOWN, up=SD21_UP, mid="UNetMidBlock2DCrossAttn", layers=2, heads=(1, 2, 2, 2), context=16, groups=2, linear_projection=True, sample_size=8),
+            unet=_unet(
+                channels=(8, 16, 16, 16),
+                down=SD21_DOWN,
+                up=SD21_UP,
+                mid="UNetMidBlock2DCrossAttn",
+                layers=2,
+                heads=(1, 2, 2, 2),
+                context=16,
+                groups=2,
+                linear_projection=True,
+                sample_size=8,
+            ),
             vae_class="AutoencoderKL",
             vae=_kl_vae(channels=(8, 8, 8, 8), layers=1, groups=2, scaling=1.0, sample_size=64),
             pad_token="!",
@@ -273,7 +339,18 @@ PRESETS: dict[str, ModelPreset] = {
             summary="SHAPES-64 teacher: SD-2.1 topology at toy width (4 stages, 2 resnets, mid block), KL VAE, 64x64",
             resolution=64,
             text_encoder=_clip_text(hidden=128, layers=2, heads=4, intermediate=512, projection=128, act="gelu"),
-            unet=_unet(channels=(32, 64, 128, 128), down=SD21_DOWN, up=SD21_UP, mid="UNetMidBlock2DCrossAttn", layers=2, heads=(1, 2, 4, 4), context=128, groups=8, linear_projection=True, sample_size=8),
+            unet=_unet(
+                channels=(32, 64, 128, 128),
+                down=SD21_DOWN,
+                up=SD21_UP,
+                mid="UNetMidBlock2DCrossAttn",
+                layers=2,
+                heads=(1, 2, 4, 4),
+                context=128,
+                groups=8,
+                linear_projection=True,
+                sample_size=8,
+            ),
             vae_class="AutoencoderKL",
             vae=_kl_vae(channels=(32, 64, 64, 64), layers=1, groups=8, scaling=1.0, sample_size=64),
             pad_token="!",
@@ -285,7 +362,20 @@ PRESETS: dict[str, ModelPreset] = {
             summary="SHAPES-64 one-step student: SDXS block-removed layout of shapes-teacher, tiny decoder, 64x64",
             resolution=64,
             text_encoder=_clip_text(hidden=128, layers=2, heads=4, intermediate=512, projection=128, act="gelu"),
-            unet=block_removed(_unet(channels=(32, 64, 128, 128), down=SD21_DOWN, up=SD21_UP, mid="UNetMidBlock2DCrossAttn", layers=2, heads=(1, 2, 4, 4), context=128, groups=8, linear_projection=True, sample_size=8)),
+            unet=block_removed(
+                _unet(
+                    channels=(32, 64, 128, 128),
+                    down=SD21_DOWN,
+                    up=SD21_UP,
+                    mid="UNetMidBlock2DCrossAttn",
+                    layers=2,
+                    heads=(1, 2, 4, 4),
+                    context=128,
+                    groups=8,
+                    linear_projection=True,
+                    sample_size=8,
+                )
+            ),
             vae_class="AutoencoderTiny",
             vae=_tiny_vae(channels=16, encoder_blocks=(1, 1, 1, 1), decoder_blocks=(1, 1, 1, 1)),
             pad_token="!",
@@ -302,4 +392,3 @@ def get_preset(name: str) -> ModelPreset:
         return PRESETS[name]
     except KeyError:
         raise ModelLoadError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}") from None
-

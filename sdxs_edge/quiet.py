@@ -7,14 +7,15 @@ about the user's work, and a conversion's sensitivity pass repeats it dozens of 
 sends fd 2 to a temporary file for the duration of a block and writes back only the lines that match
 none of `NOISE`, so errors the libraries print still reach the user. Standard library only.
 """
+
 from __future__ import annotations
 
 import os
 import re
 import sys
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 NOISE = re.compile(
     r"\[cpuinfo_utils\.cpp:\d+\]"  # ExecuTorch's CPU probe at method load

@@ -20,10 +20,12 @@ schedule (S = 1 is t = 999, text-to-image); the encoded image z0 is noised as Eu
 
     x_in = x / sqrt(sigma_t^2 + 1),   x0 = rule(U-Net(x_in, t_S, context), x)
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -74,7 +76,9 @@ def strength_timestep(strength: float, num_train_timesteps: int = 1000) -> int:
     return max(int(round(s * num_train_timesteps)) - 1, 0)
 
 
-def one_step_constants(scheduler_config: Mapping[str, Any], latent_scaling: float, timestep: int | None = None) -> OneStepConstants:
+def one_step_constants(
+    scheduler_config: Mapping[str, Any], latent_scaling: float, timestep: int | None = None
+) -> OneStepConstants:
     """Constants of the one-step rule for a scheduler config at `timestep` (default: trailing t = T - 1).
 
     Args:

@@ -8,11 +8,12 @@ Beyond the spec, for style LoRAs (arXiv 2403.16627 Fig. 4): a scene has a `style
 world, the default everywhere) or "outline" (the same shape drawn as a 2 px outline: the shape minus the
 shape shrunk by 2 px along every edge normal). Captions do not name the style; a style LoRA applies it.
 """
+
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 

@@ -6,6 +6,7 @@ wheel ships. We rebuild the two files from it exactly as OpenAI's / open_clip's 
 out its vocabulary, so a model folder written here tokenizes like any SD checkpoint. The package is
 located without importing it (importing open_clip pulls torchvision).
 """
+
 from __future__ import annotations
 
 import gzip
@@ -24,7 +25,9 @@ def bpe_vocab_path() -> Path:
     """Path of open_clip's shipped BPE vocabulary file (`pip install --no-deps open-clip-torch`)."""
     spec = importlib.util.find_spec("open_clip")
     if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError("open-clip-torch is not installed; it ships the CLIP BPE vocabulary (pip install --no-deps open-clip-torch)")
+        raise ModelLoadError(
+            "open-clip-torch is not installed; it ships the CLIP BPE vocabulary (pip install --no-deps open-clip-torch)"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / VOCAB_FILE
     if not path.is_file():
         raise ModelLoadError(f"{path} is missing from the open-clip-torch install")
@@ -71,9 +74,20 @@ def write_clip_tokenizer(folder: str | Path, pad_token: str = "<|endoftext|>") -
     vocab, merges = clip_vocab_and_merges()
     put("vocab.json", json.dumps(vocab, ensure_ascii=False))
     put("merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
-    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": pad_token}
+    special = {
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": pad_token,
+    }
     put("special_tokens_map.json", json.dumps(special, indent=2))
-    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": MAX_LENGTH, "do_lower_case": True, "errors": "replace", **special}
+    config = {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": MAX_LENGTH,
+        "do_lower_case": True,
+        "errors": "replace",
+        **special,
+    }
     put("tokenizer_config.json", json.dumps(config, indent=2))
     return folder
 

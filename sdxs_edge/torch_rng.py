@@ -22,10 +22,11 @@ returns on a CPU (float32), following ATen (after apple/ml-stable-diffusion's to
 
 Nothing here imports PyTorch; `tests/test_torch_rng.py` compares it with PyTorch.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -110,8 +111,17 @@ def _fma(a, b, c) -> np.ndarray:
 
 
 # avx_mathfun.h constants (cephes single precision)
-_LOG_P = (7.0376836292e-2, -1.1514610310e-1, 1.1676998740e-1, -1.2420140846e-1, 1.4249322787e-1,
-          -1.6668057665e-1, 2.0000714765e-1, -2.4999993993e-1, 3.3333331174e-1)
+_LOG_P = (
+    7.0376836292e-2,
+    -1.1514610310e-1,
+    1.1676998740e-1,
+    -1.2420140846e-1,
+    1.4249322787e-1,
+    -1.6668057665e-1,
+    2.0000714765e-1,
+    -2.4999993993e-1,
+    3.3333331174e-1,
+)
 _LOG_Q1, _LOG_Q2 = -2.12194440e-4, 0.693359375
 _DP = (-0.78515625, -2.4187564849853515625e-4, -3.77489497744594108e-8)
 _SIN_P = (-1.9515295891e-4, 8.3321608736e-3, -1.6666654611e-1)

@@ -1,5 +1,6 @@
 """safetensors file checks: catch truncated or corrupt weights before a loader does, naming the file; and
 the weights hash bundles record (`modules_sha256`)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -37,7 +38,23 @@ def check_safetensors(path: str | Path) -> dict:
     return header
 
 
-_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+_DTYPE_BYTES = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+}
 
 
 def _check_entries(path: Path, header: dict) -> int:
@@ -50,8 +67,18 @@ def _check_entries(path: Path, header: dict) -> int:
     for name, v in header.items():
         if name == "__metadata__":
             continue
-        ok = isinstance(v, dict) and v.get("dtype") in _DTYPE_BYTES and isinstance(v.get("shape"), list) and isinstance(v.get("data_offsets"), list)
-        ok = ok and all(type(d) is int and d >= 0 for d in v["shape"]) and len(v["data_offsets"]) == 2 and all(type(o) is int for o in v["data_offsets"])
+        ok = (
+            isinstance(v, dict)
+            and v.get("dtype") in _DTYPE_BYTES
+            and isinstance(v.get("shape"), list)
+            and isinstance(v.get("data_offsets"), list)
+        )
+        ok = (
+            ok
+            and all(type(d) is int and d >= 0 for d in v["shape"])
+            and len(v["data_offsets"]) == 2
+            and all(type(o) is int for o in v["data_offsets"])
+        )
         if not ok:
             raise ModelLoadError(f"{path}: corrupt safetensors file (bad entry for tensor {name[:80]!r})")
         begin, stop = v["data_offsets"]
@@ -59,12 +86,16 @@ def _check_entries(path: Path, header: dict) -> int:
         for d in v["shape"]:
             numel *= d
         if not 0 <= begin <= stop or stop - begin != numel * _DTYPE_BYTES[v["dtype"]]:
-            raise ModelLoadError(f"{path}: corrupt safetensors file (tensor {name[:80]!r}: byte range {begin}-{stop} does not hold {v['dtype']}{v['shape']})")
+            raise ModelLoadError(
+                f"{path}: corrupt safetensors file (tensor {name[:80]!r}: byte range {begin}-{stop} does not hold {v['dtype']}{v['shape']})"
+            )
         spans.append((begin, stop))
     at = 0
     for begin, stop in sorted(spans):
         if begin != at:
-            raise ModelLoadError(f"{path}: corrupt safetensors file (tensor data overlaps or leaves a gap at byte {at})")
+            raise ModelLoadError(
+                f"{path}: corrupt safetensors file (tensor data overlaps or leaves a gap at byte {at})"
+            )
         at = stop
     return at
 

@@ -5,6 +5,7 @@ A bundle's key is the sha256 of the converters/ and sdxs_edge/ sources and the b
 cores, so only the first run after a change pays for it. Every use still verifies each file's sha256
 through the manifest.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -31,7 +32,14 @@ def source_key(label: str, *extra: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     h = hashlib.sha256(label.encode())
-    sources = [*(ROOT / "converters").rglob("*.py"), *(f for f in (ROOT / "sdxs_edge").rglob("*.py") if f.name not in NOT_IN_KEY and not NOT_IN_KEY_DIRS & set(f.relative_to(ROOT).parts))]
+    sources = [
+        *(ROOT / "converters").rglob("*.py"),
+        *(
+            f
+            for f in (ROOT / "sdxs_edge").rglob("*.py")
+            if f.name not in NOT_IN_KEY and not NOT_IN_KEY_DIRS & set(f.relative_to(ROOT).parts)
+        ),
+    ]
     for f in sorted(sources):
         h.update(str(f.relative_to(ROOT)).encode() + b"\0" + f.read_bytes())
     for text in extra:

@@ -1,6 +1,7 @@
 """Benchmarks: one real run on the tiny preset (torch + onnxruntime, fp32 + int8, tiny-teacher baseline)
 checked for every field, its files, and ratios recomputed from its own measured numbers; request
 errors; the OpenVINO "not installed" row; the GPU batch search exercised on CPU."""
+
 from __future__ import annotations
 
 import argparse
@@ -50,7 +51,22 @@ def _row(rep, name):
 
 def test_report_has_every_field(tiny_report):
     rep, _ = tiny_report
-    for key in ("format", "config", "machine", "model", "conversions", "paths", "baselines", "gpu", "gpu_status", "ratios", "where_the_time_goes", "files", "failed", "warnings"):
+    for key in (
+        "format",
+        "config",
+        "machine",
+        "model",
+        "conversions",
+        "paths",
+        "baselines",
+        "gpu",
+        "gpu_status",
+        "ratios",
+        "where_the_time_goes",
+        "files",
+        "failed",
+        "warnings",
+    ):
         assert key in rep, key
     assert rep["failed"] == [], rep["failed"]
     m = rep["machine"]
@@ -101,7 +117,14 @@ def test_files_written(tiny_report):
     assert json.loads(files["json"].read_text()) == json.loads(json.dumps(rep))
     assert files["chart"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = files["markdown"].read_text()
-    for text in ("| torch eager fp32 | ok |", "| onnxruntime int8 | ok |", "openvino | skipped: --no-openvino", "## Ratios", "## Where the time goes", "tiny-teacher, 25 steps"):
+    for text in (
+        "| torch eager fp32 | ok |",
+        "| onnxruntime int8 | ok |",
+        "openvino | skipped: --no-openvino",
+        "## Ratios",
+        "## Where the time goes",
+        "tiny-teacher, 25 steps",
+    ):
         assert text in md, text
     assert not list((tmp / "out").glob(".*tmp*")), "temporary files left behind"
 
@@ -120,7 +143,9 @@ def test_ratios_recomputed_from_measured_numbers(tiny_report):
 
     # The guided teacher total from its own component medians, against the one-step model's.
     t = rep["baselines"]["teacher"]["components"]
-    teacher_s = (2 * t["text_encoder"]["median_ms"] + 25 * t["unet_batch2_cfg"]["median_ms"] + t["decoder"]["median_ms"]) / 1000
+    teacher_s = (
+        2 * t["text_encoder"]["median_ms"] + 25 * t["unet_batch2_cfg"]["median_ms"] + t["decoder"]["median_ms"]
+    ) / 1000
     sdxs_s = sum(_row(rep, "torch eager fp32")["components"][c]["median_ms"] for c in COMPONENTS) / 1000
     assert rep["ratios"]["one_step_vs_teacher_cfg"]["value"] == pytest.approx(teacher_s / sdxs_s, rel=REL)
 
@@ -145,7 +170,9 @@ def test_openvino_not_installed_is_a_row(monkeypatch, tiny_report):
     assert state["reason"] == "openvino: not installed (pip install '.[bench]')"
     rep, _ = tiny_report
     paths = [r for r in rep["paths"] if r["runtime"] != "openvino"]
-    paths.append(bench._path_row("openvino", "openvino", "-", "baseline", status=state["status"], reason=state["reason"]))
+    paths.append(
+        bench._path_row("openvino", "openvino", "-", "baseline", status=state["status"], reason=state["reason"])
+    )
     md = R.markdown({**rep, "paths": paths})
     assert "| openvino | not installed: openvino: not installed (pip install '.[bench]') |" in md
 
@@ -164,7 +191,16 @@ def test_openvino_not_installed_is_a_row(monkeypatch, tiny_report):
     ],
 )
 def test_bad_requests_fail_before_any_work(tmp_path, kwargs, message):
-    args = {"runtimes": "torch", "precisions": "fp32", "resolution": 64, "runs": 1, "work_dir": tmp_path / "work", "out_dir": tmp_path / "out", "progress": False, **kwargs}
+    args = {
+        "runtimes": "torch",
+        "precisions": "fp32",
+        "resolution": 64,
+        "runs": 1,
+        "work_dir": tmp_path / "work",
+        "out_dir": tmp_path / "out",
+        "progress": False,
+        **kwargs,
+    }
     with pytest.raises(BenchError, match=message):
         bench.run_bench("tiny", **args)
     assert not (tmp_path / "work").exists() and not (tmp_path / "out").exists()
@@ -176,9 +212,23 @@ def test_cli_hook_and_one_line_error():
 
     add_parsers(p.add_subparsers(dest="command"))
     a = p.parse_args(["bench", "tiny", "--resolution", "64", "--runs", "3", "--no-openvino"])
-    assert (a.func, a.model, a.resolution, a.runs, a.rounds, a.no_openvino, a.no_baselines) == (cmd_bench, "tiny", 64, 3, 1, True, False)
+    assert (a.func, a.model, a.resolution, a.runs, a.rounds, a.no_openvino, a.no_baselines) == (
+        cmd_bench,
+        "tiny",
+        64,
+        3,
+        1,
+        True,
+        False,
+    )
     assert a.runtimes == "torch,onnxruntime,executorch,executorch-native" and a.precisions == "fp32,fp16,int8"
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench", "tiny", "--runtimes", "bogus"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench", "tiny", "--runtimes", "bogus"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: runtime 'bogus'") and len(proc.stderr.strip().splitlines()) == 1
 
@@ -188,9 +238,13 @@ def test_gpu_batch_search_logic_on_cpu():
     from benchmarks.gpu import gpu_figures
     from sdxs_edge.pipeline import SDXSPipeline
 
-    g = gpu_figures(SDXSPipeline.load("tiny"), 64, runs=1, warmup=0, device="cpu", dtype="float32", compile=False, max_batch=4)
+    g = gpu_figures(
+        SDXSPipeline.load("tiny"), 64, runs=1, warmup=0, device="cpu", dtype="float32", compile=False, max_batch=4
+    )
     s = g["eager"]
-    assert s["searched"][0]["batch"] == 1 and [x["batch"] for x in s["searched"]] == [2**i for i in range(len(s["searched"]))]
+    assert s["searched"][0]["batch"] == 1 and [x["batch"] for x in s["searched"]] == [
+        2**i for i in range(len(s["searched"]))
+    ]
     assert s["best_batch"]["images_per_s"] == max(x["images_per_s"] for x in s["searched"] if "images_per_s" in x)
     assert set(s["batch1"]["components"]) == set(COMPONENTS) and math.isfinite(s["batch1"]["end_to_end"]["median_s"])
 
@@ -201,7 +255,21 @@ def test_openvino_and_executorch_paths(tmp_path):
     pytest.importorskip("openvino", reason="the bench extra (openvino) is not installed")
     pytest.importorskip("nncf", reason="the bench extra (nncf) is not installed")
     pytest.importorskip("executorch", reason="the executorch extra is not installed")
-    rep = bench.run_bench("tiny", ["executorch"], ["fp32", "int8"], 64, 2, 1, 2, tmp_path / "out", True, True, teacher="tiny-teacher", work_dir=tmp_path / "work", progress=False)
+    rep = bench.run_bench(
+        "tiny",
+        ["executorch"],
+        ["fp32", "int8"],
+        64,
+        2,
+        1,
+        2,
+        tmp_path / "out",
+        True,
+        True,
+        teacher="tiny-teacher",
+        work_dir=tmp_path / "work",
+        progress=False,
+    )
     assert rep["failed"] == [], rep["failed"]
     for name in ("executorch fp32", "executorch int8", "openvino fp32", "openvino int8"):
         assert _row(rep, name)["status"] == "ok"
@@ -238,7 +306,9 @@ def test_native_runner_measures_each_component_without_torch(tmp_path):
     from converters.api import convert
 
     subprocess.run([str(ROOT / "runtimes" / "native" / "build_host.sh")], check=True, capture_output=True)
-    bundle = convert("tiny", "executorch", "fp32", tmp_path / "pte", components=("text_encoder", "decoder"), progress=False)
+    bundle = convert(
+        "tiny", "executorch", "fp32", tmp_path / "pte", components=("text_encoder", "decoder"), progress=False
+    )
     r = native_runner.measure(bundle, runs=2)
     assert set(r["components"]) == {"text_encoder", "decoder"}
     for c in r["components"].values():
@@ -255,18 +325,40 @@ def test_executorch_native_path_counts_both_processes(tmp_path):
     """The executorch-native row: the runner built by the run, pinned threads read back from it, and a
     peak RSS that is the torch-free driver plus the runner (not the driver alone)."""
     pytest.importorskip("executorch", reason="the executorch extra is not installed")
-    rep = bench.run_bench("tiny", ["executorch-native"], ["fp32"], 64, 2, 1, 2, tmp_path / "out", False, False, work_dir=tmp_path / "work", rounds=2, progress=False)
+    rep = bench.run_bench(
+        "tiny",
+        ["executorch-native"],
+        ["fp32"],
+        64,
+        2,
+        1,
+        2,
+        tmp_path / "out",
+        False,
+        False,
+        work_dir=tmp_path / "work",
+        rounds=2,
+        progress=False,
+    )
     assert rep["failed"] == [], rep["failed"]
     r = _row(rep, "executorch-native fp32")
     assert r["status"] == "ok" and r["threads"] == {"threadpool_threads": 2}
-    assert r["rounds"] == 2 and r["end_to_end"]["runs"] == 4 and len(r["end_to_end"]["round_medians_s"]) == 2  # two processes, runs pooled
+    assert (
+        r["rounds"] == 2 and r["end_to_end"]["runs"] == 4 and len(r["end_to_end"]["round_medians_s"]) == 2
+    )  # two processes, runs pooled
     assert "2 rounds, round-robin" in Path(rep["files"]["markdown"]).read_text()
     run = r["runner"]
-    assert run["workspace_sharing"] == "global" and set(run["execute_ms"]) == set(COMPONENTS) and set(run["load_ms"]) == set(COMPONENTS)
+    assert (
+        run["workspace_sharing"] == "global"
+        and set(run["execute_ms"]) == set(COMPONENTS)
+        and set(run["load_ms"]) == set(COMPONENTS)
+    )
     assert run["execute_ms"]["unet"]["runs"] == 4
     for c in COMPONENTS:  # the runner's own execute time sits inside the round trip the session timed
         assert 0 < run["execute_ms"][c]["median_ms"] <= r["components"][c]["median_ms"]
-    assert 0 < run["peak_rss_mb"] < 200 and 0 < r["driver_peak_rss_mb"] < 200  # neither process holds PyTorch (219 MB alone)
+    assert (
+        0 < run["peak_rss_mb"] < 200 and 0 < r["driver_peak_rss_mb"] < 200
+    )  # neither process holds PyTorch (219 MB alone)
     assert r["peak_rss_mb"] == pytest.approx(run["peak_rss_mb"] + r["driver_peak_rss_mb"], abs=0.11)
     md = Path(rep["files"]["markdown"]).read_text()
     assert f"runner {run['peak_rss_mb']:.0f} MB + driver {r['driver_peak_rss_mb']:.0f} MB" in md
@@ -278,14 +370,25 @@ def test_rounds_pool_every_run_of_every_round():
     from benchmarks.jobs import stats_e2e, stats_ms
 
     def row(comp_s, e2e_s, rss, load):
-        return {"name": "p", "status": "ok", "load_s": load, "first_run_s": 1.0, "peak_rss_mb": rss, "process_wall_s": 2.0,
-                "components": {c: stats_ms(comp_s) for c in COMPONENTS}, "other": stats_ms([0.001] * len(e2e_s)), "end_to_end": stats_e2e(e2e_s)}
+        return {
+            "name": "p",
+            "status": "ok",
+            "load_s": load,
+            "first_run_s": 1.0,
+            "peak_rss_mb": rss,
+            "process_wall_s": 2.0,
+            "components": {c: stats_ms(comp_s) for c in COMPONENTS},
+            "other": stats_ms([0.001] * len(e2e_s)),
+            "end_to_end": stats_e2e(e2e_s),
+        }
 
     a, b = row([0.10, 0.12], [0.30, 0.32], 500, 1.0), row([0.20, 0.22], [0.50, 0.52], 700, 3.0)
     m = bench.merge_rounds([a, b])
     assert m["rounds"] == 2 and m["peak_rss_mb"] == 700 and m["load_s"] == 2.0 and m["process_wall_s"] == 4.0
     assert m["components"]["unet"]["runs"] == 4 and m["components"]["unet"]["median_ms"] == pytest.approx(160.0)
-    assert m["end_to_end"]["samples_s"] == [0.30, 0.32, 0.50, 0.52] and m["end_to_end"]["median_s"] == pytest.approx(0.41)
+    assert m["end_to_end"]["samples_s"] == [0.30, 0.32, 0.50, 0.52] and m["end_to_end"]["median_s"] == pytest.approx(
+        0.41
+    )
     assert m["end_to_end"]["round_medians_s"] == [0.31, 0.51]
     assert bench.merge_rounds([a]) is a
     failed = bench.merge_rounds([a, {"name": "p", "status": "error", "reason": "worker exited 1"}])

@@ -5,6 +5,7 @@ bad bundle and prompt as an error code and one message (once under AddressSaniti
 The library is built by runtimes/native/build_host.sh (`make host-runner`; rebuilt only when a source
 changed); the ASan build lives in build/host/asan/.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -17,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bundle_cache import cached_bundle, need
 
 import runtimes
-from bundle_cache import cached_bundle, need
 from runtimes.base import to_uint8
 from runtimes.capi_session import E_BUNDLE, E_PROMPT, E_UNSUPPORTED, CapiError, check, load_library
 from runtimes.parity import FLOORS, run_parity
@@ -41,7 +42,7 @@ ODD = [
     "emoji 🎉🚀 ok 👍🏽 👨‍👩‍👧",
     "numbers 12345 3.14 1e-5 ⅣⅫ ①② ٣٤",
     "tabs\tand\nnewlines\r\n \u00a0nbsp\u2003em\u2028\u2029\x1c\x85",
-    "&amp; <b>html</b> a_b-c/d\\e ~!@#$%^&*()_+{}|:\"<>?",
+    '&amp; <b>html</b> a_b-c/d\\e ~!@#$%^&*()_+{}|:"<>?',
     "<|endoftext|> inside <|ENDOFTEXT|>x<|startoftext|> <|ſtartoftext|>",
     "İstanbul ß ẞ ǅ ǈ ﬁ ſt K",
     "ΟΔΟΣ Σ aΣ ΣΑΣ. ὈΔΥΣΣΕΎΣ ΑΣ\u0345 ΑΣ\u0345Α",
@@ -69,8 +70,22 @@ def et_fp32() -> Path:
 def _random_texts(n: int, seed: int) -> list[str]:
     """Strings of random code points from blocks with case, marks, scripts and spaces."""
     rng = random.Random(seed)
-    blocks = [(0x20, 0x7E), (0xA0, 0x24F), (0x300, 0x36F), (0x370, 0x3FF), (0x400, 0x4FF), (0x1100, 0x11FF), (0x1E00, 0x1FFF),
-              (0x2000, 0x206F), (0x2150, 0x24FF), (0x3040, 0x30FF), (0xAC00, 0xAC40), (0xFB00, 0xFB4F), (0x1F300, 0x1F64F), (0x1D400, 0x1D7FF)]
+    blocks = [
+        (0x20, 0x7E),
+        (0xA0, 0x24F),
+        (0x300, 0x36F),
+        (0x370, 0x3FF),
+        (0x400, 0x4FF),
+        (0x1100, 0x11FF),
+        (0x1E00, 0x1FFF),
+        (0x2000, 0x206F),
+        (0x2150, 0x24FF),
+        (0x3040, 0x30FF),
+        (0xAC00, 0xAC40),
+        (0xFB00, 0xFB4F),
+        (0x1F300, 0x1F64F),
+        (0x1D400, 0x1D7FF),
+    ]
     out = []
     for _ in range(n):
         chars = []
@@ -150,7 +165,11 @@ def test_sdxs_run_writes_the_python_runtimes_image(lib, et_fp32, tmp_path):
             want = py.generate_arrays(PROMPT, noise=noise).image
             got = capi.generate_arrays(PROMPT, seed=seed).image
             out = tmp_path / f"s{seed}.png"
-            proc = subprocess.run([str(HOST / "sdxs-run"), str(et_fp32), PROMPT, "--seed", str(seed), "--out", str(out)], capture_output=True, text=True)
+            proc = subprocess.run(
+                [str(HOST / "sdxs-run"), str(et_fp32), PROMPT, "--seed", str(seed), "--out", str(out)],
+                capture_output=True,
+                text=True,
+            )
             assert proc.returncode == 0 and proc.stderr == "", proc.stderr
             png = np.asarray(Image.open(out))
             assert snr_db(want, got) >= FLOORS[precision].component_snr_db
@@ -176,11 +195,26 @@ def _bad_bundles(good: Path, root: Path) -> dict[str, tuple[Path, int, str]]:
     variant("not-json", E_BUNDLE, "invalid JSON", edit=lambda b: (b / "manifest.json").write_text("{nope"))
     variant("version-2", E_UNSUPPORTED, "format version 2", manifest=lambda m: m.update(format_version=2))
     variant("onnx-target", E_UNSUPPORTED, "onnx bundle", manifest=lambda m: m.update(target="onnx"))
-    variant("coreml-delegate", E_UNSUPPORTED, "coreml programs", manifest=lambda m: m.setdefault("conversion", {}).setdefault("config", {}).update(delegate="coreml"))
+    variant(
+        "coreml-delegate",
+        E_UNSUPPORTED,
+        "coreml programs",
+        manifest=lambda m: m.setdefault("conversion", {}).setdefault("config", {}).update(delegate="coreml"),
+    )
     variant("missing-unet", E_BUNDLE, "unet file unet.pte is missing", edit=lambda b: (b / "unet.pte").unlink())
     variant("altered-unet", E_BUNDLE, "was altered", edit=lambda b: (b / "unet.pte").open("ab").write(b"x"))
-    variant("escaping-path", E_BUNDLE, "not a path inside the bundle", manifest=lambda m: m["components"]["unet"].update(file="../unet.pte"))
-    variant("controlnet", E_UNSUPPORTED, "ControlNet", manifest=lambda m: m["components"].update(controlnet=dict(m["components"]["unet"])))
+    variant(
+        "escaping-path",
+        E_BUNDLE,
+        "not a path inside the bundle",
+        manifest=lambda m: m["components"]["unet"].update(file="../unet.pte"),
+    )
+    variant(
+        "controlnet",
+        E_UNSUPPORTED,
+        "ControlNet",
+        manifest=lambda m: m["components"].update(controlnet=dict(m["components"]["unet"])),
+    )
     variant("no-vocab", E_BUNDLE, "vocab.json is missing", edit=lambda b: (b / "tokenizer" / "vocab.json").unlink())
     return out
 
@@ -191,7 +225,11 @@ def test_bad_bundles_are_one_error_each(lib, et_fp32, tmp_path):
         assert not lib.sdxs_open_flags(str(bundle).encode(), 0), name
         msg = lib.sdxs_last_error().decode()
         assert lib.sdxs_last_error_code() == code and fragment in msg, (name, lib.sdxs_last_error_code(), msg)
-        proc = subprocess.run([str(HOST / "sdxs-run"), str(bundle), PROMPT, "--out", str(tmp_path / "x.png")], capture_output=True, text=True)
+        proc = subprocess.run(
+            [str(HOST / "sdxs-run"), str(bundle), PROMPT, "--out", str(tmp_path / "x.png")],
+            capture_output=True,
+            text=True,
+        )
         assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and fragment in proc.stderr, (name, proc.stderr)
     assert not (tmp_path / "x.png").exists()
     with pytest.raises(BundleError, match="was altered"):
@@ -200,7 +238,9 @@ def test_bad_bundles_are_one_error_each(lib, et_fp32, tmp_path):
 
 def test_sdxs_run_bad_prompt_size_and_output(lib, et_fp32, tmp_path):
     def run(*args):
-        return subprocess.run([str(HOST / "sdxs-run"), *(a if isinstance(a, bytes) else str(a) for a in args)], capture_output=True)
+        return subprocess.run(
+            [str(HOST / "sdxs-run"), *(a if isinstance(a, bytes) else str(a) for a in args)], capture_output=True
+        )
 
     out = tmp_path / "o.png"
     for args, fragment in [
@@ -228,7 +268,9 @@ def test_c_tests_under_address_sanitizer(lib, et_fp32, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     bad = [str(b) for b, _, _ in _bad_bundles(et_fp32, tmp_path).values()] + [str(tmp_path / "absent")]
     env = {"ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0:exitcode=23", "PATH": "/usr/bin:/bin"}
-    proc = subprocess.run([str(HOST / "asan" / "test_capi"), str(et_fp32), *bad], capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run(
+        [str(HOST / "asan" / "test_capi"), str(et_fp32), *bad], capture_output=True, text=True, env=env, timeout=600
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "0 failure(s)" in proc.stdout and "FAIL" not in proc.stdout and "AddressSanitizer" not in proc.stderr
 
@@ -259,18 +301,39 @@ def test_docs_example_compiles_and_runs(lib, et_fp32, tmp_path):
     src = text.split("```c\n", 1)[1].split("```", 1)[0]
     (tmp_path / "gen.c").write_text(src)
     cc = shutil.which("gcc") or shutil.which("cc")
-    build = subprocess.run([cc, "-std=c11", "-Wall", "-Werror", str(tmp_path / "gen.c"), "-I", str(ROOT / "runtimes" / "native"), "-L", str(HOST),
-                            "-lsdxs", f"-Wl,-rpath,{HOST}", "-o", str(tmp_path / "gen")], capture_output=True, text=True)
+    build = subprocess.run(
+        [
+            cc,
+            "-std=c11",
+            "-Wall",
+            "-Werror",
+            str(tmp_path / "gen.c"),
+            "-I",
+            str(ROOT / "runtimes" / "native"),
+            "-L",
+            str(HOST),
+            "-lsdxs",
+            f"-Wl,-rpath,{HOST}",
+            "-o",
+            str(tmp_path / "gen"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert build.returncode == 0, build.stderr
-    proc = subprocess.run([str(tmp_path / "gen"), str(et_fp32), PROMPT, str(tmp_path / "x.ppm")], capture_output=True, text=True)
+    proc = subprocess.run(
+        [str(tmp_path / "gen"), str(et_fp32), PROMPT, str(tmp_path / "x.ppm")], capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr
     ppm = (tmp_path / "x.ppm").read_bytes()
     header = b"P6\n64 64\n255\n"
     assert ppm.startswith(header)
     with runtimes.load(et_fp32, "executorch-capi") as s:
         want = to_uint8(s.generate_arrays(PROMPT, seed=0).image)[0]
-    assert np.array_equal(np.frombuffer(ppm[len(header):], np.uint8).reshape(64, 64, 3), want)
-    bad = subprocess.run([str(tmp_path / "gen"), str(tmp_path), PROMPT, str(tmp_path / "y.ppm")], capture_output=True, text=True)
+    assert np.array_equal(np.frombuffer(ppm[len(header) :], np.uint8).reshape(64, 64, 3), want)
+    bad = subprocess.run(
+        [str(tmp_path / "gen"), str(tmp_path), PROMPT, str(tmp_path / "y.ppm")], capture_output=True, text=True
+    )
     assert bad.returncode == 1 and "error 2:" in bad.stderr and "no manifest.json" in bad.stderr
 
 
@@ -280,8 +343,18 @@ def test_bench_worker_measures_executorch_capi(lib, et_fp32, tmp_path):
     from benchmarks.jobs import Job
     from benchmarks.worker import run_session
 
-    job = Job(kind="session", model="tiny", resolution=64, threads=2, runs=2, warmup=1, result=str(tmp_path / "r.json"),
-              runtime="executorch-capi", precision="fp32", bundle=str(et_fp32))
+    job = Job(
+        kind="session",
+        model="tiny",
+        resolution=64,
+        threads=2,
+        runs=2,
+        warmup=1,
+        result=str(tmp_path / "r.json"),
+        runtime="executorch-capi",
+        precision="fp32",
+        bundle=str(et_fp32),
+    )
     r = run_session(job)
     assert r["threads"] == {"threadpool_threads": 2}
     assert r["components"]["unet"]["runs"] == 2 and r["end_to_end"]["runs"] == 2 and r["end_to_end"]["median_s"] > 0
@@ -298,17 +371,29 @@ def test_sdxs_run_under_aarch64_emulation(lib, et_fp32, tmp_path):
         pytest.skip("the aarch64 sdxs-run or qemu-aarch64-static is missing (make arm64-runner)")
     qemu = ["qemu-aarch64-static", "-cpu", "cortex-a76", "-L", "/usr/aarch64-linux-gnu", str(arm)]
     for exe, out in ((qemu, tmp_path / "arm.png"), ([str(HOST / "sdxs-run")], tmp_path / "x86.png")):
-        proc = subprocess.run([*exe, str(et_fp32), PROMPT, "--seed", "3", "--out", str(out)], capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(
+            [*exe, str(et_fp32), PROMPT, "--seed", "3", "--out", str(out)], capture_output=True, text=True, timeout=600
+        )
         assert proc.returncode == 0, proc.stderr
     a, b = (np.asarray(Image.open(p)).astype(np.float64) for p in (tmp_path / "arm.png", tmp_path / "x86.png"))
     assert snr_db(b, a) >= FLOORS["fp32"].component_snr_db
-    proc = subprocess.run([*qemu, str(et_fp32), b"\xff\xfe", "--out", str(tmp_path / "bad.png")], capture_output=True, timeout=600)
+    proc = subprocess.run(
+        [*qemu, str(et_fp32), b"\xff\xfe", "--out", str(tmp_path / "bad.png")], capture_output=True, timeout=600
+    )
     assert proc.returncode == 1 and proc.stderr.count(b"\n") == 1 and b"not valid UTF-8" in proc.stderr
 
 
 @pytest.mark.slow
 def test_unicode_tables_are_current():
     """unicode_tables.inc is what gen_unicode_tables.py writes from this Python and regex (about 30 s)."""
-    proc = subprocess.run([str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv").is_dir() else "python3",
-                           str(ROOT / "runtimes" / "native" / "gen_unicode_tables.py"), "--check"], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv").is_dir() else "python3",
+            str(ROOT / "runtimes" / "native" / "gen_unicode_tables.py"),
+            "--check",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr

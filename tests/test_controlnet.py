@@ -6,6 +6,7 @@ The test ControlNet (`_test_controlnet`) is `controlnet_for_unet` with random ze
 untrained ControlNet is an exact no-op (all its output convolutions start at zero), so residuals would be
 zero and no test could tell a control image from none.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -19,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from bundle_cache import BUNDLE_CACHE, need, prune, source_key
 
 import runtimes
-from bundle_cache import BUNDLE_CACHE, need, prune, source_key
 from runtimes.base import RuntimeInputError, Session
 from sdxs_edge.bundle import BundleError, load_manifest, sha256_path
 from sdxs_edge.control import ControlImageError, canny, prompt_controls
@@ -30,7 +31,13 @@ from sdxs_edge.metrics import snr_db
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a small red circle at the top on a white background"
-RESIDUALS = ["down_res_0", "down_res_1", "down_res_2", "down_res_3", "mid_res"]  # tiny: conv_in, 2 stages of 1 resnet, 1 downsampler
+RESIDUALS = [
+    "down_res_0",
+    "down_res_1",
+    "down_res_2",
+    "down_res_3",
+    "mid_res",
+]  # tiny: conv_in, 2 stages of 1 resnet, 1 downsampler
 FP32_ATOL = 1e-4  # images in [-1, 1]: fp32 lowerings differ from PyTorch by summation order only (~1e-6 seen)
 INT8_FLOOR_DB = 25.0  # the registry's int8 component floor
 
@@ -95,7 +102,9 @@ def make_bundle(store, cn_dir):
         if not (out / "manifest.json").is_file():
             tmp = out.with_name(f".{out.name}.{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
-            convert("tiny", target, precision, tmp, controlnet=cn_dir, progress=False)  # int8: the default 32 calibration prompts
+            convert(
+                "tiny", target, precision, tmp, controlnet=cn_dir, progress=False
+            )  # int8: the default 32 calibration prompts
             try:
                 os.rename(tmp, out)
             except OSError:  # another run finished the same bundle first
@@ -127,7 +136,8 @@ def edges_png(tmp_path_factory) -> Path:
 def test_wrappers_declare_residuals_and_match_the_pipeline(pipe, cn_pipe):
     """io_specs names one residual per U-Net skip + mid_res with the shapes the ControlNet returns, and
     text encoder -> ControlNet -> U-Net(residuals) -> decoder is exactly the pipeline's controlled generation."""
-    from sdxs_edge import components as C, sampler
+    from sdxs_edge import components as C
+    from sdxs_edge import sampler
 
     cn = cn_pipe.controlnet
     specs = C.io_specs(pipe, controlnet=cn)
@@ -159,8 +169,13 @@ def _eps_from(latents: np.ndarray, noise: np.ndarray, sigma: float) -> np.ndarra
     return noise - latents / np.float32(sigma)
 
 
-@pytest.mark.parametrize("target, precision, runtime", [("onnx", "fp32", "onnxruntime"), ("onnx", "int8", "onnxruntime"), ("executorch", "fp32", "executorch")])
-def test_bundle_with_controlnet_matches_the_pipeline(make_bundle, cn_pipe, cn_dir, edges_png, target, precision, runtime):
+@pytest.mark.parametrize(
+    "target, precision, runtime",
+    [("onnx", "fp32", "onnxruntime"), ("onnx", "int8", "onnxruntime"), ("executorch", "fp32", "executorch")],
+)
+def test_bundle_with_controlnet_matches_the_pipeline(
+    make_bundle, cn_pipe, cn_dir, edges_png, target, precision, runtime
+):
     need({"onnx": "onnxruntime", "executorch": "executorch"}[target])
     bundle = make_bundle(target, precision)
     m = load_manifest(bundle)
@@ -169,7 +184,10 @@ def test_bundle_with_controlnet_matches_the_pipeline(make_bundle, cn_pipe, cn_di
     assert [t["name"] for t in m["components"]["unet"]["inputs"]] == ["latent", "context", *RESIDUALS]
     rec = m["source"]["controlnet"]
     assert rec["model"] == str(cn_dir) and rec["sha256"] == sha256_path(cn_dir) and rec["control_scale"] == 1.0
-    assert m["conversion"]["config"]["controlnet"] == str(cn_dir) and m["conversion"]["config"]["controlnet_sha256"] == rec["sha256"]
+    assert (
+        m["conversion"]["config"]["controlnet"] == str(cn_dir)
+        and m["conversion"]["config"]["controlnet_sha256"] == rec["sha256"]
+    )
     par = m["parity"]["components"]["controlnet"]
     assert par["snr_db"] is None or par["snr_db"] >= (60.0 if precision == "fp32" else INT8_FLOOR_DB), par
     assert m["parity"]["end_to_end"]["images"] == 2 and "edge_iou" in m["parity"]["end_to_end"]
@@ -201,7 +219,12 @@ def test_control_image_changes_the_output(make_bundle, cn_pipe):
     assert np.abs(a.model_output - b.model_output).max() > 1e-2  # fp32 noise is ~1e-6
     assert not np.array_equal(a.image, b.image)
     assert all(np.abs(x - y).max() > 1e-2 for x, y in zip(a.residuals, b.residuals))
-    pa, pb = (cn_pipe.generate(PROMPT, noise=torch.from_numpy(a.noise), control_image=torch.from_numpy(c), output="tensor").images.numpy() for c in (edges, blank))
+    pa, pb = (
+        cn_pipe.generate(
+            PROMPT, noise=torch.from_numpy(a.noise), control_image=torch.from_numpy(c), output="tensor"
+        ).images.numpy()
+        for c in (edges, blank)
+    )
     np.testing.assert_allclose(pa, a.image, atol=FP32_ATOL)
     np.testing.assert_allclose(pb, b.image, atol=FP32_ATOL)
 
@@ -223,7 +246,10 @@ def test_torch_reference_needs_the_recorded_controlnet(make_bundle, tmp_path):
     pass when the manifest names none (a ControlNet converted from a module)."""
     bundle = Path(shutil.copytree(make_bundle("onnx", "fp32"), tmp_path / "b"))
     with runtimes.load(bundle, "torch") as s:
-        assert s.controlnet is not None and s.generate(PROMPT, control_image=prompt_controls([PROMPT], 64)).size == (64, 64)
+        assert s.controlnet is not None and s.generate(PROMPT, control_image=prompt_controls([PROMPT], 64)).size == (
+            64,
+            64,
+        )
     m = json.loads((bundle / "manifest.json").read_text())
     m["source"]["controlnet"]["weights_sha256"] = "0" * 64
     (bundle / "manifest.json").write_text(json.dumps(m))
@@ -243,18 +269,37 @@ def test_coreml_conversion_with_controlnet_is_structurally_valid(cn_pipe, tmp_pa
 
     from converters.api import convert
 
-    out = convert(cn_pipe, "coreml", "fp16", tmp_path / "b", components=("controlnet", "unet"), controlnet=cn_pipe.controlnet, control_scale=0.5, progress=False)
+    out = convert(
+        cn_pipe,
+        "coreml",
+        "fp16",
+        tmp_path / "b",
+        components=("controlnet", "unet"),
+        controlnet=cn_pipe.controlnet,
+        control_scale=0.5,
+        progress=False,
+    )
     m = load_manifest(out)
-    assert m["parity"]["checked"] == "structural" and m["source"]["controlnet"]["model"] is None and m["source"]["controlnet"]["control_scale"] == 0.5
+    assert (
+        m["parity"]["checked"] == "structural"
+        and m["source"]["controlnet"]["model"] is None
+        and m["source"]["controlnet"]["control_scale"] == 0.5
+    )
     for c in ("controlnet", "unet"):
         entry = m["components"][c]
         spec = ct.utils.load_spec(str(out / entry["file"]))
         assert spec.WhichOneof("Type") == "mlProgram"
         assert [i.name for i in spec.description.input] == [t["name"] for t in entry["inputs"]]
         assert [o.name for o in spec.description.output] == [t["name"] for t in entry["outputs"]]
-        assert [list(o.type.multiArrayType.shape) for o in spec.description.output] == [t["shape"] for t in entry["outputs"]]
+        assert [list(o.type.multiArrayType.shape) for o in spec.description.output] == [
+            t["shape"] for t in entry["outputs"]
+        ]
         assert m["parity"]["components"][c]["checked"] == "structural"
-    assert [i.name for i in ct.utils.load_spec(str(out / "unet.mlpackage")).description.input] == ["latent", "context", *RESIDUALS]
+    assert [i.name for i in ct.utils.load_spec(str(out / "unet.mlpackage")).description.input] == [
+        "latent",
+        "context",
+        *RESIDUALS,
+    ]
 
 
 # ---- bad input -------------------------------------------------------------------------------------
@@ -263,9 +308,14 @@ def test_controlnet_for_another_unet_is_refused_before_lowering(tmp_path, monkey
     from converters.api import convert
     from sdxs_edge.pipeline import SDXSPipeline
 
-    other = save_controlnet(controlnet_for_unet(SDXSPipeline.load("tiny-teacher").c.unet, (16, 32, 64, 128)), tmp_path / "other")
+    other = save_controlnet(
+        controlnet_for_unet(SDXSPipeline.load("tiny-teacher").c.unet, (16, 32, 64, 128)), tmp_path / "other"
+    )
     monkeypatch.setattr(to_onnx, "convert_component", lambda job: pytest.fail(f"{job.name} was lowered"))
-    with pytest.raises(ControlNetMismatchError, match=r"built for another U-Net: block_out_channels \[8, 16, 16, 16\] vs the U-Net's \[8, 16\]") as e:
+    with pytest.raises(
+        ControlNetMismatchError,
+        match=r"built for another U-Net: block_out_channels \[8, 16, 16, 16\] vs the U-Net's \[8, 16\]",
+    ) as e:
         convert("tiny", "onnx", "fp32", tmp_path / "b", controlnet=other, progress=False)
     assert "\n" not in str(e.value) and not (tmp_path / "b").exists()
 
@@ -335,14 +385,18 @@ def test_control_image_errors_on_the_runtime(make_bundle, tmp_path):
         s.generate(PROMPT, control_image=tmp_path / "junk.png")
     with pytest.raises(RuntimeInputError, match=r"values must be finite and in \[0, 1\]"):
         s.generate(PROMPT, control_image=np.full((1, 3, 64, 64), 2.0, np.float32))
-    with pytest.raises(RuntimeInputError, match=r"expected float \(1, 3, 64, 64\) in \[0, 1\], got float32\[1, 3, 32, 32\]"):
+    with pytest.raises(
+        RuntimeInputError, match=r"expected float \(1, 3, 64, 64\) in \[0, 1\], got float32\[1, 3, 32, 32\]"
+    ):
         s.generate(PROMPT, control_image=np.zeros((1, 3, 32, 32), np.float32))
     # The same bundle without its ControlNet (manifest edited): no control image is taken.
     plain = Path(shutil.copytree(bundle, tmp_path / "plain"))
     m = json.loads((plain / "manifest.json").read_text())
     del m["components"]["controlnet"]
     (plain / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(BundleError, match="its U-Net takes ControlNet residuals .* but the bundle has no controlnet component"):
+    with pytest.raises(
+        BundleError, match="its U-Net takes ControlNet residuals .* but the bundle has no controlnet component"
+    ):
         _echo(plain)
     m["components"]["unet"]["inputs"] = m["components"]["unet"]["inputs"][:2]
     (plain / "manifest.json").write_text(json.dumps(m))
@@ -386,14 +440,30 @@ def test_cli_generate_with_controlnet(cn_dir, edges_png, tmp_path, capsys):
 
     small = tmp_path / "small.png"
     Image.open(edges_png).resize((32, 32)).save(small)
-    rc, out, err = _main(capsys, "generate", PROMPT, "--model", "tiny", "--controlnet", cn_dir, "--control", small, "--control-scale", "0.7", "--out", tmp_path / "a.png")
+    rc, out, err = _main(
+        capsys,
+        "generate",
+        PROMPT,
+        "--model",
+        "tiny",
+        "--controlnet",
+        cn_dir,
+        "--control",
+        small,
+        "--control-scale",
+        "0.7",
+        "--out",
+        tmp_path / "a.png",
+    )
     assert rc == 0 and (tmp_path / "a.png").is_file() and "controlnet" in out and "scale 0.7" in out
     assert "warning: " in err and "resized to 64x64" in err
     wide = tmp_path / "wide.png"
     Image.fromarray(np.zeros((64, 80), np.uint8)).save(wide)
     from sdxs_edge.pipeline import SDXSPipeline
 
-    other = save_controlnet(controlnet_for_unet(SDXSPipeline.load("tiny-teacher").c.unet, (16, 32, 64, 128)), tmp_path / "other")
+    other = save_controlnet(
+        controlnet_for_unet(SDXSPipeline.load("tiny-teacher").c.unet, (16, 32, 64, 128)), tmp_path / "other"
+    )
     for args, message in [
         (["--controlnet", cn_dir, "--control", wide], "must be square"),
         (["--controlnet", cn_dir, "--control", tmp_path / "missing.png"], "does not exist"),
@@ -409,14 +479,35 @@ def test_cli_generate_with_controlnet(cn_dir, edges_png, tmp_path, capsys):
 def test_cli_convert_run_and_parity(make_bundle, cn_dir, edges_png, tmp_path, capsys):
     need("onnxruntime")
     bundle = make_bundle("onnx", "fp32")
-    rc, out, err = _main(capsys, "run", bundle, PROMPT, "--runtime", "onnxruntime", "--control", edges_png, "--out", tmp_path / "a.png")
+    rc, out, err = _main(
+        capsys, "run", bundle, PROMPT, "--runtime", "onnxruntime", "--control", edges_png, "--out", tmp_path / "a.png"
+    )
     assert rc == 0 and "controlnet" in out and (tmp_path / "a.png").is_file(), err
     rc, out, err = _main(capsys, "parity", bundle, "--runtime", "onnxruntime")
     assert rc == 0 and "controlnet" in out and "edge IoU" in out and "PASSED" in out, err
-    rc, out, _ = _main(capsys, "convert", "tiny", "--target", "onnx", "--precision", "fp32", "--out", tmp_path / "c", "--controlnet", cn_dir, "--dry-run")
+    rc, out, _ = _main(
+        capsys,
+        "convert",
+        "tiny",
+        "--target",
+        "onnx",
+        "--precision",
+        "fp32",
+        "--out",
+        tmp_path / "c",
+        "--controlnet",
+        cn_dir,
+        "--dry-run",
+    )
     req = json.loads(out)
-    assert rc == 0 and req["components"] == ["text_encoder", "controlnet", "unet", "decoder"] and req["controlnet"]["sha256"] == sha256_path(cn_dir)
-    plain = Path(shutil.copytree(bundle, tmp_path / "plain"))  # the same bundle without its ControlNet, for the torch runtime
+    assert (
+        rc == 0
+        and req["components"] == ["text_encoder", "controlnet", "unet", "decoder"]
+        and req["controlnet"]["sha256"] == sha256_path(cn_dir)
+    )
+    plain = Path(
+        shutil.copytree(bundle, tmp_path / "plain")
+    )  # the same bundle without its ControlNet, for the torch runtime
     m = json.loads((plain / "manifest.json").read_text())
     del m["components"]["controlnet"]
     m["components"]["unet"]["inputs"] = m["components"]["unet"]["inputs"][:2]
@@ -426,10 +517,33 @@ def test_cli_convert_run_and_parity(make_bundle, cn_dir, edges_png, tmp_path, ca
 
     Image.fromarray(np.zeros((64, 80), np.uint8)).save(wide)
     for args, message in [
-        (["run", bundle, PROMPT, "--runtime", "onnxruntime", "--out", tmp_path / "b.png"], "has a ControlNet: give a control image"),
-        (["run", bundle, PROMPT, "--runtime", "onnxruntime", "--control", wide, "--out", tmp_path / "b.png"], "must be square"),
-        (["run", plain, PROMPT, "--runtime", "torch", "--control", edges_png, "--out", tmp_path / "b.png"], "has no ControlNet, so it takes no control image"),
-        (["convert", "tiny", "--target", "onnx", "--precision", "fp32", "--out", tmp_path / "d", "--control-scale", "2"], "--control-scale needs --controlnet PATH"),
+        (
+            ["run", bundle, PROMPT, "--runtime", "onnxruntime", "--out", tmp_path / "b.png"],
+            "has a ControlNet: give a control image",
+        ),
+        (
+            ["run", bundle, PROMPT, "--runtime", "onnxruntime", "--control", wide, "--out", tmp_path / "b.png"],
+            "must be square",
+        ),
+        (
+            ["run", plain, PROMPT, "--runtime", "torch", "--control", edges_png, "--out", tmp_path / "b.png"],
+            "has no ControlNet, so it takes no control image",
+        ),
+        (
+            [
+                "convert",
+                "tiny",
+                "--target",
+                "onnx",
+                "--precision",
+                "fp32",
+                "--out",
+                tmp_path / "d",
+                "--control-scale",
+                "2",
+            ],
+            "--control-scale needs --controlnet PATH",
+        ),
     ]:
         rc, _, err = _main(capsys, *args)
         assert rc == 2

@@ -4,6 +4,7 @@ tests on the "tiny" preset, plus bad-input tests. Real-size conversions are mark
 Floors come from the registry; where a test checks that int8 really is quantized it asserts the SNR is
 below the fp32 floor (a float model would exceed it).
 """
+
 from __future__ import annotations
 
 import json
@@ -17,7 +18,13 @@ import torch
 from converters import calibration
 from converters.api import convert
 from converters.base import ComponentJob, ConversionConfig
-from converters.registry import COMPONENT_EXPORTS, PRECISION_SPECS, UnsupportedConversion, component_export, precision_spec
+from converters.registry import (
+    COMPONENT_EXPORTS,
+    PRECISION_SPECS,
+    UnsupportedConversion,
+    component_export,
+    precision_spec,
+)
 from sdxs_edge.bundle import MANIFEST_SCHEMA, load_manifest
 from sdxs_edge.errors import ParityError, SDXSError
 from sdxs_edge.metrics import snr_db
@@ -83,7 +90,9 @@ def _check_parity_recorded(m: dict, components) -> None:
 
 # ---- registry and schema -------------------------------------------------------------------------------
 def test_registry_covers_every_component_and_declares_floors():
-    assert {(c, t) for c, t in COMPONENT_EXPORTS} == {(c, t) for c in ("text_encoder", "controlnet", "unet", "decoder") for t in ("onnx", "executorch", "coreml")}
+    assert {(c, t) for c, t in COMPONENT_EXPORTS} == {
+        (c, t) for c in ("text_encoder", "controlnet", "unet", "decoder") for t in ("onnx", "executorch", "coreml")
+    }
     floors = {p: s.tolerance.snr_db for (_, p), s in PRECISION_SPECS.items()}
     assert floors == {"fp32": 60.0, "fp16": 40.0, "int8": 25.0}
     assert all(s.tolerance.image_psnr_db == 28.0 for (_, p), s in PRECISION_SPECS.items() if p == "int8")
@@ -143,20 +152,36 @@ def test_output_referred_ranking_finds_the_amplified_node_the_local_ranking_miss
     nodes = [QuantNode(f"n{i}", (f"t{i}",)) for i in range(40)]
     nodes[0] = QuantNode("conv_in", ("latent",))
     nodes[-1] = QuantNode("conv_out", ("t39",))
-    local = [(n.name, 30.0 + i) for i, n in enumerate(nodes[:-1])] + [("conv_out", 80.0)]  # conv_out looks harmless locally
+    local = [(n.name, 30.0 + i) for i, n in enumerate(nodes[:-1])] + [
+        ("conv_out", 80.0)
+    ]  # conv_out looks harmless locally
 
     def evaluate(excluded):
-        return 12.0 + (9.0 if "conv_out" in excluded else 0.0) + (2.0 if "conv_in" in excluded else 0.0), tuple(excluded)
+        return 12.0 + (9.0 if "conv_out" in excluded else 0.0) + (2.0 if "conv_in" in excluded else 0.0), tuple(
+            excluded
+        )
 
     short = _shortlist(nodes, local, 6, {"latent"})
     assert {"conv_in", "conv_out"} <= {n.name for n in short} and len(short) == 6
     ranked = rank_by_exclusion(short, evaluate, 12.0)
     assert [n for n, _ in ranked] == ["conv_out", "conv_in"]
-    job = SimpleNamespace(name="unet", inputs=[SimpleNamespace(name="latent")], spec=SimpleNamespace(sensitivity_target_db=28.0),
-                          config=SimpleNamespace(sensitivity=True, max_excluded_fraction=0.1, max_excluded_fraction_by_component=(), sensitivity_shortlist=6,
-                                                 sensitivity_target_offset_by_component=()))
+    job = SimpleNamespace(
+        name="unet",
+        inputs=[SimpleNamespace(name="latent")],
+        spec=SimpleNamespace(sensitivity_target_db=28.0),
+        config=SimpleNamespace(
+            sensitivity=True,
+            max_excluded_fraction=0.1,
+            max_excluded_fraction_by_component=(),
+            sensitivity_shortlist=6,
+            sensitivity_target_offset_by_component=(),
+        ),
+    )
     best, rep = keep_sensitive_in_float(job, nodes, lambda: local, evaluate, evaluate([]))
-    assert best[:2] == ("conv_out", "conv_in") and rep["excluded_nodes"][0] == {"name": "conv_out", "snr_db_with_it_alone_in_float": 21.0}
+    assert best[:2] == ("conv_out", "conv_in") and rep["excluded_nodes"][0] == {
+        "name": "conv_out",
+        "snr_db_with_it_alone_in_float": 21.0,
+    }
     assert rep["budget_nodes"] == 4
 
 
@@ -174,10 +199,22 @@ def test_controlnet_aims_higher_than_the_other_components():
     def evaluate(excluded):
         return 30.0 + 2.0 * len(excluded), tuple(excluded)
 
-    cfg = ConversionConfig(target="onnx", precision="int8", components=("controlnet", "unet"), resolution=64, sensitivity_shortlist=4, max_excluded_fraction=0.5)
+    cfg = ConversionConfig(
+        target="onnx",
+        precision="int8",
+        components=("controlnet", "unet"),
+        resolution=64,
+        sensitivity_shortlist=4,
+        max_excluded_fraction=0.5,
+    )
     reports = {}
     for name in ("unet", "controlnet"):
-        job = SimpleNamespace(name=name, inputs=[SimpleNamespace(name="latent")], spec=SimpleNamespace(sensitivity_target_db=28.0), config=cfg)
+        job = SimpleNamespace(
+            name=name,
+            inputs=[SimpleNamespace(name="latent")],
+            spec=SimpleNamespace(sensitivity_target_db=28.0),
+            config=cfg,
+        )
         best, reports[name] = keep_sensitive_in_float(job, nodes, lambda: local, evaluate, evaluate([]))
     assert reports["unet"]["target_snr_db"] == 28.0 and reports["unet"]["excluded_nodes"] == []
     assert reports["controlnet"]["target_snr_db"] == 34.0 and len(reports["controlnet"]["excluded_nodes"]) >= 2
@@ -192,7 +229,12 @@ def test_image_psnr_floor_is_enforced_for_trained_models_only():
         check_end_to_end(figures, int8, trained=True, label="onnx/int8")
     rec = check_end_to_end(figures, int8, trained=False, label="onnx/int8")
     assert rec["enforced"] is False and rec["image_psnr_db"] == 21.0 and "random-weight" in rec["why_not_enforced"]
-    assert check_end_to_end(figures, PRECISION_SPECS[("onnx", "fp16")].tolerance, trained=True, label="onnx/fp16")["enforced"] is False
+    assert (
+        check_end_to_end(figures, PRECISION_SPECS[("onnx", "fp16")].tolerance, trained=True, label="onnx/fp16")[
+            "enforced"
+        ]
+        is False
+    )
 
 
 # ---- ONNX ----------------------------------------------------------------------------------------------
@@ -211,7 +253,9 @@ def test_onnx_staged_unet_fp32(pipe, reference, tmp_path):
     report = to_onnx.op_report(job.out)  # what reached the backend
     to_onnx.check_io(job, report)
     assert report["op_counts"].get("Conv", 0) > 0 and "DequantizeLinear" not in report["op_counts"]
-    assert all(len(s) == len(spec.shape) and all(d > 0 for d in s) for (_, _, s), spec in zip(report["inputs"], job.inputs))  # static
+    assert all(
+        len(s) == len(spec.shape) and all(d > 0 for d in s) for (_, _, s), spec in zip(report["inputs"], job.inputs)
+    )  # static
     run = to_onnx.runner_for(job, job.out)  # run
     ins, outs = reference
     assert snr_db(outs["unet"], run(tuple(t.numpy() for t in ins["unet"]))) >= FP32_FLOOR  # compare
@@ -224,8 +268,17 @@ def test_onnx_bundle(pipe, reference, tmp_path, precision):
     out = convert(pipe, "onnx", precision, tmp_path / "bundle", progress=False)
     m = _manifest(out)
     assert m["target"] == "onnx" and m["precision"] == precision and m["resolution"] == 64
-    assert sorted(p.name for p in out.iterdir()) == ["decoder.onnx", "manifest.json", "text_encoder.onnx", "tokenizer", "unet.onnx"]
-    assert m["components"]["unet"]["inputs"] == [{"name": "latent", "shape": [1, 4, 8, 8], "dtype": "float32"}, {"name": "context", "shape": [1, 77, 16], "dtype": "float32"}]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "decoder.onnx",
+        "manifest.json",
+        "text_encoder.onnx",
+        "tokenizer",
+        "unet.onnx",
+    ]
+    assert m["components"]["unet"]["inputs"] == [
+        {"name": "latent", "shape": [1, 4, 8, 8], "dtype": "float32"},
+        {"name": "context", "shape": [1, 77, 16], "dtype": "float32"},
+    ]
     assert m["sampler"] == pipe.one_step_constants().to_dict()
     _check_parity_recorded(m, ("text_encoder", "unet", "decoder"))
     e2e = m["parity"]["end_to_end"]
@@ -257,7 +310,9 @@ def test_onnx_bundle(pipe, reference, tmp_path, precision):
         model = onnx.load(str(out / "text_encoder.onnx"))
         inits = {t.name for t in model.graph.initializer}
         producer = {o: n for n in model.graph.node for o in n.output}
-        kept = {e["name"] for e in m["conversion"]["components"]["text_encoder"]["int8"]["sensitivity"]["excluded_nodes"]}
+        kept = {
+            e["name"] for e in m["conversion"]["components"]["text_encoder"]["int8"]["sensitivity"]["excluded_nodes"]
+        }
         assert kept, "the sensitivity pass kept nothing in float"
         found = 0
         for n in model.graph.node:
@@ -268,12 +323,21 @@ def test_onnx_bundle(pipe, reference, tmp_path, precision):
 
 
 def test_onnx_int8_dynamic(pipe, tmp_path):
-    out = convert(pipe, "onnx", "int8", tmp_path / "b", components=("text_encoder", "unet"), dynamic=True, progress=False)
+    out = convert(
+        pipe, "onnx", "int8", tmp_path / "b", components=("text_encoder", "unet"), dynamic=True, progress=False
+    )
     m = _manifest(out)
     assert m["conversion"]["config"]["dynamic"] is True and m["conversion"]["config"]["calibration_prompts"] == 0
-    assert m["conversion"]["components"]["unet"]["op_counts"].get("MatMulInteger", 0) + m["conversion"]["components"]["unet"]["op_counts"].get("DynamicQuantizeMatMul", 0) > 0
+    assert (
+        m["conversion"]["components"]["unet"]["op_counts"].get("MatMulInteger", 0)
+        + m["conversion"]["components"]["unet"]["op_counts"].get("DynamicQuantizeMatMul", 0)
+        > 0
+    )
     _check_parity_recorded(m, ("text_encoder", "unet"))
-    assert m["parity"]["end_to_end"]["image_psnr_db"] is None and "not all three" in m["parity"]["end_to_end"]["why_not_enforced"]
+    assert (
+        m["parity"]["end_to_end"]["image_psnr_db"] is None
+        and "not all three" in m["parity"]["end_to_end"]["why_not_enforced"]
+    )
 
 
 # ---- ExecuTorch ----------------------------------------------------------------------------------------
@@ -301,9 +365,13 @@ def test_executorch_bundle(pipe, reference, tmp_path, precision):
     # slow test. fp32's decoder is the staged test.
     comps = ("text_encoder",) if precision == "fp32" else ("decoder",)
     prompts = calibration.default_calibration_prompts()[:8]  # 8 calibration runs keep the observers quick
-    out = convert(pipe, "executorch", precision, tmp_path / "b", components=comps, calibration_prompts=prompts, progress=False)
+    out = convert(
+        pipe, "executorch", precision, tmp_path / "b", components=comps, calibration_prompts=prompts, progress=False
+    )
     m = _manifest(out)
-    assert sorted(m["components"]) == sorted(comps) and all(e["file"].endswith(".pte") for e in m["components"].values())
+    assert sorted(m["components"]) == sorted(comps) and all(
+        e["file"].endswith(".pte") for e in m["components"].values()
+    )
     _check_parity_recorded(m, comps)
     for c in comps:
         d = m["conversion"]["components"][c]["delegation"]
@@ -327,7 +395,9 @@ def test_executorch_bundle(pipe, reference, tmp_path, precision):
 
 
 def test_executorch_coreml_delegate_lowers_structurally(pipe, tmp_path):
-    m = _manifest(convert(pipe, "executorch", "fp16", tmp_path / "b", components=("decoder",), delegate="coreml", progress=False))
+    m = _manifest(
+        convert(pipe, "executorch", "fp16", tmp_path / "b", components=("decoder",), delegate="coreml", progress=False)
+    )
     d = m["conversion"]["components"]["decoder"]["delegation"]
     assert d["delegate"] == "coreml" and d["delegated_share"] == 1.0 and d["non_delegated_ops"] == 0
     assert m["parity"]["checked"] == "structural" and m["parity"]["components"]["decoder"]["checked"] == "structural"
@@ -346,7 +416,9 @@ def test_coreml_bundle_fp16(pipe, tmp_path):
         assert spec.WhichOneof("Type") == "mlProgram" and spec.specificationVersion >= 8  # iOS17
         assert [i.name for i in spec.description.input] == [s["name"] for s in entry["inputs"]]
         assert [o.name for o in spec.description.output] == [s["name"] for s in entry["outputs"]]
-        assert [list(i.type.multiArrayType.shape) for i in spec.description.input] == [s["shape"] for s in entry["inputs"]]
+        assert [list(i.type.multiArrayType.shape) for i in spec.description.input] == [
+            s["shape"] for s in entry["inputs"]
+        ]
         assert m["parity"]["components"][c]["checked"] == "structural"
     assert m["conversion"]["components"]["text_encoder"]["inputs"] == [["input_ids", "int32", [1, 77]]]
     assert m["conversion"]["components"]["unet"]["uncompressed_weight_elements"].get("float16", 0) > 0
@@ -386,19 +458,31 @@ def test_unsupported_requests_fail_before_loading(tmp_path, target, precision, k
     assert not (tmp_path / "b").exists()
 
 
-@pytest.mark.parametrize("content, match", [(b"\n  \n", "has no prompts"), (b"a red circle\x00\x01\x02", "not a text file"), (b"\xff\xfe\xfa", "not UTF-8")])
+@pytest.mark.parametrize(
+    "content, match",
+    [(b"\n  \n", "has no prompts"), (b"a red circle\x00\x01\x02", "not a text file"), (b"\xff\xfe\xfa", "not UTF-8")],
+)
 def test_bad_calibration_file(tmp_path, content, match):
     f = tmp_path / "prompts.txt"
     f.write_bytes(content)
     with pytest.raises(calibration.CalibrationError, match=match):
         convert("no-such-model", "onnx", "int8", tmp_path / "b", calibration_prompts=f, progress=False)
     with pytest.raises(calibration.CalibrationError, match="does not exist"):
-        convert("no-such-model", "onnx", "int8", tmp_path / "b", calibration_prompts=tmp_path / "missing.txt", progress=False)
+        convert(
+            "no-such-model",
+            "onnx",
+            "int8",
+            tmp_path / "b",
+            calibration_prompts=tmp_path / "missing.txt",
+            progress=False,
+        )
 
 
 def test_calibration_file_is_used(pipe, tmp_path):
     f = tmp_path / "prompts.txt"
-    f.write_text("a small red circle at the top on a white background\n\na large blue square at the center on a black background\n")
+    f.write_text(
+        "a small red circle at the top on a white background\n\na large blue square at the center on a black background\n"
+    )
     out = convert(pipe, "onnx", "int8", tmp_path / "b", components=("decoder",), calibration_prompts=f, progress=False)
     cfg = _manifest(out)["conversion"]["config"]
     assert cfg["calibration_prompts"] == 2 and cfg["calibration_source"] == str(f)
@@ -474,16 +558,84 @@ def test_bad_resolution(pipe, tmp_path):
 def test_cli_convert_and_errors(tmp_path, capsys):
     from sdxs_edge.cli import main
 
-    assert main(["convert", "tiny", "--target", "onnx", "--precision", "int8", "--out", str(tmp_path / "b"), "--components", "unet,decoder", "--dry-run"]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "tiny",
+                "--target",
+                "onnx",
+                "--precision",
+                "int8",
+                "--out",
+                str(tmp_path / "b"),
+                "--components",
+                "unet,decoder",
+                "--dry-run",
+            ]
+        )
+        == 0
+    )
     req = json.loads(capsys.readouterr().out)
     assert req["components"] == ["unet", "decoder"] and req["floor_snr_db"] == 25.0 and not (tmp_path / "b").exists()
-    assert main(["convert", "tiny", "--target", "onnx", "--precision", "fp32", "--out", str(tmp_path / "b"), "--components", "decoder", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "tiny",
+                "--target",
+                "onnx",
+                "--precision",
+                "fp32",
+                "--out",
+                str(tmp_path / "b"),
+                "--components",
+                "decoder",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "decoder: SNR" in text and "(floor 60 dB)" in text
-    assert main(["convert", "tiny", "--target", "onnx", "--precision", "fp32", "--out", str(tmp_path / "b"), "--components", "decoder", "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "convert",
+                "tiny",
+                "--target",
+                "onnx",
+                "--precision",
+                "fp32",
+                "--out",
+                str(tmp_path / "b"),
+                "--components",
+                "decoder",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "exists" in err and len(err.strip().splitlines()) == 1
-    assert main(["convert", "tiny", "--target", "coreml", "--precision", "int8", "--out", str(tmp_path / "c"), "--components", "text_encoder", "vae"]) == 2
+    assert (
+        main(
+            [
+                "convert",
+                "tiny",
+                "--target",
+                "coreml",
+                "--precision",
+                "int8",
+                "--out",
+                str(tmp_path / "c"),
+                "--components",
+                "text_encoder",
+                "vae",
+            ]
+        )
+        == 2
+    )
     assert "unknown component 'vae'" in capsys.readouterr().err
 
 
@@ -513,7 +665,16 @@ def test_sdxs512_to_onnx_int8(tmp_path):
     the short sensitivity pass, split-heads attention. MinMax ranges fall under the 25 dB floor here."""
     from benchmarks.jobs import PRESET_ONNX_CALIBRATION, PRESET_SENSITIVITY
 
-    out = convert("sdxs-512", "onnx", "int8", tmp_path / "b", onnx_calibration=PRESET_ONNX_CALIBRATION, attention="split-heads", progress=False, **PRESET_SENSITIVITY)
+    out = convert(
+        "sdxs-512",
+        "onnx",
+        "int8",
+        tmp_path / "b",
+        onnx_calibration=PRESET_ONNX_CALIBRATION,
+        attention="split-heads",
+        progress=False,
+        **PRESET_SENSITIVITY,
+    )
     m = _manifest(out)
     assert m["conversion"]["config"]["attention"] == "split-heads"
     assert m["conversion"]["components"]["unet"]["int8"]["mse_clipping"]["tensors"] > 100
@@ -525,7 +686,11 @@ def test_sensitivity_scores_on_samples_the_ranges_never_saw():
 
     from converters.sensitivity import split_calibration
 
-    job = SimpleNamespace(config=ConversionConfig("onnx", "int8", ("unet",), 64, sensitivity_samples=2), calib=list("abcdef"), calib_ref=list("ABCDEF"))
+    job = SimpleNamespace(
+        config=ConversionConfig("onnx", "int8", ("unet",), 64, sensitivity_samples=2),
+        calib=list("abcdef"),
+        calib_ref=list("ABCDEF"),
+    )
     fit, sens_in, sens_ref = split_calibration(job)
     assert fit == list("abcd") and sens_in == list("ef") and sens_ref == list("EF")
     few = SimpleNamespace(config=job.config, calib=list("ab"), calib_ref=list("AB"))
@@ -535,7 +700,16 @@ def test_sensitivity_scores_on_samples_the_ranges_never_saw():
 def test_a_refused_int8_conversion_says_what_the_sensitivity_pass_saw():
     from converters.sensitivity import refusal_detail
 
-    rep = {"int8": {"mode": "static", "sensitivity": {"target_snr_db": 28.0, "quantized_candidates": 104, "steps": [{"excluded": 0, "snr_db": 24.1}, {"excluded": 2, "snr_db": 26.4}]}}}
+    rep = {
+        "int8": {
+            "mode": "static",
+            "sensitivity": {
+                "target_snr_db": 28.0,
+                "quantized_candidates": 104,
+                "steps": [{"excluded": 0, "snr_db": 24.1}, {"excluded": 2, "snr_db": 26.4}],
+            },
+        }
+    }
     msg = refusal_detail(rep)
     assert "24.1 dB" in msg and "26.4 dB with 2 of 104 kept in float" in msg and "target 28 dB" in msg
     assert refusal_detail({"int8": {"mode": "dynamic"}}) == "" and refusal_detail({}) == ""
@@ -544,7 +718,6 @@ def test_a_refused_int8_conversion_says_what_the_sensitivity_pass_saw():
 def test_uint8_error_matches_onnxruntime_quantize_linear():
     """The error the "mse" calibration minimises is the one onnxruntime's QuantizeLinear/DequantizeLinear
     round trip makes with the same range."""
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
@@ -555,7 +728,10 @@ def test_uint8_error_matches_onnxruntime_quantize_linear():
     scale = np.float32((hi - lo) / 255.0)
     zp = np.uint8(np.round(-lo / scale))
     g = helper.make_graph(
-        [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]), helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])],
+        [
+            helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+            helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"]),
+        ],
         "qdq",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4096])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4096])],
@@ -634,13 +810,22 @@ def test_onnx_split_heads_attention(pipe, tmp_path):
     from sdxs_edge.attention import SplitHeadAttnProcessor
 
     std = convert(pipe, "onnx", "fp32", tmp_path / "std", components=("unet",), progress=False)
-    split = convert(pipe, "onnx", "fp32", tmp_path / "split", components=("unet",), attention="split-heads", progress=False)
+    split = convert(
+        pipe, "onnx", "fp32", tmp_path / "split", components=("unet",), attention="split-heads", progress=False
+    )
     m = _manifest(split)
-    assert m["conversion"]["config"]["attention"] == "split-heads" and _manifest(std)["conversion"]["config"]["attention"] == "standard"
+    assert (
+        m["conversion"]["config"]["attention"] == "split-heads"
+        and _manifest(std)["conversion"]["config"]["attention"] == "standard"
+    )
     heads = {a.heads for a in pipe.c.unet.modules() if type(a).__name__ == "Attention"}
-    assert heads == {2} and _onnx_op_count(split / "unet.onnx", "Softmax") == 2 * _onnx_op_count(std / "unet.onnx", "Softmax")
+    assert heads == {2} and _onnx_op_count(split / "unet.onnx", "Softmax") == 2 * _onnx_op_count(
+        std / "unet.onnx", "Softmax"
+    )
     _check_parity_recorded(m, ("unet",))
-    assert not any(isinstance(p, SplitHeadAttnProcessor) for p in pipe.c.unet.attn_processors.values())  # the caller's model is untouched
+    assert not any(
+        isinstance(p, SplitHeadAttnProcessor) for p in pipe.c.unet.attn_processors.values()
+    )  # the caller's model is untouched
 
 
 def test_coreml_split_heads_attention(pipe, tmp_path):
@@ -652,7 +837,9 @@ def test_coreml_split_heads_attention(pipe, tmp_path):
         return sum(op.type == "softmax" for op in block.operations)
 
     std = convert(pipe, "coreml", "fp16", tmp_path / "std", components=("unet",), progress=False)
-    split = convert(pipe, "coreml", "fp16", tmp_path / "split", components=("unet",), attention="split-heads", progress=False)
+    split = convert(
+        pipe, "coreml", "fp16", tmp_path / "split", components=("unet",), attention="split-heads", progress=False
+    )
     assert _manifest(split)["conversion"]["config"]["attention"] == "split-heads"
     assert softmaxes(split) == 2 * softmaxes(std) > 0
 
@@ -698,8 +885,43 @@ def test_calibration_caption_count(tmp_path):
         resolve_prompts(5000)
     from sdxs_edge.cli import main
 
-    assert main(["convert", "tiny", "--target", "onnx", "--precision", "int8", "--out", str(tmp_path / "b"), "--calibration-captions", "8", "--dry-run"]) == 0
-    assert main(["convert", "tiny", "--target", "onnx", "--precision", "int8", "--out", str(tmp_path / "b"), "--calibration-captions", "8", "--calibration-prompts", str(tmp_path / "p.txt")]) == 2
+    assert (
+        main(
+            [
+                "convert",
+                "tiny",
+                "--target",
+                "onnx",
+                "--precision",
+                "int8",
+                "--out",
+                str(tmp_path / "b"),
+                "--calibration-captions",
+                "8",
+                "--dry-run",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "convert",
+                "tiny",
+                "--target",
+                "onnx",
+                "--precision",
+                "int8",
+                "--out",
+                str(tmp_path / "b"),
+                "--calibration-captions",
+                "8",
+                "--calibration-prompts",
+                str(tmp_path / "p.txt"),
+            ]
+        )
+        == 2
+    )
     assert not (tmp_path / "b").exists()
 
 
@@ -734,8 +956,18 @@ def _int8_pte(m, x, keep_float=()):
 
     allowed = to_executorch._quantizable_targets("unet")
     graph = torch.export.export(m, (x,)).module()
-    keep = {n.name for n in graph.graph.nodes if n.op == "call_function" and n.target in allowed and n.meta.get("nn_module_stack") and any(k in str(n.meta["nn_module_stack"]) for k in keep_float)}
-    prepared = prepare_pt2e(graph, to_executorch._quantizer(lambda n: n.op != "call_function" or (n.target in allowed and n.name not in keep)))
+    keep = {
+        n.name
+        for n in graph.graph.nodes
+        if n.op == "call_function"
+        and n.target in allowed
+        and n.meta.get("nn_module_stack")
+        and any(k in str(n.meta["nn_module_stack"]) for k in keep_float)
+    }
+    prepared = prepare_pt2e(
+        graph,
+        to_executorch._quantizer(lambda n: n.op != "call_function" or (n.target in allowed and n.name not in keep)),
+    )
     with torch.no_grad():
         prepared(x)
     converted = convert_pt2e(prepared)
@@ -766,7 +998,9 @@ def test_subpixel_upsample_conv_is_exact_and_runs_int8_in_one_delegate_call(keep
     y = torch.randn(2, 5, 4, 6, generator=g)
     with torch.no_grad():
         assert (rewritten(x) - up(x)).abs().max().item() < 1e-4
-        assert (SubpixelUpsampleConv(small)(y) - small(nn.functional.interpolate(y, scale_factor=2.0, mode="nearest"))).abs().max().item() < 1e-4
+        assert (
+            SubpixelUpsampleConv(small)(y) - small(nn.functional.interpolate(y, scale_factor=2.0, mode="nearest"))
+        ).abs().max().item() < 1e-4
     with pytest.raises(ValueError, match="3x3"):
         SubpixelUpsampleConv(nn.Conv2d(5, 7, 3, padding=1, stride=2))
 
@@ -777,7 +1011,18 @@ def test_subpixel_upsample_conv_is_exact_and_runs_int8_in_one_delegate_call(keep
     assert report["partitions"] == 1 and not report["not_delegated"], report
     int8_weights = [n for n in converted.graph.nodes if "dequantize_per_channel" in str(n.target)]
     assert len(int8_weights) == 3 - len(keep_float)  # the sub-pixel convolution kept in float when asked
-    moves = [n for n in converted.graph.nodes if n.op == "call_function" and n.target in (torch.ops.aten.cat.default, torch.ops.aten.view.default, torch.ops.aten.slice.Tensor, torch.ops.aten.permute.default)]
+    moves = [
+        n
+        for n in converted.graph.nodes
+        if n.op == "call_function"
+        and n.target
+        in (
+            torch.ops.aten.cat.default,
+            torch.ops.aten.view.default,
+            torch.ops.aten.slice.Tensor,
+            torch.ops.aten.permute.default,
+        )
+    ]
     requant = {n.args[1] for m_ in moves for n in m_.users if "quantize_per_tensor" in str(n.target)}
     assert len(requant) == 1, requant  # one scale for every move (quantized at the last cat when kept in float)
     method = Runtime.get().load_program(pte).load_method("forward")  # loads: no reshape requantizes
@@ -792,9 +1037,8 @@ def test_channels_last_reshapes_move_nothing_and_keep_the_result(tmp_path):
 
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
-    from torch import nn
-
     from executorch.runtime import Runtime
+    from torch import nn
 
     from benchmarks.profile import profile_executorch
     from converters.xnnpack_layout import free_channels_last_reshapes
@@ -843,7 +1087,9 @@ def test_xnnpack_rewrites_are_exact_and_leave_the_original(pipe, reference):
         rewritten, counts = rewrite_for_xnnpack(mods[name], tuple(ins[name]))
         assert {k for k, v in counts.items() if v} == expected[name], (name, counts)
         assert not any(isinstance(m, nn.GroupNorm | nn.LayerNorm | nn.Upsample) for m in rewritten.modules())
-        assert not any(isinstance(m, GroupNormXnnpack | NearestUp2x) for m in mods[name].modules())  # the original is untouched
+        assert not any(
+            isinstance(m, GroupNormXnnpack | NearestUp2x) for m in mods[name].modules()
+        )  # the original is untouched
         with torch.no_grad():
             out = rewritten(*ins[name]).numpy()
         assert np.abs(out - outs[name]).max() < 1e-4 * max(1.0, np.abs(outs[name]).max()), name
@@ -865,5 +1111,7 @@ def test_xnnpack_rewrites_are_exact_and_leave_the_original(pipe, reference):
         assert torch.equal(NearestUp2x(5)(up), nn.functional.interpolate(up, scale_factor=2.0, mode="nearest"))
         wide = torch.randn(1, NearestUp2x.DENSE_MAX_CHANNELS + 1, 3, 5, generator=g)
         assert NearestUp2x(wide.shape[1]).up is None  # the concatenation form
-        assert torch.equal(NearestUp2x(wide.shape[1])(wide), nn.functional.interpolate(wide, scale_factor=2.0, mode="nearest"))
+        assert torch.equal(
+            NearestUp2x(wide.shape[1])(wide), nn.functional.interpolate(wide, scale_factor=2.0, mode="nearest")
+        )
         assert (LayerNormXnnpack(ln)(seq) - ln(seq)).abs().max().item() < 1e-4

@@ -1,5 +1,6 @@
 """CPU classes: detection, the int8 form that holds on every class, and the conversion check run as another
 class under qemu (an AVX2-only CPU emulated with `qemu-x86_64-static -cpu Haswell`)."""
+
 from __future__ import annotations
 
 import json
@@ -77,7 +78,14 @@ def tiny_onnx_int8(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setattr(cpu, "host_class", lambda: "x86-64-avx512-vnni")
     try:
-        out = convert("tiny", "onnx", "int8", tmp_path_factory.mktemp("b") / "bundle", progress=False, cpu_classes=("host", "x86-64-avx2"))
+        out = convert(
+            "tiny",
+            "onnx",
+            "int8",
+            tmp_path_factory.mktemp("b") / "bundle",
+            progress=False,
+            cpu_classes=("host", "x86-64-avx2"),
+        )
     finally:
         mp.undo()
     return out

@@ -5,6 +5,7 @@ torch, diffusers or transformers, and `sdxs-edge run` makes the same image there
 Slow (`make test-slow`): building the wheel and the virtualenv takes one to five minutes on two cores
 (the dependency wheels are downloaded once into build/deploy-wheelhouse/, then installed offline).
 """
+
 from __future__ import annotations
 
 import shutil
@@ -14,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from bundle_cache import cached_bundle, need
 
 pytestmark = pytest.mark.slow
@@ -44,13 +44,51 @@ def deploy_venv(tmp_path_factory) -> Path:
             shutil.copytree(p, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "build"))
         else:
             shutil.copy2(p, src / name)
-    _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp / "wheel"), str(src)])
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp / "wheel"),
+            str(src),
+        ]
+    )
     (wheel,) = (tmp / "wheel").glob("sdxs_edge-*.whl")
     WHEELHOUSE.mkdir(parents=True, exist_ok=True)
-    _run([sys.executable, "-m", "pip", "download", "-q", "-c", str(ROOT / "constraints.txt"), "-d", str(WHEELHOUSE), f"{wheel}[onnxruntime]"])
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "-c",
+            str(ROOT / "constraints.txt"),
+            "-d",
+            str(WHEELHOUSE),
+            f"{wheel}[onnxruntime]",
+        ]
+    )
     venv = tmp / "venv"
     _run([sys.executable, "-m", "venv", str(venv)])
-    _run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-index", "--find-links", str(WHEELHOUSE), f"{wheel}[onnxruntime]"])
+    _run(
+        [
+            str(venv / "bin" / "python"),
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-index",
+            "--find-links",
+            str(WHEELHOUSE),
+            f"{wheel}[onnxruntime]",
+        ]
+    )
     return venv
 
 
@@ -65,9 +103,10 @@ def test_run_onnx_bundle_without_torch(deploy_venv, tmp_path):
     """`sdxs-edge run` in the torch-free install writes the full install's image; a command that needs
     PyTorch says which extra to install, in one line."""
     need("onnxruntime")
+    from PIL import Image
+
     import runtimes
     from runtimes.base import to_uint8
-    from PIL import Image
 
     bundle = cached_bundle("tiny", "onnx", "fp32")
     exe = str(deploy_venv / "bin" / "sdxs-edge")
@@ -76,7 +115,13 @@ def test_run_onnx_bundle_without_torch(deploy_venv, tmp_path):
     with runtimes.load(bundle, "onnxruntime") as s:
         want = to_uint8(s.generate_arrays(PROMPT, seed=3).image)[0]
     assert np.array_equal(np.asarray(Image.open(out)), want)
-    probe = "import sys, runtimes; runtimes.load(sys.argv[1], 'onnxruntime').generate('x'); print(sorted(m for m in sys.modules if m.split('.')[0] in %r))" % (NOT_INSTALLED,)
+    probe = f"import sys, runtimes; runtimes.load(sys.argv[1], 'onnxruntime').generate('x'); print(sorted(m for m in sys.modules if m.split('.')[0] in {NOT_INSTALLED!r}))"
     assert _run([str(deploy_venv / "bin" / "python"), "-c", probe, str(bundle)], cwd=tmp_path).stdout.strip() == "[]"
-    proc = subprocess.run([exe, "generate", PROMPT, "--out", str(tmp_path / "g.png")], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    proc = subprocess.run(
+        [exe, "generate", PROMPT, "--out", str(tmp_path / "g.png")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "sdxs-edge[torch]" in proc.stderr, proc.stderr

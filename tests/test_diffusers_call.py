@@ -1,5 +1,6 @@
 """diffusers' call on the pipeline and on a bundle session, image-to-image on the PyTorch pipeline, and the
 SHAPES-64 strength sweep."""
+
 from __future__ import annotations
 
 import subprocess
@@ -32,11 +33,21 @@ def test_call_gives_diffusers_image(pipe):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ref = StableDiffusionPipeline.from_pretrained(MODEL, safety_checker=None, requires_safety_checker=False, torch_dtype=torch.float32)
+        ref = StableDiffusionPipeline.from_pretrained(
+            MODEL, safety_checker=None, requires_safety_checker=False, torch_dtype=torch.float32
+        )
     ref.set_progress_bar_config(disable=True)
     kw = dict(num_inference_steps=1, guidance_scale=0.0, num_images_per_prompt=2, output_type="np")
-    want = ref([PROMPT, "a large blue square at the left on a black background"], generator=torch.Generator().manual_seed(3), **kw).images
-    got = pipe([PROMPT, "a large blue square at the left on a black background"], generator=torch.Generator().manual_seed(3), **kw).images
+    want = ref(
+        [PROMPT, "a large blue square at the left on a black background"],
+        generator=torch.Generator().manual_seed(3),
+        **kw,
+    ).images
+    got = pipe(
+        [PROMPT, "a large blue square at the left on a black background"],
+        generator=torch.Generator().manual_seed(3),
+        **kw,
+    ).images
     assert got.shape == want.shape == (4, 64, 64, 3)
     np.testing.assert_allclose(got, want, atol=1e-5)  # same modules, same noise; float summation order only
 
@@ -71,7 +82,11 @@ def test_call_refuses_bad_input(pipe, kwargs, match):
 
 # ---- image-to-image ----------------------------------------------------------------------------------
 def test_strength_timestep_and_rule():
-    assert sampler.strength_timestep(1.0) == 999 and sampler.strength_timestep(0.5) == 499 and sampler.strength_timestep(1e-4) == 0
+    assert (
+        sampler.strength_timestep(1.0) == 999
+        and sampler.strength_timestep(0.5) == 499
+        and sampler.strength_timestep(1e-4) == 0
+    )
     for bad in (0.0, -0.1, 1.01, float("nan")):
         with pytest.raises(SDXSError, match=r"strength must be in \(0, 1\]"):
             sampler.strength_timestep(bad)
@@ -122,7 +137,25 @@ def test_generate_cli_image_to_image(tmp_path, capsys):
 
     src = tmp_path / "src.png"
     Image.fromarray(shapes.render(shapes.eval_scenes(1, 0)[0])).save(src)
-    r = subprocess.run([sys.executable, "-m", "sdxs_edge.cli", "generate", "a large blue square at the left on a black background", "--image", str(src), "--strength", "0.6", "--out", str(tmp_path / "o.png")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sdxs_edge.cli",
+            "generate",
+            "a large blue square at the left on a black background",
+            "--image",
+            str(src),
+            "--strength",
+            "0.6",
+            "--out",
+            str(tmp_path / "o.png"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert Image.open(tmp_path / "o.png").size == (64, 64) and "strength 0.6" in r.stdout
     for args, msg in [  # in-process: each ends in one error line and a non-zero exit, nothing written
@@ -159,7 +192,13 @@ def test_teacher_encoder_by_flag():
     p = SDXSPipeline.load(MODEL).attach_encoder(ROOT / "models" / "shapes-teacher" / "vae")
     assert type(p.encoder_vae).__name__ == "AutoencoderKL"
     src = shapes.render(shapes.eval_scenes(1, 3)[0])
-    low = p("a large green cross at the bottom right on a black background", image=src, strength=0.05, generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    low = p(
+        "a large green cross at the bottom right on a black background",
+        image=src,
+        strength=0.05,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images[0]
     assert np.abs(low - src / 255.0).mean() < 0.06
     with pytest.raises(ModelLoadError, match="has no config.json"):
         p.attach_encoder(ROOT / "models")

@@ -1,4 +1,5 @@
 """Foundation: presets, sampler math, pipeline determinism, save/load roundtrips, CLI bad input."""
+
 from __future__ import annotations
 
 import json
@@ -102,7 +103,9 @@ def test_diffusers_loads_saved_folder_and_matches(tiny, tiny_folder):
 
     d = StableDiffusionPipeline.from_pretrained(tiny_folder, torch_dtype=torch.float32)
     d.set_progress_bar_config(disable=True)
-    ref = d(PROMPT, num_inference_steps=1, guidance_scale=0.0, generator=torch.Generator().manual_seed(7), output_type="np").images[0]
+    ref = d(
+        PROMPT, num_inference_steps=1, guidance_scale=0.0, generator=torch.Generator().manual_seed(7), output_type="np"
+    ).images[0]
     ours = tiny.generate(PROMPT, seed=7, output="tensor").images[0]
     ours = (ours / 2 + 0.5).clamp(0, 1).permute(1, 2, 0).numpy()
     np.testing.assert_allclose(ours, ref, atol=1e-5)
@@ -115,7 +118,9 @@ def test_teacher_layout_multistep_matches_diffusers(tmp_path):
     folder = pipe.save_pretrained(tmp_path / "t")
     d = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32)
     d.set_progress_bar_config(disable=True)
-    ref = d(PROMPT, num_inference_steps=3, guidance_scale=3.0, generator=torch.Generator().manual_seed(2), output_type="np").images[0]
+    ref = d(
+        PROMPT, num_inference_steps=3, guidance_scale=3.0, generator=torch.Generator().manual_seed(2), output_type="np"
+    ).images[0]
     ours = pipe.generate(PROMPT, seed=2, steps=3, guidance=3.0, output="tensor").images[0]
     np.testing.assert_allclose((ours / 2 + 0.5).clamp(0, 1).permute(1, 2, 0).numpy(), ref, atol=1e-5)
 

@@ -1,6 +1,7 @@
 """LoRA fusing (sdxs_edge.lora) on the "tiny" preset: the delta math per Linear / Conv2d layer, the file
 layouts read, one-line errors for bad files, and the generate and convert paths that fuse before running
 or lowering."""
+
 from __future__ import annotations
 
 import copy
@@ -18,7 +19,10 @@ from sdxs_edge.pipeline import SDXSPipeline
 
 BLOCK = "down_blocks.1.attentions.0.transformer_blocks.0"
 TARGETS = tuple(f"{BLOCK}.{a}.{p}" for a in ("attn1", "attn2") for p in ("to_q", "to_k", "to_v", "to_out.0"))
-PROMPTS = ["a large cyan triangle at the bottom left on a black background", "a small red circle at the top on a white background"]
+PROMPTS = [
+    "a large cyan triangle at the bottom left on a black background",
+    "a small red circle at the top on a white background",
+]
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +31,16 @@ def pipe() -> SDXSPipeline:
     return SDXSPipeline.load("tiny")
 
 
-def _lora(unet, targets=TARGETS, rank: int = 2, seed: int = 0, std: float = 0.5, prefix: str = "unet.", old_naming: bool = False, alpha: float | None = None) -> dict[str, torch.Tensor]:
+def _lora(
+    unet,
+    targets=TARGETS,
+    rank: int = 2,
+    seed: int = 0,
+    std: float = 0.5,
+    prefix: str = "unet.",
+    old_naming: bool = False,
+    alpha: float | None = None,
+) -> dict[str, torch.Tensor]:
     """A random LoRA for `targets` (conv targets get conv-shaped A (r, in, k, k) and B (out, r, 1, 1))."""
     g = torch.Generator().manual_seed(seed)
     modules = dict(unet.named_modules())
@@ -85,7 +98,9 @@ def test_alpha_key_and_alpha_argument(pipe, tmp_path):
     for kw, factor in (({}, alpha / rank), ({"alpha": 1.0}, 1.0 / rank), ({"scale": 0.5}, 0.5 * alpha / rank)):
         unet = copy.deepcopy(pipe.c.unet)
         fuse_lora(unet, lora, **kw)
-        torch.testing.assert_close(dict(unet.named_modules())[name].weight.detach(), w0 + factor * b @ a, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(
+            dict(unet.named_modules())[name].weight.detach(), w0 + factor * b @ a, rtol=1e-6, atol=1e-6
+        )
 
 
 def test_conv_lora(pipe, tmp_path):
@@ -106,7 +121,9 @@ def test_conv_lora(pipe, tmp_path):
 @pytest.mark.parametrize("prefix, old_naming", [("", False), ("unet.", True), ("", True)])
 def test_other_key_layouts_read_the_same(pipe, tmp_path, prefix, old_naming):
     peft = load_lora(save_lora(tmp_path / "peft.safetensors", _lora(pipe.c.unet)))
-    other = load_lora(save_lora(tmp_path / "other.safetensors", _lora(pipe.c.unet, prefix=prefix, old_naming=old_naming)))
+    other = load_lora(
+        save_lora(tmp_path / "other.safetensors", _lora(pipe.c.unet, prefix=prefix, old_naming=old_naming))
+    )
     assert peft.keys() == other.keys() and all(torch.equal(peft[k], other[k]) for k in peft)
 
 
@@ -137,7 +154,9 @@ def test_cli_generate(lora_file, tmp_path, capsys):
     from sdxs_edge.cli import main
 
     def gen(name: str, *extra: str) -> bytes:
-        assert main(["generate", PROMPTS[0], "--model", "tiny", "--seed", "1", "--out", str(tmp_path / name), *extra]) == 0
+        assert (
+            main(["generate", PROMPTS[0], "--model", "tiny", "--seed", "1", "--out", str(tmp_path / name), *extra]) == 0
+        )
         return (tmp_path / name).read_bytes()
 
     base = gen("base.png")
@@ -145,7 +164,10 @@ def test_cli_generate(lora_file, tmp_path, capsys):
     assert gen("zero.png", "--lora", str(lora_file), "--lora-scale", "0") == base
     assert gen("lora.png", "--lora", str(lora_file), "--lora-scale", "4") != base
     assert f"fused into {len(TARGETS)} U-Net layers, scale 4" in capsys.readouterr().out
-    for extra, match in ((["--lora-scale", "0.5"], "--lora-scale needs --lora"), (["--lora", str(tmp_path / "missing.safetensors")], "does not exist")):
+    for extra, match in (
+        (["--lora-scale", "0.5"], "--lora-scale needs --lora"),
+        (["--lora", str(tmp_path / "missing.safetensors")], "does not exist"),
+    ):
         assert main(["generate", "x", "--model", "tiny", "--out", str(tmp_path / "bad.png"), *extra]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and match in err and len(err.strip().splitlines()) == 1
@@ -175,8 +197,16 @@ def _bad_files(pipe, d: Path) -> list[tuple[Path, str]]:
     ]
     case("empty.safetensors", {}, "has no LoRA keys")
     case("weights.safetensors", {"conv_in.weight": torch.zeros(8, 4, 3, 3)}, "has no LoRA keys")
-    case("extra.safetensors", {**good, "unet.conv_in.weight": torch.zeros(1)}, "not a U-Net LoRA weight: 'unet.conv_in.weight'")
-    case("te.safetensors", {**good, "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 16)}, "text-encoder")
+    case(
+        "extra.safetensors",
+        {**good, "unet.conv_in.weight": torch.zeros(1)},
+        "not a U-Net LoRA weight: 'unet.conv_in.weight'",
+    )
+    case(
+        "te.safetensors",
+        {**good, "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 16)},
+        "text-encoder",
+    )
     case("half.safetensors", {k: v for k, v in good.items() if "lora_A" in k}, "has lora_A but no lora_B")
     case("nan.safetensors", {k: v * float("nan") for k, v in good.items()}, "NaN or Inf")
     return cases
@@ -195,7 +225,14 @@ def test_lora_that_does_not_fit_this_unet(pipe):
     a, b = good[f"unet.{name}.lora_A.weight"], good[f"unet.{name}.lora_B.weight"]
     other = "down_blocks.1.attentions.0.transformer_blocks.0.ff.net.0.proj"  # (128, 16)
     cases = [
-        ({**good, "unet.mid_block.attentions.0.nope.lora_A.weight": a, "unet.mid_block.attentions.0.nope.lora_B.weight": b}, "LoRA targets module 'mid_block.attentions.0.nope' which this U-Net does not have"),
+        (
+            {
+                **good,
+                "unet.mid_block.attentions.0.nope.lora_A.weight": a,
+                "unet.mid_block.attentions.0.nope.lora_B.weight": b,
+            },
+            "LoRA targets module 'mid_block.attentions.0.nope' which this U-Net does not have",
+        ),
         ({f"{other}.lora_A.weight": a, f"{other}.lora_B.weight": b}, f"LoRA for module '{other}' does not fit"),
         ({f"{name}.lora_A.weight": torch.zeros(2, 32), f"{name}.lora_B.weight": b}, "does not fit"),
         ({f"{name}.lora_A.weight": a, f"{name}.lora_B.weight": torch.zeros(16, 3)}, "rank 2 in lora_A"),
@@ -253,8 +290,8 @@ def test_runtime_parity_of_a_lora_bundle_uses_the_fused_reference(pipe, lora_fil
     import shutil
 
     import runtimes
-    from runtimes.parity import run_parity
     from converters.api import convert
+    from runtimes.parity import run_parity
 
     f = tmp_path / "style.safetensors"
     shutil.copy(lora_file, f)
@@ -274,7 +311,9 @@ def test_convert_leaves_the_callers_pipeline_alone(pipe, lora_file, tmp_path):
     from converters.api import convert
 
     before = {k: v.clone() for k, v in pipe.c.unet.state_dict().items()}
-    out = convert(pipe, "onnx", "fp32", tmp_path / "b", components=("unet",), lora=lora_file, lora_scale=0.5, progress=False)
+    out = convert(
+        pipe, "onnx", "fp32", tmp_path / "b", components=("unet",), lora=lora_file, lora_scale=0.5, progress=False
+    )
     cfg = json.loads((out / "manifest.json").read_text())["conversion"]["config"]
     assert cfg["lora_scale"] == 0.5 and cfg["lora_fused_modules"] == len(TARGETS)
     assert all(torch.equal(before[k], v) for k, v in pipe.c.unet.state_dict().items())
@@ -289,10 +328,24 @@ def test_convert_bad_lora(pipe, tmp_path):
     with pytest.raises(UnsupportedConversion, match="needs a LoRA file"):
         convert("no-such-model", "onnx", "fp32", tmp_path / "b", lora_scale=0.5, progress=False)
     with pytest.raises(UnsupportedConversion, match="add unet to the components"):
-        convert("no-such-model", "onnx", "fp32", tmp_path / "b", components=("decoder",), lora=tmp_path / "x", progress=False)
+        convert(
+            "no-such-model",
+            "onnx",
+            "fp32",
+            tmp_path / "b",
+            components=("decoder",),
+            lora=tmp_path / "x",
+            progress=False,
+        )
     # a LoRA for another U-Net: fails after loading, leaves nothing behind
     name = TARGETS[0]
-    bad = save_lora(tmp_path / "bad.safetensors", {"unet.mid_block.nope.lora_A.weight": torch.zeros(2, 16), "unet.mid_block.nope.lora_B.weight": torch.zeros(16, 2)})
+    bad = save_lora(
+        tmp_path / "bad.safetensors",
+        {
+            "unet.mid_block.nope.lora_A.weight": torch.zeros(2, 16),
+            "unet.mid_block.nope.lora_B.weight": torch.zeros(16, 2),
+        },
+    )
     with pytest.raises(LoRAError, match="LoRA targets module 'mid_block.nope' which this U-Net does not have"):
         convert(pipe, "onnx", "fp32", tmp_path / "b", components=("unet",), lora=bad, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.safetensors"]
@@ -305,8 +358,15 @@ def test_cli_convert_lora_flags(lora_file, tmp_path, capsys):
     base = ["convert", "tiny", "--target", "onnx", "--precision", "fp32", "--out", str(tmp_path / "b")]
     assert main([*base, "--lora", str(lora_file), "--lora-scale", "0.25", "--dry-run"]) == 0
     req = json.loads(capsys.readouterr().out)
-    assert req["lora"]["file"] == str(lora_file) and req["lora"]["scale"] == 0.25 and req["lora"]["modules"] == len(TARGETS)
-    for extra, match in ((["--lora-scale", "2"], "--lora-scale needs --lora"), (["--lora", str(tmp_path / "nope.safetensors")], "does not exist")):
+    assert (
+        req["lora"]["file"] == str(lora_file)
+        and req["lora"]["scale"] == 0.25
+        and req["lora"]["modules"] == len(TARGETS)
+    )
+    for extra, match in (
+        (["--lora-scale", "2"], "--lora-scale needs --lora"),
+        (["--lora", str(tmp_path / "nope.safetensors")], "does not exist"),
+    ):
         assert main([*base, *extra]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and match in err and len(err.strip().splitlines()) == 1
@@ -315,7 +375,9 @@ def test_cli_convert_lora_flags(lora_file, tmp_path, capsys):
     assert e.value.code == 2 and "--lora-scale must be a number" in capsys.readouterr().err
     assert main([*base, "--components", "unet", "--lora", str(lora_file), "--no-progress"]) == 0
     assert f"lora: {lora_file} fused into {len(TARGETS)} U-Net layers (scale 1)" in capsys.readouterr().out
-    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["conversion"]["config"]["lora_fused_modules"] == len(TARGETS)
+    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["conversion"]["config"][
+        "lora_fused_modules"
+    ] == len(TARGETS)
 
 
 def test_lora_with_split_heads_leaves_the_callers_pipeline_alone(tmp_path):
@@ -327,7 +389,16 @@ def test_lora_with_split_heads_leaves_the_callers_pipeline_alone(tmp_path):
     unet, vae = teacher.c.unet, teacher.c.vae
     f = save_lora(tmp_path / "l.safetensors", _lora(unet))
     before = {k: v.clone() for k, v in unet.state_dict().items()}
-    out = convert(teacher, "onnx", "fp32", tmp_path / "b", components=("unet", "decoder"), lora=f, attention="split-heads", progress=False)
+    out = convert(
+        teacher,
+        "onnx",
+        "fp32",
+        tmp_path / "b",
+        components=("unet", "decoder"),
+        lora=f,
+        attention="split-heads",
+        progress=False,
+    )
     assert json.loads((out / "manifest.json").read_text())["conversion"]["config"]["attention"] == "split-heads"
     assert teacher.c.unet is unet and teacher.c.vae is vae
     assert all(torch.equal(before[k], v) for k, v in unet.state_dict().items())

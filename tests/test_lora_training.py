@@ -1,4 +1,5 @@
 """Style LoRA training and distillation (training/lora.py), the outline style and the style evaluator."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -63,7 +64,7 @@ def test_committed_style_evaluator_tells_outline_from_filled():
 
 # ---- peft LoRA helpers -----------------------------------------------------------------------------------
 def test_lora_state_fuses_to_the_same_output_as_the_injected_lora():
-    from sdxs_edge.lora import fuse_lora, load_lora
+    from sdxs_edge.lora import fuse_lora
     from sdxs_edge.pipeline import SDXSPipeline
     from training.lora import LORA_TARGETS, add_lora, lora_state, remove_lora
 
@@ -91,7 +92,7 @@ def test_lora_state_fuses_to_the_same_output_as_the_injected_lora():
 
 
 def load_lora_state(state):
-    from sdxs_edge.lora import _group, _NORMAL
+    from sdxs_edge.lora import _NORMAL, _group
 
     return {m + _NORMAL[r]: t for m, g in _group(state).items() for r, t in g.items()}
 
@@ -112,7 +113,12 @@ def test_lora_chain_smoke_writes_a_one_step_lora_that_changes_the_student(tmp_pa
 
     cfg = smoke_lora_chain("models/shapes-teacher", "sdxs_edge/default_model")
     rep = run_lora_chain(cfg, tmp_path / "run")
-    assert [m["model"] for m in rep["models"]] == ["teacher", "teacher + style LoRA", "one-step", "one-step + distilled LoRA"]
+    assert [m["model"] for m in rep["models"]] == [
+        "teacher",
+        "teacher + style LoRA",
+        "one-step",
+        "one-step + distilled LoRA",
+    ]
     assert all(0.0 <= m["outline_rate"] <= 1.0 for m in rep["models"])
     assert (tmp_path / "run" / "report.md").is_file() and (tmp_path / "run" / "grid.png").is_file()
     student = SDXSPipeline.load("sdxs_edge/default_model")

@@ -4,6 +4,7 @@ android runtime (sdxs_runner over adb), with every missing piece as one clear SD
 Slow tests need `make arm64-runner` (build/arm64/sdxs_runner) and ExecuTorch bundles from
 `converters.convert`; the device test needs adb, a connected arm64 device and the NDK-built runner.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -41,8 +42,14 @@ def _fake_bundle(root: Path) -> Path:
     write_clip_tokenizer(root / "tokenizer")
     lat = {"name": "latent", "shape": [1, 4, 8, 8], "dtype": "float32"}
     io = {
-        "text_encoder": ([{"name": "input_ids", "shape": [1, 77], "dtype": "int32"}], [{"name": "hidden_states", "shape": [1, 77, 16], "dtype": "float32"}]),
-        "unet": ([lat, {"name": "context", "shape": [1, 77, 16], "dtype": "float32"}], [{"name": "noise_pred", "shape": [1, 4, 8, 8], "dtype": "float32"}]),
+        "text_encoder": (
+            [{"name": "input_ids", "shape": [1, 77], "dtype": "int32"}],
+            [{"name": "hidden_states", "shape": [1, 77, 16], "dtype": "float32"}],
+        ),
+        "unet": (
+            [lat, {"name": "context", "shape": [1, 77, 16], "dtype": "float32"}],
+            [{"name": "noise_pred", "shape": [1, 4, 8, 8], "dtype": "float32"}],
+        ),
         "decoder": ([lat], [{"name": "image", "shape": [1, 3, 64, 64], "dtype": "float32"}]),
     }
     comps = {}
@@ -57,7 +64,13 @@ def _fake_bundle(root: Path) -> Path:
         "target": "executorch",
         "precision": "fp32",
         "resolution": 64,
-        "sampler": {"timestep": 999, "sigma": 14.6, "input_scale": 1.0, "prediction_type": "epsilon", "latent_scaling": 1.0},
+        "sampler": {
+            "timestep": 999,
+            "sigma": 14.6,
+            "input_scale": 1.0,
+            "prediction_type": "epsilon",
+            "latent_scaling": 1.0,
+        },
         "tokenizer": {"dir": "tokenizer", "max_length": 77},
         "components": comps,
     }
@@ -159,7 +172,9 @@ def test_tensor_file_layout_is_the_documented_one(tmp_path):
     """Byte for byte what runner.cpp's header comment specifies (it reads and writes the same bytes)."""
     a = np.arange(6, dtype=np.float32).reshape(2, 3)[:, ::-1]  # non-contiguous: written C-contiguous
     raw = write_tensor(tmp_path / "t.bin", a).read_bytes()
-    want = b"SDXT" + struct.pack("<II", 6, 2) + struct.pack("<qq", 2, 3) + np.ascontiguousarray(a).astype("<f4").tobytes()
+    want = (
+        b"SDXT" + struct.pack("<II", 6, 2) + struct.pack("<qq", 2, 3) + np.ascontiguousarray(a).astype("<f4").tobytes()
+    )
     assert raw == want
     big = np.arange(3, dtype=">i4")  # big-endian input is stored little-endian
     assert write_tensor(tmp_path / "b.bin", big).read_bytes()[20:] == np.arange(3, dtype="<i4").tobytes()
@@ -209,7 +224,10 @@ def test_missing_runner_names_the_make_target(tmp_path):
 
 def test_missing_qemu_and_libraries_are_clear(tmp_path):
     bundle = _fake_bundle(tmp_path / "b")
-    with pytest.raises(BackendMissingError, match=r"no-such-qemu not found \(apt-get install qemu-user-static, or run `make arm64-runner`"):
+    with pytest.raises(
+        BackendMissingError,
+        match=r"no-such-qemu not found \(apt-get install qemu-user-static, or run `make arm64-runner`",
+    ):
         runtimes.load(bundle, "arm64-emulated", qemu="no-such-qemu")
     if shutil.which("qemu-aarch64-static") is None:
         return
@@ -238,7 +256,10 @@ def test_android_without_device(tmp_path, fake_adb, monkeypatch):
     with pytest.raises(BackendMissingError, match=r"^no Android device or emulator connected \(adb devices\)$"):
         runtimes.load(bundle, "android")
     monkeypatch.setenv("FAKE_ADB_DEVICES", "emulator-5554:offline")
-    with pytest.raises(BackendMissingError, match=r"no Android device or emulator connected \(adb devices\); not ready: emulator-5554\s+offline"):
+    with pytest.raises(
+        BackendMissingError,
+        match=r"no Android device or emulator connected \(adb devices\); not ready: emulator-5554\s+offline",
+    ):
         runtimes.load(bundle, "android")
     monkeypatch.setenv("FAKE_ADB_DEVICES", "a b")
     with pytest.raises(BackendMissingError, match="2 Android devices connected .*pass serial="):
@@ -268,7 +289,9 @@ def test_android_refuses_a_glibc_or_missing_runner(tmp_path, fake_adb, monkeypat
     bionic.write_bytes(_elf(b"/system/bin/linker64"))
     device = tmp_path / "device"
     with runtimes.load(bundle, "android", runner=bionic, device_dir=str(device)) as s:
-        assert sorted(p.name for p in device.iterdir()) == sorted(["sdxs_runner"] + [f"{c}-{s.manifest['components'][c]['sha256'][:16]}.pte" for c in COMPONENTS])
+        assert sorted(p.name for p in device.iterdir()) == sorted(
+            ["sdxs_runner"] + [f"{c}-{s.manifest['components'][c]['sha256'][:16]}.pte" for c in COMPONENTS]
+        )
     if RUNNER.is_file():  # the real build is refused too, with the reason
         with pytest.raises(BackendMissingError, match="glibc Linux binary"):
             runtimes.load(bundle, "android", runner=RUNNER)
@@ -282,11 +305,18 @@ def test_runner_checks_inputs_against_the_program(et_bundle, tmp_path):
     pte = str(bundle / json.loads((bundle / "manifest.json").read_text())["components"]["unet"]["file"])
     run = lambda *a: subprocess.run([*QEMU, str(RUNNER), *a], capture_output=True, text=True, timeout=300)  # noqa: E731
     desc = run("--model", pte, "--describe")
-    assert desc.returncode == 0 and "in0: dtype 6 shape [1,4,8,8]" in desc.stdout and "in1: dtype 6 shape [1,77,16]" in desc.stdout
+    assert (
+        desc.returncode == 0
+        and "in0: dtype 6 shape [1,4,8,8]" in desc.stdout
+        and "in1: dtype 6 shape [1,77,16]" in desc.stdout
+    )
     write_tensor(tmp_path / "in0.bin", np.zeros((1, 4, 8, 8), np.float32))
     write_tensor(tmp_path / "in1.bin", np.zeros((1, 77, 8), np.float32))
     bad = run("--model", pte, "--io", str(tmp_path))
-    assert bad.returncode == 2 and "in1.bin: dtype 6 shape [1,77,8] does not match input 1 of 'forward': dtype 6 shape [1,77,16]" in bad.stderr
+    assert (
+        bad.returncode == 2
+        and "in1.bin: dtype 6 shape [1,77,8] does not match input 1 of 'forward': dtype 6 shape [1,77,16]" in bad.stderr
+    )
     write_tensor(tmp_path / "in1.bin", np.zeros((1, 77, 16), np.float32))
     assert run("--model", pte, "--io", str(tmp_path), "--method", "nope").returncode == 2
     ok = run("--model", pte, "--io", str(tmp_path), "--warmup", "1", "--iters", "2")
@@ -321,10 +351,20 @@ def test_arm64_emulated_parity(et_bundle, tmp_path, precision):
             want, got = x86.run(comp, named), arm.run(comp, named)
             for name in want:
                 snr = snr_db(want[name], got[name])
-                print(f"{precision} {comp}.{name}: arm64-emulated vs x86 executorch SNR {snr:.1f} dB, max abs {max_abs_error(want[name], got[name]):.2e}")
+                print(
+                    f"{precision} {comp}.{name}: arm64-emulated vs x86 executorch SNR {snr:.1f} dB, max abs {max_abs_error(want[name], got[name]):.2e}"
+                )
                 assert snr >= EMULATED_VS_X86_SNR_DB[precision], f"{comp}.{name}: {snr:.1f} dB"
-        assert set(arm.native_timings) == set(COMPONENTS) and all(t["run_ms"][0] > 0 for t in arm.native_timings.values())
-    report = run_parity(bundle, "arm64-emulated", prompts=["a small red circle at the top on a white background"], json_out=tmp_path / "parity.json", check=False)
+        assert set(arm.native_timings) == set(COMPONENTS) and all(
+            t["run_ms"][0] > 0 for t in arm.native_timings.values()
+        )
+    report = run_parity(
+        bundle,
+        "arm64-emulated",
+        prompts=["a small red circle at the top on a white background"],
+        json_out=tmp_path / "parity.json",
+        check=False,
+    )
     print(format_table(report))
     assert report["runtime"] == "arm64-emulated"
     check_floors(report)
@@ -356,7 +396,10 @@ def test_android_protocol_with_stand_in_adb(et_bundle, tmp_path, fake_adb, monke
     wrapper = _executable(tmp_path / "runner.sh", f'#!/bin/sh\nexec {" ".join(QEMU)} {RUNNER} "$@"\n')
     bundle = et_bundle("fp32")
     device = tmp_path / "device"
-    with runtimes.load(bundle, "android", runner=wrapper, device_dir=str(device)) as phone, runtimes.load(bundle, "arm64-emulated") as emu:
+    with (
+        runtimes.load(bundle, "android", runner=wrapper, device_dir=str(device)) as phone,
+        runtimes.load(bundle, "arm64-emulated") as emu,
+    ):
         noise = emu.noise(0)
         a = phone.generate_arrays("a small red circle at the top on a white background", noise=noise)
         b = emu.generate_arrays("a small red circle at the top on a white background", noise=noise)
@@ -387,6 +430,11 @@ def test_android_device_parity(et_bundle, tmp_path, precision):
         pytest.skip(why)
     from runtimes.parity import format_table, run_parity
 
-    report = run_parity(et_bundle(precision), "android", prompts=["a small red circle at the top on a white background"], json_out=tmp_path / "parity.json")
+    report = run_parity(
+        et_bundle(precision),
+        "android",
+        prompts=["a small red circle at the top on a white background"],
+        json_out=tmp_path / "parity.json",
+    )
     print(format_table(report))
     assert report["passed"]

@@ -1,5 +1,6 @@
 """Runtimes: the pure-Python tokenizer, the shared Session contract, parity per runtime x precision on the
 tiny preset, and every bad input as one clear SDXSError."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -12,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bundle_cache import cached_bundle, need
 
 import runtimes
 from runtimes.base import BackendMissingError, RuntimeInputError, Session, UnsupportedTargetError
 from runtimes.parity import FLOORS, check_floors, run_parity
 from runtimes.tokenizer import CLIPBPETokenizer
-from bundle_cache import cached_bundle, need
 from sdxs_edge.bundle import BundleError, sha256_path
 from sdxs_edge.errors import ParityError, SDXSError
 from sdxs_edge.metrics import snr_db
@@ -84,7 +85,9 @@ def test_tokenizer_matches_transformers(tmp_path, pad):
     write_clip_tokenizer(tmp_path, pad_token=pad)
     texts = all_captions() + ODD
     assert len(all_captions()) == 1152
-    want = load_clip_tokenizer(tmp_path)(texts, padding="max_length", max_length=77, truncation=True, return_tensors="np").input_ids
+    want = load_clip_tokenizer(tmp_path)(
+        texts, padding="max_length", max_length=77, truncation=True, return_tensors="np"
+    ).input_ids
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         got = CLIPBPETokenizer.from_dir(tmp_path)(texts)
@@ -157,13 +160,21 @@ def test_subclass_gets_contract_for_free_with_fp16_io(onnx_bundle):
     s = Echo(onnx_bundle)
     image = s.generate(PROMPT, seed=0)
     assert image.size == (64, 64)
-    assert seen == {"text_encoder": {"input_ids": "int32"}, "unet": {"latent": "float16", "context": "float16"}, "decoder": {"latent": "float16"}}
+    assert seen == {
+        "text_encoder": {"input_ids": "int32"},
+        "unet": {"latent": "float16", "context": "float16"},
+        "decoder": {"latent": "float16"},
+    }
     with pytest.raises(RuntimeInputError, match="latent: dtype float32 does not match the manifest \\(latent float16"):
         s.decode(np.zeros((1, 4, 8, 8), np.float32))
 
     class Broken(Echo):
         def _run(self, component, inputs):
-            return {self.specs[component].outputs[0].name: np.full(self.specs[component].outputs[0].shape, np.nan, np.float16)}
+            return {
+                self.specs[component].outputs[0].name: np.full(
+                    self.specs[component].outputs[0].shape, np.nan, np.float16
+                )
+            }
 
     with pytest.raises(SDXSError, match="text_encoder produced non-finite values"):
         Broken(onnx_bundle).generate(PROMPT)
@@ -229,8 +240,15 @@ def test_parity_executorch_native(make_bundle, tmp_path, precision):
     bundle = make_bundle("executorch", precision)
     _parity(bundle, "executorch-native", tmp_path)
     with runtimes.load(bundle, "executorch-native", threads=2) as nat, runtimes.load(bundle, "executorch") as py:
-        assert nat.threads == 2 and nat.workspace_sharing == "global" and set(nat.load_ms) == {"text_encoder", "unet", "decoder"}
-        a, b = nat.generate_arrays("a small red circle at the top on a white background", seed=3), py.generate_arrays("a small red circle at the top on a white background", seed=3)
+        assert (
+            nat.threads == 2
+            and nat.workspace_sharing == "global"
+            and set(nat.load_ms) == {"text_encoder", "unet", "decoder"}
+        )
+        a, b = (
+            nat.generate_arrays("a small red circle at the top on a white background", seed=3),
+            py.generate_arrays("a small red circle at the top on a white background", seed=3),
+        )
         assert snr_db(b.image, a.image) > 60.0
         assert all(t["run_ms"][0] > 0 for t in nat.runner_timings.values())
         assert 1 < nat.peak_rss_mb() < 400  # the runner: ExecuTorch's libraries and the programs, no PyTorch
@@ -260,7 +278,10 @@ def test_executorch_native_errors_are_one_line(make_bundle, tmp_path):
         s.decode(np.zeros(s.latent_shape, np.float32))
 
 
-@pytest.mark.skipif(sys.platform != "darwin", reason="Core ML prediction needs macOS (Apple's Core ML framework); this is " + sys.platform)
+@pytest.mark.skipif(
+    sys.platform != "darwin",
+    reason="Core ML prediction needs macOS (Apple's Core ML framework); this is " + sys.platform,
+)
 @pytest.mark.parametrize("units", ["CPU_ONLY", "ALL"])
 def test_parity_coreml(make_bundle, tmp_path, units):
     need("coremltools")
@@ -273,7 +294,9 @@ def test_parity_below_floor_raises_and_still_writes_json(make_bundle, tmp_path):
 
     out = tmp_path / "p.json"
     with pytest.raises(ParityError, match="below its parity floors: text_encoder SNR"):
-        run_parity(make_bundle("onnx", "fp32"), "onnxruntime", reference=SDXSPipeline.load("tiny", seed=1), json_out=out)
+        run_parity(
+            make_bundle("onnx", "fp32"), "onnxruntime", reference=SDXSPipeline.load("tiny", seed=1), json_out=out
+        )
     rep = json.loads(out.read_text())
     assert rep["passed"] is False and len(rep["failures"]) == 3
     check_floors({**rep, "failures": []})  # the same report with no failures passes
@@ -300,7 +323,9 @@ def test_external_data_is_verified(onnx_bundle):
     (onnx_bundle / "manifest.json").write_text(json.dumps(m))
     runtimes.load(onnx_bundle, "onnxruntime").close()
     data.write_bytes(b"weightz")
-    with pytest.raises(BundleError, match=r"decoder external data file decoder.onnx.data was altered \(sha256 mismatch\)"):
+    with pytest.raises(
+        BundleError, match=r"decoder external data file decoder.onnx.data was altered \(sha256 mismatch\)"
+    ):
         runtimes.load(onnx_bundle, "onnxruntime")
     data.unlink()
     with pytest.raises(BundleError, match="decoder external data file decoder.onnx.data is missing"):
@@ -316,22 +341,31 @@ def test_unknown_format_version(onnx_bundle):
 
 
 def test_runtime_cannot_run_target(make_bundle):
-    with pytest.raises(UnsupportedTargetError, match="runtime 'executorch' cannot run .* \\(target onnx\\).* use --runtime onnxruntime"):
+    with pytest.raises(
+        UnsupportedTargetError, match="runtime 'executorch' cannot run .* \\(target onnx\\).* use --runtime onnxruntime"
+    ):
         runtimes.load(make_bundle("onnx", "fp32"), "executorch")
     with pytest.raises(UnsupportedTargetError, match="runtime 'coreml' cannot run"):
         runtimes.load(make_bundle("onnx", "fp32"), "coreml")
 
 
 def test_unknown_runtime_and_option(make_bundle):
-    with pytest.raises(runtimes.UnknownRuntimeError, match="valid runtimes: torch, onnxruntime, executorch, executorch-native, coreml, android, arm64-emulated"):
+    with pytest.raises(
+        runtimes.UnknownRuntimeError,
+        match="valid runtimes: torch, onnxruntime, executorch, executorch-native, coreml, android, arm64-emulated",
+    ):
         runtimes.load(make_bundle("onnx", "fp32"), "tensorrt")
-    with pytest.raises(SDXSError, match="does not take option\\(s\\) compute_units \\(it takes: providers, threads, verify\\)"):
+    with pytest.raises(
+        SDXSError, match="does not take option\\(s\\) compute_units \\(it takes: providers, threads, verify\\)"
+    ):
         runtimes.load(make_bundle("onnx", "fp32"), "onnxruntime", compute_units="ALL")
 
 
 def test_unavailable_execution_provider(make_bundle):
     need("onnxruntime")
-    with pytest.raises(BackendMissingError, match="NnapiExecutionProvider not available .*available: .*CPUExecutionProvider"):
+    with pytest.raises(
+        BackendMissingError, match="NnapiExecutionProvider not available .*available: .*CPUExecutionProvider"
+    ):
         runtimes.load(make_bundle("onnx", "fp32"), "onnxruntime", providers=["nnapi"])
 
 
@@ -339,7 +373,10 @@ def test_inputs_checked_against_manifest(make_bundle):
     need("onnxruntime")
     with runtimes.load(make_bundle("onnx", "fp32"), "onnxruntime") as s:
         ids = s.tokenize([PROMPT])
-        with pytest.raises(RuntimeInputError, match=r"text_encoder.input_ids: dtype int64 does not match the manifest \(input_ids int32\[1, 77\]\)"):
+        with pytest.raises(
+            RuntimeInputError,
+            match=r"text_encoder.input_ids: dtype int64 does not match the manifest \(input_ids int32\[1, 77\]\)",
+        ):
             s.encode_text(ids.astype(np.int64))
         with pytest.raises(RuntimeInputError, match=r"text_encoder.input_ids: shape \[1, 76\] does not match"):
             s.encode_text(ids[:, :76])
@@ -348,7 +385,9 @@ def test_inputs_checked_against_manifest(make_bundle):
             s.denoise(np.zeros((1, 4, 16, 16), np.float32), ctx)
         with pytest.raises(RuntimeInputError, match=r"unet.context: dtype float64"):
             s.denoise(np.zeros((1, 4, 8, 8), np.float32), ctx.astype(np.float64))
-        with pytest.raises(RuntimeInputError, match=r"decoder: inputs \['x'\] do not match the manifest's \['latent'\]"):
+        with pytest.raises(
+            RuntimeInputError, match=r"decoder: inputs \['x'\] do not match the manifest's \['latent'\]"
+        ):
             s.run("decoder", {"x": np.zeros((1, 4, 8, 8), np.float32)})
         with pytest.raises(RuntimeInputError, match=r"noise: expected float \[1, 4, 8, 8\]"):
             s.generate(PROMPT, noise=np.zeros((1, 4, 4, 4), np.float32))
@@ -362,7 +401,9 @@ def test_program_that_disagrees_with_manifest(onnx_bundle):
     m = json.loads((onnx_bundle / "manifest.json").read_text())
     m["components"]["decoder"]["inputs"][0]["name"] = "z"
     (onnx_bundle / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(BundleError, match="decoder.onnx: program inputs .*'latent'.* do not match the manifest's .*'z'"):
+    with pytest.raises(
+        BundleError, match="decoder.onnx: program inputs .*'latent'.* do not match the manifest's .*'z'"
+    ):
         runtimes.load(onnx_bundle, "onnxruntime")
 
 
@@ -390,7 +431,9 @@ def test_registered_device_runtimes_are_sessions():
 
 # ---- CLI ------------------------------------------------------------------------------------------------
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sdxs_edge.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "sdxs_edge.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_cli_run_and_parity(make_bundle, tmp_path):
@@ -401,7 +444,9 @@ def test_cli_run_and_parity(make_bundle, tmp_path):
     assert "unet" in r.stdout and "decoder" in r.stdout and (tmp_path / "a.png").is_file()
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(PROMPT + "\n\na large blue cross at the top left on a black background\n")
-    r = _cli("parity", bundle, "--runtime", "onnxruntime", "--prompts", str(prompts), "--json", str(tmp_path / "p.json"))
+    r = _cli(
+        "parity", bundle, "--runtime", "onnxruntime", "--prompts", str(prompts), "--json", str(tmp_path / "p.json")
+    )
     assert r.returncode == 0, r.stderr
     assert "text_encoder" in r.stdout and "PASSED" in r.stdout and "all-correct" in r.stdout
     assert json.loads((tmp_path / "p.json").read_text())["samples"] == 2
@@ -410,10 +455,16 @@ def test_cli_run_and_parity(make_bundle, tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["run", "{b}", "x", "--runtime", "tensorrt"], "unknown runtime 'tensorrt'; valid runtimes: torch, onnxruntime"),
+        (
+            ["run", "{b}", "x", "--runtime", "tensorrt"],
+            "unknown runtime 'tensorrt'; valid runtimes: torch, onnxruntime",
+        ),
         (["run", "{b}", "x", "--runtime", "executorch"], "cannot run"),
         (["run", "{b}", "x", "--runtime", "onnxruntime", "--out", "a.gif"], "--out must end in .png"),
-        (["parity", "{b}", "--runtime", "onnxruntime", "--prompts", "/nonexistent.txt"], "prompt file /nonexistent.txt does not exist"),
+        (
+            ["parity", "{b}", "--runtime", "onnxruntime", "--prompts", "/nonexistent.txt"],
+            "prompt file /nonexistent.txt does not exist",
+        ),
         (["run", "/nonexistent", "x", "--runtime", "onnxruntime"], "is not a bundle (no manifest.json)"),
     ],
 )

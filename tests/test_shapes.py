@@ -1,4 +1,5 @@
 """SHAPES-64 world, tokenizer and evaluator."""
+
 from __future__ import annotations
 
 import importlib.util

@@ -13,6 +13,7 @@ the ExecuTorch bundle (ONNX bundles: no aarch64 onnxruntime runs here).
 libsdxs (runtimes/native/sdxs.h) runs the int8 bundle through the executorch-capi runtime, and `sdxs-run`
 writes the Python executorch runtime's image for it on x86-64 and, cross-built, under aarch64 emulation.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -32,8 +33,17 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "sdxs_edge" / "default_model"
 RUNNER = ROOT / "build" / "arm64" / "sdxs_runner"
 HOST_RUNNER = ROOT / "build" / "host" / "sdxs_runner"
-SDXS_RUN = {"x86-64": [str(ROOT / "build" / "host" / "sdxs-run")],
-            "aarch64": ["qemu-aarch64-static", "-cpu", "cortex-a76", "-L", "/usr/aarch64-linux-gnu", str(ROOT / "build" / "arm64" / "sdxs-run")]}
+SDXS_RUN = {
+    "x86-64": [str(ROOT / "build" / "host" / "sdxs-run")],
+    "aarch64": [
+        "qemu-aarch64-static",
+        "-cpu",
+        "cortex-a76",
+        "-L",
+        "/usr/aarch64-linux-gnu",
+        str(ROOT / "build" / "arm64" / "sdxs-run"),
+    ],
+}
 RESULTS = ROOT / "out" / "shipped-parity"
 N_PROMPTS = 512  # x86 runtimes: the evaluation set the distillation report uses
 N_PROMPTS_EMULATED = 64  # qemu runs the ARM kernels about 150x slower than native
@@ -55,7 +65,14 @@ def bundle(tmp_path_factory):
             pytest.skip(f"the {target} runtime package is not installed")
         if (target, precision) not in built:
             out = tmp_path_factory.mktemp("shipped") / f"{target}-{precision}"
-            convert(str(MODEL), target, precision, out, progress=False, cpu_classes=_classes(target) if precision == "int8" else ("host",))
+            convert(
+                str(MODEL),
+                target,
+                precision,
+                out,
+                progress=False,
+                cpu_classes=_classes(target) if precision == "int8" else ("host",),
+            )
             built[(target, precision)] = out
         return built[(target, precision)]
 
@@ -92,8 +109,10 @@ def _check(bundle_dir: Path, runtime: str, n: int) -> dict:
     ac = report["all_correct"]
     assert ac["status"] == "measured" and ac["n"] == n, ac
     psnr = report["image"]["psnr_db"]  # a string ("inf") when the images are identical
-    print(f"{runtime} {manifest['target']} {manifest['precision']}: image PSNR {psnr if isinstance(psnr, str) else f'{psnr:.1f}'} dB, "
-          f"all-correct {ac['runtime']:.3f} vs fp32 reference {ac['reference']:.3f} ({-ac['points']:+.1f} points)")
+    print(
+        f"{runtime} {manifest['target']} {manifest['precision']}: image PSNR {psnr if isinstance(psnr, str) else f'{psnr:.1f}'} dB, "
+        f"all-correct {ac['runtime']:.3f} vs fp32 reference {ac['reference']:.3f} ({-ac['points']:+.1f} points)"
+    )
     return report
 
 
@@ -155,11 +174,18 @@ def test_sdxs_run_writes_the_python_runtimes_image(bundle, tmp_path, arch):
             noise = torch.randn(py.latent_shape, generator=torch.Generator().manual_seed(seed)).numpy()
             want = to_uint8(py.generate_arrays(prompt, noise=noise).image)[0]
             out = tmp_path / f"{seed}.png"
-            proc = subprocess.run([*cmd, str(b), prompt, "--seed", str(seed), "--out", str(out)], capture_output=True, text=True, timeout=1800)
+            proc = subprocess.run(
+                [*cmd, str(b), prompt, "--seed", str(seed), "--out", str(out)],
+                capture_output=True,
+                text=True,
+                timeout=1800,
+            )
             assert proc.returncode == 0, proc.stderr
             got = np.asarray(Image.open(out))
             value = psnr(want, got)
-            print(f"sdxs-run {arch} int8 seed {seed}: {'identical' if np.array_equal(want, got) else f'PSNR {value:.1f} dB'}")
+            print(
+                f"sdxs-run {arch} int8 seed {seed}: {'identical' if np.array_equal(want, got) else f'PSNR {value:.1f} dB'}"
+            )
             if arch == "x86-64":
                 assert np.array_equal(want, got)
             else:

@@ -1,4 +1,5 @@
 """`sdxs_edge.torch_rng.randn` against PyTorch's CPU `torch.randn`, and the bundle runtimes' default noise."""
+
 from __future__ import annotations
 
 import subprocess
@@ -14,7 +15,22 @@ from sdxs_edge import torch_rng
 from sdxs_edge.errors import SDXSError
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAPES = [(1,), (2,), (3,), (7,), (15,), (5, 3), (16,), (17,), (31,), (33,), (3, 5, 7), (2, 4, 8, 8), (1, 4, 64, 64), (1, 4, 96, 64)]
+SHAPES = [
+    (1,),
+    (2,),
+    (3,),
+    (7,),
+    (15,),
+    (5, 3),
+    (16,),
+    (17,),
+    (31,),
+    (33,),
+    (3, 5, 7),
+    (2, 4, 8, 8),
+    (1, 4, 64, 64),
+    (1, 4, 96, 64),
+]
 SEEDS = [0, 1, 42, 12345, 2**31 + 5, 2**40 + 3, -1]
 # PyTorch x86 builds dispatched to AVX2 run `normal_fill_16_AVX2`, which torch_rng evaluates exactly; other
 # dispatches (AVX-512, ARM) run the scalar `normal_fill` with libm logf/cosf/sinf: a last-bit or two
@@ -57,7 +73,11 @@ def test_fma_rounds_once():
     got = torch_rng._fma(x, y, z)
     for i in range(0, 10_000, 97):  # against exact rational arithmetic, rounded to nearest float32
         e = Fraction(float(x[i])) * Fraction(float(y[i])) + Fraction(float(z[i]))
-        cands = [np.float32(float(e)), np.nextafter(np.float32(float(e)), np.float32(np.inf)), np.nextafter(np.float32(float(e)), np.float32(-np.inf))]
+        cands = [
+            np.float32(float(e)),
+            np.nextafter(np.float32(float(e)), np.float32(np.inf)),
+            np.nextafter(np.float32(float(e)), np.float32(-np.inf)),
+        ]
         best = min(cands, key=lambda v: abs(Fraction(float(v)) - e))
         assert got[i] == best
 
@@ -118,20 +138,29 @@ def test_bundle_seed_gives_diffusers_image(default_onnx_fp32):
     the same seed give the same picture, to the fp32 parity floors; numpy's stream gives another picture."""
     import warnings
 
-    import runtimes
     from diffusers import StableDiffusionPipeline
+
+    import runtimes
     from runtimes.base import to_uint8
     from runtimes.parity import FLOORS
     from sdxs_edge import metrics
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pipe = StableDiffusionPipeline.from_pretrained(MODEL, safety_checker=None, requires_safety_checker=False, torch_dtype=torch.float32)
+        pipe = StableDiffusionPipeline.from_pretrained(
+            MODEL, safety_checker=None, requires_safety_checker=False, torch_dtype=torch.float32
+        )
     pipe.set_progress_bar_config(disable=True)
     floor = FLOORS["fp32"]
     with runtimes.load(default_onnx_fp32, "onnxruntime") as s:
         for seed in (0, 7):
-            want = pipe(PROMPT, num_inference_steps=1, guidance_scale=0.0, generator=torch.Generator().manual_seed(seed), output_type="np").images
+            want = pipe(
+                PROMPT,
+                num_inference_steps=1,
+                guidance_scale=0.0,
+                generator=torch.Generator().manual_seed(seed),
+                output_type="np",
+            ).images
             want = want.transpose(0, 3, 1, 2) * 2 - 1  # diffusers clamps to [0, 1]: compare clamped images
             got = np.clip(s.generate_arrays(PROMPT, seed=seed).image, -1, 1)
             assert metrics.snr_db(want, got) >= floor.component_snr_db
@@ -150,13 +179,17 @@ def test_session_call_is_the_pipeline_call(default_onnx_fp32):
     from sdxs_edge.pipeline import SDXSPipeline
 
     pipe = SDXSPipeline.load(MODEL)
-    want = pipe(PROMPT, num_inference_steps=1, guidance_scale=0.0, generator=torch.Generator().manual_seed(4), output_type="np").images
+    want = pipe(
+        PROMPT, num_inference_steps=1, guidance_scale=0.0, generator=torch.Generator().manual_seed(4), output_type="np"
+    ).images
     with runtimes.load(default_onnx_fp32, "onnxruntime") as s:
         got = s(PROMPT, num_inference_steps=1, guidance_scale=0.0, seed=4, output_type="np").images
         assert got.shape == want.shape == (1, 64, 64, 3)
         assert metrics.snr_db(want, got) >= FLOORS["fp32"].component_snr_db
         pil = s(PROMPT, seed=4).images
-        assert len(pil) == 1 and np.array_equal(np.asarray(pil[0]), (np.clip(got[0], 0, 1) * 255).round().astype(np.uint8))
+        assert len(pil) == 1 and np.array_equal(
+            np.asarray(pil[0]), (np.clip(got[0], 0, 1) * 255).round().astype(np.uint8)
+        )
         for kwargs, match in [
             (dict(height=128), r"draws 64x64 images \(width x height\); got 64x128"),
             (dict(width=0), "draws 64x64 images"),
@@ -177,7 +210,13 @@ def test_run_cli_rng_flag(default_onnx_fp32, tmp_path):
 
     from runtimes.parity import run_parity
 
-    run = lambda *a: subprocess.run([sys.executable, "-m", "sdxs_edge.cli", "run", str(default_onnx_fp32), PROMPT, "--runtime", "onnxruntime", *a], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    run = lambda *a: subprocess.run(
+        [sys.executable, "-m", "sdxs_edge.cli", "run", str(default_onnx_fp32), PROMPT, "--runtime", "onnxruntime", *a],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     images = {}
     for rng in ("torch", "numpy"):
         r = run("--rng", rng, "--seed", "2", "--out", str(tmp_path / f"{rng}.png"))

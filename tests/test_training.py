@@ -1,4 +1,5 @@
 """Trainers: resume, data parallelism, block removal, the chain end to end (tiny models)."""
+
 from __future__ import annotations
 
 import json
@@ -20,9 +21,9 @@ def test_block_removal_of_sd21_is_the_sdxs512_layout():
     released = PRESETS["sdxs-512"].unet
     for key in ("block_out_channels", "down_block_types", "up_block_types", "mid_block_type", "layers_per_block"):
         assert student[key] == released[key], key
-    from sdxs_edge.models import count_parameters
-
     from diffusers import UNet2DConditionModel
+
+    from sdxs_edge.models import count_parameters
 
     with torch.device("meta"):
         n = count_parameters(UNet2DConditionModel(**student))
@@ -37,7 +38,9 @@ def test_layer_map_initialises_every_student_tensor_from_the_teacher():
     teacher = build_unet(get_preset("tiny-teacher"))
     student, report = build_student(teacher)
     assert report["random_init"] == [] and report["copied"] == len(student.state_dict())
-    torch.testing.assert_close(student.up_blocks[0].resnets[1].conv1.weight, teacher.up_blocks[1].resnets[2].conv1.weight)
+    torch.testing.assert_close(
+        student.up_blocks[0].resnets[1].conv1.weight, teacher.up_blocks[1].resnets[2].conv1.weight
+    )
 
 
 def test_resume_continues_exactly(tmp_path):
@@ -102,9 +105,23 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     script = "import sys; from training.teacher import smoke_config, train_teacher; train_teacher(smoke_config(), sys.argv[1])"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     (tmp_path / "run.py").write_text(script)
-    subprocess.run([sys.executable, str(tmp_path / "run.py"), str(tmp_path / "one")], check=True, env=env, cwd=ROOT, capture_output=True, timeout=600)
+    subprocess.run(
+        [sys.executable, str(tmp_path / "run.py"), str(tmp_path / "one")],
+        check=True,
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        timeout=600,
+    )
     torchrun = Path(sys.executable).with_name("torchrun")
-    r = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(tmp_path / "run.py"), str(tmp_path / "two")], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node", "2", str(tmp_path / "run.py"), str(tmp_path / "two")],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, "\n".join(l for l in r.stderr.splitlines() if "Error" in l or "error" in l)[-3000:]
     one, two = _loss_curves(tmp_path / "one"), _loss_curves(tmp_path / "two")
     assert len(one) == len(two) == 12
@@ -129,25 +146,50 @@ def test_gradient_accumulation_matches_full_batch(tmp_path):
 def test_smoke_chain_end_to_end(tmp_path):
     """`train all --smoke`: teacher -> decoder -> KD -> warm-up -> score distillation -> report."""
     out = tmp_path / "chain"
-    r = subprocess.run([sys.executable, "-m", "sdxs_edge.cli", "train", "all", "--smoke", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "sdxs_edge.cli", "train", "all", "--smoke", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
-    assert set(report["models"]) == {"teacher", "block-removed (KD)", "one-step, warm-up only", "one-step, score distillation"}
+    assert set(report["models"]) == {
+        "teacher",
+        "block-removed (KD)",
+        "one-step, warm-up only",
+        "one-step, score distillation",
+    }
     assert report["models"]["one-step, score distillation"]["steps"] == 1
     assert (out / "report.md").is_file() and (out / "grid-teacher.png").is_file()
-    assert "decoder_adapted" in report and (out / "model-ssd").is_dir() and (out / "decoder-adapt" / "log.jsonl").is_file()
+    assert (
+        "decoder_adapted" in report and (out / "model-ssd").is_dir() and (out / "decoder-adapt" / "log.jsonl").is_file()
+    )
     from sdxs_edge.pipeline import SDXSPipeline
 
     pipe = SDXSPipeline.load(out / "model")
     assert pipe.default_steps == 1 and type(pipe.c.vae).__name__ == "AutoencoderTiny"
     assert pipe.c.unet.config.mid_block_type is None
     # Resuming a finished chain reuses every stage instead of retraining.
-    r2 = subprocess.run([sys.executable, "-m", "sdxs_edge.cli", "train", "onestep", "--smoke", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    r2 = subprocess.run(
+        [sys.executable, "-m", "sdxs_edge.cli", "train", "onestep", "--smoke", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r2.returncode == 0 and "resuming" not in r2.stderr
 
 
 def test_train_dry_run_prints_config():
-    r = subprocess.run([sys.executable, "-m", "sdxs_edge.cli", "train", "teacher", "--dry-run"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "sdxs_edge.cli", "train", "teacher", "--dry-run"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0 and json.loads(r.stdout)["preset"] == "shapes-teacher"
 
 

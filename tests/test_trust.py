@@ -1,6 +1,7 @@
 """Trust boundaries: a bundle names only its own files (every runtime checks it the same way), the torch
 reference runs only source weights it has checked and downloads nothing unless asked, and every writer
 goes through the one atomic-write helper."""
+
 from __future__ import annotations
 
 import hashlib
@@ -12,8 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from bundle_cache import cached_bundle, need
+
 from sdxs_edge.atomic import WriteError, atomic_dir, atomic_file, remove_stale, write_atomic
 from sdxs_edge.bundle import BundleError, load_manifest
 from sdxs_edge.errors import SDXSError
@@ -108,7 +109,10 @@ def test_a_symlink_that_stays_inside_is_accepted(bundle):
         (lambda m: m["components"]["unet"]["inputs"][0].update(shape=[10**30, 4]), "out of bounds"),
         (lambda m: m["components"]["unet"]["inputs"][0].update(shape=[65536, 65536, 65536]), "out of bounds"),
         (lambda m: m["components"]["unet"]["inputs"][0].update(shape=[]), "out of bounds"),
-        (lambda m: m["components"]["decoder"].update(external_data=[{"file": "../w.bin", "sha256": "0" * 64}]), "external_data"),
+        (
+            lambda m: m["components"]["decoder"].update(external_data=[{"file": "../w.bin", "sha256": "0" * 64}]),
+            "external_data",
+        ),
         (lambda m: m.update(resolution=10**9), "resolution"),
         (lambda m: m["sampler"].update(sigma=float("nan")), "not a finite number"),
         (lambda m: m["tokenizer"].update(max_length=10**12), "max_length"),
@@ -135,7 +139,24 @@ def test_every_runtime_goes_through_the_containment_check(bundle):
 
 def test_the_cli_refuses_an_escaping_bundle_in_one_line(bundle):
     _edit(bundle, lambda m: m["components"]["decoder"].update(file="/etc/hostname"))
-    r = subprocess.run([sys.executable, "-m", "sdxs_edge.cli", "run", str(bundle), "a red circle", "--runtime", "onnxruntime", "--out", str(bundle.parent / "x.png")], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sdxs_edge.cli",
+            "run",
+            str(bundle),
+            "a red circle",
+            "--runtime",
+            "onnxruntime",
+            "--out",
+            str(bundle.parent / "x.png"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "inside the bundle" in r.stderr, r.stderr
     assert not (bundle.parent / "x.png").exists()
 
@@ -149,7 +170,9 @@ def test_torch_reference_checks_the_source_weights(bundle, tmp_path):
         assert s.pipeline.name == "tiny"
     folder = SDXSPipeline.load("tiny", seed=1).save_pretrained(tmp_path / "other")
     _edit(bundle, lambda m: m["source"].update(model=str(folder)))
-    with pytest.raises(BundleError, match=rf"{folder}/{{text_encoder,unet,vae}}/\*.safetensors\) differ .*source.sha256 mismatch"):
+    with pytest.raises(
+        BundleError, match=rf"{folder}/{{text_encoder,unet,vae}}/\*.safetensors\) differ .*source.sha256 mismatch"
+    ):
         TorchSession(bundle, verify=False)
 
 
@@ -233,9 +256,16 @@ def test_atomic_dir_locks_its_destination(tmp_path):
 
 
 def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
     live = str(os.getppid())
-    for name in (f".bundle.partial-{dead}-0", f".bundle.work-{dead}-1", f".bundle.old-{dead}-2", f".bundle.partial-{live}-0"):
+    for name in (
+        f".bundle.partial-{dead}-0",
+        f".bundle.work-{dead}-1",
+        f".bundle.old-{dead}-2",
+        f".bundle.partial-{live}-0",
+    ):
         (tmp_path / name).mkdir()
     (tmp_path / f".bundle.tmp-{dead}-3").write_text("x")
     (tmp_path / ".other.partial-1-0").mkdir()  # another destination's: not ours to judge
@@ -253,5 +283,7 @@ def test_no_hand_written_rename_writer_is_left():
             if f.name == "atomic.py":
                 continue
             text = f.read_text()
-            hits += [f"{f.relative_to(ROOT)}" for needle in ("os.replace(", ".rename(", "tmp.replace(") if needle in text]
+            hits += [
+                f"{f.relative_to(ROOT)}" for needle in ("os.replace(", ".rename(", "tmp.replace(") if needle in text
+            ]
     assert hits == []

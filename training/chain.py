@@ -4,6 +4,7 @@ segmented score distillation) -> report. Every stage resumes from its own folder
     sdxs-edge train all --preset shapes            # everything, reusing the committed teacher
     sdxs-edge train onestep --preset shapes        # the chain up to and including that stage
 """
+
 from __future__ import annotations
 
 import json
@@ -177,7 +178,15 @@ class _Run:
             else:
                 batch = 1024 if self.dev.type == "cuda" else 128
                 guidance = self.teacher.default_guidance
-                p = ode_pair_chunks(self.teacher, self.out / "pairs", cfg.pairs, cfg.pair_steps, guidance, chunk=cfg.pair_chunk, batch=batch)
+                p = ode_pair_chunks(
+                    self.teacher,
+                    self.out / "pairs",
+                    cfg.pairs,
+                    cfg.pair_steps,
+                    guidance,
+                    chunk=cfg.pair_chunk,
+                    batch=batch,
+                )
             if not self.held_file.is_file():  # teacher samples held out for the decoder report
                 with atomic_file(self.held_file) as tmp:
                     save_file({"x0": p["x0"][-256:].contiguous()}, str(tmp))
@@ -261,7 +270,9 @@ def _unet_kd_stage(r: _Run) -> None:
 def _consts(r: _Run):
     from sdxs_edge import sampler
 
-    return sampler.one_step_constants({**r.sched_cfg, "prediction_type": r.cfg.student_prediction_type}, r.teacher.latent_scaling)
+    return sampler.one_step_constants(
+        {**r.sched_cfg, "prediction_type": r.cfg.student_prediction_type}, r.teacher.latent_scaling
+    )
 
 
 def _warmup_stage(r: _Run) -> None:
@@ -315,7 +326,10 @@ def _decoder_adapt_stage(r: _Run) -> None:
     elif cfg.decoder_adapt.steps > 0:
         real = r.real_latents(min(len(r.cache()["mean"]), cfg.adapt_latents), seed=1)
         caps = [s.caption for s in shapes.eval_scenes(cfg.adapt_latents, seed=4243)]  # not an eval seed
-        gen = [r.final.generate(caps[i : i + 256], seed=50_000 + i, output="tensor").latents for i in range(0, len(caps), 256)]
+        gen = [
+            r.final.generate(caps[i : i + 256], seed=50_000 + i, output="tensor").latents
+            for i in range(0, len(caps), 256)
+        ]
         pool = torch.cat([real, torch.cat(gen), load_file(str(r.held_file))["x0"].to(r.dev)])
         adapted = copy.deepcopy(r.final.c.vae)
         distill_decoder(cfg.decoder_adapt, r.out / "decoder-adapt", r.teacher.c.vae, adapted, pool)
@@ -337,14 +351,21 @@ def _report_stage(r: _Run) -> None:
     kd_parts = Components(t.c.tokenizer, t.c.text_encoder, r.kd_unet, t.c.vae, dict(r.sched_cfg))
     rows = [
         ("teacher", t, cfg.eval_steps, t.default_guidance),
-        ("block-removed (KD)", SDXSPipeline(kd_parts, name="block-removed student"), cfg.eval_steps, t.default_guidance),
+        (
+            "block-removed (KD)",
+            SDXSPipeline(kd_parts, name="block-removed student"),
+            cfg.eval_steps,
+            t.default_guidance,
+        ),
         ("one-step, warm-up only", r.warm, 1, 0.0),
         ("one-step, score distillation", r.final, 1, 0.0),
     ]
     r.report["models"] = {}
     for name, pipe, steps, guidance in rows:
         rep, images = evaluate_pipeline(pipe, EvalSettings(n=cfg.eval_n, steps=steps, guidance=guidance), ev)
-        slug = name.split(",")[0].replace(" ", "-").replace("(", "").replace(")", "") + ("-ssd" if "score" in name else "")
+        slug = name.split(",")[0].replace(" ", "-").replace("(", "").replace(")", "") + (
+            "-ssd" if "score" in name else ""
+        )
         save_grid(images, r.out / f"grid-{slug}.png")
         rep["unet_params"] = count_parameters(pipe.c.unet)
         rep["decoder_params"] = count_parameters(pipe.c.vae.decoder)

@@ -17,6 +17,7 @@ Stages (each resumes from its own folder under `out/`):
     sdxs-edge train controlnet                # CPU recipe, about 40 minutes on one core
     sdxs-edge train controlnet --smoke        # tiny random models, seconds (tests)
 """
+
 from __future__ import annotations
 
 import json
@@ -150,7 +151,11 @@ class ControlNetRunConfig:
 
 PRESETS = {
     # One CPU thread, about an hour: each training stage is wall-clock capped (its schedule completes).
-    "cpu": ControlNetRunConfig(teacher_cn=TeacherCNConfig(max_seconds=840), triplets=TripletConfig(n=1536), student_cn=StudentCNConfig(max_seconds=780)),
+    "cpu": ControlNetRunConfig(
+        teacher_cn=TeacherCNConfig(max_seconds=840),
+        triplets=TripletConfig(n=1536),
+        student_cn=StudentCNConfig(max_seconds=780),
+    ),
     "smoke": ControlNetRunConfig(
         teacher="tiny-teacher",
         student="block-removed",
@@ -207,7 +212,10 @@ def load_student(spec: str, teacher):
 
         unet, _ = build_student(teacher.c.unet)
         c = teacher.c
-        pipe = SDXSPipeline(Components(c.tokenizer, c.text_encoder, unet.eval(), c.vae, dict(c.scheduler_config)), name="block-removed teacher (smoke)")
+        pipe = SDXSPipeline(
+            Components(c.tokenizer, c.text_encoder, unet.eval(), c.vae, dict(c.scheduler_config)),
+            name="block-removed teacher (smoke)",
+        )
         return pipe
     pipe = SDXSPipeline.load(spec)
     pipe.default_steps, pipe.default_guidance = 1, 0.0
@@ -223,7 +231,9 @@ def feature_pairs(student_unet, teacher_unet) -> dict[str, str]:
     pairs = {s: t for s, t in SDXS_FEATURE_PAIRS.items() if s.startswith("up_blocks.")}
     for s, t in pairs.items():
         if s not in s_mods or t not in t_mods:
-            raise SDXSError(f"feature pair {s} -> {t} does not exist on these U-Nets (student up blocks: {len(student_unet.up_blocks)}, teacher: {len(teacher_unet.up_blocks)})")
+            raise SDXSError(
+                f"feature pair {s} -> {t} does not exist on these U-Nets (student up blocks: {len(student_unet.up_blocks)}, teacher: {len(teacher_unet.up_blocks)})"
+            )
     return pairs
 
 
@@ -312,7 +322,14 @@ def train_teacher_controlnet(cfg: TeacherCNConfig, out: Path, teacher, controlne
         opt.step()
         return {"loss": loss.item(), "lr": opt.param_groups[0]["lr"]}
 
-    result = run_loop("teacher-controlnet", out, LoopConfig(cfg.steps, ckpt_every=250, max_seconds=cfg.max_seconds), step, {"controlnet": controlnet}, {"opt": opt})
+    result = run_loop(
+        "teacher-controlnet",
+        out,
+        LoopConfig(cfg.steps, ckpt_every=250, max_seconds=cfg.max_seconds),
+        step,
+        {"controlnet": controlnet},
+        {"opt": opt},
+    )
     return controlnet.eval(), result
 
 
@@ -341,7 +358,9 @@ def make_triplets(cfg: TripletConfig, teacher, student, teacher_cn=None, seed: i
             ctrl = None
             if cfg.with_controlnet:
                 ctrl = torch.from_numpy(edges_to_control(canny(shapes.make_batch(scenes[i : i + cfg.batch]).images)))
-            gen = teacher.generate(p, steps=cfg.steps, guidance=cfg.guidance, noise=noise, output="tensor", control_image=ctrl)
+            gen = teacher.generate(
+                p, steps=cfg.steps, guidance=cfg.guidance, noise=noise, output="tensor", control_image=ctrl
+            )
             out["noise"].append(noise)
             out["x0"].append(gen.latents.cpu())
             out["edges"].append(torch.from_numpy(canny(_to_uint8(gen.images))))
@@ -365,8 +384,16 @@ class ControlNetKDLoss:
     def __init__(self, student, s_cn, teacher, t_cn, feature_weight: float, fresh_noise: float):
         from training.unet_kd import FeatureTap
 
-        self.s_unet, self.s_te, self.s_cn = student.c.unet.requires_grad_(False).eval(), student.c.text_encoder.requires_grad_(False).eval(), s_cn
-        self.t_unet, self.t_te, self.t_cn = teacher.c.unet.requires_grad_(False).eval(), teacher.c.text_encoder.requires_grad_(False).eval(), t_cn.requires_grad_(False).eval()
+        self.s_unet, self.s_te, self.s_cn = (
+            student.c.unet.requires_grad_(False).eval(),
+            student.c.text_encoder.requires_grad_(False).eval(),
+            s_cn,
+        )
+        self.t_unet, self.t_te, self.t_cn = (
+            teacher.c.unet.requires_grad_(False).eval(),
+            teacher.c.text_encoder.requires_grad_(False).eval(),
+            t_cn.requires_grad_(False).eval(),
+        )
         self.consts = student.one_step_constants()
         self.feature_weight, self.fresh_noise = feature_weight, fresh_noise
         self.pairs = feature_pairs(self.s_unet, self.t_unet) if feature_weight > 0 else {}
@@ -401,7 +428,9 @@ class ControlNetKDLoss:
         return loss, {"loss": loss.item(), "out_kd": out_kd.item(), "feat_kd": float(feat_kd.detach())}
 
 
-def train_student_controlnet(cfg: StudentCNConfig, out: Path, student, s_cn, teacher, t_cn, triplets: dict, seed: int = 0):
+def train_student_controlnet(
+    cfg: StudentCNConfig, out: Path, student, s_cn, teacher, t_cn, triplets: dict, seed: int = 0
+):
     """Train `s_cn` for the frozen one-step U-Net on the triplets (see `ControlNetKDLoss`)."""
     s_cn.train()
     loss_fn = ControlNetKDLoss(student, s_cn, teacher, t_cn, cfg.feature_weight, cfg.fresh_noise)
@@ -421,7 +450,14 @@ def train_student_controlnet(cfg: StudentCNConfig, out: Path, student, s_cn, tea
         return logs
 
     try:
-        result = run_loop("controlnet", out, LoopConfig(cfg.steps, ckpt_every=250, max_seconds=cfg.max_seconds), step, {"controlnet": s_cn}, {"opt": opt})
+        result = run_loop(
+            "controlnet",
+            out,
+            LoopConfig(cfg.steps, ckpt_every=250, max_seconds=cfg.max_seconds),
+            step,
+            {"controlnet": s_cn},
+            {"opt": opt},
+        )
     finally:
         loss_fn.close()
     return s_cn.eval(), result
@@ -429,7 +465,9 @@ def train_student_controlnet(cfg: StudentCNConfig, out: Path, student, s_cn, tea
 
 # ---- stage 4: report --------------------------------------------------------------------------------------------
 @torch.no_grad()
-def generate_images(pipe, prompts: list[str], control: np.ndarray | None, steps: int, guidance: float, batch: int, seed: int = 0) -> np.ndarray:
+def generate_images(
+    pipe, prompts: list[str], control: np.ndarray | None, steps: int, guidance: float, batch: int, seed: int = 0
+) -> np.ndarray:
     """uint8 images for `prompts`, with `control` (float (B, 3, H, W)) through the attached ControlNet, or none."""
     out = []
     for i in range(0, len(prompts), batch):
@@ -499,23 +537,55 @@ def controlnet_report(cfg: ReportConfig, teacher, t_cn, student, s_cn, out: Path
     grid_cols = {}
     for name, pipe, cn, steps, guidance in rows:
         pipe.attach_controlnet(cn)
-        r: dict = {"steps": steps, "guidance": guidance, "unet_params": count_parameters(pipe.c.unet), "controlnet_params": count_parameters(cn) if cn is not None else 0}
+        r: dict = {
+            "steps": steps,
+            "guidance": guidance,
+            "unet_params": count_parameters(pipe.c.unet),
+            "controlnet_params": count_parameters(cn) if cn is not None else 0,
+        }
         try:
             for set_name, edges in sets.items():
                 control = edges_to_control(edges)
                 imgs = generate_images(pipe, prompts, control if cn is not None else None, steps, guidance, cfg.batch)
                 iou = edge_iou(edges, canny(imgs))
                 acc = accuracy_report(ev.classify(imgs), ref.labels)
-                r[set_name] = {"edge_iou": float(iou.mean()), "all_correct": acc["all_correct"], **{a: acc[a] for a in shapes.ATTRIBUTES}}
+                r[set_name] = {
+                    "edge_iou": float(iou.mean()),
+                    "all_correct": acc["all_correct"],
+                    **{a: acc[a] for a in shapes.ATTRIBUTES},
+                }
                 if set_name == "other-scene":
                     grid_cols[name] = imgs[: cfg.grid]
-            r["cpu_latency_s"] = _latency(pipe, edges_to_control(edges_consistent[:1]) if cn is not None else None, steps, guidance, cfg.latency_runs)
+            r["cpu_latency_s"] = _latency(
+                pipe,
+                edges_to_control(edges_consistent[:1]) if cn is not None else None,
+                steps,
+                guidance,
+                cfg.latency_runs,
+            )
         finally:
             pipe.attach_controlnet(None)
         rep["models"][name] = r
     ctrl_img = np.repeat(edges_other[: cfg.grid, :, :, None], 3, axis=3)
-    _row_grid([ctrl_img, grid_cols["teacher + teacher ControlNet"], grid_cols["one-step + student ControlNet"], grid_cols["one-step, no ControlNet"]], out / "grid.png")
-    rep["grid"] = {"file": "grid.png", "columns": ["control (canny of another scene's teacher sample)", "teacher + teacher ControlNet", "one-step + student ControlNet", "one-step, no ControlNet"], "prompts": prompts[: cfg.grid]}
+    _row_grid(
+        [
+            ctrl_img,
+            grid_cols["teacher + teacher ControlNet"],
+            grid_cols["one-step + student ControlNet"],
+            grid_cols["one-step, no ControlNet"],
+        ],
+        out / "grid.png",
+    )
+    rep["grid"] = {
+        "file": "grid.png",
+        "columns": [
+            "control (canny of another scene's teacher sample)",
+            "teacher + teacher ControlNet",
+            "one-step + student ControlNet",
+            "one-step, no ControlNet",
+        ],
+        "prompts": prompts[: cfg.grid],
+    }
     rep["control_edge_density"] = {k: float((v > 0).mean()) for k, v in sets.items()}
     return rep
 
@@ -549,11 +619,24 @@ def format_report(rep: dict) -> str:
     ]
     for name, r in rep["models"].items():
         c = r["other-scene"]
-        lines.append(f"| {name} | {c['edge_iou']:.3f} | {c['all_correct']:.3f} | {c['position']:.3f} | {c['shape']:.3f} | {c['size']:.3f} | {c['color']:.3f} |")
+        lines.append(
+            f"| {name} | {c['edge_iou']:.3f} | {c['all_correct']:.3f} | {c['position']:.3f} | {c['shape']:.3f} | {c['size']:.3f} | {c['color']:.3f} |"
+        )
     g = rep["grid"]
-    lines += ["", f"Grid (`{g['file']}`), columns: " + " | ".join(g["columns"]) + ". Rows (prompts): " + "; ".join(g["prompts"]) + "."]
+    lines += [
+        "",
+        f"Grid (`{g['file']}`), columns: "
+        + " | ".join(g["columns"])
+        + ". Rows (prompts): "
+        + "; ".join(g["prompts"])
+        + ".",
+    ]
     if "stage_seconds" in rep:
-        lines += ["", "Stage wall-clock seconds (one CPU thread): " + ", ".join(f"{k} {v}" for k, v in rep["stage_seconds"].items())]
+        lines += [
+            "",
+            "Stage wall-clock seconds (one CPU thread): "
+            + ", ".join(f"{k} {v}" for k, v in rep["stage_seconds"].items()),
+        ]
     if "training" in rep:
         lines += ["", "Training: " + json.dumps(rep["training"])]
     return "\n".join(lines) + "\n"
@@ -597,7 +680,9 @@ def run_controlnet(cfg: ControlNetRunConfig, out: str | Path, until: str = "repo
 
     teacher = SDXSPipeline.load(cfg.teacher, seed=cfg.seed)
     if teacher.default_steps == 1:
-        raise SDXSError(f"{cfg.teacher} is a one-step model; the teacher must be a multi-step model (e.g. models/shapes-teacher)")
+        raise SDXSError(
+            f"{cfg.teacher} is a one-step model; the teacher must be a multi-step model (e.g. models/shapes-teacher)"
+        )
     student = load_student(cfg.student, teacher)
     training: dict = {}
 
@@ -608,7 +693,11 @@ def run_controlnet(cfg: ControlNetRunConfig, out: str | Path, until: str = "repo
     else:
         torch.manual_seed(cfg.seed)
         cache = build_control_cache(teacher, cfg.teacher_cn.cache_size, out / "control-cache.safetensors", cfg.seed)
-        t_cn = wake_conditioning(controlnet_for_unet(teacher.c.unet, SHAPES_EMBEDDING), torch.from_numpy(edges_to_control(cache["edges"][:64].numpy())), seed=cfg.seed)
+        t_cn = wake_conditioning(
+            controlnet_for_unet(teacher.c.unet, SHAPES_EMBEDDING),
+            torch.from_numpy(edges_to_control(cache["edges"][:64].numpy())),
+            seed=cfg.seed,
+        )
         t_cn, res = train_teacher_controlnet(cfg.teacher_cn, out / "teacher-controlnet", teacher, t_cn, cache, cfg.seed)
         training["teacher-controlnet"] = res.get("last", {})
         save_controlnet(t_cn, t_done, overwrite=True)
@@ -633,8 +722,14 @@ def run_controlnet(cfg: ControlNetRunConfig, out: str | Path, until: str = "repo
         s_cn = load_controlnet(s_done, student.c.unet)
     else:
         torch.manual_seed(cfg.seed + 1)
-        s_cn = wake_conditioning(controlnet_for_unet(student.c.unet, SHAPES_EMBEDDING), torch.from_numpy(edges_to_control(triplets["edges"][:64].numpy())), seed=cfg.seed + 1)
-        s_cn, res = train_student_controlnet(cfg.student_cn, out / "controlnet", student, s_cn, teacher, t_cn, triplets, cfg.seed)
+        s_cn = wake_conditioning(
+            controlnet_for_unet(student.c.unet, SHAPES_EMBEDDING),
+            torch.from_numpy(edges_to_control(triplets["edges"][:64].numpy())),
+            seed=cfg.seed + 1,
+        )
+        s_cn, res = train_student_controlnet(
+            cfg.student_cn, out / "controlnet", student, s_cn, teacher, t_cn, triplets, cfg.seed
+        )
         training["controlnet"] = res.get("last", {})
         save_controlnet(s_cn, s_done, overwrite=True)
     export = out / "export"

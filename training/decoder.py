@@ -15,6 +15,7 @@ CPU budget it speeds convergence (set 0 for the paper's loss).
 Both decoders take latents in the U-Net's space (scaled by the KL VAE's scaling_factor): the student is
 an `AutoencoderTiny` with scaling_factor 1.0, exactly as TAESD replaces SD's VAE in SDXS.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -55,9 +56,14 @@ class PatchDiscriminator(nn.Module):
         super().__init__()
         w = width
         self.net = nn.Sequential(
-            nn.Conv2d(3, w, 4, 2, 1), nn.LeakyReLU(0.2),
-            nn.Conv2d(w, 2 * w, 4, 2, 1), nn.GroupNorm(8, 2 * w), nn.LeakyReLU(0.2),
-            nn.Conv2d(2 * w, 4 * w, 4, 2, 1), nn.GroupNorm(8, 4 * w), nn.LeakyReLU(0.2),
+            nn.Conv2d(3, w, 4, 2, 1),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(w, 2 * w, 4, 2, 1),
+            nn.GroupNorm(8, 2 * w),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(2 * w, 4 * w, 4, 2, 1),
+            nn.GroupNorm(8, 4 * w),
+            nn.LeakyReLU(0.2),
             nn.Conv2d(4 * w, 1, 3, 1, 1),
         )
 
@@ -126,7 +132,14 @@ def distill_decoder(cfg: DecoderConfig, out: Path, vae_kl, student, latent_pool:
             metrics["d_loss"] = d_loss.item()
         return metrics
 
-    run_loop("decoder", out, LoopConfig(cfg.steps, ckpt_every=500, max_seconds=cfg.max_seconds), step, {"decoder": student.decoder, "disc": disc}, {"g": opt_g, "d": opt_d})
+    run_loop(
+        "decoder",
+        out,
+        LoopConfig(cfg.steps, ckpt_every=500, max_seconds=cfg.max_seconds),
+        step,
+        {"decoder": student.decoder, "disc": disc},
+        {"g": opt_g, "d": opt_d},
+    )
     student.decoder.eval()
     return student
 

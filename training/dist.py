@@ -5,6 +5,7 @@ Data parallelism keeps every stage's maths identical to one process: each step d
 batch from a step-seeded generator on every rank, and each rank trains on its contiguous shard; DDP
 averages gradients, so N processes follow the same loss curve as one process with the same global batch.
 """
+
 from __future__ import annotations
 
 import os

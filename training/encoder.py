@@ -12,6 +12,7 @@ No adversarial or image term: the encoder's output is a latent, and the teacher'
 once for the whole image pool, so a step costs one student forward and backward (a few minutes at
 64 x 64 on two CPU cores). `encoder_report` measures the round trip through the tiny decoder.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -72,7 +73,14 @@ def distill_encoder(cfg: EncoderConfig, out: Path, vae_kl, student, image_pool: 
         opt.step()
         return {"latent_l1": loss.item()}
 
-    run_loop("encoder", out, LoopConfig(cfg.steps, ckpt_every=200, max_seconds=cfg.max_seconds), step, {"encoder": student.encoder}, {"opt": opt})
+    run_loop(
+        "encoder",
+        out,
+        LoopConfig(cfg.steps, ckpt_every=200, max_seconds=cfg.max_seconds),
+        step,
+        {"encoder": student.encoder},
+        {"opt": opt},
+    )
     student.encoder.eval()
     return student
 
@@ -105,7 +113,7 @@ def encoder_report(vae_kl, student, images: torch.Tensor) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """Distil the embedded model's tiny encoder from the SHAPES-64 teacher VAE and write it into the model.
 
-        python -m training.encoder [--teacher models/shapes-teacher] [--model sdxs_edge/default_model]
+    python -m training.encoder [--teacher models/shapes-teacher] [--model sdxs_edge/default_model]
     """
     import argparse
     import json
@@ -117,8 +125,14 @@ def main(argv: list[str] | None = None) -> int:
     from sdxs_edge import shapes
 
     p = argparse.ArgumentParser(prog="python -m training.encoder", description=main.__doc__)
-    p.add_argument("--teacher", default="models/shapes-teacher", help="diffusers folder whose vae/ is the teacher AutoencoderKL")
-    p.add_argument("--model", default="sdxs_edge/default_model", help="diffusers folder whose vae/ (AutoencoderTiny) gets the encoder")
+    p.add_argument(
+        "--teacher", default="models/shapes-teacher", help="diffusers folder whose vae/ is the teacher AutoencoderKL"
+    )
+    p.add_argument(
+        "--model",
+        default="sdxs_edge/default_model",
+        help="diffusers folder whose vae/ (AutoencoderTiny) gets the encoder",
+    )
     p.add_argument("--out", default="runs/encoder", help="run folder (checkpoints, log)")
     p.add_argument("--steps", type=int, default=EncoderConfig.steps)
     p.add_argument("--pool", type=int, default=1024, help="training images (SHAPES-64 renders)")
@@ -138,7 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     cfg = EncoderConfig(steps=args.steps)
     distill_encoder(cfg, Path(args.out), teacher, student, pool)
-    report = {"config": {**cfg.__dict__, "pool": args.pool, "threads": args.threads}, "wall_clock_s": round(time.time() - t0), **encoder_report(teacher, student, held)}
+    report = {
+        "config": {**cfg.__dict__, "pool": args.pool, "threads": args.threads},
+        "wall_clock_s": round(time.time() - t0),
+        **encoder_report(teacher, student, held),
+    }
     weights = vae_dir / "diffusion_pytorch_model.safetensors"
     state = load_file(weights)
     from safetensors import safe_open

@@ -3,6 +3,7 @@
 Generated images are blurrier and noisier than renders, so training adds mild Gaussian noise and blur;
 without it the classifier would judge the renderer's exact pixels rather than what a picture shows.
 """
+
 from __future__ import annotations
 
 import json
@@ -72,7 +73,9 @@ def train_evaluator(cfg: EvaluatorConfig, out: str | Path, dest: str | Path | No
         opt.step()
         return {"loss": loss.item()}
 
-    run_loop("evaluator", out, LoopConfig(cfg.steps, log_every=50, ckpt_every=200), step, {"classifier": model}, {"opt": opt})
+    run_loop(
+        "evaluator", out, LoopConfig(cfg.steps, log_every=50, ckpt_every=200), step, {"classifier": model}, {"opt": opt}
+    )
     ev = Evaluator(model.eval(), {})
     held = shapes.make_batch(shapes.eval_scenes(2048, seed=99, style=cfg.style))
     pred = ev.classify(held.images)

@@ -6,15 +6,16 @@ checkpoint; the loop owns everything else. Checkpoints are written to a temporar
 into place, so a kill mid-write never leaves a half checkpoint; `resume` picks the newest complete one.
 Optimizer state goes through safetensors too (tensors) + JSON (scalars): nothing is ever unpickled.
 """
+
 from __future__ import annotations
 
 import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -107,22 +108,38 @@ class Checkpointer:
         done = sorted(p for p in self.dir.glob("step-*") if (p / "state.json").is_file())
         return done[-1] if done else None
 
-    def save(self, step: int, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer], extra: dict | None = None) -> Path:
+    def save(
+        self,
+        step: int,
+        modules: dict[str, torch.nn.Module],
+        optimizers: dict[str, torch.optim.Optimizer],
+        extra: dict | None = None,
+    ) -> Path:
         final = self.dir / f"step-{step:07d}"
         with atomic_dir(final, overwrite=True) as tmp:
             for name, m in modules.items():
-                save_file({k: v.detach().contiguous().cpu() for k, v in m.state_dict().items()}, str(tmp / f"{name}.safetensors"))
+                save_file(
+                    {k: v.detach().contiguous().cpu() for k, v in m.state_dict().items()},
+                    str(tmp / f"{name}.safetensors"),
+                )
             opt_scalars = {}
             for name, opt in optimizers.items():
                 tensors, opt_scalars[name] = _optimizer_to_tensors(opt)
                 save_file(tensors, str(tmp / f"optim-{name}.safetensors"))
-            state = {"step": step, "optimizers": opt_scalars, "rng": torch.get_rng_state().tolist(), "extra": extra or {}}
+            state = {
+                "step": step,
+                "optimizers": opt_scalars,
+                "rng": torch.get_rng_state().tolist(),
+                "extra": extra or {},
+            }
             (tmp / "state.json").write_text(json.dumps(state))
         for old in sorted(p for p in self.dir.glob("step-*"))[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         return final
 
-    def load(self, path: Path, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer]) -> dict:
+    def load(
+        self, path: Path, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer]
+    ) -> dict:
         state = json.loads((path / "state.json").read_text())
         for name, m in modules.items():
             m.load_state_dict(load_file(str(path / f"{name}.safetensors")))
@@ -184,7 +201,12 @@ def run_loop(
         metrics = step_fn(step)
         bar.update(1)
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            record = {"stage": name, "step": step + 1, "time": round(time.time() - t0, 2), **{k: float(v) for k, v in metrics.items()}}
+            record = {
+                "stage": name,
+                "step": step + 1,
+                "time": round(time.time() - t0, 2),
+                **{k: float(v) for k, v in metrics.items()},
+            }
             bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()})
             if is_main:
                 log.write(record)
@@ -192,7 +214,10 @@ def run_loop(
         if is_main and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps or over):
             ckpt.save(step + 1, modules, optimizers, extra_state() if extra_state else None)
         if over and step + 1 < cfg.steps:
-            print(f"[{name}] wall-clock budget of {cfg.max_seconds:.0f} s spent: stopped at step {step + 1} of {cfg.steps}", flush=True)
+            print(
+                f"[{name}] wall-clock budget of {cfg.max_seconds:.0f} s spent: stopped at step {step + 1} of {cfg.steps}",
+                flush=True,
+            )
             if is_main:
                 log.write({"stage": name, "step": step + 1, "stopped_early": True, "budget_s": cfg.max_seconds})
             record = {**record, "stopped_at": step + 1}
@@ -219,4 +244,3 @@ class StageClock:
         self.times[name] = round(self.times.get(name, 0.0) + now - self._stamp, 1)
         self._stamp = now
         write_atomic(self.path, json.dumps(self.times, indent=2))
-

@@ -15,6 +15,7 @@ into a LoRA of the one-step student.
 3. The student LoRA is written in the peft / diffusers layout (`unet.<module>.lora_A.weight`, ...) that
    `sdxs_edge.lora` fuses for deployment (`convert --lora`, `generate --lora`).
 """
+
 from __future__ import annotations
 
 import copy
@@ -33,7 +34,18 @@ from training.onestep import SSDConfig, make_ode_pairs, score_distill
 
 # Linear and conv layers a style LoRA adapts: attention and feed-forward projections, and the ResNet
 # convolutions (a style that changes what is drawn, not only how it is arranged, needs the convs).
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2")
+LORA_TARGETS = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "proj_in",
+    "proj_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "conv1",
+    "conv2",
+)
 STAGES = ("style-lora", "pairs", "lora-distill", "report", "all")
 
 
@@ -84,7 +96,17 @@ class LoRADistillConfig:
     fm_scale_without_teacher_lora: lambda_FM factor when the teacher cannot take the LoRA.
     """
 
-    ssd: SSDConfig = SSDConfig(steps=600, batch=32, lr=2e-3, online_lr=1e-4, guidance=2.5, alpha_start=0.95, alpha_end=0.7, fm_start=4.0, fm_end=1.0)
+    ssd: SSDConfig = SSDConfig(
+        steps=600,
+        batch=32,
+        lr=2e-3,
+        online_lr=1e-4,
+        guidance=2.5,
+        alpha_start=0.95,
+        alpha_end=0.7,
+        fm_start=4.0,
+        fm_end=1.0,
+    )
     rank: int = 8
     alpha: float = 8.0
     targets: tuple[str, ...] = LORA_TARGETS
@@ -123,7 +145,9 @@ def smoke_lora_chain(teacher: str, student: str) -> LoRAChainConfig:
         teacher=teacher,
         student=student,
         style_lora=StyleLoRAConfig(steps=3, batch=4, cache_size=8, rank=2, alpha=2.0),
-        distill=LoRADistillConfig(ssd=SSDConfig(steps=3, batch=4, lr=1e-3, guidance=2.5), rank=2, alpha=2.0, pairs=8, pair_steps=2),
+        distill=LoRADistillConfig(
+            ssd=SSDConfig(steps=3, batch=4, lr=1e-3, guidance=2.5), rank=2, alpha=2.0, pairs=8, pair_steps=2
+        ),
         eval_n=8,
         eval_steps=2,
         threads=1,
@@ -141,7 +165,9 @@ def add_lora(unet, rank: int, alpha: float, targets: tuple[str, ...], seed: int 
     unet.requires_grad_(False)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(targets)))
+        unet.add_adapter(
+            LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(targets))
+        )
     params = [p for n, p in unet.named_parameters() if "lora_" in n]
     for p in params:
         p.requires_grad_(True)
@@ -191,11 +217,17 @@ def style_latents(cfg: StyleLoRAConfig, teacher, path: Path) -> dict:
     with torch.no_grad():
         for _ in tqdm(range(math.ceil(cfg.cache_size / 256)), desc=f"{cfg.style} latents"):
             b = next(stream)
-            post = teacher.c.vae.encode(torch.from_numpy(shapes.to_tensor_range(b.images)).to(teacher.device)).latent_dist
+            post = teacher.c.vae.encode(
+                torch.from_numpy(shapes.to_tensor_range(b.images)).to(teacher.device)
+            ).latent_dist
             means.append(post.mean.cpu())
             stds.append(post.std.cpu())
             ids.append(teacher.tokenize(b.captions).int())
-    cache = {"mean": torch.cat(means)[: cfg.cache_size].contiguous(), "std": torch.cat(stds)[: cfg.cache_size].contiguous(), "ids": torch.cat(ids)[: cfg.cache_size].contiguous()}
+    cache = {
+        "mean": torch.cat(means)[: cfg.cache_size].contiguous(),
+        "std": torch.cat(stds)[: cfg.cache_size].contiguous(),
+        "ids": torch.cat(ids)[: cfg.cache_size].contiguous(),
+    }
     with atomic_file(path) as tmp:
         save_file(cache, str(tmp))
     return cache
@@ -220,7 +252,9 @@ def train_style_lora(cfg: StyleLoRAConfig, out: Path, teacher, acp: torch.Tensor
         set_lr(opt, cosine_lr(cfg.lr, k, progress(k), floor=0.1))
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + k)
         idx = torch.randint(0, n, (cfg.batch,), generator=g)
-        z0 = ((cache["mean"][idx] + cache["std"][idx] * torch.randn(cache["mean"][idx].shape, generator=g)) * scale).to(dev)
+        z0 = ((cache["mean"][idx] + cache["std"][idx] * torch.randn(cache["mean"][idx].shape, generator=g)) * scale).to(
+            dev
+        )
         ids = cache["ids"][idx].clone()
         ids[torch.rand(cfg.batch, generator=g) < cfg.cfg_dropout] = empty
         t = torch.randint(0, T, (cfg.batch,), generator=g)
@@ -240,7 +274,14 @@ def train_style_lora(cfg: StyleLoRAConfig, out: Path, teacher, acp: torch.Tensor
         opt.step()
         return {"loss": loss.item()}
 
-    run_loop("style-lora", out, LoopConfig(cfg.steps, log_every=25, ckpt_every=250, max_seconds=cfg.max_seconds), step, {"unet": unet}, {"opt": opt})
+    run_loop(
+        "style-lora",
+        out,
+        LoopConfig(cfg.steps, log_every=25, ckpt_every=250, max_seconds=cfg.max_seconds),
+        step,
+        {"unet": unet},
+        {"opt": opt},
+    )
     state = lora_state(unet, cfg.alpha)
     remove_lora(unet)
     unet.eval()
@@ -248,7 +289,16 @@ def train_style_lora(cfg: StyleLoRAConfig, out: Path, teacher, acp: torch.Tensor
 
 
 # ---- 2. the one-step LoRA ---------------------------------------------------------------------------------
-def distill_lora(cfg: LoRADistillConfig, out: Path, student_pipe, teacher_with_lora, teacher_base_unet, pairs: dict, acp: torch.Tensor, seed: int = 0) -> dict[str, torch.Tensor]:
+def distill_lora(
+    cfg: LoRADistillConfig,
+    out: Path,
+    student_pipe,
+    teacher_with_lora,
+    teacher_base_unet,
+    pairs: dict,
+    acp: torch.Tensor,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
     """Segmented score distillation of a LoRA on the one-step student; returns the LoRA state dict.
 
     Args:
@@ -259,7 +309,11 @@ def distill_lora(cfg: LoRADistillConfig, out: Path, student_pipe, teacher_with_l
     """
     ssd = cfg.ssd
     if not cfg.teacher_takes_lora:
-        ssd = replace(ssd, fm_start=ssd.fm_start * cfg.fm_scale_without_teacher_lora, fm_end=ssd.fm_end * cfg.fm_scale_without_teacher_lora)
+        ssd = replace(
+            ssd,
+            fm_start=ssd.fm_start * cfg.fm_scale_without_teacher_lora,
+            fm_end=ssd.fm_end * cfg.fm_scale_without_teacher_lora,
+        )
     unet = student_pipe.c.unet
     add_lora(unet, cfg.rank, cfg.alpha, cfg.targets, seed)
     score_distill(
@@ -282,12 +336,16 @@ def distill_lora(cfg: LoRADistillConfig, out: Path, student_pipe, teacher_with_l
 
 
 # ---- evaluation -------------------------------------------------------------------------------------------
-def style_eval(pipe, n: int, steps: int | None, guidance: float | None, evaluator, seed: int = 0) -> tuple[dict, np.ndarray]:
+def style_eval(
+    pipe, n: int, steps: int | None, guidance: float | None, evaluator, seed: int = 0
+) -> tuple[dict, np.ndarray]:
     """All-correct rate and attribute accuracy (style evaluator) plus the share drawn as outlines."""
     from sdxs_edge import shapes
     from sdxs_edge.evaluate import EvalSettings, evaluate_pipeline
 
-    rep, images = evaluate_pipeline(pipe, EvalSettings(n=n, steps=steps, guidance=guidance, batch=64, seed=seed), evaluator, progress=False)
+    rep, images = evaluate_pipeline(
+        pipe, EvalSettings(n=n, steps=steps, guidance=guidance, batch=64, seed=seed), evaluator, progress=False
+    )
     pred = evaluator.classify(images)
     rep["outline_rate"] = float((pred["style"] == shapes.STYLES.index("outline")).mean())
     return rep, images
@@ -306,12 +364,17 @@ def decoder_ceiling(teacher, student, evaluator, n: int) -> dict:
 
     def score(images: np.ndarray) -> dict:
         pred = evaluator.classify(images)
-        return {"outline_rate": float((pred["style"] == shapes.STYLES.index("outline")).mean()), **accuracy_report(pred, b.labels)}
+        return {
+            "outline_rate": float((pred["style"] == shapes.STYLES.index("outline")).mean()),
+            **accuracy_report(pred, b.labels),
+        }
 
     out = {"renders": score(b.images)}
     for name, pipe in (("teacher_decoder", teacher), ("tiny_decoder", student)):
         img = pipe.decode(z.to(pipe.device))
-        out[name] = score(((img / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8))
+        out[name] = score(
+            ((img / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+        )
     return out
 
 
@@ -362,7 +425,9 @@ def run_lora_chain(cfg: LoRAChainConfig, out: str | Path, until: str = "all") ->
     if until == "style-lora":
         return {"teacher_lora": str(teacher_lora_file)}
     teacher_base_unet = copy.deepcopy(teacher.c.unet)
-    teacher_lora = _with_lora(teacher, teacher_lora_file, f"{teacher.name} + style LoRA", teacher.default_steps, teacher.default_guidance)
+    teacher_lora = _with_lora(
+        teacher, teacher_lora_file, f"{teacher.name} + style LoRA", teacher.default_steps, teacher.default_guidance
+    )
 
     # 2. Teacher ODE samples for the feature-matching segment.
     pairs_file = out / "pairs.safetensors"
@@ -381,7 +446,16 @@ def run_lora_chain(cfg: LoRAChainConfig, out: str | Path, until: str = "all") ->
     student = SDXSPipeline.load(cfg.student)
     student_lora_file = out / "one-step-lora" / "pytorch_lora_weights.safetensors"
     if not student_lora_file.is_file():
-        state = distill_lora(cfg.distill, out / "one-step-lora", student, teacher_lora, teacher_base_unet, pairs, acp, seed=cfg.style_lora.seed)
+        state = distill_lora(
+            cfg.distill,
+            out / "one-step-lora",
+            student,
+            teacher_lora,
+            teacher_base_unet,
+            pairs,
+            acp,
+            seed=cfg.style_lora.seed,
+        )
         save_lora(student_lora_file, state)
     lap("lora-distill")
     if until == "lora-distill":
@@ -396,17 +470,31 @@ def run_lora_chain(cfg: LoRAChainConfig, out: str | Path, until: str = "all") ->
         ("one-step", student, 1, 0.0, "none"),
         ("one-step + distilled LoRA", student_lora, 1, 0.0, "one-step LoRA"),
     ]
-    report: dict = {"evaluator": str(STYLE_EVALUATOR_DIR), "evaluator_heldout": ev.meta.get("heldout_accuracy"), "models": []}
+    report: dict = {
+        "evaluator": str(STYLE_EVALUATOR_DIR),
+        "evaluator_heldout": ev.meta.get("heldout_accuracy"),
+        "models": [],
+    }
     grids = []
     for name, pipe, steps, guidance, lora in rows:
         rep, images = style_eval(pipe, cfg.eval_n, steps, guidance, ev)
-        report["models"].append({"model": name, "lora": lora, "steps": steps, "guidance": guidance, **{k: rep[k] for k in ("outline_rate", "all_correct", *shapes.ATTRIBUTES, "fid_shapes", "n")}})
+        report["models"].append(
+            {
+                "model": name,
+                "lora": lora,
+                "steps": steps,
+                "guidance": guidance,
+                **{k: rep[k] for k in ("outline_rate", "all_correct", *shapes.ATTRIBUTES, "fid_shapes", "n")},
+            }
+        )
         grids.append(images[:16])
         save_grid(images, out / f"grid-{name.replace(' ', '-').replace('+', 'plus')}.png", cols=16, limit=32)
     save_grid(np.concatenate(grids), out / "grid.png", cols=16, limit=64)
     report["ceiling"] = decoder_ceiling(teacher, student, ev, cfg.eval_n)
     report["lora_files"] = {"teacher": str(teacher_lora_file), "one_step": str(student_lora_file)}
-    report["lora_parameters"] = {k: _lora_parameters(f) for k, f in (("teacher", teacher_lora_file), ("one_step", student_lora_file))}
+    report["lora_parameters"] = {
+        k: _lora_parameters(f) for k, f in (("teacher", teacher_lora_file), ("one_step", student_lora_file))
+    }
     lap("report")
     report["seconds"] = clock.times
     write_atomic(out / "report.json", json.dumps(report, indent=2))
@@ -427,13 +515,25 @@ def format_lora_report(report: dict) -> str:
     c = report.get("ceiling")
     if c:
         lines.append("")
-        lines.append("What the latent space allows: outline renders (no model) encoded by the teacher VAE and decoded again, scored the same way:")
+        lines.append(
+            "What the latent space allows: outline renders (no model) encoded by the teacher VAE and decoded again, scored the same way:"
+        )
         lines.append("")
-        lines.append("| outline renders | drawn as outline | all-correct | size | color | shape | position | background |")
+        lines.append(
+            "| outline renders | drawn as outline | all-correct | size | color | shape | position | background |"
+        )
         lines.append("|---|---|---|---|---|---|---|---|")
-        for key, name in (("renders", "as rendered"), ("teacher_decoder", "teacher VAE round trip"), ("tiny_decoder", "teacher VAE encoder, tiny decoder")):
+        for key, name in (
+            ("renders", "as rendered"),
+            ("teacher_decoder", "teacher VAE round trip"),
+            ("tiny_decoder", "teacher VAE encoder, tiny decoder"),
+        ):
             m = c[key]
-            lines.append(f"| {name} | {m['outline_rate']:.3f} | {m['all_correct']:.3f} | {m['size']:.3f} | {m['color']:.3f} | {m['shape']:.3f} | {m['position']:.3f} | {m['background']:.3f} |")
+            lines.append(
+                f"| {name} | {m['outline_rate']:.3f} | {m['all_correct']:.3f} | {m['size']:.3f} | {m['color']:.3f} | {m['shape']:.3f} | {m['position']:.3f} | {m['background']:.3f} |"
+            )
     lines.append("")
-    lines.append(f"LoRA parameters: teacher {p.get('teacher', 0):,}, one-step {p.get('one_step', 0):,}. Style evaluator held-out accuracy: {report.get('evaluator_heldout')}.")
+    lines.append(
+        f"LoRA parameters: teacher {p.get('teacher', 0):,}, one-step {p.get('one_step', 0):,}. Style evaluator held-out accuracy: {report.get('evaluator_heldout')}."
+    )
     return "\n".join(lines)

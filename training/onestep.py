@@ -12,6 +12,7 @@ b. Segmented score distillation (Algorithm 1, Fig. 3; Diff-Instruct / IKL, in DM
    (online minus offline, offline with guidance) for t in [0, alpha*T] and lambda_FM * feature matching for
    t in (alpha*T, T]; alpha starts near 1 and lambda_FM high, both annealed over training.
 """
+
 from __future__ import annotations
 
 import copy
@@ -30,7 +31,9 @@ from training.loop import LoopConfig, Progress, cosine_lr, run_loop, set_lr
 
 # ---- teacher ODE pairs ---------------------------------------------------------------------------------
 @torch.no_grad()
-def make_ode_pairs(pipe, prompts: list[str], steps: int, guidance: float, batch: int = 64, seed: int = 0) -> dict[str, torch.Tensor]:
+def make_ode_pairs(
+    pipe, prompts: list[str], steps: int, guidance: float, batch: int = 64, seed: int = 0
+) -> dict[str, torch.Tensor]:
     """(noise, ids, x0) triples from the teacher's multi-step sampler with classifier-free guidance."""
     from tqdm.auto import tqdm
 
@@ -48,7 +51,9 @@ def make_ode_pairs(pipe, prompts: list[str], steps: int, guidance: float, batch:
 PAIR_CAPTION_SEED = 10_000  # caption stream of the pair chunks: seeds 10000 + i, disjoint from evaluation
 
 
-def ode_pair_chunks(pipe, out: Path, n: int, steps: int, guidance: float, chunk: int = 2048, batch: int = 64) -> dict[str, torch.Tensor]:
+def ode_pair_chunks(
+    pipe, out: Path, n: int, steps: int, guidance: float, chunk: int = 2048, batch: int = 64
+) -> dict[str, torch.Tensor]:
     """`n` teacher ODE pairs, built in chunks of `chunk` that are each written atomically under `out`.
 
     A killed run keeps its finished chunks and resumes with the next one; chunk i draws its captions from
@@ -104,7 +109,9 @@ class SmallCNN(nn.Module):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         chans = [4, width, 2 * width, 4 * width]
-        self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, stride=1 if i == 0 else 2, padding=1) for i, (a, b) in enumerate(zip(chans, chans[1:])))
+        self.convs = nn.ModuleList(
+            nn.Conv2d(a, b, 3, stride=1 if i == 0 else 2, padding=1) for i, (a, b) in enumerate(zip(chans, chans[1:]))
+        )
         for c in self.convs:
             nn.init.normal_(c.weight, 0, (2 / (c.in_channels * 9)) ** 0.5, generator=g)
             nn.init.zeros_(c.bias)
@@ -118,7 +125,9 @@ class SmallCNN(nn.Module):
         return feats
 
 
-def ssim_feature_loss(fa: list[torch.Tensor], fb: list[torch.Tensor], weights: list[float] | None = None) -> torch.Tensor:
+def ssim_feature_loss(
+    fa: list[torch.Tensor], fb: list[torch.Tensor], weights: list[float] | None = None
+) -> torch.Tensor:
     """Per-sample DISTS-inspired loss: 1 - (luminance + structure)/2 per channel over space, per level.
 
     Returns a (B,) tensor.
@@ -137,7 +146,9 @@ def ssim_feature_loss(fa: list[torch.Tensor], fb: list[torch.Tensor], weights: l
     return total / sum(weights)
 
 
-def feature_matching_loss(encoder: nn.Module | None, pred: torch.Tensor, target: torch.Tensor, ctx: torch.Tensor, weights=None) -> torch.Tensor:
+def feature_matching_loss(
+    encoder: nn.Module | None, pred: torch.Tensor, target: torch.Tensor, ctx: torch.Tensor, weights=None
+) -> torch.Tensor:
     """Per-sample loss between one-step output `pred` and teacher sample `target` (encoder None = MSE)."""
     if encoder is None:
         return (pred - target).square().flatten(1).mean(1)
@@ -148,7 +159,9 @@ def feature_matching_loss(encoder: nn.Module | None, pred: torch.Tensor, target:
 
 def one_step_x0(student, noise: torch.Tensor, ctx: torch.Tensor, c: sampler.OneStepConstants) -> torch.Tensor:
     """The SDXS rule with a trainable U-Net: x0 in U-Net latent space."""
-    return sampler.sample_one_step(lambda x, t, cx: student(x, torch.full((x.shape[0],), t, device=x.device), cx).sample, noise, ctx, c)
+    return sampler.sample_one_step(
+        lambda x, t, cx: student(x, torch.full((x.shape[0],), t, device=x.device), cx).sample, noise, ctx, c
+    )
 
 
 # ---- a. warm-up ------------------------------------------------------------------------------------------
@@ -181,7 +194,16 @@ def make_encoder(kind: str, teacher_unet) -> nn.Module | None:
     raise ValueError(f"unknown feature encoder {kind!r} (unet, cnn)")
 
 
-def warmup(cfg: WarmupConfig, out: Path, student, text_encoder, teacher_unet, pairs: dict, consts: sampler.OneStepConstants, seed: int = 0):
+def warmup(
+    cfg: WarmupConfig,
+    out: Path,
+    student,
+    text_encoder,
+    teacher_unet,
+    pairs: dict,
+    consts: sampler.OneStepConstants,
+    seed: int = 0,
+):
     """Feature-matching warm-up of a one-step student on teacher ODE pairs."""
     text_encoder.requires_grad_(False).eval()
     encoder = None if cfg.loss == "mse" else make_encoder(cfg.encoder, teacher_unet).to(pairs["noise"].device)
@@ -199,7 +221,9 @@ def warmup(cfg: WarmupConfig, out: Path, student, text_encoder, teacher_unet, pa
         with torch.no_grad():
             ctx = text_encoder(pairs["ids"][idx].long())[0]
         pred = one_step_x0(student, pairs["noise"][idx], ctx, consts)
-        loss = feature_matching_loss(encoder, pred, pairs["x0"][idx], ctx, cfg.level_weights and list(cfg.level_weights)).mean()
+        loss = feature_matching_loss(
+            encoder, pred, pairs["x0"][idx], ctx, cfg.level_weights and list(cfg.level_weights)
+        ).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
@@ -208,7 +232,14 @@ def warmup(cfg: WarmupConfig, out: Path, student, text_encoder, teacher_unet, pa
             mse = (pred - pairs["x0"][idx]).square().mean()
         return {"loss": loss.item(), "mse": mse.item()}
 
-    run_loop("warmup", out, LoopConfig(cfg.steps, ckpt_every=500, max_seconds=cfg.max_seconds), step, {"unet": student}, {"opt": opt})
+    run_loop(
+        "warmup",
+        out,
+        LoopConfig(cfg.steps, ckpt_every=500, max_seconds=cfg.max_seconds),
+        step,
+        {"unet": student},
+        {"opt": opt},
+    )
     return student.eval()
 
 
@@ -254,7 +285,9 @@ def anneal(cfg: SSDConfig, p: float) -> tuple[float, float]:
 def _score_difference(offline_unet, online, xt, a, t, ctx, uncond, guidance: float, x0) -> torch.Tensor:
     """DMD's normalised form of the Diff-Instruct gradient: (x0 of the online DM - x0 of the guided
     offline DM), divided by the mean distance of the student's x0 from the offline one."""
-    e_u, e_c = offline_unet(torch.cat([xt, xt]), torch.cat([t, t]), torch.cat([uncond.expand_as(ctx), ctx])).sample.chunk(2)
+    e_u, e_c = offline_unet(
+        torch.cat([xt, xt]), torch.cat([t, t]), torch.cat([uncond.expand_as(ctx), ctx])
+    ).sample.chunk(2)
     e_real = e_u + guidance * (e_c - e_u)
     e_fake = online(xt, t, ctx).sample
     x0_real = (xt - (1 - a).sqrt() * e_real) / a.sqrt()
@@ -335,7 +368,21 @@ def score_distill(
             o_loss.backward()
             torch.nn.utils.clip_grad_norm_(online.parameters(), 1.0)
             opt_o.step()
-        return {"loss": loss.item(), "sd": float((sd.detach() * sd_mask).sum() / sd_mask.sum().clamp_min(1)), "fm": float(fm.mean()), "online": o_loss.item(), "alpha": alpha, "lambda_fm": lam}
+        return {
+            "loss": loss.item(),
+            "sd": float((sd.detach() * sd_mask).sum() / sd_mask.sum().clamp_min(1)),
+            "fm": float(fm.mean()),
+            "online": o_loss.item(),
+            "alpha": alpha,
+            "lambda_fm": lam,
+        }
 
-    run_loop("score-distill", out, LoopConfig(cfg.steps, ckpt_every=200, max_seconds=cfg.max_seconds), step, {"unet": student, "online": online}, {"student": opt_s, "online": opt_o})
+    run_loop(
+        "score-distill",
+        out,
+        LoopConfig(cfg.steps, ckpt_every=200, max_seconds=cfg.max_seconds),
+        step,
+        {"unet": student, "online": online},
+        {"student": opt_s, "online": opt_o},
+    )
     return student.eval()

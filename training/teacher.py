@@ -9,6 +9,7 @@ Stages (each resumable under `out/<stage>/`):
           jointly and captions dropped to "" with probability `cfg_dropout` for classifier-free guidance.
 The result is a diffusers StableDiffusionPipeline folder (`out/model`).
 """
+
 from __future__ import annotations
 
 import json
@@ -82,7 +83,20 @@ class TeacherConfig:
     unet_ckpt_every: int = 500
 
 
-SMOKE = dict(preset="tiny-teacher", vae_steps=6, vae_batch=8, cache_size=64, unet_steps=6, unet_batch=8, warmup=2, emphasis_from=3, log_every=1, threads=1, vae_ckpt_every=2, unet_ckpt_every=2)
+SMOKE = dict(
+    preset="tiny-teacher",
+    vae_steps=6,
+    vae_batch=8,
+    cache_size=64,
+    unet_steps=6,
+    unet_batch=8,
+    warmup=2,
+    emphasis_from=3,
+    log_every=1,
+    threads=1,
+    vae_ckpt_every=2,
+    unet_ckpt_every=2,
+)
 
 
 def _lr_lambda(warmup: int, total: int):
@@ -107,7 +121,14 @@ class VAERecon(torch.nn.Module):
         return self.vae.decode(post.mean + post.std * noise).sample, post.kl()
 
 
-def vae_loss(recon: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor, fg_weight: float, kl_weight: float, noise: torch.Tensor) -> tuple[torch.Tensor, dict]:
+def vae_loss(
+    recon: torch.nn.Module,
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    fg_weight: float,
+    kl_weight: float,
+    noise: torch.Tensor,
+) -> tuple[torch.Tensor, dict]:
     """Shape-weighted L1 + MSE reconstruction + KL. masks: (B, H, W) shape coverage in [0, 1].
 
     `noise` is the posterior sample's unit noise, drawn by the caller so data-parallel shards match."""
@@ -127,7 +148,9 @@ def vae_report(vae, n: int = 256, seed: int = 1) -> dict:
     """PSNR on whole images and on shape pixels only, on held-out evaluation scenes."""
     b = shapes.make_batch(shapes.eval_scenes(n, seed))
     x = torch.from_numpy(shapes.to_tensor_range(b.images))
-    rec = torch.cat([vae.decode(vae.encode(x[i : i + 64]).latent_dist.mode()).sample for i in range(0, n, 64)]).clamp(-1, 1)
+    rec = torch.cat([vae.decode(vae.encode(x[i : i + 64]).latent_dist.mode()).sample for i in range(0, n, 64)]).clamp(
+        -1, 1
+    )
     err = ((rec - x) / 2).square()  # in [0,1] units
     m = torch.from_numpy(b.masks > 0.5)[:, None].expand_as(err)
     return {
@@ -157,7 +180,9 @@ def train_vae(cfg: TeacherConfig, out: Path):
             g["lr"] = cfg.vae_lr * lr_f(k)
         b = next(shapes.train_stream(cfg.vae_batch, seed=cfg.seed, start=k))
         x = torch.from_numpy(shapes.to_tensor_range(b.images))
-        noise = torch.randn((x.shape[0], 4, x.shape[2] // 8, x.shape[3] // 8), generator=torch.Generator().manual_seed(cfg.seed * 7 + k))
+        noise = torch.randn(
+            (x.shape[0], 4, x.shape[2] // 8, x.shape[3] // 8), generator=torch.Generator().manual_seed(cfg.seed * 7 + k)
+        )
         opt.zero_grad(set_to_none=True)
         micro = _micro(cfg, d, [x, torch.from_numpy(b.masks), noise])
         total, parts = 0.0, {}
@@ -170,7 +195,15 @@ def train_vae(cfg: TeacherConfig, out: Path):
         opt.step()
         return {"loss": d.mean(total), **parts}
 
-    run_loop("vae", out / "vae", LoopConfig(cfg.vae_steps, log_every=cfg.log_every, ckpt_every=cfg.vae_ckpt_every), step, {"vae": vae}, {"opt": opt}, is_main=d.is_main)
+    run_loop(
+        "vae",
+        out / "vae",
+        LoopConfig(cfg.vae_steps, log_every=cfg.log_every, ckpt_every=cfg.vae_ckpt_every),
+        step,
+        {"vae": vae},
+        {"opt": opt},
+        is_main=d.is_main,
+    )
     return vae.cpu().eval()
 
 
@@ -188,7 +221,9 @@ def build_latent_cache(cfg: TeacherConfig, vae, tokenizer, path: Path) -> dict:
         post = vae.encode(torch.from_numpy(shapes.to_tensor_range(b.images)).to(vae.device)).latent_dist
         means.append(post.mean.cpu())
         stds.append(post.std.cpu())
-        ids.append(tokenizer(b.captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids)
+        ids.append(
+            tokenizer(b.captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        )
     cache = {
         "mean": torch.cat(means)[: cfg.cache_size].contiguous(),
         "std": torch.cat(stds)[: cfg.cache_size].contiguous(),
@@ -235,7 +270,11 @@ def train_unet(cfg: TeacherConfig, out: Path, text_encoder, unet, tokenizer, cac
         eps = torch.randn(z0.shape, generator=g)
         a = acp[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
-        w = ((1 - acp[t]) / acp[t]).clamp(max=cfg.snr_weight_cap) if (phase2 and cfg.snr_weight_cap > 0) else torch.ones(cfg.unet_batch)
+        w = (
+            ((1 - acp[t]) / acp[t]).clamp(max=cfg.snr_weight_cap)
+            if (phase2 and cfg.snr_weight_cap > 0)
+            else torch.ones(cfg.unet_batch)
+        )
         w = w / w.mean()
         opt.zero_grad(set_to_none=True)
         micro = _micro(cfg, d, [zt, t, ids, eps, w])
@@ -251,7 +290,15 @@ def train_unet(cfg: TeacherConfig, out: Path, text_encoder, unet, tokenizer, cac
         opt.step()
         return {"loss": d.mean(total), "lr": opt.param_groups[0]["lr"]}
 
-    run_loop("unet", out / "unet", LoopConfig(cfg.unet_steps, log_every=cfg.log_every, ckpt_every=cfg.unet_ckpt_every), step, {"unet": unet, "text_encoder": text_encoder}, {"opt": opt}, is_main=d.is_main)
+    run_loop(
+        "unet",
+        out / "unet",
+        LoopConfig(cfg.unet_steps, log_every=cfg.log_every, ckpt_every=cfg.unet_ckpt_every),
+        step,
+        {"unet": unet, "text_encoder": text_encoder},
+        {"opt": opt},
+        is_main=d.is_main,
+    )
     unet.cpu().eval()
     text_encoder.cpu().eval()
 
@@ -274,7 +321,10 @@ def train_teacher(cfg: TeacherConfig, out: str | Path) -> Path:
     vae = train_vae(cfg, out)
     vae_metrics = vae_report(vae, n=64 if cfg.cache_size < 1000 else 256)
     times["vae"] = time.time() - t
-    print(f"[vae] held-out PSNR {vae_metrics['psnr']:.2f} dB, on shape pixels {vae_metrics['psnr_shape']:.2f} dB", flush=True)
+    print(
+        f"[vae] held-out PSNR {vae_metrics['psnr']:.2f} dB, on shape pixels {vae_metrics['psnr_shape']:.2f} dB",
+        flush=True,
+    )
     tokenizer = load_clip_tokenizer(write_clip_tokenizer(out / "tokenizer", pad_token=preset.pad_token))
     t = time.time()
     cache = build_latent_cache(cfg, vae, tokenizer, out / "latents.safetensors")
@@ -289,10 +339,17 @@ def train_teacher(cfg: TeacherConfig, out: str | Path) -> Path:
     if not d.is_main:
         torch.distributed.barrier()  # wait for rank 0 to write the model
         return out / "model"
-    pipe = SDXSPipeline(Components(tokenizer, text_encoder, unet, vae, dict(preset.scheduler)), name=f"{cfg.preset} trained")
+    pipe = SDXSPipeline(
+        Components(tokenizer, text_encoder, unet, vae, dict(preset.scheduler)), name=f"{cfg.preset} trained"
+    )
     pipe.default_steps, pipe.default_guidance = preset.default_steps, preset.default_guidance
     model = pipe.save_pretrained(out / "model", overwrite=True)
-    report = {"vae": vae_metrics, "scaling_factor": float(cache["scaling_factor"]), "seconds": times, "config": asdict(cfg)}
+    report = {
+        "vae": vae_metrics,
+        "scaling_factor": float(cache["scaling_factor"]),
+        "seconds": times,
+        "config": asdict(cfg),
+    }
     write_atomic(out / "report.json", json.dumps(report, indent=2))
     if d.world > 1:
         torch.distributed.barrier()

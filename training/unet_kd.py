@@ -7,11 +7,12 @@ the teacher where layers correspond (`SDXS_LAYER_MAP`, data). Loss, with no deno
     L = || eps_student(x_t, t, c) - eps_teacher(x_t, t, c) ||^2
         + lambda_F * sum_blocks || f_student_block - f_teacher_block ||^2      (SDXS_FEATURE_PAIRS)
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -86,7 +87,17 @@ class FeatureTap:
             h.remove()
 
 
-def distill_unet(cfg: UNetKDConfig, out: Path, teacher_unet, text_encoder, student, cache: dict, empty_ids: torch.Tensor, alphas_cumprod: torch.Tensor, seed: int = 0):
+def distill_unet(
+    cfg: UNetKDConfig,
+    out: Path,
+    teacher_unet,
+    text_encoder,
+    student,
+    cache: dict,
+    empty_ids: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    seed: int = 0,
+):
     """Train `student` against `teacher_unet` on noised latents from `cache` (see the teacher trainer).
 
     Args:
@@ -118,7 +129,9 @@ def distill_unet(cfg: UNetKDConfig, out: Path, teacher_unet, text_encoder, stude
         set_lr(opt, cosine_lr(cfg.lr, k, progress(k), floor=0.3))
         g = torch.Generator().manual_seed(seed * 1_000_033 + k)
         idx = torch.randint(0, n, (cfg.batch,), generator=g).to(dev)
-        z0 = (cache["mean"][idx] + cache["std"][idx] * torch.randn(cache["mean"][idx].shape, generator=g).to(dev)) * scale
+        z0 = (
+            cache["mean"][idx] + cache["std"][idx] * torch.randn(cache["mean"][idx].shape, generator=g).to(dev)
+        ) * scale
         ids = cache["ids"][idx].long()
         ids[(torch.rand(cfg.batch, generator=g) < cfg.cfg_dropout).to(dev)] = empty_ids
         t = torch.randint(0, len(alphas_cumprod), (cfg.batch,), generator=g).to(dev)
@@ -138,7 +151,14 @@ def distill_unet(cfg: UNetKDConfig, out: Path, teacher_unet, text_encoder, stude
         return {"loss": loss.item(), "out_kd": out_kd.item(), "feat_kd": float(feat_kd.detach())}
 
     try:
-        run_loop("unet-kd", out, LoopConfig(cfg.steps, ckpt_every=500, max_seconds=cfg.max_seconds), step, {"unet": student}, {"opt": opt})
+        run_loop(
+            "unet-kd",
+            out,
+            LoopConfig(cfg.steps, ckpt_every=500, max_seconds=cfg.max_seconds),
+            step,
+            {"unet": student},
+            {"opt": opt},
+        )
     finally:
         tap_s.remove()
         tap_t.remove()

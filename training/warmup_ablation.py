@@ -7,6 +7,7 @@ followed by segmented score distillation, from the chain's block-removed U-Net a
 
 Prints one JSON line per run (512 evaluation prompts, one step, no guidance) and saves the U-Net.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,21 +47,48 @@ def main(argv: list[str] | None = None) -> int:
     out = a.out or a.run / f"ablation-{name}"
     config = a.run / "config.json"  # the chain's resolved config: which teacher and pairs the run used
     if not config.is_file() or not any((a.run / "pairs").glob("chunk-*.safetensors")):
-        raise SystemExit(f"error: {a.run} holds no chain config or teacher ODE pairs (run `sdxs-edge train onestep --out {a.run}` first)")
+        raise SystemExit(
+            f"error: {a.run} holds no chain config or teacher ODE pairs (run `sdxs-edge train onestep --out {a.run}` first)"
+        )
     cfg = json.loads(config.read_text())
     teacher = SDXSPipeline.load(cfg.get("teacher") or COMMITTED_TEACHER)
     decoder = SDXSPipeline.load(a.decoder or a.run / "model").c.vae
-    pairs = ode_pair_chunks(teacher, a.run / "pairs", cfg["pairs"], cfg["pair_steps"], teacher.default_guidance, chunk=cfg.get("pair_chunk", 2048))
+    pairs = ode_pair_chunks(
+        teacher,
+        a.run / "pairs",
+        cfg["pairs"],
+        cfg["pair_steps"],
+        teacher.default_guidance,
+        chunk=cfg.get("pair_chunk", 2048),
+    )
     sched = {k: v for k, v in teacher.c.scheduler_config.items() if not k.startswith("_")}
     sched["prediction_type"] = a.prediction_type
     consts = sampler.one_step_constants(sched, teacher.latent_scaling)
     student = UNet2DConditionModel.from_pretrained(a.src or a.run / "unet-kd" / "unet", torch_dtype=torch.float32)
     t0 = time.perf_counter()
     if a.steps:
-        warmup(WarmupConfig(steps=a.steps, batch=a.batch, lr=a.lr, loss=a.loss), out / "warmup", student, teacher.c.text_encoder, teacher.c.unet, pairs, consts)
+        warmup(
+            WarmupConfig(steps=a.steps, batch=a.batch, lr=a.lr, loss=a.loss),
+            out / "warmup",
+            student,
+            teacher.c.text_encoder,
+            teacher.c.unet,
+            pairs,
+            consts,
+        )
     if a.ssd:
         acp = torch.from_numpy(sampler.alphas_cumprod(teacher.c.scheduler_config))
-        score_distill(SSDConfig(steps=a.ssd, batch=a.batch, guidance=2.5), out / "ssd", student, teacher.c.text_encoder, teacher.c.unet, pairs, consts, acp, teacher.tokenize([""])[0])
+        score_distill(
+            SSDConfig(steps=a.ssd, batch=a.batch, guidance=2.5),
+            out / "ssd",
+            student,
+            teacher.c.text_encoder,
+            teacher.c.unet,
+            pairs,
+            consts,
+            acp,
+            teacher.tokenize([""])[0],
+        )
     seconds = time.perf_counter() - t0
     student.eval().save_pretrained(out / "unet", safe_serialization=True)
     pipe = SDXSPipeline(Components(teacher.c.tokenizer, teacher.c.text_encoder, student, decoder, sched), name=name)

@@ -11,6 +11,7 @@
 Every error is JSON `{"error": {"message", "type", "code"}}` with a 4xx code for a bad request, 503 with
 Retry-After when the model's queue is full or the request timed out waiting.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -37,7 +38,11 @@ from sdxs_edge.serve.models import Entry
 from sdxs_edge.serve.worker import QueueFullError, Worker
 
 STATIC = Path(__file__).parent / "static"
-PAGE_FILES = {"/": ("index.html", "text/html; charset=utf-8"), "/app.js": ("app.js", "text/javascript; charset=utf-8"), "/style.css": ("style.css", "text/css; charset=utf-8")}
+PAGE_FILES = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/app.js": ("app.js", "text/javascript; charset=utf-8"),
+    "/style.css": ("style.css", "text/css; charset=utf-8"),
+}
 MAX_SEED = 2**32 - 1
 MAX_CONTROL_SIDE = 4096  # pixels: a larger control image is refused before it is decoded
 
@@ -72,7 +77,9 @@ class ApiError(SDXSError):
 
 
 def error_response(status: int, message: str, kind: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status, headers=headers)
+    return JSONResponse(
+        {"error": {"message": message, "type": kind, "code": status}}, status_code=status, headers=headers
+    )
 
 
 # ---- request bodies ------------------------------------------------------------------------------------
@@ -117,8 +124,9 @@ class Job:
 
 def run_job(session, job: Job) -> dict:
     """Runs on the entry's worker thread: generate every image, encode PNGs, sum per-component times."""
-    from runtimes.base import to_uint8
     from PIL import Image
+
+    from runtimes.base import to_uint8
 
     started = time.perf_counter()
     batch = int(session.batch)
@@ -182,7 +190,9 @@ def decode_control(data: str, resolution: int) -> np.ndarray:
     try:
         img = Image.open(io.BytesIO(raw))
         if max(img.size) > MAX_CONTROL_SIDE:
-            raise ApiError(400, f"control_image is {img.size[0]}x{img.size[1]}; the limit is {MAX_CONTROL_SIDE} pixels a side")
+            raise ApiError(
+                400, f"control_image is {img.size[0]}x{img.size[1]}; the limit is {MAX_CONTROL_SIDE} pixels a side"
+            )
         img.load()
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
         raise ApiError(400, "control_image is not a readable image (send a base64 PNG or JPEG)") from None
@@ -214,9 +224,13 @@ class BodyLimit:
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None:
             if not length.isdigit():
-                return await error_response(400, "Content-Length is not a number", "invalid_request_error")(scope, receive, send)
+                return await error_response(400, "Content-Length is not a number", "invalid_request_error")(
+                    scope, receive, send
+                )
             if int(length) > self.limit:
-                return await error_response(413, f"request body is larger than {self.limit} bytes", "request_too_large")(scope, receive, send)
+                return await error_response(
+                    413, f"request body is larger than {self.limit} bytes", "request_too_large"
+                )(scope, receive, send)
         seen = 0
 
         async def limited():
@@ -254,11 +268,18 @@ class Server:
         """The entry a request names, or the first one that fits (with a ControlNet when a control image came)."""
         if model is not None:
             if model not in self.entries:
-                raise ApiError(404, f"model {model!r} is not loaded; loaded: {', '.join(self.entries)}", "model_not_found")
+                raise ApiError(
+                    404, f"model {model!r} is not loaded; loaded: {', '.join(self.entries)}", "model_not_found"
+                )
             return self.entries[model]
         fits = [e for e in self.entries.values() if e.has_controlnet == control]
         if not fits:
-            raise ApiError(400, "a control image was sent but no loaded model has a ControlNet" if control else "every loaded model has a ControlNet: send a control_image")
+            raise ApiError(
+                400,
+                "a control image was sent but no loaded model has a ControlNet"
+                if control
+                else "every loaded model has a ControlNet: send a control_image",
+            )
         return next((e for e in fits if e.style is None), fits[0])
 
     def check_size(self, entry: Entry, width: int, height: int) -> None:
@@ -270,7 +291,9 @@ class Server:
         if control_b64 is not None and not entry.has_controlnet:
             raise ApiError(400, f"model {entry.id!r} has no ControlNet, so it takes no control_image")
         if control_b64 is None and entry.has_controlnet:
-            raise ApiError(400, f"model {entry.id!r} has a ControlNet: send a control_image (base64 PNG, white strokes on black)")
+            raise ApiError(
+                400, f"model {entry.id!r} has a ControlNet: send a control_image (base64 PNG, white strokes on black)"
+            )
         control = decode_control(control_b64, entry.resolution) if control_b64 is not None else None
         t = time.perf_counter()
         try:
@@ -279,9 +302,14 @@ class Server:
             raise ApiError(503, str(e), "server_busy", {"Retry-After": str(self.limits.retry_after_s)}) from None
         try:
             out = await asyncio.wait_for(asyncio.wrap_future(fut), self.limits.timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             fut.cancel()
-            raise ApiError(503, f"the request did not finish within {self.limits.timeout_s:g} s; retry shortly", "timeout", {"Retry-After": str(self.limits.retry_after_s)}) from None
+            raise ApiError(
+                503,
+                f"the request did not finish within {self.limits.timeout_s:g} s; retry shortly",
+                "timeout",
+                {"Retry-After": str(self.limits.retry_after_s)},
+            ) from None
         except SDXSError as e:  # the runtime refused the input (e.g. a control image it cannot use)
             raise ApiError(400, str(e)) from None
         out["total_ms"] = round((time.perf_counter() - t) * 1000, 3)
@@ -329,10 +357,17 @@ def create_app(server: Server) -> FastAPI:
             return
         scheme, _, key = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not secrets.compare_digest(key.strip().encode(), server.api_key.encode()):
-            raise ApiError(401, "missing or wrong API key: send Authorization: Bearer KEY", "authentication_error", {"WWW-Authenticate": "Bearer"})
+            raise ApiError(
+                401,
+                "missing or wrong API key: send Authorization: Bearer KEY",
+                "authentication_error",
+                {"WWW-Authenticate": "Bearer"},
+            )
 
     for route, (body, media) in page.items():
-        app.add_api_route(route, (lambda b=body, m=media: Response(b, media_type=m)), methods=["GET"], include_in_schema=False)
+        app.add_api_route(
+            route, (lambda b=body, m=media: Response(b, media_type=m)), methods=["GET"], include_in_schema=False
+        )
 
     @app.get("/health")
     async def health():
@@ -353,12 +388,17 @@ def create_app(server: Server) -> FastAPI:
         prompt = check_prompt(req.prompt, lim)
         n = check_count(req.n, "n", lim)
         if req.response_format != "b64_json":
-            raise ApiError(400, f"response_format {req.response_format!r} is not supported: use b64_json (the server writes no files)")
+            raise ApiError(
+                400,
+                f"response_format {req.response_format!r} is not supported: use b64_json (the server writes no files)",
+            )
         entry = server.pick(req.model, req.control_image is not None)
         if req.size is not None:
             w, _, h = req.size.partition("x")
             if not (w.isdigit() and h.isdigit()):
-                raise ApiError(400, f"size must be WIDTHxHEIGHT, e.g. {entry.resolution}x{entry.resolution}; got {req.size!r}")
+                raise ApiError(
+                    400, f"size must be WIDTHxHEIGHT, e.g. {entry.resolution}x{entry.resolution}; got {req.size!r}"
+                )
             server.check_size(entry, int(w), int(h))
         seeds = seeds_for(req.seed, n)
         out = await server.generate(entry, prompt, seeds, req.control_image)
@@ -408,6 +448,10 @@ def create_app(server: Server) -> FastAPI:
             "total_ms": out["total_ms"],
         }
         params = req.model_dump(exclude={"control_image"})
-        return {"images": [base64.b64encode(p).decode() for p in out["pngs"]], "parameters": params, "info": json.dumps(info)}
+        return {
+            "images": [base64.b64encode(p).decode() for p in out["pngs"]],
+            "parameters": params,
+            "info": json.dumps(info),
+        }
 
     return app

@@ -1,4 +1,5 @@
 """The `serve` subcommand: parse, bind the port, load (converting once into the cache), serve until Ctrl-C."""
+
 from __future__ import annotations
 
 import argparse
@@ -21,17 +22,50 @@ def add_parser(subparsers) -> None:
     """
     from sdxs_edge.bundle import PRECISIONS, TARGETS
 
-    s = subparsers.add_parser("serve", help="local HTTP server: a page for real-time text-to-image and sketch-to-image, OpenAI- and A1111-shaped image routes")
-    s.add_argument("models", nargs="*", metavar="MODEL_OR_BUNDLE", help="bundle folders (served as they are) or model folders (converted once into the cache); default: the embedded model, its canny ControlNet and its outline LoRA")
-    s.add_argument("--runtime", metavar="NAME[,NAME]", help="runtime(s) to load each bundle on (default: the one native to its target); several make the page's runtime picker")
+    s = subparsers.add_parser(
+        "serve",
+        help="local HTTP server: a page for real-time text-to-image and sketch-to-image, OpenAI- and A1111-shaped image routes",
+    )
+    s.add_argument(
+        "models",
+        nargs="*",
+        metavar="MODEL_OR_BUNDLE",
+        help="bundle folders (served as they are) or model folders (converted once into the cache); default: the embedded model, its canny ControlNet and its outline LoRA",
+    )
+    s.add_argument(
+        "--runtime",
+        metavar="NAME[,NAME]",
+        help="runtime(s) to load each bundle on (default: the one native to its target); several make the page's runtime picker",
+    )
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=7860, help="port (default 7860; 0 picks a free one)")
-    s.add_argument("--api-key", metavar="KEY", help=f"require `Authorization: Bearer KEY` on every API route (or set ${API_KEY_ENV})")
-    s.add_argument("--target", choices=TARGETS, help="model folders: convert to this target (default: the fastest installed, executorch int8)")
+    s.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help=f"require `Authorization: Bearer KEY` on every API route (or set ${API_KEY_ENV})",
+    )
+    s.add_argument(
+        "--target",
+        choices=TARGETS,
+        help="model folders: convert to this target (default: the fastest installed, executorch int8)",
+    )
     s.add_argument("--precision", choices=PRECISIONS, help="model folders: convert at this precision (default int8)")
-    s.add_argument("--cache", type=Path, metavar="DIR", help="where converted bundles are kept (default $SDXS_EDGE_CACHE or ~/.cache/sdxs-edge)")
-    s.add_argument("--queue", type=int, default=16, metavar="N", help="requests that may wait per model before 503 (default 16)")
-    s.add_argument("--timeout", type=float, default=30.0, metavar="S", help="seconds a request may wait and run before 503 (default 30)")
+    s.add_argument(
+        "--cache",
+        type=Path,
+        metavar="DIR",
+        help="where converted bundles are kept (default $SDXS_EDGE_CACHE or ~/.cache/sdxs-edge)",
+    )
+    s.add_argument(
+        "--queue", type=int, default=16, metavar="N", help="requests that may wait per model before 503 (default 16)"
+    )
+    s.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="seconds a request may wait and run before 503 (default 30)",
+    )
     s.set_defaults(func=cmd_serve)
 
 
@@ -44,7 +78,9 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as e:
         sock.close()
-        raise SDXSError(f"cannot listen on {host}:{port}: {e.strerror or e} (is another server using the port? pass --port N)") from None
+        raise SDXSError(
+            f"cannot listen on {host}:{port}: {e.strerror or e} (is another server using the port? pass --port N)"
+        ) from None
     sock.listen(128)
     return sock
 
@@ -93,9 +129,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
             config = uvicorn.Config(create_app(server), log_level="warning", timeout_graceful_shutdown=5)
             host, port = sock.getsockname()[:2]
             if args.host not in LOOPBACK:
-                stderr_log(f"warning: listening on {args.host}: other machines can reach this server" + ("" if api_key else "; set --api-key"))
+                stderr_log(
+                    f"warning: listening on {args.host}: other machines can reach this server"
+                    + ("" if api_key else "; set --api-key")
+                )
             shown = f"[{host}]" if ":" in host else host
-            print(f"sdxs-edge serve: http://{shown}:{port}/  ({len(entries)} model{'s' * (len(entries) > 1)}{', API key required' if api_key else ''}; Ctrl-C stops)", flush=True)
+            print(
+                f"sdxs-edge serve: http://{shown}:{port}/  ({len(entries)} model{'s' * (len(entries) > 1)}{', API key required' if api_key else ''}; Ctrl-C stops)",
+                flush=True,
+            )
             try:
                 uvicorn.Server(config).run(sockets=[sock])
             except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled after shutting down: the normal stop

@@ -6,6 +6,7 @@ embedded model and its canny ControlNet and outline LoRA, converted once into th
 (`cached_bundles`) and reused afterwards. Only the conversion imports PyTorch (through `converters`);
 loading a cached bundle needs numpy, Pillow and the runtime's backend.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -75,7 +76,9 @@ def fastest_target() -> tuple[str, str]:
         return "executorch", "int8"
     if importlib.util.find_spec("onnxruntime") is not None:
         return "onnx", "int8"
-    raise SDXSError("no CPU runtime is installed to convert the embedded model for: install the executorch or onnx extra, or pass a bundle folder")
+    raise SDXSError(
+        "no CPU runtime is installed to convert the embedded model for: install the executorch or onnx extra, or pass a bundle folder"
+    )
 
 
 def _variant_key(v: Variant, target: str, precision: str) -> str:
@@ -110,7 +113,9 @@ def cached_bundles(variants: list[Variant], cache: Path, target: str, precision:
         if (folder / "manifest.json").is_file():
             log(f"[{i}/{len(variants)}] {v.name}: {target} {precision} bundle from the cache {folder}")
         else:
-            log(f"[{i}/{len(variants)}] {v.name}: converting {v.model.name}{_extras(v)} to {target} {precision} once (reused afterwards from {folder.parent})")
+            log(
+                f"[{i}/{len(variants)}] {v.name}: converting {v.model.name}{_extras(v)} to {target} {precision} once (reused afterwards from {folder.parent})"
+            )
             t = time.perf_counter()
             _convert(v, target, precision, folder)
             log(f"[{i}/{len(variants)}] {v.name}: converted in {time.perf_counter() - t:.0f} s")
@@ -211,7 +216,9 @@ def load_entries(bundles: list[Path], runtimes_: list[str] | None, log=print) ->
     for b in bundles:
         b = Path(b)
         if not (b / "manifest.json").is_file():
-            raise BundleError(f"{b} is not a bundle folder (no manifest.json); convert a model first with `sdxs-edge convert`")
+            raise BundleError(
+                f"{b} is not a bundle folder (no manifest.json); convert a model first with `sdxs-edge convert`"
+            )
         target = load_manifest(b, verify=False)["target"]
         names = runtimes_ or [runtimes.DEFAULT_FOR_TARGET.get(target, "torch")]
         for rt in names:
@@ -228,7 +235,9 @@ def load_entries(bundles: list[Path], runtimes_: list[str] | None, log=print) ->
             warm_up(session)
             m = session.manifest
             entry = Entry(eid, b, rt, session, Path(m["source"]["model"]).name, _style(m), time.perf_counter() - t)
-            log(f"loaded {eid}: {m['target']} {m['precision']} {entry.resolution}px on {rt}{' + ControlNet' if entry.has_controlnet else ''}{f' + LoRA {entry.style}' if entry.style else ''} ({entry.load_s:.2f} s)")
+            log(
+                f"loaded {eid}: {m['target']} {m['precision']} {entry.resolution}px on {rt}{' + ControlNet' if entry.has_controlnet else ''}{f' + LoRA {entry.style}' if entry.style else ''} ({entry.load_s:.2f} s)"
+            )
             entries.append(entry)
     if not entries:
         raise SDXSError("no bundle could be loaded on the runtimes asked for")

@@ -4,12 +4,13 @@ Jobs wait in a bounded queue; `submit` refuses a job at once (`QueueFullError`, 
 instead of letting waits grow without bound. A job whose caller stopped waiting (timeout or disconnect)
 is cancelled and skipped when its turn comes.
 """
+
 from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Callable
 
 from sdxs_edge.errors import SDXSError
 
