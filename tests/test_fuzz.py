@@ -107,11 +107,11 @@ def _manifest_cases(fuzz_bundle: Path):
 
     def check(text: bytes) -> None:
         (fuzz_bundle / "manifest.json").write_bytes(text)
-        got = outcome(load_manifest, fuzz_bundle)
+        got = outcome(load_manifest, fuzz_bundle, False)  # hashing is not what is fuzzed here
         if isinstance(got, dict):  # accepted: a runtime opens it, or refuses in one line
             import runtimes
 
-            s = outcome(runtimes.load, fuzz_bundle, "onnxruntime")
+            s = outcome(lambda b: runtimes.load(b, "onnxruntime", verify=False), fuzz_bundle)
             if not isinstance(s, SDXSError):
                 s.close()
 
