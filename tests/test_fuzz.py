@@ -4,13 +4,15 @@ files and --serve requests) ends in success or one one-line SDXSError: never a t
 for the C++ side under AddressSanitizer + UndefinedBehaviorSanitizer, a memory error.
 
 Example counts are fixed (`max_examples`); `deadline` bounds each example. The example database is off
-so a run writes nothing outside its temporary folders.
+so a run writes nothing outside its temporary folders, and the example sequence is derandomized (fixed) so
+`make test` is repeatable; set SDXS_FUZZ_RANDOM=1 to explore new examples.
 """
 from __future__ import annotations
 
 import copy
 import io
 import json
+import os
 import shutil
 import struct
 import subprocess
@@ -31,7 +33,7 @@ from sdxs_edge.evaluate import read_prompt_file
 from sdxs_edge.lora import load_lora
 
 ROOT = Path(__file__).resolve().parents[1]
-FUZZ = dict(deadline=5000, database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large])
+FUZZ = dict(deadline=5000, database=None, derandomize=not os.environ.get("SDXS_FUZZ_RANDOM"), suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large])
 
 
 def one_line(e: BaseException) -> None:
@@ -232,6 +234,35 @@ def test_a_huge_image_is_refused_from_its_header(tmp_path):
     f.write_bytes(_huge_png(100_000, 100_000))  # 10^10 pixels, 150 bytes on disk
     with pytest.raises(ControlImageError, match="images above 67108864 pixels are refused"):
         load_control_image(f, 64)
+
+
+# ---- a bundle's tokenizer files --------------------------------------------------------------------------
+TOKENIZER_EXAMPLES = 150
+
+
+@st.composite
+def tokenizer_files(draw):
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "a</w>": 2}
+    files = {
+        "vocab.json": draw(st.one_of(st.just(json.dumps(vocab).encode()), JSON.map(lambda v: json.dumps(v).encode()), st.binary(max_size=40), st.just(b"[" * 50_000))),
+        "merges.txt": draw(st.one_of(st.just(b"#version: 0.2\na </w>\n"), st.binary(max_size=40), st.text(max_size=40).map(lambda t: t.encode("utf-8", "surrogatepass")))),
+    }
+    if draw(st.booleans()):
+        files["special_tokens_map.json"] = draw(st.one_of(JSON.map(lambda v: json.dumps(v).encode()), st.just(b'{"pad_token": {"content": 5}}'), st.binary(max_size=20)))
+    return files
+
+
+@settings(max_examples=TOKENIZER_EXAMPLES, **FUZZ)
+@given(tokenizer_files())
+def test_fuzz_tokenizer_files(files):
+    from runtimes.tokenizer import CLIPBPETokenizer
+
+    with tempfile.TemporaryDirectory() as d:
+        for name, data in files.items():
+            (Path(d) / name).write_bytes(data)
+        tok = outcome(CLIPBPETokenizer.from_dir, Path(d))
+        if not isinstance(tok, SDXSError):
+            assert outcome(tok, ["a a"]) is not None
 
 
 # ---- LoRA safetensors headers ---------------------------------------------------------------------------
