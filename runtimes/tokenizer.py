@@ -50,6 +50,16 @@ def _pairs(word: tuple[str, ...]) -> set[tuple[str, str]]:
     return {(a, b) for a, b in zip(word, word[1:])}
 
 
+def _read_json(f: Path):
+    """A tokenizer JSON file; one TokenizerError for bad UTF-8, bad JSON or nesting too deep."""
+    try:
+        return json.loads(f.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise TokenizerError(f"{f}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    except (UnicodeDecodeError, RecursionError):
+        raise TokenizerError(f"{f}: not readable JSON text") from None
+
+
 @dataclass(frozen=True)
 class CLIPBPETokenizer:
     """CLIP BPE tokenizer over a `vocab.json` + `merges.txt` folder.
@@ -80,11 +90,13 @@ class CLIPBPETokenizer:
         for f in (vocab_f, merges_f):
             if not f.is_file():
                 raise TokenizerError(f"tokenizer file {f} is missing")
+        encoder = _read_json(vocab_f)
+        if not isinstance(encoder, dict) or not all(type(v) is int for v in encoder.values()):
+            raise TokenizerError(f"{vocab_f}: not a vocabulary (a JSON object of token -> id)")
         try:
-            encoder = json.loads(vocab_f.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise TokenizerError(f"{vocab_f}: invalid JSON ({e.msg} at line {e.lineno})") from None
-        lines = merges_f.read_text(encoding="utf-8").split("\n")
+            lines = merges_f.read_text(encoding="utf-8").split("\n")
+        except UnicodeDecodeError:
+            raise TokenizerError(f"{merges_f}: not UTF-8 text") from None
         if lines and lines[0].startswith("#version"):
             lines = lines[1:]
         ranks = {}
@@ -97,9 +109,12 @@ class CLIPBPETokenizer:
         for name in ("special_tokens_map.json", "tokenizer_config.json"):
             f = folder / name
             if f.is_file():
-                value = json.loads(f.read_text(encoding="utf-8")).get("pad_token")
+                conf = _read_json(f)
+                value = conf.get("pad_token") if isinstance(conf, dict) else None
                 if value is not None:
-                    pad = value["content"] if isinstance(value, dict) else str(value)
+                    pad = value.get("content") if isinstance(value, dict) else value
+                    if not isinstance(pad, str) or not pad:
+                        raise TokenizerError(f"{f}: pad_token is not a token")
                     break
         for tok in (BOS, EOS, pad):
             if tok not in encoder:

@@ -228,7 +228,10 @@ def _check_limits(manifest: dict) -> None:
     """What the schema cannot say: path syntax, sha256 syntax, tensor names and sizes, finite numbers."""
     if not 8 <= manifest["resolution"] <= MAX_RESOLUTION:
         raise BundleError(f"manifest $.resolution: {manifest['resolution']} is out of bounds (8-{MAX_RESOLUTION})")
+    known = MANIFEST_SCHEMA["properties"]["sampler"]["properties"]
     for k, v in manifest["sampler"].items():
+        if k not in known:  # runtimes build sampler.OneStepConstants from exactly these keys
+            raise BundleError(f"manifest $.sampler: unknown key {_short(k)} (known: {', '.join(known)})")
         if isinstance(v, float) and not math.isfinite(v):
             raise BundleError(f"manifest $.sampler.{k}: {v} is not a finite number")
     if not 1 <= manifest["tokenizer"]["max_length"] <= 1024:
