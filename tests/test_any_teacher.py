@@ -98,3 +98,103 @@ def test_cli_generate_eval_convert_run_on_plain_folder(plain_tiny, tmp_path):
 
     with runtimes.load(bundle, "onnxruntime") as s:
         assert s.generate(PROMPT, seed=1).size == (64, 64)
+
+
+# ---- the chain on any teacher (generic path) ---------------------------------------------------------
+def _prompt_file(tmp_path: Path, n: int = 16) -> Path:
+    f = tmp_path / "captions.txt"
+    f.write_text("\n".join(shapes.all_captions()[:: len(shapes.all_captions()) // n][:n]) + "\n")
+    return f
+
+
+def _tiny_teacher_folder(tmp_path: Path, prediction_type: str) -> Path:
+    pipe = SDXSPipeline.load("tiny-teacher")
+    pipe.c.scheduler_config["prediction_type"] = prediction_type
+    saved = pipe.save_pretrained(tmp_path / "saved")
+    return plain_folder(saved, tmp_path / f"tiny-teacher-{prediction_type}")
+
+
+def _check_distilled(out: Path, prediction: str | None = None) -> None:
+    """The chain's folder loads in diffusers' StableDiffusionPipeline and in `generate`; report beside it."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["models"]) == {"teacher", "block-removed (KD)", "one-step, warm-up only", "one-step"}
+    assert {"unet-kd", "warmup", "ssd", "decoder"} <= set(report["losses"])
+    assert (out / "report.md").is_file() and all((out / m["grid"]).is_file() for m in report["models"].values())
+    pipe = StableDiffusionPipeline.from_pretrained(out / "model", safety_checker=None, requires_safety_checker=False)
+    img = pipe(PROMPT, num_inference_steps=1, guidance_scale=0.0, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert img.shape[0] == 1 and np.isfinite(img).all()
+    assert type(pipe.vae).__name__ == "AutoencoderTiny" and pipe.unet.config.mid_block_type is None
+    if prediction:
+        teacher_cfg = json.loads((Path(report["teacher"]) / "scheduler" / "scheduler_config.json").read_text())
+        assert teacher_cfg["prediction_type"] == prediction
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_generic_chain_on_tiny_teacher_folder(tmp_path, prediction):
+    """`train all --teacher FOLDER --prompts FILE`: the tiny-teacher saved as a plain diffusers folder
+    (tokenizer.json only) in epsilon and v prediction, distilled end to end at smoke settings."""
+    teacher = _tiny_teacher_folder(tmp_path, prediction)
+    out = tmp_path / "run"
+    r = _cli("train", "all", "--smoke", "--teacher", str(teacher), "--prompts", str(_prompt_file(tmp_path)), "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    _check_distilled(out, prediction)
+
+
+def test_generic_chain_on_shapes_teacher_copy(tmp_path, plain_teacher):
+    """The committed SHAPES-64 teacher as a plain diffusers folder, with a prompt file of captions."""
+    out = tmp_path / "run"
+    r = _cli("train", "all", "--smoke", "--teacher", str(plain_teacher), "--prompts", str(_prompt_file(tmp_path)), "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    _check_distilled(out)
+    r = _cli("generate", PROMPT, "--model", str(out / "model"), "--out", str(tmp_path / "s.png"))
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def _bad_teacher(tmp_path: Path, plain_tiny_teacher: Path, kind: str) -> Path:
+    bad = Path(shutil.copytree(plain_tiny_teacher, tmp_path / kind))
+    if kind == "latent8":
+        c = json.loads((bad / "unet" / "config.json").read_text())
+        (bad / "unet" / "config.json").write_text(json.dumps({**c, "in_channels": 8, "out_channels": 8}))
+    else:
+        index = json.loads((bad / "model_index.json").read_text())
+        (bad / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLPipeline", "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}))
+    return bad
+
+
+def test_generic_chain_bad_input_is_one_line(tmp_path):
+    """Non-SD teachers, prompt files, image folders, resolutions and run folders that the chain cannot
+    take: one line each, before any training, nothing in an existing run overwritten."""
+    teacher = _tiny_teacher_folder(tmp_path, "epsilon")
+    prompts = _prompt_file(tmp_path)
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    nometa = tmp_path / "nometa"
+    nometa.mkdir()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "a.png").write_bytes(b"not a png")
+    (broken / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": PROMPT}) + "\n")
+    other = tmp_path / "other-run"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"teacher": "elsewhere", "prompts": "x"}))
+    cases = [
+        ((str(_bad_teacher(tmp_path, teacher, "latent8")), prompts), "8-channel latents; supported teachers"),
+        ((str(_bad_teacher(tmp_path, teacher, "sdxl")), prompts), "StableDiffusionXLPipeline folder; supported teachers"),
+        ((str(teacher), tmp_path / "missing.txt"), "missing.txt not found"),
+        ((str(teacher), tmp_path / "empty.txt"), "has no prompts"),
+        ((str(teacher), prompts, "--images", str(nometa)), "has no metadata.jsonl"),
+        ((str(teacher), prompts, "--images", str(broken)), "a.png does not load"),
+        ((str(teacher), prompts, "--resolution", "72"), "takes multiples of 64"),
+        ((str(teacher), prompts, "--out", str(other)), "holds another run"),
+    ]
+    for (t, p, *extra), message in cases:
+        args = ["train", "all", "--smoke", "--teacher", t, "--prompts", str(p), *extra]
+        if "--out" not in extra:
+            args += ["--out", str(tmp_path / "runs" / message[:8].replace(" ", "_"))]
+        r = _cli(*args)
+        assert r.returncode != 0 and "Traceback" not in r.stderr, (message, r.stderr[-2000:])
+        assert message in r.stderr, (message, r.stderr[-500:])
+    assert json.loads((other / "config.json").read_text()) == {"teacher": "elsewhere", "prompts": "x"}
+    assert sorted(p.name for p in other.iterdir()) == ["config.json"]
