@@ -416,9 +416,9 @@ def build_manifest(
 
 def write(req: ConversionRequest, prep: Prepared, manifest: dict, bundle: Path) -> None:
     """Tokenizer and manifest into the bundle being written; then check it loads and holds nothing unlisted."""
-    from sdxs_edge.tokenizer import write_clip_tokenizer
+    from sdxs_edge.tokenizer import write_tokenizer_of
 
-    write_clip_tokenizer(bundle / TOKENIZER_DIR, pad_token=str(prep.pipe.c.tokenizer.pad_token))
+    write_tokenizer_of(prep.pipe.c.tokenizer, bundle / TOKENIZER_DIR)
     validate_manifest(manifest)
     (bundle / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     check_written(bundle, manifest)

@@ -14,16 +14,19 @@ because onnxruntime's CPU ConvInteger only takes uint8 weights.
 
 Why uint8 weights (`INT8_FORM`): onnxruntime's u8s8 kernels compute exactly only where the CPU has VNNI
 (AVX-512 VNNI, AVX-VNNI) or on arm64. On x86-64 with AVX2 alone they multiply with `vpmaddubsw`, whose
-int16 pair sums saturate, so one bundle scores differently by CPU class. Measured on the shipped model's
-ONNX int8 conversion on an AVX2-only AMD EPYC (U-Net / text encoder / decoder SNR, image PSNR):
+int16 pair sums saturate, so one bundle scores differently by CPU class. The shipped model's ONNX int8
+conversion on an AVX2-only AMD EPYC, by form (`benchmarks/results/int8-forms-x86-64-avx2.md`, from
+`python -m benchmarks.int8_forms`; U-Net / text encoder / decoder SNR, image PSNR):
 
-    u8 activations, s8 weights           23.6 dB U-Net: fails the 25 dB floor (30.2 dB on AVX-512 VNNI)
+    u8 activations, s8 weights           U-Net 23.6 dB: fails the 25 dB floor (30.2 dB on AVX-512 VNNI)
     u8 / s8 with reduce_range (7 bits)   28.8 / 37.4 / 32.7 dB, 40.4 dB image
+    s8 / s8                              29.1 / 34.2 / 42.9 dB, 40.1 dB image
     u8 / u8                              30.6 / 38.1 / 40.0 dB, 41.6 dB image
 
 u8u8 products are widened to int16 before they are summed on every ISA (MLAS has no saturating u8u8
-kernel), so its figures hold on AVX2, AVX-512 and arm64 alike; the U-Net ran 1.1x slower than reduce_range
-u8s8 on the AVX2 machine. The manifest records the form and the CPU classes the bundle was checked on.
+kernel), so its figures hold on AVX2, AVX-512 and arm64 alike. Its speed against u8s8 on VNNI machines,
+where u8s8 has a dedicated kernel, is not measured yet. The manifest records the form and the CPU classes
+the bundle was checked on.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ import numpy as np
 import regex
 
 from sdxs_edge.errors import SDXSError
-from sdxs_edge.tokenizer import bytes_to_unicode
+from sdxs_edge.tokenizer import bpe_from_tokenizer_json, bytes_to_unicode
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # CLIP's split pattern (clip/simple_tokenizer.py; identical in transformers' CLIPTokenizer).
@@ -44,6 +44,20 @@ class TokenizerError(SDXSError):
 
 def _normalize(text: str) -> str:
     return _WHITESPACE.sub(" ", unicodedata.normalize("NFC", text)).lower()
+
+
+def _read_vocab_merges(vocab_f: Path, merges_f: Path) -> tuple[dict[str, int], list[str]]:
+    for f in (vocab_f, merges_f):
+        if not f.is_file():
+            raise TokenizerError(f"tokenizer file {f} is missing")
+    encoder = _read_json(vocab_f)
+    if not isinstance(encoder, dict) or not all(type(v) is int for v in encoder.values()):
+        raise TokenizerError(f"{vocab_f}: not a vocabulary (a JSON object of token -> id)")
+    try:
+        lines = merges_f.read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError:
+        raise TokenizerError(f"{merges_f}: not UTF-8 text") from None
+    return encoder, lines[1:] if lines and lines[0].startswith("#version") else lines
 
 
 def _pairs(word: tuple[str, ...]) -> set[tuple[str, str]]:
@@ -79,7 +93,8 @@ class CLIPBPETokenizer:
 
     @classmethod
     def from_dir(cls, folder: str | Path, max_length: int = 77) -> CLIPBPETokenizer:
-        """Read vocab.json, merges.txt and the pad token (special_tokens_map.json, else tokenizer_config.json).
+        """Read vocab.json + merges.txt (or tokenizer.json alone, as transformers 5 saves it) and the pad
+        token (special_tokens_map.json, else tokenizer_config.json).
 
         Args:
             folder: a tokenizer folder as SD checkpoints and bundles carry it.
@@ -87,18 +102,14 @@ class CLIPBPETokenizer:
         """
         folder = Path(folder)
         vocab_f, merges_f = folder / "vocab.json", folder / "merges.txt"
-        for f in (vocab_f, merges_f):
-            if not f.is_file():
-                raise TokenizerError(f"tokenizer file {f} is missing")
-        encoder = _read_json(vocab_f)
-        if not isinstance(encoder, dict) or not all(type(v) is int for v in encoder.values()):
-            raise TokenizerError(f"{vocab_f}: not a vocabulary (a JSON object of token -> id)")
-        try:
-            lines = merges_f.read_text(encoding="utf-8").split("\n")
-        except UnicodeDecodeError:
-            raise TokenizerError(f"{merges_f}: not UTF-8 text") from None
-        if lines and lines[0].startswith("#version"):
-            lines = lines[1:]
+        if not vocab_f.is_file() and (folder / "tokenizer.json").is_file():  # as transformers 5 saves it
+            vocab_f = folder / "tokenizer.json"
+            try:
+                encoder, lines = bpe_from_tokenizer_json(vocab_f)
+            except SDXSError as e:
+                raise TokenizerError(str(e)) from None
+        else:
+            encoder, lines = _read_vocab_merges(vocab_f, merges_f)
         ranks = {}
         for i, line in enumerate(l for l in lines if l.strip()):
             parts = line.split()

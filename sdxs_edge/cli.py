@@ -242,6 +242,36 @@ def cmd_eval(args) -> int:
 
 
 # ---- train -------------------------------------------------------------------------------------------
+def _chain_config(args):
+    """The chain's config from the flags: the SHAPES-64 chain (--preset), or any teacher (--prompts)."""
+    from dataclasses import replace
+
+    from training.chain import ChainConfig, gpu_chain, smoke_chain
+
+    if args.prompts:
+        cfg = smoke_chain() if args.smoke else (gpu_chain() if args.recipe == "gpu" else ChainConfig())
+        return replace(
+            cfg,
+            teacher=args.teacher,
+            student_preset=args.student,
+            prompts=args.prompts,
+            images=args.images,
+            resolution=args.resolution,
+        )
+    if args.images or args.resolution:
+        raise SDXSError("--images and --resolution go with --prompts FILE (the chain on any teacher)")
+    if args.preset not in ("shapes", "tiny"):
+        raise SDXSError(f"the distillation chain has presets 'shapes' and 'tiny' (smoke); got {args.preset!r}")
+    cfg = (
+        smoke_chain()
+        if args.smoke or args.preset == "tiny"
+        else (gpu_chain() if args.recipe == "gpu" else ChainConfig())
+    )
+    if args.teacher:
+        return replace(cfg, teacher=args.teacher)
+    return replace(cfg, teacher=None) if args.retrain_teacher else cfg
+
+
 def cmd_train(args) -> int:
     from dataclasses import asdict, replace
 
@@ -302,27 +332,18 @@ def cmd_train(args) -> int:
             return 0
         print(f"wrote {train_teacher(cfg, args.out or 'runs/shapes-teacher')}")
         return 0
-    from training.chain import ChainConfig, format_chain_report, gpu_chain, run_chain, smoke_chain
+    from training.chain import format_chain_report, format_generic_report, run_chain
 
-    if args.preset not in ("shapes", "tiny"):
-        raise SDXSError(f"the distillation chain has presets 'shapes' and 'tiny' (smoke); got {args.preset!r}")
-    cfg = (
-        smoke_chain()
-        if args.smoke or args.preset == "tiny"
-        else (gpu_chain() if args.recipe == "gpu" else ChainConfig())
-    )
-    if args.teacher:
-        cfg = replace(cfg, teacher=args.teacher)
-    elif args.retrain_teacher:
-        cfg = replace(cfg, teacher=None)
+    cfg = _chain_config(args)
     if args.dry_run:
         print(json.dumps(asdict(cfg), indent=2, default=str))
         return 0
-    if cfg.teacher and not (Path(cfg.teacher) / "model_index.json").is_file():
+    if cfg.teacher and not cfg.prompts and not (Path(cfg.teacher) / "model_index.json").is_file():
         raise SDXSError(f"teacher folder {cfg.teacher} not found; pass --teacher PATH or --retrain-teacher")
-    report = run_chain(cfg, args.out or ("runs/smoke-chain" if args.smoke else "runs/shapes-sdxs"), until=args.stage)
+    default_out = "runs/sdxs" if cfg.prompts else "runs/shapes-sdxs"
+    report = run_chain(cfg, args.out or ("runs/smoke-chain" if args.smoke else default_out), until=args.stage)
     if "models" in report:
-        print(format_chain_report(report))
+        print(format_generic_report(report) if cfg.prompts else format_chain_report(report))
     else:
         print(json.dumps(report, indent=2))
     return 0
@@ -441,7 +462,25 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--teacher", help="trained teacher folder to distill from (default: the committed models/shapes-teacher)"
     )
-    t.add_argument("--student", help="controlnet, lora: the one-step student folder (default: the embedded model)")
+    t.add_argument(
+        "--student",
+        help="controlnet, lora: the one-step student folder (default: the embedded model); chain with --prompts: the student preset (default: the teacher's block-removed layout with the TAESD decoder)",
+    )
+    t.add_argument(
+        "--prompts",
+        metavar="FILE",
+        help="chain on any SD-1.x / 2.x teacher (--teacher PATH_OR_PRESET): prompt file, one per line, for the ODE pairs and score distillation",
+    )
+    t.add_argument(
+        "--images",
+        metavar="DIR",
+        help="with --prompts: imagefolder (metadata.jsonl with file_name and text) for the decoder and U-Net KD (default: the teacher's own samples)",
+    )
+    t.add_argument(
+        "--resolution",
+        type=positive(int, "--resolution"),
+        help="with --prompts: image side to distil at (default: the teacher's)",
+    )
     t.add_argument(
         "--retrain-teacher",
         action="store_true",

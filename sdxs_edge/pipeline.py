@@ -30,7 +30,7 @@ from sdxs_edge import sampler
 from sdxs_edge.errors import ModelLoadError, NonFiniteError, SDXSError
 from sdxs_edge.models import Components
 from sdxs_edge.presets import PRESETS, get_preset
-from sdxs_edge.tokenizer import write_clip_tokenizer
+from sdxs_edge.tokenizer import has_tokenizer_files, write_tokenizer_of
 from sdxs_edge.weights import check_safetensors
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")  # what `SDXSPipeline.__call__` returns, as diffusers names them
@@ -139,9 +139,10 @@ class SDXSPipeline:
                 )
                 raise ModelLoadError(f"{f} is missing{hint}")
             check_safetensors(f)
-        for sub in ("tokenizer/vocab.json", "tokenizer/merges.txt", "scheduler/scheduler_config.json"):
-            if not (path / sub).is_file():
-                raise ModelLoadError(f"{path / sub} is missing")
+        if not (path / "scheduler" / "scheduler_config.json").is_file():
+            raise ModelLoadError(f"{path / 'scheduler' / 'scheduler_config.json'} is missing")
+        if not has_tokenizer_files(path / "tokenizer"):
+            raise ModelLoadError(f"{path / 'tokenizer'} is missing vocab.json + merges.txt (or tokenizer.json)")
         vae_class = index["vae"][1]
         if vae_class not in ("AutoencoderKL", "AutoencoderTiny"):
             raise ModelLoadError(f"{path}: unsupported VAE class {vae_class!r} (AutoencoderKL or AutoencoderTiny)")
@@ -199,11 +200,7 @@ class SDXSPipeline:
                 m.save_pretrained(tmp / name, safe_serialization=True)
             # SD checkpoints carry the CLIP BPE files (vocab.json + merges.txt); every supported model
             # uses that one vocabulary, so they are written from the shipped source, not re-serialised.
-            if len(self.c.tokenizer) != 49408:
-                raise SDXSError(
-                    f"tokenizer has {len(self.c.tokenizer)} tokens; only the CLIP BPE vocabulary (49408) is supported"
-                )
-            write_clip_tokenizer(tmp / "tokenizer", pad_token=str(self.c.tokenizer.pad_token))
+            write_tokenizer_of(self.c.tokenizer, tmp / "tokenizer")
             from diffusers import EulerDiscreteScheduler
 
             EulerDiscreteScheduler.from_config(self.c.scheduler_config).save_pretrained(tmp / "scheduler")

@@ -1,7 +1,8 @@
 """The real CLIP BPE tokenizer, built offline from the vocabulary open-clip-torch ships.
 
 Stable Diffusion checkpoints carry `tokenizer/vocab.json` + `merges.txt` for transformers'
-`CLIPTokenizer`. Both derive from OpenAI's `bpe_simple_vocab_16e6.txt.gz`, which the open-clip-torch
+`CLIPTokenizer` (folders saved by transformers 5 carry only `tokenizer.json`, the same BPE model in one
+file; `read_bpe_files` reads either). Both derive from OpenAI's `bpe_simple_vocab_16e6.txt.gz`, which the open-clip-torch
 wheel ships. We rebuild the two files from it exactly as OpenAI's / open_clip's `SimpleTokenizer` lays
 out its vocabulary, so a model folder written here tokenizes like any SD checkpoint. The package is
 located without importing it (importing open_clip pulls torchvision).
@@ -92,8 +93,49 @@ def write_clip_tokenizer(folder: str | Path, pad_token: str = "<|endoftext|>") -
     return folder
 
 
+def has_tokenizer_files(folder: str | Path) -> bool:
+    """Whether `folder` holds a BPE tokenizer: vocab.json + merges.txt, or tokenizer.json."""
+    folder = Path(folder)
+    return (
+        (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file() or (folder / "tokenizer.json").is_file()
+    )
+
+
+def bpe_from_tokenizer_json(path: str | Path) -> tuple[dict[str, int], list[str]]:
+    """(vocab, merges as "a b" lines) of the BPE model in a `tokenizers` tokenizer.json."""
+    path = Path(path)
+    try:
+        model = json.loads(path.read_text(encoding="utf-8"))["model"]
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    except (KeyError, TypeError):
+        raise ModelLoadError(f"{path}: no tokenizer model in it") from None
+    if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
+        raise ModelLoadError(f"{path}: not a BPE tokenizer (only CLIP's BPE is supported)")
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    return {str(k): int(v) for k, v in model["vocab"].items()}, merges
+
+
+def check_clip_vocabulary(tokenizer) -> None:
+    """Refuse a transformers tokenizer whose vocabulary is not CLIP's 49408 BPE tokens (the one vocabulary
+    `write_clip_tokenizer` writes)."""
+    if len(tokenizer) != 49408 or tokenizer.get_vocab() != clip_vocab_and_merges()[0]:
+        raise ModelLoadError(
+            f"tokenizer has {len(tokenizer)} tokens unlike CLIP's BPE vocabulary; only that vocabulary (49408) is supported"
+        )
+
+
+def write_tokenizer_of(tokenizer, folder: str | Path) -> Path:
+    """vocab.json + merges.txt (+ configs) for a loaded CLIP tokenizer, whatever files it came from."""
+    check_clip_vocabulary(tokenizer)
+    return write_clip_tokenizer(folder, pad_token=str(tokenizer.pad_token))
+
+
 def load_clip_tokenizer(folder: str | Path):
-    """transformers `CLIPTokenizer` from a folder written by `write_clip_tokenizer` or an SD checkpoint."""
+    """transformers `CLIPTokenizer` from a folder written by `write_clip_tokenizer` or an SD checkpoint
+    (vocab.json + merges.txt, or tokenizer.json alone as transformers 5 saves it)."""
     from transformers import CLIPTokenizer
 
+    if not has_tokenizer_files(folder):
+        raise ModelLoadError(f"{folder} holds neither vocab.json + merges.txt nor tokenizer.json")
     return CLIPTokenizer.from_pretrained(str(folder))

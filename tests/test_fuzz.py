@@ -7,6 +7,7 @@ Example counts are fixed (`max_examples`); `deadline` bounds each example. The e
 so a run writes nothing outside its temporary folders, and the example sequence is derandomized (fixed) so
 `make test` is repeatable; set SDXS_FUZZ_RANDOM=1 to explore new examples.
 """
+
 from __future__ import annotations
 
 import copy
@@ -21,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bundle_cache import cached_bundle, need
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bundle_cache import cached_bundle, need
 from converters.calibration import read_prompts as read_calibration
 from runtimes.parity import read_prompts as read_parity_prompts
 from sdxs_edge.control import load_control_image
@@ -33,7 +34,12 @@ from sdxs_edge.evaluate import read_prompt_file
 from sdxs_edge.lora import load_lora
 
 ROOT = Path(__file__).resolve().parents[1]
-FUZZ = dict(deadline=5000, database=None, derandomize=not os.environ.get("SDXS_FUZZ_RANDOM"), suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large])
+FUZZ = dict(
+    deadline=5000,
+    database=None,
+    derandomize=not os.environ.get("SDXS_FUZZ_RANDOM"),
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large],
+)
 
 
 def one_line(e: BaseException) -> None:
@@ -51,7 +57,24 @@ def outcome(fn, *args):
 
 
 # ---- manifests ----------------------------------------------------------------------------------------
-ODD_TEXT = st.sampled_from(["", "..", "../x", "/", "/etc/passwd", "a\0b", "\u202e.onnx", "💥", "é" * 300, "C:\\x", "~", " ", "decoder.onnx/", "tokenizer/../tokenizer"])
+ODD_TEXT = st.sampled_from(
+    [
+        "",
+        "..",
+        "../x",
+        "/",
+        "/etc/passwd",
+        "a\0b",
+        "\u202e.onnx",
+        "💥",
+        "é" * 300,
+        "C:\\x",
+        "~",
+        " ",
+        "decoder.onnx/",
+        "tokenizer/../tokenizer",
+    ]
+)
 LEAF = st.one_of(
     st.none(),
     st.booleans(),
@@ -61,7 +84,11 @@ LEAF = st.one_of(
     st.text(max_size=40),
     ODD_TEXT,
 )
-JSON = st.recursive(LEAF, lambda kids: st.one_of(st.lists(kids, max_size=4), st.dictionaries(st.text(max_size=8), kids, max_size=4)), max_leaves=12)
+JSON = st.recursive(
+    LEAF,
+    lambda kids: st.one_of(st.lists(kids, max_size=4), st.dictionaries(st.text(max_size=8), kids, max_size=4)),
+    max_leaves=12,
+)
 
 
 def _paths(obj, prefix=()):
@@ -159,7 +186,12 @@ PROMPT_EXAMPLES = 200
 TEXTISH = st.one_of(
     st.binary(max_size=300),
     st.text(max_size=300).map(lambda s: s.encode("utf-8", "surrogatepass")),
-    st.lists(st.sampled_from(["a large cyan triangle at the bottom left on a black background", "", " ", "\r", "\x00", "💥", "a" * 500]), max_size=6).map(lambda l: "\n".join(l).encode()),
+    st.lists(
+        st.sampled_from(
+            ["a large cyan triangle at the bottom left on a black background", "", " ", "\r", "\x00", "💥", "a" * 500]
+        ),
+        max_size=6,
+    ).map(lambda l: "\n".join(l).encode()),
 )
 
 
@@ -206,7 +238,11 @@ def image_bytes(draw):
         return draw(st.binary(max_size=200))
     if kind == "huge":
         return _huge_png(draw(st.integers(1, 2**31 - 1)), draw(st.integers(1, 2**31 - 1)))
-    raw = _encode(draw(st.sampled_from(["PNG", "JPEG", "BMP", "GIF", "WEBP"])), draw(st.sampled_from([1, 8, 64])), draw(st.integers(0, 9)))
+    raw = _encode(
+        draw(st.sampled_from(["PNG", "JPEG", "BMP", "GIF", "WEBP"])),
+        draw(st.sampled_from([1, 8, 64])),
+        draw(st.integers(0, 9)),
+    )
     if kind == "cut":
         return raw[: draw(st.integers(0, len(raw)))]
     at = draw(st.integers(0, len(raw) - 1))
@@ -244,11 +280,30 @@ TOKENIZER_EXAMPLES = 150
 def tokenizer_files(draw):
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "a</w>": 2}
     files = {
-        "vocab.json": draw(st.one_of(st.just(json.dumps(vocab).encode()), JSON.map(lambda v: json.dumps(v).encode()), st.binary(max_size=40), st.just(b"[" * 50_000))),
-        "merges.txt": draw(st.one_of(st.just(b"#version: 0.2\na </w>\n"), st.binary(max_size=40), st.text(max_size=40).map(lambda t: t.encode("utf-8", "surrogatepass")))),
+        "vocab.json": draw(
+            st.one_of(
+                st.just(json.dumps(vocab).encode()),
+                JSON.map(lambda v: json.dumps(v).encode()),
+                st.binary(max_size=40),
+                st.just(b"[" * 50_000),
+            )
+        ),
+        "merges.txt": draw(
+            st.one_of(
+                st.just(b"#version: 0.2\na </w>\n"),
+                st.binary(max_size=40),
+                st.text(max_size=40).map(lambda t: t.encode("utf-8", "surrogatepass")),
+            )
+        ),
     }
     if draw(st.booleans()):
-        files["special_tokens_map.json"] = draw(st.one_of(JSON.map(lambda v: json.dumps(v).encode()), st.just(b'{"pad_token": {"content": 5}}'), st.binary(max_size=20)))
+        files["special_tokens_map.json"] = draw(
+            st.one_of(
+                JSON.map(lambda v: json.dumps(v).encode()),
+                st.just(b'{"pad_token": {"content": 5}}'),
+                st.binary(max_size=20),
+            )
+        )
     return files
 
 
@@ -275,7 +330,11 @@ def lora_file(draw):
     name = draw(st.sampled_from(["down_blocks.0.attentions.0.proj_in", "x", "", "a" * 300]))
     entries = {}
     offset = 0
-    for role in draw(st.lists(st.sampled_from(["lora_A.weight", "lora_B.weight", "alpha", "lora_down.weight"]), max_size=3, unique=True)):
+    for role in draw(
+        st.lists(
+            st.sampled_from(["lora_A.weight", "lora_B.weight", "alpha", "lora_down.weight"]), max_size=3, unique=True
+        )
+    ):
         shape = draw(st.lists(st.integers(0, 2**40) if draw(st.booleans()) else st.integers(0, 8), max_size=4))
         size = draw(st.integers(0, 64))
         entries[f"{name}.{role}"] = {"dtype": draw(DTYPES), "shape": shape, "data_offsets": [offset, offset + size]}
@@ -308,13 +367,21 @@ SANITIZER_MARKS = ("AddressSanitizer", "LeakSanitizer", "runtime error:", "Undef
 def harness() -> Path:
     if shutil.which("g++") is None and shutil.which("clang++") is None:
         pytest.skip("no C++ compiler (g++ or clang++) to build the sanitised harness")
-    r = subprocess.run([str(ROOT / "runtimes" / "native" / "build_fuzz.sh")], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [str(ROOT / "runtimes" / "native" / "build_fuzz.sh")], capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return Path(r.stdout.strip().splitlines()[-1])
 
 
 def _sanitised(cmd: list[str], stdin: bytes = b"") -> list[str]:
-    r = subprocess.run(cmd, input=stdin, capture_output=True, timeout=60, env={"ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0", "UBSAN_OPTIONS": "print_stacktrace=1"})
+    r = subprocess.run(
+        cmd,
+        input=stdin,
+        capture_output=True,
+        timeout=60,
+        env={"ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0", "UBSAN_OPTIONS": "print_stacktrace=1"},
+    )
     err = r.stderr.decode(errors="replace")
     assert r.returncode == 0 and not any(m in err for m in SANITIZER_MARKS), err[-4000:]
     return r.stdout.decode(errors="replace").splitlines()
@@ -338,7 +405,12 @@ def sdxt_bytes(draw):
         return _sdxt(dtype, dims, data)
     if kind == "header":  # lies in the header: huge or negative dims, ndim beyond the dims present
         dims = draw(st.lists(st.integers(-(2**63), 2**63 - 1), max_size=17))
-        return _sdxt(dtype, dims, draw(st.binary(max_size=32)), ndim=draw(st.one_of(st.just(len(dims)), st.integers(0, 2**32 - 1))))
+        return _sdxt(
+            dtype,
+            dims,
+            draw(st.binary(max_size=32)),
+            ndim=draw(st.one_of(st.just(len(dims)), st.integers(0, 2**32 - 1))),
+        )
     raw = _sdxt(dtype, dims, data)
     return raw[: draw(st.integers(0, max(0, len(raw) - 1)))]
 
@@ -371,13 +443,20 @@ def test_fuzz_native_serve_requests(harness, tmp_path):
 
     request = st.one_of(
         st.binary(max_size=120).map(lambda b: b.replace(b"\n", b" ")),
-        st.builds(lambda verb, name, d: f"{verb} {name} {d}".encode("utf-8", "surrogatepass"), st.sampled_from(["run", "RUN", "", "quit2"]), st.sampled_from(["unet", "decoder", "", "x" * 300, "ü"]), st.sampled_from([str(good), str(tmp_path), "/nonexistent", "", str(good) + " ", "a" * 9000])),
+        st.builds(
+            lambda verb, name, d: f"{verb} {name} {d}".encode("utf-8", "surrogatepass"),
+            st.sampled_from(["run", "RUN", "", "quit2"]),
+            st.sampled_from(["unet", "decoder", "", "x" * 300, "ü"]),
+            st.sampled_from([str(good), str(tmp_path), "/nonexistent", "", str(good) + " ", "a" * 9000]),
+        ),
     )
 
     @settings(max_examples=SERVE_EXAMPLES, **FUZZ)
     @given(st.lists(request, min_size=1, max_size=10))
     def run(lines):
-        stdin = b"\n".join(lines) + b"\nrun unet " + str(good).encode() + b"\nquit\nrun unet " + str(good).encode() + b"\n"
+        stdin = (
+            b"\n".join(lines) + b"\nrun unet " + str(good).encode() + b"\nquit\nrun unet " + str(good).encode() + b"\n"
+        )
         out = _sanitised([str(harness), "serve", "unet", "decoder"], stdin)
         assert out and out[-1] == "request 0 ok 6 [1,2] 8", out  # still serving after the noise; nothing after quit
         assert all(l.startswith(("request ", "error ")) for l in out), out

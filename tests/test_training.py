@@ -201,7 +201,9 @@ def test_ode_pair_chunks_resume_to_the_same_pairs(tmp_path):
     pipe = SDXSPipeline.load("tiny")
     first = ode_pair_chunks(pipe, tmp_path, 5, steps=2, guidance=2.0, chunk=2, batch=2)
     files = sorted(tmp_path.glob("chunk-*.safetensors"))
-    assert [f.name[:9] for f in files] == ["chunk-000", "chunk-001", "chunk-002"] and not list(tmp_path.glob(".*"))  # no temporaries left
+    assert [f.name[:9] for f in files] == ["chunk-000", "chunk-001", "chunk-002"] and not list(
+        tmp_path.glob(".*")
+    )  # no temporaries left
     assert first["noise"].shape[0] == first["x0"].shape[0] == first["ids"].shape[0] == 5
     files[1].unlink()
     again = ode_pair_chunks(pipe, tmp_path, 5, steps=2, guidance=2.0, chunk=2, batch=2)

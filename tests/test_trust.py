@@ -115,7 +115,10 @@ def test_a_symlink_that_stays_inside_is_accepted(bundle):
         ),
         (lambda m: m.update(resolution=10**9), "resolution"),
         (lambda m: m["sampler"].update(sigma=float("nan")), "not a finite number"),
-        (lambda m: m["sampler"].update({"": 1}), r"\$.sampler: unknown key ''"),  # found by test_fuzz_manifests_structured
+        (
+            lambda m: m["sampler"].update({"": 1}),
+            r"\$.sampler: unknown key ''",
+        ),  # found by test_fuzz_manifests_structured
         (lambda m: m["tokenizer"].update(max_length=10**12), "max_length"),
         (lambda m: m["conversion"]["config"].update(lora_sha256="x"), "lora_sha256"),
     ],

@@ -19,6 +19,7 @@ import torch
 
 from sdxs_edge.atomic import atomic_dir, atomic_file, write_atomic
 from training.decoder import DecoderConfig, decoder_report, distill_decoder
+from training.generic import format_generic_report
 from training.loop import StageClock
 from training.onestep import SSDConfig, WarmupConfig, ode_pair_chunks, score_distill, warmup
 from training.teacher import TeacherConfig, build_latent_cache, smoke_config, train_teacher
@@ -32,8 +33,15 @@ COMMITTED_TEACHER = REPO / "models" / "shapes-teacher"
 @dataclass(frozen=True)
 class ChainConfig:
     """Args:
-    student_preset: preset of the one-step student (its decoder layout and layer map).
-    teacher: a trained teacher folder to reuse; None trains one with `teacher_cfg`.
+    student_preset: preset of the one-step student (its decoder layout and layer map); with `prompts`, None
+        derives it from the teacher (`training.generic.student_preset`).
+    teacher: a trained teacher folder to reuse (with `prompts`: any SD-1.x / 2.x folder or a preset); None
+        trains one with `teacher_cfg`.
+    prompts: a prompt file: the generic chain (any teacher; pairs, decoder adaptation and the report use
+        these prompts instead of SHAPES-64 captions). None: the SHAPES-64 chain.
+    images: with `prompts`, an imagefolder (metadata.jsonl) for the decoder and U-Net KD; None: the
+        teacher's own samples.
+    resolution: with `prompts`, the image side to distil at (default: the teacher's).
     teacher_cfg: teacher recipe when none is reused.
     decoder, unet_kd, warmup, ssd: stage recipes.
     pairs: number of teacher ODE pairs (noise -> sample) for the one-step stages.
@@ -69,6 +77,9 @@ class ChainConfig:
     adapt_latents: int = 4096
     pair_chunk: int = 2048
     student_prediction_type: str = "v_prediction"
+    prompts: str | None = None
+    images: str | None = None
+    resolution: int | None = None
 
 
 def gpu_chain() -> ChainConfig:
@@ -149,6 +160,7 @@ class _Run:
     warm: Any = None
     final: Any = None
     report: dict = field(default_factory=dict)
+    prompts: list[str] | None = None
 
     @property
     def pairs_file(self) -> Path:
@@ -161,11 +173,28 @@ class _Run:
     def cache(self) -> dict:
         """Latent cache of real images (decoder and U-Net KD), built on first use."""
         if "cache" not in self.data:
-            tcfg = replace(self.cfg.teacher_cfg, cache_size=self.cfg.cache_size)
-            c = build_latent_cache(tcfg, self.teacher.c.vae, self.teacher.c.tokenizer, self.out / "latents.safetensors")
+            c = self._generic_cache() if self.prompts else None
+            if c is None:
+                tcfg = replace(self.cfg.teacher_cfg, cache_size=self.cfg.cache_size)
+                c = build_latent_cache(
+                    tcfg, self.teacher.c.vae, self.teacher.c.tokenizer, self.out / "latents.safetensors"
+                )
             scaling = torch.tensor(self.teacher.latent_scaling)
             self.data["cache"] = {**{k: v.to(self.dev) for k, v in c.items()}, "scaling_factor": scaling}
         return self.data["cache"]
+
+    def _generic_cache(self) -> dict:
+        from training.generic import image_cache, sample_cache
+
+        if self.cfg.images:
+            return image_cache(
+                self.cfg.images,
+                self.teacher.resolution,
+                self.teacher.c.vae,
+                self.teacher.c.tokenizer,
+                self.out / "latents.safetensors",
+            )
+        return sample_cache({k: v.cpu() for k, v in self.pairs().items()}, self.teacher.latent_scaling)
 
     def pairs(self) -> dict:
         """Teacher ODE pairs (decoder and one-step stages), built on first use, in resumable chunks."""
@@ -186,6 +215,7 @@ class _Run:
                     guidance,
                     chunk=cfg.pair_chunk,
                     batch=batch,
+                    captions=self.prompts,
                 )
             if not self.held_file.is_file():  # teacher samples held out for the decoder report
                 with atomic_file(self.held_file) as tmp:
@@ -210,18 +240,42 @@ class _Run:
         return p
 
 
+def _load_generic_teacher(r: _Run) -> None:
+    """Any SD-1.x / 2.x teacher (folder or preset), checked before any training, with the prompts, the
+    image folder (encoded now, so a bad image stops the run here) and the derived student layout."""
+    from sdxs_edge.pipeline import SDXSPipeline
+    from training import generic
+
+    cfg = r.cfg
+    r.prompts = generic.read_prompts(cfg.prompts)
+    if Path(cfg.teacher).is_dir():
+        generic.check_teacher_folder(Path(cfg.teacher))
+    r.teacher = SDXSPipeline.load(cfg.teacher).to(r.dev)
+    generic.check_teacher_pipe(r.teacher)
+    if cfg.resolution:
+        generic.check_resolution(r.teacher, cfg.resolution)
+        r.teacher.c.unet.register_to_config(sample_size=cfg.resolution // 8)
+    r.preset = generic.student_preset(dict(r.teacher.c.unet.config), cfg.student_preset)
+    if cfg.images:
+        r.cache()
+
+
 def _teacher_stage(r: _Run) -> None:
-    """Reuse the committed teacher, or train one with `teacher_cfg`."""
+    """Reuse the committed teacher, or train one with `teacher_cfg`; with a prompt file, any SD teacher."""
     from diffusers import DDPMScheduler
 
     from sdxs_edge.pipeline import SDXSPipeline
     from sdxs_edge.presets import get_preset
 
     cfg = r.cfg
-    r.teacher_dir = Path(cfg.teacher) if cfg.teacher else train_teacher(cfg.teacher_cfg, r.out / "teacher")
-    r.teacher = SDXSPipeline.load(r.teacher_dir).to(r.dev)
-    r.report = {"teacher": str(r.teacher_dir)}
-    r.preset = get_preset(cfg.student_preset)
+    if cfg.prompts:
+        _load_generic_teacher(r)
+        r.report = {"teacher": str(cfg.teacher)}
+    else:
+        r.teacher_dir = Path(cfg.teacher) if cfg.teacher else train_teacher(cfg.teacher_cfg, r.out / "teacher")
+        r.teacher = SDXSPipeline.load(r.teacher_dir).to(r.dev)
+        r.report = {"teacher": str(r.teacher_dir)}
+        r.preset = get_preset(cfg.student_preset)
     r.sched_cfg = {k: v for k, v in r.teacher.c.scheduler_config.items() if not k.startswith("_")}
     keep = ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps", "prediction_type")
     r.acp = DDPMScheduler(**{k: v for k, v in r.sched_cfg.items() if k in keep}).alphas_cumprod
@@ -258,7 +312,7 @@ def _unet_kd_stage(r: _Run) -> None:
     if done.is_dir():
         r.kd_unet = UNet2DConditionModel.from_pretrained(done, torch_dtype=torch.float32).to(r.dev)
         return
-    r.kd_unet, init = build_student(r.teacher.c.unet, r.preset.layer_map)
+    r.kd_unet, init = build_student(r.teacher.c.unet, r.preset.layer_map, r.preset.unet if r.prompts else None)
     r.kd_unet.to(r.dev)
     (r.out / "unet-kd").mkdir(parents=True, exist_ok=True)
     write_atomic(r.out / "unet-kd" / "init.json", json.dumps(init, indent=2))
@@ -303,7 +357,19 @@ def _score_distill_stage(r: _Run) -> None:
         return
     student = copy.deepcopy(r.warm.c.unet)
     t = r.teacher.c
-    score_distill(r.cfg.ssd, r.out / "ssd", student, t.text_encoder, t.unet, r.pairs(), _consts(r), r.acp, r.empty)
+    pt = r.sched_cfg.get("prediction_type", "epsilon")
+    score_distill(
+        r.cfg.ssd,
+        r.out / "ssd",
+        student,
+        t.text_encoder,
+        t.unet,
+        r.pairs(),
+        _consts(r),
+        r.acp,
+        r.empty,
+        teacher_prediction=pt,
+    )
     r.final = r.one_step_pipe(student, r.student_vae, "sdxs-shapes one-step")
     r.final.save_pretrained(done)
 
@@ -325,7 +391,10 @@ def _decoder_adapt_stage(r: _Run) -> None:
         r.final = SDXSPipeline.load(done).to(r.dev)
     elif cfg.decoder_adapt.steps > 0:
         real = r.real_latents(min(len(r.cache()["mean"]), cfg.adapt_latents), seed=1)
-        caps = [s.caption for s in shapes.eval_scenes(cfg.adapt_latents, seed=4243)]  # not an eval seed
+        if r.prompts:
+            caps = [r.prompts[i % len(r.prompts)] for i in range(cfg.adapt_latents)]
+        else:
+            caps = [s.caption for s in shapes.eval_scenes(cfg.adapt_latents, seed=4243)]  # not an eval seed
         gen = [
             r.final.generate(caps[i : i + 256], seed=50_000 + i, output="tensor").latents
             for i in range(0, len(caps), 256)
@@ -340,12 +409,53 @@ def _decoder_adapt_stage(r: _Run) -> None:
     r.report["decoder_adapted"] = decoder_report(r.teacher.c.vae, r.final.c.vae, r.held)
 
 
+def _generic_report(r: _Run) -> None:
+    """Any teacher: per-stage losses, grids of the first 16 prompts per model, parameters, CPU latency."""
+    from sdxs_edge.evaluate import save_grid
+    from sdxs_edge.models import Components, count_parameters
+    from sdxs_edge.pipeline import SDXSPipeline
+    from training.generic import stage_losses
+
+    cfg, t = r.cfg, r.teacher
+    kd = SDXSPipeline(
+        Components(t.c.tokenizer, t.c.text_encoder, r.kd_unet, t.c.vae, dict(r.sched_cfg)), name="block-removed student"
+    )
+    rows = (
+        ("teacher", t, cfg.eval_steps, t.default_guidance),
+        ("block-removed (KD)", kd, cfg.eval_steps, t.default_guidance),
+        ("one-step, warm-up only", r.warm, 1, 0.0),
+        ("one-step", r.final, 1, 0.0),
+    )
+    caps = r.prompts[:16]
+    r.report.update(
+        teacher=str(cfg.teacher),
+        prompts=str(cfg.prompts),
+        n_prompts=len(r.prompts),
+        images=cfg.images,
+        resolution=t.resolution,
+        model=str(r.out / "model"),
+    )
+    r.report["losses"], r.report["models"] = stage_losses(r.out), {}
+    for k, (name, pipe, steps, guidance) in enumerate(rows):
+        out = pipe.generate(caps, seed=0, steps=steps, guidance=guidance, output="tensor").images
+        images = ((out / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype("uint8")
+        grid = save_grid(images, r.out / f"grid-{k}-{name.split(',')[0].split(' ')[0]}.png", cols=8)
+        r.report["models"][name] = {
+            "steps": steps,
+            "unet_params": count_parameters(pipe.c.unet),
+            "cpu_latency_s": _latency(pipe, steps, guidance),
+            "grid": Path(grid).name,
+        }
+
+
 def _report_stage(r: _Run) -> None:
     """SHAPES-64 scores, grids, parameter counts and CPU latency of the teacher and every student."""
     from sdxs_edge.evaluate import EvalSettings, Evaluator, evaluate_pipeline, save_grid
     from sdxs_edge.models import Components, count_parameters
     from sdxs_edge.pipeline import SDXSPipeline
 
+    if r.prompts:
+        return _generic_report(r)
     cfg, t = r.cfg, r.teacher
     ev = Evaluator.load()
     kd_parts = Components(t.c.tokenizer, t.c.text_encoder, r.kd_unet, t.c.vae, dict(r.sched_cfg))
@@ -408,6 +518,11 @@ def run_chain(cfg: ChainConfig, out: str | Path, until: str = "all") -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     out = Path(out)
+    if cfg.prompts:
+        from training.generic import precheck
+
+        precheck(cfg.teacher, cfg.prompts, cfg.images)
+    check_run_folder(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "config.json", json.dumps(asdict(cfg), indent=2, default=str))
     clock = StageClock(out / "times.json")
@@ -419,8 +534,32 @@ def run_chain(cfg: ChainConfig, out: str | Path, until: str = "all") -> dict:
             return r.report
     r.report["stage_seconds"] = clock.times
     write_atomic(out / "report.json", json.dumps(r.report, indent=2))
-    write_atomic(out / "report.md", format_chain_report(r.report))
+    write_atomic(out / "report.md", format_generic_report(r.report) if r.prompts else format_chain_report(r.report))
     return r.report
+
+
+RESUMABLE_CHANGES = ("threads", "eval_n", "eval_steps")  # settings a rerun may change and still resume
+
+
+def check_run_folder(cfg: ChainConfig, out: Path) -> None:
+    """Resume only a run of the same config: an `out` that holds another run's config.json, or checkpoints
+    without one, is refused before anything is written."""
+    from training.generic import TrainingInputError
+
+    f = out / "config.json"
+    if not f.is_file():
+        if out.is_dir() and any(out.iterdir()):
+            raise TrainingInputError(
+                f"--out {out} is not empty and holds no chain run (config.json); choose another folder"
+            )
+        return
+    old = json.loads(f.read_text())
+    new = json.loads(json.dumps(asdict(cfg), default=str))
+    differ = sorted(k for k in set(old) | set(new) if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k))
+    if differ:
+        raise TrainingInputError(
+            f"--out {out} holds another run (its config differs in {', '.join(differ)}); resume it with the same settings or choose another folder"
+        )
 
 
 def format_chain_report(report: dict) -> str:

@@ -52,13 +52,21 @@ PAIR_CAPTION_SEED = 10_000  # caption stream of the pair chunks: seeds 10000 + i
 
 
 def ode_pair_chunks(
-    pipe, out: Path, n: int, steps: int, guidance: float, chunk: int = 2048, batch: int = 64
+    pipe,
+    out: Path,
+    n: int,
+    steps: int,
+    guidance: float,
+    chunk: int = 2048,
+    batch: int = 64,
+    captions: list[str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """`n` teacher ODE pairs, built in chunks of `chunk` that are each written atomically under `out`.
 
     A killed run keeps its finished chunks and resumes with the next one; chunk i draws its captions from
     the evaluation-disjoint stream seed PAIR_CAPTION_SEED + i and its noise from seed i + 1, so the pairs do
-    not depend on how often the build was interrupted.
+    not depend on how often the build was interrupted. With `captions` (a prompt file's lines) pair j
+    takes caption j modulo their count instead.
     """
     from safetensors.torch import load_file, save_file
 
@@ -70,7 +78,10 @@ def ode_pair_chunks(
         f = out / f"chunk-{i:03d}-{chunk}-{steps}-{guidance:g}.safetensors"
         if not f.is_file():
             size = min(chunk, n - i * chunk)
-            caps = [s.caption for s in shapes.eval_scenes(size, seed=PAIR_CAPTION_SEED + i)]
+            if captions:
+                caps = [captions[(i * chunk + k) % len(captions)] for k in range(size)]
+            else:
+                caps = [s.caption for s in shapes.eval_scenes(size, seed=PAIR_CAPTION_SEED + i)]
             p = make_ode_pairs(pipe, caps, steps, guidance, batch=batch, seed=i + 1)
             with atomic_file(f) as tmp:
                 save_file(p, str(tmp))
@@ -282,7 +293,21 @@ def anneal(cfg: SSDConfig, p: float) -> tuple[float, float]:
     return alpha, lam
 
 
-def _score_difference(offline_unet, online, xt, a, t, ctx, uncond, guidance: float, x0) -> torch.Tensor:
+def _x0(pred: torch.Tensor, xt: torch.Tensor, a: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """x0 from a diffusion model's output at abar_t = a (epsilon or v parameterisation)."""
+    if prediction_type == "v_prediction":
+        return a.sqrt() * xt - (1 - a).sqrt() * pred
+    return (xt - (1 - a).sqrt() * pred) / a.sqrt()
+
+
+def _target(x0: torch.Tensor, eps: torch.Tensor, a: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """The denoising target of a diffusion model with that parameterisation."""
+    return a.sqrt() * eps - (1 - a).sqrt() * x0 if prediction_type == "v_prediction" else eps
+
+
+def _score_difference(
+    offline_unet, online, xt, a, t, ctx, uncond, guidance: float, x0, prediction_type: str = "epsilon"
+) -> torch.Tensor:
     """DMD's normalised form of the Diff-Instruct gradient: (x0 of the online DM - x0 of the guided
     offline DM), divided by the mean distance of the student's x0 from the offline one."""
     e_u, e_c = offline_unet(
@@ -290,8 +315,8 @@ def _score_difference(offline_unet, online, xt, a, t, ctx, uncond, guidance: flo
     ).sample.chunk(2)
     e_real = e_u + guidance * (e_c - e_u)
     e_fake = online(xt, t, ctx).sample
-    x0_real = (xt - (1 - a).sqrt() * e_real) / a.sqrt()
-    x0_fake = (xt - (1 - a).sqrt() * e_fake) / a.sqrt()
+    x0_real = _x0(e_real, xt, a, prediction_type)
+    x0_fake = _x0(e_fake, xt, a, prediction_type)
     grad = (x0_fake - x0_real) / (x0 - x0_real).abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-4)
     return torch.nan_to_num(grad)
 
@@ -308,12 +333,14 @@ def score_distill(
     empty_ids: torch.Tensor,
     seed: int = 0,
     online_init=None,
+    teacher_prediction: str = "epsilon",
 ):
     """Segmented score distillation of a (warmed-up) one-step student.
 
     Only the student's parameters with requires_grad are trained (all of them, or an injected LoRA). The
     online DM starts as a copy of `online_init` (default: the offline DM; a style LoRA distillation starts
-    it from the teacher without the LoRA, which never enters the online DM).
+    it from the teacher without the LoRA, which never enters the online DM). `teacher_prediction` is the
+    offline DM's parameterisation ("epsilon" or "v_prediction"), which the online DM inherits.
     """
     text_encoder.requires_grad_(False).eval()
     offline_unet.requires_grad_(False).eval()
@@ -349,7 +376,9 @@ def score_distill(
         # Score-difference segment (DMD's normalised form of the Diff-Instruct gradient).
         with torch.no_grad():
             xt, a = noised(x0.detach(), t, g)
-            grad = _score_difference(offline_unet, online, xt, a, t, ctx, uncond, cfg.guidance, x0.detach())
+            grad = _score_difference(
+                offline_unet, online, xt, a, t, ctx, uncond, cfg.guidance, x0.detach(), teacher_prediction
+            )
         sd = 0.5 * (x0 - (x0 - grad).detach()).square().flatten(1).mean(1)
         fm = feature_matching_loss(encoder, x0, pairs["x0"][idx], ctx)
         loss = (sd_mask * sd + (1 - sd_mask) * lam * fm).mean()
@@ -363,7 +392,7 @@ def score_distill(
             eps = torch.randn(x0.shape, generator=g).to(dev)
             a2 = alphas_cumprod[t2].view(-1, 1, 1, 1)
             xt2 = a2.sqrt() * x0.detach() + (1 - a2).sqrt() * eps
-            o_loss = F.mse_loss(online(xt2, t2, ctx).sample, eps)
+            o_loss = F.mse_loss(online(xt2, t2, ctx).sample, _target(x0.detach(), eps, a2, teacher_prediction))
             opt_o.zero_grad(set_to_none=True)
             o_loss.backward()
             torch.nn.utils.clip_grad_norm_(online.parameters(), 1.0)

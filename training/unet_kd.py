@@ -40,8 +40,11 @@ class UNetKDConfig:
     max_seconds: float | None = None
 
 
-def build_student(teacher_unet, layer_map: Mapping[str, str] = SDXS_LAYER_MAP) -> tuple[torch.nn.Module, dict]:
-    """Block-removed student of `teacher_unet`, initialised from it through `layer_map`.
+def build_student(
+    teacher_unet, layer_map: Mapping[str, str] = SDXS_LAYER_MAP, config: Mapping | None = None
+) -> tuple[torch.nn.Module, dict]:
+    """Block-removed student of `teacher_unet` (or a U-Net of `config`), initialised from it through
+    `layer_map` (tensors whose shapes match).
 
     Returns:
         (student, report) where report counts the tensors copied and lists student tensors left at
@@ -49,7 +52,7 @@ def build_student(teacher_unet, layer_map: Mapping[str, str] = SDXS_LAYER_MAP) -
     """
     from diffusers import UNet2DConditionModel
 
-    student = UNet2DConditionModel(**block_removed(teacher_unet.config))
+    student = UNet2DConditionModel(**(dict(config) if config is not None else block_removed(teacher_unet.config)))
     t_sd = teacher_unet.state_dict()
     s_sd = student.state_dict()
     copied, missing = 0, []
