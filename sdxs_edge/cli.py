@@ -22,6 +22,8 @@ def _quiet_libraries() -> None:
     # diffusers imports torchao (pulled in by executorch) which prints loader noise on CPU builds.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    # transformers 5 draws a "Loading weights" bar per text encoder load; the hub's switch turns it off
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     import logging
     import warnings
 

@@ -71,7 +71,7 @@ def cache_root() -> Path:
 
 def fastest_target() -> tuple[str, str]:
     """(target, precision) of the fastest CPU path installed: int8 ExecuTorch (1.4 ms per 64x64 image,
-    benchmarks/results/default_model-64), else int8 ONNX on onnxruntime (2.1 ms)."""
+    benchmarks/results/default_model-64-x86-64-avx512-vnni), else int8 ONNX on onnxruntime (2.1 ms)."""
     if importlib.util.find_spec("executorch") is not None:
         return "executorch", "int8"
     if importlib.util.find_spec("onnxruntime") is not None:
