@@ -162,17 +162,28 @@ class CapiSession(Session):
             self._check(self._lib.sdxs_tokenize(self._ctx, _prompt_bytes(text), out[row].ctypes.data, ctypes.byref(n)))
         return out.astype(self.specs["text_encoder"].inputs[0].dtype)
 
-    def noise(self, seed: int) -> np.ndarray:
-        """libsdxs's default noise: torch.randn(latent_shape, generator=torch.Generator().manual_seed(seed))."""
+    def noise(self, seed: int, rng: str = "torch") -> np.ndarray:
+        """libsdxs's noise for rng "torch": torch.randn(latent_shape, generator=torch.Generator().manual_seed(seed));
+        "numpy" is the base class's numpy stream."""
+        if rng != "torch":
+            return super().noise(seed, rng)
         out = np.empty(self.latent_shape, np.float32)
         check(self._lib, self._lib.sdxs_noise(int(seed) & (2**64 - 1), out.size, out.ctypes.data))
         return out
 
     def generate_arrays(
-        self, prompt: str | Sequence[str], seed: int = 0, noise: np.ndarray | None = None, control_image=None
+        self,
+        prompt: str | Sequence[str],
+        seed: int = 0,
+        noise: np.ndarray | None = None,
+        control_image=None,
+        rng: str = "torch",
     ) -> GenerationResult:
-        """One `sdxs_generate_arrays` call: tokenizer, noise (unless given), components and rule in libsdxs."""
+        """One `sdxs_generate_arrays` call: tokenizer, noise (unless given), components and rule in libsdxs.
+        libsdxs draws the "torch" stream itself; another `rng` is drawn here and handed in."""
         self._need_open()
+        if noise is None and rng != "torch":
+            noise = self.noise(seed, rng)
         if control_image is not None:
             raise RuntimeInputError(
                 f"{self.bundle} has no ControlNet, so it takes no control image (libsdxs runs bundles without one)"
