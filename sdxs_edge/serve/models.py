@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -129,17 +128,13 @@ def _extras(v: Variant) -> str:
 
 
 def _convert(v: Variant, target: str, precision: str, folder: Path) -> None:
-    """Convert into a temporary sibling and rename, so an interrupted conversion leaves nothing behind."""
+    """Convert into the cache; `convert` writes the bundle atomically, so an interrupted conversion leaves
+    no bundle behind (its temporaries are removed by the next conversion into the same place)."""
     from converters.api import convert
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        convert(str(v.model), target, precision, tmp, progress=False, lora=v.lora, controlnet=v.controlnet)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    convert(
+        str(v.model), target, precision, folder, progress=False, lora=v.lora, controlnet=v.controlnet, overwrite=True
+    )
 
 
 @dataclass
