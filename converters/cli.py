@@ -66,6 +66,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         metavar="N",
         help="int8: calibrate on N SHAPES-64 captions spread over the grammar instead of the default 32 (a fused LoRA may need 128)",
     )
+    _add_quantization_options(p)
+    _add_model_options(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--dry-run", action="store_true", help="check the request, print it and exit without converting")
+    p.set_defaults(func=run)
+    return p
+
+
+def _add_quantization_options(p: argparse.ArgumentParser) -> None:
+    """--overwrite, and how the bundle is lowered: quantization, delegate, batch, sensitivity pass."""
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
     p.add_argument(
         "--dynamic", action="store_true", help="onnx int8: dynamic quantization instead of calibrated static QDQ"
@@ -112,6 +122,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default="auto",
         help="enforce the int8 image PSNR floor (auto: yes for folders, no for presets)",
     )
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    """What goes into the bundle besides the model: seed, LoRA, ControlNet, attention layout, CPU classes."""
     p.add_argument("--seed", type=int, default=0, help="weight seed when MODEL is a preset")
     p.add_argument(
         "--lora",
@@ -146,10 +160,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         metavar="LIST",
         help="CPU classes to check the bundle on, comma-separated: host (this machine), x86-64-avx2 (emulated with qemu-x86_64-static -cpu Haswell), arm64 (ExecuTorch bundles, emulated with qemu-aarch64-static); recorded in the manifest (default: host)",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--dry-run", action="store_true", help="check the request, print it and exit without converting")
-    p.set_defaults(func=run)
-    return p
 
 
 def add_parsers(subparsers) -> None:

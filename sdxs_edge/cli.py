@@ -515,7 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     from benchmarks.cli import add_parsers as add_bench
     from converters.cli import add_parsers as add_convert
     from runtimes.cli import add_parsers as add_runtime
-    from sdxs_edge.serve.cli import add_parser as add_serve
+    from server.cli import add_parser as add_serve
 
     add_convert(sub)
     add_runtime(sub)

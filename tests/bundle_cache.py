@@ -21,10 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 BUNDLE_CACHE = ROOT / "build" / "test-bundles"
 STALE_AFTER_S = 3600  # entries of other keys unused this long are removed (a test run takes minutes)
 KEY_PACKAGES = ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "executorch", "torchao", "coremltools")
-# sdxs_edge modules no conversion reads (the CLI, reports, the SHAPES-64 evaluator, the server, the noise
-# stream) stay out of the key.
+# sdxs_edge modules no conversion reads (the CLI, reports, the SHAPES-64 evaluator, the noise stream) stay
+# out of the key.
 NOT_IN_KEY = {"cli.py", "cli_args.py", "info.py", "evaluate.py", "torch_rng.py"}
-NOT_IN_KEY_DIRS = {"serve"}
 
 
 def source_key(label: str, *extra: str) -> str:
@@ -34,11 +33,7 @@ def source_key(label: str, *extra: str) -> str:
     h = hashlib.sha256(label.encode())
     sources = [
         *(ROOT / "converters").rglob("*.py"),
-        *(
-            f
-            for f in (ROOT / "sdxs_edge").rglob("*.py")
-            if f.name not in NOT_IN_KEY and not NOT_IN_KEY_DIRS & set(f.relative_to(ROOT).parts)
-        ),
+        *(f for f in (ROOT / "sdxs_edge").rglob("*.py") if f.name not in NOT_IN_KEY),
     ]
     for f in sorted(sources):
         h.update(str(f.relative_to(ROOT)).encode() + b"\0" + f.read_bytes())

@@ -60,7 +60,7 @@ def _fake_bundle(root: Path) -> Path:
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "source": {"model": "tiny", "sha256": "placeholder"},
+        "source": {"model": "tiny", "sha256": "0" * 64},
         "target": "executorch",
         "precision": "fp32",
         "resolution": 64,

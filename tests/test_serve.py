@@ -44,7 +44,7 @@ def bundles() -> list[Path]:
     need("onnxruntime")
     need("fastapi")
     need("uvicorn")
-    from sdxs_edge.serve import models
+    from server import models
 
     root = BUNDLE_CACHE / f"serve-onnx-fp32-{source_key('serve-default-variants')}"
     out = models.cached_bundles(models.default_variants(), root, "onnx", "fp32", log=lambda line: None)
@@ -396,7 +396,7 @@ def test_full_queue_is_503_with_retry_after(keyed):
 
 
 def test_worker_queue_is_bounded():
-    from sdxs_edge.serve.worker import QueueFullError, Worker
+    from server.worker import QueueFullError, Worker
 
     gate = threading.Event()
     w = Worker("t", max_queue=1)
@@ -414,8 +414,8 @@ def test_request_that_times_out_is_503_with_retry_after():
     import asyncio
 
     pytest.importorskip("fastapi")
-    from sdxs_edge.serve.app import ApiError, Limits, Server
-    from sdxs_edge.serve.models import Entry
+    from server.app import ApiError, Limits, Server
+    from server.models import Entry
 
     class Slow:  # a session that takes longer than the timeout
         has_controlnet, batch, manifest = False, 1, {"resolution": 64}
@@ -466,7 +466,7 @@ def test_not_a_bundle_is_one_line(tmp_path):
 
 
 def test_cache_is_reused(bundles, monkeypatch):
-    from sdxs_edge.serve import models
+    from server import models
 
     monkeypatch.setattr(models, "_convert", lambda *a: pytest.fail("a cached bundle was converted again"))
     lines: list[str] = []
@@ -476,7 +476,7 @@ def test_cache_is_reused(bundles, monkeypatch):
 
 
 def test_several_runtimes_make_one_entry_each(bundles):
-    from sdxs_edge.serve.models import load_entries
+    from server.models import load_entries
 
     entries = load_entries([bundles[1]], ["onnxruntime", "torch"], log=lambda line: None)
     try:
@@ -492,7 +492,9 @@ def test_several_runtimes_make_one_entry_each(bundles):
 
 
 def test_server_imports_no_torch(bundles):
-    code = "import sys, sdxs_edge.cli, sdxs_edge.serve.app, sdxs_edge.serve.cli, runtimes.onnxruntime_session; print('torch' in sys.modules)"
+    code = (
+        "import sys, sdxs_edge.cli, server.app, server.cli, runtimes.onnxruntime_session; print('torch' in sys.modules)"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.stdout.strip() == "False", r.stderr
 

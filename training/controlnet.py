@@ -505,6 +505,46 @@ def _row_grid(columns: list[np.ndarray], path: Path) -> Path:
     return path
 
 
+def _report_row(
+    cfg: ReportConfig, ev, ref, sets: dict, pipe, cn, steps: int, guidance: float
+) -> tuple[dict, np.ndarray]:
+    """One model of `controlnet_report`: its figures on each control set, and its other-scene grid column."""
+    from sdxs_edge.evaluate import accuracy_report
+    from sdxs_edge.models import count_parameters
+
+    prompts = ref.captions
+    pipe.attach_controlnet(cn)
+    r: dict = {
+        "steps": steps,
+        "guidance": guidance,
+        "unet_params": count_parameters(pipe.c.unet),
+        "controlnet_params": count_parameters(cn) if cn is not None else 0,
+    }
+    try:
+        for set_name, edges in sets.items():
+            control = edges_to_control(edges)
+            imgs = generate_images(pipe, prompts, control if cn is not None else None, steps, guidance, cfg.batch)
+            iou = edge_iou(edges, canny(imgs))
+            acc = accuracy_report(ev.classify(imgs), ref.labels)
+            r[set_name] = {
+                "edge_iou": float(iou.mean()),
+                "all_correct": acc["all_correct"],
+                **{a: acc[a] for a in shapes.ATTRIBUTES},
+            }
+            if set_name == "other-scene":
+                column = imgs[: cfg.grid]
+        r["cpu_latency_s"] = _latency(
+            pipe,
+            edges_to_control(sets["consistent"][:1]) if cn is not None else None,
+            steps,
+            guidance,
+            cfg.latency_runs,
+        )
+    finally:
+        pipe.attach_controlnet(None)
+    return r, column
+
+
 def controlnet_report(cfg: ReportConfig, teacher, t_cn, student, s_cn, out: Path) -> dict:
     """Edge IoU and all-correct rate of four models on two control sets; parameter counts; CPU latency; grid.
 
@@ -514,8 +554,7 @@ def controlnet_report(cfg: ReportConfig, teacher, t_cn, student, s_cn, out: Path
         another position / shape than the prompt: IoU shows whether the control moves the shape; all-correct
         is still judged against the prompt, which the control contradicts.
     """
-    from sdxs_edge.evaluate import Evaluator, accuracy_report
-    from sdxs_edge.models import count_parameters
+    from sdxs_edge.evaluate import Evaluator
 
     ev = Evaluator.load()
     scenes = shapes.eval_scenes(cfg.n, seed=0)
@@ -536,36 +575,7 @@ def controlnet_report(cfg: ReportConfig, teacher, t_cn, student, s_cn, out: Path
     rep: dict = {"n": cfg.n, "teacher_steps": cfg.steps, "teacher_guidance": cfg.guidance, "models": {}}
     grid_cols = {}
     for name, pipe, cn, steps, guidance in rows:
-        pipe.attach_controlnet(cn)
-        r: dict = {
-            "steps": steps,
-            "guidance": guidance,
-            "unet_params": count_parameters(pipe.c.unet),
-            "controlnet_params": count_parameters(cn) if cn is not None else 0,
-        }
-        try:
-            for set_name, edges in sets.items():
-                control = edges_to_control(edges)
-                imgs = generate_images(pipe, prompts, control if cn is not None else None, steps, guidance, cfg.batch)
-                iou = edge_iou(edges, canny(imgs))
-                acc = accuracy_report(ev.classify(imgs), ref.labels)
-                r[set_name] = {
-                    "edge_iou": float(iou.mean()),
-                    "all_correct": acc["all_correct"],
-                    **{a: acc[a] for a in shapes.ATTRIBUTES},
-                }
-                if set_name == "other-scene":
-                    grid_cols[name] = imgs[: cfg.grid]
-            r["cpu_latency_s"] = _latency(
-                pipe,
-                edges_to_control(edges_consistent[:1]) if cn is not None else None,
-                steps,
-                guidance,
-                cfg.latency_runs,
-            )
-        finally:
-            pipe.attach_controlnet(None)
-        rep["models"][name] = r
+        rep["models"][name], grid_cols[name] = _report_row(cfg, ev, ref, sets, pipe, cn, steps, guidance)
     ctrl_img = np.repeat(edges_other[: cfg.grid, :, :, None], 3, axis=3)
     _row_grid(
         [
@@ -660,13 +670,55 @@ def _training_logs(out: Path) -> dict:
     return training
 
 
+def _teacher_controlnet(cfg: ControlNetRunConfig, out: Path, teacher, done: Path, training: dict):
+    """Stage 1 of `run_controlnet`: the teacher's ControlNet, loaded from `done` or trained and saved there."""
+    from sdxs_edge.controlnet import SHAPES_EMBEDDING, controlnet_for_unet, load_controlnet, save_controlnet
+
+    if done.is_dir():
+        return load_controlnet(done, teacher.c.unet)
+    torch.manual_seed(cfg.seed)
+    cache = build_control_cache(teacher, cfg.teacher_cn.cache_size, out / "control-cache.safetensors", cfg.seed)
+    t_cn = wake_conditioning(
+        controlnet_for_unet(teacher.c.unet, SHAPES_EMBEDDING),
+        torch.from_numpy(edges_to_control(cache["edges"][:64].numpy())),
+        seed=cfg.seed,
+    )
+    t_cn, res = train_teacher_controlnet(cfg.teacher_cn, out / "teacher-controlnet", teacher, t_cn, cache, cfg.seed)
+    training["teacher-controlnet"] = res.get("last", {})
+    save_controlnet(t_cn, done, overwrite=True)
+    return t_cn
+
+
+def _student_controlnet(
+    cfg: ControlNetRunConfig, out: Path, teacher_pair, student, triplets, done: Path, training: dict
+):
+    """Stage 3 of `run_controlnet`: the student's ControlNet on the frozen one-step U-Net, loaded or trained."""
+    from sdxs_edge.controlnet import SHAPES_EMBEDDING, controlnet_for_unet, load_controlnet, save_controlnet
+
+    if done.is_dir():
+        return load_controlnet(done, student.c.unet)
+    teacher, t_cn = teacher_pair
+    torch.manual_seed(cfg.seed + 1)
+    s_cn = wake_conditioning(
+        controlnet_for_unet(student.c.unet, SHAPES_EMBEDDING),
+        torch.from_numpy(edges_to_control(triplets["edges"][:64].numpy())),
+        seed=cfg.seed + 1,
+    )
+    s_cn, res = train_student_controlnet(
+        cfg.student_cn, out / "controlnet", student, s_cn, teacher, t_cn, triplets, cfg.seed
+    )
+    training["controlnet"] = res.get("last", {})
+    save_controlnet(s_cn, done, overwrite=True)
+    return s_cn
+
+
 def run_controlnet(cfg: ControlNetRunConfig, out: str | Path, until: str = "report") -> dict:
     """teacher-controlnet -> triplets -> controlnet -> report, each resumed from `out/`; returns the report
     (or a summary when stopping earlier). Final ControlNets: `out/teacher-controlnet/controlnet`,
     `out/controlnet/controlnet` (float32) and fp16 copies under `out/export/`."""
     from safetensors.torch import load_file
 
-    from sdxs_edge.controlnet import SHAPES_EMBEDDING, controlnet_for_unet, load_controlnet, save_controlnet
+    from sdxs_edge.controlnet import save_controlnet
     from sdxs_edge.pipeline import SDXSPipeline
 
     if until not in STAGES:
@@ -688,19 +740,7 @@ def run_controlnet(cfg: ControlNetRunConfig, out: str | Path, until: str = "repo
 
     # 1. Teacher ControlNet.
     t_done = out / "teacher-controlnet" / "controlnet"
-    if t_done.is_dir():
-        t_cn = load_controlnet(t_done, teacher.c.unet)
-    else:
-        torch.manual_seed(cfg.seed)
-        cache = build_control_cache(teacher, cfg.teacher_cn.cache_size, out / "control-cache.safetensors", cfg.seed)
-        t_cn = wake_conditioning(
-            controlnet_for_unet(teacher.c.unet, SHAPES_EMBEDDING),
-            torch.from_numpy(edges_to_control(cache["edges"][:64].numpy())),
-            seed=cfg.seed,
-        )
-        t_cn, res = train_teacher_controlnet(cfg.teacher_cn, out / "teacher-controlnet", teacher, t_cn, cache, cfg.seed)
-        training["teacher-controlnet"] = res.get("last", {})
-        save_controlnet(t_cn, t_done, overwrite=True)
+    t_cn = _teacher_controlnet(cfg, out, teacher, t_done, training)
     lap("teacher-controlnet")
     if until == "teacher-controlnet":
         return {"teacher_controlnet": str(t_done), "stage_seconds": times}
@@ -718,20 +758,7 @@ def run_controlnet(cfg: ControlNetRunConfig, out: str | Path, until: str = "repo
 
     # 3. Student ControlNet on the frozen one-step U-Net.
     s_done = out / "controlnet" / "controlnet"
-    if s_done.is_dir():
-        s_cn = load_controlnet(s_done, student.c.unet)
-    else:
-        torch.manual_seed(cfg.seed + 1)
-        s_cn = wake_conditioning(
-            controlnet_for_unet(student.c.unet, SHAPES_EMBEDDING),
-            torch.from_numpy(edges_to_control(triplets["edges"][:64].numpy())),
-            seed=cfg.seed + 1,
-        )
-        s_cn, res = train_student_controlnet(
-            cfg.student_cn, out / "controlnet", student, s_cn, teacher, t_cn, triplets, cfg.seed
-        )
-        training["controlnet"] = res.get("last", {})
-        save_controlnet(s_cn, s_done, overwrite=True)
+    s_cn = _student_controlnet(cfg, out, (teacher, t_cn), student, triplets, s_done, training)
     export = out / "export"
     export.mkdir(exist_ok=True)
     save_controlnet(t_cn, export / "shapes-teacher-controlnet-canny", overwrite=True, dtype=torch.float16)

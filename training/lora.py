@@ -395,12 +395,47 @@ def _lora_parameters(lora_file: Path) -> int:
     return int(sum(v.numel() for key, v in load_file(str(lora_file)).items() if "lora_" in key))
 
 
+def _style_table(cfg: LoRAChainConfig, ev, out: Path, models: list) -> dict:
+    """The report's table and grids: teacher, teacher + style LoRA, one-step, one-step + distilled LoRA."""
+    from sdxs_edge import shapes
+    from sdxs_edge.evaluate import STYLE_EVALUATOR_DIR, save_grid
+
+    teacher, teacher_lora, student, student_lora = models
+    rows = [
+        ("teacher", teacher, cfg.eval_steps, cfg.eval_guidance, "none"),
+        ("teacher + style LoRA", teacher_lora, cfg.eval_steps, cfg.eval_guidance, "teacher LoRA"),
+        ("one-step", student, 1, 0.0, "none"),
+        ("one-step + distilled LoRA", student_lora, 1, 0.0, "one-step LoRA"),
+    ]
+    report: dict = {
+        "evaluator": str(STYLE_EVALUATOR_DIR),
+        "evaluator_heldout": ev.meta.get("heldout_accuracy"),
+        "models": [],
+    }
+    grids = []
+    for name, pipe, steps, guidance, lora in rows:
+        rep, images = style_eval(pipe, cfg.eval_n, steps, guidance, ev)
+        report["models"].append(
+            {
+                "model": name,
+                "lora": lora,
+                "steps": steps,
+                "guidance": guidance,
+                **{k: rep[k] for k in ("outline_rate", "all_correct", *shapes.ATTRIBUTES, "fid_shapes", "n")},
+            }
+        )
+        grids.append(images[:16])
+        save_grid(images, out / f"grid-{name.replace(' ', '-').replace('+', 'plus')}.png", cols=16, limit=32)
+    save_grid(np.concatenate(grids), out / "grid.png", cols=16, limit=64)
+    return report
+
+
 def run_lora_chain(cfg: LoRAChainConfig, out: str | Path, until: str = "all") -> dict:
     """Teacher style LoRA -> teacher ODE pairs with it -> one-step LoRA distillation -> report; resumable."""
     from safetensors.torch import load_file, save_file
 
     from sdxs_edge import sampler, shapes
-    from sdxs_edge.evaluate import STYLE_EVALUATOR_DIR, Evaluator, save_grid
+    from sdxs_edge.evaluate import STYLE_EVALUATOR_DIR, Evaluator
     from sdxs_edge.lora import save_lora
     from sdxs_edge.pipeline import SDXSPipeline
 
@@ -464,32 +499,7 @@ def run_lora_chain(cfg: LoRAChainConfig, out: str | Path, until: str = "all") ->
     # 4. Report: style evaluator on teacher / one-step, each with and without its LoRA.
     ev = Evaluator.load(STYLE_EVALUATOR_DIR)
     student_lora = _with_lora(student, student_lora_file, f"{student.name} + one-step LoRA", 1, 0.0)
-    rows = [
-        ("teacher", teacher, cfg.eval_steps, cfg.eval_guidance, "none"),
-        ("teacher + style LoRA", teacher_lora, cfg.eval_steps, cfg.eval_guidance, "teacher LoRA"),
-        ("one-step", student, 1, 0.0, "none"),
-        ("one-step + distilled LoRA", student_lora, 1, 0.0, "one-step LoRA"),
-    ]
-    report: dict = {
-        "evaluator": str(STYLE_EVALUATOR_DIR),
-        "evaluator_heldout": ev.meta.get("heldout_accuracy"),
-        "models": [],
-    }
-    grids = []
-    for name, pipe, steps, guidance, lora in rows:
-        rep, images = style_eval(pipe, cfg.eval_n, steps, guidance, ev)
-        report["models"].append(
-            {
-                "model": name,
-                "lora": lora,
-                "steps": steps,
-                "guidance": guidance,
-                **{k: rep[k] for k in ("outline_rate", "all_correct", *shapes.ATTRIBUTES, "fid_shapes", "n")},
-            }
-        )
-        grids.append(images[:16])
-        save_grid(images, out / f"grid-{name.replace(' ', '-').replace('+', 'plus')}.png", cols=16, limit=32)
-    save_grid(np.concatenate(grids), out / "grid.png", cols=16, limit=64)
+    report = _style_table(cfg, ev, out, [teacher, teacher_lora, student, student_lora])
     report["ceiling"] = decoder_ceiling(teacher, student, ev, cfg.eval_n)
     report["lora_files"] = {"teacher": str(teacher_lora_file), "one_step": str(student_lora_file)}
     report["lora_parameters"] = {

@@ -321,6 +321,27 @@ def _score_difference(
     return torch.nan_to_num(grad)
 
 
+def _noised(x0: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor, g: torch.Generator):
+    """x0 noised to timesteps t (forward process), and the alphas_cumprod it used, shaped to broadcast."""
+    a = alphas_cumprod[t].view(-1, 1, 1, 1)
+    return a.sqrt() * x0 + (1 - a).sqrt() * torch.randn(x0.shape, generator=g).to(x0.device), a
+
+
+def _update_online(online, opt, x0: torch.Tensor, ctx, alphas_cumprod, cfg: SSDConfig, g, prediction: str) -> float:
+    """The online DM's denoising updates on the student's current outputs; returns the last loss."""
+    for _ in range(cfg.online_updates):
+        t = torch.randint(0, len(alphas_cumprod), (cfg.batch,), generator=g).to(x0.device)
+        eps = torch.randn(x0.shape, generator=g).to(x0.device)
+        a = alphas_cumprod[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        loss = F.mse_loss(online(xt, t, ctx).sample, _target(x0, eps, a, prediction))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(online.parameters(), 1.0)
+        opt.step()
+    return loss.item()
+
+
 def score_distill(
     cfg: SSDConfig,
     out: Path,
@@ -335,12 +356,11 @@ def score_distill(
     online_init=None,
     teacher_prediction: str = "epsilon",
 ):
-    """Segmented score distillation of a (warmed-up) one-step student.
-
-    Only the student's parameters with requires_grad are trained (all of them, or an injected LoRA). The
-    online DM starts as a copy of `online_init` (default: the offline DM; a style LoRA distillation starts
-    it from the teacher without the LoRA, which never enters the online DM). `teacher_prediction` is the
-    offline DM's parameterisation ("epsilon" or "v_prediction"), which the online DM inherits.
+    """Segmented score distillation of a (warmed-up) one-step student: only its parameters with
+    requires_grad train (all, or an injected LoRA). The online DM starts as a copy of `online_init` (default:
+    the offline DM; a style LoRA distillation starts it from the teacher without the LoRA).
+    `teacher_prediction` is the offline DM's parameterisation ("epsilon" or "v_prediction"), which the
+    online DM inherits.
     """
     text_encoder.requires_grad_(False).eval()
     offline_unet.requires_grad_(False).eval()
@@ -358,10 +378,6 @@ def score_distill(
     with torch.no_grad():
         uncond = text_encoder(empty_ids[None])[0]
 
-    def noised(x0: torch.Tensor, t: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        a = alphas_cumprod[t].view(-1, 1, 1, 1)
-        return a.sqrt() * x0 + (1 - a).sqrt() * torch.randn(x0.shape, generator=g).to(dev), a
-
     progress = Progress(cfg.steps, cfg.max_seconds)
 
     def step(k: int) -> dict:
@@ -375,7 +391,7 @@ def score_distill(
         sd_mask = (t <= alpha * T).float()
         # Score-difference segment (DMD's normalised form of the Diff-Instruct gradient).
         with torch.no_grad():
-            xt, a = noised(x0.detach(), t, g)
+            xt, a = _noised(x0.detach(), t, alphas_cumprod, g)
             grad = _score_difference(
                 offline_unet, online, xt, a, t, ctx, uncond, cfg.guidance, x0.detach(), teacher_prediction
             )
@@ -387,21 +403,12 @@ def score_distill(
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt_s.step()
         # Online DM: denoising loss on the student's current outputs.
-        for _ in range(cfg.online_updates):
-            t2 = torch.randint(0, T, (cfg.batch,), generator=g).to(dev)
-            eps = torch.randn(x0.shape, generator=g).to(dev)
-            a2 = alphas_cumprod[t2].view(-1, 1, 1, 1)
-            xt2 = a2.sqrt() * x0.detach() + (1 - a2).sqrt() * eps
-            o_loss = F.mse_loss(online(xt2, t2, ctx).sample, _target(x0.detach(), eps, a2, teacher_prediction))
-            opt_o.zero_grad(set_to_none=True)
-            o_loss.backward()
-            torch.nn.utils.clip_grad_norm_(online.parameters(), 1.0)
-            opt_o.step()
+        o_loss = _update_online(online, opt_o, x0.detach(), ctx, alphas_cumprod, cfg, g, teacher_prediction)
         return {
             "loss": loss.item(),
             "sd": float((sd.detach() * sd_mask).sum() / sd_mask.sum().clamp_min(1)),
             "fm": float(fm.mean()),
-            "online": o_loss.item(),
+            "online": o_loss,
             "alpha": alpha,
             "lambda_fm": lam,
         }

@@ -87,7 +87,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 def bundle_paths(args: argparse.Namespace, log) -> list[Path]:
     """Bundle folders to load: those given, model folders converted into the cache, or the embedded model's."""
-    from sdxs_edge.serve import models
+    from server import models
 
     variants, bundles = [], []
     for m in args.models:
@@ -116,8 +116,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise SDXSError("--queue must be >= 1 and --timeout > 0")
     import uvicorn
 
-    from sdxs_edge.serve.app import Limits, Server, create_app
-    from sdxs_edge.serve.models import load_entries, stderr_log
+    from server.app import Limits, Server, create_app
+    from server.models import load_entries, stderr_log
 
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     sock = bind(args.host, args.port)

@@ -17,12 +17,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import sdxs_edge
 from sdxs_edge.bundle import BundleError, load_manifest
 from sdxs_edge.errors import SDXSError
 
-PACKAGE_DIR = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL = PACKAGE_DIR / "default_model"
-MODELS_DIR = PACKAGE_DIR.parent / "models"  # the trained ControlNet and LoRA of the embedded model (a checkout)
+DEFAULT_MODEL = Path(sdxs_edge.__file__).resolve().parent / "default_model"
+MODELS_DIR = DEFAULT_MODEL.parents[1] / "models"  # the trained ControlNet and LoRA of the embedded model (a checkout)
 DEFAULT_CONTROLNET = MODELS_DIR / "shapes-controlnet-canny"
 DEFAULT_LORA = MODELS_DIR / "shapes-lora-outline"
 CACHE_ENV = "SDXS_EDGE_CACHE"

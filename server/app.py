@@ -34,8 +34,8 @@ from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sdxs_edge.errors import SDXSError
-from sdxs_edge.serve.models import Entry
-from sdxs_edge.serve.worker import QueueFullError, Worker
+from server.models import Entry
+from server.worker import QueueFullError, Worker
 
 STATIC = Path(__file__).parent / "static"
 PAGE_FILES = {
@@ -248,7 +248,7 @@ class Server:
     """The loaded entries, their workers and the limits: what the routes share.
 
     Args:
-        entries: the loaded models (`sdxs_edge.serve.models.load_entries`).
+        entries: the loaded models (`server.models.load_entries`).
         limits: request limits.
         api_key: when set, every API route needs `Authorization: Bearer <api_key>`.
     """
