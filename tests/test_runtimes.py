@@ -352,7 +352,7 @@ def test_runtime_cannot_run_target(make_bundle):
 def test_unknown_runtime_and_option(make_bundle):
     with pytest.raises(
         runtimes.UnknownRuntimeError,
-        match="valid runtimes: torch, onnxruntime, executorch, executorch-native, coreml, android, arm64-emulated",
+        match="valid runtimes: torch, onnxruntime, executorch, executorch-native, executorch-capi, coreml, android, arm64-emulated",
     ):
         runtimes.load(make_bundle("onnx", "fp32"), "tensorrt")
     with pytest.raises(
