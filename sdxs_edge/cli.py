@@ -11,7 +11,7 @@ from pathlib import Path
 
 from sdxs_edge import control as _control
 from sdxs_edge.atomic import atomic_file, write_atomic
-from sdxs_edge.cli_args import control_scale, lora_scale, positive
+from sdxs_edge.cli_args import control_scale, lora_scale, positive, strength
 from sdxs_edge.errors import SDXSError
 from sdxs_edge.images import save_image
 
@@ -55,16 +55,6 @@ def fetch_named_models(args) -> None:
     for name in names:
         if name and is_hub_id(str(name)):
             fetch_hub_model(str(name), allow_download=True)
-
-
-def _strength(value: str) -> float:
-    try:
-        s = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--strength must be a number in (0, 1], got {value!r}") from None
-    if not 0.0 < s <= 1.0:
-        raise argparse.ArgumentTypeError(f"--strength must be in (0, 1], got {value}")
-    return s
 
 
 def _warnings_as_lines(fn, *a):
@@ -405,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--strength",
-        type=_strength,
+        type=strength,
         metavar="S",
         help="image-to-image strength in (0, 1]: how far from --image to go (default 0.8; needs --image)",
     )

@@ -69,3 +69,14 @@ def finite(name: str):
 
 lora_scale = finite("--lora-scale")
 control_scale = finite("--control-scale")
+
+
+def strength(value: str) -> float:
+    """--strength: image-to-image strength in (0, 1]."""
+    try:
+        s = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--strength must be a number in (0, 1], got {value!r}") from None
+    if not 0.0 < s <= 1.0:
+        raise argparse.ArgumentTypeError(f"--strength must be in (0, 1], got {value}")
+    return s
