@@ -74,6 +74,7 @@ def convert(
     control_scale: float = 1.0,
     attention: str = "standard",
     cpu_classes: Sequence[str] = ("host",),
+    layout: str = "sdxs-edge",
 ) -> Path:
     """Convert a model into a bundle for one runtime target and check it against PyTorch.
 
@@ -119,13 +120,15 @@ def convert(
             Engine; on CPU it caps the largest attention map at one head's). Applied to copies of the U-Net,
             VAE and ControlNet: a pipeline passed in is left as it was. Recorded under "conversion.config".
         cpu_classes: CPU classes to check the bundle on ("host" and `sdxs_edge.cpu.EMULATED`; `cpu_check`).
+        layout: "sdxs-edge" (default) or "optimum" (ONNX: the folder optimum's ONNX Runtime pipeline
+            loads, with the manifest; `converters.layouts`). Another target is refused before any work.
 
     Returns the bundle path.
     """
     req = ConversionRequest(
         model, target, precision, out, components, resolution, calibration_prompts, overwrite, progress, dynamic,
         palettize, delegate, batch, sensitivity, sensitivity_shortlist, max_float_fraction, onnx_calibration,
-        trained, seed, lora, lora_scale, controlnet, control_scale, attention, tuple(cpu_classes),
+        trained, seed, lora, lora_scale, controlnet, control_scale, attention, tuple(cpu_classes), layout,
     )  # fmt: skip
     return run(req)
 
@@ -192,6 +195,7 @@ def run(req: ConversionRequest) -> Path:
             manifest = S.build_manifest(req, prep, src, low, Path(tmp), st.seconds, t_start)
             S.write(req, prep, manifest, Path(tmp))
             S.check_cpu_classes(req, caps, manifest, Path(tmp))
+            S.write_layout(req, prep, manifest, Path(tmp))
             st.done()
     finally:
         st.bar.close()

@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 from converters.calibration import DEFAULT_CAPTIONS
+from converters.layouts import LAYOUTS, check_layout
 from converters.registry import DELEGATES, ONNX_CALIBRATIONS, PALETTE_BITS, PRECISION_SPECS, UnsupportedConversion
 from sdxs_edge import cli_args
 from sdxs_edge.attention import ATTENTION_VARIANTS
@@ -155,6 +156,12 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
         help="attention layout: standard, or split-heads (one head at a time, as Apple's ml-stable-diffusion does for the Neural Engine; on CPU runtimes a smaller peak memory)",
     )
     p.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        default="sdxs-edge",
+        help="folder layout: sdxs-edge (default), or optimum (ONNX: the folder optimum's ONNX Runtime diffusion pipeline loads; the manifest stays, so run and parity work on it)",
+    )
+    p.add_argument(
         "--cpu-classes",
         default="host",
         metavar="LIST",
@@ -210,6 +217,7 @@ def run(args: argparse.Namespace) -> int:
         onnx_calibration=args.onnx_calibration,
         attention=args.attention,
         cpu_classes=parse_classes(args.cpu_classes),
+        layout=args.layout,
         trained=trained,
         seed=args.seed,
         lora=args.lora,
@@ -239,6 +247,7 @@ def dry_run(args: argparse.Namespace, components, lora_scale: float, control_sca
         args.controlnet,
         control_scale,
     )
+    check_layout(args.layout, args.target, comps, args.controlnet)
     lora = None
     if args.lora is not None:  # the file is read and checked; whether it fits the U-Net needs the model
         from sdxs_edge.bundle import sha256_path
@@ -278,6 +287,7 @@ def dry_run(args: argparse.Namespace, components, lora_scale: float, control_sca
         "onnx_calibration": args.onnx_calibration,
         "attention": args.attention,
         "cpu_classes": list(parse_classes(args.cpu_classes)),
+        "layout": args.layout,
         "trained": args.trained,
         "lora": lora,
         "controlnet": controlnet,

@@ -147,6 +147,7 @@ class ConversionRequest:
     control_scale: float = 1.0
     attention: str = "standard"
     cpu_classes: tuple[str, ...] = ("host",)
+    layout: str = "sdxs-edge"
 
     def __post_init__(self) -> None:
         comps = check_request(
@@ -168,6 +169,9 @@ class ConversionRequest:
         classes = cpu.parse_classes(",".join(self.cpu_classes))
         for cls in classes:  # a class that cannot be emulated here fails now, before any lowering
             cpu.emulator(cls)
+        from converters.layouts import check_layout
+
+        check_layout(self.layout, self.target, comps, self.controlnet)
         object.__setattr__(self, "cpu_classes", classes)
         object.__setattr__(self, "components", comps)
         object.__setattr__(self, "out", Path(self.out))

@@ -443,16 +443,29 @@ def check_cpu_classes(req: ConversionRequest, caps: Captures, manifest: dict, bu
     (bundle / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
 
-def check_written(bundle: Path, manifest: dict) -> None:
-    """The bundle as written must load through the runtimes' own reader, and hold nothing unlisted."""
+def write_layout(req: ConversionRequest, prep: Prepared, manifest: dict, bundle: Path) -> None:
+    """The written bundle rearranged into the requested layout (`converters.layouts`), verified again."""
+    if req.layout == "sdxs-edge":
+        return
+    from converters.layouts import apply_layout
+
+    extra = apply_layout(req.layout, prep.pipe, manifest, bundle)
+    validate_manifest(manifest)
+    (bundle / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    check_written(bundle, manifest, extra)
+
+
+def check_written(bundle: Path, manifest: dict, extra: list[str] | tuple[str, ...] = ()) -> None:
+    """The bundle as written must load through the runtimes' own reader, and hold nothing unlisted
+    (`extra`: top-level names a layout adds)."""
     try:
         load_manifest(bundle, verify=True)
     except BundleError as e:
         raise SDXSError(f"the bundle written does not verify: {e}") from e
-    listed = {"manifest.json", TOKENIZER_DIR}
+    listed = {"manifest.json", TOKENIZER_DIR, *extra}
     for c in manifest["components"].values():
-        listed.add(c["file"])
-        listed.update(x["file"] for x in c.get("external_data", []))
+        listed.add(c["file"].split("/")[0])
+        listed.update(x["file"].split("/")[0] for x in c.get("external_data", []))
     stray = sorted(p.name for p in bundle.iterdir() if p.name not in listed)
     if stray:
         raise SDXSError(f"the bundle written holds unlisted files {stray}; a backend left scratch output in it")

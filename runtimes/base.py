@@ -42,6 +42,8 @@ from sdxs_edge import cpu, sampler, torch_rng
 from sdxs_edge.bundle import REQUIRED_COMPONENTS, BundleError, load_manifest
 from sdxs_edge.errors import NonFiniteError, SDXSError
 
+# A U-Net input of this name (optimum's layout, `converters.layouts`) is fed the bundle's one-step timestep.
+TIMESTEP_INPUT = "timestep"
 # Noise generators `Session.noise` offers; the first is the default.
 RNGS = ("torch", "numpy")
 
@@ -217,7 +219,7 @@ class Session:
         for comp in REQUIRED_COMPONENTS:
             if comp not in self.specs:
                 raise SDXSError(f"{self.bundle}: the bundle has no {comp} component; a runtime needs all three")
-        extra = [s.name for s in self.specs["unet"].inputs[2:]]
+        extra = self._residual_names()
         if extra and "controlnet" not in self.specs:
             raise BundleError(
                 f"{self.bundle}: its U-Net takes ControlNet residuals ({', '.join(extra)}) but the bundle has no controlnet component; convert it with the controlnet component"
@@ -379,13 +381,20 @@ class Session:
             residuals: the ControlNet's outputs (`control_residuals`), for a bundle with a ControlNet.
         """
         spec = self.specs["unet"]
-        names = [s.name for s in spec.inputs[2:]]
+        names = self._residual_names()
         if len(residuals) != len(names):
             raise RuntimeInputError(
                 f"unet: takes {len(names)} ControlNet residual(s) ({', '.join(names) or 'none'}), got {len(residuals)}"
             )
         feeds = {spec.inputs[0].name: latent, spec.inputs[1].name: context, **dict(zip(names, residuals))}
+        for s in spec.inputs:  # a layout's U-Net that takes the timestep (optimum's), fed the one-step one
+            if s.name == TIMESTEP_INPUT:
+                feeds[s.name] = np.full(s.shape, self.constants.timestep, s.dtype)
         return self.run("unet", feeds)[spec.outputs[0].name]
+
+    def _residual_names(self) -> list[str]:
+        """The U-Net's ControlNet residual inputs: those after latent and context, but a timestep input."""
+        return [s.name for s in self.specs["unet"].inputs[2:] if s.name != TIMESTEP_INPUT]
 
     def decode(self, latent: np.ndarray) -> np.ndarray:
         """x0 in the U-Net's latent space (B, 4, h, w) -> image (B, 3, H, W) in [-1, 1]."""
