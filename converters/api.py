@@ -83,12 +83,10 @@ def convert(
         target: "onnx", "executorch" or "coreml".
         precision: "fp32", "fp16" or "int8" (see `converters.registry.PRECISION_SPECS` for the pairs).
         out: the bundle directory to create.
-        components: any of "text_encoder", "controlnet", "unet", "decoder" (default: all three, and
-            controlnet when `controlnet` is given).
+        components: any of "text_encoder", "controlnet", "unet", "decoder" (default: the three, + controlnet if given).
         resolution: image side in pixels (default the model's; a multiple of 8 the U-Net can halve).
         calibration_prompts: int8 calibration prompts: a text file (one per line), a list, or a number of
-            SHAPES-64 captions spread over the grammar (e.g. 128: a fused LoRA may need more); default 32
-            SHAPES-64 captions.
+            SHAPES-64 captions spread over the grammar (e.g. 128: a fused LoRA may need more); default 32.
         overwrite: replace an existing bundle at `out`.
         progress: show a tqdm bar per stage.
         dynamic: ONNX int8 only: dynamic int8 (weights only calibrated) instead of static QDQ.
@@ -120,8 +118,7 @@ def convert(
             Engine; on CPU it caps the largest attention map at one head's). Applied to copies of the U-Net,
             VAE and ControlNet: a pipeline passed in is left as it was. Recorded under "conversion.config".
         cpu_classes: CPU classes to check the bundle on ("host" and `sdxs_edge.cpu.EMULATED`; `cpu_check`).
-        layout: "sdxs-edge" (default) or "optimum" (ONNX: the folder optimum's ONNX Runtime pipeline
-            loads, with the manifest; `converters.layouts`). Another target is refused before any work.
+        layout: "sdxs-edge" (default) or "optimum" (ONNX only; optimum's pipeline folder: `converters.layouts`).
 
     Returns the bundle path.
     """
