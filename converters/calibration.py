@@ -120,6 +120,9 @@ def to_uint8(images) -> np.ndarray:
     return (arr * 255).round().astype(np.uint8)
 
 
+NOISE_RNG = "torch"  # `noise` below, by its `runtimes.base.RNGS` name
+
+
 def noise(batch: int, latent_size: int, seed: int) -> np.ndarray:
     """Unit Gaussian latents as `SDXSPipeline.noise` draws them, at any latent size."""
     import torch

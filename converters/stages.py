@@ -5,7 +5,8 @@
     prepare  copies of what the conversion changes: LoRA fused, attention layout, ControlNet checked
     capture  calibration and parity tensors from real PyTorch one-step runs
     lower    per component: the backend's export -> quantize (calibration, sensitivity) -> lower
-    check    per component, then end to end, against PyTorch (`converters.parity`)
+    check    per component, then end to end, against PyTorch (`converters.parity`); the PyTorch images of
+             the check written as the bundle's self-check reference (`sdxs_edge.selfcheck`)
     write    tokenizer, the manifest (built by `build_manifest` from the stage results), verification
 
 Each stage takes the request and what earlier stages returned, and returns a small frozen record.
@@ -284,6 +285,23 @@ def check_end_to_end(req: ConversionRequest, prep: Prepared, results: dict, modu
     return {"image_psnr_db": None, "enforced": False, "why_not_enforced": f"not computed: {why}"}
 
 
+def write_selfcheck(req: ConversionRequest, prep: Prepared, caps: Captures, bundle: Path) -> dict | None:
+    """The PyTorch images of the parity samples written into the bundle (`sdxs_edge.selfcheck`), so a
+    runtime can be checked against them without PyTorch; the manifest's "selfcheck" entry, or None for a
+    bundle without every component (it cannot generate an image)."""
+    if set(req.components) != set(caps.check.inputs):
+        return None
+    from sdxs_edge import selfcheck
+
+    B, prompts = req.batch, list(calibration.PARITY_PROMPTS)
+    cycled = [prompts[i % len(prompts)] for i in range(len(caps.check) * B)]  # as `calibration.capture` does
+    samples = [
+        {"prompts": cycled[i * B : (i + 1) * B], "seed": calibration.PARITY_SEED0 + i} for i in range(len(caps.check))
+    ]
+    images = np.concatenate(caps.check.images)
+    return selfcheck.record(bundle, images, samples, calibration.NOISE_RNG, req.precision, prep.trained)
+
+
 # ---- write ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Lowered:
@@ -295,6 +313,7 @@ class Lowered:
     specs: dict
     config: ConversionConfig
     n_parity_samples: int
+    selfcheck: dict | None = None
 
 
 def _versions(target: str) -> dict:
@@ -395,6 +414,7 @@ def build_manifest(
             "components": low.parity_components,
             "end_to_end": low.end_to_end,
         },
+        **({"selfcheck": low.selfcheck} if low.selfcheck is not None else {}),
         "conversion": {
             "config": low.config.to_dict(),
             "registry": {
@@ -463,6 +483,8 @@ def check_written(bundle: Path, manifest: dict, extra: list[str] | tuple[str, ..
     except BundleError as e:
         raise SDXSError(f"the bundle written does not verify: {e}") from e
     listed = {"manifest.json", TOKENIZER_DIR, *extra}
+    if "selfcheck" in manifest:
+        listed.add(manifest["selfcheck"]["file"].split("/")[0])
     for c in manifest["components"].values():
         listed.add(c["file"].split("/")[0])
         listed.update(x["file"].split("/")[0] for x in c.get("external_data", []))

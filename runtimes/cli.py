@@ -1,6 +1,6 @@
 """`sdxs-edge parity` and `sdxs-edge run`: the runtimes' subcommands, added by `sdxs_edge.cli`.
 
-    sdxs-edge parity BUNDLE --runtime NAME [--reference MODEL] [--prompts FILE] [--seeds 0,1] [--json OUT]
+    sdxs-edge parity BUNDLE --runtime NAME [--reference MODEL|none] [--prompts FILE] [--seeds 0,1] [--json OUT]
     sdxs-edge run BUNDLE "prompt" --runtime NAME --out img.png [--seed N] [--control IMAGE]
 
 Handlers return an exit code and raise SDXSError (ParityError below the floors), which the main CLI
@@ -77,10 +77,11 @@ def add_parsers(subparsers) -> None:
     p.add_argument("bundle", help="bundle directory (converters' output)")
     _add_runtime_options(p)
     p.add_argument(
-        "--reference", help="model to compare against (preset, folder or hub id; default: the bundle's source model)"
+        "--reference",
+        help="model to compare against (preset, folder or hub id; default: the bundle's source model); 'none': the PyTorch images recorded at conversion, without PyTorch (image PSNR on the recorded prompts and seeds)",
     )
     p.add_argument("--prompts", help="prompt file, one per line (default: 4 SHAPES-64 captions)")
-    p.add_argument("--seeds", type=_seeds, default=[0], help="comma-separated noise seeds (default 0)")
+    p.add_argument("--seeds", type=_seeds, help="comma-separated noise seeds (default 0)")
     p.add_argument("--json", dest="json_out", metavar="OUT", help="write the report as JSON")
     p.set_defaults(func=cmd_parity)
 

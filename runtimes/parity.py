@@ -102,7 +102,7 @@ def run_parity(
     runtime: str,
     reference: Any = None,
     prompts: Sequence[str] | None = None,
-    seeds: Sequence[int] = (0,),
+    seeds: Sequence[int] | None = None,
     runtime_options: dict[str, Any] | None = None,
     json_out: str | Path | None = None,
     check: bool = True,
@@ -114,9 +114,10 @@ def run_parity(
         bundle: the bundle directory.
         runtime: a `runtimes.RUNTIMES` name.
         reference: model to compare against instead of the manifest's source (preset, folder, hub id or
-            loaded `SDXSPipeline`).
+            loaded `SDXSPipeline`); "none": the PyTorch images the conversion recorded, without PyTorch
+            (`runtimes.selfcheck`: the recorded prompts, seeds and rng; image PSNR only).
         prompts: prompts to generate (default `DEFAULT_PROMPTS`).
-        seeds: noise seeds; every prompt runs with every seed.
+        seeds: noise seeds (default [0]); every prompt runs with every seed.
         runtime_options: keyword options for `runtimes.load` (e.g. {"providers": ["cpu"]}).
         json_out: write the report here as JSON (before any ParityError, so a failure is inspectable).
         check: raise ParityError when a floor is missed (`check_floors`).
@@ -126,8 +127,11 @@ def run_parity(
     Returns:
         the report (see `format_table` for the fields shown).
     """
+    if isinstance(reference, str) and reference == "none":
+        report = _self_check(bundle, runtime, prompts, seeds, runtime_options, rng)
+        return _finish(report, runtime_options, json_out, check)
     prompts = list(prompts) if prompts is not None else list(DEFAULT_PROMPTS)
-    seeds = [int(s) for s in seeds]
+    seeds = [int(s) for s in seeds] if seeds is not None else [0]
     if not prompts:
         raise SDXSError("parity needs at least one prompt")
     if not seeds:
@@ -139,6 +143,22 @@ def run_parity(
         report = _compare(rt, ref, prompts, seeds, explicit_reference=reference is not None, rng=rng)
         report["cpu_class"] = rt.runs_as()
         report["cpu_classes_checked_at_conversion"] = cpu.checked_classes(rt.manifest)
+    return _finish(report, runtime_options, json_out, check)
+
+
+def _self_check(bundle, runtime: str, prompts, seeds, runtime_options, rng: str) -> dict:
+    """`reference="none"`: the recorded samples only (`runtimes.selfcheck`)."""
+    from runtimes.selfcheck import run_selfcheck
+
+    if prompts is not None or seeds is not None:
+        raise SDXSError(
+            "--reference none checks the prompts and seeds the bundle recorded at conversion; drop --prompts and --seeds"
+        )
+    return run_selfcheck(bundle, runtime, runtime_options, rng)
+
+
+def _finish(report: dict, runtime_options: dict[str, Any] | None, json_out, check: bool) -> dict:
+    """Record the runtime options; write the JSON (before any ParityError); check the floors."""
     report["runtime_options"] = {
         k: v if isinstance(v, (str, int, float, bool, type(None))) else list(v)
         for k, v in (runtime_options or {}).items()
@@ -346,18 +366,25 @@ def _num(x, fmt: str) -> str:
     return x if isinstance(x, str) else format(x, fmt)
 
 
+def cpu_note(report: dict) -> str:
+    """ "  CPU class C (checked at conversion | not checked at conversion)", or "" for a non-CPU runtime."""
+    cls, checked = report.get("cpu_class"), report.get("cpu_classes_checked_at_conversion", [])
+    if not cls:
+        return ""
+    return f"  CPU class {cls} ({'checked at conversion' if cls in checked else 'not checked at conversion'})"
+
+
 def format_table(report: dict) -> str:
     """The report as a fixed-width table.
 
     Args:
         report: a `run_parity` report.
     """
-    cls, checked = report.get("cpu_class"), report.get("cpu_classes_checked_at_conversion", [])
-    on = (
-        f"  CPU class {cls} ({'checked at conversion' if cls in checked else 'not checked at conversion'})"
-        if cls
-        else ""
-    )
+    on = cpu_note(report)
+    if report.get("self_check"):
+        from runtimes.selfcheck import format_table as self_check_table
+
+        return self_check_table(report, on)
     lines = [
         f"parity  {report['runtime']} vs torch ({report['reference']})  bundle {report['bundle']}  [{report['target']} {report['precision']}]  {report['samples']} sample(s){on}",
         f"{'component':<14}{'SNR dB':>10}{'floor':>8}{'max abs err':>14}{'runtime ms':>12}{'torch ms':>10}  ",

@@ -105,6 +105,27 @@ MANIFEST_SCHEMA: dict[str, Any] = {
         },
         "parity": {"type": "object"},
         "conversion": {"type": "object"},
+        # The PyTorch reference images a runtime is checked against without PyTorch (`sdxs_edge.selfcheck`).
+        "selfcheck": {
+            "type": "object",
+            "required": ["file", "sha256", "rng", "samples"],
+            "properties": {
+                "file": {"type": "string"},
+                "sha256": {"type": "string"},
+                "rng": {"type": "string"},
+                "samples": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["prompts", "seed"],
+                        "properties": {
+                            "prompts": {"type": "array", "items": {"type": "string"}},
+                            "seed": {"type": "integer", "minimum": 0},
+                        },
+                    },
+                },
+            },
+        },
     },
 }
 
@@ -170,6 +191,7 @@ MAX_DIM = 1 << 16  # per tensor dimension
 MAX_ELEMENTS = 1 << 31  # per tensor
 MAX_RANK = 8
 MAX_RESOLUTION = 8192
+MAX_SELFCHECK_SAMPLES = 64  # the converter records 2
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _TENSOR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,127}")
 
@@ -255,6 +277,26 @@ def _check_limits(manifest: dict) -> None:
             check_relative(x.get("file"), f"{where}.external_data[{i}].file")
             check_sha256(x.get("sha256"), f"{where}.external_data[{i}].sha256")
     _check_source_records(manifest)
+    _check_selfcheck(manifest)
+
+
+def _check_selfcheck(manifest: dict) -> None:
+    """The self-check record: its file's path and sha256, and 1-64 samples of one static batch each."""
+    rec = manifest.get("selfcheck")
+    if rec is None:
+        return
+    check_relative(rec["file"], "$.selfcheck.file")
+    check_sha256(rec["sha256"], "$.selfcheck.sha256")
+    batch = manifest["components"].get("unet", {}).get("inputs", [{}])[0].get("shape", [None])[0]
+    if not 1 <= len(rec["samples"]) <= MAX_SELFCHECK_SAMPLES:
+        raise BundleError(
+            f"manifest $.selfcheck.samples: {len(rec['samples'])} samples; 1 to {MAX_SELFCHECK_SAMPLES} are allowed"
+        )
+    for i, s in enumerate(rec["samples"]):
+        if len(s["prompts"]) != batch or s["seed"] >= 2**63:
+            raise BundleError(
+                f"manifest $.selfcheck.samples[{i}]: expected {batch} prompt(s) (the U-Net's batch) and a seed below 2**63"
+            )
 
 
 def _check_source_records(manifest: dict) -> None:
@@ -361,6 +403,20 @@ def check_contained(bundle: Path, manifest: dict, verify: bool = True) -> None:
                 raise BundleError(f"{bundle}: {what} {rel} is missing")
             if verify and sha256_path(f) != sha:
                 raise BundleError(f"{bundle}: {what} {rel} was altered (sha256 mismatch)")
+    if "selfcheck" in manifest:
+        selfcheck_path(bundle, manifest, verify)
+
+
+def selfcheck_path(bundle: Path, manifest: dict, verify: bool = True) -> Path:
+    """The self-check reference file `manifest` records (`sdxs_edge.selfcheck`): inside the bundle, present,
+    and with `verify`, its sha256."""
+    rec = manifest["selfcheck"]
+    f = inside(bundle, rec["file"], "$.selfcheck.file")
+    if not f.is_file():
+        raise BundleError(f"{bundle}: self-check file {rec['file']} is missing")
+    if verify and sha256_path(f) != rec["sha256"]:
+        raise BundleError(f"{bundle}: self-check file {rec['file']} was altered (sha256 mismatch)")
+    return f
 
 
 def write_schema(path: str | Path) -> None:

@@ -47,8 +47,14 @@ def fetch_named_models(args) -> None:
     load after that reads the cache only (`SDXSPipeline.load(..., allow_download=False)`)."""
     from sdxs_edge.pipeline import fetch_hub_model, is_hub_id
 
-    names = [getattr(args, a, None) for a in ("model", "reference", "teacher", "student")]
-    if getattr(args, "bundle", None) and (getattr(args, "runtime", None) == "torch" or args.command == "parity"):
+    self_check = getattr(args, "reference", None) == "none"  # `parity --reference none` loads no model
+    names = [getattr(args, a, None) for a in ("model", "teacher", "student")]
+    names += [] if self_check else [getattr(args, "reference", None)]
+    if (
+        getattr(args, "bundle", None)
+        and not self_check
+        and (getattr(args, "runtime", None) == "torch" or args.command == "parity")
+    ):
         from sdxs_edge.bundle import load_manifest
 
         names.append(load_manifest(args.bundle, verify=False)["source"]["model"])

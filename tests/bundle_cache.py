@@ -61,9 +61,13 @@ def need(module: str) -> None:
         pytest.skip(f"the {module} package is not installed")
 
 
+SHIPPED_MODEL = ROOT / "sdxs_edge" / "default_model"
+
+
 def cached_bundle(model: str, target: str, precision: str) -> Path:
-    """A converted bundle of `model` (a preset) kept under build/test-bundles/, built on first use. Skips
-    when the backend package is absent; a conversion that fails is a test error."""
+    """A converted bundle of `model` (a preset, or "default": the shipped model `SHIPPED_MODEL`, trained)
+    kept under build/test-bundles/, built on first use. Skips when the backend package is absent; a
+    conversion that fails is a test error."""
     from converters.api import convert
 
     need({"onnx": "onnxruntime", "executorch": "executorch", "coreml": "coremltools"}[target])
@@ -72,7 +76,7 @@ def cached_bundle(model: str, target: str, precision: str) -> Path:
     if not (out / "manifest.json").is_file():
         tmp = out.with_name(f".{out.name}.{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        convert(model, target, precision, tmp, progress=False)
+        convert(str(SHIPPED_MODEL) if model == "default" else model, target, precision, tmp, progress=False)
         try:
             os.rename(tmp, out)
         except OSError:  # another test run finished the same bundle first

@@ -271,10 +271,12 @@ def test_onnx_bundle(pipe, reference, tmp_path, precision):
     assert sorted(p.name for p in out.iterdir()) == [
         "decoder.onnx",
         "manifest.json",
+        "selfcheck.png",
         "text_encoder.onnx",
         "tokenizer",
         "unet.onnx",
     ]
+    assert m["selfcheck"]["file"] == "selfcheck.png" and [s["seed"] for s in m["selfcheck"]["samples"]] == [1000, 1001]
     assert m["components"]["unet"]["inputs"] == [
         {"name": "latent", "shape": [1, 4, 8, 8], "dtype": "float32"},
         {"name": "context", "shape": [1, 77, 16], "dtype": "float32"},

@@ -112,25 +112,9 @@ PROMPT = "a small red circle at the top on a white background"
 @pytest.fixture(scope="module")
 def default_onnx_fp32() -> Path:
     """The embedded default model as an ONNX fp32 bundle (cached in build/test-bundles; about a minute to build)."""
-    import os
-    import shutil
+    from bundle_cache import cached_bundle
 
-    from bundle_cache import BUNDLE_CACHE, need, prune, source_key
-
-    need("onnxruntime")
-    from converters import convert
-
-    out = BUNDLE_CACHE / ("default-onnx-fp32-" + source_key("default|onnx|fp32"))
-    if not (out / "manifest.json").is_file():
-        tmp = out.with_name(f".{out.name}.{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        convert(str(MODEL), "onnx", "fp32", tmp, progress=False)
-        try:
-            os.rename(tmp, out)
-        except OSError:  # another run finished it first
-            shutil.rmtree(tmp)
-    prune(out, "default-onnx-fp32-*")
-    return out
+    return cached_bundle("default", "onnx", "fp32")
 
 
 def test_bundle_seed_gives_diffusers_image(default_onnx_fp32):
