@@ -1,7 +1,8 @@
 """A deployment install without PyTorch: `pip install 'sdxs-edge[onnxruntime,serve]'` from the local wheel
 into a fresh virtualenv (no system site packages) gets numpy, Pillow, regex, onnxruntime, FastAPI and
 uvicorn and nothing of torch, diffusers or transformers; `sdxs-edge run` makes the same image there as in
-the full install, and `sdxs-edge serve` serves a bundle on a loopback port.
+the full install, `sdxs-edge parity --reference none` passes, and `sdxs-edge serve` serves a bundle on a
+loopback port.
 
 Slow (`make test-slow`): building the wheel and the virtualenv takes one to five minutes on two cores
 (the dependency wheels are downloaded once into build/deploy-wheelhouse/, then installed offline).
@@ -132,6 +133,16 @@ def test_run_onnx_bundle_without_torch(deploy_venv, tmp_path):
         timeout=300,
     )
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "sdxs-edge[torch]" in proc.stderr, proc.stderr
+
+
+def test_selfcheck_without_torch(deploy_venv, tmp_path):
+    """`sdxs-edge parity --reference none` in the torch-free install passes on the shipped model's bundle
+    (trained: the image floor is enforced) and reports the CPU class."""
+    need("onnxruntime")
+    bundle = cached_bundle("default", "onnx", "fp32")
+    exe = str(deploy_venv / "bin" / "sdxs-edge")
+    out = _run([exe, "parity", str(bundle), "--runtime", "onnxruntime", "--reference", "none"], cwd=tmp_path).stdout
+    assert out.startswith("self-check  onnxruntime") and "CPU class " in out and "PASSED" in out, out
 
 
 def _serve_url(proc: subprocess.Popen, deadline_s: float = 120.0) -> str:
