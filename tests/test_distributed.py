@@ -1,0 +1,104 @@
+"""The chain's stages on N processes (`training.dist`): DDP and FSDP under torchrun with gloo on CPU,
+checkpoints of sharded models, the FSDP wrapping policy."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def _torchrun(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    r = subprocess.run(
+        [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", *args],
+        env=ENV,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert r.returncode == 0, "\n".join(l for l in r.stderr.splitlines() if "rror" in l)[-3000:]
+    return r
+
+
+def test_fsdp_wrapping_policy():
+    """Each U-Net down / up block and the mid block is its own shard unit; the SD-2.1 U-Net has 9, its
+    block-removed SDXS student 6 (no mid block, one stage fewer each way)."""
+    from diffusers import UNet2DConditionModel
+
+    from sdxs_edge.presets import block_removed, get_preset
+    from training.dist import fsdp_units
+
+    with torch.device("meta"):
+        teacher = UNet2DConditionModel(**get_preset("sd21-base").unet)
+        student = UNet2DConditionModel(**block_removed(teacher.config))
+    assert fsdp_units(teacher) == [
+        *(f"down_blocks.{i}" for i in range(4)),
+        *(f"up_blocks.{i}" for i in range(4)),
+        "mid_block",
+    ]
+    assert fsdp_units(student) == [*(f"down_blocks.{i}" for i in range(3)), *(f"up_blocks.{i}" for i in range(3))]
+    assert fsdp_units(torch.nn.Linear(2, 2)) == []
+
+
+def test_optimizer_state_by_parameter_name_round_trips():
+    """A sharded model's optimizer state is keyed by parameter name (dots inside): it survives the
+    tensors + JSON checkpoint format as index-keyed state does."""
+    from training.loop import _optimizer_from_tensors, _optimizer_to_tensors
+
+    m = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    opt = torch.optim.AdamW(m.parameters(), 1e-2)
+    m(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    by_index = opt.state_dict()
+    names = {0: "0.weight", 1: "0.bias"}
+    by_name = {
+        "state": {names[i]: st for i, st in by_index["state"].items()},
+        "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in by_index["param_groups"]],
+    }
+    for sd in (by_index, by_name):
+        tensors, scalars = _optimizer_to_tensors(sd)
+        back = _optimizer_from_tensors(tensors, json.loads(json.dumps(scalars)))
+        assert back["param_groups"] == json.loads(json.dumps(sd["param_groups"]))
+        assert back["state"].keys() == sd["state"].keys()
+        for k, st in sd["state"].items():
+            assert all(torch.equal(back["state"][k][f], v) for f, v in st.items())
+
+
+def test_one_stage_on_two_processes_ddp_and_fsdp(tmp_path):
+    """U-Net KD under torchrun with 2 gloo processes, DDP and FSDP (gradient accumulation 2, FSDP with
+    gradient checkpointing), each stopped after 2 steps and resumed to 4: the weights end where one
+    process with the same global batch ends; the sharded model's checkpoint is one full safetensors file
+    per module, and the stage hands back a plain, unsharded model equal to it."""
+    from safetensors.torch import load_file
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    import dist_stage
+
+    _, _, init, _ = dist_stage.setup()
+    torch.set_num_threads(1)
+    one = dist_stage.run(tmp_path / "one", "one", 4).state_dict()
+    r = _torchrun(str(ROOT / "tests" / "dist_stage.py"), str(tmp_path), "ddp", "fsdp")
+    assert r.stdout.count("[unet-kd] resuming from") == 2, r.stdout[-2000:]
+    result = json.loads((tmp_path / "result-ddp-fsdp.json").read_text())
+    moved = max((one[k] - v).abs().max().item() for k, v in init.state_dict().items())
+    assert moved > 1e-4
+    for mode in ("ddp", "fsdp"):
+        assert result[mode] == {"sharded": False, "checkpointing": False, "matches_checkpoint": True}, mode
+        saved = load_file(str(tmp_path / mode / "checkpoints" / "step-0000004" / "unet.safetensors"))
+        assert saved.keys() == one.keys()
+        diff = max((saved[k] - one[k]).abs().max().item() for k in one)
+        assert diff <= 0.02 * moved, (mode, diff, moved)
+        optim = load_file(str(tmp_path / mode / "checkpoints" / "step-0000004" / "optim-opt.safetensors"))
+        assert sum(v.numel() for k, v in optim.items() if k.endswith(".exp_avg")) == sum(
+            v.numel() for v in one.values()
+        )
