@@ -102,3 +102,69 @@ def test_one_stage_on_two_processes_ddp_and_fsdp(tmp_path):
         assert sum(v.numel() for k, v in optim.items() if k.endswith(".exp_avg")) == sum(
             v.numel() for v in one.values()
         )
+
+
+# ---- the real-size recipes --------------------------------------------------------------------------------
+def test_docs_plan_is_the_generated_one():
+    """docs/any-teacher.md's memory and time plan is `plan_markdown` of each recipe, and its figures are
+    the layouts': SD-2.1-base's 0.87B U-Net, its 0.32B block-removed student."""
+    import re
+
+    from training.recipes import RECIPES, plan_markdown, stage_plan
+
+    doc = (ROOT / "docs" / "any-teacher.md").read_text()
+    for name in RECIPES:
+        section = re.search(rf"<!-- plan:{name} -->\n(.*?)<!-- /plan -->", doc, re.S)
+        assert section, name
+        assert section.group(1) == plan_markdown(name), f"regenerate with: python -m training.recipes ({name})"
+    kd = next(r for r in stage_plan("sd21-512") if r["stage"] == "unet-kd")
+    assert 318e6 < kd["trainable"] < 320e6 and kd["micro"] == 256 // 8 // 2
+
+
+def test_recipe_sets_every_stage(tmp_path):
+    """`--recipe sd21-512` gives each stage its steps, batch, lr, budget and DDP / FSDP choice; with
+    --smoke only the parallel settings; without --prompts it is refused."""
+    from training.chain import ChainConfig, smoke_chain
+    from training.recipes import RECIPES, recipe_chain
+
+    r, cfg = RECIPES["sd21-512"], recipe_chain("sd21-512", ChainConfig())
+    for stage in ("decoder", "unet_kd", "warmup", "ssd", "decoder_adapt"):
+        got, want = getattr(cfg, stage), getattr(r, stage)
+        assert (got.steps, got.batch, got.lr, got.parallel) == (want.steps, want.batch, want.lr, want.parallel)
+        assert got.max_seconds == want.hours * 3600
+    assert cfg.ssd.parallel.fsdp and not cfg.unet_kd.parallel.fsdp and cfg.resolution == 512
+    smoke = recipe_chain("sd21-512", smoke_chain(), smoke=True)
+    assert smoke.ssd.steps == smoke_chain().ssd.steps and smoke.ssd.parallel.fsdp
+    r = subprocess.run(
+        [sys.executable, "-m", "sdxs_edge.cli", "train", "all", "--recipe", "sd21-512", "--out", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "--recipe sd21-512 goes with --teacher PATH_OR_PRESET --prompts FILE" in r.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_run_folder_resumes_only_its_own_config(tmp_path):
+    """An --out holding another run's config (or checkpoints without a config) is refused before
+    anything is written; the same config, or one differing only in threads / eval sizes, resumes."""
+    from dataclasses import asdict, replace
+
+    from training.chain import check_run_folder, smoke_chain
+    from training.generic import TrainingInputError
+    from training.recipes import recipe_chain
+
+    cfg = replace(smoke_chain(), teacher="tiny-teacher", prompts="captions.txt")
+    run = tmp_path / "run"
+    (run / "decoder" / "checkpoints" / "step-0000002").mkdir(parents=True)
+    with pytest.raises(TrainingInputError, match="holds no chain run"):
+        check_run_folder(cfg, run)
+    (run / "config.json").write_text(json.dumps(asdict(cfg), default=str))
+    check_run_folder(replace(cfg, threads=1, eval_n=4), run)
+    with pytest.raises(TrainingInputError, match=r"config differs in decoder, .*ssd"):
+        check_run_folder(recipe_chain("sd21-512", cfg, smoke=True), run)
+    with pytest.raises(TrainingInputError, match="differs in teacher"):
+        check_run_folder(replace(cfg, teacher="other"), run)
+    assert sorted(p.name for p in run.iterdir()) == ["config.json", "decoder"]

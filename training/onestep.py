@@ -425,7 +425,7 @@ def score_distill(
         x0s.append(x0.detach())
         ctxs.append(ctx)
         sd_mean = float((sd.detach() * sd_mask).sum() / sd_mask.sum().clamp_min(1))
-        return (sd_mask * sd + (1 - sd_mask) * lam * fm).mean(), {"sd": sd_mean, "fm": float(fm.mean())}
+        return (sd_mask * sd + (1 - sd_mask) * lam * fm).mean(), {"sd": sd_mean, "fm": float(fm.detach().mean())}
 
     def step(k: int) -> dict:
         alpha, lam = anneal(cfg, progress(k))

@@ -75,11 +75,11 @@ _SD_512 = dict(
     gpus=8,
     pairs=65536,
     pair_steps=25,
-    decoder=StageRecipe(steps=20000, batch=32, lr=1e-3, hours=6),
-    unet_kd=StageRecipe(steps=50000, batch=256, lr=5e-5, grad_accum=2, checkpointing=True, hours=60),
-    warmup=StageRecipe(steps=10000, batch=256, lr=1e-5, grad_accum=2, checkpointing=True, hours=12),
-    ssd=StageRecipe(steps=10000, batch=128, lr=5e-6, online_lr=5e-6, fsdp=True, checkpointing=True, hours=40),
-    decoder_adapt=StageRecipe(steps=5000, batch=32, lr=3e-4, hours=2),
+    decoder=StageRecipe(steps=20000, batch=32, lr=1e-3, hours=2),
+    unet_kd=StageRecipe(steps=50000, batch=256, lr=5e-5, grad_accum=2, checkpointing=True, hours=20),
+    warmup=StageRecipe(steps=10000, batch=256, lr=1e-5, grad_accum=2, checkpointing=True, hours=4),
+    ssd=StageRecipe(steps=10000, batch=128, lr=5e-6, online_lr=5e-6, fsdp=True, checkpointing=True, hours=8),
+    decoder_adapt=StageRecipe(steps=5000, batch=32, lr=3e-4, hours=1),
 )
 RECIPES: dict[str, Recipe] = {
     r.name: r
@@ -90,13 +90,20 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
-def recipe_chain(name: str, base):
-    """The chain config (`training.chain.ChainConfig`) `base` with recipe `name`'s stages and data sizes."""
+def recipe_chain(name: str, base, smoke: bool = False):
+    """The chain config (`training.chain.ChainConfig`) `base` with recipe `name`'s stages and data sizes;
+    `smoke`: keep `base`'s sizes (a smoke run) and take only each stage's DDP / FSDP, precision and
+    gradient checkpointing from the recipe."""
     from training.decoder import DecoderConfig
     from training.onestep import SSDConfig, WarmupConfig
     from training.unet_kd import UNetKDConfig
 
     r = RECIPES[name]
+    if smoke:
+        stages = {k: getattr(base, k) for k in ("decoder", "unet_kd", "warmup", "ssd", "decoder_adapt")}
+        return replace(
+            base, **{k: replace(c, parallel=replace(getattr(r, k).parallel, grad_accum=1)) for k, c in stages.items()}
+        )
 
     def common(s: StageRecipe) -> dict:
         return dict(steps=s.steps, batch=s.batch, lr=s.lr, max_seconds=s.max_seconds, parallel=s.parallel)
@@ -167,8 +174,9 @@ def _measure(module, args: tuple, checkpointing: bool = False) -> dict:
 
     if checkpointing:
         module.enable_gradient_checkpointing()
-    sdpa, F.scaled_dot_product_attention = F.scaled_dot_product_attention, _SavesLikeFlash(
-        F.scaled_dot_product_attention
+    sdpa, F.scaled_dot_product_attention = (
+        F.scaled_dot_product_attention,
+        _SavesLikeFlash(F.scaled_dot_product_attention),
     )
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -256,7 +264,9 @@ def stage_plan(name: str) -> list[dict]:
             }
         )
     pair_flops = 2 * m["text"]["flops"] + 2 * r.pair_steps * m["teacher"]["flops"]
-    rows.append({"stage": "ode pairs", "steps": r.pairs, "gpu_hours": r.pairs * pair_flops / (PEAK_FLOPS * UTILISATION) / 3600})
+    rows.append(
+        {"stage": "ode pairs", "steps": r.pairs, "gpu_hours": r.pairs * pair_flops / (PEAK_FLOPS * UTILISATION) / 3600}
+    )
     return rows
 
 
@@ -282,7 +292,14 @@ def _stage_terms(r: Recipe, m: _Models):
         ("decoder", r.decoder, dec_p, 0, dec_saved, dec_flops),
         ("unet-kd", r.unet_kd, S["params"], 0, kd_saved, tx + T["flops"] + kd_flops),
         ("warmup", r.warmup, S["params"], S["params"], wu_saved, tx + wu_flops),
-        ("score-distill", r.ssd, S["params"] + T["params"], 2 * S["params"], max(ss_saved + E["saved"], on_saved), ssd_flops),
+        (
+            "score-distill",
+            r.ssd,
+            S["params"] + T["params"],
+            2 * S["params"],
+            max(ss_saved + E["saved"], on_saved),
+            ssd_flops,
+        ),
         ("decoder-adapt", r.decoder_adapt, dec_p, 3 * S["params"], dec_saved, dec_flops),
     ]
 
@@ -304,6 +321,12 @@ def plan_markdown(name: str) -> str:
         )
     pairs = rows[-1]
     total = sum(x["gpu_hours"] for x in rows)
-    lines.append(f"| ode pairs | {pairs['steps']:,} pairs | | | sharded by rank | | | | | | {pairs['gpu_hours']:,.0f} |")
+    lines.append(
+        f"| ode pairs | {pairs['steps']:,} pairs | | | sharded by rank | | | | | | {pairs['gpu_hours']:,.0f} |"
+    )
     lines += ["", f"Total: about {total:,.0f} GPU-hours ({total / r.gpus:,.0f} hours on {r.gpus} GPUs).", ""]
     return "\n".join(lines)
+
+
+if __name__ == "__main__":  # the plan tables, as docs/any-teacher.md holds them
+    print("\n".join(plan_markdown(name) for name in RECIPES))
