@@ -402,11 +402,9 @@ def score_distill(
     params = [p for p in student.parameters() if p.requires_grad]
     opt_s = torch.optim.AdamW(params, cfg.lr, weight_decay=0.0)
     opt_o = torch.optim.AdamW(online.parameters(), cfg.online_lr, weight_decay=0.0)
-    T, n = len(acp), len(pairs["noise"])
+    T, n, progress, x0s, ctxs = len(acp), len(pairs["noise"]), Progress(cfg.steps, cfg.max_seconds, d), [], []
     with torch.no_grad():
         uncond = text_encoder(empty_ids.to(dev)[None])[0]
-    progress = Progress(cfg.steps, cfg.max_seconds, d)
-    x0s, ctxs = [], []
 
     def loss_fn(idx, t, noise, alpha, lam):
         idx, t = idx.to(dev), t.to(dev)

@@ -93,6 +93,16 @@ class FeatureTap:
             h.remove()
 
 
+def _kd_draws(cfg: UNetKDConfig, seed: int, n: int, T: int, shape) -> list[torch.Tensor]:
+    """A step's global random draws: cache index, posterior noise, caption dropout, timestep, noise."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, n, (cfg.batch,), generator=g)
+    e0 = torch.randn((cfg.batch, *shape), generator=g)
+    drop = torch.rand(cfg.batch, generator=g) < cfg.cfg_dropout
+    t = torch.randint(0, T, (cfg.batch,), generator=g)
+    return [idx, e0, drop, t, torch.randn(e0.shape, generator=g)]
+
+
 def distill_unet(
     cfg: UNetKDConfig,
     out: Path,
@@ -150,14 +160,9 @@ def distill_unet(
 
     def step(k: int) -> dict:
         set_lr(opt, cosine_lr(cfg.lr, k, progress(k), floor=0.3))
-        g = torch.Generator().manual_seed(seed * 1_000_033 + k)
-        idx = torch.randint(0, n, (cfg.batch,), generator=g)
-        e0 = torch.randn((cfg.batch, *cache["mean"].shape[1:]), generator=g)
-        drop = torch.rand(cfg.batch, generator=g) < cfg.cfg_dropout
-        t = torch.randint(0, len(alphas_cumprod), (cfg.batch,), generator=g)
-        e = torch.randn(e0.shape, generator=g)
+        draws = _kd_draws(cfg, seed * 1_000_033 + k, n, len(alphas_cumprod), cache["mean"].shape[1:])
         opt.zero_grad(set_to_none=True)
-        metrics = d.accumulate([student_m], d.micro([idx, e0, drop, t, e], par.grad_accum), loss_fn, dev, par.precision)
+        metrics = d.accumulate([student_m], d.micro(draws, par.grad_accum), loss_fn, dev, par.precision)
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
         return metrics
