@@ -1,7 +1,7 @@
 """Multi-GPU recipes for a real-size teacher, and the memory / time plan they imply.
 
     torchrun --nproc_per_node 8 -m sdxs_edge.cli train all --recipe sd21-512 --teacher SD21_FOLDER --prompts FILE
-    accelerate launch --num_processes 8 -m sdxs_edge.cli train all --recipe sd15-512 --teacher SD15_FOLDER --prompts FILE
+    accelerate launch --multi_gpu --num_processes 8 -m sdxs_edge.cli train all --recipe sd15-512 --teacher SD15_FOLDER --prompts FILE
 
 `RECIPES` is the table (one `StageRecipe` per stage, keyword fields); `recipe_chain` turns a row into the
 chain's config and `plan_markdown` into the plan in docs/any-teacher.md: parameters, weights + gradients +
