@@ -50,6 +50,30 @@ def test_fsdp_wrapping_policy():
     assert fsdp_units(torch.nn.Linear(2, 2)) == []
 
 
+def test_feature_kd_pairs_compare_at_real_size():
+    """At 512x512 the student's last down stage (no downsampler) is 16x16 where the teacher's is 8x8:
+    the feature loss compares that pair at 8x8 instead of failing (or, at toy sizes, broadcasting)."""
+    from diffusers import UNet2DConditionModel
+
+    from sdxs_edge.presets import SDXS_FEATURE_PAIRS, block_removed, get_preset
+    from training.unet_kd import FeatureTap, feature_mse
+
+    with torch.device("meta"):
+        teacher = UNet2DConditionModel(**get_preset("sd21-base").unet)
+        student = UNet2DConditionModel(**block_removed(teacher.config))
+        args = (torch.randn(1, 4, 64, 64), torch.tensor([500]), torch.randn(1, 77, 1024))
+    tap_s, tap_t = FeatureTap(student, SDXS_FEATURE_PAIRS.keys()), FeatureTap(teacher, SDXS_FEATURE_PAIRS.values())
+    with torch.no_grad():
+        student(*args), teacher(*args)
+    sizes = {s: (tap_s.out[s].shape[-1], tap_t.out[t].shape[-1]) for s, t in SDXS_FEATURE_PAIRS.items()}
+    assert {s for s, (a, b) in sizes.items() if a != b} == {"down_blocks.2"} and sizes["down_blocks.2"] == (16, 8)
+    for s, t in SDXS_FEATURE_PAIRS.items():
+        assert feature_mse(tap_s.out[s], tap_t.out[t]).shape == ()
+    a, b = torch.ones(1, 2, 4, 4), torch.zeros(1, 2, 2, 2)
+    a[..., :2, :2] = 3.0  # pooled: top-left cell 3, the others 1
+    assert feature_mse(a, b).item() == (9 + 3 * 1) / 4
+
+
 def test_optimizer_state_by_parameter_name_round_trips():
     """A sharded model's optimizer state is keyed by parameter name (dots inside): it survives the
     tensors + JSON checkpoint format as index-keyed state does."""

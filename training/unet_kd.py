@@ -6,6 +6,9 @@ the teacher where layers correspond (`SDXS_LAYER_MAP`, data). Loss, with no deno
 
     L = || eps_student(x_t, t, c) - eps_teacher(x_t, t, c) ||^2
         + lambda_F * sum_blocks || f_student_block - f_teacher_block ||^2      (SDXS_FEATURE_PAIRS)
+
+The student's last down stage has no downsampler while the teacher's stage of the same index has one, so
+that pair is compared at the coarser of the two resolutions (`feature_mse`: the finer map average-pooled).
 """
 
 from __future__ import annotations
@@ -93,6 +96,15 @@ class FeatureTap:
             h.remove()
 
 
+def feature_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """MSE of two feature maps with the same channels, the finer one average-pooled to the coarser size."""
+    a, b = a.float(), b.float()
+    if a.shape[-2:] != b.shape[-2:]:
+        size = min(a.shape[-2], b.shape[-2]), min(a.shape[-1], b.shape[-1])
+        a, b = F.adaptive_avg_pool2d(a, size), F.adaptive_avg_pool2d(b, size)
+    return F.mse_loss(a, b)
+
+
 def _kd_draws(cfg: UNetKDConfig, seed: int, n: int, T: int, shape) -> list[torch.Tensor]:
     """A step's global random draws: cache index, posterior noise, caption dropout, timestep, noise."""
     g = torch.Generator().manual_seed(seed)
@@ -153,7 +165,7 @@ def distill_unet(
             ctx = text_encoder(ids)[0]
             target = teacher_unet(zt, t, ctx).sample.float()
         out_kd = F.mse_loss(student_m(zt, t, ctx).sample.float(), target)
-        feat_kd = sum(F.mse_loss(tap_s.out[s].float(), tap_t.out[t_].float()) for s, t_ in pairs.items())
+        feat_kd = sum(feature_mse(tap_s.out[s], tap_t.out[t_]) for s, t_ in pairs.items())
         return out_kd + cfg.feature_weight * feat_kd, {"out_kd": out_kd.item(), "feat_kd": float(feat_kd.detach())}
 
     progress = Progress(cfg.steps, cfg.max_seconds, d)
