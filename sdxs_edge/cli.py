@@ -248,14 +248,20 @@ def _chain_config(args):
 
     if args.prompts:
         cfg = smoke_chain() if args.smoke else (gpu_chain() if args.recipe == "gpu" else ChainConfig())
+        if args.recipe not in ("cpu", "gpu"):
+            from training.recipes import recipe_chain
+
+            cfg = recipe_chain(args.recipe, cfg, smoke=args.smoke)
         return replace(
             cfg,
             teacher=args.teacher,
             student_preset=args.student,
             prompts=args.prompts,
             images=args.images,
-            resolution=args.resolution,
+            resolution=args.resolution or cfg.resolution,
         )
+    if args.recipe not in ("cpu", "gpu"):
+        raise SDXSError(f"--recipe {args.recipe} goes with --teacher PATH_OR_PRESET --prompts FILE")
     if args.images or args.resolution:
         raise SDXSError("--images and --resolution go with --prompts FILE (the chain on any teacher)")
     if args.preset not in ("shapes", "tiny"):
@@ -340,6 +346,8 @@ def cmd_train(args) -> int:
         raise SDXSError(f"teacher folder {cfg.teacher} not found; pass --teacher PATH or --retrain-teacher")
     default_out = "runs/sdxs" if cfg.prompts else "runs/shapes-sdxs"
     report = run_chain(cfg, args.out or ("runs/smoke-chain" if args.smoke else default_out), until=args.stage)
+    if os.environ.get("RANK", "0") != "0":  # one process of torchrun / accelerate launch: rank 0 reports
+        return 0
     if "models" in report:
         print(format_generic_report(report) if cfg.prompts else format_chain_report(report))
     else:
@@ -489,9 +497,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--smoke", action="store_true", help="tiny settings that run in seconds (tests)")
     t.add_argument(
         "--recipe",
-        choices=["cpu", "gpu"],
+        choices=["cpu", "gpu", "sd21-512", "sd15-512"],
         default="cpu",
-        help="chain budgets: cpu (sized for 2 cores) or gpu (one CUDA GPU, wall-clock capped per stage); stage times: docs/training.md",
+        help="chain budgets: cpu (sized for 2 cores), gpu (one CUDA GPU, wall-clock capped per stage; docs/training.md), or with --prompts a multi-GPU recipe for a real-size teacher, sd21-512 / sd15-512 (docs/any-teacher.md)",
     )
     t.add_argument(
         "--threads",

@@ -249,3 +249,30 @@ def test_generic_chain_bad_input_is_one_line(tmp_path):
         assert message in r.stderr, (message, r.stderr[-500:])
     assert json.loads((other / "config.json").read_text()) == {"teacher": "elsewhere", "prompts": "x"}
     assert sorted(p.name for p in other.iterdir()) == ["config.json"]
+
+
+@pytest.mark.slow
+def test_generic_chain_on_two_processes(tmp_path):
+    """The generic chain under `torchrun` with 2 gloo processes, the tiny teacher, smoke sizes and the
+    sd21-512 recipe's parallel choices (DDP for the decoder, U-Net KD and warm-up, FSDP with gradient
+    checkpointing for score distillation): rank 0 writes a folder that diffusers loads, and the rerun
+    finds every stage done."""
+    import os
+
+    prompts = _prompt_file(tmp_path)
+    out = tmp_path / "run"
+    args = ["train", "all", "--smoke", "--recipe", "sd21-512", "--teacher", "tiny-teacher"]
+    args += ["--prompts", str(prompts), "--out", str(out)]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "sdxs_edge.cli", *args]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, "\n".join(l for l in r.stderr.splitlines() if "rror" in l)[-3000:]
+    assert r.stdout.count("# SDXS chain on tiny-teacher") == 1  # rank 0 reports
+    config = json.loads((out / "config.json").read_text())
+    assert config["ssd"]["parallel"]["fsdp"] and not config["unet_kd"]["parallel"]["fsdp"]
+    _check_distilled(out)
+    before = (out / "model" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0 and "resuming" not in r.stdout
+    assert (out / "model" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == before

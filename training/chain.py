@@ -147,6 +147,7 @@ class _Run:
     cfg: ChainConfig
     out: Path
     dev: torch.device
+    d: Any = None  # training.dist.DistInfo
     teacher: Any = None
     teacher_dir: Path | None = None
     preset: Any = None
@@ -176,8 +177,10 @@ class _Run:
             c = self._generic_cache() if self.prompts else None
             if c is None:
                 tcfg = replace(self.cfg.teacher_cfg, cache_size=self.cfg.cache_size)
-                c = build_latent_cache(
-                    tcfg, self.teacher.c.vae, self.teacher.c.tokenizer, self.out / "latents.safetensors"
+                c = self.d.main_first(
+                    lambda: build_latent_cache(
+                        tcfg, self.teacher.c.vae, self.teacher.c.tokenizer, self.out / "latents.safetensors"
+                    )
                 )
             scaling = torch.tensor(self.teacher.latent_scaling)
             self.data["cache"] = {**{k: v.to(self.dev) for k, v in c.items()}, "scaling_factor": scaling}
@@ -187,12 +190,14 @@ class _Run:
         from training.generic import image_cache, sample_cache
 
         if self.cfg.images:
-            return image_cache(
-                self.cfg.images,
-                self.teacher.resolution,
-                self.teacher.c.vae,
-                self.teacher.c.tokenizer,
-                self.out / "latents.safetensors",
+            return self.d.main_first(
+                lambda: image_cache(
+                    self.cfg.images,
+                    self.teacher.resolution,
+                    self.teacher.c.vae,
+                    self.teacher.c.tokenizer,
+                    self.out / "latents.safetensors",
+                )
             )
         return sample_cache({k: v.cpu() for k, v in self.pairs().items()}, self.teacher.latent_scaling)
 
@@ -216,10 +221,12 @@ class _Run:
                     chunk=cfg.pair_chunk,
                     batch=batch,
                     captions=self.prompts,
+                    d=self.d,
                 )
-            if not self.held_file.is_file():  # teacher samples held out for the decoder report
+            if self.d.is_main and not self.held_file.is_file():  # teacher samples held out for the decoder report
                 with atomic_file(self.held_file) as tmp:
                     save_file({"x0": p["x0"][-256:].contiguous()}, str(tmp))
+            self.d.barrier()
             self.data["pairs"] = {k: v.to(self.dev) for k, v in p.items()}
         return self.data["pairs"]
 
@@ -297,7 +304,8 @@ def _decoder_stage(r: _Run) -> None:
     else:
         pool = torch.cat([r.real_latents(len(r.cache()["mean"]), seed=0), r.pairs()["x0"]])
         distill_decoder(r.cfg.decoder, r.out / "decoder", r.teacher.c.vae, r.student_vae, pool)
-        r.student_vae.save_pretrained(done, safe_serialization=True)
+        if r.d.is_main:
+            r.student_vae.save_pretrained(done, safe_serialization=True)
     if not r.held_file.is_file():
         r.pairs()
     r.held = load_file(str(r.held_file))["x0"].to(r.dev)
@@ -315,10 +323,12 @@ def _unet_kd_stage(r: _Run) -> None:
     r.kd_unet, init = build_student(r.teacher.c.unet, r.preset.layer_map, r.preset.unet if r.prompts else None)
     r.kd_unet.to(r.dev)
     (r.out / "unet-kd").mkdir(parents=True, exist_ok=True)
-    write_atomic(r.out / "unet-kd" / "init.json", json.dumps(init, indent=2))
-    t = r.teacher.c
-    distill_unet(r.cfg.unet_kd, r.out / "unet-kd", t.unet, t.text_encoder, r.kd_unet, r.cache(), r.empty, r.acp)
-    _save_unet_folder(r.kd_unet, done)
+    if r.d.is_main:
+        write_atomic(r.out / "unet-kd" / "init.json", json.dumps(init, indent=2))
+    t, cache = r.teacher.c, r.cache()
+    r.kd_unet = distill_unet(r.cfg.unet_kd, r.out / "unet-kd", t.unet, t.text_encoder, r.kd_unet, cache, r.empty, r.acp)
+    if r.d.is_main:
+        _save_unet_folder(r.kd_unet, done)
 
 
 def _consts(r: _Run):
@@ -339,10 +349,11 @@ def _warmup_stage(r: _Run) -> None:
     if done.is_dir():
         r.warm = SDXSPipeline.load(done).to(r.dev)
         return
-    student = copy.deepcopy(r.kd_unet)
-    warmup(r.cfg.warmup, r.out / "warmup", student, r.teacher.c.text_encoder, r.teacher.c.unet, r.pairs(), _consts(r))
+    student, t = copy.deepcopy(r.kd_unet), r.teacher.c
+    student = warmup(r.cfg.warmup, r.out / "warmup", student, t.text_encoder, t.unet, r.pairs(), _consts(r))
     r.warm = r.one_step_pipe(student, r.student_vae, "shapes one-step (warm-up only)")
-    r.warm.save_pretrained(done)
+    if r.d.is_main:
+        r.warm.save_pretrained(done)
 
 
 def _score_distill_stage(r: _Run) -> None:
@@ -358,7 +369,7 @@ def _score_distill_stage(r: _Run) -> None:
     student = copy.deepcopy(r.warm.c.unet)
     t = r.teacher.c
     pt = r.sched_cfg.get("prediction_type", "epsilon")
-    score_distill(
+    student = score_distill(
         r.cfg.ssd,
         r.out / "ssd",
         student,
@@ -371,7 +382,8 @@ def _score_distill_stage(r: _Run) -> None:
         teacher_prediction=pt,
     )
     r.final = r.one_step_pipe(student, r.student_vae, "sdxs-shapes one-step")
-    r.final.save_pretrained(done)
+    if r.d.is_main:
+        r.final.save_pretrained(done)
 
 
 def _decoder_adapt_stage(r: _Run) -> None:
@@ -403,8 +415,7 @@ def _decoder_adapt_stage(r: _Run) -> None:
         adapted = copy.deepcopy(r.final.c.vae)
         distill_decoder(cfg.decoder_adapt, r.out / "decoder-adapt", r.teacher.c.vae, adapted, pool)
         r.final = r.one_step_pipe(r.final.c.unet, adapted, "sdxs-shapes one-step")
-        r.final.save_pretrained(done)
-    else:
+    if r.d.is_main and not done.is_dir():
         r.final.save_pretrained(done)
     r.report["decoder_adapted"] = decoder_report(r.teacher.c.vae, r.final.c.vae, r.held)
 
@@ -449,11 +460,13 @@ def _generic_report(r: _Run) -> None:
 
 
 def _report_stage(r: _Run) -> None:
-    """SHAPES-64 scores, grids, parameter counts and CPU latency of the teacher and every student."""
+    """SHAPES-64 scores, grids, parameter counts and CPU latency of the teacher and every student (rank 0)."""
     from sdxs_edge.evaluate import EvalSettings, Evaluator, evaluate_pipeline, save_grid
     from sdxs_edge.models import Components, count_parameters
     from sdxs_edge.pipeline import SDXSPipeline
 
+    if not r.d.is_main:
+        return None
     if r.prompts:
         return _generic_report(r)
     cfg, t = r.cfg, r.teacher
@@ -512,7 +525,9 @@ def run_chain(cfg: ChainConfig, out: str | Path, until: str = "all") -> dict:
         raise ValueError(f"unknown stage {until!r}; stages: {', '.join(STAGES)}")
     from training import dist
 
-    torch.set_num_threads(max(1, min(cfg.threads, os.cpu_count() or 1)))
+    d = dist.init()
+    per_process = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    torch.set_num_threads(max(1, min(cfg.threads, per_process)))
     dev = dist.device()
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -523,18 +538,24 @@ def run_chain(cfg: ChainConfig, out: str | Path, until: str = "all") -> dict:
 
         precheck(cfg.teacher, cfg.prompts, cfg.images)
     check_run_folder(cfg, out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "config.json", json.dumps(asdict(cfg), indent=2, default=str))
-    clock = StageClock(out / "times.json")
-    r = _Run(cfg, out, dev)
+    d.barrier()  # every rank has read the run folder before rank 0 writes its config
+    if d.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(out / "config.json", json.dumps(asdict(cfg), indent=2, default=str))
+    d.barrier()
+    clock = StageClock(out / "times.json", write=d.is_main)
+    r = _Run(cfg, out, dev, d)
     for stage in CHAIN:
         stage.run(r)
+        d.barrier()  # what a stage saved is on disk before any rank looks for it
         clock.lap(stage.name)
         if stage.stop == until:
             return r.report
     r.report["stage_seconds"] = clock.times
-    write_atomic(out / "report.json", json.dumps(r.report, indent=2))
-    write_atomic(out / "report.md", format_generic_report(r.report) if r.prompts else format_chain_report(r.report))
+    if d.is_main:
+        write_atomic(out / "report.json", json.dumps(r.report, indent=2))
+        text = format_generic_report(r.report) if r.prompts else format_chain_report(r.report)
+        write_atomic(out / "report.md", text)
     return r.report
 
 

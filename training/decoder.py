@@ -18,13 +18,14 @@ an `AutoencoderTiny` with scaling_factor 1.0, exactly as TAESD replaces SD's VAE
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from training import dist
 from training.loop import LoopConfig, Progress, cosine_lr, run_loop, set_lr
 
 
@@ -38,6 +39,8 @@ class DecoderConfig:
     gan_start: step at which the adversarial term switches on (the pixel term settles first).
     full_l1: weight of an extra full-resolution L1 term (0 = the paper's loss).
     max_seconds: wall-clock budget (the loop checkpoints and stops when it is spent); None = none.
+    parallel: DDP, gradient accumulation, precision (`training.dist`); the decoder and discriminator are
+        small, so they are always replicated (DDP), never sharded.
     """
 
     steps: int = 2000
@@ -47,6 +50,7 @@ class DecoderConfig:
     gan_start: int = 500
     full_l1: float = 1.0
     max_seconds: float | None = None
+    parallel: dist.Parallel = field(default_factory=dist.Parallel)
 
 
 class PatchDiscriminator(nn.Module):
@@ -94,42 +98,53 @@ def distill_decoder(cfg: DecoderConfig, out: Path, vae_kl, student, latent_pool:
     """
     vae_kl.requires_grad_(False).eval()
     student.decoder.train()
-    dev = latent_pool.device
+    d, par, dev = dist.init(), cfg.parallel, latent_pool.device
     disc = PatchDiscriminator().to(dev)
+    dec_m, disc_m = d.wrap(student.decoder), d.wrap(disc)
     opt_g = torch.optim.Adam(student.decoder.parameters(), cfg.lr, betas=(0.5, 0.99))
     opt_d = torch.optim.Adam(disc.parameters(), cfg.lr, betas=(0.5, 0.99))
     last = [m for m in student.decoder.modules() if isinstance(m, nn.Conv2d)][-1].weight
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (teacher image, student image) of this step
 
-    progress = Progress(cfg.steps, cfg.max_seconds)
+    def g_loss(idx, use_gan):
+        z = latent_pool[idx.to(dev)]
+        with torch.no_grad():
+            target = teacher_decode(vae_kl, z).clamp(-1, 1).float()
+        fake = dec_m(z).float()  # AutoencoderTiny.decode is its decoder
+        pairs.append((target, fake.detach()))
+        rec = F.l1_loss(d8(fake), d8(target)) + cfg.full_l1 * F.l1_loss(fake, target)
+        if not use_gan:
+            return rec, {"rec": rec.item()}
+        disc.requires_grad_(False)  # the generator's adversarial term reaches no discriminator weight
+        adv = -disc(fake).mean()
+        disc.requires_grad_(True)
+        # VQGAN's adaptive weight: || dL_rec / dw || / || dL_adv / dw || at the last layer.
+        g_rec = torch.autograd.grad(rec, last, retain_graph=True)[0].norm()
+        g_adv = torch.autograd.grad(adv, last, retain_graph=True)[0].norm()
+        lam = (g_rec / (g_adv + 1e-4)).clamp(0, 1e4).detach() * cfg.gan_weight
+        return rec + lam * adv, {"rec": rec.item(), "adv": adv.item(), "lam": lam.item()}
+
+    def d_loss(target, fake):
+        real_logit, fake_logit = disc_m(torch.cat([target, fake])).chunk(2)
+        return F.relu(1 - real_logit).mean() + F.relu(1 + fake_logit).mean(), {}
+
+    progress = Progress(cfg.steps, cfg.max_seconds, d)
 
     def step(k: int) -> dict:
         set_lr(opt_g, cosine_lr(cfg.lr, k, progress(k)))
         g = torch.Generator().manual_seed(seed * 7919 + k)
-        z = latent_pool[torch.randint(0, len(latent_pool), (cfg.batch,), generator=g).to(dev)]
-        with torch.no_grad():
-            target = teacher_decode(vae_kl, z).clamp(-1, 1)
-        fake = student.decode(z).sample
-        rec = F.l1_loss(d8(fake), d8(target)) + cfg.full_l1 * F.l1_loss(fake, target)
-        metrics = {"rec": rec.item()}
-        loss = rec
-        use_gan = cfg.gan_weight > 0 and k >= cfg.gan_start
-        if use_gan:
-            adv = -disc(fake).mean()
-            # VQGAN's adaptive weight: || dL_rec / dw || / || dL_adv / dw || at the last layer.
-            g_rec = torch.autograd.grad(rec, last, retain_graph=True)[0].norm()
-            g_adv = torch.autograd.grad(adv, last, retain_graph=True)[0].norm()
-            lam = (g_rec / (g_adv + 1e-4)).clamp(0, 1e4).detach() * cfg.gan_weight
-            loss = rec + lam * adv
-            metrics.update(adv=adv.item(), lam=lam.item())
+        micro = [
+            [*m, cfg.gan_weight > 0 and k >= cfg.gan_start]
+            for m in d.micro([torch.randint(0, len(latent_pool), (cfg.batch,), generator=g)], par.grad_accum)
+        ]
+        pairs.clear()
         opt_g.zero_grad(set_to_none=True)
-        loss.backward()
+        metrics = d.accumulate([dec_m], micro, g_loss, dev, par.precision)
         opt_g.step()
-        if use_gan or (cfg.gan_weight > 0 and k >= cfg.gan_start - 100):  # discriminator gets a head start
-            d_loss = F.relu(1 - disc(target)).mean() + F.relu(1 + disc(fake.detach())).mean()
+        if cfg.gan_weight > 0 and k >= cfg.gan_start - 100:  # the discriminator gets a head start
             opt_d.zero_grad(set_to_none=True)
-            d_loss.backward()
+            metrics["d_loss"] = d.accumulate([disc_m], [list(p) for p in pairs], d_loss, dev, par.precision)["loss"]
             opt_d.step()
-            metrics["d_loss"] = d_loss.item()
         return metrics
 
     run_loop(
@@ -139,6 +154,7 @@ def distill_decoder(cfg: DecoderConfig, out: Path, vae_kl, student, latent_pool:
         step,
         {"decoder": student.decoder, "disc": disc},
         {"g": opt_g, "d": opt_d},
+        d=d,
     )
     student.decoder.eval()
     return student

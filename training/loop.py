@@ -1,5 +1,5 @@
-"""The shared training loop: accelerate for DDP / grad accumulation / mixed precision, resumable
-safetensors checkpoints, a JSONL log and a progress bar.
+"""The shared training loop: resumable safetensors checkpoints, a JSONL log, a progress bar and the
+wall-clock budget, the same in one process and under `torchrun` / `accelerate launch` (`training.dist`).
 
 Every stage supplies a `step(batch_index) -> dict of floats` closure and the modules/optimizers to
 checkpoint; the loop owns everything else. Checkpoints are written to a temporary folder and renamed
@@ -48,17 +48,20 @@ class Progress:
 
     Schedules (learning rate, annealed weights) follow it, so a stage that runs out of time still
     completes its schedule rather than stopping half-way up a warm learning rate.
+
+    Under N processes the clock is the slowest rank's (`d`), so every rank follows the same schedule.
     """
 
-    def __init__(self, steps: int, max_seconds: float | None = None):
-        self.steps, self.max_seconds, self.t0 = steps, max_seconds, None
+    def __init__(self, steps: int, max_seconds: float | None = None, d=None):
+        self.steps, self.max_seconds, self.t0, self.d = steps, max_seconds, None, d
 
     def __call__(self, step: int) -> float:
         if self.t0 is None:
             self.t0 = time.time()
         p = step / max(1, self.steps - 1)
         if self.max_seconds:
-            p = max(p, (time.time() - self.t0) / self.max_seconds)
+            elapsed = time.time() - self.t0
+            p = max(p, (self.d.max(elapsed) if self.d else elapsed) / self.max_seconds)
         return min(1.0, p)
 
 
@@ -75,8 +78,9 @@ def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def _optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = opt.state_dict()
+def _optimizer_to_tensors(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer state dict (parameters keyed by index, or by name for a sharded model) as tensors
+    (`KEY.field`) and JSON scalars."""
     tensors, scalars = {}, {"param_groups": sd["param_groups"], "state": {}}
     for idx, st in sd["state"].items():
         for k, v in st.items():
@@ -87,22 +91,32 @@ def _optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.T
     return tensors, scalars
 
 
-def _optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], scalars: dict) -> None:
-    state: dict[int, dict] = {}
+def _optimizer_from_tensors(tensors: dict[str, torch.Tensor], scalars: dict) -> dict:
+    key = lambda idx: int(idx) if idx.isdigit() else idx  # noqa: E731
+    state: dict = {}
     for name, v in tensors.items():
-        idx, k = name.split(".", 1)
-        state.setdefault(int(idx), {})[k] = v
+        idx, k = name.rsplit(".", 1)
+        state.setdefault(key(idx), {})[k] = v
     for idx, st in scalars["state"].items():
-        state.setdefault(int(idx), {}).update(st)
-    opt.load_state_dict({"state": state, "param_groups": scalars["param_groups"]})
+        state.setdefault(key(idx), {}).update(st)
+    return {"state": state, "param_groups": scalars["param_groups"]}
+
+
+def _owner(modules: dict[str, torch.nn.Module], opt: torch.optim.Optimizer) -> torch.nn.Module | None:
+    """The checkpointed module whose parameters `opt` trains (None when they belong to none)."""
+    first = id(opt.param_groups[0]["params"][0])
+    return next((m for m in modules.values() if any(id(p) == first for p in m.parameters())), None)
 
 
 class Checkpointer:
-    """Resumable checkpoints under `root/checkpoints/step-XXXXXXX/`."""
+    """Resumable checkpoints under `root/checkpoints/step-XXXXXXX/`: one safetensors file per module and
+    per optimizer plus state.json. Under N processes every rank calls `save` (a sharded model is gathered)
+    and rank 0 (`is_main`) writes."""
 
-    def __init__(self, root: str | Path, keep: int = 2):
+    def __init__(self, root: str | Path, keep: int = 2, is_main: bool = True):
         self.dir = Path(root) / "checkpoints"
         self.keep = keep
+        self.is_main = is_main
 
     def latest(self) -> Path | None:
         done = sorted(p for p in self.dir.glob("step-*") if (p / "state.json").is_file())
@@ -115,16 +129,23 @@ class Checkpointer:
         optimizers: dict[str, torch.optim.Optimizer],
         extra: dict | None = None,
     ) -> Path:
+        from training import dist
+
         final = self.dir / f"step-{step:07d}"
+        owners = {name: _owner(modules, o) for name, o in optimizers.items()}
+        gather = lambda m: self.is_main or (m is not None and dist.is_sharded(m))  # noqa: E731
+        states = {name: dist.module_state(m) for name, m in modules.items() if gather(m)}
+        opt_states = {
+            name: dist.optimizer_state(owners[name], o) for name, o in optimizers.items() if gather(owners[name])
+        }
+        if not self.is_main:
+            return final
         with atomic_dir(final, overwrite=True) as tmp:
-            for name, m in modules.items():
-                save_file(
-                    {k: v.detach().contiguous().cpu() for k, v in m.state_dict().items()},
-                    str(tmp / f"{name}.safetensors"),
-                )
+            for name, sd in states.items():
+                save_file(sd, str(tmp / f"{name}.safetensors"))
             opt_scalars = {}
-            for name, opt in optimizers.items():
-                tensors, opt_scalars[name] = _optimizer_to_tensors(opt)
+            for name, sd in opt_states.items():
+                tensors, opt_scalars[name] = _optimizer_to_tensors(sd)
                 save_file(tensors, str(tmp / f"optim-{name}.safetensors"))
             state = {
                 "step": step,
@@ -140,11 +161,15 @@ class Checkpointer:
     def load(
         self, path: Path, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer]
     ) -> dict:
+        """Every rank loads the full tensors (a sharded module keeps its own shard)."""
+        from training import dist
+
         state = json.loads((path / "state.json").read_text())
         for name, m in modules.items():
-            m.load_state_dict(load_file(str(path / f"{name}.safetensors")))
+            dist.load_module_state(m, load_file(str(path / f"{name}.safetensors")))
         for name, opt in optimizers.items():
-            _optimizer_from_tensors(opt, load_file(str(path / f"optim-{name}.safetensors")), state["optimizers"][name])
+            sd = _optimizer_from_tensors(load_file(str(path / f"optim-{name}.safetensors")), state["optimizers"][name])
+            dist.load_optimizer_state(_owner(modules, opt), opt, sd)
         torch.set_rng_state(torch.tensor(state["rng"], dtype=torch.uint8))
         return state
 
@@ -166,8 +191,8 @@ def run_loop(
     step_fn: Callable[[int], dict[str, float]],
     modules: dict[str, torch.nn.Module],
     optimizers: dict[str, torch.optim.Optimizer],
-    is_main: bool = True,
     extra_state: Callable[[], dict] | None = None,
+    d=None,
 ) -> dict:
     """Run `step_fn(step)` from the last checkpoint up to `cfg.steps`, logging and checkpointing.
 
@@ -178,15 +203,21 @@ def run_loop(
         step_fn: does one optimizer step for global step index `step`; returns scalars to log.
         modules: what to checkpoint, by file name.
         optimizers: optimizers to checkpoint, by name.
-        is_main: only the main process writes checkpoints and logs (DDP rank 0).
         extra_state: returns JSON-able state saved with each checkpoint (e.g. an annealed weight).
+        d: the `training.dist.DistInfo` of a multi-process run: every rank checkpoints together (a
+            sharded model is gathered), rank 0 writes checkpoints and logs, and all stop at the budget
+            together. None: one process.
 
     Returns:
         the checkpoint state it resumed from ({} for a fresh start), plus "last" (the final log record).
     """
     from tqdm.auto import tqdm
 
-    ckpt = Checkpointer(out, cfg.keep)
+    from training.dist import DistInfo
+
+    d = d or DistInfo()
+    is_main = d.is_main
+    ckpt = Checkpointer(out, cfg.keep, is_main)
     log = JsonlLog(Path(out) / "log.jsonl")
     start, resumed = 0, {}
     latest = ckpt.latest()
@@ -210,8 +241,8 @@ def run_loop(
             bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()})
             if is_main:
                 log.write(record)
-        over = cfg.max_seconds is not None and time.time() - t0 > cfg.max_seconds
-        if is_main and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps or over):
+        over = cfg.max_seconds is not None and d.max(time.time() - t0) > cfg.max_seconds
+        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps or over:
             ckpt.save(step + 1, modules, optimizers, extra_state() if extra_state else None)
         if over and step + 1 < cfg.steps:
             print(
@@ -231,10 +262,11 @@ class StageClock:
 
     Args:
         path: the JSON file (e.g. out/times.json); read if present, rewritten atomically at every lap.
+        write: False on all but one process of a multi-process run.
     """
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    def __init__(self, path: str | Path, write: bool = True):
+        self.path, self.write = Path(path), write
         self.times: dict[str, float] = json.loads(self.path.read_text()) if self.path.is_file() else {}
         self._stamp = time.time()
 
@@ -243,4 +275,5 @@ class StageClock:
         now = time.time()
         self.times[name] = round(self.times.get(name, 0.0) + now - self._stamp, 1)
         self._stamp = now
-        write_atomic(self.path, json.dumps(self.times, indent=2))
+        if self.write:
+            write_atomic(self.path, json.dumps(self.times, indent=2))

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,6 +26,7 @@ from torch import nn
 
 from sdxs_edge import sampler
 from sdxs_edge.atomic import atomic_file
+from training import dist
 from training.loop import LoopConfig, Progress, cosine_lr, run_loop, set_lr
 
 
@@ -60,23 +61,25 @@ def ode_pair_chunks(
     chunk: int = 2048,
     batch: int = 64,
     captions: list[str] | None = None,
+    d: dist.DistInfo | None = None,
 ) -> dict[str, torch.Tensor]:
     """`n` teacher ODE pairs, built in chunks of `chunk` that are each written atomically under `out`.
 
     A killed run keeps its finished chunks and resumes with the next one; chunk i draws its captions from
     the evaluation-disjoint stream seed PAIR_CAPTION_SEED + i and its noise from seed i + 1, so the pairs do
     not depend on how often the build was interrupted. With `captions` (a prompt file's lines) pair j
-    takes caption j modulo their count instead.
+    takes caption j modulo their count instead. Under N processes (`d`) rank r builds chunks r, r + N, ...
+    and every rank then reads them all.
     """
     from safetensors.torch import load_file, save_file
 
     from sdxs_edge import shapes
 
+    d = d or dist.DistInfo()
     out.mkdir(parents=True, exist_ok=True)
-    parts = []
-    for i in range((n + chunk - 1) // chunk):
-        f = out / f"chunk-{i:03d}-{chunk}-{steps}-{guidance:g}.safetensors"
-        if not f.is_file():
+    files = [out / f"chunk-{i:03d}-{chunk}-{steps}-{guidance:g}.safetensors" for i in range((n + chunk - 1) // chunk)]
+    for i, f in enumerate(files):
+        if not f.is_file() and i % d.world == d.rank:
             size = min(chunk, n - i * chunk)
             if captions:
                 caps = [captions[(i * chunk + k) % len(captions)] for k in range(size)]
@@ -85,7 +88,8 @@ def ode_pair_chunks(
             p = make_ode_pairs(pipe, caps, steps, guidance, batch=batch, seed=i + 1)
             with atomic_file(f) as tmp:
                 save_file(p, str(tmp))
-        parts.append(load_file(str(f)))
+    d.barrier()
+    parts = [load_file(str(f)) for f in files]
     return {k: torch.cat([p[k] for p in parts])[:n] for k in parts[0]}
 
 
@@ -186,6 +190,7 @@ class WarmupConfig:
     encoder: "unet" (teacher encoder) or "cnn" (small frozen CNN).
     level_weights: per-level weights of the feature loss (None = equal).
     max_seconds: wall-clock budget (the loop checkpoints and stops when it is spent); None = none.
+    parallel: DDP / FSDP, gradient accumulation, precision, gradient checkpointing (`training.dist`).
     """
 
     steps: int = 1500
@@ -195,6 +200,7 @@ class WarmupConfig:
     encoder: str = "unet"
     level_weights: tuple[float, ...] | None = None
     max_seconds: float | None = None
+    parallel: dist.Parallel = field(default_factory=dist.Parallel)
 
 
 def make_encoder(kind: str, teacher_unet) -> nn.Module | None:
@@ -215,33 +221,37 @@ def warmup(
     consts: sampler.OneStepConstants,
     seed: int = 0,
 ):
-    """Feature-matching warm-up of a one-step student on teacher ODE pairs."""
+    """Feature-matching warm-up of a one-step student on teacher ODE pairs; returns the trained student
+    (under FSDP a gathered, unsharded copy: use the returned model)."""
     text_encoder.requires_grad_(False).eval()
+    d, par = dist.init(), cfg.parallel
     encoder = None if cfg.loss == "mse" else make_encoder(cfg.encoder, teacher_unet).to(pairs["noise"].device)
-    opt = torch.optim.AdamW(student.parameters(), cfg.lr, weight_decay=0.0)
     student.train()
+    student_m = dist.trainable(d, student, par)
+    opt = torch.optim.AdamW(student.parameters(), cfg.lr, weight_decay=0.0)
     n = len(pairs["noise"])
     dev = pairs["noise"].device
+    weights = cfg.level_weights and list(cfg.level_weights)
 
-    progress = Progress(cfg.steps, cfg.max_seconds)
+    def loss_fn(idx):
+        idx = idx.to(dev)
+        with torch.no_grad():
+            ctx = text_encoder(pairs["ids"][idx].long())[0]
+        pred = one_step_x0(student_m, pairs["noise"][idx], ctx, consts).float()
+        loss = feature_matching_loss(encoder, pred, pairs["x0"][idx], ctx, weights).mean()
+        return loss, {"mse": (pred.detach() - pairs["x0"][idx]).square().mean().item()}
+
+    progress = Progress(cfg.steps, cfg.max_seconds, d)
 
     def step(k: int) -> dict:
         set_lr(opt, cosine_lr(cfg.lr, k, progress(k), floor=0.3))
         g = torch.Generator().manual_seed(seed * 1_000_037 + k)
-        idx = torch.randint(0, n, (cfg.batch,), generator=g).to(dev)
-        with torch.no_grad():
-            ctx = text_encoder(pairs["ids"][idx].long())[0]
-        pred = one_step_x0(student, pairs["noise"][idx], ctx, consts)
-        loss = feature_matching_loss(
-            encoder, pred, pairs["x0"][idx], ctx, cfg.level_weights and list(cfg.level_weights)
-        ).mean()
+        idx = torch.randint(0, n, (cfg.batch,), generator=g)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        metrics = d.accumulate([student_m], d.micro([idx], par.grad_accum), loss_fn, dev, par.precision)
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
-        with torch.no_grad():
-            mse = (pred - pairs["x0"][idx]).square().mean()
-        return {"loss": loss.item(), "mse": mse.item()}
+        return metrics
 
     run_loop(
         "warmup",
@@ -250,8 +260,9 @@ def warmup(
         step,
         {"unet": student},
         {"opt": opt},
+        d=d,
     )
-    return student.eval()
+    return dist.released(student).eval()
 
 
 # ---- b. segmented score distillation ----------------------------------------------------------------------
@@ -269,6 +280,8 @@ class SSDConfig:
     t_min: smallest timestep sampled for score distillation (very small t carries no signal).
     encoder: feature encoder of the feature-matching segment ("unet" or "cnn").
     max_seconds: wall-clock budget (the loop checkpoints and stops when it is spent); None = none.
+    parallel: DDP / FSDP of the student and the online DM, gradient accumulation, precision, gradient
+        checkpointing (`training.dist`).
     """
 
     steps: int = 800
@@ -284,6 +297,7 @@ class SSDConfig:
     t_min: int = 20
     encoder: str = "unet"
     max_seconds: float | None = None
+    parallel: dist.Parallel = field(default_factory=dist.Parallel)
 
 
 def anneal(cfg: SSDConfig, p: float) -> tuple[float, float]:
@@ -321,25 +335,39 @@ def _score_difference(
     return torch.nan_to_num(grad)
 
 
-def _noised(x0: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor, g: torch.Generator):
-    """x0 noised to timesteps t (forward process), and the alphas_cumprod it used, shaped to broadcast."""
-    a = alphas_cumprod[t].view(-1, 1, 1, 1)
-    return a.sqrt() * x0 + (1 - a).sqrt() * torch.randn(x0.shape, generator=g).to(x0.device), a
+def _update_online(online_m, opt, x0s, ctxs, draws, acp, d, cfg: SSDConfig, prediction: str) -> float:
+    """One denoising update of the online DM on the student's current outputs: `x0s`, `ctxs` are this
+    rank's micro-batches, `draws` the global (t, eps) of this update. Returns its loss."""
+    dev = x0s[0].device
 
-
-def _update_online(online, opt, x0: torch.Tensor, ctx, alphas_cumprod, cfg: SSDConfig, g, prediction: str) -> float:
-    """The online DM's denoising updates on the student's current outputs; returns the last loss."""
-    for _ in range(cfg.online_updates):
-        t = torch.randint(0, len(alphas_cumprod), (cfg.batch,), generator=g).to(x0.device)
-        eps = torch.randn(x0.shape, generator=g).to(x0.device)
-        a = alphas_cumprod[t].view(-1, 1, 1, 1)
+    def loss_fn(x0, ctx, t, eps):
+        t, eps = t.to(dev), eps.to(dev)
+        a = acp[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        loss = F.mse_loss(online(xt, t, ctx).sample, _target(x0, eps, a, prediction))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(online.parameters(), 1.0)
-        opt.step()
-    return loss.item()
+        return F.mse_loss(online_m(xt, t, ctx).sample.float(), _target(x0, eps, a, prediction)), {}
+
+    micro = [[x, c, *te] for x, c, te in zip(x0s, ctxs, d.micro(list(draws), cfg.parallel.grad_accum))]
+    opt.zero_grad(set_to_none=True)
+    loss = d.accumulate([online_m], micro, loss_fn, dev, cfg.parallel.precision)["loss"]
+    torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], 1.0)
+    opt.step()
+    return loss
+
+
+def _ssd_draws(cfg: SSDConfig, k: int, seed: int, n: int, T: int, shape) -> tuple[list, list]:
+    """Step k's global random draws: the student's (pair index, t, noise for x_t) and, per online
+    update, (t, eps)."""
+    g = torch.Generator().manual_seed(seed * 1_000_039 + k)
+    student = [
+        torch.randint(0, n, (cfg.batch,), generator=g),
+        torch.randint(cfg.t_min, T, (cfg.batch,), generator=g),
+        torch.randn((cfg.batch, *shape), generator=g),
+    ]
+    online = [
+        (torch.randint(0, T, (cfg.batch,), generator=g), torch.randn((cfg.batch, *shape), generator=g))
+        for _ in range(cfg.online_updates)
+    ]
+    return student, online
 
 
 def score_distill(
@@ -360,58 +388,56 @@ def score_distill(
     requires_grad train (all, or an injected LoRA). The online DM starts as a copy of `online_init` (default:
     the offline DM; a style LoRA distillation starts it from the teacher without the LoRA).
     `teacher_prediction` is the offline DM's parameterisation ("epsilon" or "v_prediction"), which the
-    online DM inherits.
+    online DM inherits. Returns the trained student (under FSDP a gathered, unsharded copy).
     """
     text_encoder.requires_grad_(False).eval()
     offline_unet.requires_grad_(False).eval()
+    d, par = dist.init(), cfg.parallel
     online = copy.deepcopy(online_init if online_init is not None else offline_unet).requires_grad_(True).train()
     dev = pairs["noise"].device
     encoder = make_encoder(cfg.encoder, offline_unet).to(dev)
-    alphas_cumprod = alphas_cumprod.to(dev)
-    empty_ids = empty_ids.to(dev)
+    acp = alphas_cumprod.to(dev)
+    student.train()
+    student_m, online_m = dist.trainable(d, student, par), dist.trainable(d, online, par)
     params = [p for p in student.parameters() if p.requires_grad]
     opt_s = torch.optim.AdamW(params, cfg.lr, weight_decay=0.0)
     opt_o = torch.optim.AdamW(online.parameters(), cfg.online_lr, weight_decay=0.0)
-    student.train()
-    T = len(alphas_cumprod)
-    n = len(pairs["noise"])
+    T, n, progress, x0s, ctxs = len(acp), len(pairs["noise"]), Progress(cfg.steps, cfg.max_seconds, d), [], []
     with torch.no_grad():
-        uncond = text_encoder(empty_ids[None])[0]
+        uncond = text_encoder(empty_ids.to(dev)[None])[0]
 
-    progress = Progress(cfg.steps, cfg.max_seconds)
+    def loss_fn(idx, t, noise, alpha, lam):
+        idx, t = idx.to(dev), t.to(dev)
+        with torch.no_grad():
+            ctx = text_encoder(pairs["ids"][idx].long())[0]
+        x0 = one_step_x0(student_m, pairs["noise"][idx], ctx, consts).float()
+        sd_mask = (t <= alpha * T).float()
+        with torch.no_grad():  # score-difference segment (DMD's normalised form of the Diff-Instruct gradient)
+            a = acp[t].view(-1, 1, 1, 1)
+            xt = a.sqrt() * x0.detach() + (1 - a).sqrt() * noise.to(dev)
+            grad = _score_difference(
+                offline_unet, online, xt, a, t, ctx, uncond, cfg.guidance, x0.detach(), teacher_prediction
+            ).float()
+        sd = 0.5 * (x0 - (x0 - grad).detach()).square().flatten(1).mean(1)
+        fm = feature_matching_loss(encoder, x0, pairs["x0"][idx], ctx)
+        x0s.append(x0.detach())
+        ctxs.append(ctx)
+        sd_mean = float((sd.detach() * sd_mask).sum() / sd_mask.sum().clamp_min(1))
+        return (sd_mask * sd + (1 - sd_mask) * lam * fm).mean(), {"sd": sd_mean, "fm": float(fm.detach().mean())}
 
     def step(k: int) -> dict:
         alpha, lam = anneal(cfg, progress(k))
-        g = torch.Generator().manual_seed(seed * 1_000_039 + k)
-        idx = torch.randint(0, n, (cfg.batch,), generator=g).to(dev)
-        with torch.no_grad():
-            ctx = text_encoder(pairs["ids"][idx].long())[0]
-        x0 = one_step_x0(student, pairs["noise"][idx], ctx, consts)
-        t = torch.randint(cfg.t_min, T, (cfg.batch,), generator=g).to(dev)
-        sd_mask = (t <= alpha * T).float()
-        # Score-difference segment (DMD's normalised form of the Diff-Instruct gradient).
-        with torch.no_grad():
-            xt, a = _noised(x0.detach(), t, alphas_cumprod, g)
-            grad = _score_difference(
-                offline_unet, online, xt, a, t, ctx, uncond, cfg.guidance, x0.detach(), teacher_prediction
-            )
-        sd = 0.5 * (x0 - (x0 - grad).detach()).square().flatten(1).mean(1)
-        fm = feature_matching_loss(encoder, x0, pairs["x0"][idx], ctx)
-        loss = (sd_mask * sd + (1 - sd_mask) * lam * fm).mean()
+        draws, online_draws = _ssd_draws(cfg, k, seed, n, T, pairs["noise"].shape[1:])
+        x0s.clear()
+        ctxs.clear()
+        micro = [[*m, alpha, lam] for m in d.micro(draws, par.grad_accum)]
         opt_s.zero_grad(set_to_none=True)
-        loss.backward()
+        metrics = d.accumulate([student_m], micro, loss_fn, dev, par.precision)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt_s.step()
-        # Online DM: denoising loss on the student's current outputs.
-        o_loss = _update_online(online, opt_o, x0.detach(), ctx, alphas_cumprod, cfg, g, teacher_prediction)
-        return {
-            "loss": loss.item(),
-            "sd": float((sd.detach() * sd_mask).sum() / sd_mask.sum().clamp_min(1)),
-            "fm": float(fm.mean()),
-            "online": o_loss,
-            "alpha": alpha,
-            "lambda_fm": lam,
-        }
+        for od in online_draws:  # online DM: denoising loss on the student's current outputs
+            metrics["online"] = _update_online(online_m, opt_o, x0s, ctxs, od, acp, d, cfg, teacher_prediction)
+        return {**metrics, "alpha": alpha, "lambda_fm": lam}
 
     run_loop(
         "score-distill",
@@ -420,5 +446,6 @@ def score_distill(
         step,
         {"unet": student, "online": online},
         {"student": opt_s, "online": opt_o},
+        d=d,
     )
-    return student.eval()
+    return dist.released(student).eval()

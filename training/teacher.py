@@ -161,8 +161,7 @@ def vae_report(vae, n: int = 256, seed: int = 1) -> dict:
 
 def _micro(cfg: TeacherConfig, d: DistInfo, tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     """This rank's shard of a global batch, split into `grad_accum` micro-batches."""
-    local = [d.shard(t) for t in tensors]
-    return [list(parts) for parts in zip(*(t.chunk(cfg.grad_accum) for t in local))]
+    return d.micro(tensors, cfg.grad_accum)
 
 
 def train_vae(cfg: TeacherConfig, out: Path):
@@ -202,7 +201,7 @@ def train_vae(cfg: TeacherConfig, out: Path):
         step,
         {"vae": vae},
         {"opt": opt},
-        is_main=d.is_main,
+        d=d,
     )
     return vae.cpu().eval()
 
@@ -297,7 +296,7 @@ def train_unet(cfg: TeacherConfig, out: Path, text_encoder, unet, tokenizer, cac
         step,
         {"unet": unet, "text_encoder": text_encoder},
         {"opt": opt},
-        is_main=d.is_main,
+        d=d,
     )
     unet.cpu().eval()
     text_encoder.cpu().eval()

@@ -6,18 +6,22 @@ the teacher where layers correspond (`SDXS_LAYER_MAP`, data). Loss, with no deno
 
     L = || eps_student(x_t, t, c) - eps_teacher(x_t, t, c) ||^2
         + lambda_F * sum_blocks || f_student_block - f_teacher_block ||^2      (SDXS_FEATURE_PAIRS)
+
+The student's last down stage has no downsampler while the teacher's stage of the same index has one, so
+that pair is compared at the coarser of the two resolutions (`feature_mse`: the finer map average-pooled).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from sdxs_edge.presets import SDXS_FEATURE_PAIRS, SDXS_LAYER_MAP, block_removed
+from training import dist
 from training.loop import LoopConfig, Progress, cosine_lr, run_loop, set_lr
 
 
@@ -30,6 +34,7 @@ class UNetKDConfig:
     feature_weight: lambda_F, the weight of the feature-KD term.
     cfg_dropout: share of empty captions, so the student keeps classifier-free guidance.
     max_seconds: wall-clock budget (the loop checkpoints and stops when it is spent); None = none.
+    parallel: DDP / FSDP, gradient accumulation, precision, gradient checkpointing (`training.dist`).
     """
 
     steps: int = 2000
@@ -38,6 +43,7 @@ class UNetKDConfig:
     feature_weight: float = 1.0
     cfg_dropout: float = 0.1
     max_seconds: float | None = None
+    parallel: dist.Parallel = field(default_factory=dist.Parallel)
 
 
 def build_student(
@@ -90,6 +96,25 @@ class FeatureTap:
             h.remove()
 
 
+def feature_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """MSE of two feature maps with the same channels, the finer one average-pooled to the coarser size."""
+    a, b = a.float(), b.float()
+    if a.shape[-2:] != b.shape[-2:]:
+        size = min(a.shape[-2], b.shape[-2]), min(a.shape[-1], b.shape[-1])
+        a, b = F.adaptive_avg_pool2d(a, size), F.adaptive_avg_pool2d(b, size)
+    return F.mse_loss(a, b)
+
+
+def _kd_draws(cfg: UNetKDConfig, seed: int, n: int, T: int, shape) -> list[torch.Tensor]:
+    """A step's global random draws: cache index, posterior noise, caption dropout, timestep, noise."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, n, (cfg.batch,), generator=g)
+    e0 = torch.randn((cfg.batch, *shape), generator=g)
+    drop = torch.rand(cfg.batch, generator=g) < cfg.cfg_dropout
+    t = torch.randint(0, T, (cfg.batch,), generator=g)
+    return [idx, e0, drop, t, torch.randn(e0.shape, generator=g)]
+
+
 def distill_unet(
     cfg: UNetKDConfig,
     out: Path,
@@ -101,7 +126,8 @@ def distill_unet(
     alphas_cumprod: torch.Tensor,
     seed: int = 0,
 ):
-    """Train `student` against `teacher_unet` on noised latents from `cache` (see the teacher trainer).
+    """Train `student` against `teacher_unet` on noised latents from `cache` (see the teacher trainer);
+    returns the trained student (under FSDP a gathered, unsharded copy: use the returned model).
 
     Args:
         cfg: recipe settings.
@@ -117,8 +143,10 @@ def distill_unet(
     teacher_unet.requires_grad_(False).eval()
     text_encoder.requires_grad_(False).eval()
     student.train()
+    d, par = dist.init(), cfg.parallel
     pairs = dict(SDXS_FEATURE_PAIRS)
     tap_s, tap_t = FeatureTap(student, pairs.keys()), FeatureTap(teacher_unet, pairs.values())
+    student_m = dist.trainable(d, student, par)
     opt = torch.optim.AdamW(student.parameters(), cfg.lr, weight_decay=0.0)
     scale = float(cache["scaling_factor"])
     n = cache["mean"].shape[0]
@@ -126,32 +154,30 @@ def distill_unet(
     acp = alphas_cumprod.to(dev)
     empty_ids = empty_ids.to(dev)
 
-    progress = Progress(cfg.steps, cfg.max_seconds)
+    def loss_fn(idx, e0, drop, t, e):
+        idx, t = idx.to(dev), t.to(dev)
+        z0 = (cache["mean"][idx] + cache["std"][idx] * e0.to(dev)) * scale
+        ids = cache["ids"][idx].long()
+        ids[drop.to(dev)] = empty_ids
+        a = acp[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * e.to(dev)
+        with torch.no_grad():
+            ctx = text_encoder(ids)[0]
+            target = teacher_unet(zt, t, ctx).sample.float()
+        out_kd = F.mse_loss(student_m(zt, t, ctx).sample.float(), target)
+        feat_kd = sum(feature_mse(tap_s.out[s], tap_t.out[t_]) for s, t_ in pairs.items())
+        return out_kd + cfg.feature_weight * feat_kd, {"out_kd": out_kd.item(), "feat_kd": float(feat_kd.detach())}
+
+    progress = Progress(cfg.steps, cfg.max_seconds, d)
 
     def step(k: int) -> dict:
         set_lr(opt, cosine_lr(cfg.lr, k, progress(k), floor=0.3))
-        g = torch.Generator().manual_seed(seed * 1_000_033 + k)
-        idx = torch.randint(0, n, (cfg.batch,), generator=g).to(dev)
-        z0 = (
-            cache["mean"][idx] + cache["std"][idx] * torch.randn(cache["mean"][idx].shape, generator=g).to(dev)
-        ) * scale
-        ids = cache["ids"][idx].long()
-        ids[(torch.rand(cfg.batch, generator=g) < cfg.cfg_dropout).to(dev)] = empty_ids
-        t = torch.randint(0, len(alphas_cumprod), (cfg.batch,), generator=g).to(dev)
-        a = acp[t].view(-1, 1, 1, 1)
-        zt = a.sqrt() * z0 + (1 - a).sqrt() * torch.randn(z0.shape, generator=g).to(dev)
-        with torch.no_grad():
-            ctx = text_encoder(ids)[0]
-            target = teacher_unet(zt, t, ctx).sample
-        pred = student(zt, t, ctx).sample
-        out_kd = F.mse_loss(pred, target)
-        feat_kd = sum(F.mse_loss(tap_s.out[s], tap_t.out[t_]) for s, t_ in pairs.items())
-        loss = out_kd + cfg.feature_weight * feat_kd
+        draws = _kd_draws(cfg, seed * 1_000_033 + k, n, len(alphas_cumprod), cache["mean"].shape[1:])
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        metrics = d.accumulate([student_m], d.micro(draws, par.grad_accum), loss_fn, dev, par.precision)
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
-        return {"loss": loss.item(), "out_kd": out_kd.item(), "feat_kd": float(feat_kd.detach())}
+        return metrics
 
     try:
         run_loop(
@@ -161,8 +187,9 @@ def distill_unet(
             step,
             {"unet": student},
             {"opt": opt},
+            d=d,
         )
     finally:
         tap_s.remove()
         tap_t.remove()
-    return student.eval()
+    return dist.released(student).eval()
