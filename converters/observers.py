@@ -39,7 +39,8 @@ def _settings(module) -> tuple:
 
 def _sites(gm) -> dict[int, tuple[list[str], list]]:
     """Per observer instance (by id): its attribute names in `gm` and its call nodes in graph order."""
-    modules = dict(gm.named_modules())
+    # An instance shared by several attribute names is listed under each (named_modules would list it once).
+    modules = dict(gm.named_modules(remove_duplicate=False))
     calls = [n for n in gm.graph.nodes if n.op == "call_module" and _is_observer(modules.get(str(n.target)))]
     out: dict[int, tuple[list[str], list]] = {}
     for n in calls:

@@ -136,6 +136,8 @@ def test_candidate_graphs_reuse_the_one_calibration_exactly():
     for skip in ({convs[1]}, {convs[0], convs[2]}):
         borrowed = prepared(skip)
         assert observers.reuse(borrowed, lent)
+        mods = borrowed.named_modules(remove_duplicate=False)  # shared instances under every name
+        assert not [n for n, m in mods if type(m).__name__ == "HistogramObserver" and m.min_val == float("inf")]
         own = convert_pt2e(calibrated(prepared(skip)))
         borrowed = convert_pt2e(borrowed)
         with torch.no_grad():
