@@ -146,6 +146,12 @@ class ComponentJob:
             [self.score(x, r) for x, r in zip(inputs, reference)],
         )
 
+    def scored_references(self, inputs: Sequence[tuple[np.ndarray, ...]], reference: Sequence[np.ndarray]) -> list:
+        """The references as the sensitivity pass compares them (see `score`)."""
+        if self.score is None:
+            return list(reference)
+        return [self.score(x, r) for x, r in zip(inputs, reference)]
+
     def feeds(self, sample: tuple[np.ndarray, ...]) -> dict[str, np.ndarray]:
         """Named inputs for one sample, in the io spec's dtypes."""
         return {s.name: np.ascontiguousarray(x, dtype=s.dtype) for s, x in zip(self.inputs, sample)}

@@ -11,6 +11,10 @@ hands on quantized). A softmax whose input range is blown up by an attention mas
 about 0 dB or worse; a well-behaved conv 35-45 dB. Nodes are then kept in float in that order, doubling
 the count (1, 2, 4, ...) until the component reaches the registry's sensitivity target or the budget is
 spent; the best model seen is kept. The score is local (upstream-independent), so one pass ranks all.
+
+`run_pass` is the entry point of both backends: it keeps every score it measures in the on-disk cache
+of `converters.sensitivity_cache` and takes the ones a conversion of the same model measured before
+from there, so a second conversion quantizes and scores nothing but the model it keeps.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from converters.parity import tensor_snr
+from converters.sensitivity_cache import Entry, cache_dir
 
 MASK_MAGNITUDE = 1e30  # attention-mask fill values (finfo.min, -inf) are not signal
 
@@ -259,3 +264,75 @@ def refusal_detail(report: dict) -> str:
             f"(target {sens['target_snr_db']:.0f} dB)"
         )
     return ""
+
+
+@dataclass(frozen=True)
+class Quantizer:
+    """What a backend hands `run_pass`.
+
+    Args:
+        quantize: node names kept in float -> the quantized artifact.
+        score: artifact -> the component's SNR in dB on the held-out samples (`min_sample_snr_db`).
+        candidates: the fully quantized artifact -> its quantized nodes.
+        rank: (fully quantized artifact, candidates) -> `score_nodes` of them.
+        key: `sensitivity_cache.content_key` of the float model, samples and references.
+    """
+
+    quantize: Callable[[list[str]], Any]
+    score: Callable[[Any], float]
+    candidates: Callable[[Any], list[QuantNode]]
+    rank: Callable[[Any, Sequence[QuantNode]], list[tuple[str, float]]]
+    key: str
+
+
+class _Evaluations:
+    """evaluate(excluded) -> (SNR, artifact): the cached score and no artifact when the entry has it,
+    else quantized, scored and cached; the fully quantized artifact is kept for the ranking."""
+
+    def __init__(self, q: Quantizer, entry: Entry):
+        self.q, self.entry, self.runs, self.full = q, entry, 0, None
+
+    def __call__(self, excluded: list[str]) -> tuple[float, Any]:
+        snr = self.entry.score(excluded)
+        if snr is not None:
+            return snr, None
+        artifact = self.q.quantize(list(excluded))
+        snr = float(self.q.score(artifact))
+        self.runs += 1
+        self.entry.put_score(excluded, snr)
+        if not excluded:
+            self.full = artifact
+        return snr, artifact
+
+    def fully_quantized(self) -> Any:
+        if self.full is None:
+            self.full = self.q.quantize([])
+        return self.full
+
+    def cached(self, field: str, compute: Callable[[], Any]) -> Any:
+        value = self.entry.get(field)
+        if value is None:
+            value = compute()
+            self.entry.put(field, value)
+        return value
+
+
+def run_pass(job, q: Quantizer) -> tuple[Any, dict | None]:
+    """The fully quantized artifact when the pass is off, else `keep_sensitive_in_float` through the
+    cache: (the artifact kept, its report with "cache": scores reused and measured)."""
+    if not job.config.sensitivity or job.spec.sensitivity_target_db is None:
+        return q.quantize([]), None
+    ev = _Evaluations(q, Entry(cache_dir(), job.name, q.key))
+    first = ev([])
+    cands = ev.cached("candidates", lambda: [[n.name, list(n.tensors)] for n in q.candidates(ev.fully_quantized())])
+    candidates = [QuantNode(n, tuple(t)) for n, t in cands]
+
+    def rank() -> list[tuple[str, float]]:
+        ranked = ev.cached("local_ranking", lambda: [list(r) for r in q.rank(ev.fully_quantized(), candidates)])
+        return [(n, float(d)) for n, d in ranked]
+
+    best, rep = keep_sensitive_in_float(job, candidates, rank, ev, first)
+    if best is None:  # its score came from the cache: quantize it now (the conversion check judges it anew)
+        best = q.quantize([e["name"] for e in rep["excluded_nodes"]]) if rep["excluded_nodes"] else ev.fully_quantized()
+    rep["cache"] = {"scores_reused": ev.entry.hits, "scores_measured": ev.runs}
+    return best, rep

@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import collections
 import copy
+import warnings
 from pathlib import Path
 
 import numpy as np
 
+from converters import observers
 from converters.base import ComponentJob, ComponentResult, Runner
-from converters.sensitivity import QParams, QuantNode, keep_sensitive_in_float, score_nodes, split_calibration
+from converters.sensitivity import QParams, Quantizer, QuantNode, run_pass, score_nodes, split_calibration
+from converters.sensitivity_cache import content_key
 from sdxs_edge.errors import SDXSError
 
 NOT_OPS = ("getitem", "executorch_call_delegate")  # plumbing, not operators
@@ -185,33 +188,32 @@ def _numpy(out):
 
 
 def quantize(job: ComponentJob, exported) -> tuple[object, dict]:
-    """Stage 1b (int8): PT2E prepare -> calibrate -> convert, with the sensitivity pass; re-exported."""
+    """Stage 1b (int8): PT2E prepare -> calibrate -> convert, with the sensitivity pass; re-exported.
+
+    The graph calibrates once: each candidate of the sensitivity pass takes its observers from that
+    calibration (`converters.observers`), and calibrates only where one has no exact match."""
     import torch
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     graph = exported.module()
     allowed = _quantizable_targets(job.name)
-
-    def quantized(excluded: list[str]):
-        skip = set(excluded)
-        # The filter sees every node of a pattern (weights too); call_function nodes must be conv/linear(+relu).
-        q = _quantizer(lambda n: n.op != "call_function" or (n.target in allowed and n.name not in skip))
-        prepared = prepare_pt2e(copy.deepcopy(graph), q)
-        with torch.no_grad():
-            for s in fit:
-                prepared(*_tensors(s))
-        return convert_pt2e(prepared)
-
     fit, sens_in, sens_ref = split_calibration(job)
+    quantized = _quantize_with(job, graph, allowed, fit)
 
-    def evaluate(excluded: list[str]):
-        m = quantized(excluded)
+    def score(m) -> float:
         with torch.no_grad():
-            snr = job.sensitivity_figures(lambda s: _numpy(m(*_tensors(s))), sens_in, sens_ref)["min_sample_snr_db"]
-        return snr, m
+            return job.sensitivity_figures(lambda s: _numpy(m(*_tensors(s))), sens_in, sens_ref)["min_sample_snr_db"]
 
+    def rank(full, candidates):
+        return score_nodes(
+            candidates, _record(graph, sens_in, {t for n in candidates for t in n.tensors}), _qparams(full)
+        )
+
+    key = content_key(job, _program_digest(exported), __file__, fit, sens_in, job.scored_references(sens_in, sens_ref))
+    q = Quantizer(quantized, score, lambda full: _quantized_nodes(full, allowed), rank, key)
     try:
-        first = evaluate([])
+        with warnings.catch_warnings():  # torch deprecates its own LeafSpec use, once per graph copy
+            warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
+            best, sensitivity = run_pass(job, q)
         report: dict = {
             "mode": "static",
             "quantizer": "XNNPACKQuantizer(get_symmetric_quantization_config(is_per_channel=True)); a concatenation of moves of one tensor shares its quantization",
@@ -221,19 +223,58 @@ def quantize(job: ComponentJob, exported) -> tuple[object, dict]:
             "activations": "int8 per-tensor (histogram observer)",
             "calibration_samples": len(fit),
             "sensitivity_samples": len(sens_in),
+            "sensitivity": sensitivity,
+            "quantized_nodes": len(_quantized_nodes(best, allowed)),
         }
-        candidates = _quantized_nodes(first[1], allowed)
-        rank = lambda: score_nodes(
-            candidates, _record(graph, sens_in, {t for n in candidates for t in n.tensors}), _qparams(first[1])
-        )
-        best, report["sensitivity"] = keep_sensitive_in_float(job, candidates, rank, evaluate, first)
-        report["quantized_nodes"] = len(_quantized_nodes(best, allowed))
         with torch.no_grad():
             return torch.export.export(best, tuple(job.example), strict=False), report
     except SDXSError:
         raise
     except Exception as e:
         raise _err(job, "int8 quantization", e) from e
+
+
+def _quantize_with(job: ComponentJob, graph, allowed, fit):
+    """excluded node names -> the converted PT2E graph with those nodes left in float. The first graph
+    that calibrates lends its observers to the later ones (`converters.observers.reuse`)."""
+    import torch
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    calibrated: dict = {}
+
+    def quantized(excluded: list[str]):
+        skip = set(excluded)
+        # The filter sees every node of a pattern (weights too); call_function nodes must be conv/linear(+relu).
+        q = _quantizer(lambda n: n.op != "call_function" or (n.target in allowed and n.name not in skip))
+        prepared = prepare_pt2e(copy.deepcopy(graph), q)
+        if not observers.reuse(prepared, calibrated):
+            with torch.no_grad():
+                for s in fit:
+                    prepared(*_tensors(s))
+            if not calibrated:
+                calibrated.update(copy.deepcopy(observers.calibrated_observers(prepared)))
+        return convert_pt2e(prepared)
+
+    return quantized
+
+
+def _program_digest(exported) -> str:
+    """sha256 of an exported program as the quantizer sees it: its graph and every tensor it holds."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256(exported.graph_module.code.encode())
+    tensors = {**exported.state_dict, **exported.constants}
+    for name in sorted(tensors):
+        t = tensors[name]
+        if hasattr(t, "detach"):
+            a = t.detach().contiguous().cpu()
+            h.update(f"{name}:{a.dtype}:{tuple(a.shape)}".encode())
+            h.update(a.reshape(-1).view(torch.uint8).numpy().tobytes() if a.numel() else b"")
+        else:
+            h.update(f"{name}:{t!r}".encode())
+    return h.hexdigest()
 
 
 def _is_op(node, names: tuple[str, ...]) -> bool:

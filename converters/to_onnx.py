@@ -41,7 +41,8 @@ from pathlib import Path
 import numpy as np
 
 from converters.base import ComponentJob, ComponentResult, Runner
-from converters.sensitivity import QParams, QuantNode, keep_sensitive_in_float, score_nodes, split_calibration
+from converters.sensitivity import QParams, Quantizer, QuantNode, run_pass, score_nodes, split_calibration
+from converters.sensitivity_cache import content_key
 from sdxs_edge.errors import SDXSError
 
 PROTO_LIMIT = 2**31 - 2**20  # protobuf's 2 GiB cap, less headroom for the graph itself
@@ -314,11 +315,15 @@ def quantize_static(job: ComponentJob, fp32_path: Path) -> tuple[list[str], dict
         )
         return out
 
-    def evaluate(excluded: list[str]) -> tuple[float, Path]:
-        path = quantize(excluded)
-        return job.sensitivity_figures(runner_for(job, path), sens_in, sens_ref)["min_sample_snr_db"], path
+    def score(path: Path) -> float:
+        return job.sensitivity_figures(runner_for(job, path), sens_in, sens_ref)["min_sample_snr_db"]
 
-    first = evaluate([])
+    def rank(full: Path, candidates):
+        return score_nodes(candidates, _activations(pre, job, sens_in), _qparams(full))
+
+    digest = _file_digest(pre, job.config.onnx_calibration)
+    key = content_key(job, digest, __file__, fit, sens_in, job.scored_references(sens_in, sens_ref))
+    best, sensitivity = run_pass(job, Quantizer(quantize, score, _quantized_nodes, rank, key))
     report: dict = {
         "mode": "static",
         "format": "QDQ",
@@ -332,15 +337,25 @@ def quantize_static(job: ComponentJob, fp32_path: Path) -> tuple[list[str], dict
     }
     if mse_summary is not None:
         report["mse_clipping"] = mse_summary
-    candidates = _quantized_nodes(first[1])
-    rank = lambda: score_nodes(candidates, _activations(pre, job, sens_in), _qparams(first[1]))
-    best, report["sensitivity"] = keep_sensitive_in_float(job, candidates, rank, evaluate, first)
+    report["sensitivity"] = sensitivity
     import onnx
 
     extra = _save(onnx.load(str(best)), job.out)
     report["quantized_nodes"] = len(_quantized_nodes(job.out))
     shutil.rmtree(job.work / "aug", ignore_errors=True)
     return extra, {"int8": report}
+
+
+def _file_digest(path: Path, *extra: str) -> str:
+    """sha256 of an ONNX file, its external data files and `extra` texts."""
+    import hashlib
+
+    h = hashlib.sha256("\0".join(extra).encode())
+    for p in [path, *(path.parent / name for name in _external_files(path))]:
+        with open(p, "rb") as fh:
+            while block := fh.read(1 << 20):
+                h.update(block)
+    return h.hexdigest()
 
 
 def _external_files(path: Path) -> list[str]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -19,13 +18,13 @@ from pathlib import Path
 
 import sdxs_edge
 from sdxs_edge.bundle import BundleError, load_manifest
+from sdxs_edge.cache import cache_root  # noqa: F401 (server.cli reads it here)
 from sdxs_edge.errors import SDXSError
 
 DEFAULT_MODEL = Path(sdxs_edge.__file__).resolve().parent / "default_model"
 MODELS_DIR = DEFAULT_MODEL.parents[1] / "models"  # the trained ControlNet and LoRA of the embedded model (a checkout)
 DEFAULT_CONTROLNET = MODELS_DIR / "shapes-controlnet-canny"
 DEFAULT_LORA = MODELS_DIR / "shapes-lora-outline"
-CACHE_ENV = "SDXS_EDGE_CACHE"
 # Package versions that change what a conversion writes: a cached bundle is rebuilt when one changes.
 KEY_PACKAGES = ("torch", "executorch", "onnx", "onnxruntime", "torchao")
 
@@ -59,13 +58,6 @@ def default_variants() -> list[Variant]:
     if cn and lora:
         out.append(Variant("sdxs-shapes-canny-outline", controlnet=cn, lora=lora))
     return out
-
-
-def cache_root() -> Path:
-    """$SDXS_EDGE_CACHE, else $XDG_CACHE_HOME/sdxs-edge, else ~/.cache/sdxs-edge."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "sdxs-edge"
 
 
 def fastest_target() -> tuple[str, str]:

@@ -1,0 +1,81 @@
+"""PT2E calibration once per component: the observers of one calibrated graph reused by the others.
+
+While a PT2E-prepared graph calibrates, its observers pass their inputs through unchanged, so every
+observer sees the float model's own values whatever else is annotated. The sensitivity pass prepares the
+same float graph once per candidate set of nodes kept in float; the observers such a graph holds are a
+subset of those of the fully quantized one, on the same tensors, fed the same values in the same order.
+`calibrated_observers` takes them from the calibrated graph, keyed by what each observes; `reuse`
+installs copies of them in a newly prepared graph, which then converts to exactly what a calibration of
+its own would give. Any observer without an exact match (another configuration, another set of observed
+tensors) makes `reuse` refuse, and the caller calibrates.
+"""
+
+from __future__ import annotations
+
+import copy
+
+ObserverKey = tuple  # (observer class and settings, names of the float tensors it observes in graph order)
+
+
+def _is_observer(module) -> bool:
+    from torchao.quantization.pt2e.observer import _is_activation_post_process
+
+    return _is_activation_post_process(module)
+
+
+def _source(node, observer_nodes: set) -> str:
+    """The float tensor an observer call observes: through other observers, which pass values on."""
+    while node in observer_nodes:
+        node = node.args[0]
+    return node.name
+
+
+def _settings(module) -> tuple:
+    """The observer's class and public attributes (its configuration; its state lives in buffers). An
+    attribute that calibration changed would differ from a fresh observer's and so never match."""
+    public = sorted((k, repr(v)) for k, v in vars(module).items() if not k.startswith("_") and k != "training")
+    return (type(module).__qualname__, *public)
+
+
+def _sites(gm) -> dict[int, tuple[list[str], list]]:
+    """Per observer instance (by id): its attribute names in `gm` and its call nodes in graph order."""
+    # An instance shared by several attribute names is listed under each (named_modules would list it once).
+    modules = dict(gm.named_modules(remove_duplicate=False))
+    calls = [n for n in gm.graph.nodes if n.op == "call_module" and _is_observer(modules.get(str(n.target)))]
+    out: dict[int, tuple[list[str], list]] = {}
+    for n in calls:
+        mod = modules[str(n.target)]
+        names, nodes = out.setdefault(id(mod), ([], []))
+        if str(n.target) not in names:
+            names.append(str(n.target))
+        nodes.append(n)
+    return out
+
+
+def _keyed(gm) -> dict[ObserverKey, list[str]]:
+    """Each observer instance's key -> its attribute names; an ambiguous key maps to []."""
+    sites = _sites(gm)
+    observer_nodes = {n for _, nodes in sites.values() for n in nodes}
+    out: dict[ObserverKey, list[str]] = {}
+    for names, nodes in sites.values():
+        key = (_settings(getattr(gm, names[0])), tuple(_source(n.args[0], observer_nodes) for n in nodes))
+        out[key] = [] if key in out else names
+    return out
+
+
+def calibrated_observers(gm) -> dict[ObserverKey, object]:
+    """The observers of a calibrated prepared graph, by key (ambiguous keys left out)."""
+    return {k: getattr(gm, names[0]) for k, names in _keyed(gm).items() if names}
+
+
+def reuse(gm, calibrated: dict[ObserverKey, object]) -> bool:
+    """Install copies of the `calibrated` observers in the prepared graph `gm`; True when every observer
+    of `gm` had an exact match (`gm` then needs no calibration), False (and `gm` untouched) otherwise."""
+    keyed = _keyed(gm)
+    if not keyed or any(not names or k not in calibrated for k, names in keyed.items()):
+        return False
+    for k, names in keyed.items():
+        twin = copy.deepcopy(calibrated[k])  # one copy per instance, shared by its attribute names
+        for name in names:
+            setattr(gm, name, twin)
+    return True

@@ -1,0 +1,146 @@
+"""The int8 sensitivity pass's cache (`converters.sensitivity_cache`) and its one calibration per component
+(`converters.observers`): a second conversion reuses what the first measured and keeps the same nodes in
+float; an entry on disk that is corrupt, malformed or of another key is ignored with a warning."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from converters.base import ConversionConfig
+from converters.sensitivity import Quantizer, QuantNode, run_pass
+from converters.sensitivity_cache import SWITCH_ENV, Entry, content_key
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SDXS_EDGE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv(SWITCH_ENV, raising=False)
+    return tmp_path / "cache" / "sensitivity"
+
+
+def _job(name="unet"):
+    cfg = ConversionConfig(target="onnx", precision="int8", components=(name,), resolution=64, sensitivity_shortlist=4)
+    return SimpleNamespace(
+        name=name, inputs=[SimpleNamespace(name="latent")], spec=SimpleNamespace(sensitivity_target_db=28.0), config=cfg
+    )
+
+
+def _quantizer(log: list, key: str = "k" * 64) -> Quantizer:
+    """A component of 20 nodes where keeping n0 and n1 in float helps; records every quantize call."""
+    nodes = [QuantNode(f"n{i}", (f"t{i}",)) for i in range(20)]
+
+    def quantize(excluded):
+        log.append(tuple(excluded))
+        return tuple(excluded)
+
+    def score(artifact):
+        return 20.0 + 5.0 * ("n0" in artifact) + 4.0 * ("n1" in artifact)
+
+    return Quantizer(
+        quantize, score, lambda full: nodes, lambda full, c: [(n.name, 30.0 + i) for i, n in enumerate(c)], key
+    )
+
+
+def test_second_pass_measures_nothing_and_keeps_the_same_nodes(cache):
+    first_log, second_log = [], []
+    best1, rep1 = run_pass(_job(), _quantizer(first_log))
+    best2, rep2 = run_pass(_job(), _quantizer(second_log))
+    assert rep1["cache"]["scores_measured"] > 1 and rep2["cache"]["scores_measured"] == 0
+    assert rep2["cache"]["scores_reused"] >= rep1["cache"]["scores_measured"]
+    assert best1 == best2 == ("n0", "n1")  # the kept artifact is the same float-node choice
+    assert {k: v for k, v in rep1.items() if k != "cache"} == {k: v for k, v in rep2.items() if k != "cache"}
+    assert second_log == [("n0", "n1")]  # only the model it keeps is quantized again
+    assert len(list(cache.glob("unet-*.json"))) == 1
+
+
+@pytest.mark.parametrize(
+    "text, why",
+    [
+        ("{not json", "unreadable"),
+        ('{"format": "sdxs-edge-sensitivity-cache", "version": 1, "key": "other"}', "another key"),
+        ("KEYED_BAD_EVALUATIONS", "malformed evaluations"),
+        ("KEYED_BAD_CANDIDATES", "malformed candidates"),
+        ("\udcff", "unreadable"),
+    ],
+)
+def test_a_bad_entry_is_ignored_with_a_warning_and_rewritten(cache, text, why):
+    key = "k" * 64
+    run_pass(_job(), _quantizer([], key))
+    (entry,) = cache.glob("unet-*.json")
+    good = json.loads(entry.read_text())
+    if text == "KEYED_BAD_EVALUATIONS":
+        text = json.dumps({**good, "evaluations": {"": "30 dB"}})
+    elif text == "KEYED_BAD_CANDIDATES":
+        text = json.dumps({**good, "candidates": [["n0", "t0"]]})
+    entry.write_bytes(text.encode("utf-8", "surrogateescape"))
+    log: list = []
+    with pytest.warns(UserWarning, match=f"ignoring the sensitivity cache entry .*{why}"):
+        best, rep = run_pass(_job(), _quantizer(log, key))
+    assert best == ("n0", "n1") and rep["cache"]["scores_reused"] <= 1 and rep["cache"]["scores_measured"] > 1
+    assert json.loads(entry.read_text())["evaluations"] == good["evaluations"]  # measured again and rewritten
+
+
+def test_cache_off_and_keys_follow_the_samples(cache, monkeypatch):
+    job = _job()
+    a = [np.zeros((1, 4), np.float32)]
+    k1 = content_key(job, "model", "to_onnx.py", [a], [a], [a[0]])
+    assert k1 == content_key(job, "model", "to_onnx.py", [a], [a], [a[0]])
+    assert k1 != content_key(job, "model", "to_onnx.py", [[a[0] + 1]], [a], [a[0]])
+    assert k1 != content_key(job, "other model", "to_onnx.py", [a], [a], [a[0]])
+    assert k1 != content_key(_job("decoder"), "model", "to_onnx.py", [a], [a], [a[0]])
+    monkeypatch.setenv(SWITCH_ENV, "off")
+    log: list = []
+    run_pass(job, _quantizer(log))
+    run_pass(job, _quantizer(log))
+    assert not cache.exists() and Entry(None, "unet", k1).path is None
+
+
+def test_candidate_graphs_reuse_the_one_calibration_exactly():
+    """A graph prepared with a node left out takes its observers from the fully annotated graph's one
+    calibration and converts to exactly what calibrating it anew gives."""
+    from converters import observers
+    from converters.to_executorch import _quantizable_targets, _quantizer
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, padding=1),
+        torch.nn.Conv2d(8, 4, 1),
+    ).eval()
+    samples = [(torch.randn(1, 3, 8, 8) * (i + 1),) for i in range(3)]
+    graph = torch.export.export(net, samples[0], strict=False).module()
+    allowed = _quantizable_targets("unet")
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    def prepared(skip):
+        q = _quantizer(lambda n: n.op != "call_function" or (n.target in allowed and n.name not in skip))
+        import copy
+
+        return prepare_pt2e(copy.deepcopy(graph), q)
+
+    def calibrated(gm):
+        with torch.no_grad():
+            for s in samples:
+                gm(*s)
+        return gm
+
+    full = calibrated(prepared(set()))
+    lent = observers.calibrated_observers(full)
+    convs = [n.name for n in graph.graph.nodes if n.op == "call_function" and n.target in allowed]
+    for skip in ({convs[1]}, {convs[0], convs[2]}):
+        borrowed = prepared(skip)
+        assert observers.reuse(borrowed, lent)
+        mods = borrowed.named_modules(remove_duplicate=False)  # shared instances under every name
+        assert not [n for n, m in mods if type(m).__name__ == "HistogramObserver" and m.min_val == float("inf")]
+        own = convert_pt2e(calibrated(prepared(skip)))
+        borrowed = convert_pt2e(borrowed)
+        with torch.no_grad():
+            x = torch.randn(1, 3, 8, 8)
+            assert torch.equal(own(x), borrowed(x))
+    assert not observers.reuse(prepared(set()), {})  # nothing to lend: the caller calibrates
