@@ -38,6 +38,8 @@ class DecoderConfig:
     gan_start: step at which the adversarial term switches on (the pixel term settles first).
     full_l1: weight of an extra full-resolution L1 term (0 = the paper's loss).
     max_seconds: wall-clock budget (the loop checkpoints and stops when it is spent); None = none.
+    ckpt_every: steps between checkpoints (a killed run resumes from the last one).
+    log_every: steps between log lines.
     """
 
     steps: int = 2000
@@ -47,6 +49,8 @@ class DecoderConfig:
     gan_start: int = 500
     full_l1: float = 1.0
     max_seconds: float | None = None
+    ckpt_every: int = 500
+    log_every: int = 25
 
 
 class PatchDiscriminator(nn.Module):
@@ -135,7 +139,7 @@ def distill_decoder(cfg: DecoderConfig, out: Path, vae_kl, student, latent_pool:
     run_loop(
         "decoder",
         out,
-        LoopConfig(cfg.steps, ckpt_every=500, max_seconds=cfg.max_seconds),
+        LoopConfig(cfg.steps, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, max_seconds=cfg.max_seconds),
         step,
         {"decoder": student.decoder, "disc": disc},
         {"g": opt_g, "d": opt_d},

@@ -186,6 +186,8 @@ class WarmupConfig:
     encoder: "unet" (teacher encoder) or "cnn" (small frozen CNN).
     level_weights: per-level weights of the feature loss (None = equal).
     max_seconds: wall-clock budget (the loop checkpoints and stops when it is spent); None = none.
+    ckpt_every: steps between checkpoints (a killed run resumes from the last one).
+    log_every: steps between log lines.
     """
 
     steps: int = 1500
@@ -195,6 +197,8 @@ class WarmupConfig:
     encoder: str = "unet"
     level_weights: tuple[float, ...] | None = None
     max_seconds: float | None = None
+    ckpt_every: int = 500
+    log_every: int = 25
 
 
 def make_encoder(kind: str, teacher_unet) -> nn.Module | None:
@@ -246,7 +250,7 @@ def warmup(
     run_loop(
         "warmup",
         out,
-        LoopConfig(cfg.steps, ckpt_every=500, max_seconds=cfg.max_seconds),
+        LoopConfig(cfg.steps, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, max_seconds=cfg.max_seconds),
         step,
         {"unet": student},
         {"opt": opt},
@@ -269,6 +273,8 @@ class SSDConfig:
     t_min: smallest timestep sampled for score distillation (very small t carries no signal).
     encoder: feature encoder of the feature-matching segment ("unet" or "cnn").
     max_seconds: wall-clock budget (the loop checkpoints and stops when it is spent); None = none.
+    ckpt_every: steps between checkpoints (a killed run resumes from the last one).
+    log_every: steps between log lines.
     """
 
     steps: int = 800
@@ -284,6 +290,8 @@ class SSDConfig:
     t_min: int = 20
     encoder: str = "unet"
     max_seconds: float | None = None
+    ckpt_every: int = 200
+    log_every: int = 25
 
 
 def anneal(cfg: SSDConfig, p: float) -> tuple[float, float]:
@@ -416,7 +424,7 @@ def score_distill(
     run_loop(
         "score-distill",
         out,
-        LoopConfig(cfg.steps, ckpt_every=200, max_seconds=cfg.max_seconds),
+        LoopConfig(cfg.steps, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, max_seconds=cfg.max_seconds),
         step,
         {"unet": student, "online": online},
         {"student": opt_s, "online": opt_o},

@@ -30,6 +30,8 @@ class UNetKDConfig:
     feature_weight: lambda_F, the weight of the feature-KD term.
     cfg_dropout: share of empty captions, so the student keeps classifier-free guidance.
     max_seconds: wall-clock budget (the loop checkpoints and stops when it is spent); None = none.
+    ckpt_every: steps between checkpoints (a killed run resumes from the last one).
+    log_every: steps between log lines.
     """
 
     steps: int = 2000
@@ -38,6 +40,8 @@ class UNetKDConfig:
     feature_weight: float = 1.0
     cfg_dropout: float = 0.1
     max_seconds: float | None = None
+    ckpt_every: int = 500
+    log_every: int = 25
 
 
 def build_student(
@@ -157,7 +161,7 @@ def distill_unet(
         run_loop(
             "unet-kd",
             out,
-            LoopConfig(cfg.steps, ckpt_every=500, max_seconds=cfg.max_seconds),
+            LoopConfig(cfg.steps, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, max_seconds=cfg.max_seconds),
             step,
             {"unet": student},
             {"opt": opt},
