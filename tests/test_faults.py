@@ -131,9 +131,9 @@ def _fork_server():
 
 
 def _records(log: Path) -> list[dict]:
-    """A stage's JSONL log, without the wall-clock field."""
+    """A stage's JSONL log: step and losses (not the stage name, the log file's, nor the wall-clock time)."""
     lines = log.read_text().splitlines() if log.is_file() else []
-    return [{k: v for k, v in json.loads(l).items() if k != "time"} for l in lines]
+    return [{k: v for k, v in json.loads(l).items() if k not in ("stage", "time")} for l in lines]
 
 
 def _start(command: str, run: Path):
