@@ -182,10 +182,10 @@ def test_kill_9_in_each_training_stage_then_resume_equals_an_uninterrupted_run(c
     teacher and student ControlNets), six steps per stage with a checkpoint every two, is killed with SIGKILL
     at a random step of every one of its stages after its first checkpoint, and run again after each kill.
     Each resumed stage continues from its last checkpoint (not from step 0) to the last step. Bitwise (CPU,
-    one thread): every stage but the student ControlNet - its loss curve (every logged value, the steps run
-    twice included) and every weight file it leaves equal the uninterrupted run's bit for bit. Not bitwise:
-    the student ControlNet (`fault_runs.NOT_BITWISE`) - its loss curve equals the uninterrupted run's to
-    1e-5 and its weight files hold the same finite tensors. No temporary is left behind."""
+    one thread): every stage but the two ControlNets - its loss curve (every logged value, the steps run twice
+    included) and every weight file it leaves equal the uninterrupted run's bit for bit. Not bitwise: the
+    teacher and student ControlNets (`fault_runs.NOT_BITWISE`) - their loss curves equal the uninterrupted
+    run's to 1e-5 and their weights to 1e-3 relative (one float16 step). No temporary is left behind."""
     _, stages = fault_runs.COMMANDS[command]
     steps = fault_runs.STEPS
     rng = random.Random(f"{os.environ.get('SDXS_FAULT_SEED', '23')}-{command}")
@@ -220,7 +220,7 @@ def test_kill_9_in_each_training_stage_then_resume_equals_an_uninterrupted_run(c
     for name in a:
         assert a[name].keys() == b[name].keys(), name
         if name.startswith(approximate):
-            assert all(a[name][k].shape == b[name][k].shape and b[name][k].isfinite().all() for k in a[name]), name
+            assert all(b[name][k].float().allclose(a[name][k].float(), rtol=1e-3, atol=1e-5) for k in a[name]), name
         else:
             assert all(a[name][k].equal(b[name][k]) for k in a[name]), name
     assert not [str(p) for p in run.rglob(".*") if TEMPORARY.match(p.name)]
