@@ -105,11 +105,11 @@ def smoke_chain() -> ChainConfig:
         student_preset="tiny",
         teacher=None,
         teacher_cfg=smoke_config(),
-        decoder=DecoderConfig(steps=4, batch=4, gan_start=2),
-        unet_kd=UNetKDConfig(steps=4, batch=4),
-        warmup=WarmupConfig(steps=4, batch=4),
-        ssd=SSDConfig(steps=4, batch=4),
-        decoder_adapt=DecoderConfig(steps=4, batch=4, gan_start=2),
+        decoder=DecoderConfig(steps=4, batch=4, gan_start=2, ckpt_every=2, log_every=1),
+        unet_kd=UNetKDConfig(steps=4, batch=4, ckpt_every=2, log_every=1),
+        warmup=WarmupConfig(steps=4, batch=4, ckpt_every=2, log_every=1),
+        ssd=SSDConfig(steps=4, batch=4, ckpt_every=2, log_every=1),
+        decoder_adapt=DecoderConfig(steps=4, batch=4, gan_start=2, ckpt_every=2, log_every=1),
         adapt_latents=16,
         pairs=8,
         pair_steps=2,
@@ -118,9 +118,11 @@ def smoke_chain() -> ChainConfig:
     )
 
 
-def _save_unet_folder(unet, path: Path) -> None:
+def _save_model_folder(model, path: Path) -> None:
+    """A diffusers model folder, written whole or not at all (a kill mid-write leaves no half folder that a
+    resumed run would take for a finished stage)."""
     with atomic_dir(path, overwrite=True) as tmp:
-        unet.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True)
 
 
 def _latency(pipe, steps: int | None, guidance: float | None, runs: int = 5) -> float:
@@ -305,7 +307,7 @@ def _decoder_stage(r: _Run) -> None:
         pool = torch.cat([r.real_latents(len(r.cache()["mean"]), seed=0), r.pairs()["x0"]])
         distill_decoder(r.cfg.decoder, r.out / "decoder", r.teacher.c.vae, r.student_vae, pool)
         if r.d.is_main:
-            r.student_vae.save_pretrained(done, safe_serialization=True)
+            _save_model_folder(r.student_vae, done)
     if not r.held_file.is_file():
         r.pairs()
     r.held = load_file(str(r.held_file))["x0"].to(r.dev)
@@ -328,7 +330,7 @@ def _unet_kd_stage(r: _Run) -> None:
     t, cache = r.teacher.c, r.cache()
     r.kd_unet = distill_unet(r.cfg.unet_kd, r.out / "unet-kd", t.unet, t.text_encoder, r.kd_unet, cache, r.empty, r.acp)
     if r.d.is_main:
-        _save_unet_folder(r.kd_unet, done)
+        _save_model_folder(r.kd_unet, done)
 
 
 def _consts(r: _Run):

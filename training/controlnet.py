@@ -56,6 +56,8 @@ class TeacherCNConfig:
     high_t_share: share of the batch drawn from t >= T/2: layout is decided at high noise (as the teacher's phase 2).
     snr_weight_cap: per-sample weight min(1/SNR(t), cap), towards an x0 loss at high noise (0 = plain DDPM loss).
     max_seconds: wall-clock budget (the loop checkpoints and stops when it is spent); None = none.
+    ckpt_every: steps between checkpoints (a killed run resumes from the last one).
+    log_every: steps between log lines.
     """
 
     steps: int = 3000
@@ -67,6 +69,8 @@ class TeacherCNConfig:
     high_t_share: float = 0.5
     snr_weight_cap: float = 5.0
     max_seconds: float | None = None
+    ckpt_every: int = 250
+    log_every: int = 25
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,8 @@ class StudentCNConfig:
         all-correct on consistent controls).
     fresh_noise: share of each batch whose noise input is replaced by fresh noise (target and control kept).
     max_seconds: wall-clock budget (the loop checkpoints and stops when it is spent); None = none.
+    ckpt_every: steps between checkpoints (a killed run resumes from the last one).
+    log_every: steps between log lines.
     """
 
     steps: int = 2500
@@ -108,6 +114,8 @@ class StudentCNConfig:
     feature_weight: float = 0.01
     fresh_noise: float = 0.5
     max_seconds: float | None = None
+    ckpt_every: int = 250
+    log_every: int = 25
 
 
 @dataclass(frozen=True)
@@ -159,9 +167,9 @@ PRESETS = {
     "smoke": ControlNetRunConfig(
         teacher="tiny-teacher",
         student="block-removed",
-        teacher_cn=TeacherCNConfig(steps=4, batch=4, warmup=2, cache_size=16),
+        teacher_cn=TeacherCNConfig(steps=4, batch=4, warmup=2, cache_size=16, ckpt_every=2, log_every=1),
         triplets=TripletConfig(n=8, steps=2, batch=4),
-        student_cn=StudentCNConfig(steps=4, batch=4, warmup=2),
+        student_cn=StudentCNConfig(steps=4, batch=4, warmup=2, ckpt_every=2, log_every=1),
         report=ReportConfig(n=8, steps=2, grid=4, batch=8, latency_runs=1),
     ),
 }
@@ -325,7 +333,7 @@ def train_teacher_controlnet(cfg: TeacherCNConfig, out: Path, teacher, controlne
     result = run_loop(
         "teacher-controlnet",
         out,
-        LoopConfig(cfg.steps, ckpt_every=250, max_seconds=cfg.max_seconds),
+        LoopConfig(cfg.steps, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, max_seconds=cfg.max_seconds),
         step,
         {"controlnet": controlnet},
         {"opt": opt},
@@ -453,7 +461,7 @@ def train_student_controlnet(
         result = run_loop(
             "controlnet",
             out,
-            LoopConfig(cfg.steps, ckpt_every=250, max_seconds=cfg.max_seconds),
+            LoopConfig(cfg.steps, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, max_seconds=cfg.max_seconds),
             step,
             {"controlnet": s_cn},
             {"opt": opt},

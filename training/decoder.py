@@ -41,6 +41,8 @@ class DecoderConfig:
     max_seconds: wall-clock budget (the loop checkpoints and stops when it is spent); None = none.
     parallel: DDP, gradient accumulation, precision (`training.dist`); the decoder and discriminator are
         small, so they are always replicated (DDP), never sharded.
+    ckpt_every: steps between checkpoints (a killed run resumes from the last one).
+    log_every: steps between log lines.
     """
 
     steps: int = 2000
@@ -51,6 +53,8 @@ class DecoderConfig:
     full_l1: float = 1.0
     max_seconds: float | None = None
     parallel: dist.Parallel = field(default_factory=dist.Parallel)
+    ckpt_every: int = 500
+    log_every: int = 25
 
 
 class PatchDiscriminator(nn.Module):
@@ -150,7 +154,7 @@ def distill_decoder(cfg: DecoderConfig, out: Path, vae_kl, student, latent_pool:
     run_loop(
         "decoder",
         out,
-        LoopConfig(cfg.steps, ckpt_every=500, max_seconds=cfg.max_seconds),
+        LoopConfig(cfg.steps, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, max_seconds=cfg.max_seconds),
         step,
         {"decoder": student.decoder, "disc": disc},
         {"g": opt_g, "d": opt_d},

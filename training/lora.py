@@ -64,6 +64,8 @@ class StyleLoRAConfig:
     high_t_share: share of the batch drawn from t >= T/2 (layout and shape are set at high t).
     snr_weight_cap: per-sample epsilon-loss weight min(1/SNR(t), cap), as the teacher's phase 2.
     max_seconds: wall-clock budget; None = none.
+    ckpt_every: steps between checkpoints (a killed run resumes from the last one).
+    log_every: steps between log lines.
     seed: data and noise seed.
     """
 
@@ -79,6 +81,8 @@ class StyleLoRAConfig:
     high_t_share: float = 0.5
     snr_weight_cap: float = 5.0
     max_seconds: float | None = None
+    ckpt_every: int = 250
+    log_every: int = 25
     seed: int = 0
 
 
@@ -144,9 +148,13 @@ def smoke_lora_chain(teacher: str, student: str) -> LoRAChainConfig:
     return LoRAChainConfig(
         teacher=teacher,
         student=student,
-        style_lora=StyleLoRAConfig(steps=3, batch=4, cache_size=8, rank=2, alpha=2.0),
+        style_lora=StyleLoRAConfig(steps=3, batch=4, cache_size=8, rank=2, alpha=2.0, ckpt_every=2, log_every=1),
         distill=LoRADistillConfig(
-            ssd=SSDConfig(steps=3, batch=4, lr=1e-3, guidance=2.5), rank=2, alpha=2.0, pairs=8, pair_steps=2
+            ssd=SSDConfig(steps=3, batch=4, lr=1e-3, guidance=2.5, ckpt_every=2, log_every=1),
+            rank=2,
+            alpha=2.0,
+            pairs=8,
+            pair_steps=2,
         ),
         eval_n=8,
         eval_steps=2,
@@ -277,7 +285,7 @@ def train_style_lora(cfg: StyleLoRAConfig, out: Path, teacher, acp: torch.Tensor
     run_loop(
         "style-lora",
         out,
-        LoopConfig(cfg.steps, log_every=25, ckpt_every=250, max_seconds=cfg.max_seconds),
+        LoopConfig(cfg.steps, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, max_seconds=cfg.max_seconds),
         step,
         {"unet": unet},
         {"opt": opt},

@@ -191,6 +191,8 @@ class WarmupConfig:
     level_weights: per-level weights of the feature loss (None = equal).
     max_seconds: wall-clock budget (the loop checkpoints and stops when it is spent); None = none.
     parallel: DDP / FSDP, gradient accumulation, precision, gradient checkpointing (`training.dist`).
+    ckpt_every: steps between checkpoints (a killed run resumes from the last one).
+    log_every: steps between log lines.
     """
 
     steps: int = 1500
@@ -201,6 +203,8 @@ class WarmupConfig:
     level_weights: tuple[float, ...] | None = None
     max_seconds: float | None = None
     parallel: dist.Parallel = field(default_factory=dist.Parallel)
+    ckpt_every: int = 500
+    log_every: int = 25
 
 
 def make_encoder(kind: str, teacher_unet) -> nn.Module | None:
@@ -256,7 +260,7 @@ def warmup(
     run_loop(
         "warmup",
         out,
-        LoopConfig(cfg.steps, ckpt_every=500, max_seconds=cfg.max_seconds),
+        LoopConfig(cfg.steps, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, max_seconds=cfg.max_seconds),
         step,
         {"unet": student},
         {"opt": opt},
@@ -282,6 +286,8 @@ class SSDConfig:
     max_seconds: wall-clock budget (the loop checkpoints and stops when it is spent); None = none.
     parallel: DDP / FSDP of the student and the online DM, gradient accumulation, precision, gradient
         checkpointing (`training.dist`).
+    ckpt_every: steps between checkpoints (a killed run resumes from the last one).
+    log_every: steps between log lines.
     """
 
     steps: int = 800
@@ -298,6 +304,8 @@ class SSDConfig:
     encoder: str = "unet"
     max_seconds: float | None = None
     parallel: dist.Parallel = field(default_factory=dist.Parallel)
+    ckpt_every: int = 200
+    log_every: int = 25
 
 
 def anneal(cfg: SSDConfig, p: float) -> tuple[float, float]:
@@ -442,7 +450,7 @@ def score_distill(
     run_loop(
         "score-distill",
         out,
-        LoopConfig(cfg.steps, ckpt_every=200, max_seconds=cfg.max_seconds),
+        LoopConfig(cfg.steps, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, max_seconds=cfg.max_seconds),
         step,
         {"unet": student, "online": online},
         {"student": opt_s, "online": opt_o},

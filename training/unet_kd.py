@@ -35,6 +35,8 @@ class UNetKDConfig:
     cfg_dropout: share of empty captions, so the student keeps classifier-free guidance.
     max_seconds: wall-clock budget (the loop checkpoints and stops when it is spent); None = none.
     parallel: DDP / FSDP, gradient accumulation, precision, gradient checkpointing (`training.dist`).
+    ckpt_every: steps between checkpoints (a killed run resumes from the last one).
+    log_every: steps between log lines.
     """
 
     steps: int = 2000
@@ -44,6 +46,8 @@ class UNetKDConfig:
     cfg_dropout: float = 0.1
     max_seconds: float | None = None
     parallel: dist.Parallel = field(default_factory=dist.Parallel)
+    ckpt_every: int = 500
+    log_every: int = 25
 
 
 def build_student(
@@ -183,7 +187,7 @@ def distill_unet(
         run_loop(
             "unet-kd",
             out,
-            LoopConfig(cfg.steps, ckpt_every=500, max_seconds=cfg.max_seconds),
+            LoopConfig(cfg.steps, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, max_seconds=cfg.max_seconds),
             step,
             {"unet": student},
             {"opt": opt},
