@@ -1,8 +1,9 @@
 """Load run against `sdxs-edge serve` on loopback: throughput, latency percentiles, errors by code, server RSS.
 
-    python -m benchmarks.load BUNDLE [BUNDLE ...] [--clients 1,4,16] [--seconds 60] [--out benchmarks/results/serve-load]
+    python -m benchmarks.load [BUNDLE ...] [--clients 1,4,16] [--seconds 60] --out benchmarks/results/serve-load-CPU
 
-Starts the server (`python -m sdxs_edge.cli serve ... --port 0`), warms it up, then for each client count
+Starts the server (`python -m sdxs_edge.cli serve ... --port 0`; with no bundle, the default server: the
+embedded model as int8 ExecuTorch from the cache, converted first if the cache lacks it), warms it up, then for each client count
 runs that many closed-loop clients (each sends its next request when the last one is answered, over one
 kept-alive connection) for `--seconds`, bounded also by `--max-requests` per phase. One client is
 back-to-back single requests, the baseline the queue must not slow down. Writes results.json,
@@ -25,6 +26,8 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+
+from sdxs_edge.atomic import atomic_file, write_atomic
 
 PROMPTS = (
     "a large cyan triangle at the bottom left on a black background",
@@ -180,7 +183,7 @@ def chart(rep: dict, path: Path) -> None:
         fontsize=10,
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -198,14 +201,16 @@ def cpu_description() -> tuple[str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.load", description=__doc__.splitlines()[0])
-    p.add_argument("bundles", nargs="+", help="bundle folders to serve (the first one is requested)")
+    p.add_argument(
+        "bundles", nargs="*", help="bundle folders to serve (default: what `sdxs-edge serve` serves with no arguments)"
+    )
     p.add_argument("--clients", default="1,4,16", help="comma-separated client counts (default 1,4,16)")
     p.add_argument("--seconds", type=float, default=60.0, help="seconds per phase (default 60)")
     p.add_argument("--max-requests", type=int, default=50_000, help="request cap per phase (default 50000)")
     p.add_argument("--warmup", type=int, default=50, help="warm-up requests before the first phase")
     p.add_argument("--isa", default="AVX2+FMA, no AVX-512", help="the CPU's vector ISA, written beside the figures")
     p.add_argument("--note", default="", help="what else ran on the machine during the run")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/serve-load"))
+    p.add_argument("--out", type=Path, required=True, help="results folder, named with the CPU class")
     args = p.parse_args(argv)
     counts = [int(c) for c in args.clients.split(",")]
     proc, host, port = start_server(args.bundles)
@@ -264,9 +269,10 @@ def main(argv: list[str] | None = None) -> int:
         "throughput_4_ge_1": bool(ratio >= 1.0),
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(rep, indent=2) + "\n")
-    (args.out / "results.md").write_text(markdown(rep))
-    chart(rep, args.out / "chart.png")
+    write_atomic(args.out / "results.json", json.dumps(rep, indent=2) + "\n")
+    write_atomic(args.out / "results.md", markdown(rep))
+    with atomic_file(args.out / "chart.png") as tmp:
+        chart(rep, tmp)
     print(markdown(rep))
     return 0
 

@@ -30,6 +30,8 @@ import pytest
 from bundle_cache import BUNDLE_CACHE, need, prune, source_key
 from PIL import Image
 
+from sdxs_edge.errors import SDXSError
+
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a large cyan triangle at the bottom left on a black background"
 OTHER = "a small red circle at the top right on a white background"
@@ -473,6 +475,44 @@ def test_cache_is_reused(bundles, monkeypatch):
     root = bundles[0].parents[2]
     again = models.cached_bundles(models.default_variants(), root, "onnx", "fp32", log=lines.append)
     assert again == bundles and len(lines) == 4 and all("from the cache" in line for line in lines)
+
+
+def test_default_start_reuses_the_cache(bundles, tmp_path):
+    """`serve` with no model argument serves the embedded model's four variants from a cache folder that
+    already holds them: it starts without converting (a line per bundle says so)."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    root = bundles[0].parents[2]
+    t = time.perf_counter()
+    s = Served(["--cache", str(root), "--target", "onnx", "--precision", "fp32"], cwd)
+    started_s = time.perf_counter() - t
+    try:
+        code, health, _ = http(s.url + "/health")
+        assert code == 200 and health["models"] == 4
+        good(s)
+    finally:
+        code, out = s.stop()
+    err = s.stderr_path.read_text()
+    assert code == 0 and "stopped" in out, (code, out)
+    assert err.count("from the cache") == 4 and "converting" not in err, err
+    assert started_s < 60, started_s  # seconds, where converting the four variants takes minutes
+    assert not any(cwd.iterdir())
+
+
+def test_default_target_is_the_fastest_installed(monkeypatch):
+    import importlib.util
+
+    from server import models
+
+    real = importlib.util.find_spec
+    have = lambda *missing: lambda name, *a: None if name in missing else real(name, *a)  # noqa: E731
+    if real("executorch") is not None:
+        assert models.fastest_target() == ("executorch", "int8")
+    monkeypatch.setattr(importlib.util, "find_spec", have("executorch"))
+    assert models.fastest_target() == ("onnx", "int8")
+    monkeypatch.setattr(importlib.util, "find_spec", have("executorch", "onnxruntime"))
+    with pytest.raises(SDXSError, match="no CPU runtime"):
+        models.fastest_target()
 
 
 def test_several_runtimes_make_one_entry_each(bundles):
