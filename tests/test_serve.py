@@ -244,6 +244,12 @@ def test_page_is_served_and_self_contained(server):
     assert 'id="prompt"' in urllib.request.urlopen(server.url + "/", timeout=30).read().decode()
 
 
+def png_b64(im: Image.Image) -> str:
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
 # ---- bad requests: each a JSON 4xx, and the server keeps serving ---------------------------------------------
 OPENAI = "/v1/images/generations"
 A1111 = "/sdapi/v1/txt2img"
@@ -294,6 +300,23 @@ BAD = [
     ("response_format url", OPENAI, {"prompt": PROMPT, "response_format": "url"}, 400, "b64_json"),
     ("negative seed", OPENAI, {"prompt": PROMPT, "seed": -5}, 400, "seed must be"),
     ("body over the limit", OPENAI, b"LARGE", 413, "larger than"),
+    ("override_settings of the wrong type", A1111, {"prompt": PROMPT, "override_settings": "x"}, 422, "override"),
+    (
+        "model id of the wrong type",
+        A1111,
+        {"prompt": PROMPT, "override_settings": {"sd_model_checkpoint": 3}},
+        422,
+        "must be a string",
+    ),
+    ("steps = 0", A1111, {"prompt": PROMPT, "steps": 0}, 400, "steps must be"),
+    ("blank prompt", OPENAI, {"prompt": "   "}, 400, "prompt is empty"),
+    (
+        "control image over the pixel limit",
+        OPENAI,
+        {"prompt": PROMPT, "control_image": png_b64(Image.new("L", (5000, 2)))},
+        400,
+        "4096 pixels a side",
+    ),
 ]
 
 
