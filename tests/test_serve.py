@@ -465,19 +465,24 @@ def test_request_that_times_out_is_503_with_retry_after():
         server.close()
 
 
-def test_port_in_use_is_one_line(bundles):
+@pytest.mark.parametrize("models", ["bundle", "none"])
+def test_port_in_use_is_one_line(bundles, tmp_path, models):
+    """A bundle, or no argument (the default, which would convert into an empty cache): the port is
+    checked first, so the error comes at once and the cache stays empty."""
+    args = [str(bundles[0])] if models == "bundle" else ["--cache", str(tmp_path)]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen(1)
         port = s.getsockname()[1]
         r = subprocess.run(
-            [sys.executable, "-m", "sdxs_edge.cli", "serve", str(bundles[0]), "--port", str(port)],
+            [sys.executable, "-m", "sdxs_edge.cli", "serve", *args, "--port", str(port)],
             capture_output=True,
             text=True,
             timeout=60,
         )
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and f"cannot listen on 127.0.0.1:{port}" in r.stderr, r.stderr
+    assert not any(tmp_path.iterdir())
 
 
 def test_not_a_bundle_is_one_line(tmp_path):
