@@ -485,6 +485,33 @@ def test_port_in_use_is_one_line(bundles, tmp_path, models):
     assert not any(tmp_path.iterdir())
 
 
+def test_connections_are_tcp_nodelay():
+    """The server's connections send each write at once: with Nagle on, a kept-alive client waited for a
+    delayed ACK between a response's header and body writes (tens of ms per request)."""
+    import asyncio
+
+    from server.cli import bind
+
+    sock = bind("127.0.0.1", 0)
+
+    async def accepted_nodelay() -> int:
+        got = asyncio.get_running_loop().create_future()
+
+        def on_connection(reader, writer):
+            got.set_result(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        server = await asyncio.start_server(on_connection, sock=sock)  # as uvicorn serves a given socket
+        _, writer = await asyncio.open_connection(*sock.getsockname()[:2])
+        try:
+            return await asyncio.wait_for(got, 10)
+        finally:
+            writer.close()
+            server.close()
+
+    assert asyncio.run(accepted_nodelay()) != 0
+
+
 def test_not_a_bundle_is_one_line(tmp_path):
     r = subprocess.run(
         [sys.executable, "-m", "sdxs_edge.cli", "serve", str(tmp_path), "--port", "0"],
