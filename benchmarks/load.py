@@ -50,6 +50,14 @@ def start_server(bundles: list[str]) -> tuple[subprocess.Popen, str, int]:
     return proc, host, int(port)
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds the server process has used (user + system, every thread)."""
+    import psutil
+
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
+
+
 def rss_mb(pid: int) -> float:
     import psutil
 
@@ -127,13 +135,14 @@ def markdown(rep: dict) -> str:
         "",
         f"{rep['seconds_per_phase']} s per phase (at most {rep['max_requests_per_phase']} requests), after {rep['warmup_requests']} warm-up requests.",
         "",
-        "| clients | requests | throughput (img/s) | p50 ms | p95 ms | p99 ms | errors by code |",
-        "|---:|---:|---:|---:|---:|---:|---|",
+        "| clients | requests | throughput (img/s) | p50 ms | p95 ms | p99 ms | errors by code | server CPU ms per image | server CPU cores used |",
+        "|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for p in rep["phases"]:
         errors = ", ".join(f"{k}: {v}" for k, v in p["errors_by_code"].items()) or "none"
         lines.append(
-            f"| {p['clients']} | {p['requests']} | {p['throughput_rps']:.1f} | {p['p50_ms']} | {p['p95_ms']} | {p['p99_ms']} | {errors} |"
+            f"| {p['clients']} | {p['requests']} | {p['throughput_rps']:.1f} | {p['p50_ms']} | {p['p95_ms']} | {p['p99_ms']} | {errors} "
+            f"| {p['server_cpu_ms_per_image']} | {p['server_cpu_cores']} |"
         )
     g = rep["goals"]
     lines += [
@@ -224,7 +233,11 @@ def main(argv: list[str] | None = None) -> int:
         rss_start = rss_mb(proc.pid)
         phases, rss_after = [], []
         for c in counts:
+            cpu0 = cpu_s(proc.pid)
             phases.append(phase(host, port, c, args.seconds, args.max_requests))
+            ok = phases[-1]["ok"]
+            phases[-1]["server_cpu_ms_per_image"] = round((cpu_s(proc.pid) - cpu0) / ok * 1000, 2) if ok else None
+            phases[-1]["server_cpu_cores"] = round((cpu_s(proc.pid) - cpu0) / phases[-1]["seconds"], 2)
             rss_after.append(rss_mb(proc.pid))
             print(json.dumps(phases[-1]), flush=True)
         rss_end = rss_mb(proc.pid)
