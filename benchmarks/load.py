@@ -1,8 +1,9 @@
 """Load run against `sdxs-edge serve` on loopback: throughput, latency percentiles, errors by code, server RSS.
 
-    python -m benchmarks.load BUNDLE [BUNDLE ...] [--clients 1,4,16] [--seconds 60] [--out benchmarks/results/serve-load]
+    python -m benchmarks.load [BUNDLE ...] [--clients 1,4,16] [--seconds 60] --out benchmarks/results/serve-load-CPU
 
-Starts the server (`python -m sdxs_edge.cli serve ... --port 0`), warms it up, then for each client count
+Starts the server (`python -m sdxs_edge.cli serve ... --port 0`; with no bundle, the default server: the
+embedded model as int8 ExecuTorch from the cache, converted first if the cache lacks it), warms it up, then for each client count
 runs that many closed-loop clients (each sends its next request when the last one is answered, over one
 kept-alive connection) for `--seconds`, bounded also by `--max-requests` per phase. One client is
 back-to-back single requests, the baseline the queue must not slow down. Writes results.json,
@@ -26,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sdxs_edge.atomic import atomic_file, write_atomic
+
 PROMPTS = (
     "a large cyan triangle at the bottom left on a black background",
     "a small red circle at the top right on a white background",
@@ -45,6 +48,14 @@ def start_server(bundles: list[str]) -> tuple[subprocess.Popen, str, int]:
         raise SystemExit(f"the server did not start: {line!r}")
     host, port = line.split()[2].removeprefix("http://").rstrip("/").rsplit(":", 1)
     return proc, host, int(port)
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds the server process has used (user + system, every thread)."""
+    import psutil
+
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
 
 
 def rss_mb(pid: int) -> float:
@@ -124,13 +135,14 @@ def markdown(rep: dict) -> str:
         "",
         f"{rep['seconds_per_phase']} s per phase (at most {rep['max_requests_per_phase']} requests), after {rep['warmup_requests']} warm-up requests.",
         "",
-        "| clients | requests | throughput (img/s) | p50 ms | p95 ms | p99 ms | errors by code |",
-        "|---:|---:|---:|---:|---:|---:|---|",
+        "| clients | requests | throughput (img/s) | p50 ms | p95 ms | p99 ms | errors by code | server CPU ms per image | server CPU cores used |",
+        "|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for p in rep["phases"]:
         errors = ", ".join(f"{k}: {v}" for k, v in p["errors_by_code"].items()) or "none"
         lines.append(
-            f"| {p['clients']} | {p['requests']} | {p['throughput_rps']:.1f} | {p['p50_ms']} | {p['p95_ms']} | {p['p99_ms']} | {errors} |"
+            f"| {p['clients']} | {p['requests']} | {p['throughput_rps']:.1f} | {p['p50_ms']} | {p['p95_ms']} | {p['p99_ms']} | {errors} "
+            f"| {p['server_cpu_ms_per_image']} | {p['server_cpu_cores']} |"
         )
     g = rep["goals"]
     lines += [
@@ -180,7 +192,7 @@ def chart(rep: dict, path: Path) -> None:
         fontsize=10,
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -198,14 +210,16 @@ def cpu_description() -> tuple[str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.load", description=__doc__.splitlines()[0])
-    p.add_argument("bundles", nargs="+", help="bundle folders to serve (the first one is requested)")
+    p.add_argument(
+        "bundles", nargs="*", help="bundle folders to serve (default: what `sdxs-edge serve` serves with no arguments)"
+    )
     p.add_argument("--clients", default="1,4,16", help="comma-separated client counts (default 1,4,16)")
     p.add_argument("--seconds", type=float, default=60.0, help="seconds per phase (default 60)")
     p.add_argument("--max-requests", type=int, default=50_000, help="request cap per phase (default 50000)")
     p.add_argument("--warmup", type=int, default=50, help="warm-up requests before the first phase")
     p.add_argument("--isa", default="AVX2+FMA, no AVX-512", help="the CPU's vector ISA, written beside the figures")
     p.add_argument("--note", default="", help="what else ran on the machine during the run")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/serve-load"))
+    p.add_argument("--out", type=Path, required=True, help="results folder, named with the CPU class")
     args = p.parse_args(argv)
     counts = [int(c) for c in args.clients.split(",")]
     proc, host, port = start_server(args.bundles)
@@ -219,7 +233,11 @@ def main(argv: list[str] | None = None) -> int:
         rss_start = rss_mb(proc.pid)
         phases, rss_after = [], []
         for c in counts:
+            cpu0 = cpu_s(proc.pid)
             phases.append(phase(host, port, c, args.seconds, args.max_requests))
+            ok = phases[-1]["ok"]
+            phases[-1]["server_cpu_ms_per_image"] = round((cpu_s(proc.pid) - cpu0) / ok * 1000, 2) if ok else None
+            phases[-1]["server_cpu_cores"] = round((cpu_s(proc.pid) - cpu0) / phases[-1]["seconds"], 2)
             rss_after.append(rss_mb(proc.pid))
             print(json.dumps(phases[-1]), flush=True)
         rss_end = rss_mb(proc.pid)
@@ -264,9 +282,10 @@ def main(argv: list[str] | None = None) -> int:
         "throughput_4_ge_1": bool(ratio >= 1.0),
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(rep, indent=2) + "\n")
-    (args.out / "results.md").write_text(markdown(rep))
-    chart(rep, args.out / "chart.png")
+    write_atomic(args.out / "results.json", json.dumps(rep, indent=2) + "\n")
+    write_atomic(args.out / "results.md", markdown(rep))
+    with atomic_file(args.out / "chart.png") as tmp:
+        chart(rep, tmp)
     print(markdown(rep))
     return 0
 

@@ -30,6 +30,8 @@ import pytest
 from bundle_cache import BUNDLE_CACHE, need, prune, source_key
 from PIL import Image
 
+from sdxs_edge.errors import SDXSError
+
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a large cyan triangle at the bottom left on a black background"
 OTHER = "a small red circle at the top right on a white background"
@@ -242,6 +244,12 @@ def test_page_is_served_and_self_contained(server):
     assert 'id="prompt"' in urllib.request.urlopen(server.url + "/", timeout=30).read().decode()
 
 
+def png_b64(im: Image.Image) -> str:
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
 # ---- bad requests: each a JSON 4xx, and the server keeps serving ---------------------------------------------
 OPENAI = "/v1/images/generations"
 A1111 = "/sdapi/v1/txt2img"
@@ -292,6 +300,23 @@ BAD = [
     ("response_format url", OPENAI, {"prompt": PROMPT, "response_format": "url"}, 400, "b64_json"),
     ("negative seed", OPENAI, {"prompt": PROMPT, "seed": -5}, 400, "seed must be"),
     ("body over the limit", OPENAI, b"LARGE", 413, "larger than"),
+    ("override_settings of the wrong type", A1111, {"prompt": PROMPT, "override_settings": "x"}, 422, "override"),
+    (
+        "model id of the wrong type",
+        A1111,
+        {"prompt": PROMPT, "override_settings": {"sd_model_checkpoint": 3}},
+        422,
+        "must be a string",
+    ),
+    ("steps = 0", A1111, {"prompt": PROMPT, "steps": 0}, 400, "steps must be"),
+    ("blank prompt", OPENAI, {"prompt": "   "}, 400, "prompt is empty"),
+    (
+        "control image over the pixel limit",
+        OPENAI,
+        {"prompt": PROMPT, "control_image": png_b64(Image.new("L", (5000, 2)))},
+        400,
+        "4096 pixels a side",
+    ),
 ]
 
 
@@ -440,19 +465,51 @@ def test_request_that_times_out_is_503_with_retry_after():
         server.close()
 
 
-def test_port_in_use_is_one_line(bundles):
+@pytest.mark.parametrize("models", ["bundle", "none"])
+def test_port_in_use_is_one_line(bundles, tmp_path, models):
+    """A bundle, or no argument (the default, which would convert into an empty cache): the port is
+    checked first, so the error comes at once and the cache stays empty."""
+    args = [str(bundles[0])] if models == "bundle" else ["--cache", str(tmp_path)]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen(1)
         port = s.getsockname()[1]
         r = subprocess.run(
-            [sys.executable, "-m", "sdxs_edge.cli", "serve", str(bundles[0]), "--port", str(port)],
+            [sys.executable, "-m", "sdxs_edge.cli", "serve", *args, "--port", str(port)],
             capture_output=True,
             text=True,
             timeout=60,
         )
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and f"cannot listen on 127.0.0.1:{port}" in r.stderr, r.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_connections_are_tcp_nodelay():
+    """The server's connections send each write at once: with Nagle on, a kept-alive client waited for a
+    delayed ACK between a response's header and body writes (tens of ms per request)."""
+    import asyncio
+
+    from server.cli import bind
+
+    sock = bind("127.0.0.1", 0)
+
+    async def accepted_nodelay() -> int:
+        got = asyncio.get_running_loop().create_future()
+
+        def on_connection(reader, writer):
+            got.set_result(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        server = await asyncio.start_server(on_connection, sock=sock)  # as uvicorn serves a given socket
+        _, writer = await asyncio.open_connection(*sock.getsockname()[:2])
+        try:
+            return await asyncio.wait_for(got, 10)
+        finally:
+            writer.close()
+            server.close()
+
+    assert asyncio.run(accepted_nodelay()) != 0
 
 
 def test_not_a_bundle_is_one_line(tmp_path):
@@ -473,6 +530,44 @@ def test_cache_is_reused(bundles, monkeypatch):
     root = bundles[0].parents[2]
     again = models.cached_bundles(models.default_variants(), root, "onnx", "fp32", log=lines.append)
     assert again == bundles and len(lines) == 4 and all("from the cache" in line for line in lines)
+
+
+def test_default_start_reuses_the_cache(bundles, tmp_path):
+    """`serve` with no model argument serves the embedded model's four variants from a cache folder that
+    already holds them: it starts without converting (a line per bundle says so)."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    root = bundles[0].parents[2]
+    t = time.perf_counter()
+    s = Served(["--cache", str(root), "--target", "onnx", "--precision", "fp32"], cwd)
+    started_s = time.perf_counter() - t
+    try:
+        code, health, _ = http(s.url + "/health")
+        assert code == 200 and health["models"] == 4
+        good(s)
+    finally:
+        code, out = s.stop()
+    err = s.stderr_path.read_text()
+    assert code == 0 and "stopped" in out, (code, out)
+    assert err.count("from the cache") == 4 and "converting" not in err, err
+    assert started_s < 60, started_s  # seconds, where converting the four variants takes minutes
+    assert not any(cwd.iterdir())
+
+
+def test_default_target_is_the_fastest_installed(monkeypatch):
+    import importlib.util
+
+    from server import models
+
+    real = importlib.util.find_spec
+    have = lambda *missing: lambda name, *a: None if name in missing else real(name, *a)  # noqa: E731
+    if real("executorch") is not None:
+        assert models.fastest_target() == ("executorch", "int8")
+    monkeypatch.setattr(importlib.util, "find_spec", have("executorch"))
+    assert models.fastest_target() == ("onnx", "int8")
+    monkeypatch.setattr(importlib.util, "find_spec", have("executorch", "onnxruntime"))
+    with pytest.raises(SDXSError, match="no CPU runtime"):
+        models.fastest_target()
 
 
 def test_several_runtimes_make_one_entry_each(bundles):
