@@ -74,6 +74,7 @@ def convert(
     control_scale: float = 1.0,
     attention: str = "standard",
     cpu_classes: Sequence[str] = ("host",),
+    encoder: bool | None = None,
 ) -> Path:
     """Convert a model into a bundle for one runtime target and check it against PyTorch.
 
@@ -82,8 +83,8 @@ def convert(
         target: "onnx", "executorch" or "coreml".
         precision: "fp32", "fp16" or "int8" (see `converters.registry.PRECISION_SPECS` for the pairs).
         out: the bundle directory to create.
-        components: any of "text_encoder", "controlnet", "unet", "decoder" (default: all three, and
-            controlnet when `controlnet` is given).
+        components: any of "encoder", "text_encoder", "controlnet", "unet", "decoder" (default: the three,
+            controlnet when `controlnet` is given, encoder as `encoder` says).
         resolution: image side in pixels (default the model's; a multiple of 8 the U-Net can halve).
         calibration_prompts: int8 calibration prompts: a text file (one per line), a list, or a number of
             SHAPES-64 captions spread over the grammar (e.g. 128: a fused LoRA may need more); default 32
@@ -119,13 +120,15 @@ def convert(
             Engine; on CPU it caps the largest attention map at one head's). Applied to copies of the U-Net,
             VAE and ControlNet: a pipeline passed in is left as it was. Recorded under "conversion.config".
         cpu_classes: CPU classes to check the bundle on ("host" and `sdxs_edge.cpu.EMULATED`; `cpu_check`).
+        encoder: lower the VAE's encoder as an "encoder" component for image-to-image (the U-Net then
+            takes its timestep as an input); default (None): for a trained model without a ControlNet.
 
     Returns the bundle path.
     """
     req = ConversionRequest(
         model, target, precision, out, components, resolution, calibration_prompts, overwrite, progress, dynamic,
         palettize, delegate, batch, sensitivity, sensitivity_shortlist, max_float_fraction, onnx_calibration,
-        trained, seed, lora, lora_scale, controlnet, control_scale, attention, tuple(cpu_classes),
+        trained, seed, lora, lora_scale, controlnet, control_scale, attention, tuple(cpu_classes), encoder,
     )  # fmt: skip
     return run(req)
 
@@ -169,8 +172,8 @@ def run(req: ConversionRequest) -> Path:
 
         prep = S.prepare(req, S.load(req), src)
         config = S.conversion_config(req, prep, src, len(prompts))
-        modules = C.wrappers(prep.pipe, prep.controlnet, req.control_scale)
-        specs = C.io_specs(prep.pipe, req.batch, prep.resolution, prep.controlnet)
+        modules = C.wrappers(prep.pipe, prep.controlnet, req.control_scale, req.has_encoder)
+        specs = C.io_specs(prep.pipe, req.batch, prep.resolution, prep.controlnet, req.has_encoder)
         st.done()
         st.start("capture")
         caps = S.capture(req, prep, modules, prompts)

@@ -61,14 +61,15 @@ def need(module: str) -> None:
         pytest.skip(f"the {module} package is not installed")
 
 
-def cached_bundle(model: str, target: str, precision: str) -> Path:
-    """A converted bundle of `model` (a preset) kept under build/test-bundles/, built on first use. Skips
-    when the backend package is absent; a conversion that fails is a test error."""
+def cached_bundle(model: str, target: str, precision: str, name: str | None = None) -> Path:
+    """A converted bundle of `model` (a preset, or a folder given a `name`) kept under build/test-bundles/,
+    built on first use. Skips when the backend package is absent; a conversion that fails is a test error."""
     from converters.api import convert
 
     need({"onnx": "onnxruntime", "executorch": "executorch", "coreml": "coremltools"}[target])
-    prefix = f"{model}-{target}-{precision}-"
-    out = BUNDLE_CACHE / (prefix + source_key(f"{model}|{target}|{precision}"))
+    label = name or model
+    prefix = f"{label}-{target}-{precision}-"
+    out = BUNDLE_CACHE / (prefix + source_key(f"{label}|{target}|{precision}"))
     if not (out / "manifest.json").is_file():
         tmp = out.with_name(f".{out.name}.{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -79,3 +80,11 @@ def cached_bundle(model: str, target: str, precision: str) -> Path:
             shutil.rmtree(tmp)
     prune(out, f"*{prefix}*")
     return out
+
+
+SHIPPED_MODEL = ROOT / "sdxs_edge" / "default_model"
+
+
+def shipped_bundle(target: str, precision: str) -> Path:
+    """The embedded default model converted to `target` / `precision` (with its encoder), cached as above."""
+    return cached_bundle(str(SHIPPED_MODEL), target, precision, name="default")
