@@ -60,7 +60,9 @@ def render_rows(paths: dict) -> tuple[list, dict]:
     rows, figures = [], {f"{r} {t}/{p}": [] for r, t, p in COLUMNS}
     for i, s in ROWS:
         src, caption = shapes.render(pairs[i][0]), pairs[i][1].caption
-        ref = u8(pipe(caption, image=src, strength=s, generator=torch.Generator().manual_seed(i), output_type="np").images[0])
+        ref = u8(
+            pipe(caption, image=src, strength=s, generator=torch.Generator().manual_seed(i), output_type="np").images[0]
+        )
         row = [src, ref]
         for runtime, target, precision in COLUMNS:
             with runtimes.load(paths[(target, precision)], runtime) as sess:
@@ -87,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     images = np.stack([np.stack(r) for r in rows])
-    save_grid(images.reshape(-1, *images.shape[2:]), out.with_suffix(".png"), cols=images.shape[1], limit=images[0].size)
+    save_grid(
+        images.reshape(-1, *images.shape[2:]), out.with_suffix(".png"), cols=images.shape[1], limit=images[0].size
+    )
     report = {
         "model": MODEL,
         "command": "python -m benchmarks.img2img_runtimes",

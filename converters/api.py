@@ -76,7 +76,7 @@ def convert(
     cpu_classes: Sequence[str] = ("host",),
     encoder: bool | None = None,
 ) -> Path:
-    """Convert a model into a bundle for one runtime target and check it against PyTorch.
+    """Convert a model into a bundle for one runtime target, checked against PyTorch; returns the bundle path.
 
     Args:
         model: a preset name, a diffusers folder, a hub id, or a loaded `SDXSPipeline`.
@@ -120,10 +120,7 @@ def convert(
             Engine; on CPU it caps the largest attention map at one head's). Applied to copies of the U-Net,
             VAE and ControlNet: a pipeline passed in is left as it was. Recorded under "conversion.config".
         cpu_classes: CPU classes to check the bundle on ("host" and `sdxs_edge.cpu.EMULATED`; `cpu_check`).
-        encoder: lower the VAE's encoder as an "encoder" component for image-to-image (the U-Net then
-            takes its timestep as an input); default (None): for a trained model without a ControlNet.
-
-    Returns the bundle path.
+        encoder: lower the VAE's encoder for image-to-image (default: for a trained model without ControlNet).
     """
     req = ConversionRequest(
         model, target, precision, out, components, resolution, calibration_prompts, overwrite, progress, dynamic,

@@ -183,9 +183,36 @@ def test_run_cli_image_to_image_and_bad_input(source, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("error: ") and msg in err[-1], err
         assert not (tmp_path / "bad.png").exists()
-    assert main(["run", tiny, OTHER, "--runtime", "onnxruntime", "--image", str(src), "--out", str(tmp_path / "b.png")]) == 2
+    assert (
+        main(["run", tiny, OTHER, "--runtime", "onnxruntime", "--image", str(src), "--out", str(tmp_path / "b.png")])
+        == 2
+    )
     assert "has no encoder component" in capsys.readouterr().err and not (tmp_path / "b.png").exists()
     for bad in ("0", "1.5", "x"):
         with pytest.raises(SystemExit):
             main([*run, "--image", str(src), "--strength", bad, "--out", str(tmp_path / "bad.png")])
         assert "--strength must be" in capsys.readouterr().err and not (tmp_path / "bad.png").exists()
+
+
+def test_encoder_report_matches_the_weights_and_docs():
+    """models/reports/encoder.json (parameters, PSNR against the teacher's encoder) is what the shipped
+    tiny encoder measures now, on the report's 128 held-out renders, and what docs/diffusers-call.md says."""
+    from diffusers import AutoencoderKL, AutoencoderTiny
+
+    from training.encoder import encoder_report
+
+    rep = json.loads((ROOT / "models" / "reports" / "encoder.json").read_text())
+    teacher = AutoencoderKL.from_pretrained(ROOT / "models" / "shapes-teacher" / "vae", torch_dtype=torch.float32)
+    student = AutoencoderTiny.from_pretrained(MODEL / "vae", torch_dtype=torch.float32)
+    held = np.stack([shapes.render(s) for s in shapes.eval_scenes(128, 0)])
+    now = encoder_report(teacher, student, torch.from_numpy(shapes.to_tensor_range(held)))
+    assert now["teacher_params"] == rep["teacher_params"] and now["student_params"] == rep["student_params"]
+    for k in ("latent_snr_db_vs_teacher", "round_trip_psnr_db_student", "round_trip_psnr_db_teacher"):
+        assert abs(now[k] - rep[k]) < 0.3, (k, now[k], rep[k])  # the shipped weights are stored in float16
+    doc = (ROOT / "docs" / "diffusers-call.md").read_text()
+    for figure in (
+        f"{rep['teacher_params']:,}",
+        f"{rep['student_params']:,}",
+        f"{rep['round_trip_psnr_db_student']:.1f} dB",
+    ):
+        assert figure in doc, figure
