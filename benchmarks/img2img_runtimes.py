@@ -7,7 +7,8 @@ The embedded model is converted (once; reused when there) to ONNX and ExecuTorch
 with their encoder under --bundles. Each grid row is one SHAPES-64 render re-generated with a caption
 that differs in every attribute, at one strength: the render, `SDXSPipeline(image=, strength=)`, then
 `Session(image=, strength=)` on each (runtime, bundle) of `COLUMNS`, same seed. The JSON has every
-image's uint8 PSNR against the pipeline's.
+image's uint8 PSNR against the pipeline's, and the SHAPES-64 strength sweep run on the executorch
+runtime with the int8 bundle.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 MODEL = "sdxs_edge/default_model"
 ROWS = ((0, 0.3), (1, 0.6), (2, 0.9))  # (pair index, strength)
+SWEEP = (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)  # strengths of the sweep on the ExecuTorch int8 bundle
 COLUMNS = (  # (runtime, bundle target, precision)
     ("torch", "onnx", "fp32"),
     ("onnxruntime", "onnx", "fp32"),
@@ -74,6 +76,17 @@ def render_rows(paths: dict) -> tuple[list, dict]:
     return rows, figures
 
 
+def sweep_on_a_runtime(bundle: Path) -> dict:
+    """The SHAPES-64 strength sweep (`sdxs_edge.evaluate.strength_sweep`, 8 pairs) on the executorch
+    runtime: the share of attributes the evaluator reads as the new caption's / the render's."""
+    import runtimes
+    from sdxs_edge.evaluate import strength_sweep
+
+    with runtimes.load(bundle, "executorch") as sess:
+        rep, _ = strength_sweep(sess, SWEEP, n=8)
+    return rep
+
+
 def main(argv: list[str] | None = None) -> int:
     import numpy as np
 
@@ -85,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bundles", default="out/img2img", help="folder for the converted bundles")
     p.add_argument("--out", default="docs/img2img-runtimes", help="output stem: writes STEM.png and STEM.json")
     args = p.parse_args(argv)
-    rows, figures = render_rows(bundles(Path(args.bundles)))
+    paths = bundles(Path(args.bundles))
+    rows, figures = render_rows(paths)
+    sweep = sweep_on_a_runtime(paths[("executorch", "int8")])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     images = np.stack([np.stack(r) for r in rows])
@@ -102,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         "pairs": "sdxs_edge.evaluate.strength_pairs(3, 0); seed = pair index",
         "psnr_db_vs_pipeline": figures,
         "psnr_null_means": "identical uint8 images",
+        "strength_sweep_executorch_int8": sweep,
         "cpu_class": cpu.host_class(),
     }
     write_atomic(out.with_suffix(".json"), json.dumps(report, indent=2) + "\n")

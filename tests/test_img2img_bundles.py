@@ -216,3 +216,41 @@ def test_encoder_report_matches_the_weights_and_docs():
         f"{rep['round_trip_psnr_db_student']:.1f} dB",
     ):
         assert figure in doc, figure
+
+
+def test_sdxs_run_feeds_a_timed_unet_999(tmp_path):
+    """libsdxs runs a bundle whose U-Net takes its timestep (text-to-image at t = 999): sdxs-run's picture
+    is the Python executorch runtime's."""
+    import subprocess
+
+    from PIL import Image
+
+    from runtimes.base import to_uint8
+
+    sdxs_run = ROOT / "build" / "host" / "sdxs-run"
+    if not sdxs_run.is_file():
+        pytest.skip("no build/host/sdxs-run (make host-runner)")
+    bundle = shipped_bundle("executorch", "fp32")
+    with runtimes.load(bundle, "executorch") as py:
+        want = to_uint8(py.generate_arrays(OTHER, seed=2).image)[0]
+    out = tmp_path / "x.png"
+    proc = subprocess.run(
+        [str(sdxs_run), str(bundle), OTHER, "--seed", "2", "--out", str(out)], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert np.abs(np.asarray(Image.open(out)).astype(int) - want).max() <= 1
+
+
+def test_coreml_encoder_is_lowered(tmp_path):
+    """Core ML (checked structurally here): the encoder lowers to an ML Program with the io spec's image
+    input and latent output."""
+    from bundle_cache import need
+
+    need("coremltools")
+    from converters import convert
+
+    out = convert(str(MODEL), "coreml", "fp16", tmp_path / "b", components=("encoder",), progress=False)
+    m = load_manifest(out)
+    assert m["components"]["encoder"]["file"] == "encoder.mlpackage" and (out / "encoder.mlpackage").is_dir()
+    assert m["parity"]["components"]["encoder"]["checked"] == "structural"
+    assert m["conversion"]["components"]["encoder"]["tracer"] == "export"
