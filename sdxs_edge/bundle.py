@@ -272,7 +272,7 @@ def _check_limits(manifest: dict) -> None:
 
 
 def _check_encoder(manifest: dict) -> None:
-    """A bundle with an encoder records its noise schedule, and its U-Net takes the timestep third."""
+    """A bundle with an encoder records its noise schedule, and its U-Net (if any) takes the timestep third."""
     comps = manifest["components"]
     if "encoder" not in comps:
         return
@@ -281,8 +281,8 @@ def _check_encoder(manifest: dict) -> None:
     sch = manifest["scheduler"]
     if sch["num_train_timesteps"] > 100_000 or not all(math.isfinite(sch[k]) for k in ("beta_start", "beta_end")):
         raise BundleError("manifest $.scheduler: num_train_timesteps or betas out of bounds")
-    unet = comps.get("unet", {}).get("inputs", [])
-    if len(unet) != 3 or unet[2]["name"] != "timestep" or len(unet[2]["shape"]) != 1:
+    unet = comps["unet"]["inputs"] if "unet" in comps else None  # a bundle of some components only: no U-Net
+    if unet is not None and (len(unet) != 3 or unet[2]["name"] != "timestep" or len(unet[2]["shape"]) != 1):
         raise BundleError("manifest: a bundle with an encoder needs a unet whose third input is timestep (B,)")
 
 
