@@ -32,16 +32,17 @@ COLUMNS = (  # (runtime, bundle target, precision)
 )
 
 
-def bundles(root: Path) -> dict[tuple[str, str], Path]:
-    """The embedded model's bundles under `root`, converted where missing."""
+def bundles(root: Path, convert_missing: bool = True) -> dict[tuple[str, str], Path]:
+    """The embedded model's bundles under `root` (TARGET-PRECISION), converted where missing (else left out)."""
     from converters import convert
 
     out = {}
     for target, precision in sorted({(t, p) for _, t, p in COLUMNS}):
         b = root / f"{target}-{precision}"
-        if not (b / "manifest.json").is_file():
+        if not (b / "manifest.json").is_file() and convert_missing:
             convert(MODEL, target, precision, b, progress=False, overwrite=b.exists())
-        out[(target, precision)] = b
+        if (b / "manifest.json").is_file():
+            out[(target, precision)] = b
     return out
 
 
@@ -59,14 +60,15 @@ def render_rows(paths: dict) -> tuple[list, dict]:
     pipe = SDXSPipeline.load(MODEL)
     pairs = strength_pairs(max(i for i, _ in ROWS) + 1, 0)
     u8 = lambda a: (np.asarray(a) * 255).round().astype(np.uint8)
-    rows, figures = [], {f"{r} {t}/{p}": [] for r, t, p in COLUMNS}
+    columns = [c for c in COLUMNS if c[1:] in paths]
+    rows, figures = [], {f"{r} {t}/{p}": [] for r, t, p in columns}
     for i, s in ROWS:
         src, caption = shapes.render(pairs[i][0]), pairs[i][1].caption
         ref = u8(
             pipe(caption, image=src, strength=s, generator=torch.Generator().manual_seed(i), output_type="np").images[0]
         )
         row = [src, ref]
-        for runtime, target, precision in COLUMNS:
+        for runtime, target, precision in columns:
             with runtimes.load(paths[(target, precision)], runtime) as sess:
                 img = u8(sess(caption, image=src, strength=s, seed=i, output_type="np").images[0])
             p = psnr(ref, img)
@@ -97,10 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.img2img_runtimes", description=__doc__.split("\n")[0])
     p.add_argument("--bundles", default="out/img2img", help="folder for the converted bundles")
     p.add_argument("--out", default="docs/img2img-runtimes", help="output stem: writes STEM.png and STEM.json")
+    p.add_argument("--no-convert", action="store_true", help="leave out the columns whose bundle is not there")
     args = p.parse_args(argv)
-    paths = bundles(Path(args.bundles))
+    paths = bundles(Path(args.bundles), not args.no_convert)
     rows, figures = render_rows(paths)
-    sweep = sweep_on_a_runtime(paths[("executorch", "int8")])
+    sweep = sweep_on_a_runtime(paths[("executorch", "int8")]) if ("executorch", "int8") in paths else None
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     images = np.stack([np.stack(r) for r in rows])
@@ -113,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         "grid": "rows: (pair, strength) "
         + ", ".join(f"({i}, {s})" for i, s in ROWS)
         + "; columns: render, SDXSPipeline, then "
-        + ", ".join(f"{r} {t}/{p}" for r, t, p in COLUMNS),
+        + ", ".join(figures),
         "pairs": "sdxs_edge.evaluate.strength_pairs(3, 0); seed = pair index",
         "psnr_db_vs_pipeline": figures,
         "psnr_null_means": "identical uint8 images",
