@@ -87,11 +87,11 @@ def test_img2img_on_each_runtime_matches_the_pipeline(pipe, source, runtime, tar
 
 
 def test_strength_sweep_on_a_runtime():
-    """SHAPES-64 on the ExecuTorch int8 bundle: re-generating renders with another caption moves more
+    """SHAPES-64 on the ONNX int8 bundle: re-generating renders with another caption moves more
     attributes to the new caption (evaluator) as the strength grows, and keeps fewer of the render's."""
     from sdxs_edge.evaluate import strength_sweep
 
-    with _session("executorch", "executorch", "int8") as s:
+    with _session("onnxruntime", "onnx", "int8") as s:
         rep, images = strength_sweep(s, (0.1, 0.5, 1.0), n=8)
     t, src = rep["target_rate"], rep["source_rate"]
     assert t[0] < t[1] < t[2] and t[2] >= 0.8, t
