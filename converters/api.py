@@ -75,15 +75,17 @@ def convert(
     attention: str = "standard",
     cpu_classes: Sequence[str] = ("host",),
     layout: str = "sdxs-edge",
+    encoder: bool | None = None,
 ) -> Path:
-    """Convert a model into a bundle for one runtime target and check it against PyTorch.
+    """Convert a model into a bundle for one runtime target, checked against PyTorch; returns the bundle path.
 
     Args:
         model: a preset name, a diffusers folder, a hub id, or a loaded `SDXSPipeline`.
         target: "onnx", "executorch" or "coreml".
         precision: "fp32", "fp16" or "int8" (see `converters.registry.PRECISION_SPECS` for the pairs).
         out: the bundle directory to create.
-        components: any of "text_encoder", "controlnet", "unet", "decoder" (default: the three, + controlnet if given).
+        components: any of "encoder", "text_encoder", "controlnet", "unet", "decoder" (default: the three,
+            controlnet when `controlnet` is given, encoder as `encoder` says).
         resolution: image side in pixels (default the model's; a multiple of 8 the U-Net can halve).
         calibration_prompts: int8 calibration prompts: a text file (one per line), a list, or a number of
             SHAPES-64 captions spread over the grammar (e.g. 128: a fused LoRA may need more); default 32.
@@ -119,13 +121,13 @@ def convert(
             VAE and ControlNet: a pipeline passed in is left as it was. Recorded under "conversion.config".
         cpu_classes: CPU classes to check the bundle on ("host" and `sdxs_edge.cpu.EMULATED`; `cpu_check`).
         layout: "sdxs-edge" (default) or "optimum" (ONNX only; optimum's pipeline folder: `converters.layouts`).
-
-    Returns the bundle path.
+        encoder: lower the VAE's encoder for image-to-image (default: for a trained model without ControlNet,
+            in the sdxs-edge layout).
     """
     req = ConversionRequest(
         model, target, precision, out, components, resolution, calibration_prompts, overwrite, progress, dynamic,
         palettize, delegate, batch, sensitivity, sensitivity_shortlist, max_float_fraction, onnx_calibration,
-        trained, seed, lora, lora_scale, controlnet, control_scale, attention, tuple(cpu_classes), layout,
+        trained, seed, lora, lora_scale, controlnet, control_scale, attention, tuple(cpu_classes), layout, encoder,
     )  # fmt: skip
     return run(req)
 
@@ -169,8 +171,8 @@ def run(req: ConversionRequest) -> Path:
 
         prep = S.prepare(req, S.load(req), src)
         config = S.conversion_config(req, prep, src, len(prompts))
-        modules = C.wrappers(prep.pipe, prep.controlnet, req.control_scale)
-        specs = C.io_specs(prep.pipe, req.batch, prep.resolution, prep.controlnet)
+        modules = C.wrappers(prep.pipe, prep.controlnet, req.control_scale, req.has_encoder)
+        specs = C.io_specs(prep.pipe, req.batch, prep.resolution, prep.controlnet, req.has_encoder)
         st.done()
         st.start("capture")
         caps = S.capture(req, prep, modules, prompts)

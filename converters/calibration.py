@@ -10,6 +10,11 @@ With a ControlNet, each sample also needs a control image. There is no edge map 
 one is made from the prompt: canny edges of a SHAPES-64 render of the prompt's scene, or, for a prompt
 that is not a SHAPES-64 caption, of a random SHAPES-64 scene (`sdxs_edge.control.prompt_controls`, seeded
 by the sample's seed). The ControlNet sees (x_in, context, control), the U-Net its residuals.
+
+With an encoder (image-to-image), each sample also feeds the encoder the PyTorch decoder's image of that
+sample, and adds a second U-Net (and decoder) sample: that image encoded, noised with another seed to the
+timestep of a strength from `IMG2IMG_STRENGTHS` (cycled), as `sdxs_edge.sampler` runs image-to-image;
+the U-Net's timestep input is 999 for the text-to-image samples and t_S for these.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ PARITY_SEED0 = 1000
 
 
 DEFAULT_CAPTIONS = 32  # SHAPES-64 captions int8 calibrates on unless told otherwise
+IMG2IMG_STRENGTHS = (0.3, 0.5, 0.7, 0.9)  # image-to-image samples of a bundle with an encoder, cycled
+IMG2IMG_SEED_OFFSET = 7919  # their noise seed: the sample's seed plus this
 
 
 def default_calibration_prompts(n: int = DEFAULT_CAPTIONS) -> list[str]:
@@ -172,6 +179,8 @@ def capture(
                 ins["controlnet"].append((x_in.numpy(), ctx.numpy(), control.numpy()))
                 outs["controlnet"].append(tuple(r.numpy() for r in residuals))
                 controls.append(control.numpy())
+            if "encoder" in modules:
+                residuals = (torch.full((batch,), float(c.timestep)),)  # the timestep input, t = 999
             eps = modules["unet"](x_in, ctx, *residuals)
             x0 = sampler.denoised(eps, torch.from_numpy(z), c).float()
             img = modules["decoder"](x0)
@@ -183,4 +192,29 @@ def capture(
             outs["decoder"].append(img.numpy())
             noises.append(z)
             images.append(to_uint8(img.numpy()))
+            if "encoder" in modules:
+                _img2img_sample(pipe, modules, ins, outs, img.clamp(-1, 1), ctx, seed0 + i, i)
     return Captured(ins, outs, noises, images, controls)
+
+
+def _img2img_sample(pipe, modules: dict, ins: dict, outs: dict, image, ctx, seed: int, i: int) -> None:
+    """Encoder, U-Net and decoder samples of one image-to-image step from `image` (see the module docstring)."""
+    import torch
+
+    from sdxs_edge import sampler
+
+    t = sampler.strength_timestep(IMG2IMG_STRENGTHS[i % len(IMG2IMG_STRENGTHS)])
+    c = sampler.one_step_constants(pipe.c.scheduler_config, pipe.latent_scaling, t)
+    init = modules["encoder"](image)
+    z = torch.from_numpy(noise(image.shape[0], init.shape[-1], seed + IMG2IMG_SEED_OFFSET))
+    x_in = sampler.initial_latent(z, c, init).float()
+    ts = torch.full((image.shape[0],), float(t))
+    eps = modules["unet"](x_in, ctx, ts)
+    x0 = sampler.denoised(eps, z, c, init).float()
+    for name, args, out in (
+        ("encoder", (image,), init),
+        ("unet", (x_in, ctx, ts), eps),
+        ("decoder", (x0,), modules["decoder"](x0)),
+    ):
+        ins[name].append(tuple(a.numpy() for a in args))
+        outs[name].append(out.numpy())

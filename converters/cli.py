@@ -3,7 +3,7 @@
     sdxs-edge convert MODEL --target {onnx,executorch,coreml} --precision {fp32,fp16,int8} --out DIR
         [--components NAME ...] [--resolution N] [--calibration-prompts FILE | --calibration-captions N] [--overwrite]
         [--dynamic] [--palettize {4,6}] [--delegate {xnnpack,coreml}] [--batch N]
-        [--lora PATH [--lora-scale S]] [--controlnet PATH [--control-scale S]] [--attention split-heads]
+        [--lora PATH [--lora-scale S]] [--controlnet PATH [--control-scale S]] [--[no-]encoder] [--attention split-heads]
         [--onnx-calibration {minmax,minmax-average,percentile,mse}] [--dry-run]
 
 The handler returns an exit code and raises SDXSError (UnsupportedConversion, ParityError, ...), which
@@ -150,6 +150,12 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
         help="ControlNet conditioning scale baked into the bundle (default 1.0; needs --controlnet)",
     )
     p.add_argument(
+        "--encoder",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="lower the VAE's encoder for image-to-image (run --image PATH --strength S); the U-Net then takes its timestep as an input (default: yes for a trained model without --controlnet)",
+    )
+    p.add_argument(
         "--attention",
         choices=ATTENTION_VARIANTS,
         default="standard",
@@ -224,6 +230,7 @@ def run(args: argparse.Namespace) -> int:
         lora_scale=lora_scale,
         controlnet=args.controlnet,
         control_scale=control_scale,
+        encoder=args.encoder,
     )
     print(summary(json.loads((out / "manifest.json").read_text()), out))
     return 0
@@ -232,7 +239,9 @@ def run(args: argparse.Namespace) -> int:
 def dry_run(args: argparse.Namespace, components, lora_scale: float, control_scale: float) -> dict:
     """The checked request as `--dry-run` prints it: the LoRA file and ControlNet folder are read, no model."""
     from converters.api import check_request
+    from converters.request import default_encoder
 
+    trained = {"auto": None, "yes": True, "no": False}[args.trained]
     comps = check_request(
         args.target,
         args.precision,
@@ -246,6 +255,7 @@ def dry_run(args: argparse.Namespace, components, lora_scale: float, control_sca
         lora_scale,
         args.controlnet,
         control_scale,
+        args.encoder if args.encoder is not None else default_encoder(args.model, trained, args.controlnet),
     )
     check_layout(args.layout, args.target, comps, args.controlnet)
     lora = None

@@ -105,7 +105,8 @@ def end_to_end(runners: dict[str, Runner], captured: Captured, constants: sample
         residuals: tuple[np.ndarray, ...] = ()
         if "controlnet" in runners:
             residuals = outputs_of(runners["controlnet"]((x_in, ctx, captured.controls[i])))
-        eps = runners["unet"]((x_in, ctx, *residuals))
+        timed = (np.full((x_in.shape[0],), constants.timestep, np.float32),) if "encoder" in runners else ()
+        eps = runners["unet"]((x_in, ctx, *residuals, *timed))
         x0 = sampler.denoised(np.asarray(eps, np.float32), z, constants).astype(np.float32)
         img = to_uint8(runners["decoder"]((x0,)))
         per.append(psnr(captured.images[i], img))

@@ -131,7 +131,7 @@ class ComponentExport:
     """How one component reaches one target.
 
     Args:
-        component: "text_encoder", "controlnet", "unet" or "decoder".
+        component: "encoder", "text_encoder", "controlnet", "unet" or "decoder".
         target: the backend.
         file: file name inside the bundle (runtimes find it through the manifest).
         tracer: "torchscript" (torch.jit.trace / the TorchScript ONNX exporter) or "export" (torch.export).
@@ -153,10 +153,14 @@ COMPONENT_EXPORTS: Mapping[tuple[str, str], ComponentExport] = MappingProxyType(
     {
         (e.component, e.target): e
         for e in (
+            ComponentExport("encoder", "onnx", "encoder.onnx", "torchscript", _ONNX_WHY),
             ComponentExport("text_encoder", "onnx", "text_encoder.onnx", "torchscript", _ONNX_WHY),
             ComponentExport("controlnet", "onnx", "controlnet.onnx", "torchscript", _ONNX_WHY),
             ComponentExport("unet", "onnx", "unet.onnx", "torchscript", _ONNX_WHY),
             ComponentExport("decoder", "onnx", "decoder.onnx", "torchscript", _ONNX_WHY),
+            ComponentExport(
+                "encoder", "executorch", "encoder.pte", "export", "ExecuTorch lowers torch.export programs only"
+            ),
             ComponentExport(
                 "text_encoder",
                 "executorch",
@@ -170,6 +174,9 @@ COMPONENT_EXPORTS: Mapping[tuple[str, str], ComponentExport] = MappingProxyType(
             ComponentExport("unet", "executorch", "unet.pte", "export", "ExecuTorch lowers torch.export programs only"),
             ComponentExport(
                 "decoder", "executorch", "decoder.pte", "export", "ExecuTorch lowers torch.export programs only"
+            ),
+            ComponentExport(
+                "encoder", "coreml", "encoder.mlpackage", "export", "lowered with the decoder's tracer (torch.export)"
             ),
             ComponentExport(
                 "text_encoder",

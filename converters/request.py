@@ -29,10 +29,11 @@ def _finite(name: str, value) -> None:
         raise UnsupportedConversion(f"{name} must be a finite number, got {value!r}")
 
 
-def _component_list(components, controlnet) -> list[str]:
+def _component_list(components, controlnet, encoder: bool = False) -> list[str]:
     if components is None:
+        extra = {"controlnet"} if controlnet is not None else set()
         return [
-            c for c in COMPONENT_NAMES if c in REQUIRED_COMPONENTS or (c == "controlnet" and controlnet is not None)
+            c for c in COMPONENT_NAMES if c in REQUIRED_COMPONENTS or c in extra | ({"encoder"} if encoder else set())
         ]
     comps = [components] if isinstance(components, str) else list(components)
     if not comps:
@@ -42,7 +43,22 @@ def _component_list(components, controlnet) -> list[str]:
         raise UnsupportedConversion(f"unknown component {unknown[0]!r}; components: {', '.join(COMPONENT_NAMES)}")
     if len(set(comps)) != len(comps):
         raise UnsupportedConversion(f"component listed twice: {comps}")
+    if "encoder" in comps and not encoder:
+        raise UnsupportedConversion("the encoder component is listed but the encoder is left out (--no-encoder)")
     return comps
+
+
+def default_encoder(model, trained: bool | None, controlnet) -> bool:
+    """Whether a bundle gets the encoder component (image-to-image) unless told: yes for a trained model
+    (a folder, a hub id, a pipeline not named after a preset, or trained=True) without a ControlNet; a
+    preset's random-weight encoder is left out."""
+    from sdxs_edge.presets import PRESETS
+
+    if controlnet is not None:
+        return False
+    if trained is not None:
+        return bool(trained)
+    return str(getattr(model, "name", model)) not in PRESETS
 
 
 def _check_options(
@@ -99,16 +115,22 @@ def check_request(
     lora_scale: float = 1.0,
     controlnet=None,
     control_scale: float = 1.0,
+    encoder: bool = False,
 ) -> tuple[str, ...]:
     """Reject unsupported combinations before any model is loaded; returns components in bundle order.
 
-    `components` None means every component the request has: text_encoder, unet, decoder, and controlnet
-    when a ControlNet is given (any non-None `controlnet`: a folder or a module).
+    `components` None means every component the request has: text_encoder, unet, decoder, controlnet
+    when a ControlNet is given (any non-None `controlnet`: a folder or a module), and encoder when
+    `encoder` (image-to-image; not with a ControlNet).
     """
     if target not in TARGETS:
         raise UnsupportedConversion(f"unknown target {target!r}; targets: {', '.join(TARGETS)}")
     precision_spec(target, precision)
-    comps = _component_list(components, controlnet)
+    if encoder and controlnet is not None:
+        raise UnsupportedConversion("an encoder (image-to-image) and a ControlNet in one bundle are not supported")
+    comps = _component_list(components, controlnet, encoder)
+    if "encoder" in comps and controlnet is not None:
+        raise UnsupportedConversion("an encoder (image-to-image) and a ControlNet in one bundle are not supported")
     _check_options(target, precision, dynamic, palettize, delegate, batch, resolution)
     _check_adapters(comps, lora, lora_scale, controlnet, control_scale)
     return tuple(c for c in COMPONENT_NAMES if c in comps)
@@ -148,11 +170,15 @@ class ConversionRequest:
     attention: str = "standard"
     cpu_classes: tuple[str, ...] = ("host",)
     layout: str = "sdxs-edge"
+    encoder: bool | None = None
 
     def __post_init__(self) -> None:
+        enc = self.encoder
+        if enc is None:  # optimum's layout has no image-to-image part: its default leaves the encoder out
+            enc = self.layout == "sdxs-edge" and default_encoder(self.model, self.trained, self.controlnet)
         comps = check_request(
             self.target, self.precision, self.components, self.dynamic, self.palettize, self.delegate, self.batch,
-            self.resolution, self.lora, self.lora_scale, self.controlnet, self.control_scale,
+            self.resolution, self.lora, self.lora_scale, self.controlnet, self.control_scale, enc,
         )  # fmt: skip
         if self.onnx_calibration not in ONNX_CALIBRATIONS:
             raise UnsupportedConversion(
@@ -175,6 +201,11 @@ class ConversionRequest:
         object.__setattr__(self, "cpu_classes", classes)
         object.__setattr__(self, "components", comps)
         object.__setattr__(self, "out", Path(self.out))
+
+    @property
+    def has_encoder(self) -> bool:
+        """Whether the bundle holds the encoder (and so its U-Net takes the timestep as an input)."""
+        return "encoder" in self.components
 
     @property
     def spec(self) -> PrecisionSpec:

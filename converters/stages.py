@@ -216,11 +216,15 @@ def capture(req: ConversionRequest, prep: Prepared, modules: dict, prompts: list
 
 
 # ---- lower and check, per component --------------------------------------------------------------------
-def _one_step_x0(c):
-    """(U-Net input sample, output) -> the one-step x0 (the U-Net wrapper runs at the one-step timestep)."""
+def _one_step_x0(pipe, timed: bool):
+    """(U-Net input sample, output) -> the one-step x0 at the sample's timestep (its third input when the
+    U-Net takes one, else the one-step timestep). x = x_in * sqrt(sigma^2 + 1) for text-to-image and
+    image-to-image alike, so the noise-equivalent x_in / input_scale gives the exact x0."""
     from sdxs_edge import sampler
 
     def score(sample, output):
+        t = int(np.asarray(sample[2]).ravel()[0]) if timed else None
+        c = sampler.one_step_constants(pipe.c.scheduler_config, pipe.latent_scaling, t)
         latent = np.asarray(sample[0], np.float32)
         return np.asarray(sampler.denoised(output, latent / np.float32(c.input_scale), c), np.float32)
 
@@ -249,7 +253,7 @@ def component_job(
         config=config,
         work=work,
         out=tmp / export.file,
-        score=_one_step_x0(prep.pipe.one_step_constants()) if name == "unet" and prep.trained else None,
+        score=_one_step_x0(prep.pipe, req.has_encoder) if name == "unet" and prep.trained else None,
     )
 
 
@@ -388,6 +392,17 @@ def _component_entries(low: Lowered, bundle: Path) -> dict:
     return entries
 
 
+def _scheduler_record(pipe) -> dict:
+    """The manifest's "scheduler": the betas image-to-image picks its timestep's sigma from (`sdxs_edge.sampler`)."""
+    cfg = pipe.c.scheduler_config
+    return {
+        "num_train_timesteps": int(cfg.get("num_train_timesteps", 1000)),
+        "beta_start": float(cfg.get("beta_start", 0.00085)),
+        "beta_end": float(cfg.get("beta_end", 0.012)),
+        "beta_schedule": str(cfg.get("beta_schedule", "scaled_linear")),
+    }
+
+
 def build_manifest(
     req: ConversionRequest, prep: Prepared, src: Sources, low: Lowered, bundle: Path, timings: dict, t_start: float
 ) -> dict:
@@ -402,6 +417,7 @@ def build_manifest(
         "resolution": prep.resolution,
         "batch": req.batch,
         "sampler": prep.pipe.one_step_constants().to_dict(),
+        **({"scheduler": _scheduler_record(prep.pipe)} if req.has_encoder else {}),
         "tokenizer": {"dir": TOKENIZER_DIR, "max_length": int(tok.model_max_length), "pad_token": str(tok.pad_token)},
         "components": _component_entries(low, bundle),
         "parity": {

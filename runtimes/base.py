@@ -11,6 +11,10 @@ and one-step update, and `generate`. Nothing here imports PyTorch or a backend l
 the ONNX or Core ML path needs numpy, Pillow and the `regex` package only (after apple/ml-stable-
 diffusion's coreml_model.py, which checks inputs against the model's declared spec before running).
 
+Bundles with an encoder component take an image: `generate(prompt, image=..., strength=S)` encodes it,
+noises it to the timestep S selects and runs the one step there (`sdxs_edge.sampler`, the PyTorch
+pipeline's rule; the image is read by `sdxs_edge.init_image.load_init_image`, numpy and Pillow only).
+
 ControlNet bundles take a control image: `generate(prompt, control_image=...)` runs the ControlNet on
 (x_in, context, control) and hands its residuals to the U-Net (a path, PIL image or uint8 array goes
 through `sdxs_edge.control.load_control_image`, numpy and Pillow only; a float array in [0, 1] is used as
@@ -273,6 +277,28 @@ class Session:
         return "controlnet" in self.specs
 
     @property
+    def has_encoder(self) -> bool:
+        """Whether the bundle holds an encoder (and so takes image-to-image inputs; its U-Net takes the timestep)."""
+        return "encoder" in self.specs
+
+    def strength_constants(self, strength: float) -> sampler.OneStepConstants:
+        """The one-step constants at the timestep image-to-image strength `strength` in (0, 1] selects."""
+        sch = self.manifest["scheduler"]
+        cfg = {**sch, "prediction_type": self.constants.prediction_type}
+        t = sampler.strength_timestep(strength, int(sch["num_train_timesteps"]))
+        return sampler.one_step_constants(cfg, self.constants.latent_scaling, t)
+
+    def encode_image(self, image: np.ndarray) -> np.ndarray:
+        """Encoder: image (B, 3, H, W) in [-1, 1] -> latent (B, 4, h, w) in the U-Net's space."""
+        if not self.has_encoder:
+            raise RuntimeInputError(self._no_encoder())
+        spec = self.specs["encoder"]
+        return self.run("encoder", {spec.inputs[0].name: image})[spec.outputs[0].name]
+
+    def _no_encoder(self) -> str:
+        return f"{self.bundle} has no encoder component, so it takes no image (convert a trained model with --encoder)"
+
+    @property
     def control_shape(self) -> tuple[int, ...]:
         """Shape of the ControlNet's control input (B, 3, H, W); an error for a bundle without one."""
         if not self.has_controlnet:
@@ -372,24 +398,31 @@ class Session:
         )
         return tuple(out[s.name] for s in spec.outputs)
 
-    def denoise(self, latent: np.ndarray, context: np.ndarray, residuals: Sequence[np.ndarray] = ()) -> np.ndarray:
-        """U-Net input x_in (B, 4, h, w) and context (B, 77, D) -> model output at the baked-in timestep.
+    def denoise(
+        self, latent: np.ndarray, context: np.ndarray, residuals: Sequence[np.ndarray] = (), timestep: int | None = None
+    ) -> np.ndarray:
+        """U-Net input x_in (B, 4, h, w) and context (B, 77, D) -> model output at the one-step timestep
+        (baked in, or fed to the U-Net of a bundle with an encoder).
 
         Args:
             latent: x_in.
             context: text-encoder hidden states.
             residuals: the ControlNet's outputs (`control_residuals`), for a bundle with a ControlNet.
+            timestep: image-to-image: the strength's timestep (bundles with an encoder only).
         """
         spec = self.specs["unet"]
+        if timestep is not None and timestep != self.constants.timestep and not self.has_encoder:
+            raise RuntimeInputError(self._no_encoder())
+        t = self.constants.timestep if timestep is None else timestep
         names = self._residual_names()
         if len(residuals) != len(names):
             raise RuntimeInputError(
                 f"unet: takes {len(names)} ControlNet residual(s) ({', '.join(names) or 'none'}), got {len(residuals)}"
             )
         feeds = {spec.inputs[0].name: latent, spec.inputs[1].name: context, **dict(zip(names, residuals))}
-        for s in spec.inputs:  # a layout's U-Net that takes the timestep (optimum's), fed the one-step one
+        for s in spec.inputs:  # the U-Net of a bundle with an encoder, or of optimum's layout, takes the timestep
             if s.name == TIMESTEP_INPUT:
-                feeds[s.name] = np.full(s.shape, self.constants.timestep, s.dtype)
+                feeds[s.name] = np.full(s.shape, t, s.dtype)
         return self.run("unet", feeds)[spec.outputs[0].name]
 
     def _residual_names(self) -> list[str]:
@@ -464,6 +497,8 @@ class Session:
         noise: np.ndarray | None = None,
         control_image=None,
         rng: str = "torch",
+        image=None,
+        strength: float | None = None,
     ) -> GenerationResult:
         """Prompt -> tokens -> text encoder -> (ControlNet ->) one U-Net step (arXiv 2403.16627 Sec. 4) ->
         decoder, as arrays.
@@ -475,7 +510,12 @@ class Session:
             control_image: for a bundle with a ControlNet (required there, refused elsewhere): see
                 `prepare_control`.
             rng: noise generator for `seed` (`Session.noise`): "torch" (diffusers' noise) or "numpy".
+            image: image-to-image input, for a bundle with an encoder: a path, PIL image, uint8 array
+                (H, W, 3) or float array (1, 3, H, W) in [-1, 1], one for the batch
+                (`sdxs_edge.init_image.load_init_image`: resized with a warning if its size differs).
+            strength: image-to-image strength in (0, 1] (default 0.8, as the PyTorch pipeline).
         """
+        c, init = self._init_latent(image, strength)
         if control_image is not None and not self.has_controlnet:
             raise RuntimeInputError(
                 f"{self.bundle} has no ControlNet, so it takes no control image (convert it with --controlnet PATH)"
@@ -500,7 +540,7 @@ class Session:
         noise = noise.astype(np.float32)
         context = self.encode_text(ids)
         timings["text_encoder"] = self.timings["text_encoder"]
-        x_in = sampler.initial_latent(noise, self.constants)
+        x_in = sampler.initial_latent(noise, c, init).astype(np.float32)
         residuals: tuple[np.ndarray, ...] = ()
         if control is not None:
             residuals = self.control_residuals(
@@ -511,12 +551,31 @@ class Session:
             self.cast_input("unet", 0, x_in),
             self.cast_input("unet", 1, context),
             [self.cast_input("unet", 2 + i, r) for i, r in enumerate(residuals)],
+            c.timestep,
         )
         timings["unet"] = self.timings["unet"]
-        latent = sampler.denoised(out.astype(np.float32), noise, self.constants).astype(np.float32)
+        if init is not None:
+            timings["encoder"] = self.timings["encoder"]
+        latent = sampler.denoised(out.astype(np.float32), noise, c, init).astype(np.float32)
         image = self.decode(self.cast_input("decoder", 0, latent))
         timings["decoder"] = self.timings["decoder"]
         return GenerationResult(image.astype(np.float32), latent, context, out, noise, ids, timings, control, residuals)
+
+    def _init_latent(self, image, strength: float | None) -> tuple[sampler.OneStepConstants, np.ndarray | None]:
+        """(constants, encoded image repeated over the batch) for image-to-image; (constants, None) without."""
+        if image is None:
+            if strength is not None:
+                raise RuntimeInputError("strength is for image-to-image: give an image too (image=..., --image PATH)")
+            return self.constants, None
+        if not self.has_encoder:
+            raise RuntimeInputError(self._no_encoder())
+        from sdxs_edge.init_image import load_init_image
+
+        c = self.strength_constants(0.8 if strength is None else strength)
+        B, _, H, W = self.specs["encoder"].inputs[0].shape
+        x = np.repeat(load_init_image(image, H, W), B, axis=0)
+        init = self.encode_image(self.cast_input("encoder", 0, x)).astype(np.float32)
+        return c, init
 
     def generate(
         self,
@@ -525,6 +584,8 @@ class Session:
         noise: np.ndarray | None = None,
         control_image=None,
         rng: str = "torch",
+        image=None,
+        strength: float | None = None,
     ):
         """Generate: a PIL image for one prompt, a list of them for a list of prompts.
 
@@ -535,8 +596,10 @@ class Session:
             control_image: for a bundle with a ControlNet: a path, PIL image, uint8 array or float array
                 in [0, 1] (see `prepare_control`).
             rng: noise generator for `seed`: "torch" (diffusers' noise, the default) or "numpy".
+            image: image-to-image input, for a bundle with an encoder (see `generate_arrays`).
+            strength: image-to-image strength in (0, 1] (default 0.8).
         """
-        images = to_pil(self.generate_arrays(prompt, seed, noise, control_image, rng).image)
+        images = to_pil(self.generate_arrays(prompt, seed, noise, control_image, rng, image, strength).image)
         return images[0] if isinstance(prompt, str) else images
 
     def __call__(
@@ -565,9 +628,9 @@ class Session:
             width: image width; must be the bundle's (default).
             num_images_per_prompt: images per prompt (each prompt's images together, as diffusers).
             seed: noise seed (`Session.noise`).
-            image: image-to-image input: refused, bundles have no encoder component (the PyTorch
-                pipeline's call takes it).
-            strength: image-to-image strength: refused with `image`.
+            image: image-to-image input, for a bundle with an encoder (see `generate_arrays`); refused
+                by a bundle without one.
+            strength: image-to-image strength in (0, 1] (default 0.8 with an image).
             output_type: "pil", "np" (float (B, H, W, 3) in [0, 1]) or "latent" (the one-step latents).
             rng: noise generator for `seed`: "torch" (diffusers' noise) or "numpy".
         """
@@ -585,15 +648,11 @@ class Session:
         want = (H if height is None else height, W if width is None else width)
         if want != (H, W):
             raise RuntimeInputError(f"this bundle draws {W}x{H} images (width x height); got {want[1]}x{want[0]}")
-        if image is not None or strength is not None:  # no bundle format carries an encoder component yet
-            raise RuntimeInputError(
-                f"{self.bundle} has no encoder component, so it takes no image-to-image input (run image-to-image on the PyTorch pipeline: SDXSPipeline(prompt, image=..., strength=...))"
-            )
         if int(num_images_per_prompt) < 1:
             raise RuntimeInputError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         prompts = [p for p in prompts for _ in range(int(num_images_per_prompt))]
-        res = self.generate_arrays(prompts, seed=seed, rng=rng)
+        res = self.generate_arrays(prompts, seed=seed, rng=rng, image=image, strength=strength)
         if output_type == "latent":
             return CallOutput(res.latent)
         if output_type == "np":

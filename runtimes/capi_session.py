@@ -178,10 +178,16 @@ class CapiSession(Session):
         noise: np.ndarray | None = None,
         control_image=None,
         rng: str = "torch",
+        image=None,
+        strength: float | None = None,
     ) -> GenerationResult:
         """One `sdxs_generate_arrays` call: tokenizer, noise (unless given), components and rule in libsdxs.
-        libsdxs draws the "torch" stream itself; another `rng` is drawn here and handed in."""
+        libsdxs draws the "torch" stream itself; another `rng` is drawn here and handed in. Image-to-image
+        (`image=`, a bundle with an encoder) runs the components one by one through `sdxs_run_component`,
+        with the base class's steps."""
         self._need_open()
+        if image is not None or strength is not None:
+            return super().generate_arrays(prompt, seed, noise, control_image, rng, image, strength)
         if noise is None and rng != "torch":
             noise = self.noise(seed, rng)
         if control_image is not None:

@@ -2,6 +2,7 @@
 
     sdxs-edge parity BUNDLE --runtime NAME [--reference MODEL|none] [--prompts FILE] [--seeds 0,1] [--json OUT]
     sdxs-edge run BUNDLE "prompt" --runtime NAME --out img.png [--seed N] [--control IMAGE]
+        [--image PATH [--strength S]]
 
 Handlers return an exit code and raise SDXSError (ParityError below the floors), which the main CLI
 prints as one line with exit code 2.
@@ -15,6 +16,8 @@ import time
 import warnings
 from pathlib import Path
 
+from sdxs_edge import cli_args
+from sdxs_edge.errors import SDXSError
 from sdxs_edge.images import image_format, save_image
 
 
@@ -102,6 +105,17 @@ def add_parsers(subparsers) -> None:
         metavar="IMAGE",
         help="control image for a bundle with a ControlNet (e.g. an edge map from `sdxs-edge canny`; resized with a warning if its size differs)",
     )
+    r.add_argument(
+        "--image",
+        metavar="PATH",
+        help="image-to-image, for a bundle with an encoder: start from this image (RGB, no alpha; resized with a warning if its size differs)",
+    )
+    r.add_argument(
+        "--strength",
+        type=cli_args.strength,
+        metavar="S",
+        help="image-to-image strength in (0, 1]: how much of the image is redrawn (default 0.8; needs --image)",
+    )
     r.set_defaults(func=cmd_run)
 
 
@@ -128,6 +142,16 @@ def cmd_parity(args: argparse.Namespace) -> int:
     return 0
 
 
+def _as_lines(fn, *a):
+    """Call fn(*a); print each warning it raised (a resize, a mode conversion) as one line on stderr."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = fn(*a)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    return out
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Handler of `sdxs-edge run`: generate one image and print load and per-component times."""
     import runtimes
@@ -135,26 +159,25 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     image_format(out)  # a bad suffix fails before the bundle loads
+    if args.strength is not None and args.image is None:
+        raise SDXSError("--strength is for image-to-image: give --image PATH too")
     opts = runtime_options(args)
     if args.reference:
         opts["reference"] = args.reference
     t = time.perf_counter()
     with runtimes.load(args.bundle, args.runtime, **opts) as session:
         load_s = time.perf_counter() - t
-        control = None
-        if args.control is not None:
-            with warnings.catch_warnings(record=True) as caught:  # resize / mode conversion: one line each
-                warnings.simplefilter("always")
-                control = session.prepare_control(args.control)
-            for w in caught:
-                print(f"warning: {w.message}", file=sys.stderr)
-        res = session.generate_arrays(args.prompt, seed=args.seed, control_image=control, rng=args.rng)
+        control = _as_lines(session.prepare_control, args.control) if args.control is not None else None
+        res = _as_lines(
+            session.generate_arrays, args.prompt, args.seed, None, control, args.rng, args.image, args.strength
+        )
     image = to_pil(res.image)[0]
     save_image(image, out)
     m = session.manifest
     print(
         f"bundle {args.bundle}  ({m['target']} {m['precision']}, {m['resolution']}px) on {args.runtime}, seed {args.seed} ({args.rng} rng)"
         + (f", control {args.control}" if args.control else "")
+        + (f", image {args.image} (strength {0.8 if args.strength is None else args.strength:g})" if args.image else "")
     )
     print(f"  load          {load_s * 1000:9.1f} ms")
     for k, v in res.timings.items():

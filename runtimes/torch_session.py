@@ -88,7 +88,9 @@ class TorchSession(Session):
             self.controlnet = self._load_controlnet(controlnet, record, pipe)
         elif controlnet is not None:
             raise BundleError(f"{self.bundle} has no ControlNet; controlnet= applies to bundles converted with one")
-        self.modules = {k: m.to(self.device) for k, m in wrappers(pipe, self.controlnet, scale).items()}
+        self.modules = {
+            k: m.to(self.device) for k, m in wrappers(pipe, self.controlnet, scale, "encoder" in self.specs).items()
+        }
 
     def _load_source(self):
         """The manifest's source model, loaded only from a preset, a local folder or the local hub cache

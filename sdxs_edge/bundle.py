@@ -7,6 +7,7 @@ runtimes' input.
       tokenizer/           CLIP BPE files (vocab.json, merges.txt, ...)
       text_encoder.<ext>   unet.<ext>   decoder.<ext>      (.onnx, .pte, .mlpackage)
       controlnet.<ext>     optional: a ControlNet whose residuals the U-Net takes as extra inputs
+      encoder.<ext>        optional: the VAE encoder for image-to-image; the U-Net then takes a timestep
 
 `MANIFEST_SCHEMA` is the JSON schema (also written to `manifest.schema.json` in the package);
 `load_manifest` validates a bundle and checks every file's sha256, with one clear error per problem.
@@ -30,9 +31,11 @@ FORMAT = "sdxs-edge-bundle"
 FORMAT_VERSION = 1
 TARGETS = ("onnx", "executorch", "coreml")
 PRECISIONS = ("fp32", "fp16", "int8")
-COMPONENT_NAMES = ("text_encoder", "controlnet", "unet", "decoder")  # every known component, in run order
+COMPONENT_NAMES = ("encoder", "text_encoder", "controlnet", "unet", "decoder")  # every known component, in run order
 REQUIRED_COMPONENTS = ("text_encoder", "unet", "decoder")  # what a runtime needs to generate
-OPTIONAL_COMPONENTS = ("controlnet",)  # adds a control image input (format version 1 bundles without it still load)
+# "controlnet" adds a control image input; "encoder" image-to-image (its U-Net takes a timestep input).
+# Format version 1 bundles without them still load.
+OPTIONAL_COMPONENTS = ("encoder", "controlnet")
 
 
 class BundleError(SDXSError):
@@ -83,6 +86,16 @@ MANIFEST_SCHEMA: dict[str, Any] = {
                 "input_scale": {"type": "number"},
                 "prediction_type": {"enum": ["epsilon", "v_prediction"]},
                 "latent_scaling": {"type": "number"},
+            },
+        },
+        "scheduler": {  # a bundle with an encoder: the noise schedule image-to-image picks its timestep on
+            "type": "object",
+            "required": ["num_train_timesteps", "beta_start", "beta_end", "beta_schedule"],
+            "properties": {
+                "num_train_timesteps": {"type": "integer", "minimum": 1},
+                "beta_start": {"type": "number"},
+                "beta_end": {"type": "number"},
+                "beta_schedule": {"enum": ["scaled_linear", "linear"]},
             },
         },
         "tokenizer": {
@@ -278,6 +291,7 @@ def _check_limits(manifest: dict) -> None:
             check_sha256(x.get("sha256"), f"{where}.external_data[{i}].sha256")
     _check_source_records(manifest)
     _check_selfcheck(manifest)
+    _check_encoder(manifest)
 
 
 def _check_selfcheck(manifest: dict) -> None:
@@ -297,6 +311,21 @@ def _check_selfcheck(manifest: dict) -> None:
             raise BundleError(
                 f"manifest $.selfcheck.samples[{i}]: expected {batch} prompt(s) (the U-Net's batch) and a seed below 2**63"
             )
+
+
+def _check_encoder(manifest: dict) -> None:
+    """A bundle with an encoder records its noise schedule, and its U-Net (if any) takes the timestep third."""
+    comps = manifest["components"]
+    if "encoder" not in comps:
+        return
+    if "scheduler" not in manifest:
+        raise BundleError("manifest: a bundle with an encoder must record its noise schedule ($.scheduler)")
+    sch = manifest["scheduler"]
+    if sch["num_train_timesteps"] > 100_000 or not all(math.isfinite(sch[k]) for k in ("beta_start", "beta_end")):
+        raise BundleError("manifest $.scheduler: num_train_timesteps or betas out of bounds")
+    unet = comps["unet"]["inputs"] if "unet" in comps else None  # a bundle of some components only: no U-Net
+    if unet is not None and (len(unet) != 3 or unet[2]["name"] != "timestep" or len(unet[2]["shape"]) != 1):
+        raise BundleError("manifest: a bundle with an encoder needs a unet whose third input is timestep (B,)")
 
 
 def _check_source_records(manifest: dict) -> None:

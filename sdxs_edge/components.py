@@ -11,6 +11,11 @@ ControlNet wrapper reads (latent, context, control image) at the same baked time
 named residual per U-Net skip (`down_res_0` .. `down_res_{N-1}`) plus `mid_res` for the bottleneck, each
 already multiplied by the conditioning scale; the U-Net wrapper then takes those residuals as extra
 inputs, by the same names, after latent and context.
+
+With an encoder (image-to-image, one step at the timestep the strength selects; `sdxs_edge.sampler`)
+the bundle holds the VAE's encoder as an "encoder" component, image (B, 3, H, W) in [-1, 1] -> latent
+in the U-Net's space (`pipeline.encode_latents`), and its U-Net takes the timestep as a third input,
+float32 (B,), instead of baking it in: text-to-image feeds t = 999, image-to-image t_S.
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ import torch
 from sdxs_edge.errors import SDXSError
 from sdxs_edge.pipeline import SDXSPipeline
 
-COMPONENTS = ("text_encoder", "controlnet", "unet", "decoder")  # run order; "controlnet" is optional
+COMPONENTS = ("encoder", "text_encoder", "controlnet", "unet", "decoder")  # run order; encoder, controlnet optional
 MID_RESIDUAL = "mid_res"
+TIMESTEP = "timestep"  # the U-Net's third input in a bundle with an encoder
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,31 @@ class UNet(torch.nn.Module):
 
     def forward(self, latent: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         return self.unet(latent, self.timestep.expand(latent.shape[0]), context).sample
+
+
+class TimedUNet(torch.nn.Module):
+    """(latent (B, 4, h, w), context (B, 77, D), timestep float32 (B,)) -> model output (B, 4, h, w): the
+    U-Net of a bundle with an encoder, run at t = 999 for text-to-image and at t_S for image-to-image."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, latent: torch.Tensor, context: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        return self.unet(latent, timestep, context).sample
+
+
+class Encoder(torch.nn.Module):
+    """image float32 (B, 3, H, W) in [-1, 1] -> latent (B, 4, h, w) in the U-Net's space."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        from sdxs_edge.pipeline import encode_latents
+
+        return encode_latents(self.vae, image)
 
 
 class ControlledUNet(UNet):
@@ -105,7 +136,9 @@ class Decoder(torch.nn.Module):
         return self.vae.decode(latent / self.latent_scaling).sample
 
 
-def wrappers(pipe: SDXSPipeline, controlnet=None, control_scale: float = 1.0) -> dict[str, torch.nn.Module]:
+def wrappers(
+    pipe: SDXSPipeline, controlnet=None, control_scale: float = 1.0, encoder: bool = False
+) -> dict[str, torch.nn.Module]:
     """The exportable modules of a loaded pipeline, in eval mode and `COMPONENTS` order.
 
     Args:
@@ -113,10 +146,19 @@ def wrappers(pipe: SDXSPipeline, controlnet=None, control_scale: float = 1.0) ->
         controlnet: a diffusers `ControlNetModel` built for `pipe`'s U-Net (checked), or None; with one,
             the result holds a "controlnet" module and a U-Net that takes its residuals.
         control_scale: the ControlNet's conditioning scale, baked into its module.
+        encoder: add the VAE's encoder ("encoder") and take the U-Net's timestep as an input
+            (image-to-image); not with a ControlNet.
     """
     c = pipe.one_step_constants()
-    mods: dict[str, torch.nn.Module] = {"text_encoder": TextEncoder(pipe.c.text_encoder).eval()}
-    if controlnet is not None:
+    mods: dict[str, torch.nn.Module] = {}
+    if encoder:
+        if controlnet is not None:
+            raise SDXSError("an encoder component (image-to-image) and a ControlNet in one bundle are not supported")
+        mods["encoder"] = Encoder(pipe.c.vae).eval()
+    mods["text_encoder"] = TextEncoder(pipe.c.text_encoder).eval()
+    if encoder:
+        mods["unet"] = TimedUNet(pipe.c.unet).eval()
+    elif controlnet is not None:
         from sdxs_edge.controlnet import check_controlnet
 
         check_controlnet(controlnet, pipe.c.unet)
@@ -154,7 +196,7 @@ def residual_specs(controlnet, batch: int, latent_size: int) -> list[TensorSpec]
 
 
 def io_specs(
-    pipe: SDXSPipeline, batch: int = 1, resolution: int | None = None, controlnet=None
+    pipe: SDXSPipeline, batch: int = 1, resolution: int | None = None, controlnet=None, encoder: bool = False
 ) -> dict[str, tuple[list[TensorSpec], list[TensorSpec]]]:
     """Static input/output specs per component for a batch size and image resolution.
 
@@ -164,6 +206,7 @@ def io_specs(
         resolution: image side in pixels (default: the model's).
         controlnet: a diffusers `ControlNetModel`, or None; with one, a "controlnet" entry is added and
             the U-Net takes its residuals after latent and context.
+        encoder: add an "encoder" entry (image -> latent) and a "timestep" input to the U-Net.
     """
     res = resolution or pipe.resolution
     if res % 8:
@@ -173,7 +216,11 @@ def io_specs(
     L = pipe.c.tokenizer.model_max_length
     lat = TensorSpec("latent", (batch, 4, h, h), "float32")
     ctx = TensorSpec("context", (batch, L, d), "float32")
-    specs: dict[str, tuple[list[TensorSpec], list[TensorSpec]]] = {
+    image = TensorSpec("image", (batch, 3, res, res), "float32")
+    specs: dict[str, tuple[list[TensorSpec], list[TensorSpec]]] = {}
+    if encoder:
+        specs["encoder"] = ([image], [lat])
+    specs |= {
         "text_encoder": (
             [TensorSpec("input_ids", (batch, L), "int32")],
             [TensorSpec("hidden_states", (batch, L, d), "float32")],
@@ -183,13 +230,21 @@ def io_specs(
     if controlnet is not None:
         residuals = residual_specs(controlnet, batch, h)
         specs["controlnet"] = ([lat, ctx, TensorSpec("control", (batch, 3, res, res), "float32")], residuals)
+    if encoder:
+        residuals = [TensorSpec(TIMESTEP, (batch,), "float32")]
     specs["unet"] = ([lat, ctx, *residuals], [TensorSpec("noise_pred", (batch, 4, h, h), "float32")])
-    specs["decoder"] = ([lat], [TensorSpec("image", (batch, 3, res, res), "float32")])
+    specs["decoder"] = ([lat], [image])
     return specs
 
 
 def example_inputs(
-    pipe: SDXSPipeline, component: str, batch: int = 1, resolution: int | None = None, seed: int = 0, controlnet=None
+    pipe: SDXSPipeline,
+    component: str,
+    batch: int = 1,
+    resolution: int | None = None,
+    seed: int = 0,
+    controlnet=None,
+    encoder: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Deterministic example inputs matching `io_specs` (real token ids of a prompt for the text encoder;
     for the ControlNet, canny edges of a SHAPES-64 render of that prompt's scene as the control image).
@@ -201,8 +256,9 @@ def example_inputs(
         resolution: image side in pixels (default: the model's).
         seed: seed of the random tensors (and of the control image's scene).
         controlnet: the ControlNet, for the "controlnet" component and the U-Net that takes its residuals.
+        encoder: the specs of a bundle with an encoder (`io_specs`).
     """
-    specs = io_specs(pipe, batch, resolution, controlnet)
+    specs = io_specs(pipe, batch, resolution, controlnet, encoder)
     if component not in specs:
         raise SDXSError(f"no component {component!r} here (components: {', '.join(specs)})")
     ins, _ = specs[component]
@@ -212,6 +268,10 @@ def example_inputs(
     for spec in ins:
         if spec.dtype == "int32":
             out.append(pipe.tokenize([prompt] * batch).int())
+        elif spec.name == TIMESTEP:
+            out.append(torch.full(spec.shape, float(pipe.one_step_constants().timestep)))
+        elif spec.name == "image":
+            out.append(torch.rand(spec.shape, generator=g) * 2 - 1)
         elif spec.name == "control":
             from sdxs_edge.control import prompt_controls
 

@@ -252,6 +252,14 @@ def strength_pairs(n: int, seed: int = 0) -> list[tuple[shapes.Scene, shapes.Sce
     return pairs
 
 
+def _noise_kw(pipe, seed: int) -> dict:
+    """The noise argument of a call: a torch generator for the pipeline, the seed for a bundle session
+    (whose default rng draws the same torch.randn stream)."""
+    if hasattr(pipe, "specs"):
+        return {"seed": seed}
+    return {"generator": torch.Generator().manual_seed(seed)}
+
+
 def strength_sweep(
     pipe, strengths: Sequence[float], n: int = 8, seed: int = 0, evaluator: Evaluator | None = None
 ) -> tuple[dict, np.ndarray]:
@@ -259,7 +267,8 @@ def strength_sweep(
     differs in every attribute, at each strength; the evaluator says how many attributes moved.
 
     Args:
-        pipe: an `SDXSPipeline` (its `__call__` with image= and strength=).
+        pipe: an `SDXSPipeline` (its `__call__` with image= and strength=), or a bundle session with an
+            encoder (`runtimes.base.Session.__call__`, seed= for the same torch noise stream).
         strengths: strengths in (0, 1].
         n: source/target pairs.
         seed: pair and noise seed.
@@ -277,10 +286,9 @@ def strength_sweep(
     tgt_labels = shapes.make_batch([b for _, b in pairs]).labels
     rows, target_rate, source_rate = [src], [], []
     for s in strengths:
-        g = [torch.Generator().manual_seed(seed * 1000 + i) for i in range(n)]
         out = np.concatenate(
             [
-                pipe(b.caption, image=src[i], strength=s, generator=g[i], output_type="np").images
+                pipe(b.caption, image=src[i], strength=s, output_type="np", **_noise_kw(pipe, seed * 1000 + i)).images
                 for i, (_, b) in enumerate(pairs)
             ]
         )

@@ -306,12 +306,7 @@ class SDXSPipeline:
         """Images in [-1, 1] (B, 3, H, W) -> latents in the U-Net's space (the encoder's mean / output
         times the VAE's scaling factor), with the attached encoder or the model's own VAE."""
         vae = self.encoder_vae if self.encoder_vae is not None else self.c.vae
-        x = images.to(self.device, torch.float32)
-        if hasattr(vae, "quant_conv"):  # AutoencoderKL: the posterior's mean, deterministic
-            z = vae.encode(x).latent_dist.mode()
-        else:
-            z = vae.encode(x).latents
-        return _check_finite("encoder", z * float(vae.config.scaling_factor))
+        return _check_finite("encoder", encode_latents(vae, images.to(self.device, torch.float32)))
 
     def noise(self, batch: int, seed: int, resolution: int | None = None) -> torch.Tensor:
         """Unit Gaussian latents drawn exactly as diffusers' pipeline draws them for `generator.manual_seed(seed)`.
@@ -537,6 +532,17 @@ class SDXSPipeline:
                 eps = self._unet(x_in, t, ctx)
             x = sched.step(eps, t, x).prev_sample
         return x
+
+
+def encode_latents(vae, images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] (B, 3, H, W) -> latents in the U-Net's space: an AutoencoderKL's posterior mean
+    (deterministic) or an AutoencoderTiny's output, times the VAE's scaling factor. The pipeline and the
+    bundle's encoder component (`sdxs_edge.components.Encoder`) both encode through this."""
+    if hasattr(vae, "quant_conv"):
+        z = vae.encode(images).latent_dist.mode()
+    else:
+        z = vae.encode(images).latents
+    return z * float(vae.config.scaling_factor)
 
 
 def check_vae_folder(folder: str | os.PathLike) -> str:

@@ -64,15 +64,16 @@ def need(module: str) -> None:
 SHIPPED_MODEL = ROOT / "sdxs_edge" / "default_model"
 
 
-def cached_bundle(model: str, target: str, precision: str) -> Path:
-    """A converted bundle of `model` (a preset, or "default": the shipped model `SHIPPED_MODEL`, trained)
-    kept under build/test-bundles/, built on first use. Skips when the backend package is absent; a
-    conversion that fails is a test error."""
+def cached_bundle(model: str, target: str, precision: str, name: str | None = None) -> Path:
+    """A converted bundle of `model` (a preset, a folder given a `name`, or "default": the shipped model
+    `SHIPPED_MODEL`, trained) kept under build/test-bundles/, built on first use. Skips when the backend
+    package is absent; a conversion that fails is a test error."""
     from converters.api import convert
 
     need({"onnx": "onnxruntime", "executorch": "executorch", "coreml": "coremltools"}[target])
-    prefix = f"{model}-{target}-{precision}-"
-    out = BUNDLE_CACHE / (prefix + source_key(f"{model}|{target}|{precision}"))
+    label = name or model
+    prefix = f"{label}-{target}-{precision}-"
+    out = BUNDLE_CACHE / (prefix + source_key(f"{label}|{target}|{precision}"))
     if not (out / "manifest.json").is_file():
         tmp = out.with_name(f".{out.name}.{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -83,3 +84,8 @@ def cached_bundle(model: str, target: str, precision: str) -> Path:
             shutil.rmtree(tmp)
     prune(out, f"*{prefix}*")
     return out
+
+
+def shipped_bundle(target: str, precision: str) -> Path:
+    """The embedded default model converted to `target` / `precision` (with its encoder), cached as above."""
+    return cached_bundle("default", target, precision)

@@ -180,7 +180,7 @@ def test_session_call_is_the_pipeline_call(default_onnx_fp32):
             (dict(num_inference_steps=4), "num_inference_steps must be 1"),
             (dict(guidance_scale=7.5), "guidance_scale must be <= 1"),
             (dict(num_images_per_prompt=2), "lowered for batch 1; got 2 prompt"),
-            (dict(image=np.zeros((64, 64, 3), np.uint8), strength=0.5), "has no encoder component"),
+            (dict(strength=0.5), "strength is for image-to-image: give an image too"),
             (dict(output_type="pt"), "output_type must be pil, np or latent"),
             (dict(rng="mt"), "unknown rng 'mt'"),
         ]:

@@ -279,13 +279,13 @@ struct sdxs_ctx {
   std::string dir;
   std::map<std::string, Component> comps;
   std::unique_ptr<sdxs::Tokenizer> tokenizer;
-  float input_scale = 0, sigma = 0;
+  float input_scale = 0, sigma = 0, timestep = 0;
   bool v_prediction = false;
   int width = 0, height = 0;
 
   const Component& comp(const std::string& name) const {
     const auto it = comps.find(name);
-    if (it == comps.end()) raise(SDXS_E_ARGUMENT, "unknown component '" + name + "' (text_encoder, unet, decoder)");
+    if (it == comps.end()) raise(SDXS_E_ARGUMENT, "unknown component '" + name + "' (text_encoder, unet, decoder; encoder where the bundle has one)");
     return it->second;
   }
 
@@ -311,6 +311,7 @@ struct sdxs_ctx {
     const json& sampler = need(m, "sampler", "$");
     input_scale = static_cast<float>(need_num(sampler, "input_scale", "$.sampler"));
     sigma = static_cast<float>(need_num(sampler, "sigma", "$.sampler"));
+    timestep = static_cast<float>(need_num(sampler, "timestep", "$.sampler"));
     const std::string pt = need_str(sampler, "prediction_type", "$.sampler");
     if (pt != "epsilon" && pt != "v_prediction") raise(SDXS_E_BUNDLE, "manifest $.sampler.prediction_type: '" + pt + "' is not epsilon or v_prediction");
     v_prediction = pt == "v_prediction";
@@ -320,7 +321,8 @@ struct sdxs_ctx {
     for (auto it = comps_j.begin(); it != comps_j.end(); ++it) {
       const std::string name = it.key();
       if (name == "controlnet") raise(SDXS_E_UNSUPPORTED, dir + " has a ControlNet; libsdxs runs bundles without one");
-      if (name != "text_encoder" && name != "unet" && name != "decoder") raise(SDXS_E_BUNDLE, "manifest: unknown component '" + name + "'");
+      // An encoder (image-to-image) is loaded for sdxs_run_component; generation here is text-to-image.
+      if (name != "text_encoder" && name != "unet" && name != "decoder" && name != "encoder") raise(SDXS_E_BUNDLE, "manifest: unknown component '" + name + "'");
       const std::string w = "$.components." + name;
       Component c{name, need_str(it.value(), "file", w), read_specs(need(it.value(), "inputs", w), w + ".inputs"),
                   read_specs(need(it.value(), "outputs", w), w + ".outputs"), nullptr};
@@ -341,12 +343,15 @@ struct sdxs_ctx {
     for (auto& [name, c] : comps) load(c);
   }
 
-  // The I/O this library feeds: batch 1, ids -> context, (x_in, context) -> eps, x0 -> image.
+  // The I/O this library feeds: batch 1, ids -> context, (x_in, context[, timestep]) -> eps, x0 -> image.
+  // The U-Net of a bundle with an encoder takes its timestep third, float32 (1,): fed the sampler's.
   void check_io() {
     const Component &te = comps.at("text_encoder"), &un = comps.at("unet"), &de = comps.at("decoder");
     auto bad = [&](const std::string& what) { raise(SDXS_E_UNSUPPORTED, dir + ": " + what + " (libsdxs runs batch-1 bundles with float32 I/O)"); };
-    if (te.inputs.size() != 1 || te.outputs.size() != 1 || un.inputs.size() != 2 || un.outputs.size() != 1 || de.inputs.size() != 1 || de.outputs.size() != 1)
+    const bool timed = un.inputs.size() == 3 && un.inputs[2].name == "timestep";
+    if (te.inputs.size() != 1 || te.outputs.size() != 1 || (un.inputs.size() != 2 && !timed) || un.outputs.size() != 1 || de.inputs.size() != 1 || de.outputs.size() != 1)
       bad("unexpected component inputs/outputs");
+    if (timed && (un.inputs[2].dtype != "float32" || un.inputs[2].shape != std::vector<int64_t>{1})) bad("a U-Net timestep other than float32 (1,)");
     if (te.inputs[0].dtype != "int32" && te.inputs[0].dtype != "int64") bad("token ids of dtype " + te.inputs[0].dtype);
     for (const auto* s : {&te.outputs[0], &un.inputs[0], &un.inputs[1], &un.outputs[0], &de.inputs[0], &de.outputs[0]})
       if (s->dtype != "float32") bad(s->name + " of dtype " + s->dtype);
@@ -428,7 +433,10 @@ struct sdxs_ctx {
     t = std::chrono::steady_clock::now();
     std::vector<float> x_in(static_cast<size_t>(n)), eps(static_cast<size_t>(n)), x0(static_cast<size_t>(n));
     for (int64_t i = 0; i < n; ++i) x_in[i] = noise[i] * input_scale;
-    run("unet", {x_in.data(), context.data()}, {eps.data()});
+    if (un.inputs.size() == 3)
+      run("unet", {x_in.data(), context.data(), &timestep}, {eps.data()});
+    else
+      run("unet", {x_in.data(), context.data()}, {eps.data()});
     a->ms[2] = ms_since(t);
     t = std::chrono::steady_clock::now();
     if (!v_prediction) {
