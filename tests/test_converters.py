@@ -91,7 +91,9 @@ def _check_parity_recorded(m: dict, components) -> None:
 # ---- registry and schema -------------------------------------------------------------------------------
 def test_registry_covers_every_component_and_declares_floors():
     assert {(c, t) for c, t in COMPONENT_EXPORTS} == {
-        (c, t) for c in ("encoder", "text_encoder", "controlnet", "unet", "decoder") for t in ("onnx", "executorch", "coreml")
+        (c, t)
+        for c in ("encoder", "text_encoder", "controlnet", "unet", "decoder")
+        for t in ("onnx", "executorch", "coreml")
     }
     floors = {p: s.tolerance.snr_db for (_, p), s in PRECISION_SPECS.items()}
     assert floors == {"fp32": 60.0, "fp16": 40.0, "int8": 25.0}
