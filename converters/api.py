@@ -115,10 +115,8 @@ def convert(
             of SHAPES-64 renders of the prompts as control images. Its folder and sha256 are recorded
             under "source.controlnet" and "conversion.config".
         control_scale: the ControlNet's conditioning scale, baked into the controlnet component.
-        attention: "standard" (diffusers' fused attention) or "split-heads" (each head its own Q K^T,
-            softmax and product with V, as Apple's ml-stable-diffusion lays attention out for the Neural
-            Engine; on CPU it caps the largest attention map at one head's). Applied to copies of the U-Net,
-            VAE and ControlNet: a pipeline passed in is left as it was. Recorded under "conversion.config".
+        attention: "standard" (diffusers' fused attention) or "split-heads" (one head at a time, Apple's
+            layout for the Neural Engine; `sdxs_edge.attention`), applied to copies of the modules.
         cpu_classes: CPU classes to check the bundle on ("host" and `sdxs_edge.cpu.EMULATED`; `cpu_check`).
         layout: "sdxs-edge" (default) or "optimum" (ONNX only; optimum's pipeline folder: `converters.layouts`).
         encoder: lower the VAE's encoder for image-to-image (default: for a trained model without ControlNet,

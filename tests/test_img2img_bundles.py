@@ -30,14 +30,17 @@ STRENGTHS = {"fp32": (0.3, 0.7), "int8": (0.6, 0.9)}
 HOST_RUNNER = ROOT / "build" / "host" / "sdxs_runner"
 LIBSDXS = ROOT / "build" / "host" / "libsdxs.so"
 
-# (runtime, bundle target, precision); the torch runtime runs the source model a bundle names.
+# (runtime, bundle target, precision); the torch runtime runs the source model a bundle names. The
+# ExecuTorch int8 cases convert the embedded model to ExecuTorch int8 first (about 7 minutes on 2 cores):
+# they run in `make test-slow`.
+_SLOW = pytest.mark.slow
 CASES = [
     ("onnxruntime", "onnx", "fp32"),
     ("onnxruntime", "onnx", "int8"),
     ("executorch", "executorch", "fp32"),
-    ("executorch", "executorch", "int8"),
+    pytest.param("executorch", "executorch", "int8", marks=_SLOW),
     ("executorch-native", "executorch", "fp32"),
-    ("executorch-native", "executorch", "int8"),
+    pytest.param("executorch-native", "executorch", "int8", marks=_SLOW),
     ("executorch-capi", "executorch", "fp32"),
     ("torch", "onnx", "fp32"),
 ]
@@ -66,7 +69,7 @@ def _uint8(a: np.ndarray) -> np.ndarray:
     return (np.asarray(a) * 255).round().astype(np.uint8)
 
 
-@pytest.mark.parametrize("runtime,target,precision", CASES, ids=[f"{r}-{t}-{p}" for r, t, p in CASES])
+@pytest.mark.parametrize("runtime,target,precision", CASES, ids=lambda v: None)
 def test_img2img_on_each_runtime_matches_the_pipeline(pipe, source, runtime, target, precision):
     """The bundle's encoder output meets the precision's component floor against the PyTorch encoder,
     and the image-to-image picture meets its image floor against `SDXSPipeline(image=, strength=)`."""
