@@ -11,9 +11,7 @@ prints as one line with exit code 2.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-import warnings
 from pathlib import Path
 
 from sdxs_edge import cli_args
@@ -142,16 +140,6 @@ def cmd_parity(args: argparse.Namespace) -> int:
     return 0
 
 
-def _as_lines(fn, *a):
-    """Call fn(*a); print each warning it raised (a resize, a mode conversion) as one line on stderr."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        out = fn(*a)
-    for w in caught:
-        print(f"warning: {w.message}", file=sys.stderr)
-    return out
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     """Handler of `sdxs-edge run`: generate one image and print load and per-component times."""
     import runtimes
@@ -167,8 +155,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     t = time.perf_counter()
     with runtimes.load(args.bundle, args.runtime, **opts) as session:
         load_s = time.perf_counter() - t
-        control = _as_lines(session.prepare_control, args.control) if args.control is not None else None
-        res = _as_lines(
+        control = (
+            cli_args.warnings_as_lines(session.prepare_control, args.control) if args.control is not None else None
+        )
+        res = cli_args.warnings_as_lines(
             session.generate_arrays, args.prompt, args.seed, None, control, args.rng, args.image, args.strength
         )
     image = to_pil(res.image)[0]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from sdxs_edge import control as _control
 from sdxs_edge.atomic import atomic_file, write_atomic
-from sdxs_edge.cli_args import control_scale, lora_scale, positive, strength
+from sdxs_edge.cli_args import control_scale, lora_scale, positive, strength, warnings_as_lines
 from sdxs_edge.errors import SDXSError
 from sdxs_edge.images import save_image
 
@@ -63,18 +63,6 @@ def fetch_named_models(args) -> None:
             fetch_hub_model(str(name), allow_download=True)
 
 
-def _warnings_as_lines(fn, *a):
-    """Call fn(*a); print each warning it raised as one `warning: ...` line on stderr (no source lines)."""
-    import warnings
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        out = fn(*a)
-    for w in caught:
-        print(f"warning: {w.message}", file=sys.stderr)
-    return out
-
-
 # ---- generate ----------------------------------------------------------------------------------------
 def cmd_generate(args) -> int:
     from sdxs_edge.pipeline import SDXSPipeline
@@ -124,13 +112,13 @@ def cmd_generate(args) -> int:
         from sdxs_edge.control import load_control_image
 
         pipe.attach_controlnet(controlnet)  # ControlNetMismatchError: built for another U-Net
-        control = torch.from_numpy(_warnings_as_lines(load_control_image, args.control, res or pipe.resolution))
+        control = torch.from_numpy(warnings_as_lines(load_control_image, args.control, res or pipe.resolution))
     init = None
     if args.image is not None:
         from sdxs_edge.init_image import load_init_image
 
         side = res or pipe.resolution
-        init = _warnings_as_lines(load_init_image, args.image, side, side)
+        init = warnings_as_lines(load_init_image, args.image, side, side)
         pipe.attach_encoder(args.encoder)
     load_s = time.perf_counter() - t
     noise = pipe.noise(len(args.prompt), args.seed, resolution=res)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
+import warnings
 
 
 def positive(kind: type, name: str):
@@ -80,3 +82,14 @@ def strength(value: str) -> float:
     if not 0.0 < s <= 1.0:
         raise argparse.ArgumentTypeError(f"--strength must be in (0, 1], got {value}")
     return s
+
+
+def warnings_as_lines(fn, *a):
+    """Call fn(*a); print each warning it raised (a resize, a mode conversion) as one `warning: ...` line on
+    stderr, without Python's source lines."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = fn(*a)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    return out
