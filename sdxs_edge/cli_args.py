@@ -43,15 +43,23 @@ def at_least(name: str, minimum: int = 1):
     return parse
 
 
-def fraction(text: str) -> float:
-    """A number in (0, 1]."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not 0 < v <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {v}")
-    return v
+def unit_interval(name: str):
+    """A number in (0, 1] (a share, an image-to-image strength)."""
+
+    def parse(text: str) -> float:
+        try:
+            x = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number in (0, 1], got {text!r}") from None
+        if not 0 < x <= 1:
+            raise argparse.ArgumentTypeError(f"{name} must be in (0, 1], got {x}")
+        return x
+
+    return parse
+
+
+fraction = unit_interval("--max-float-fraction")
+strength = unit_interval("--strength")
 
 
 def finite(name: str):
@@ -71,17 +79,6 @@ def finite(name: str):
 
 lora_scale = finite("--lora-scale")
 control_scale = finite("--control-scale")
-
-
-def strength(value: str) -> float:
-    """--strength: image-to-image strength in (0, 1]."""
-    try:
-        s = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--strength must be a number in (0, 1], got {value!r}") from None
-    if not 0.0 < s <= 1.0:
-        raise argparse.ArgumentTypeError(f"--strength must be in (0, 1], got {value}")
-    return s
 
 
 def warnings_as_lines(fn, *a):
