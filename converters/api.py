@@ -74,6 +74,8 @@ def convert(
     control_scale: float = 1.0,
     attention: str = "standard",
     cpu_classes: Sequence[str] = ("host",),
+    sizes=None,
+    max_batch: int = 1,
 ) -> Path:
     """Convert a model into a bundle for one runtime target and check it against PyTorch.
 
@@ -119,13 +121,16 @@ def convert(
             Engine; on CPU it caps the largest attention map at one head's). Applied to copies of the U-Net,
             VAE and ControlNet: a pipeline passed in is left as it was. Recorded under "conversion.config".
         cpu_classes: CPU classes to check the bundle on ("host" and `sdxs_edge.cpu.EMULATED`; `cpu_check`).
+        sizes: the image sizes the bundle takes, "WxH,WxH" or (width, height) pairs (default: the one
+            `resolution`); the first is the default. int8 calibrates and parity checks at every size.
+        max_batch: a dynamic batch from 1 to this (default 1: the static `batch`).
 
     Returns the bundle path.
     """
     req = ConversionRequest(
         model, target, precision, out, components, resolution, calibration_prompts, overwrite, progress, dynamic,
         palettize, delegate, batch, sensitivity, sensitivity_shortlist, max_float_fraction, onnx_calibration,
-        trained, seed, lora, lora_scale, controlnet, control_scale, attention, tuple(cpu_classes),
+        trained, seed, lora, lora_scale, controlnet, control_scale, attention, tuple(cpu_classes), sizes, max_batch,
     )  # fmt: skip
     return run(req)
 
@@ -170,7 +175,7 @@ def run(req: ConversionRequest) -> Path:
         prep = S.prepare(req, S.load(req), src)
         config = S.conversion_config(req, prep, src, len(prompts))
         modules = C.wrappers(prep.pipe, prep.controlnet, req.control_scale)
-        specs = C.io_specs(prep.pipe, req.batch, prep.resolution, prep.controlnet)
+        specs = C.io_specs(prep.pipe, req.batch, prep.resolution, prep.controlnet, size=prep.sizes[0])
         st.done()
         st.start("capture")
         caps = S.capture(req, prep, modules, prompts)
@@ -188,7 +193,7 @@ def run(req: ConversionRequest) -> Path:
             e2e = S.check_end_to_end(req, prep, results, modules, caps)
             st.done()
             st.start("write")
-            low = S.Lowered(results, checks, e2e, specs, config, len(caps.check))
+            low = S.Lowered(results, checks, e2e, specs, config, len(caps.check) // len(prep.sizes))
             manifest = S.build_manifest(req, prep, src, low, Path(tmp), st.seconds, t_start)
             S.write(req, prep, manifest, Path(tmp))
             S.check_cpu_classes(req, caps, manifest, Path(tmp))

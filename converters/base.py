@@ -52,6 +52,9 @@ class ConversionConfig:
         lora: the LoRA file fused into the U-Net before lowering (None: none was).
         attention: "standard" or "split-heads" (one head at a time: the Neural Engine's layout and a
             smaller peak memory on CPU; `sdxs_edge.attention`).
+        sizes: the (width, height) sizes the programs take, the first the default; () for the one
+            `resolution` (`sdxs_edge.sizes`).
+        max_batch: the programs take a batch from 1 to this (1: the static `batch`).
         lora_sha256: sha256 of that file.
         lora_scale: the strength it was fused with.
         lora_fused_modules: how many U-Net layers it changed.
@@ -87,10 +90,18 @@ class ConversionConfig:
     controlnet_sha256: str | None = None
     control_scale: float | None = None
     attention: str = "standard"
+    sizes: tuple[tuple[int, int], ...] = ()
+    max_batch: int = 1
+
+    @property
+    def dynamic_shapes(self) -> bool:
+        """Whether the programs take several sizes (`sizes`) or a dynamic batch (`max_batch` > 1)."""
+        return len(self.sizes) > 1 or self.max_batch > 1
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
         d["components"] = list(self.components)
+        d["sizes"] = [list(s) for s in self.sizes]
         return d
 
 
@@ -116,6 +127,7 @@ class ComponentJob:
             carries eps errors multiplied by sigma (about 14.6 at t = 999), so an eps SNR that looks fine
             can still wreck the image. (A random-weight U-Net's x0 is mostly the exact noise term, so it is
             scored on eps, the quantity its floor checks.)
+        size_examples: ((width, height), example inputs) for each size the bundle takes, default first.
     """
 
     name: str
@@ -131,6 +143,7 @@ class ComponentJob:
     work: Path
     out: Path
     score: Any = None
+    size_examples: tuple = ()
 
     def sensitivity_figures(
         self, run, inputs: Sequence[tuple[np.ndarray, ...]], reference: Sequence[np.ndarray]

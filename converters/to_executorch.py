@@ -166,9 +166,73 @@ def export(job: ComponentJob) -> tuple[object, dict[str, int]]:
             module, rewrites = rewrite_for_xnnpack(module, tuple(job.example))
     try:
         with torch.no_grad():
-            return torch.export.export(module, tuple(job.example), strict=False), rewrites
+            return _export(job, module, tuple(job.example), all_sizes=True), rewrites
     except Exception as e:
         raise _err(job, "export", e) from e
+
+
+# ---- several sizes and batches (sdxs_edge.sizes) --------------------------------------------------------
+def method_name(job: ComponentJob, size: tuple[int, int]) -> str:
+    """The program method of one image size: "forward" at the default (first) size, so a one-size runner
+    runs it as before, and "forward_<W>x<H>" at the others."""
+    sizes = job.config.sizes
+    return "forward" if not sizes or tuple(size) == tuple(sizes[0]) else f"forward_{size[0]}x{size[1]}"
+
+
+def _batched(job: ComponentJob, example: tuple) -> tuple:
+    """Examples at batch 2 when the batch is dynamic (torch.export specializes a dimension of size 1)."""
+    import torch
+
+    return tuple(torch.cat([x, x]) for x in example) if job.config.max_batch > 1 else tuple(example)
+
+
+def _dims(job: ComponentJob, all_sizes: bool):
+    """torch.export dynamic shapes, one entry per input: the batch up to `max_batch`; with `all_sizes`,
+    also the height and width of 4-D inputs over the range of the bundle's sizes, in steps of the
+    largest latent multiple they share (that range is what calibration and the sensitivity pass run on)."""
+    import math
+
+    from torch.export import Dim
+
+    cfg = job.config
+    batch = Dim("batch", min=1, max=cfg.max_batch) if cfg.max_batch > 1 else None
+    hs, ws = [h // 8 for _, h in cfg.sizes], [w // 8 for w, _ in cfg.sizes]
+    step = math.gcd(*hs, *ws) if all_sizes and len(cfg.sizes) > 1 else 0
+    specs = []
+    for s in job.inputs:
+        d = {0: batch} if batch is not None else {}
+        if step and len(s.shape) == 4:
+            d[2] = step * Dim(f"{s.name}_h", min=min(hs) // step, max=max(hs) // step)
+            d[3] = step * Dim(f"{s.name}_w", min=min(ws) // step, max=max(ws) // step)
+        specs.append(d or None)
+    return tuple(specs)
+
+
+def _export(job: ComponentJob, module, example: tuple, all_sizes: bool):
+    """torch.export at `example`: static for a bundle of one size and batch; else with `_dims`."""
+    import inspect
+
+    import torch
+
+    if not job.config.dynamic_shapes:
+        return torch.export.export(module, example, strict=False)
+    dims = _dims(job, all_sizes)
+    params = inspect.signature(module.forward).parameters.values()
+    if any(p.kind == p.VAR_POSITIONAL for p in params):  # forward(*args): one entry holding them all
+        dims = (dims,)
+    return torch.export.export(module, _batched(job, example), dynamic_shapes=dims, strict=False)
+
+
+def programs(job: ComponentJob, exported) -> dict:
+    """The methods of the component's program: "forward" alone for one size, else one static-size
+    method per size (`method_name`), each re-exported from the one graph (quantized once, on every size)."""
+    if len(job.config.sizes) <= 1:
+        return {"forward": exported}  # static, or with the dynamic batch already
+    module = exported.module()
+    try:
+        return {method_name(job, size): _export(job, module, tuple(ex), False) for size, ex in job.size_examples}
+    except Exception as e:
+        raise _err(job, "export per size", e) from e
 
 
 def _tensors(sample) -> list:
@@ -229,7 +293,7 @@ def quantize(job: ComponentJob, exported) -> tuple[object, dict]:
         best, report["sensitivity"] = keep_sensitive_in_float(job, candidates, rank, evaluate, first)
         report["quantized_nodes"] = len(_quantized_nodes(best, allowed))
         with torch.no_grad():
-            return torch.export.export(best, tuple(job.example), strict=False), report
+            return _export(job, best, tuple(job.example), all_sizes=True), report
     except SDXSError:
         raise
     except Exception as e:
@@ -297,7 +361,7 @@ def _record(gm, samples, names: set[str]) -> dict[str, list[np.ndarray]]:
 
 def lower(job: ComponentJob, exported):
     """Stage 2: edge dialect + delegate partitioning; on XNNPACK with the channels-last reshapes of
-    `converters.xnnpack_layout`."""
+    `converters.xnnpack_layout`. `exported` is one program or {method: program} (`programs`)."""
     import contextlib
 
     from executorch.exir import to_edge_transform_and_lower
@@ -384,16 +448,23 @@ def runner_for(job: ComponentJob, path: Path) -> Runner:
     from executorch.runtime import Runtime
 
     from sdxs_edge.quiet import filtered_stderr
+    from sdxs_edge.sizes import size_of
 
+    sizes = [tuple(sz) for sz in job.config.sizes] or [None]
     try:
         with filtered_stderr():  # ExecuTorch's CPU probe logs on every method load
-            method = Runtime.get().load_program(str(path)).load_method("forward")
+            program = Runtime.get().load_program(str(path))
+            methods = {sz: program.load_method(method_name(job, sz) if sz else "forward") for sz in sizes}
     except Exception as e:
         raise _err(job, "loading in the ExecuTorch runtime", e) from e
     dtypes = [s.dtype for s in job.inputs]
+    four_d = next((i for i, s in enumerate(job.inputs) if len(s.shape) == 4), None)
 
     def run(sample):
-        return _numpy(method.execute(_tensors([np.asarray(x, d) for x, d in zip(sample, dtypes)])))
+        size = sizes[0]
+        if four_d is not None and len(sizes) > 1:
+            size = size_of(np.shape(sample[four_d]), job.inputs[four_d].shape, sizes[0])
+        return _numpy(methods[size].execute(_tensors([np.asarray(x, d) for x, d in zip(sample, dtypes)])))
 
     return run
 
@@ -404,7 +475,10 @@ def convert_component(job: ComponentJob) -> ComponentResult:
     report: dict = {"xnnpack_rewrites": rewrites} if rewrites else {}
     if job.config.precision == "int8":
         exported, report["int8"] = quantize(job, exported)
-    edge = lower(job, exported)
+    methods = programs(job, exported)
+    if len(methods) > 1:
+        report["methods"] = sorted(methods)
+    edge = lower(job, methods)
     report["delegation"] = delegation_report(edge, job.config.delegate)
     write(job, edge)
     if job.config.delegate != "xnnpack":

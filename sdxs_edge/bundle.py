@@ -74,6 +74,9 @@ MANIFEST_SCHEMA: dict[str, Any] = {
         "target": {"enum": list(TARGETS)},
         "precision": {"enum": list(PRECISIONS)},
         "resolution": {"type": "integer", "minimum": 8},
+        "sizes": {"type": "array", "items": {"type": "array", "items": {"type": "integer", "minimum": 8}}},
+        "max_batch": {"type": "integer", "minimum": 1},
+        "size_multiple": {"type": "integer", "minimum": 8},
         "sampler": {
             "type": "object",
             "required": ["timestep", "sigma", "input_scale", "prediction_type", "latent_scaling"],
@@ -170,6 +173,8 @@ MAX_DIM = 1 << 16  # per tensor dimension
 MAX_ELEMENTS = 1 << 31  # per tensor
 MAX_RANK = 8
 MAX_RESOLUTION = 8192
+MAX_SIZES = 64  # sizes one bundle lists
+MAX_BATCH = 256
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _TENSOR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,127}")
 
@@ -228,6 +233,7 @@ def _check_limits(manifest: dict) -> None:
     """What the schema cannot say: path syntax, sha256 syntax, tensor names and sizes, finite numbers."""
     if not 8 <= manifest["resolution"] <= MAX_RESOLUTION:
         raise BundleError(f"manifest $.resolution: {manifest['resolution']} is out of bounds (8-{MAX_RESOLUTION})")
+    _check_sizes(manifest)
     known = MANIFEST_SCHEMA["properties"]["sampler"]["properties"]
     for k, v in manifest["sampler"].items():
         if k not in known:  # runtimes build sampler.OneStepConstants from exactly these keys
@@ -255,6 +261,20 @@ def _check_limits(manifest: dict) -> None:
             check_relative(x.get("file"), f"{where}.external_data[{i}].file")
             check_sha256(x.get("sha256"), f"{where}.external_data[{i}].sha256")
     _check_source_records(manifest)
+
+
+def _check_sizes(manifest: dict) -> None:
+    """The optional size list and batch bound (`sdxs_edge.sizes`): bounded, whole pairs, none twice."""
+    sizes = manifest.get("sizes")
+    if sizes is not None:
+        if not 1 <= len(sizes) <= MAX_SIZES or any(len(s) != 2 or max(s) > MAX_RESOLUTION for s in sizes):
+            raise BundleError(
+                f"manifest $.sizes: {_short(sizes)} must be 1 to {MAX_SIZES} [width, height] pairs of 8-{MAX_RESOLUTION}"
+            )
+        if len({tuple(s) for s in sizes}) != len(sizes):
+            raise BundleError(f"manifest $.sizes: {_short(sizes)} lists a size twice")
+    if not 1 <= manifest.get("max_batch", 1) <= MAX_BATCH:
+        raise BundleError(f"manifest $.max_batch: {manifest['max_batch']} is out of bounds (1-{MAX_BATCH})")
 
 
 def _check_source_records(manifest: dict) -> None:

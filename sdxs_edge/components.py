@@ -154,7 +154,7 @@ def residual_specs(controlnet, batch: int, latent_size: int) -> list[TensorSpec]
 
 
 def io_specs(
-    pipe: SDXSPipeline, batch: int = 1, resolution: int | None = None, controlnet=None
+    pipe: SDXSPipeline, batch: int = 1, resolution: int | None = None, controlnet=None, size=None
 ) -> dict[str, tuple[list[TensorSpec], list[TensorSpec]]]:
     """Static input/output specs per component for a batch size and image resolution.
 
@@ -164,14 +164,16 @@ def io_specs(
         resolution: image side in pixels (default: the model's).
         controlnet: a diffusers `ControlNetModel`, or None; with one, a "controlnet" entry is added and
             the U-Net takes its residuals after latent and context.
+        size: (width, height) in pixels instead of a square `resolution` (no ControlNet).
     """
     res = resolution or pipe.resolution
-    if res % 8:
-        raise SDXSError(f"resolution must be a multiple of 8, got {res}")
-    h = res // 8
+    width, height = size or (res, res)
+    if width % 8 or height % 8:
+        raise SDXSError(f"image width and height must be multiples of 8, got {width}x{height}")
+    h, w = height // 8, width // 8
     d = pipe.c.text_encoder.config.hidden_size
     L = pipe.c.tokenizer.model_max_length
-    lat = TensorSpec("latent", (batch, 4, h, h), "float32")
+    lat = TensorSpec("latent", (batch, 4, h, w), "float32")
     ctx = TensorSpec("context", (batch, L, d), "float32")
     specs: dict[str, tuple[list[TensorSpec], list[TensorSpec]]] = {
         "text_encoder": (
@@ -183,8 +185,8 @@ def io_specs(
     if controlnet is not None:
         residuals = residual_specs(controlnet, batch, h)
         specs["controlnet"] = ([lat, ctx, TensorSpec("control", (batch, 3, res, res), "float32")], residuals)
-    specs["unet"] = ([lat, ctx, *residuals], [TensorSpec("noise_pred", (batch, 4, h, h), "float32")])
-    specs["decoder"] = ([lat], [TensorSpec("image", (batch, 3, res, res), "float32")])
+    specs["unet"] = ([lat, ctx, *residuals], [TensorSpec("noise_pred", (batch, 4, h, w), "float32")])
+    specs["decoder"] = ([lat], [TensorSpec("image", (batch, 3, height, width), "float32")])
     return specs
 
 
