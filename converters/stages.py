@@ -306,10 +306,25 @@ def check_component(req: ConversionRequest, name: str, result: ComponentResult, 
     if result.runner is None:
         return {"checked": "structural", **(result.structural or {})}
     figs = parity.component_figures(result.runner, caps.check.inputs[name], caps.check.outputs[name])
+    label = f"{req.target}/{req.precision}"
     try:
-        return parity.check_component(name, figs, req.spec.tolerance, f"{req.target}/{req.precision}")
+        rec = parity.check_component(name, figs, req.spec.tolerance, label)
+        if req.sizes is not None and len(req.sizes) > 1:
+            rec["sizes"] = _per_size(req, name, result, caps, label)
+        return rec
     except ParityError as e:
         raise ParityError(f"{e}{refusal_detail(result.report)}") from None
+
+
+def _per_size(req: ConversionRequest, name: str, result: ComponentResult, caps: Captures, label: str) -> dict:
+    """The component's parity at each size ("WxH" -> figures), each held to the floor."""
+    per = len(caps.check) // len(req.sizes)
+    out = {}
+    for i, (w, h) in enumerate(req.sizes):
+        part = slice(i * per, (i + 1) * per)
+        figs = parity.component_figures(result.runner, caps.check.inputs[name][part], caps.check.outputs[name][part])
+        out[f"{w}x{h}"] = parity.check_component(f"{name} at {w}x{h}", figs, req.spec.tolerance, label)
+    return out
 
 
 def check_end_to_end(req: ConversionRequest, prep: Prepared, results: dict, modules: dict, caps: Captures) -> dict:

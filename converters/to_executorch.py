@@ -173,10 +173,10 @@ def export(job: ComponentJob) -> tuple[object, dict[str, int]]:
 
 # ---- several sizes and batches (sdxs_edge.sizes) --------------------------------------------------------
 def method_name(job: ComponentJob, size: tuple[int, int]) -> str:
-    """The program method of one image size: "forward" at the default (first) size, so a one-size runner
-    runs it as before, and "forward_<W>x<H>" at the others."""
-    sizes = job.config.sizes
-    return "forward" if not sizes or tuple(size) == tuple(sizes[0]) else f"forward_{size[0]}x{size[1]}"
+    """The program method of one image size (`sdxs_edge.sizes.method_name`)."""
+    from sdxs_edge.sizes import method_name as name
+
+    return name(job.config.sizes, size)
 
 
 def _batched(job: ComponentJob, example: tuple) -> tuple:

@@ -295,19 +295,23 @@ class Session:
     def _spec_for(self, component: str, inputs: dict[str, Any]) -> ComponentSpec:
         """The specs at the batch and size the inputs imply, when the bundle takes them; the declared ones
         otherwise (whose check then names the mismatch)."""
+        batch, size = self.shape_of(component, inputs)
+        if size not in self.sizes or batch not in sizes.batches(self.manifest):
+            return self.specs[component]
+        return self.specs_at(component, batch, size)
+
+    def shape_of(self, component: str, inputs: dict[str, Any]) -> tuple[int, tuple[int, int]]:
+        """(batch, (width, height)) that a component's inputs imply: the first input's first dimension and
+        the size its first 4-D input scales to (the default size where none tells; batch -1 where the
+        first input is not an array)."""
         spec = self.specs[component]
-        if spec.inputs[0].name not in inputs or not hasattr(inputs[spec.inputs[0].name], "shape"):
-            return spec
-        batch = inputs[spec.inputs[0].name].shape[0] if inputs[spec.inputs[0].name].ndim else -1
-        size = self.sizes[0]
+        first = inputs.get(spec.inputs[0].name)
+        batch = first.shape[0] if getattr(first, "ndim", 0) else -1
         for t in spec.inputs:
             a = inputs.get(t.name)
             if len(t.shape) == 4 and hasattr(a, "shape"):
-                size = sizes.size_of(a.shape, t.shape, self.sizes[0]) or size
-                break
-        if size not in self.sizes or batch not in sizes.batches(self.manifest):
-            return spec
-        return self.specs_at(component, batch, size)
+                return batch, sizes.size_of(a.shape, t.shape, self.sizes[0]) or self.sizes[0]
+        return batch, self.sizes[0]
 
     @property
     def has_controlnet(self) -> bool:

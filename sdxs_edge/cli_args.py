@@ -101,7 +101,7 @@ def size_list(text: str) -> tuple[tuple[int, int], ...]:
     try:
         return check_sizes(parse_sizes(text))
     except SizeError as e:
-        raise argparse.ArgumentTypeError(f"--sizes: {e}") from None
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def size(name: str):
@@ -113,7 +113,7 @@ def size(name: str):
         try:
             parse_size(text)
         except SizeError as e:
-            raise argparse.ArgumentTypeError(f"{name}: {e}") from None
+            raise argparse.ArgumentTypeError(str(e)) from None
         return text
 
     return parse

@@ -123,3 +123,11 @@ def size_of(shape: Sequence[int], declared: Sequence[int], base: tuple[int, int]
     if (shape[2] * bh) % dh or (shape[3] * bw) % dw:
         return None
     return shape[3] * bw // dw, shape[2] * bh // dh
+
+
+def method_name(sizes: Sequence[Sequence[int]], size: Sequence[int], base: str = "forward") -> str:
+    """The ExecuTorch method of one image size: `base` at the default (first) size, so a runner that knows
+    one size runs it as before, and "<base>_<W>x<H>" at the others."""
+    if not sizes or tuple(size) == tuple(sizes[0]):
+        return base
+    return f"{base}_{size[0]}x{size[1]}"
