@@ -181,3 +181,25 @@ class ComponentResult:
     runner: Runner | None
     extra_files: list[str] = field(default_factory=list)
     structural: dict | None = None
+
+
+def export_dims(job: ComponentJob, all_sizes: bool = True) -> tuple:
+    """torch.export dynamic shapes of a bundle of several sizes or batches, one entry per input: the batch up to `max_batch`; with `all_sizes`,
+    also the height and width of 4-D inputs over the range of the bundle's sizes, in steps of the
+    largest latent multiple they share (that range is what calibration and the sensitivity pass run on)."""
+    import math
+
+    from torch.export import Dim
+
+    cfg = job.config
+    batch = Dim("batch", min=1, max=cfg.max_batch) if cfg.max_batch > 1 else None
+    hs, ws = [h // 8 for _, h in cfg.sizes], [w // 8 for w, _ in cfg.sizes]
+    step = math.gcd(*hs, *ws) if all_sizes and len(cfg.sizes) > 1 else 0
+    specs = []
+    for s in job.inputs:
+        d = {0: batch} if batch is not None else {}
+        if step and len(s.shape) == 4:
+            d[2] = step * Dim(f"{s.name}_h", min=min(hs) // step, max=max(hs) // step)
+            d[3] = step * Dim(f"{s.name}_w", min=min(ws) // step, max=max(ws) // step)
+        specs.append(d or None)
+    return tuple(specs)

@@ -285,7 +285,9 @@ def dry_run(args: argparse.Namespace, components, lora_scale: float, control_sca
     )
     from converters.request import check_size_options
 
-    checked_sizes = check_size_options(sizes(args), args.max_batch, args.batch, args.resolution, args.controlnet)
+    checked_sizes = check_size_options(
+        sizes(args), args.max_batch, args.batch, args.resolution, args.controlnet, args.target
+    )
     lora = None
     if args.lora is not None:  # the file is read and checked; whether it fits the U-Net needs the model
         from sdxs_edge.bundle import sha256_path

@@ -66,7 +66,9 @@ def _check_options(
         raise UnsupportedConversion(f"resolution must be a positive multiple of 8, got {resolution}")
 
 
-def check_size_options(sizes, max_batch, batch: int, resolution, controlnet) -> tuple[tuple[int, int], ...] | None:
+def check_size_options(
+    sizes, max_batch, batch: int, resolution, controlnet, target: str = "onnx"
+) -> tuple[tuple[int, int], ...] | None:
     """`sizes` (None, "WxH,WxH" or (width, height) pairs) as checked pairs; the batch bound with it."""
     from sdxs_edge.sizes import SizeError, check_sizes, parse_sizes
 
@@ -87,6 +89,10 @@ def check_size_options(sizes, max_batch, batch: int, resolution, controlnet) -> 
             raise UnsupportedConversion(f"sizes must be 'WxH,WxH' or (width, height) pairs, got {sizes!r}") from None
         if resolution is not None:
             raise UnsupportedConversion("give either resolution or sizes (the first size is the default)")
+    if target == "coreml" and max_batch > 1:
+        raise UnsupportedConversion(
+            "Core ML bundles take a static batch (coremltools 9 cannot convert the U-Net with a symbolic batch); drop max_batch"
+        )
     if controlnet is not None and (max_batch > 1 or (out is not None and len(out) > 1)):
         raise UnsupportedConversion("a ControlNet bundle takes one size and a static batch; drop sizes / max_batch")
     return out
@@ -183,7 +189,9 @@ class ConversionRequest:
             self.target, self.precision, self.components, self.dynamic, self.palettize, self.delegate, self.batch,
             self.resolution, self.lora, self.lora_scale, self.controlnet, self.control_scale,
         )  # fmt: skip
-        sizes = check_size_options(self.sizes, self.max_batch, self.batch, self.resolution, self.controlnet)
+        sizes = check_size_options(
+            self.sizes, self.max_batch, self.batch, self.resolution, self.controlnet, self.target
+        )
         object.__setattr__(self, "sizes", sizes)
         if self.onnx_calibration not in ONNX_CALIBRATIONS:
             raise UnsupportedConversion(

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from converters.base import ComponentJob, ComponentResult, Runner
+from converters.base import ComponentJob, ComponentResult, Runner, export_dims
 from converters.sensitivity import QParams, QuantNode, keep_sensitive_in_float, score_nodes, split_calibration
 from sdxs_edge.errors import SDXSError
 
@@ -186,28 +186,6 @@ def _batched(job: ComponentJob, example: tuple) -> tuple:
     return tuple(torch.cat([x, x]) for x in example) if job.config.max_batch > 1 else tuple(example)
 
 
-def _dims(job: ComponentJob, all_sizes: bool):
-    """torch.export dynamic shapes, one entry per input: the batch up to `max_batch`; with `all_sizes`,
-    also the height and width of 4-D inputs over the range of the bundle's sizes, in steps of the
-    largest latent multiple they share (that range is what calibration and the sensitivity pass run on)."""
-    import math
-
-    from torch.export import Dim
-
-    cfg = job.config
-    batch = Dim("batch", min=1, max=cfg.max_batch) if cfg.max_batch > 1 else None
-    hs, ws = [h // 8 for _, h in cfg.sizes], [w // 8 for w, _ in cfg.sizes]
-    step = math.gcd(*hs, *ws) if all_sizes and len(cfg.sizes) > 1 else 0
-    specs = []
-    for s in job.inputs:
-        d = {0: batch} if batch is not None else {}
-        if step and len(s.shape) == 4:
-            d[2] = step * Dim(f"{s.name}_h", min=min(hs) // step, max=max(hs) // step)
-            d[3] = step * Dim(f"{s.name}_w", min=min(ws) // step, max=max(ws) // step)
-        specs.append(d or None)
-    return tuple(specs)
-
-
 def _export(job: ComponentJob, module, example: tuple, all_sizes: bool):
     """torch.export at `example`: static for a bundle of one size and batch; else with `_dims`."""
     import inspect
@@ -216,7 +194,7 @@ def _export(job: ComponentJob, module, example: tuple, all_sizes: bool):
 
     if not job.config.dynamic_shapes:
         return torch.export.export(module, example, strict=False)
-    dims = _dims(job, all_sizes)
+    dims = export_dims(job, all_sizes)
     params = inspect.signature(module.forward).parameters.values()
     if any(p.kind == p.VAR_POSITIONAL for p in params):  # forward(*args): one entry holding them all
         dims = (dims,)

@@ -61,11 +61,13 @@ def test_bad_size_lists(text, match):
         ({"max_batch": 0}, "max_batch must be an integer >= 1"),
         ({"max_batch": 2, "batch": 2}, "leave batch at 1"),
         ({"sizes": "64x64,96x64", "controlnet": object()}, "one size and a static batch"),
+        ({"max_batch": 2, "target": "coreml"}, "Core ML bundles take a static batch"),
     ],
 )
 def test_request_refuses(options, match):
+    options = {"target": "onnx", **options}
     with pytest.raises(UnsupportedConversion, match=match):
-        ConversionRequest("tiny", "onnx", "fp32", "/tmp/x", **options)
+        ConversionRequest("tiny", options.pop("target"), "fp32", "/tmp/x", **options)
 
 
 def test_request_defaults_keep_one_size():
@@ -151,7 +153,8 @@ def test_request_check_lists_what_the_bundle_takes():
 def _bundle(target: str, precision: str) -> Path:
     from tests.bundle_cache import cached_bundle
 
-    return cached_bundle(MODEL, target, precision, "sizes", **OPTIONS)
+    options = {"sizes": SIZES} if target == "coreml" else OPTIONS  # Core ML: a static batch
+    return cached_bundle(MODEL, target, precision, "sizes", **options)
 
 
 def _parity_at_every_size(bundle: Path, runtime: str) -> dict:
@@ -192,10 +195,11 @@ def test_coreml_fp16_enumerates_the_sizes():
     bundle = _bundle("coreml", "fp16")
     m = json.loads((bundle / "manifest.json").read_text())
     assert m["parity"]["checked"] == "structural"
-    unet = m["conversion"]["components"]["unet"]
-    assert sorted(map(tuple, unet["enumerated_shapes"]["latent"])) == [
-        (b, 4, h, w) for b in (1, 2) for h, w in ((8, 8), (8, 12), (12, 8))
-    ]
+    assert m["sizes"] == [[64, 64], [96, 64], [64, 96]] and "max_batch" not in m
+    unet, decoder = (m["conversion"]["components"][c] for c in ("unet", "decoder"))
+    assert unet["enumerated_shapes"] == {"latent": [[1, 4, 8, 8], [1, 4, 8, 12], [1, 4, 12, 8]]}
+    assert decoder["enumerated_shapes"] == unet["enumerated_shapes"]
+    assert "enumerated_shapes" not in m["conversion"]["components"]["text_encoder"]
 
 
 def test_sizes_and_batches_on_a_session(tmp_path):
