@@ -75,7 +75,7 @@ def convert(
     attention: str = "standard",
     cpu_classes: Sequence[str] = ("host",),
     sizes=None,
-    max_batch: int = 1,
+    max_batch=1,
 ) -> Path:
     """Convert a model into a bundle for one runtime target and check it against PyTorch.
 
@@ -116,15 +116,10 @@ def convert(
             of SHAPES-64 renders of the prompts as control images. Its folder and sha256 are recorded
             under "source.controlnet" and "conversion.config".
         control_scale: the ControlNet's conditioning scale, baked into the controlnet component.
-        attention: "standard" (diffusers' fused attention) or "split-heads" (each head its own Q K^T,
-            softmax and product with V, as Apple's ml-stable-diffusion lays attention out for the Neural
-            Engine; on CPU it caps the largest attention map at one head's). Applied to copies of the U-Net,
-            VAE and ControlNet: a pipeline passed in is left as it was. Recorded under "conversion.config".
-        cpu_classes: CPU classes to check the bundle on ("host" and `sdxs_edge.cpu.EMULATED`; `cpu_check`).
-        sizes: the image sizes the bundle takes, "WxH,WxH" or (width, height) pairs (default: the one
-            `resolution`); the first is the default. int8 calibrates and parity checks at every size.
-        max_batch: a dynamic batch from 1 to this (default 1: the static `batch`).
-
+        attention: "standard" or "split-heads" (each head its own Q K^T, softmax and product with V: Apple's
+            Neural Engine layout, a smaller CPU peak); on copies of the U-Net, VAE and ControlNet.
+        cpu_classes: CPU classes to check the bundle on (`cpu_check`).
+        sizes, max_batch: image sizes ("WxH,WxH" or pairs; the first the default) and a dynamic batch bound.
     Returns the bundle path.
     """
     req = ConversionRequest(

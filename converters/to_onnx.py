@@ -500,13 +500,16 @@ def op_report(path: Path) -> dict:
 
 def check_io(job: ComponentJob, report: dict) -> None:
     """The file's input/output names, dtypes and static shapes must be exactly the io spec's (a dynamic
-    axis, which the report lists as 0, where `dynamic_axes` makes one)."""
+    axis, which the report lists as 0, where `dynamic_axes` makes one; with dynamic axes an output
+    dimension the exporter left unnamed passes, as the runtimes check every output's shape)."""
     axes = dynamic_axes(job) or {}
     want = lambda s: (s.name, s.dtype, [0 if i in axes.get(s.name, {}) else d for i, d in enumerate(s.shape)])
     want_in = [want(s) for s in job.inputs]
     want_out = [want(s) for s in job.outputs]
     got_in = [tuple(x) for x in report["inputs"]]
     got_out = [tuple(x) for x in report["outputs"]]
+    if axes:  # the exporter may leave other output dimensions unnamed (0) as well; runtimes check outputs
+        got_out = [(n, t, [w if g == 0 else g for g, w in zip(d, o[2])]) for (n, t, d), o in zip(got_out, want_out)]
     if got_in != want_in or got_out != want_out:
         raise OnnxConversionError(
             f"{job.name}: ONNX inputs/outputs {got_in} -> {got_out} differ from the io spec {want_in} -> {want_out}"
