@@ -5,8 +5,10 @@
 
 Both bundles run in one process on one runtime at the fixed bundle's size: per round, one timed
 generation on each (the order alternating), so load on the machine falls on both alike. Reported per
-component: the median over the rounds and the ratio multi-size / fixed; the check is that the whole
-generation's median ratio stays within `LIMIT` (the multi-size bundle at most 5% slower). Writes
+component: the median and the fastest round, and their ratios multi-size / fixed; the check is that each
+component's fastest-round ratio stays within `LIMIT` (the multi-size bundle at most 5% slower). The
+fastest round is judged because on a shared machine the median carries other processes' load (it is
+recorded beside it); the whole call's figures add tokenizing, noise and Python, recorded only. Writes
 sizes-latency-<runtime>-<cpu class>/result.json and result.md.
 """
 
@@ -50,18 +52,20 @@ def measure(fixed: Path, multi: Path, runtime: str, runs: int, threads: int | No
                     times[key][p].append(res.timings[p])
         sizes = [list(x) for x in b.sizes]
     med = {k: {p: 1000 * float(np.median(v)) for p, v in d.items()} for k, d in times.items()}
-    ratio = {p: med["multi"][p] / med["fixed"][p] for p in med["fixed"]}
+    best = {k: {p: 1000 * float(np.min(v)) for p, v in d.items()} for k, d in times.items()}
+    ratio = {p: best["multi"][p] / best["fixed"][p] for p in best["fixed"]}
     return {
         "runtime": runtime,
         "cpu_class": cpu.host_class(),
         "threads": threads,
         "size": f"{w}x{h}",
         "runs": runs,
-        "fixed": {"bundle": str(fixed), "median_ms": med["fixed"]},
-        "multi": {"bundle": str(multi), "sizes": sizes, "median_ms": med["multi"]},
+        "fixed": {"bundle": str(fixed), "median_ms": med["fixed"], "min_ms": best["fixed"]},
+        "multi": {"bundle": str(multi), "sizes": sizes, "median_ms": med["multi"], "min_ms": best["multi"]},
         "ratio_multi_over_fixed": ratio,
+        "median_ratio_multi_over_fixed": {p: med["multi"][p] / med["fixed"][p] for p in med["fixed"]},
         "limit": LIMIT,
-        "passed": ratio["total"] <= LIMIT,
+        "passed": all(ratio[p] <= LIMIT for p in PARTS),
     }
 
 
@@ -70,17 +74,19 @@ def markdown(r: dict) -> str:
         f"# Fixed-size vs multi-size bundle at {r['size']} ({r['runtime']}, {r['cpu_class']}, threads {r['threads']})",
         "",
         f"Fixed: `{r['fixed']['bundle']}`; multi-size: `{r['multi']['bundle']}` (sizes {r['multi']['sizes']}).",
-        f"{r['runs']} alternating rounds in one process; medians in ms.",
+        f"{r['runs']} alternating rounds in one process; fastest round and median, ms.",
         "",
-        "| part | fixed ms | multi-size ms | multi / fixed |",
-        "|---|---:|---:|---:|",
+        "| part | fixed min | multi-size min | multi / fixed (min) | fixed median | multi-size median | multi / fixed (median) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
+    f, m, rm = r["fixed"], r["multi"], r["median_ratio_multi_over_fixed"]
     for p in (*PARTS, "total"):
         lines.append(
-            f"| {p} | {r['fixed']['median_ms'][p]:.2f} | {r['multi']['median_ms'][p]:.2f} | {r['ratio_multi_over_fixed'][p]:.3f} |"
+            f"| {p} | {f['min_ms'][p]:.2f} | {m['min_ms'][p]:.2f} | {r['ratio_multi_over_fixed'][p]:.3f} "
+            f"| {f['median_ms'][p]:.2f} | {m['median_ms'][p]:.2f} | {rm[p]:.3f} |"
         )
     verdict = "within" if r["passed"] else "OVER"
-    lines += ["", f"Whole generation: {verdict} the {100 * (r['limit'] - 1):.0f}% limit."]
+    lines += ["", f"Every component (fastest rounds): {verdict} the {100 * (r['limit'] - 1):.0f}% limit."]
     return "\n".join(lines) + "\n"
 
 
