@@ -89,10 +89,12 @@ def check_size_options(
             raise UnsupportedConversion(f"sizes must be 'WxH,WxH' or (width, height) pairs, got {sizes!r}") from None
         if resolution is not None:
             raise UnsupportedConversion("give either resolution or sizes (the first size is the default)")
-    if target == "coreml" and max_batch > 1:
-        raise UnsupportedConversion(
-            "Core ML bundles take a static batch (coremltools 9 cannot convert the U-Net with a symbolic batch); drop max_batch"
-        )
+    if target in ("coreml", "executorch") and max_batch > 1:
+        why = {
+            "coreml": "coremltools 9 cannot convert the U-Net with a symbolic batch",
+            "executorch": "lowering a symbolic batch to XNNPACK did not finish in 15 minutes for the tiny model",
+        }[target]
+        raise UnsupportedConversion(f"{target} bundles take a static batch ({why}); drop max_batch")
     if controlnet is not None and (max_batch > 1 or (out is not None and len(out) > 1)):
         raise UnsupportedConversion("a ControlNet bundle takes one size and a static batch; drop sizes / max_batch")
     return out

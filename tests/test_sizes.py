@@ -61,7 +61,8 @@ def test_bad_size_lists(text, match):
         ({"max_batch": 0}, "max_batch must be an integer >= 1"),
         ({"max_batch": 2, "batch": 2}, "leave batch at 1"),
         ({"sizes": "64x64,96x64", "controlnet": object()}, "one size and a static batch"),
-        ({"max_batch": 2, "target": "coreml"}, "Core ML bundles take a static batch"),
+        ({"max_batch": 2, "target": "coreml"}, "coreml bundles take a static batch"),
+        ({"max_batch": 2, "target": "executorch"}, "executorch bundles take a static batch"),
     ],
 )
 def test_request_refuses(options, match):
@@ -153,14 +154,15 @@ def test_request_check_lists_what_the_bundle_takes():
 def _bundle(target: str, precision: str) -> Path:
     from tests.bundle_cache import cached_bundle
 
-    options = {"sizes": SIZES} if target == "coreml" else OPTIONS  # Core ML: a static batch
+    options = OPTIONS if target == "onnx" else {"sizes": SIZES}  # Core ML and ExecuTorch: a static batch
     return cached_bundle(MODEL, target, precision, "sizes", **options)
 
 
 def _parity_at_every_size(bundle: Path, runtime: str) -> dict:
     from runtimes.parity import run_parity
 
-    report = run_parity(bundle, runtime, batch=2)  # raises ParityError under a floor, at any size
+    batch = json.loads((bundle / "manifest.json").read_text()).get("max_batch", 1)
+    report = run_parity(bundle, runtime, batch=batch)  # raises ParityError under a floor, at any size
     rows = {r["size"]: r for r in report["sizes"]}
     assert list(rows) == ["64x64", "96x64", "64x96"] and all(r["passed"] for r in rows.values())
     assert rows["64x64"]["all_correct"]["status"] == "measured"  # the SHAPES-64 evaluator reads 64x64 only
