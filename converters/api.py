@@ -76,6 +76,8 @@ def convert(
     cpu_classes: Sequence[str] = ("host",),
     layout: str = "sdxs-edge",
     encoder: bool | None = None,
+    sizes=None,
+    max_batch=1,
 ) -> Path:
     """Convert a model into a bundle for one runtime target, checked against PyTorch; returns the bundle path.
 
@@ -121,11 +123,13 @@ def convert(
         layout: "sdxs-edge" (default) or "optimum" (ONNX only; optimum's pipeline folder: `converters.layouts`).
         encoder: lower the VAE's encoder for image-to-image (default: for a trained model without ControlNet,
             in the sdxs-edge layout).
+        sizes, max_batch: image sizes ("WxH,WxH" or pairs; the first the default) and a dynamic batch bound.
     """
     req = ConversionRequest(
         model, target, precision, out, components, resolution, calibration_prompts, overwrite, progress, dynamic,
         palettize, delegate, batch, sensitivity, sensitivity_shortlist, max_float_fraction, onnx_calibration,
         trained, seed, lora, lora_scale, controlnet, control_scale, attention, tuple(cpu_classes), layout, encoder,
+        sizes, max_batch,
     )  # fmt: skip
     return run(req)
 
@@ -170,7 +174,7 @@ def run(req: ConversionRequest) -> Path:
         prep = S.prepare(req, S.load(req), src)
         config = S.conversion_config(req, prep, src, len(prompts))
         modules = C.wrappers(prep.pipe, prep.controlnet, req.control_scale, req.has_encoder)
-        specs = C.io_specs(prep.pipe, req.batch, prep.resolution, prep.controlnet, req.has_encoder)
+        specs = C.io_specs(prep.pipe, req.batch, prep.resolution, prep.controlnet, req.has_encoder, size=prep.sizes[0])
         st.done()
         st.start("capture")
         caps = S.capture(req, prep, modules, prompts)
@@ -189,7 +193,7 @@ def run(req: ConversionRequest) -> Path:
             selfcheck = S.write_selfcheck(req, prep, caps, Path(tmp))
             st.done()
             st.start("write")
-            low = S.Lowered(results, checks, e2e, specs, config, len(caps.check), selfcheck)
+            low = S.Lowered(results, checks, e2e, specs, config, len(caps.check) // len(prep.sizes), selfcheck)
             manifest = S.build_manifest(req, prep, src, low, Path(tmp), st.seconds, t_start)
             S.write(req, prep, manifest, Path(tmp))
             S.check_cpu_classes(req, caps, manifest, Path(tmp))

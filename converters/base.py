@@ -52,6 +52,9 @@ class ConversionConfig:
         lora: the LoRA file fused into the U-Net before lowering (None: none was).
         attention: "standard" or "split-heads" (one head at a time: the Neural Engine's layout and a
             smaller peak memory on CPU; `sdxs_edge.attention`).
+        sizes: the (width, height) sizes the programs take, the first the default; () for the one
+            `resolution` (`sdxs_edge.sizes`).
+        max_batch: the programs take a batch from 1 to this (1: the static `batch`).
         lora_sha256: sha256 of that file.
         lora_scale: the strength it was fused with.
         lora_fused_modules: how many U-Net layers it changed.
@@ -87,10 +90,18 @@ class ConversionConfig:
     controlnet_sha256: str | None = None
     control_scale: float | None = None
     attention: str = "standard"
+    sizes: tuple[tuple[int, int], ...] = ()
+    max_batch: int = 1
+
+    @property
+    def dynamic_shapes(self) -> bool:
+        """Whether the programs take several sizes (`sizes`) or a dynamic batch (`max_batch` > 1)."""
+        return len(self.sizes) > 1 or self.max_batch > 1
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
         d["components"] = list(self.components)
+        d["sizes"] = [list(s) for s in self.sizes]
         return d
 
 
@@ -116,6 +127,7 @@ class ComponentJob:
             carries eps errors multiplied by sigma (about 14.6 at t = 999), so an eps SNR that looks fine
             can still wreck the image. (A random-weight U-Net's x0 is mostly the exact noise term, so it is
             scored on eps, the quantity its floor checks.)
+        size_examples: ((width, height), example inputs) for each size the bundle takes, default first.
     """
 
     name: str
@@ -131,6 +143,7 @@ class ComponentJob:
     work: Path
     out: Path
     score: Any = None
+    size_examples: tuple = ()
 
     def sensitivity_figures(
         self, run, inputs: Sequence[tuple[np.ndarray, ...]], reference: Sequence[np.ndarray]
@@ -174,3 +187,27 @@ class ComponentResult:
     runner: Runner | None
     extra_files: list[str] = field(default_factory=list)
     structural: dict | None = None
+
+
+def export_dims(job: ComponentJob, all_sizes: bool = True) -> tuple:
+    """torch.export dynamic shapes of a bundle of several sizes or batches, one entry per input: the batch
+    up to `max_batch`; with `all_sizes`, also the height and width of 4-D inputs (latents, and the
+    encoder's image at 8x) over the range of the bundle's sizes, in steps of the largest latent multiple
+    they share (that range is what calibration and the sensitivity pass run on)."""
+    import math
+
+    from torch.export import Dim
+
+    cfg = job.config
+    batch = Dim("batch", min=1, max=cfg.max_batch) if cfg.max_batch > 1 else None
+    hs, ws = [h // 8 for _, h in cfg.sizes], [w // 8 for w, _ in cfg.sizes]
+    step = math.gcd(*hs, *ws) if all_sizes and len(cfg.sizes) > 1 else 0
+    specs = []
+    for s in job.inputs:
+        d = {0: batch} if batch is not None else {}
+        if step and len(s.shape) == 4:
+            k = step * (s.shape[2] // hs[0])  # 1 for a latent, 8 for an image
+            d[2] = k * Dim(f"{s.name}_h", min=min(hs) // step, max=max(hs) // step)
+            d[3] = k * Dim(f"{s.name}_w", min=min(ws) // step, max=max(ws) // step)
+        specs.append(d or None)
+    return tuple(specs)

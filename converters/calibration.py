@@ -130,16 +130,37 @@ def to_uint8(images) -> np.ndarray:
 NOISE_RNG = "torch"  # `noise` below, by its `runtimes.base.RNGS` name
 
 
-def noise(batch: int, latent_size: int, seed: int) -> np.ndarray:
-    """Unit Gaussian latents as `SDXSPipeline.noise` draws them, at any latent size."""
+def noise(batch: int, latent_size: int | tuple[int, int], seed: int) -> np.ndarray:
+    """Unit Gaussian latents as `SDXSPipeline.noise` draws them, at any latent size (side, or (h, w))."""
     import torch
 
+    h, w = latent_size if isinstance(latent_size, tuple) else (latent_size, latent_size)
     g = torch.Generator("cpu").manual_seed(seed)
-    return torch.randn((batch, 4, latent_size, latent_size), generator=g, dtype=torch.float32).numpy()
+    return torch.randn((batch, 4, h, w), generator=g, dtype=torch.float32).numpy()
+
+
+def merge(parts: Sequence[Captured]) -> Captured:
+    """Several captures (one per image size) as one, samples in order."""
+    if len(parts) == 1:
+        return parts[0]
+    keys = parts[0].inputs
+    return Captured(
+        {k: [x for p in parts for x in p.inputs[k]] for k in keys},
+        {k: [x for p in parts for x in p.outputs[k]] for k in keys},
+        [x for p in parts for x in p.noise],
+        [x for p in parts for x in p.images],
+        [x for p in parts for x in p.controls],
+    )
 
 
 def capture(
-    pipe, modules: dict, prompts: Sequence[str], seed0: int, batch: int = 1, resolution: int | None = None
+    pipe,
+    modules: dict,
+    prompts: Sequence[str],
+    seed0: int,
+    batch: int = 1,
+    resolution: int | None = None,
+    size: tuple[int, int] | None = None,
 ) -> Captured:
     """Run the one-step pipeline with the PyTorch wrappers and keep every component's inputs and outputs.
 
@@ -151,6 +172,7 @@ def capture(
         seed0: noise seed of the first sample; sample i uses seed0 + i (and control scene seed seed0 + i).
         batch: batch size of every tensor (the bundle's static batch).
         resolution: image side in pixels (default: the model's).
+        size: (width, height) in pixels instead of a square `resolution`.
     """
     import torch
 
@@ -159,6 +181,7 @@ def capture(
 
     c = pipe.one_step_constants()
     res = resolution or pipe.resolution
+    width, height = size or (res, res)
     prompts = list(prompts)
     n = -(-len(prompts) // batch)
     prompts = [prompts[i % len(prompts)] for i in range(n * batch)]
@@ -170,7 +193,7 @@ def capture(
             chunk = prompts[i * batch : (i + 1) * batch]
             ids = pipe.tokenize(chunk).to(torch.int32)
             ctx = modules["text_encoder"](ids)
-            z = noise(batch, res // 8, seed0 + i)
+            z = noise(batch, (height // 8, width // 8), seed0 + i)
             x_in = torch.from_numpy(sampler.initial_latent(z, c))
             residuals: tuple = ()
             if "controlnet" in modules:
@@ -206,7 +229,7 @@ def _img2img_sample(pipe, modules: dict, ins: dict, outs: dict, image, ctx, seed
     t = sampler.strength_timestep(IMG2IMG_STRENGTHS[i % len(IMG2IMG_STRENGTHS)])
     c = sampler.one_step_constants(pipe.c.scheduler_config, pipe.latent_scaling, t)
     init = modules["encoder"](image)
-    z = torch.from_numpy(noise(image.shape[0], init.shape[-1], seed + IMG2IMG_SEED_OFFSET))
+    z = torch.from_numpy(noise(image.shape[0], tuple(init.shape[-2:]), seed + IMG2IMG_SEED_OFFSET))
     x_in = sampler.initial_latent(z, c, init).float()
     ts = torch.full((image.shape[0],), float(t))
     eps = modules["unet"](x_in, ctx, ts)

@@ -2,6 +2,7 @@
 
     sdxs-edge convert MODEL --target {onnx,executorch,coreml} --precision {fp32,fp16,int8} --out DIR
         [--components NAME ...] [--resolution N] [--calibration-prompts FILE | --calibration-captions N] [--overwrite]
+        [--sizes WxH,WxH,... | --min-size WxH --max-size WxH] [--max-batch N]
         [--dynamic] [--palettize {4,6}] [--delegate {xnnpack,coreml}] [--batch N]
         [--lora PATH [--lora-scale S]] [--controlnet PATH [--control-scale S]] [--[no-]encoder] [--attention split-heads]
         [--onnx-calibration {minmax,minmax-average,percentile,mse}] [--dry-run]
@@ -55,6 +56,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help=f"components to convert, of {' '.join(COMPONENT_NAMES)} (default: {' '.join(REQUIRED_COMPONENTS)}, and controlnet with --controlnet)",
     )
     p.add_argument("--resolution", type=int, help="image side in pixels (default: the model's)")
+    _add_size_options(p)
     p.add_argument(
         "--calibration-prompts",
         type=Path,
@@ -73,6 +75,46 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="check the request, print it and exit without converting")
     p.set_defaults(func=run)
     return p
+
+
+def _add_size_options(p: argparse.ArgumentParser) -> None:
+    """--sizes / --min-size / --max-size and --max-batch: one bundle for several sizes and batches."""
+    p.add_argument(
+        "--sizes",
+        type=cli_args.size_list,
+        metavar="WxH,...",
+        help="image sizes the bundle takes, width x height (e.g. 512x512,512x768); the first is the default",
+    )
+    p.add_argument(
+        "--min-size",
+        type=cli_args.size("--min-size"),
+        metavar="WxH",
+        help="with --max-size: every size between, in 64 px steps",
+    )
+    p.add_argument("--max-size", type=cli_args.size("--max-size"), metavar="WxH", help="with --min-size")
+    p.add_argument(
+        "--max-batch",
+        type=cli_args.at_least("--max-batch"),
+        default=1,
+        metavar="N",
+        help="a dynamic batch from 1 to N (default 1: the static --batch)",
+    )
+
+
+def sizes(args: argparse.Namespace):
+    """The sizes --sizes or --min-size/--max-size name (None: the one --resolution)."""
+    from sdxs_edge.sizes import SizeError, size_range
+
+    if (args.min_size is None) != (args.max_size is None):
+        raise UnsupportedConversion("--min-size and --max-size go together")
+    if args.min_size is not None and args.sizes is not None:
+        raise UnsupportedConversion("give --sizes or --min-size/--max-size, not both")
+    if args.min_size is None:
+        return args.sizes
+    try:
+        return size_range(args.min_size, args.max_size)
+    except SizeError as e:
+        raise UnsupportedConversion(str(e)) from None
 
 
 def _add_quantization_options(p: argparse.ArgumentParser) -> None:
@@ -231,6 +273,8 @@ def run(args: argparse.Namespace) -> int:
         controlnet=args.controlnet,
         control_scale=control_scale,
         encoder=args.encoder,
+        sizes=sizes(args),
+        max_batch=args.max_batch,
     )
     print(summary(json.loads((out / "manifest.json").read_text()), out))
     return 0
@@ -258,6 +302,11 @@ def dry_run(args: argparse.Namespace, components, lora_scale: float, control_sca
         args.encoder if args.encoder is not None else default_encoder(args.model, trained, args.controlnet),
     )
     check_layout(args.layout, args.target, comps, args.controlnet)
+    from converters.request import check_size_options
+
+    checked_sizes = check_size_options(
+        sizes(args), args.max_batch, args.batch, args.resolution, args.controlnet, args.target
+    )
     lora = None
     if args.lora is not None:  # the file is read and checked; whether it fits the U-Net needs the model
         from sdxs_edge.bundle import sha256_path
@@ -286,6 +335,8 @@ def dry_run(args: argparse.Namespace, components, lora_scale: float, control_sca
         "out": str(args.out),
         "components": list(comps),
         "resolution": args.resolution,
+        "sizes": [list(s) for s in checked_sizes] if checked_sizes else None,
+        "max_batch": args.max_batch,
         "calibration_prompts": str(args.calibration_prompts)
         if args.calibration_prompts
         else f"{args.calibration_captions or DEFAULT_CAPTIONS} SHAPES-64 captions",
@@ -311,8 +362,10 @@ def dry_run(args: argparse.Namespace, components, lora_scale: float, control_sca
 
 def summary(manifest: dict, out: Path) -> str:
     """A few lines: where the bundle is and how it compares with PyTorch."""
+    from sdxs_edge.sizes import bundle_sizes, fmt, max_batch
+
     lines = [
-        f"bundle: {out} ({manifest['target']}/{manifest['precision']}, {manifest['resolution']}x{manifest['resolution']}, {manifest['conversion']['seconds']:.1f} s)"
+        f"bundle: {out} ({manifest['target']}/{manifest['precision']}, {', '.join(map(fmt, bundle_sizes(manifest)))}, batch up to {max_batch(manifest)}, {manifest['conversion']['seconds']:.1f} s)"
     ]
     cfg = manifest["conversion"].get("config", {})
     if cfg.get("lora"):

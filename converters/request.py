@@ -82,6 +82,40 @@ def _check_options(
         raise UnsupportedConversion(f"resolution must be a positive multiple of 8, got {resolution}")
 
 
+def check_size_options(
+    sizes, max_batch, batch: int, resolution, controlnet, target: str = "onnx"
+) -> tuple[tuple[int, int], ...] | None:
+    """`sizes` (None, "WxH,WxH" or (width, height) pairs) as checked pairs; the batch bound with it."""
+    from sdxs_edge.sizes import SizeError, check_sizes, parse_sizes
+
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        raise UnsupportedConversion(f"max_batch must be an integer >= 1, got {max_batch!r}")
+    if max_batch > 1 and batch != 1:
+        raise UnsupportedConversion(
+            f"max_batch={max_batch} makes the batch dynamic (1 to {max_batch}); leave batch at 1"
+        )
+    if sizes is None:
+        out = None
+    else:
+        try:
+            out = check_sizes(parse_sizes(sizes) if isinstance(sizes, str) else sizes)
+        except SizeError as e:
+            raise UnsupportedConversion(str(e)) from None
+        except (TypeError, ValueError):
+            raise UnsupportedConversion(f"sizes must be 'WxH,WxH' or (width, height) pairs, got {sizes!r}") from None
+        if resolution is not None:
+            raise UnsupportedConversion("give either resolution or sizes (the first size is the default)")
+    if target in ("coreml", "executorch") and max_batch > 1:
+        why = {
+            "coreml": "coremltools 9 cannot convert the U-Net with a symbolic batch",
+            "executorch": "lowering a symbolic batch to XNNPACK did not finish in 15 minutes for the tiny model",
+        }[target]
+        raise UnsupportedConversion(f"{target} bundles take a static batch ({why}); drop max_batch")
+    if controlnet is not None and (max_batch > 1 or (out is not None and len(out) > 1)):
+        raise UnsupportedConversion("a ControlNet bundle takes one size and a static batch; drop sizes / max_batch")
+    return out
+
+
 def _check_adapters(comps: list[str], lora, lora_scale, controlnet, control_scale) -> None:
     _finite("lora_scale", lora_scale)
     if lora is None and lora_scale != 1.0:
@@ -141,7 +175,9 @@ class ConversionRequest:
     """One conversion, validated when built (the fields are `converters.convert`'s arguments).
 
     `components` is normalized to bundle order and `out` to a Path; nothing here loads a model or reads
-    a file, so a bad request fails before any work.
+    a file, so a bad request fails before any work. `sizes` (None: the one converted size) becomes a tuple
+    of (width, height) pairs, multiples of 8 (the U-Net's own multiple is checked once it is loaded);
+    `max_batch` > 1 makes the batch dynamic from 1 to it (`sdxs_edge.sizes`).
     """
 
     model: Any
@@ -171,6 +207,8 @@ class ConversionRequest:
     cpu_classes: tuple[str, ...] = ("host",)
     layout: str = "sdxs-edge"
     encoder: bool | None = None
+    sizes: Any = None
+    max_batch: int = 1
 
     def __post_init__(self) -> None:
         enc = self.encoder
@@ -180,6 +218,10 @@ class ConversionRequest:
             self.target, self.precision, self.components, self.dynamic, self.palettize, self.delegate, self.batch,
             self.resolution, self.lora, self.lora_scale, self.controlnet, self.control_scale, enc,
         )  # fmt: skip
+        sizes = check_size_options(
+            self.sizes, self.max_batch, self.batch, self.resolution, self.controlnet, self.target
+        )
+        object.__setattr__(self, "sizes", sizes)
         if self.onnx_calibration not in ONNX_CALIBRATIONS:
             raise UnsupportedConversion(
                 f"onnx_calibration must be one of {', '.join(ONNX_CALIBRATIONS)}; got {self.onnx_calibration!r}"
@@ -210,6 +252,11 @@ class ConversionRequest:
     @property
     def spec(self) -> PrecisionSpec:
         return precision_spec(self.target, self.precision)
+
+    @property
+    def dynamic_shapes(self) -> bool:
+        """Whether the lowered programs take more than one size or batch."""
+        return self.max_batch > 1 or len(self.sizes or ()) > 1
 
     @property
     def calibrate(self) -> bool:

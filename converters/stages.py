@@ -97,6 +97,12 @@ class Prepared:
     fused: tuple[str, ...]
     trained: bool
     resolution: int
+    sizes: tuple[tuple[int, int], ...] = ()  # (width, height); the first is the default
+
+    @property
+    def size_multiple(self) -> int:
+        """Width and height must be multiples of this: 8 (the VAE) x the U-Net's downsampling."""
+        return 8 * 2 ** (len(self.pipe.c.unet.config.block_out_channels) - 1)
 
 
 def load(req: ConversionRequest):
@@ -146,7 +152,8 @@ def prepare(req: ConversionRequest, pipe, src: Sources) -> Prepared:
 
         check_controlnet(controlnet, pipe.c.unet)
     trained = req.trained if req.trained is not None else pipe.name not in PRESETS
-    return Prepared(pipe, controlnet, source_sha256, tuple(fused), trained, _resolution(req, pipe))
+    res = _resolution(req, pipe)
+    return Prepared(pipe, controlnet, source_sha256, tuple(fused), trained, res, _sizes(req, pipe, res))
 
 
 def _resolution(req: ConversionRequest, pipe) -> int:
@@ -157,6 +164,20 @@ def _resolution(req: ConversionRequest, pipe) -> int:
             f"resolution {res} must be a multiple of {8 * 2 ** (stages - 1)} for this U-Net ({stages} stages)"
         )
     return res
+
+
+def _sizes(req: ConversionRequest, pipe, res: int) -> tuple[tuple[int, int], ...]:
+    """The sizes to lower: the request's (each a multiple of the U-Net's downsampling), or the one size."""
+    if req.sizes is None:
+        return ((res, res),)
+    stages = len(pipe.c.unet.config.block_out_channels)
+    mult = 8 * 2 ** (stages - 1)
+    for w, h in req.sizes:
+        if w % mult or h % mult:
+            raise SDXSError(
+                f"size {w}x{h}: width and height must be multiples of {mult} for this U-Net ({stages} stages)"
+            )
+    return tuple(req.sizes)
 
 
 def conversion_config(req: ConversionRequest, prep: Prepared, src: Sources, n_prompts: int) -> ConversionConfig:
@@ -189,6 +210,8 @@ def conversion_config(req: ConversionRequest, prep: Prepared, src: Sources, n_pr
         controlnet_sha256=src.controlnet_sha256,
         control_scale=float(req.control_scale) if has_cn else None,
         attention=req.attention,
+        sizes=tuple(prep.sizes) if req.sizes is not None else (),
+        max_batch=req.max_batch,
     )
 
 
@@ -202,15 +225,25 @@ class Captures:
 
 
 def capture(req: ConversionRequest, prep: Prepared, modules: dict, prompts: list[str]) -> Captures:
-    """Run the PyTorch one-step pipeline on the calibration prompts and on the fixed parity prompts."""
-    res, batch = prep.resolution, req.batch
-    calib = (
-        calibration.capture(prep.pipe, modules, prompts, seed0=0, batch=batch, resolution=res)
-        if req.calibrate
-        else None
-    )
-    check = calibration.capture(
-        prep.pipe, modules, calibration.PARITY_PROMPTS, seed0=calibration.PARITY_SEED0, batch=batch, resolution=res
+    """Run the PyTorch one-step pipeline on the calibration prompts and on the fixed parity prompts.
+
+    With several sizes, the calibration prompts are dealt out over the sizes in turn (every size gets
+    at least one), so int8 ranges cover every size at the cost of one size; the parity prompts run at
+    every size. `Captures.check` then holds the sizes' samples one size after another."""
+    batch, sizes = req.batch, prep.sizes
+    calib = None
+    if req.calibrate:
+        dealt = [prompts[i :: len(sizes)] or prompts[:1] for i in range(len(sizes))]
+        calib = calibration.merge(
+            [calibration.capture(prep.pipe, modules, p, seed0=0, batch=batch, size=sz) for p, sz in zip(dealt, sizes)]
+        )
+    check = calibration.merge(
+        [
+            calibration.capture(
+                prep.pipe, modules, calibration.PARITY_PROMPTS, seed0=calibration.PARITY_SEED0, batch=batch, size=sz
+            )
+            for sz in sizes
+        ]
     )
     return Captures(calib, check)
 
@@ -254,6 +287,17 @@ def component_job(
         work=work,
         out=tmp / export.file,
         score=_one_step_x0(prep.pipe, req.has_encoder) if name == "unet" and prep.trained else None,
+        size_examples=_size_examples(prep, name, caps),
+    )
+
+
+def _size_examples(prep: Prepared, name: str, caps: Captures) -> tuple:
+    """((width, height), example inputs as torch tensors) per size: the first parity sample at each."""
+    import torch
+
+    per = len(caps.check) // len(prep.sizes)
+    return tuple(
+        (sz, tuple(torch.from_numpy(x) for x in caps.check.inputs[name][i * per])) for i, sz in enumerate(prep.sizes)
     )
 
 
@@ -267,10 +311,25 @@ def check_component(req: ConversionRequest, name: str, result: ComponentResult, 
     if result.runner is None:
         return {"checked": "structural", **(result.structural or {})}
     figs = parity.component_figures(result.runner, caps.check.inputs[name], caps.check.outputs[name])
+    label = f"{req.target}/{req.precision}"
     try:
-        return parity.check_component(name, figs, req.spec.tolerance, f"{req.target}/{req.precision}")
+        rec = parity.check_component(name, figs, req.spec.tolerance, label)
+        if req.sizes is not None and len(req.sizes) > 1:
+            rec["sizes"] = _per_size(req, name, result, caps, label)
+        return rec
     except ParityError as e:
         raise ParityError(f"{e}{refusal_detail(result.report)}") from None
+
+
+def _per_size(req: ConversionRequest, name: str, result: ComponentResult, caps: Captures, label: str) -> dict:
+    """The component's parity at each size ("WxH" -> figures), each held to the floor."""
+    per = len(caps.check) // len(req.sizes)
+    out = {}
+    for i, (w, h) in enumerate(req.sizes):
+        part = slice(i * per, (i + 1) * per)
+        figs = parity.component_figures(result.runner, caps.check.inputs[name][part], caps.check.outputs[name][part])
+        out[f"{w}x{h}"] = parity.check_component(f"{name} at {w}x{h}", figs, req.spec.tolerance, label)
+    return out
 
 
 def check_end_to_end(req: ConversionRequest, prep: Prepared, results: dict, modules: dict, caps: Captures) -> dict:
@@ -298,11 +357,10 @@ def write_selfcheck(req: ConversionRequest, prep: Prepared, caps: Captures, bund
     from sdxs_edge import selfcheck
 
     B, prompts = req.batch, list(calibration.PARITY_PROMPTS)
-    cycled = [prompts[i % len(prompts)] for i in range(len(caps.check) * B)]  # as `calibration.capture` does
-    samples = [
-        {"prompts": cycled[i * B : (i + 1) * B], "seed": calibration.PARITY_SEED0 + i} for i in range(len(caps.check))
-    ]
-    images = np.concatenate(caps.check.images)
+    n = len(caps.check) // len(prep.sizes)  # the samples at the default (first) size
+    cycled = [prompts[i % len(prompts)] for i in range(n * B)]  # as `calibration.capture` does
+    samples = [{"prompts": cycled[i * B : (i + 1) * B], "seed": calibration.PARITY_SEED0 + i} for i in range(n)]
+    images = np.concatenate(caps.check.images[:n])
     return selfcheck.record(bundle, images, samples, calibration.NOISE_RNG, req.precision, prep.trained)
 
 
@@ -403,6 +461,18 @@ def _scheduler_record(pipe) -> dict:
     }
 
 
+def _size_record(req: ConversionRequest, prep: Prepared) -> dict:
+    """The manifest's "sizes", "max_batch" and "size_multiple" (`sdxs_edge.sizes`); none for a bundle of
+    one size and a static batch, which reads as before."""
+    out: dict = {}
+    if req.sizes is not None:
+        out["sizes"] = [list(s) for s in prep.sizes]
+        out["size_multiple"] = prep.size_multiple
+    if req.max_batch > 1:
+        out["max_batch"] = req.max_batch
+    return out
+
+
 def build_manifest(
     req: ConversionRequest, prep: Prepared, src: Sources, low: Lowered, bundle: Path, timings: dict, t_start: float
 ) -> dict:
@@ -416,6 +486,7 @@ def build_manifest(
         "precision": req.precision,
         "resolution": prep.resolution,
         "batch": req.batch,
+        **_size_record(req, prep),
         "sampler": prep.pipe.one_step_constants().to_dict(),
         **({"scheduler": _scheduler_record(prep.pipe)} if req.has_encoder else {}),
         "tokenizer": {"dir": TOKENIZER_DIR, "max_length": int(tok.model_max_length), "pad_token": str(tok.pad_token)},

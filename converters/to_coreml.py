@@ -14,7 +14,7 @@ from __future__ import annotations
 import collections
 from pathlib import Path
 
-from converters.base import ComponentJob, ComponentResult
+from converters.base import ComponentJob, ComponentResult, export_dims
 from sdxs_edge.errors import SDXSError
 
 # Core ML's FeatureType.ArrayFeatureType.ArrayDataType values.
@@ -46,7 +46,9 @@ def export(job: ComponentJob):
             warnings.simplefilter("ignore")  # TracerWarnings from diffusers' shape asserts, all static here
             if job.export.tracer == "torchscript":
                 return torch.jit.trace(job.module, tuple(job.example), strict=False)
-            return torch.export.export(job.module, tuple(job.example), strict=False).run_decompositions({})
+            dims = export_dims(job) if job.config.dynamic_shapes else None  # several sizes: symbolic H, W
+            ep = torch.export.export(job.module, tuple(job.example), dynamic_shapes=dims, strict=False)
+            return ep.run_decompositions({})
     except Exception as e:
         raise _err(job, f"{job.export.tracer} tracing", e) from e
 
@@ -57,9 +59,10 @@ def lower(job: ComponentJob, traced):
     import numpy as np
 
     inputs = None
-    if job.export.tracer == "torchscript":  # an ExportedProgram carries its own input names and dtypes
+    # An ExportedProgram carries its own input names and dtypes; one of several sizes enumerates them.
+    if job.export.tracer == "torchscript" or job.config.dynamic_shapes:
         inputs = [
-            ct.TensorType(name=s.name, shape=s.shape, dtype=np.int32 if s.dtype == "int32" else np.float32)
+            ct.TensorType(name=s.name, shape=_shape(job, s), dtype=np.int32 if s.dtype == "int32" else np.float32)
             for s in job.inputs
         ]
     precision = ct.precision.FLOAT32 if job.config.precision == "fp32" else ct.precision.FLOAT16
@@ -90,6 +93,23 @@ def lower(job: ComponentJob, traced):
         return cto.linear_quantize_weights(model, cto.OptimizationConfig(op_type_configs={t: op for t in WEIGHT_OPS}))
     except Exception as e:
         raise _err(job, "weight compression", e) from e
+
+
+def enumerated(job: ComponentJob, spec) -> list[list[int]]:
+    """The shapes a 4-D input takes in a bundle of several sizes (one per size, the default first)."""
+    from sdxs_edge.sizes import shape_at
+
+    return [list(shape_at(spec.shape, job.config.sizes[0], size, spec.shape[0])) for size in job.config.sizes]
+
+
+def _shape(job: ComponentJob, spec):
+    """An input's Core ML shape: fixed, or `ct.EnumeratedShapes` (what the Neural Engine prefers to
+    ranges) of a 4-D input of a bundle of several sizes."""
+    import coremltools as ct
+
+    if len(job.config.sizes) <= 1 or len(spec.shape) != 4:
+        return spec.shape
+    return ct.EnumeratedShapes(shapes=enumerated(job, spec), default=spec.shape)
 
 
 def _rename_inputs(job: ComponentJob, model):
@@ -129,6 +149,12 @@ def structure(path: Path) -> dict:
             for f in features
         ]
 
+    enumerated_shapes = {
+        f.name: [list(e.shape) for e in f.type.multiArrayType.enumeratedShapes.shapes]
+        for f in spec.description.input
+        if f.type.multiArrayType.WhichOneof("ShapeFlexibility") == "enumeratedShapes"
+    }
+
     ops: collections.Counter = collections.Counter()
     weights: collections.Counter = collections.Counter()  # uncompressed weight-sized constants of WEIGHT_OPS
     others: collections.Counter = collections.Counter()  # other large constants (masks, tables)
@@ -157,6 +183,7 @@ def structure(path: Path) -> dict:
         "model_type": spec.WhichOneof("Type"),
         "inputs": io(spec.description.input),
         "outputs": io(spec.description.output),
+        **({"enumerated_shapes": enumerated_shapes} if enumerated_shapes else {}),
         "op_counts": dict(ops.most_common()),
         "compressed_ops": {o: ops[o] for o in COMPRESSED_OPS if ops[o]},
         "uncompressed_weight_elements": dict(weights),
@@ -168,11 +195,18 @@ def check_structure(job: ComponentJob, s: dict) -> dict:
     """Raise if the package's io or weight storage is not what the io spec and precision ask for."""
     want_in = [[t.name, t.dtype, list(t.shape)] for t in job.inputs]
     want_out = [[t.name, t.dtype, list(t.shape)] for t in job.outputs]
+    if len(job.config.sizes) > 1:  # of several sizes, Core ML may leave an output's shape open ([])
+        want_out = [w if got[2] else [*w[:2], []] for w, got in zip(want_out, s["outputs"])]
     if s["model_type"] != "mlProgram":
         raise CoreMLConversionError(f"{job.name}: expected an ML Program, got {s['model_type']}")
     if s["inputs"] != want_in or s["outputs"] != want_out:
         raise CoreMLConversionError(
             f"{job.name}: Core ML inputs/outputs {s['inputs']} -> {s['outputs']} differ from the io spec {want_in} -> {want_out}"
+        )
+    want_sizes = {t.name: enumerated(job, t) for t in job.inputs if len(t.shape) == 4 and len(job.config.sizes) > 1}
+    if s.get("enumerated_shapes", {}) != want_sizes:
+        raise CoreMLConversionError(
+            f"{job.name}: Core ML enumerated shapes {s.get('enumerated_shapes', {})} differ from the sizes' {want_sizes}"
         )
     w = s["uncompressed_weight_elements"]
     p = job.config.precision
@@ -190,7 +224,7 @@ def check_structure(job: ComponentJob, s: dict) -> dict:
         if set(s["compressed_ops"]) - {op}:
             raise CoreMLConversionError(f"{job.name}: expected {op} weights, found {s['compressed_ops']}")
     return {
-        "why": "Core ML prediction needs macOS; checked: ML Program, io names/shapes/dtypes, weight storage",
+        "why": "Core ML prediction needs macOS; checked: ML Program, io names/shapes/dtypes (enumerated shapes of several sizes), weight storage",
         "compressed_ops": s["compressed_ops"],
         "uncompressed_weight_elements": w,
         "compression_threshold_elements": WEIGHT_THRESHOLD,

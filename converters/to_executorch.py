@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from converters import observers
-from converters.base import ComponentJob, ComponentResult, Runner
+from converters.base import ComponentJob, ComponentResult, Runner, export_dims
 from converters.sensitivity import QParams, Quantizer, QuantNode, run_pass, score_nodes, split_calibration
 from converters.sensitivity_cache import content_key
 from sdxs_edge.errors import SDXSError
@@ -169,9 +169,51 @@ def export(job: ComponentJob) -> tuple[object, dict[str, int]]:
             module, rewrites = rewrite_for_xnnpack(module, tuple(job.example))
     try:
         with torch.no_grad():
-            return torch.export.export(module, tuple(job.example), strict=False), rewrites
+            return _export(job, module, tuple(job.example), all_sizes=True), rewrites
     except Exception as e:
         raise _err(job, "export", e) from e
+
+
+# ---- several sizes and batches (sdxs_edge.sizes) --------------------------------------------------------
+def method_name(job: ComponentJob, size: tuple[int, int]) -> str:
+    """The program method of one image size (`sdxs_edge.sizes.method_name`)."""
+    from sdxs_edge.sizes import method_name as name
+
+    return name(job.config.sizes, size)
+
+
+def _batched(job: ComponentJob, example: tuple) -> tuple:
+    """Examples at batch 2 when the batch is dynamic (torch.export specializes a dimension of size 1)."""
+    import torch
+
+    return tuple(torch.cat([x, x]) for x in example) if job.config.max_batch > 1 else tuple(example)
+
+
+def _export(job: ComponentJob, module, example: tuple, all_sizes: bool):
+    """torch.export at `example`: static for a bundle of one size and batch; else with `_dims`."""
+    import inspect
+
+    import torch
+
+    if not job.config.dynamic_shapes:
+        return torch.export.export(module, example, strict=False)
+    dims = export_dims(job, all_sizes)
+    params = inspect.signature(module.forward).parameters.values()
+    if any(p.kind == p.VAR_POSITIONAL for p in params):  # forward(*args): one entry holding them all
+        dims = (dims,)
+    return torch.export.export(module, _batched(job, example), dynamic_shapes=dims, strict=False)
+
+
+def programs(job: ComponentJob, exported) -> dict:
+    """The methods of the component's program: "forward" alone for one size, else one static-size
+    method per size (`method_name`), each re-exported from the one graph (quantized once, on every size)."""
+    if len(job.config.sizes) <= 1:
+        return {"forward": exported}  # static, or with the dynamic batch already
+    module = exported.module()
+    try:
+        return {method_name(job, size): _export(job, module, tuple(ex), False) for size, ex in job.size_examples}
+    except Exception as e:
+        raise _err(job, "export per size", e) from e
 
 
 def _tensors(sample) -> list:
@@ -227,7 +269,7 @@ def quantize(job: ComponentJob, exported) -> tuple[object, dict]:
             "quantized_nodes": len(_quantized_nodes(best, allowed)),
         }
         with torch.no_grad():
-            return torch.export.export(best, tuple(job.example), strict=False), report
+            return _export(job, best, tuple(job.example), all_sizes=True), report
     except SDXSError:
         raise
     except Exception as e:
@@ -338,7 +380,7 @@ def _record(gm, samples, names: set[str]) -> dict[str, list[np.ndarray]]:
 
 def lower(job: ComponentJob, exported):
     """Stage 2: edge dialect + delegate partitioning; on XNNPACK with the channels-last reshapes of
-    `converters.xnnpack_layout`."""
+    `converters.xnnpack_layout`. `exported` is one program or {method: program} (`programs`)."""
     import contextlib
 
     from executorch.exir import to_edge_transform_and_lower
@@ -425,16 +467,23 @@ def runner_for(job: ComponentJob, path: Path) -> Runner:
     from executorch.runtime import Runtime
 
     from sdxs_edge.quiet import filtered_stderr
+    from sdxs_edge.sizes import size_of
 
+    sizes = [tuple(sz) for sz in job.config.sizes] or [None]
     try:
         with filtered_stderr():  # ExecuTorch's CPU probe logs on every method load
-            method = Runtime.get().load_program(str(path)).load_method("forward")
+            program = Runtime.get().load_program(str(path))
+            methods = {sz: program.load_method(method_name(job, sz) if sz else "forward") for sz in sizes}
     except Exception as e:
         raise _err(job, "loading in the ExecuTorch runtime", e) from e
     dtypes = [s.dtype for s in job.inputs]
+    four_d = next((i for i, s in enumerate(job.inputs) if len(s.shape) == 4), None)
 
     def run(sample):
-        return _numpy(method.execute(_tensors([np.asarray(x, d) for x, d in zip(sample, dtypes)])))
+        size = sizes[0]
+        if four_d is not None and len(sizes) > 1:
+            size = size_of(np.shape(sample[four_d]), job.inputs[four_d].shape, sizes[0])
+        return _numpy(methods[size].execute(_tensors([np.asarray(x, d) for x, d in zip(sample, dtypes)])))
 
     return run
 
@@ -445,7 +494,10 @@ def convert_component(job: ComponentJob) -> ComponentResult:
     report: dict = {"xnnpack_rewrites": rewrites} if rewrites else {}
     if job.config.precision == "int8":
         exported, report["int8"] = quantize(job, exported)
-    edge = lower(job, exported)
+    methods = programs(job, exported)
+    if len(methods) > 1:
+        report["methods"] = sorted(methods)
+    edge = lower(job, methods)
     report["delegation"] = delegation_report(edge, job.config.delegate)
     write(job, edge)
     if job.config.delegate != "xnnpack":

@@ -79,8 +79,25 @@ def _save(model, path: Path) -> list[str]:
     return [data] if (path.parent / data).is_file() else []  # no tensor over the 1 KB threshold: nothing went out
 
 
+def dynamic_axes(job: ComponentJob) -> dict[str, dict[int, str]] | None:
+    """The ONNX dynamic axes of a bundle of several sizes or a dynamic batch (`sdxs_edge.sizes`): the batch
+    of every tensor, and the height and width of every 4-D one (latents, images); None: static shapes."""
+    cfg = job.config
+    if not cfg.dynamic_shapes:
+        return None
+    axes = {}
+    for s in [*job.inputs, *job.outputs]:
+        a = {0: "batch"} if cfg.max_batch > 1 else {}
+        if len(cfg.sizes) > 1 and len(s.shape) == 4:
+            a.update({2: f"{s.name}_height", 3: f"{s.name}_width"})
+        if a:
+            axes[s.name] = a
+    return axes
+
+
 def export(job: ComponentJob) -> Path:
-    """Stage 1: the PyTorch wrapper -> an fp32 ONNX file in the scratch directory (static shapes)."""
+    """Stage 1: the PyTorch wrapper -> an fp32 ONNX file in the scratch directory (static shapes, or the
+    `dynamic_axes` of a bundle of several sizes or batches)."""
     import warnings
 
     import torch
@@ -97,6 +114,7 @@ def export(job: ComponentJob) -> Path:
                 output_names=[s.name for s in job.outputs],
                 opset_version=job.config.opset,
                 do_constant_folding=True,
+                dynamic_axes=dynamic_axes(job),
                 dynamo=False,
             )
         except Exception as e:  # the exporter raises many kinds; name the component and keep the cause
@@ -496,11 +514,17 @@ def op_report(path: Path) -> dict:
 
 
 def check_io(job: ComponentJob, report: dict) -> None:
-    """The file's input/output names, dtypes and static shapes must be exactly the io spec's."""
-    want_in = [(s.name, s.dtype, list(s.shape)) for s in job.inputs]
-    want_out = [(s.name, s.dtype, list(s.shape)) for s in job.outputs]
+    """The file's input/output names, dtypes and static shapes must be exactly the io spec's (a dynamic
+    axis, which the report lists as 0, where `dynamic_axes` makes one; with dynamic axes an output
+    dimension the exporter left unnamed passes, as the runtimes check every output's shape)."""
+    axes = dynamic_axes(job) or {}
+    want = lambda s: (s.name, s.dtype, [0 if i in axes.get(s.name, {}) else d for i, d in enumerate(s.shape)])
+    want_in = [want(s) for s in job.inputs]
+    want_out = [want(s) for s in job.outputs]
     got_in = [tuple(x) for x in report["inputs"]]
     got_out = [tuple(x) for x in report["outputs"]]
+    if axes:  # the exporter may leave other output dimensions unnamed (0) as well; runtimes check outputs
+        got_out = [(n, t, [w if g == 0 else g for g, w in zip(d, o[2])]) for (n, t, d), o in zip(got_out, want_out)]
     if got_in != want_in or got_out != want_out:
         raise OnnxConversionError(
             f"{job.name}: ONNX inputs/outputs {got_in} -> {got_out} differ from the io spec {want_in} -> {want_out}"

@@ -26,6 +26,7 @@ import numpy as np
 
 from runtimes.base import BackendMissingError, Session
 from runtimes.native_io import RunnerError, failure_line, parse_timing, read_outputs, write_inputs
+from sdxs_edge import sizes
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_RUNNER = REPO / "build" / "arm64" / "sdxs_runner"
@@ -95,7 +96,8 @@ class Arm64EmulatedSession(Session):
         env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(self.lib_dir), env.get("LD_LIBRARY_PATH", "")) if p)
         with tempfile.TemporaryDirectory(prefix=f"sdxs-{component}-") as io:
             write_inputs(io, [inputs[s.name] for s in spec.inputs])
-            cmd = [*self.command, "--model", str(self.bundle / spec.file), "--io", io, "--method", self.method]
+            method = sizes.method_name(self.sizes, self.shape_of(component, inputs)[1], self.method)
+            cmd = [*self.command, "--model", str(self.bundle / spec.file), "--io", io, "--method", method]
             try:
                 proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=self.timeout_s)
             except subprocess.TimeoutExpired:

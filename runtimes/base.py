@@ -42,7 +42,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from runtimes.tokenizer import CLIPBPETokenizer
-from sdxs_edge import cpu, sampler, torch_rng
+from sdxs_edge import cpu, sampler, sizes, torch_rng
 from sdxs_edge.bundle import REQUIRED_COMPONENTS, BundleError, load_manifest
 from sdxs_edge.errors import NonFiniteError, SDXSError
 
@@ -228,6 +228,7 @@ class Session:
             raise BundleError(
                 f"{self.bundle}: its U-Net takes ControlNet residuals ({', '.join(extra)}) but the bundle has no controlnet component; convert it with the controlnet component"
             )
+        self.sizes: tuple[tuple[int, int], ...] = sizes.bundle_sizes(self.manifest)
         self.timings: dict[str, float] = {}
         warn_unchecked_class(self.bundle, self.manifest, self.runs_as())
         # Read now, so load time includes it and the first `generate` measures tokenizing only.
@@ -264,12 +265,59 @@ class Session:
     # ---- checked execution ---------------------------------------------------------------------------
     @property
     def batch(self) -> int:
-        """Static batch size the bundle was lowered for."""
+        """The batch the bundle's shapes declare: its static batch, or 1 for a dynamic one (`max_batch`)."""
         return self.specs["unet"].inputs[0].shape[0]
 
     @property
+    def max_batch(self) -> int:
+        """The largest batch the bundle takes (`sdxs_edge.sizes`)."""
+        return sizes.max_batch(self.manifest)
+
+    @property
     def latent_shape(self) -> tuple[int, ...]:
+        """The latent shape at the default size and declared batch."""
         return self.specs["unet"].inputs[0].shape
+
+    def latent_shape_at(self, batch: int, width: int, height: int) -> tuple[int, ...]:
+        """The latent shape at `batch` and image size `width` x `height`."""
+        return sizes.shape_at(self.latent_shape, self.sizes[0], (width, height), batch)
+
+    def check_size(self, width: int | None, height: int | None, batch: int) -> tuple[int, int]:
+        """(width, height) with the default for None; one line listing what the bundle takes otherwise."""
+        H, W = self.image_size
+        size = (W if width is None else int(width), H if height is None else int(height))
+        try:
+            sizes.check_request(self.manifest, size[0], size[1], int(batch))
+        except sizes.SizeError as e:
+            raise RuntimeInputError(f"{self.bundle}: {e}") from None
+        return size
+
+    def specs_at(self, component: str, batch: int, size: tuple[int, int]) -> ComponentSpec:
+        """A component's declared specs at `batch` and image `size` (width, height)."""
+        spec = self.specs[component]
+        at = lambda t: TensorSpec(t.name, sizes.shape_at(t.shape, self.sizes[0], size, batch), t.dtype)
+        return ComponentSpec(spec.name, spec.file, tuple(map(at, spec.inputs)), tuple(map(at, spec.outputs)))
+
+    def _spec_for(self, component: str, inputs: dict[str, Any]) -> ComponentSpec:
+        """The specs at the batch and size the inputs imply, when the bundle takes them; the declared ones
+        otherwise (whose check then names the mismatch)."""
+        batch, size = self.shape_of(component, inputs)
+        if size not in self.sizes or batch not in sizes.batches(self.manifest):
+            return self.specs[component]
+        return self.specs_at(component, batch, size)
+
+    def shape_of(self, component: str, inputs: dict[str, Any]) -> tuple[int, tuple[int, int]]:
+        """(batch, (width, height)) that a component's inputs imply: the first input's first dimension and
+        the size its first 4-D input scales to (the default size where none tells; batch -1 where the
+        first input is not an array)."""
+        spec = self.specs[component]
+        first = inputs.get(spec.inputs[0].name)
+        batch = first.shape[0] if getattr(first, "ndim", 0) else -1
+        for t in spec.inputs:
+            a = inputs.get(t.name)
+            if len(t.shape) == 4 and hasattr(a, "shape"):
+                return batch, sizes.size_of(a.shape, t.shape, self.sizes[0]) or self.sizes[0]
+        return batch, self.sizes[0]
 
     @property
     def has_controlnet(self) -> bool:
@@ -318,9 +366,9 @@ class Session:
             component: component name.
             inputs: input name -> numpy array.
         """
-        spec = self.specs.get(component)
-        if spec is None:
+        if component not in self.specs:
             raise RuntimeInputError(f"unknown component {component!r} (bundle has: {', '.join(self.specs)})")
+        spec = self._spec_for(component, inputs)
         want = [s.name for s in spec.inputs]
         if sorted(inputs) != sorted(want):
             raise RuntimeInputError(f"{component}: inputs {sorted(inputs)} do not match the manifest's {want}")
@@ -334,14 +382,23 @@ class Session:
                     f"{component}.{s.name}: dtype {a.dtype} does not match the manifest ({s.describe()})"
                 )
             if tuple(a.shape) != s.shape:
+                takes = "" if len(self.sizes) == 1 and self.max_batch == self.batch else self._takes()
                 raise RuntimeInputError(
-                    f"{component}.{s.name}: shape {list(a.shape)} does not match the manifest ({s.describe()})"
+                    f"{component}.{s.name}: shape {list(a.shape)} does not match the manifest ({s.describe()}){takes}"
                 )
             out[s.name] = np.ascontiguousarray(a)
         return out
 
-    def _check_outputs(self, component: str, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        spec = self.specs[component]
+    def _takes(self) -> str:
+        b = sizes.batches(self.manifest)
+        return f"; the bundle takes sizes {', '.join(map(sizes.fmt, self.sizes))} and batch {b[0]}" + (
+            f" to {b[-1]}" if len(b) > 1 else ""
+        )
+
+    def _check_outputs(
+        self, component: str, outputs: dict[str, np.ndarray], spec: ComponentSpec | None = None
+    ) -> dict[str, np.ndarray]:
+        spec = spec or self.specs[component]
         for s in spec.outputs:
             if s.name not in outputs:
                 raise SDXSError(f"{self.name} runtime returned no {component}.{s.name} (got {sorted(outputs)})")
@@ -366,7 +423,7 @@ class Session:
         t = time.perf_counter()
         outputs = self._run(component, checked)
         self.timings[component] = time.perf_counter() - t
-        return self._check_outputs(component, dict(outputs))
+        return self._check_outputs(component, dict(outputs), self._spec_for(component, checked))
 
     def cast_input(self, component: str, index: int, a: np.ndarray) -> np.ndarray:
         """Cast a float array to the float dtype input `index` of `component` declares (fp16 I/O bundles).
@@ -422,7 +479,7 @@ class Session:
         feeds = {spec.inputs[0].name: latent, spec.inputs[1].name: context, **dict(zip(names, residuals))}
         for s in spec.inputs:  # the U-Net of a bundle with an encoder, or of optimum's layout, takes the timestep
             if s.name == TIMESTEP_INPUT:
-                feeds[s.name] = np.full(s.shape, t, s.dtype)
+                feeds[s.name] = np.full((len(latent),), t, s.dtype)  # one per image of the batch
         return self.run("unet", feeds)[spec.outputs[0].name]
 
     def _residual_names(self) -> list[str]:
@@ -440,21 +497,37 @@ class Session:
         ids = self.tokenizer(list(prompts))
         return ids.astype(self.specs["text_encoder"].inputs[0].dtype)
 
-    def noise(self, seed: int, rng: str = "torch") -> np.ndarray:
-        """Unit Gaussian latent of the bundle's shape, float32.
+    def noise(
+        self,
+        seed: int,
+        rng: str = "torch",
+        batch: int | None = None,
+        width: int | None = None,
+        height: int | None = None,
+    ) -> np.ndarray:
+        """Unit Gaussian latent of the bundle's shape (at `batch` and `width` x `height` when given), float32.
 
         Args:
             seed: the seed.
+            batch: the batch (default: the declared one).
+            width: image width (default: the bundle's default size).
+            height: image height (default: the bundle's default size).
             rng: "torch" draws PyTorch's CPU `torch.randn` under `torch.Generator().manual_seed(seed)`
                 (diffusers' noise; `sdxs_edge.torch_rng`); "numpy" draws
                 `np.random.default_rng(seed).standard_normal`.
         """
-        return draw_noise(self.latent_shape, seed, rng)
+        b = self.batch if batch is None else batch
+        return draw_noise(self.latent_shape_at(b, *self.check_size(width, height, b)), seed, rng)
 
     def _prompts(self, prompt: str | Sequence[str]) -> list[str]:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if len(prompts) != self.batch:
-            raise RuntimeInputError(f"the bundle was lowered for batch {self.batch}; got {len(prompts)} prompt(s)")
+        allowed = sizes.batches(self.manifest)
+        if len(prompts) not in allowed:
+            if len(allowed) == 1:
+                raise RuntimeInputError(f"the bundle was lowered for batch {self.batch}; got {len(prompts)} prompt(s)")
+            raise RuntimeInputError(
+                f"{len(prompts)} prompt(s) are over the bundle's batch bound ({allowed[-1]}; convert with a larger --max-batch)"
+            )
         return prompts
 
     def prepare_control(self, control_image) -> np.ndarray:
@@ -499,6 +572,8 @@ class Session:
         rng: str = "torch",
         image=None,
         strength: float | None = None,
+        width: int | None = None,
+        height: int | None = None,
     ) -> GenerationResult:
         """Prompt -> tokens -> text encoder -> (ControlNet ->) one U-Net step (arXiv 2403.16627 Sec. 4) ->
         decoder, as arrays.
@@ -514,8 +589,9 @@ class Session:
                 (H, W, 3) or float array (1, 3, H, W) in [-1, 1], one for the batch
                 (`sdxs_edge.init_image.load_init_image`: resized with a warning if its size differs).
             strength: image-to-image strength in (0, 1] (default 0.8, as the PyTorch pipeline).
+            width: image width, one of the bundle's sizes (default: its first).
+            height: image height, one of the bundle's sizes (default: its first).
         """
-        c, init = self._init_latent(image, strength)
         if control_image is not None and not self.has_controlnet:
             raise RuntimeInputError(
                 f"{self.bundle} has no ControlNet, so it takes no control image (convert it with --controlnet PATH)"
@@ -525,18 +601,19 @@ class Session:
                 f"{self.bundle} has a ControlNet: give a control image (control_image=..., --control IMAGE)"
             )
         prompts = self._prompts(prompt)
+        size = self.check_size(width, height, len(prompts))
+        shape = self.latent_shape_at(len(prompts), *size)
+        c, init = self._init_latent(image, strength, len(prompts), size)
         control = self.prepare_control(control_image) if control_image is not None else None
         timings: dict[str, float] = {}
         t = time.perf_counter()
         ids = self.tokenize(prompts)
         timings["tokenize"] = time.perf_counter() - t
         if noise is None:
-            noise = self.noise(seed, rng)
+            noise = draw_noise(shape, seed, rng)
         noise = np.asarray(noise)
-        if tuple(noise.shape) != self.latent_shape or noise.dtype.kind != "f":
-            raise RuntimeInputError(
-                f"noise: expected float {list(self.latent_shape)}, got {noise.dtype}{list(noise.shape)}"
-            )
+        if tuple(noise.shape) != shape or noise.dtype.kind != "f":
+            raise RuntimeInputError(f"noise: expected float {list(shape)}, got {noise.dtype}{list(noise.shape)}")
         noise = noise.astype(np.float32)
         context = self.encode_text(ids)
         timings["text_encoder"] = self.timings["text_encoder"]
@@ -561,8 +638,11 @@ class Session:
         timings["decoder"] = self.timings["decoder"]
         return GenerationResult(image.astype(np.float32), latent, context, out, noise, ids, timings, control, residuals)
 
-    def _init_latent(self, image, strength: float | None) -> tuple[sampler.OneStepConstants, np.ndarray | None]:
-        """(constants, encoded image repeated over the batch) for image-to-image; (constants, None) without."""
+    def _init_latent(
+        self, image, strength: float | None, batch: int, size: tuple[int, int]
+    ) -> tuple[sampler.OneStepConstants, np.ndarray | None]:
+        """(constants, encoded image repeated over the batch) for image-to-image at `size` (width, height);
+        (constants, None) without."""
         if image is None:
             if strength is not None:
                 raise RuntimeInputError("strength is for image-to-image: give an image too (image=..., --image PATH)")
@@ -572,8 +652,7 @@ class Session:
         from sdxs_edge.init_image import load_init_image
 
         c = self.strength_constants(0.8 if strength is None else strength)
-        B, _, H, W = self.specs["encoder"].inputs[0].shape
-        x = np.repeat(load_init_image(image, H, W), B, axis=0)
+        x = np.repeat(load_init_image(image, size[1], size[0]), batch, axis=0)
         init = self.encode_image(self.cast_input("encoder", 0, x)).astype(np.float32)
         return c, init
 
@@ -586,6 +665,8 @@ class Session:
         rng: str = "torch",
         image=None,
         strength: float | None = None,
+        width: int | None = None,
+        height: int | None = None,
     ):
         """Generate: a PIL image for one prompt, a list of them for a list of prompts.
 
@@ -598,8 +679,12 @@ class Session:
             rng: noise generator for `seed`: "torch" (diffusers' noise, the default) or "numpy".
             image: image-to-image input, for a bundle with an encoder (see `generate_arrays`).
             strength: image-to-image strength in (0, 1] (default 0.8).
+            width: image width, one of the bundle's sizes (default: its first).
+            height: image height, one of the bundle's sizes (default: its first).
         """
-        images = to_pil(self.generate_arrays(prompt, seed, noise, control_image, rng, image, strength).image)
+        images = to_pil(
+            self.generate_arrays(prompt, seed, noise, control_image, rng, image, strength, width, height).image
+        )
         return images[0] if isinstance(prompt, str) else images
 
     def __call__(
@@ -624,8 +709,8 @@ class Session:
                 bundle's batch exactly.
             num_inference_steps: must be 1 (a bundle holds the one-step U-Net).
             guidance_scale: must be <= 1 (no classifier-free guidance in a one-step bundle; SDXS runs 0).
-            height: image height; must be the bundle's (default).
-            width: image width; must be the bundle's (default).
+            height: image height, one of the bundle's sizes (default: its first).
+            width: image width, one of the bundle's sizes (default: its first).
             num_images_per_prompt: images per prompt (each prompt's images together, as diffusers).
             seed: noise seed (`Session.noise`).
             image: image-to-image input, for a bundle with an encoder (see `generate_arrays`); refused
@@ -644,15 +729,13 @@ class Session:
             raise RuntimeInputError(
                 f"a one-step bundle runs without classifier-free guidance: guidance_scale must be <= 1, got {guidance_scale:g}"
             )
-        H, W = self.image_size
-        want = (H if height is None else height, W if width is None else width)
-        if want != (H, W):
-            raise RuntimeInputError(f"this bundle draws {W}x{H} images (width x height); got {want[1]}x{want[0]}")
         if int(num_images_per_prompt) < 1:
             raise RuntimeInputError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         prompts = [p for p in prompts for _ in range(int(num_images_per_prompt))]
-        res = self.generate_arrays(prompts, seed=seed, rng=rng, image=image, strength=strength)
+        res = self.generate_arrays(
+            prompts, seed=seed, rng=rng, image=image, strength=strength, width=width, height=height
+        )
         if output_type == "latent":
             return CallOutput(res.latent)
         if output_type == "np":
@@ -661,5 +744,5 @@ class Session:
 
     @property
     def image_size(self) -> tuple[int, int]:
-        """(height, width) of the images the bundle draws."""
+        """(height, width) of the images the bundle draws by default (its first size)."""
         return tuple(self.specs["decoder"].outputs[0].shape[2:4])

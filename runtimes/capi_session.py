@@ -162,9 +162,10 @@ class CapiSession(Session):
             self._check(self._lib.sdxs_tokenize(self._ctx, _prompt_bytes(text), out[row].ctypes.data, ctypes.byref(n)))
         return out.astype(self.specs["text_encoder"].inputs[0].dtype)
 
-    def noise(self, seed: int, rng: str = "torch") -> np.ndarray:
+    def noise(self, seed: int, rng: str = "torch", batch=None, width=None, height=None) -> np.ndarray:
         """libsdxs's noise for rng "torch": torch.randn(latent_shape, generator=torch.Generator().manual_seed(seed));
-        "numpy" is the base class's numpy stream."""
+        "numpy" is the base class's numpy stream. libsdxs runs the bundle's default size and batch only."""
+        self._default_size_only(width, height, batch)
         if rng != "torch":
             return super().noise(seed, rng)
         out = np.empty(self.latent_shape, np.float32)
@@ -180,12 +181,15 @@ class CapiSession(Session):
         rng: str = "torch",
         image=None,
         strength: float | None = None,
+        width: int | None = None,
+        height: int | None = None,
     ) -> GenerationResult:
         """One `sdxs_generate_arrays` call: tokenizer, noise (unless given), components and rule in libsdxs.
         libsdxs draws the "torch" stream itself; another `rng` is drawn here and handed in. Image-to-image
         (`image=`, a bundle with an encoder) runs the components one by one through `sdxs_run_component`,
-        with the base class's steps."""
+        with the base class's steps. libsdxs runs the bundle's default (first) size only."""
         self._need_open()
+        self._default_size_only(width, height, None)
         if image is not None or strength is not None:
             return super().generate_arrays(prompt, seed, noise, control_image, rng, image, strength)
         if noise is None and rng != "torch":
@@ -224,6 +228,15 @@ class CapiSession(Session):
         self.timings.update({k: v for k, v in timings.items() if k != "tokenize"})
         self.library_timings = {"total": ms[4] / 1e3, "call": total}
         return GenerationResult(image, latent, context, eps, noise, ids.astype(te.inputs[0].dtype), timings)
+
+    def _default_size_only(self, width, height, batch) -> None:
+        H, W = self.image_size
+        size = (W if width is None else width, H if height is None else height)
+        if size != (W, H) or (batch is not None and batch != self.batch):
+            raise RuntimeInputError(
+                f"libsdxs runs a bundle at its default size {W}x{H} and batch {self.batch} only; got {size[0]}x{size[1]}"
+                f" batch {self.batch if batch is None else batch} (use the executorch-native runtime for the bundle's other sizes)"
+            )
 
     def close(self) -> None:
         ctx, self._ctx = self._ctx, None

@@ -1,8 +1,10 @@
 """`sdxs-edge parity` and `sdxs-edge run`: the runtimes' subcommands, added by `sdxs_edge.cli`.
 
     sdxs-edge parity BUNDLE --runtime NAME [--reference MODEL|none] [--prompts FILE] [--seeds 0,1] [--json OUT]
+                     [--width W --height H] [--batch N]   (default: every size of the bundle)
     sdxs-edge run BUNDLE "prompt" --runtime NAME --out img.png [--seed N] [--control IMAGE]
-        [--image PATH [--strength S]]
+                  [--image PATH [--strength S]] [--width W --height H] [--batch N]
+                  (N images: img-0.png .. img-<N-1>.png)
 
 Handlers return an exit code and raise SDXSError (ParityError below the floors), which the main CLI
 prints as one line with exit code 2.
@@ -47,6 +49,13 @@ def _add_runtime_options(p: argparse.ArgumentParser) -> None:
         choices=RNGS,
         default="torch",
         help="noise for the seed: torch (PyTorch's CPU torch.randn, diffusers' image for the seed; default) or numpy (the earlier numpy stream)",
+    )
+    p.add_argument("--width", type=cli_args.image_side("--width"), help="image width, one of the bundle's sizes")
+    p.add_argument("--height", type=cli_args.image_side("--height"), help="image height, one of the bundle's sizes")
+    p.add_argument(
+        "--batch",
+        type=cli_args.at_least("--batch"),
+        help="images per run (default: the bundle's batch; at most its max_batch)",
     )
 
 
@@ -132,6 +141,9 @@ def cmd_parity(args: argparse.Namespace) -> int:
         json_out=args.json_out,
         check=False,
         rng=args.rng,
+        width=args.width,
+        height=args.height,
+        batch=args.batch,
     )
     print(format_table(report))
     if args.json_out:
@@ -158,14 +170,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         control = (
             cli_args.warnings_as_lines(session.prepare_control, args.control) if args.control is not None else None
         )
+        prompts = [args.prompt] * (args.batch or session.batch)
         res = cli_args.warnings_as_lines(
-            session.generate_arrays, args.prompt, args.seed, None, control, args.rng, args.image, args.strength
-        )
-    image = to_pil(res.image)[0]
-    save_image(image, out)
+            session.generate_arrays, prompts, args.seed, None, control, args.rng, args.image, args.strength,
+            args.width, args.height,
+        )  # fmt: skip
+    images = to_pil(res.image)
+    paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(images))]
+    for image, path in zip(images, paths):
+        save_image(image, path)
     m = session.manifest
     print(
-        f"bundle {args.bundle}  ({m['target']} {m['precision']}, {m['resolution']}px) on {args.runtime}, seed {args.seed} ({args.rng} rng)"
+        f"bundle {args.bundle}  ({m['target']} {m['precision']}, {images[0].width}x{images[0].height}, batch {len(images)}) on {args.runtime}, seed {args.seed} ({args.rng} rng)"
         + (f", control {args.control}" if args.control else "")
         + (f", image {args.image} (strength {0.8 if args.strength is None else args.strength:g})" if args.image else "")
     )
@@ -173,5 +189,5 @@ def cmd_run(args: argparse.Namespace) -> int:
     for k, v in res.timings.items():
         print(f"  {k:<13} {v * 1000:9.1f} ms")
     print(f"  total         {sum(res.timings.values()) * 1000:9.1f} ms  (excluding load)")
-    print(f"wrote {out}")
+    print(f"wrote {', '.join(map(str, paths))}")
     return 0

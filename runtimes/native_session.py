@@ -34,6 +34,7 @@ import numpy as np
 
 from runtimes.base import BackendMissingError, Session
 from runtimes.native_io import RunnerError, failure_line, read_outputs, write_inputs
+from sdxs_edge import sizes
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_RUNNER = REPO / "build" / "host" / "sdxs_runner"
@@ -52,7 +53,8 @@ class NativeSession(Session):
         threads: ExecuTorch threadpool size (XNNPACK runs on it); default one per core.
         workspace_sharing: XNNPACK activation arenas: "global" (one for all programs, the default),
             "per-model" or "disabled".
-        method: the program method to run.
+        method: the program method to run ("<method>_<W>x<H>" at the other sizes of a bundle of several:
+            `sdxs_edge.sizes.method_name`, which the runner loads on first use).
         timeout_s: limit for loading the programs, and for one component run, seconds.
         verify: check every component file's sha256 against the manifest.
     """
@@ -89,6 +91,7 @@ class NativeSession(Session):
         if threads is not None and threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
         self.timeout_s = float(timeout_s)
+        self.method = method
         self.runner_timings: dict[str, dict] = {}
         cmd = [str(self.runner), "--serve", "--method", method, "--workspace-sharing", workspace_sharing]
         if threads is not None:
@@ -167,8 +170,10 @@ class NativeSession(Session):
         io = self._io / component
         io.mkdir(exist_ok=True)
         write_inputs(io, [inputs[s.name] for s in spec.inputs])
+        method = sizes.method_name(self.sizes, self.shape_of(component, inputs)[1], self.method)
+        request = f"run {component} {io}" if method == self.method else f"run-method {component} {method} {io}"
         try:
-            self._proc.stdin.write(f"run {component} {io}\n".encode())
+            self._proc.stdin.write(f"{request}\n".encode())
             self._proc.stdin.flush()
         except (BrokenPipeError, OSError):
             raise self._failed(what) from None

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from runtimes.base import BackendMissingError, Session
+from sdxs_edge import sizes
 from sdxs_edge.bundle import BundleError
 
 # Short names accepted by `providers=` and `--providers`.
@@ -88,25 +89,44 @@ class OnnxRuntimeSession(Session):
             )
         self.providers = wanted
         _shared_cpu_arena(ort)
+        self._ort, self._threads = ort, threads
+        self.sessions = {}
+        self._sized: dict[tuple, object] = {}  # (component, batch, size) -> a session fixed to that shape
+        self._fixes = len(self.sizes) > 1 or self.max_batch > 1
+        for comp in self.specs:
+            sess = self._open(comp, self.batch, self.sizes[0])
+            self._check_program(comp, sess)
+            self.sessions[comp] = self._sized[comp, self.batch, self.sizes[0]] = sess
+
+    def _open(self, comp: str, batch: int, size: tuple[int, int]):
+        """An onnxruntime session on a component's file. For a bundle of several sizes or batches, its
+        dynamic dimensions fixed to `batch` and `size` (`add_free_dimension_override_by_name`): the graph is
+        then planned as a static one. Measured on the shipped model's fp32 U-Net at 64x64 (1 thread, AVX2):
+        fastest of 60 runs 3.1-3.4 ms with the fixed-size file, 8.0-12.7 ms with dynamic axes left free,
+        3.5-3.6 ms with them fixed."""
+        ort, spec = self._ort, self.specs[comp]
         opts = ort.SessionOptions()
-        if threads is not None:
-            opts.intra_op_num_threads = int(threads)
+        if self._threads is not None:
+            opts.intra_op_num_threads = int(self._threads)
         opts.log_severity_level = 3
         # Memory: one process-wide CPU arena for the three sessions, and no per-session memory pattern
         # (a pre-planned block per session, kept for its lifetime); see _shared_cpu_arena.
         opts.add_session_config_entry("session.use_env_allocators", "1")
         opts.enable_mem_pattern = False
-        self.sessions = {}
-        for comp, spec in self.specs.items():
-            path = self.bundle / spec.file
-            try:
-                sess = ort.InferenceSession(str(path), sess_options=opts, providers=wanted)
-            except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
-                raise BundleError(
-                    f"{path}: onnxruntime cannot load it ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
-                ) from e
-            self._check_program(comp, sess)
-            self.sessions[comp] = sess
+        if self._fixes:
+            for t in (*spec.inputs, *spec.outputs):  # the names `converters.to_onnx.dynamic_axes` gives
+                shape = sizes.shape_at(t.shape, self.sizes[0], size, batch)
+                if len(shape) == 4:
+                    opts.add_free_dimension_override_by_name(f"{t.name}_height", shape[2])
+                    opts.add_free_dimension_override_by_name(f"{t.name}_width", shape[3])
+            opts.add_free_dimension_override_by_name("batch", batch)
+        path = self.bundle / spec.file
+        try:
+            return ort.InferenceSession(str(path), sess_options=opts, providers=self.providers)
+        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
+            raise BundleError(
+                f"{path}: onnxruntime cannot load it ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
+            ) from e
 
     def _check_program(self, comp: str, sess) -> None:
         """The .onnx file must take and return exactly what the manifest declares."""
@@ -132,7 +152,11 @@ class OnnxRuntimeSession(Session):
     def _run(self, component: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         spec = self.specs[component]
         names = [s.name for s in spec.outputs]
-        return dict(zip(names, self.sessions[component].run(names, inputs)))
+        batch, size = self.shape_of(component, inputs)
+        key = (component, batch, size)
+        if key not in self._sized:  # another size or batch: its own session, opened on first use
+            self._sized[key] = self._open(component, batch, size)
+        return dict(zip(names, self._sized[key].run(names, inputs)))
 
     def close(self) -> None:
-        self.sessions = {}
+        self.sessions, self._sized = {}, {}

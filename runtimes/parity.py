@@ -107,8 +107,15 @@ def run_parity(
     json_out: str | Path | None = None,
     check: bool = True,
     rng: str = "torch",
+    width: int | None = None,
+    height: int | None = None,
+    batch: int | None = None,
 ) -> dict:
     """Compare a bundle on `runtime` with its PyTorch source model; optionally raise under the floors.
+
+    A bundle of several sizes (`sdxs_edge.sizes`) is compared at each size unless `width` and `height`
+    name one: the report's figures are its first size's, and "sizes" holds one row per size, each
+    judged against the floors.
 
     Args:
         bundle: the bundle directory.
@@ -123,6 +130,9 @@ def run_parity(
         check: raise ParityError when a floor is missed (`check_floors`).
         rng: noise generator for the seeds (`Session.noise`): "torch" (diffusers' noise) or "numpy";
             recorded in the report.
+        width: compare at this image width only (with `height`; default: every size of the bundle).
+        height: compare at this image height only (with `width`).
+        batch: images per run (default: the bundle's declared batch; at most its `max_batch`).
 
     Returns:
         the report (see `format_table` for the fields shown).
@@ -140,7 +150,7 @@ def run_parity(
         runtimes.load(bundle, runtime, **(runtime_options or {})) as rt,
         runtimes.load(bundle, "torch", reference=reference, verify=False) as ref,
     ):
-        report = _compare(rt, ref, prompts, seeds, explicit_reference=reference is not None, rng=rng)
+        report = _compare_sizes(rt, ref, prompts, seeds, reference is not None, rng, width, height, batch)
         report["cpu_class"] = rt.runs_as()
         report["cpu_classes_checked_at_conversion"] = cpu.checked_classes(rt.manifest)
     return _finish(report, runtime_options, json_out, check)
@@ -170,8 +180,43 @@ def _finish(report: dict, runtime_options: dict[str, Any] | None, json_out, chec
     return report
 
 
+def _compare_sizes(
+    rt: Session, ref: Session, prompts, seeds, explicit_reference: bool, rng: str, width, height, batch
+) -> dict:
+    """`_compare` at each size asked for (every size of the bundle by default); one report, rows per size."""
+    if (width is None) != (height is None):
+        raise SDXSError("give both --width and --height, or neither (every size of the bundle)")
+    b = rt.batch if batch is None else int(batch)
+    sizes = [rt.check_size(width, height, b)] if width is not None else [rt.check_size(w, h, b) for w, h in rt.sizes]
+    reports = [_compare(rt, ref, prompts, seeds, explicit_reference, rng, size, b) for size in sizes]
+    report = reports[0]
+    if len(rt.sizes) > 1 or b != rt.batch or width is not None:
+        report["batch"] = b
+        report["sizes"] = [
+            {
+                "size": f"{r['width']}x{r['height']}",
+                "components": {c: {k: v[k] for k in ("snr_db", "ok")} for c, v in r["components"].items()},
+                "image": {k: r["image"][k] for k in ("psnr_db", "enforced", "ok")},
+                "all_correct": r["all_correct"],
+                "failures": r["failures"],
+                "passed": r["passed"],
+            }
+            for r in reports
+        ]
+        report["failures"] = [f"{r['width']}x{r['height']}: {f}" for r in reports for f in r["failures"]]
+        report["passed"] = not report["failures"]
+    return report
+
+
 def _compare(
-    rt: Session, ref: Session, prompts: list[str], seeds: list[int], explicit_reference: bool, rng: str
+    rt: Session,
+    ref: Session,
+    prompts: list[str],
+    seeds: list[int],
+    explicit_reference: bool,
+    rng: str,
+    size: tuple[int, int] | None = None,
+    batch: int | None = None,
 ) -> dict:
     from sdxs_edge.presets import PRESETS
 
@@ -183,20 +228,21 @@ def _compare(
     ref_images, rt_images, order, controls = [], [], [], []
     rt_times: dict[str, list[float]] = {c: [] for c in comps}
     ref_times: dict[str, list[float]] = {c: [] for c in comps}
-    B = rt.batch
+    B = rt.batch if batch is None else batch
+    W, H = size or rt.sizes[0]
     for seed in seeds:
         for start in range(0, len(prompts), B):
             chunk = prompts[start : start + B]
             n = len(chunk)
             chunk = chunk + [chunk[-1]] * (B - n)  # fill a static batch; the fill is dropped below
-            noise = rt.noise(seed, rng)
+            noise = rt.noise(seed, rng, B, W, H)
             control = None
             if rt.has_controlnet:
                 from sdxs_edge.control import prompt_controls
 
                 control = prompt_controls(chunk, rt.control_shape[-1], seed + start)
-            want = ref.generate_arrays(chunk, noise=noise, control_image=control)
-            got = rt.generate_arrays(chunk, noise=noise, control_image=control)
+            want = ref.generate_arrays(chunk, noise=noise, control_image=control, width=W, height=H)
+            got = rt.generate_arrays(chunk, noise=noise, control_image=control, width=W, height=H)
             for c in comps:
                 rt_times[c].append(got.timings[c])
                 ref_times[c].append(want.timings[c])
@@ -261,7 +307,7 @@ def _compare(
     }
     if trained and not image_ok:
         failures.append(f"image PSNR {psnr:.1f} dB < {floors.image_psnr_db:g} dB")
-    all_correct = _all_correct(order, ri, ti, rt.manifest["resolution"], floors)
+    all_correct = _all_correct(order, ri, ti, (W, H), floors)
     control = _control_report(np.concatenate(controls), ri, ti) if controls else None
     if all_correct.get("ok") is False:
         failures.append(
@@ -278,6 +324,8 @@ def _compare(
         "prompts": prompts,
         "seeds": seeds,
         "rng": rng,
+        "width": W,
+        "height": H,
         "samples": len(order),
         "floors": asdict(floors),
         "components": components,
@@ -294,14 +342,16 @@ def _compare(
 
 
 def _all_correct(
-    prompts: list[str], ref_images: np.ndarray, rt_images: np.ndarray, resolution: int, floors: Floors
+    prompts: list[str], ref_images: np.ndarray, rt_images: np.ndarray, size: tuple[int, int], floors: Floors
 ) -> dict:
     """SHAPES-64 all-correct rates of both sides, or an explicit "n/a" with the reason."""
     labels = _shapes_labels(prompts)
     if labels is None:
         return {"status": "n/a (prompts are not all SHAPES-64 captions)"}
-    if resolution != shapes.SIZE:
-        return {"status": f"n/a (model makes {resolution}px images; the SHAPES-64 evaluator reads {shapes.SIZE}px)"}
+    if tuple(size) != (shapes.SIZE, shapes.SIZE):
+        return {
+            "status": f"n/a (the images are {size[0]}x{size[1]}; the SHAPES-64 evaluator reads {shapes.SIZE}x{shapes.SIZE})"
+        }
     evaluator, why = _load_evaluator()
     if evaluator is None:
         return {"status": f"n/a (no evaluator: {why})"}
@@ -410,6 +460,13 @@ def format_table(report: dict) -> str:
     if ctl:
         lines.append(
             f"{'edge IoU':<14}runtime {ctl['edge_iou_runtime']:.3f}  reference {ctl['edge_iou_reference']:.3f}  ({ctl['edge_iou_change']:+.3f}; canny of the image vs the control edges, reported only)"
+        )
+    for row in report.get("sizes", []):
+        snrs = "  ".join(f"{c} {_num(v['snr_db'], '.1f')}" for c, v in row["components"].items())
+        ac = row["all_correct"]
+        acs = f"all-correct {ac['runtime']:.3f}" if ac["status"] == "measured" else "all-correct n/a"
+        lines.append(
+            f"{'size ' + row['size']:<14}SNR dB {snrs}  image PSNR {_num(row['image']['psnr_db'], '.1f')}  {acs}  {'ok' if row['passed'] else 'FAIL'}"
         )
     lines.append("PASSED" if report["passed"] else "FAILED: " + "; ".join(report["failures"]))
     return "\n".join(lines)

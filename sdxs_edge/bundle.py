@@ -77,6 +77,9 @@ MANIFEST_SCHEMA: dict[str, Any] = {
         "target": {"enum": list(TARGETS)},
         "precision": {"enum": list(PRECISIONS)},
         "resolution": {"type": "integer", "minimum": 8},
+        "sizes": {"type": "array", "items": {"type": "array", "items": {"type": "integer", "minimum": 8}}},
+        "max_batch": {"type": "integer", "minimum": 1},
+        "size_multiple": {"type": "integer", "minimum": 8},
         "sampler": {
             "type": "object",
             "required": ["timestep", "sigma", "input_scale", "prediction_type", "latent_scaling"],
@@ -205,6 +208,8 @@ MAX_ELEMENTS = 1 << 31  # per tensor
 MAX_RANK = 8
 MAX_RESOLUTION = 8192
 MAX_SELFCHECK_SAMPLES = 64  # the converter records 2
+MAX_SIZES = 64  # sizes one bundle lists
+MAX_BATCH = 256
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _TENSOR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,127}")
 
@@ -263,6 +268,7 @@ def _check_limits(manifest: dict) -> None:
     """What the schema cannot say: path syntax, sha256 syntax, tensor names and sizes, finite numbers."""
     if not 8 <= manifest["resolution"] <= MAX_RESOLUTION:
         raise BundleError(f"manifest $.resolution: {manifest['resolution']} is out of bounds (8-{MAX_RESOLUTION})")
+    _check_sizes(manifest)
     known = MANIFEST_SCHEMA["properties"]["sampler"]["properties"]
     for k, v in manifest["sampler"].items():
         if k not in known:  # runtimes build sampler.OneStepConstants from exactly these keys
@@ -326,6 +332,20 @@ def _check_encoder(manifest: dict) -> None:
     unet = comps["unet"]["inputs"] if "unet" in comps else None  # a bundle of some components only: no U-Net
     if unet is not None and (len(unet) != 3 or unet[2]["name"] != "timestep" or len(unet[2]["shape"]) != 1):
         raise BundleError("manifest: a bundle with an encoder needs a unet whose third input is timestep (B,)")
+
+
+def _check_sizes(manifest: dict) -> None:
+    """The optional size list and batch bound (`sdxs_edge.sizes`): bounded, whole pairs, none twice."""
+    sizes = manifest.get("sizes")
+    if sizes is not None:
+        if not 1 <= len(sizes) <= MAX_SIZES or any(len(s) != 2 or max(s) > MAX_RESOLUTION for s in sizes):
+            raise BundleError(
+                f"manifest $.sizes: {_short(sizes)} must be 1 to {MAX_SIZES} [width, height] pairs of 8-{MAX_RESOLUTION}"
+            )
+        if len({tuple(s) for s in sizes}) != len(sizes):
+            raise BundleError(f"manifest $.sizes: {_short(sizes)} lists a size twice")
+    if not 1 <= manifest.get("max_batch", 1) <= MAX_BATCH:
+        raise BundleError(f"manifest $.max_batch: {manifest['max_batch']} is out of bounds (1-{MAX_BATCH})")
 
 
 def _check_source_records(manifest: dict) -> None:

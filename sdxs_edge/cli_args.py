@@ -90,3 +90,40 @@ def warnings_as_lines(fn, *a):
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
     return out
+
+
+def image_side(name: str):
+    """--width / --height: a positive multiple of 8 pixels (the bundle checks its own sizes)."""
+
+    def parse(text: str) -> int:
+        x = at_least(name, 8)(text)
+        if x % 8:
+            raise argparse.ArgumentTypeError(f"{name} must be a multiple of 8, got {x}")
+        return x
+
+    return parse
+
+
+def size_list(text: str) -> tuple[tuple[int, int], ...]:
+    """--sizes: WIDTHxHEIGHT[,WIDTHxHEIGHT...], each a multiple of 8 (`sdxs_edge.sizes`)."""
+    from sdxs_edge.sizes import SizeError, check_sizes, parse_sizes
+
+    try:
+        return check_sizes(parse_sizes(text))
+    except SizeError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def size(name: str):
+    """--min-size / --max-size: one WIDTHxHEIGHT."""
+
+    def parse(text: str) -> str:
+        from sdxs_edge.sizes import SizeError, parse_size
+
+        try:
+            parse_size(text)
+        except SizeError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return text
+
+    return parse

@@ -196,7 +196,12 @@ def residual_specs(controlnet, batch: int, latent_size: int) -> list[TensorSpec]
 
 
 def io_specs(
-    pipe: SDXSPipeline, batch: int = 1, resolution: int | None = None, controlnet=None, encoder: bool = False
+    pipe: SDXSPipeline,
+    batch: int = 1,
+    resolution: int | None = None,
+    controlnet=None,
+    encoder: bool = False,
+    size=None,
 ) -> dict[str, tuple[list[TensorSpec], list[TensorSpec]]]:
     """Static input/output specs per component for a batch size and image resolution.
 
@@ -207,16 +212,18 @@ def io_specs(
         controlnet: a diffusers `ControlNetModel`, or None; with one, a "controlnet" entry is added and
             the U-Net takes its residuals after latent and context.
         encoder: add an "encoder" entry (image -> latent) and a "timestep" input to the U-Net.
+        size: (width, height) in pixels instead of a square `resolution` (no ControlNet).
     """
     res = resolution or pipe.resolution
-    if res % 8:
-        raise SDXSError(f"resolution must be a multiple of 8, got {res}")
-    h = res // 8
+    width, height = size or (res, res)
+    if width % 8 or height % 8:
+        raise SDXSError(f"image width and height must be multiples of 8, got {width}x{height}")
+    h, w = height // 8, width // 8
     d = pipe.c.text_encoder.config.hidden_size
     L = pipe.c.tokenizer.model_max_length
-    lat = TensorSpec("latent", (batch, 4, h, h), "float32")
+    lat = TensorSpec("latent", (batch, 4, h, w), "float32")
     ctx = TensorSpec("context", (batch, L, d), "float32")
-    image = TensorSpec("image", (batch, 3, res, res), "float32")
+    image = TensorSpec("image", (batch, 3, height, width), "float32")
     specs: dict[str, tuple[list[TensorSpec], list[TensorSpec]]] = {}
     if encoder:
         specs["encoder"] = ([image], [lat])
@@ -232,7 +239,7 @@ def io_specs(
         specs["controlnet"] = ([lat, ctx, TensorSpec("control", (batch, 3, res, res), "float32")], residuals)
     if encoder:
         residuals = [TensorSpec(TIMESTEP, (batch,), "float32")]
-    specs["unet"] = ([lat, ctx, *residuals], [TensorSpec("noise_pred", (batch, 4, h, h), "float32")])
+    specs["unet"] = ([lat, ctx, *residuals], [TensorSpec("noise_pred", (batch, 4, h, w), "float32")])
     specs["decoder"] = ([lat], [image])
     return specs
 

@@ -64,20 +64,24 @@ def need(module: str) -> None:
 SHIPPED_MODEL = ROOT / "sdxs_edge" / "default_model"
 
 
-def cached_bundle(model: str, target: str, precision: str, name: str | None = None) -> Path:
-    """A converted bundle of `model` (a preset, a folder given a `name`, or "default": the shipped model
-    `SHIPPED_MODEL`, trained) kept under build/test-bundles/, built on first use. Skips when the backend
-    package is absent; a conversion that fails is a test error."""
+def cached_bundle(model: str, target: str, precision: str, label: str = "", **options) -> Path:
+    """A converted bundle of `model` (a preset, a folder, or "default": the shipped model `SHIPPED_MODEL`,
+    trained) kept under build/test-bundles/, built on first use; `options` go to `convert` (name them in
+    `label`, which goes into the entry's name). Skips when the backend package is absent; a conversion that
+    fails is a test error."""
     from converters.api import convert
 
     need({"onnx": "onnxruntime", "executorch": "executorch", "coreml": "coremltools"}[target])
-    label = name or model
-    prefix = f"{label}-{target}-{precision}-"
-    out = BUNDLE_CACHE / (prefix + source_key(f"{label}|{target}|{precision}"))
+    name = Path(model).name if os.sep in model else model
+    prefix = f"{name}-{target}-{precision}-{label + '-' if label else ''}"
+    out = BUNDLE_CACHE / (
+        prefix + source_key(f"{model}|{target}|{precision}", *([repr(sorted(options.items()))] if options else []))
+    )
     if not (out / "manifest.json").is_file():
         tmp = out.with_name(f".{out.name}.{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        convert(str(SHIPPED_MODEL) if model == "default" else model, target, precision, tmp, progress=False)
+        source = str(SHIPPED_MODEL) if model == "default" else model
+        convert(source, target, precision, tmp, progress=False, **options)
         try:
             os.rename(tmp, out)
         except OSError:  # another test run finished the same bundle first

@@ -175,8 +175,8 @@ def test_session_call_is_the_pipeline_call(default_onnx_fp32):
             np.asarray(pil[0]), (np.clip(got[0], 0, 1) * 255).round().astype(np.uint8)
         )
         for kwargs, match in [
-            (dict(height=128), r"draws 64x64 images \(width x height\); got 64x128"),
-            (dict(width=0), "draws 64x64 images"),
+            (dict(height=128), "has no size 64x128; it takes 64x64"),
+            (dict(width=0), "has no size 0x64; it takes 64x64"),
             (dict(num_inference_steps=4), "num_inference_steps must be 1"),
             (dict(guidance_scale=7.5), "guidance_scale must be <= 1"),
             (dict(num_images_per_prompt=2), "lowered for batch 1; got 2 prompt"),

@@ -43,9 +43,9 @@ int serve(int argc, char** argv) {
     if (line.empty()) continue;
     if (line == "quit") break;
     try {
-      const auto [k, io] = sdxs::parse_request(line, programs);
-      std::cout << "request " << k << " ";
-      report(sdxs::read_tensor(io + "/in0.bin"));
+      const auto req = sdxs::parse_request(line, programs);
+      std::cout << "request " << req.program << " ";
+      report(sdxs::read_tensor(req.io + "/in0.bin"));
     } catch (const sdxs::UsageError& e) {
       std::cout << "error " << sdxs::json_str(e.msg) << "\n";
     }

@@ -24,6 +24,8 @@
 //               then answer requests read from stdin, one per line, until "quit" or end of input:
 //                 run NAME DIR   runs program NAME on DIR/in<i>.bin, writes DIR/out<i>.bin (in place) and prints
 //                                SDXS_TIMING {"program": "NAME", "method": ..., "run_ms": [..], "outputs": 1, "peak_rss_kb": ...}
+//                 run-method NAME METHOD DIR   the same with another method of the program (a bundle of
+//                                several image sizes has one per size: forward_<W>x<H>), loaded on first use
 //               A request that fails prints SDXS_ERROR {"message": "..."} and the runner goes on serving.
 //               One process then holds every program, as an app does: the libraries are counted once and
 //               the XNNPACK workspace (activation arena) can be shared between programs.
@@ -419,14 +421,25 @@ int serve(const Args& a) {
     if (line == "quit") break;
     std::string error;  // one SDXS_ERROR line per failed request; the runner keeps serving
     try {
-      const auto [k, io] = sdxs::parse_request(line, a.programs);
+      const sdxs::Request req = sdxs::parse_request(line, a.programs);
+      const size_t k = req.program;
       const std::string& name = a.programs[k].first;
-      Inputs in = read_inputs(metas[k], io, a.method);
+      const std::string method = req.method.empty() ? a.method : req.method;
+      Module& module = *modules[k];
+      if (!module.is_method_loaded(method)) {  // another size's method: loaded on first use, then kept
+        auto names = module.method_names();
+        if (!names.ok() || !names->count(method)) throw UsageError{a.programs[k].second + ": no method '" + method + "'"};
+        const Error le = module.load_method(method);
+        if (le != Error::Ok) throw RunError{"loading method '" + method + "' failed: " + err_str(le)};
+      }
+      auto meta = module.method_meta(method);
+      if (!meta.ok()) throw RunError{"method_meta('" + method + "') failed: " + err_str(meta.error())};
+      Inputs in = read_inputs(*meta, req.io, method);
       double ms = 0;
-      const std::vector<EValue> outputs = execute(*modules[k], a.method, in.values, &ms);
-      write_outputs(outputs, io, a.method, true);
+      const std::vector<EValue> outputs = execute(module, method, in.values, &ms);
+      write_outputs(outputs, req.io, method, true);
       std::printf("SDXS_TIMING {\"program\": %s, \"method\": %s, \"run_ms\": [%.3f], \"outputs\": %zu, \"peak_rss_kb\": %ld}\n",
-                  json_str(name).c_str(), json_str(a.method).c_str(), ms, outputs.size(), peak_rss_kb());
+                  json_str(name).c_str(), json_str(method).c_str(), ms, outputs.size(), peak_rss_kb());
     } catch (const UsageError& e) {
       error = e.msg;
     } catch (const RunError& e) {

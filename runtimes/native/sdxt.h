@@ -137,17 +137,28 @@ constexpr size_t kMaxRequest = 8192;  // a request line: "run NAME DIR"
 // One --serve request line "run NAME DIR" -> (index of NAME in programs, DIR). The folder may hold
 // spaces (the rest of the line); NUL bytes and over-long lines are refused. Throws UsageError naming
 // the problem (with at most 200 bytes of the line).
-inline std::pair<size_t, std::string> parse_request(const std::string& line, const std::vector<std::pair<std::string, std::string>>& programs) {
+// One serve request: program index, io folder, and the method ("" for the runner's --method).
+struct Request {
+  size_t program;
+  std::string io;
+  std::string method;
+};
+
+// 'run NAME DIR' or 'run-method NAME METHOD DIR' (a bundle of several image sizes has one method per
+// size: forward, forward_<W>x<H>, ...).
+inline Request parse_request(const std::string& line, const std::vector<std::pair<std::string, std::string>>& programs) {
   const std::string shown = line.size() > 200 ? line.substr(0, 200) + "..." : line;
   if (line.size() > kMaxRequest) throw UsageError{"request of " + std::to_string(line.size()) + " bytes; at most " + std::to_string(kMaxRequest)};
   if (line.find('\0') != std::string::npos) throw UsageError{"bad request '" + shown + "': it holds a NUL byte"};
   std::istringstream req(line);
-  std::string verb, name, io;
+  std::string verb, name, method, io;
   req >> verb >> name;
+  if (verb == "run-method") req >> method;
   std::getline(req >> std::ws, io);  // the folder may hold spaces: the rest of the line
-  if (verb != "run" || name.empty() || io.empty()) throw UsageError{"bad request '" + shown + "': expected 'run NAME DIR' or 'quit'"};
+  if ((verb != "run" && verb != "run-method") || name.empty() || io.empty() || (verb == "run-method" && method.empty()))
+    throw UsageError{"bad request '" + shown + "': expected 'run NAME DIR', 'run-method NAME METHOD DIR' or 'quit'"};
   for (size_t k = 0; k < programs.size(); ++k)
-    if (programs[k].first == name) return {k, io};
+    if (programs[k].first == name) return {k, io, method};
   std::string have;
   for (const auto& p : programs) have += (have.empty() ? "" : ", ") + p.first;
   throw UsageError{"no program '" + (name.size() > 100 ? name.substr(0, 100) + "..." : name) + "' (serving: " + have + ")"};
