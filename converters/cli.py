@@ -207,7 +207,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
         "--layout",
         choices=LAYOUTS,
         default="sdxs-edge",
-        help="folder layout: sdxs-edge (default), or optimum (ONNX: the folder optimum's ONNX Runtime diffusion pipeline loads; the manifest stays, so run and parity work on it)",
+        help="folder layout: sdxs-edge (default); optimum (ONNX: the folder optimum's ONNX Runtime diffusion pipeline loads); react-native-executorch (ExecuTorch fp32: adds react-native-executorch/ with the .pte programs, tokenizer.json and scheduler_config.json its useTextToImage hook loads; the app passes numSteps 2). The manifest stays, so run and parity work on every layout",
     )
     p.add_argument(
         "--cpu-classes",
@@ -301,7 +301,7 @@ def dry_run(args: argparse.Namespace, components, lora_scale: float, control_sca
         control_scale,
         args.encoder if args.encoder is not None else default_encoder(args.model, trained, args.controlnet),
     )
-    check_layout(args.layout, args.target, comps, args.controlnet)
+    check_layout(args.layout, args.target, comps, args.controlnet, args.precision, args.delegate)
     from converters.request import check_size_options
 
     checked_sizes = check_size_options(

@@ -12,6 +12,12 @@
                  scheduler/scheduler_config.json    EulerDiscreteScheduler, "trailing" spacing (one step: t = 999)
                plus manifest.json, which names these files and tensors, so `run`, `parity` and `serve` open
                the folder as any bundle.
+    react-native-executorch
+               ExecuTorch (XNNPACK, fp32) only: the sdxs-edge bundle as it is, plus react-native-executorch/
+               with the five sources react-native-executorch's `useTextToImage` hook loads (tokenizer.json,
+               scheduler_config.json, text_encoder.pte, unet.pte, decoder.pte): adapter programs that make
+               the hook's fixed PNDM + guidance 7.5 loop draw the bundle's one-step image when the app passes
+               numSteps = 2 (`converters.rne_layout`). The manifest records their sha256.
 
 The optimum programs are the lowered and checked ones, renamed (optimum's exporter names: its
 `CLIPTextOnnxConfig`, `UNetOnnxConfig`, `VaeDecoderOnnxConfig`), with two changes that keep every value
@@ -30,8 +36,8 @@ from converters.registry import UnsupportedConversion
 from sdxs_edge.bundle import sha256_path
 from sdxs_edge.errors import SDXSError
 
-LAYOUTS = ("sdxs-edge", "optimum")
-LAYOUT_TARGETS = {"optimum": ("onnx",)}
+LAYOUTS = ("sdxs-edge", "optimum", "react-native-executorch")
+LAYOUT_TARGETS = {"optimum": ("onnx",), "react-native-executorch": ("executorch",)}
 
 # component -> (optimum subfolder, {our tensor name: optimum's}), from optimum's exporter configs.
 OPTIMUM_PARTS = {
@@ -43,7 +49,9 @@ OPTIMUM_WEIGHTS = "model.onnx"  # optimum's ONNX_WEIGHTS_NAME
 TIMESTEP = "timestep"
 
 
-def check_layout(layout: str, target: str, components, controlnet) -> None:
+def check_layout(
+    layout: str, target: str, components, controlnet, precision: str = "fp32", delegate: str = "xnnpack"
+) -> None:
     """Refuse, before any model loads, a layout this request cannot have."""
     if layout not in LAYOUTS:
         raise UnsupportedConversion(f"unknown layout {layout!r}; layouts: {', '.join(LAYOUTS)}")
@@ -54,12 +62,25 @@ def check_layout(layout: str, target: str, components, controlnet) -> None:
         raise UnsupportedConversion(
             "layout optimum holds exactly text_encoder, unet and decoder (optimum's pipeline has no ControlNet part)"
         )
+    if layout == "react-native-executorch":
+        if controlnet is not None or not {"text_encoder", "unet", "decoder"} <= set(components):
+            raise UnsupportedConversion(
+                "layout react-native-executorch needs text_encoder, unet and decoder and takes no ControlNet (the hook has no control input)"
+            )
+        if (precision, delegate) != ("fp32", "xnnpack"):
+            raise UnsupportedConversion(
+                f"layout react-native-executorch is for fp32 XNNPACK bundles (its adapter programs are lowered in float32), not {precision} {delegate}"
+            )
 
 
 def apply_layout(layout: str, pipe, manifest: dict, bundle: Path) -> list[str]:
     """Rearrange the written bundle into `layout`; returns the top-level names the layout adds."""
     if layout == "sdxs-edge":
         return []
+    if layout == "react-native-executorch":
+        from converters.rne_layout import write_layout
+
+        return write_layout(pipe, manifest, bundle)
     for comp, (folder, names) in OPTIMUM_PARTS.items():
         _optimum_program(manifest["components"][comp], names, bundle, folder, manifest["sampler"]["timestep"])
     _optimum_configs(pipe, manifest, bundle)

@@ -239,7 +239,7 @@ class ConversionRequest:
             cpu.emulator(cls)
         from converters.layouts import check_layout
 
-        check_layout(self.layout, self.target, comps, self.controlnet)
+        check_layout(self.layout, self.target, comps, self.controlnet, self.precision, self.delegate)
         object.__setattr__(self, "cpu_classes", classes)
         object.__setattr__(self, "components", comps)
         object.__setattr__(self, "out", Path(self.out))
