@@ -199,10 +199,23 @@ def test_another_num_steps_fails_loudly(rne_bundle, num_steps):
     assert image is None and np.isnan(latents).all()
 
 
-def test_run_and_parity_still_work(rne_bundle):
+def test_run_and_parity_still_work(rne_bundle, tmp_path):
     from sdxs_edge.cli import main
 
     assert main(["parity", str(rne_bundle), "--runtime", "executorch", "--reference", "none"]) == 0
+    out = tmp_path / "x.png"
+    assert main(["run", str(rne_bundle), PROMPTS[0], "--runtime", "executorch", "--out", str(out)]) == 0
+    assert out.stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_shipped_model_hook_draws_its_image():
+    """The embedded model converted with the layout (minutes: `make test-slow`)."""
+    need("tokenizers")
+    bundle = cached_bundle("default", "executorch", "fp32", label="rne", layout=RNE)
+    for prompt, seed in ((PROMPTS[0], 0), (LONG, 3)):
+        diff, ours = _same_image(bundle, prompt, seed)
+        assert diff <= 1 and ours.std() > 0
 
 
 @pytest.mark.parametrize(
@@ -224,7 +237,9 @@ def test_layout_refused_before_converting(tmp_path, target, kw, msg):
 def test_cli_refuses_the_layout_for_onnx_in_one_line(tmp_path, capsys):
     from sdxs_edge.cli import main
 
-    code = main(["convert", "tiny", "--target", "onnx", "--layout", RNE, "--out", str(tmp_path / "b")])
+    code = main(
+        ["convert", "tiny", "--target", "onnx", "--precision", "fp32", "--layout", RNE, "--out", str(tmp_path / "b")]
+    )
     err = capsys.readouterr().err.strip()
     assert code != 0 and len(err.splitlines()) == 1 and "not onnx" in err
     assert not (tmp_path / "b").exists()
