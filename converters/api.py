@@ -98,8 +98,7 @@ def convert(
         delegate: ExecuTorch only: "xnnpack" (default; runs and is checked here) or "coreml".
         batch: static batch size of the bundle's inputs.
         sensitivity: int8 static: keep the most harmful nodes in float (reported in the manifest).
-        sensitivity_shortlist: nodes the sensitivity pass re-scores one by one (default 16; each costs one
-            quantize-and-score, minutes at 512x512 for a 316M U-Net).
+        sensitivity_shortlist: nodes the sensitivity pass re-scores one by one (default 16).
         max_float_fraction: share of quantized nodes the pass may keep in float (default 0.1; the tiny
             decoder may always go wholly float).
         onnx_calibration: ONNX static int8 activation ranges: "minmax", "minmax-average" (per-sample ranges
@@ -107,20 +106,17 @@ def convert(
         trained: whether the weights are trained (enforces the int8 image PSNR floor); default: False for
             presets (random weights), True for folders and hub ids.
         seed: weight seed when `model` is a preset.
-        lora: a U-Net LoRA (safetensors, see `sdxs_edge.lora`) to fuse into the U-Net before capture and
-            lowering; the fused U-Net is then the parity reference. A pipeline passed in is left as it
-            was (the LoRA goes into a copy of its U-Net). Recorded under "conversion.config".
+        lora: a U-Net LoRA (safetensors, `sdxs_edge.lora`) fused into a copy of the U-Net before capture;
+            the fused U-Net is then the parity reference. Recorded under "conversion.config".
         lora_scale: the LoRA's strength (W + lora_scale * alpha / rank * B @ A).
-        controlnet: a ControlNet folder (`ControlNetModel.save_pretrained`) or a loaded `ControlNetModel`
-            built for this U-Net (else refused before any lowering). It is lowered as the "controlnet"
-            component and the U-Net takes its residuals as inputs; calibration and parity use canny edges
-            of SHAPES-64 renders of the prompts as control images. Its folder and sha256 are recorded
-            under "source.controlnet" and "conversion.config".
+        controlnet: a ControlNet folder or `ControlNetModel` built for this U-Net, lowered as the
+            "controlnet" component (the U-Net takes its residuals); calibration and parity use canny edges
+            of SHAPES-64 renders of the prompts. Recorded under "source.controlnet".
         control_scale: the ControlNet's conditioning scale, baked into the controlnet component.
         attention: "standard" (diffusers' fused attention) or "split-heads" (one head at a time, Apple's
             layout for the Neural Engine; `sdxs_edge.attention`), applied to copies of the modules.
         cpu_classes: CPU classes to check the bundle on ("host" and `sdxs_edge.cpu.EMULATED`; `cpu_check`).
-        layout: "sdxs-edge" (default) or "optimum" (ONNX only; optimum's pipeline folder: `converters.layouts`).
+        layout: "sdxs-edge" (default), "optimum" (ONNX) or "react-native-executorch" (`converters.layouts`).
         encoder: lower the VAE's encoder for image-to-image (default: for a trained model without ControlNet,
             in the sdxs-edge layout).
         sizes, max_batch: image sizes ("WxH,WxH" or pairs; the first the default) and a dynamic batch bound.

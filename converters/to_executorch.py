@@ -110,6 +110,16 @@ def _share_moved_cat_qparams(gm) -> None:
         )
 
 
+def _no_bn_patterns() -> list:
+    """XNNPACK's annotation patterns without the conv + batch-norm ones. Each of those traces its pattern
+    graph with torch.export on every annotation (13-22 s per `prepare_pt2e` of the shipped U-Net or
+    decoder, once per candidate of the sensitivity pass); a graph without batch norm has nothing for them
+    to match, so leaving them out annotates it the same."""
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer
+
+    return [p for p in XNNPACKQuantizer.SUPPORTED_PATTERNS if "_bn" not in p.name]
+
+
 def _quantizer(filter_fn):
     """The XNNPACK quantizer (symmetric, per-channel weights) with `filter_fn` and the concatenation tie
     of `_share_moved_cat_qparams`."""
@@ -120,6 +130,8 @@ def _quantizer(filter_fn):
 
     class Quantizer(XNNPACKQuantizer):
         def annotate(self, model):
+            if not any(_is_op(n, ("batch_norm",)) for n in model.graph.nodes):
+                self.SUPPORTED_PATTERNS = _no_bn_patterns()  # nothing for them to match; each costs seconds
             model = super().annotate(model)
             _share_moved_cat_qparams(model)
             return model

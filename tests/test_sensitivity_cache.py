@@ -4,6 +4,7 @@ float; an entry on disk that is corrupt, malformed or of another key is ignored 
 
 from __future__ import annotations
 
+import copy
 import json
 from types import SimpleNamespace
 
@@ -144,3 +145,43 @@ def test_candidate_graphs_reuse_the_one_calibration_exactly():
             x = torch.randn(1, 3, 8, 8)
             assert torch.equal(own(x), borrowed(x))
     assert not observers.reuse(prepared(set()), {})  # nothing to lend: the caller calibrates
+
+
+def test_executorch_quantizer_without_bn_patterns_annotates_the_same():
+    """The converter's XNNPACK quantizer leaves out the conv + batch-norm patterns on a graph without
+    batch norm (each costs a pattern trace per annotation); its annotations must equal the stock
+    quantizer's, with and without a batch norm in the model (PT2E folds it into the conv first)."""
+    pytest.importorskip("executorch")
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+
+    from converters.to_executorch import _quantizer
+
+    def annotated(gm) -> list:
+        return [
+            (n.name, sorted(a.name for a in ann.input_qspec_map), ann.output_qspec is not None)
+            for n in gm.graph.nodes
+            if (ann := n.meta.get("quantization_annotation")) is not None
+        ]
+
+    class Net(torch.nn.Module):
+        def __init__(self, bn: bool):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(4, 8, 3, padding=1)
+            self.norm = torch.nn.BatchNorm2d(8).eval() if bn else torch.nn.GroupNorm(2, 8)
+            self.up = torch.nn.ConvTranspose2d(8, 4, 2, stride=2)
+            self.lin = torch.nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.lin(self.up(torch.relu(self.norm(self.conv(x)))))
+
+    x = (torch.randn(1, 4, 8, 8),)
+    for bn in (False, True):
+        graph = torch.export.export(Net(bn).eval(), x, strict=False).module()
+        stock = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+        ours = _quantizer(lambda n: True)
+        assert annotated(prepare_pt2e(copy.deepcopy(graph), ours)) == annotated(prepare_pt2e(copy.deepcopy(graph), stock))
+        assert len(ours.SUPPORTED_PATTERNS) < len(XNNPACKQuantizer.SUPPORTED_PATTERNS)  # BN folds into the conv
