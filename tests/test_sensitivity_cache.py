@@ -183,5 +183,7 @@ def test_executorch_quantizer_without_bn_patterns_annotates_the_same():
         graph = torch.export.export(Net(bn).eval(), x, strict=False).module()
         stock = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
         ours = _quantizer(lambda n: True)
-        assert annotated(prepare_pt2e(copy.deepcopy(graph), ours)) == annotated(prepare_pt2e(copy.deepcopy(graph), stock))
+        assert annotated(prepare_pt2e(copy.deepcopy(graph), ours)) == annotated(
+            prepare_pt2e(copy.deepcopy(graph), stock)
+        )
         assert len(ours.SUPPORTED_PATTERNS) < len(XNNPACKQuantizer.SUPPORTED_PATTERNS)  # BN folds into the conv
