@@ -6,12 +6,14 @@ same float graph once per candidate set of nodes kept in float; the observers su
 subset of those of the fully quantized one, on the same tensors, fed the same values in the same order.
 `calibrated_observers` takes them from the calibrated graph, keyed by what each observes; `reuse`
 installs copies of them in a newly prepared graph, which then converts to exactly what a calibration of
-its own would give. Any observer without an exact match (another configuration, another set of observed
-tensors) makes `reuse` refuse, and the caller calibrates.
+its own would give. An observer without an exact match (another configuration, another set of observed
+tensors: a concatenation's shared observer when one of its sources is kept in float) is calibrated on its
+own, with every other observer passing values through (`calibrating_only`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 ObserverKey = tuple  # (observer class and settings, names of the float tensors it observes in graph order)
@@ -68,14 +70,50 @@ def calibrated_observers(gm) -> dict[ObserverKey, object]:
     return {k: getattr(gm, names[0]) for k, names in _keyed(gm).items() if names}
 
 
-def reuse(gm, calibrated: dict[ObserverKey, object]) -> bool:
-    """Install copies of the `calibrated` observers in the prepared graph `gm`; True when every observer
-    of `gm` had an exact match (`gm` then needs no calibration), False (and `gm` untouched) otherwise."""
-    keyed = _keyed(gm)
-    if not keyed or any(not names or k not in calibrated for k, names in keyed.items()):
-        return False
-    for k, names in keyed.items():
+def reuse(gm, calibrated: dict[ObserverKey, object]) -> list[str]:
+    """Install copies of the `calibrated` observers in the prepared graph `gm` where one matches exactly;
+    returns the attribute names of the observers left without a match, which still need calibrating
+    (all of them when nothing is calibrated yet; none: `gm` needs no calibration)."""
+    missing = []
+    for k, names in _keyed(gm).items():
+        if not names or k not in calibrated:
+            missing += names or _names_of_ambiguous(gm, k)
+            continue
         twin = copy.deepcopy(calibrated[k])  # one copy per instance, shared by its attribute names
         for name in names:
             setattr(gm, name, twin)
-    return True
+    return missing
+
+
+def _names_of_ambiguous(gm, key: ObserverKey) -> list[str]:
+    """The attribute names of every observer instance of `gm` with `key` (a key several instances share)."""
+    sites = _sites(gm)
+    observer_nodes = {n for _, nodes in sites.values() for n in nodes}
+    return [
+        name
+        for names, nodes in sites.values()
+        if (_settings(getattr(gm, names[0])), tuple(_source(n.args[0], observer_nodes) for n in nodes)) == key
+        for name in names
+    ]
+
+
+@contextlib.contextmanager
+def calibrating_only(gm, names: list[str]):
+    """While calibrating `gm`, only the observers named `names` observe: every other observer attribute is
+    swapped for a pass-through (observers pass values on unchanged, so the named ones see exactly what a
+    full calibration would show them) and put back afterwards."""
+    import torch
+
+    keep = set(names)
+    swapped = {
+        name: mod
+        for name, mod in gm.named_modules(remove_duplicate=False)
+        if _is_observer(mod) and name not in keep and "." not in name
+    }
+    try:
+        for name in swapped:
+            setattr(gm, name, torch.nn.Identity())
+        yield gm
+    finally:
+        for name, mod in swapped.items():
+            setattr(gm, name, mod)

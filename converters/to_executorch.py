@@ -290,7 +290,8 @@ def quantize(job: ComponentJob, exported) -> tuple[object, dict]:
 
 def _quantize_with(job: ComponentJob, graph, allowed, fit):
     """excluded node names -> the converted PT2E graph with those nodes left in float. The first graph
-    that calibrates lends its observers to the later ones (`converters.observers.reuse`)."""
+    that calibrates lends its observers to the later ones (`converters.observers.reuse`), which calibrate
+    only the observers it has no match for."""
     import torch
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
@@ -301,8 +302,9 @@ def _quantize_with(job: ComponentJob, graph, allowed, fit):
         # The filter sees every node of a pattern (weights too); call_function nodes must be conv/linear(+relu).
         q = _quantizer(lambda n: n.op != "call_function" or (n.target in allowed and n.name not in skip))
         prepared = prepare_pt2e(copy.deepcopy(graph), q)
-        if not observers.reuse(prepared, calibrated):
-            with torch.no_grad():
+        missing = observers.reuse(prepared, calibrated)
+        if missing:
+            with torch.no_grad(), observers.calibrating_only(prepared, missing):
                 for s in fit:
                     prepared(*_tensors(s))
             if not calibrated:
