@@ -283,6 +283,9 @@ class SSDConfig:
     fm_start, fm_end: lambda_FM, annealed with a cosine.
     t_min: smallest timestep sampled for score distillation (very small t carries no signal).
     encoder: feature encoder of the feature-matching segment ("unet" or "cnn").
+    fresh_noise: the score-distillation samples (t <= alpha*T) take fresh input noise every step instead
+        of their pair's noise; the feature-matching samples keep the pair's (their target is its teacher
+        sample). With few pairs the student then never sees the same noise twice in that segment.
     max_seconds: wall-clock budget (the loop checkpoints and stops when it is spent); None = none.
     parallel: DDP / FSDP of the student and the online DM, gradient accumulation, precision, gradient
         checkpointing (`training.dist`).
@@ -302,6 +305,7 @@ class SSDConfig:
     fm_end: float = 1.0
     t_min: int = 20
     encoder: str = "unet"
+    fresh_noise: bool = False
     max_seconds: float | None = None
     parallel: dist.Parallel = field(default_factory=dist.Parallel)
     ckpt_every: int = 200
@@ -363,8 +367,9 @@ def _update_online(online_m, opt, x0s, ctxs, draws, acp, d, cfg: SSDConfig, pred
 
 
 def _ssd_draws(cfg: SSDConfig, k: int, seed: int, n: int, T: int, shape) -> tuple[list, list]:
-    """Step k's global random draws: the student's (pair index, t, noise for x_t) and, per online
-    update, (t, eps)."""
+    """Step k's global random draws: the student's (pair index, t, noise for x_t, fresh input noise) and,
+    per online update, (t, eps). The fresh noise is drawn last, so the other draws do not depend on
+    `fresh_noise`."""
     g = torch.Generator().manual_seed(seed * 1_000_039 + k)
     student = [
         torch.randint(0, n, (cfg.batch,), generator=g),
@@ -375,7 +380,15 @@ def _ssd_draws(cfg: SSDConfig, k: int, seed: int, n: int, T: int, shape) -> tupl
         (torch.randint(0, T, (cfg.batch,), generator=g), torch.randn((cfg.batch, *shape), generator=g))
         for _ in range(cfg.online_updates)
     ]
+    student.append(torch.randn((cfg.batch, *shape), generator=g))
     return student, online
+
+
+def student_noise(pair_noise: torch.Tensor, fresh: torch.Tensor, sd_mask: torch.Tensor) -> torch.Tensor:
+    """The student's input noise with `fresh_noise`: fresh where the sample is in the score-distillation
+    segment (`sd_mask` 1), the pair's where it is in the feature-matching one."""
+    m = sd_mask.view(-1, *[1] * (pair_noise.dim() - 1))
+    return m * fresh + (1 - m) * pair_noise
 
 
 def score_distill(
@@ -414,12 +427,13 @@ def score_distill(
     with torch.no_grad():
         uncond = text_encoder(empty_ids.to(dev)[None])[0]
 
-    def loss_fn(idx, t, noise, alpha, lam):
+    def loss_fn(idx, t, noise, fresh, alpha, lam):
         idx, t = idx.to(dev), t.to(dev)
         with torch.no_grad():
             ctx = text_encoder(pairs["ids"][idx].long())[0]
-        x0 = one_step_x0(student_m, pairs["noise"][idx], ctx, consts).float()
         sd_mask = (t <= alpha * T).float()
+        z = student_noise(pairs["noise"][idx], fresh.to(dev), sd_mask) if cfg.fresh_noise else pairs["noise"][idx]
+        x0 = one_step_x0(student_m, z, ctx, consts).float()
         with torch.no_grad():  # score-difference segment (DMD's normalised form of the Diff-Instruct gradient)
             a = acp[t].view(-1, 1, 1, 1)
             xt = a.sqrt() * x0.detach() + (1 - a).sqrt() * noise.to(dev)

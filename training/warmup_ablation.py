@@ -4,6 +4,9 @@ followed by segmented score distillation, from the chain's block-removed U-Net a
     python -m training.warmup_ablation RUN --loss mse --steps 1500            # RUN: a chain run folder
     python -m training.warmup_ablation RUN --loss ssim --steps 1500
     python -m training.warmup_ablation RUN --steps 0 --ssd 300 --from OUT/unet  # SSD on a warmed-up student
+    python -m training.warmup_ablation RUN --steps 0 --ssd 400 --from RUN/unet-kd/unet  # SSD without warm-up
+
+A run resumes from OUT/ssd/checkpoints; `python -m training.ssd_curve OUT/ssd` scores those checkpoints.
 
 Prints one JSON line per run (512 evaluation prompts, one step, no guidance) and saves the U-Net.
 """
@@ -18,6 +21,63 @@ from pathlib import Path
 import torch
 
 
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("run", type=Path, help="chain run folder (its unet-kd/unet, pairs/ chunks and model/ decoder)")
+    ap.add_argument("--out", type=Path, help="output folder (default: RUN/ablation-NAME)")
+    ap.add_argument("--loss", choices=["mse", "ssim"], default="mse")
+    ap.add_argument("--prediction-type", choices=["v_prediction", "epsilon"], default="v_prediction")
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--ssd", type=int, default=0, help="score-distillation steps after the warm-up")
+    ap.add_argument("--ssd-lr", type=float, default=2e-5, help="score distillation: student learning rate")
+    ap.add_argument("--alpha", type=float, nargs=2, default=(0.95, 0.7), metavar=("START", "END"))
+    ap.add_argument("--fm", type=float, nargs=2, default=(10.0, 1.0), metavar=("START", "END"), help="lambda_FM")
+    ap.add_argument("--fresh-noise", action="store_true", help="score distillation: fresh input noise (SSDConfig)")
+    ap.add_argument("--max-seconds", type=float, help="score distillation: wall-clock budget (schedule included)")
+    ap.add_argument("--ckpt-every", type=int, default=200, help="score distillation: steps between checkpoints")
+    ap.add_argument("--from", dest="src", type=Path, help="start from this U-Net folder instead of RUN/unet-kd/unet")
+    ap.add_argument(
+        "--kd",
+        type=int,
+        nargs=2,
+        metavar=("STEPS", "SECONDS"),
+        help="first build RUN/unet-kd/unet when it is missing: block removal + U-Net KD (the chain's CPU recipe, batch 64), this many steps within this wall-clock budget",
+    )
+    ap.add_argument("--decoder", type=Path, help="tiny decoder folder for the evaluation (default: RUN/model)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--n", type=int, default=512)
+    return ap
+
+
+def kd_student(run: Path, teacher, steps: int, seconds: float) -> Path:
+    """The chain's block-removed U-Net stage into RUN/unet-kd (resumable; skipped when it is done):
+    block removal of the teacher through the shapes layer map, then output + feature KD on encoded
+    SHAPES-64 renders (8,192, the CPU recipe's cache)."""
+    from dataclasses import replace
+
+    from sdxs_edge import sampler
+    from sdxs_edge.presets import get_preset
+    from training.chain import ChainConfig, _save_model_folder
+    from training.teacher import build_latent_cache
+    from training.unet_kd import UNetKDConfig, build_student, distill_unet
+
+    done, c = run / "unet-kd" / "unet", ChainConfig()
+    if done.is_dir():
+        return done
+    tcfg = replace(c.teacher_cfg, cache_size=c.cache_size)
+    cache = build_latent_cache(tcfg, teacher.c.vae, teacher.c.tokenizer, run / "latents.safetensors")
+    cache = {**cache, "scaling_factor": torch.tensor(teacher.latent_scaling)}
+    student, _ = build_student(teacher.c.unet, get_preset(c.student_preset).layer_map)
+    acp = torch.from_numpy(sampler.alphas_cumprod(teacher.c.scheduler_config))
+    cfg = UNetKDConfig(steps=steps, batch=64, max_seconds=seconds, ckpt_every=100)
+    t = teacher.c
+    student = distill_unet(cfg, run / "unet-kd", t.unet, t.text_encoder, student, cache, teacher.tokenize([""])[0], acp)
+    _save_model_folder(student, done)
+    return done
+
+
 def main(argv: list[str] | None = None) -> int:
     from diffusers import UNet2DConditionModel
 
@@ -28,20 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     from training.chain import COMMITTED_TEACHER
     from training.onestep import SSDConfig, WarmupConfig, ode_pair_chunks, score_distill, warmup
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("run", type=Path, help="chain run folder (its unet-kd/unet, pairs/ chunks and model/ decoder)")
-    ap.add_argument("--out", type=Path, help="output folder (default: RUN/ablation-NAME)")
-    ap.add_argument("--loss", choices=["mse", "ssim"], default="mse")
-    ap.add_argument("--prediction-type", choices=["v_prediction", "epsilon"], default="v_prediction")
-    ap.add_argument("--steps", type=int, default=1500)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=3e-4)
-    ap.add_argument("--ssd", type=int, default=0, help="score-distillation steps after the warm-up")
-    ap.add_argument("--from", dest="src", type=Path, help="start from this U-Net folder instead of RUN/unet-kd/unet")
-    ap.add_argument("--decoder", type=Path, help="tiny decoder folder for the evaluation (default: RUN/model)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--n", type=int, default=512)
-    a = ap.parse_args(argv)
+    a = _parser().parse_args(argv)
     torch.set_num_threads(a.threads)
     name = f"{a.loss}-{a.prediction_type}-w{a.steps}-s{a.ssd}"
     out = a.out or a.run / f"ablation-{name}"
@@ -64,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     sched = {k: v for k, v in teacher.c.scheduler_config.items() if not k.startswith("_")}
     sched["prediction_type"] = a.prediction_type
     consts = sampler.one_step_constants(sched, teacher.latent_scaling)
+    if a.kd and not a.src:
+        kd_student(a.run, teacher, *a.kd)
     student = UNet2DConditionModel.from_pretrained(a.src or a.run / "unet-kd" / "unet", torch_dtype=torch.float32)
     t0 = time.perf_counter()
     if a.steps:
@@ -79,7 +128,19 @@ def main(argv: list[str] | None = None) -> int:
     if a.ssd:
         acp = torch.from_numpy(sampler.alphas_cumprod(teacher.c.scheduler_config))
         score_distill(
-            SSDConfig(steps=a.ssd, batch=a.batch, guidance=2.5),
+            SSDConfig(
+                steps=a.ssd,
+                batch=a.batch,
+                lr=a.ssd_lr,
+                guidance=2.5,
+                alpha_start=a.alpha[0],
+                alpha_end=a.alpha[1],
+                fm_start=a.fm[0],
+                fm_end=a.fm[1],
+                fresh_noise=a.fresh_noise,
+                ckpt_every=a.ckpt_every,
+                max_seconds=a.max_seconds,
+            ),
             out / "ssd",
             student,
             teacher.c.text_encoder,
