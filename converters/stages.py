@@ -295,7 +295,7 @@ def _size_examples(prep: Prepared, name: str, caps: Captures) -> tuple:
     """((width, height), example inputs as torch tensors) per size: the first parity sample at each."""
     import torch
 
-    per = len(caps.check) // len(prep.sizes)
+    per = len(caps.check.inputs[name]) // len(prep.sizes)  # a bundle with an encoder has 2 U-Net samples each
     return tuple(
         (sz, tuple(torch.from_numpy(x) for x in caps.check.inputs[name][i * per])) for i, sz in enumerate(prep.sizes)
     )
@@ -323,7 +323,7 @@ def check_component(req: ConversionRequest, name: str, result: ComponentResult, 
 
 def _per_size(req: ConversionRequest, name: str, result: ComponentResult, caps: Captures, label: str) -> dict:
     """The component's parity at each size ("WxH" -> figures), each held to the floor."""
-    per = len(caps.check) // len(req.sizes)
+    per = len(caps.check.inputs[name]) // len(req.sizes)  # the component's samples, one size after another
     out = {}
     for i, (w, h) in enumerate(req.sizes):
         part = slice(i * per, (i + 1) * per)

@@ -497,6 +497,6 @@ def test_all_correct_drop_is_judged_only_from_enough_prompts(monkeypatch):
         prompts = [s.caption for s in shapes.eval_scenes(n, 0)]
         fake.labels = parity._shapes_labels(prompts)
         ref, fake.rt = np.zeros((n, 64, 64, 3), np.uint8), np.zeros((n, 64, 64, 3), np.uint8)
-        ac = parity._all_correct(prompts, ref, fake.rt, 64, parity.FLOORS["int8"])
+        ac = parity._all_correct(prompts, ref, fake.rt, (64, 64), parity.FLOORS["int8"])
         assert ac["enforced"] is judged and ac["points"] == pytest.approx(100 / n)
         assert ac["ok"] is (None if not judged else True)
