@@ -54,20 +54,20 @@ def _sites(gm) -> dict[int, tuple[list[str], list]]:
     return out
 
 
-def _keyed(gm) -> dict[ObserverKey, list[str]]:
-    """Each observer instance's key -> its attribute names; an ambiguous key maps to []."""
+def _keyed(gm) -> dict[ObserverKey, list[list[str]]]:
+    """Each observer key -> the attribute names of every instance with it (more than one: ambiguous)."""
     sites = _sites(gm)
     observer_nodes = {n for _, nodes in sites.values() for n in nodes}
-    out: dict[ObserverKey, list[str]] = {}
+    out: dict[ObserverKey, list[list[str]]] = {}
     for names, nodes in sites.values():
         key = (_settings(getattr(gm, names[0])), tuple(_source(n.args[0], observer_nodes) for n in nodes))
-        out[key] = [] if key in out else names
+        out.setdefault(key, []).append(names)
     return out
 
 
 def calibrated_observers(gm) -> dict[ObserverKey, object]:
     """The observers of a calibrated prepared graph, by key (ambiguous keys left out)."""
-    return {k: getattr(gm, names[0]) for k, names in _keyed(gm).items() if names}
+    return {k: getattr(gm, inst[0][0]) for k, inst in _keyed(gm).items() if len(inst) == 1}
 
 
 def reuse(gm, calibrated: dict[ObserverKey, object]) -> list[str]:
@@ -75,26 +75,14 @@ def reuse(gm, calibrated: dict[ObserverKey, object]) -> list[str]:
     returns the attribute names of the observers left without a match, which still need calibrating
     (all of them when nothing is calibrated yet; none: `gm` needs no calibration)."""
     missing = []
-    for k, names in _keyed(gm).items():
-        if not names or k not in calibrated:
-            missing += names or _names_of_ambiguous(gm, k)
+    for k, instances in _keyed(gm).items():
+        if len(instances) > 1 or k not in calibrated:
+            missing += [name for names in instances for name in names]
             continue
         twin = copy.deepcopy(calibrated[k])  # one copy per instance, shared by its attribute names
-        for name in names:
+        for name in instances[0]:
             setattr(gm, name, twin)
     return missing
-
-
-def _names_of_ambiguous(gm, key: ObserverKey) -> list[str]:
-    """The attribute names of every observer instance of `gm` with `key` (a key several instances share)."""
-    sites = _sites(gm)
-    observer_nodes = {n for _, nodes in sites.values() for n in nodes}
-    return [
-        name
-        for names, nodes in sites.values()
-        if (_settings(getattr(gm, names[0])), tuple(_source(n.args[0], observer_nodes) for n in nodes)) == key
-        for name in names
-    ]
 
 
 @contextlib.contextmanager
