@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo lint test test-slow test-shipped clean teacher arm64-runner host-runner emulators serve browser
+.PHONY: install demo lint test test-heavy test-slow test-shipped clean teacher arm64-runner host-runner emulators serve browser
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,11 @@ browser:
 # run under qemu (sdxs_edge/cpu.py).
 test: install lint host-runner browser emulators
 	$(PY) -m pytest -q
+
+# The tests that take minutes each (marker `heavy`): whole models lowered to ExecuTorch, bundles at several
+# sizes, training chains, kill-and-resume runs. CI runs it after `make test`.
+test-heavy: install host-runner browser emulators
+	$(PY) -m pytest -q -m heavy
 
 test-slow: install
 	$(PY) -m pytest -q -m slow

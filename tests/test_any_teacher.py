@@ -73,12 +73,14 @@ def test_tokenizer_json_only_gives_the_same_ids(plain_teacher):
     assert np.array_equal(numpy_tok(caps), ref)
 
 
+@pytest.mark.heavy
 def test_plain_folder_generates_like_the_original(plain_teacher):
     a = SDXSPipeline.load(str(TEACHER)).generate(PROMPT, seed=1, steps=2, guidance=2.0, output="tensor").images
     b = SDXSPipeline.load(str(plain_teacher)).generate(PROMPT, seed=1, steps=2, guidance=2.0, output="tensor").images
     assert np.array_equal(a.numpy(), b.numpy())
 
 
+@pytest.mark.heavy
 def test_folder_without_any_tokenizer_files_is_one_line(plain_tiny, tmp_path):
     bad = Path(shutil.copytree(plain_tiny, tmp_path / "bad"))
     (bad / "tokenizer" / "tokenizer.json").unlink()
@@ -87,6 +89,7 @@ def test_folder_without_any_tokenizer_files_is_one_line(plain_tiny, tmp_path):
     assert "tokenizer is missing vocab.json + merges.txt (or tokenizer.json)" in r.stderr
 
 
+@pytest.mark.heavy
 def test_cli_generate_eval_convert_run_on_plain_folder(plain_tiny, tmp_path):
     """`generate`, `eval` and `convert` take the tokenizer.json-only folder; the bundle's tokenizer files
     give the original ids and the bundle runs in onnxruntime."""
@@ -212,6 +215,7 @@ def _bad_teacher(tmp_path: Path, plain_tiny_teacher: Path, kind: str) -> Path:
     return bad
 
 
+@pytest.mark.heavy
 def test_generic_chain_bad_input_is_one_line(tmp_path):
     """Non-SD teachers, prompt files, image folders, resolutions and run folders that the chain cannot
     take: one line each, before any training, nothing in an existing run overwritten."""

@@ -320,6 +320,7 @@ def test_native_runner_measures_each_component_without_torch(tmp_path):
     assert native_runner.main([str(onnx)]) == 2  # not an ExecuTorch bundle: one-line error
 
 
+@pytest.mark.heavy
 @pytest.mark.skipif(shutil.which("g++") is None, reason="the host runner needs g++")
 def test_executorch_native_path_counts_both_processes(tmp_path):
     """The executorch-native row: the runner built by the run, pinned threads read back from it, and a

@@ -171,7 +171,11 @@ def _eps_from(latents: np.ndarray, noise: np.ndarray, sigma: float) -> np.ndarra
 
 @pytest.mark.parametrize(
     "target, precision, runtime",
-    [("onnx", "fp32", "onnxruntime"), ("onnx", "int8", "onnxruntime"), ("executorch", "fp32", "executorch")],
+    [
+        ("onnx", "fp32", "onnxruntime"),
+        ("onnx", "int8", "onnxruntime"),
+        pytest.param("executorch", "fp32", "executorch", marks=pytest.mark.heavy),
+    ],
 )
 def test_bundle_with_controlnet_matches_the_pipeline(
     make_bundle, cn_pipe, cn_dir, edges_png, target, precision, runtime

@@ -175,6 +175,7 @@ def _resumed_from(console: Path) -> dict[str, list[int]]:
 TEMPORARY = re.compile(r"^\..+\.(partial|work|old|tmp)-\d+(-\d+)?$")
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("command", list(fault_runs.COMMANDS))
 def test_kill_9_in_each_training_stage_then_resume_equals_an_uninterrupted_run(command, tmp_path):
     """Each training command (teacher: VAE, U-Net; chain: tiny decoder, U-Net KD, one-step warm-up, score

@@ -34,14 +34,15 @@ LIBSDXS = ROOT / "build" / "host" / "libsdxs.so"
 # ExecuTorch int8 cases convert the embedded model to ExecuTorch int8 first (about 7 minutes on 2 cores):
 # they run in `make test-slow`.
 _SLOW = pytest.mark.slow
+_HEAVY = pytest.mark.heavy  # the shipped model lowered to ExecuTorch fp32: minutes
 CASES = [
     ("onnxruntime", "onnx", "fp32"),
     ("onnxruntime", "onnx", "int8"),
-    ("executorch", "executorch", "fp32"),
+    pytest.param("executorch", "executorch", "fp32", marks=_HEAVY),
     pytest.param("executorch", "executorch", "int8", marks=_SLOW),
-    ("executorch-native", "executorch", "fp32"),
+    pytest.param("executorch-native", "executorch", "fp32", marks=_HEAVY),
     pytest.param("executorch-native", "executorch", "int8", marks=_SLOW),
-    ("executorch-capi", "executorch", "fp32"),
+    pytest.param("executorch-capi", "executorch", "fp32", marks=_HEAVY),
     ("torch", "onnx", "fp32"),
 ]
 
@@ -223,6 +224,7 @@ def test_encoder_report_matches_the_weights_and_docs():
         assert figure in doc, figure
 
 
+@pytest.mark.heavy
 def test_sdxs_run_feeds_a_timed_unet_999(tmp_path):
     """libsdxs runs a bundle whose U-Net takes its timestep (text-to-image at t = 999): sdxs-run's picture
     is the Python executorch runtime's."""

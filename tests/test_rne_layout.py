@@ -146,6 +146,7 @@ def _same_image(bundle: Path, prompt: str, seed: int, num_steps: int = 2) -> tup
     return int(np.abs(hook.astype(int) - ours.astype(int)).max()), ours
 
 
+@pytest.mark.heavy
 def test_layout_files_and_manifest(rne_bundle):
     from sdxs_edge.bundle import load_manifest, sha256_path
 
@@ -159,12 +160,14 @@ def test_layout_files_and_manifest(rne_bundle):
     assert set(sched) == {"beta_start", "beta_end", "num_train_timesteps", "steps_offset"}  # TextToImageModule.ts
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("prompt,seed", [(PROMPTS[0], 0), (PROMPTS[1], 7)])
 def test_hook_draws_the_bundles_image(rne_bundle, prompt, seed):
     diff, ours = _same_image(rne_bundle, prompt, seed)
     assert diff <= 1 and ours.std() > 0
 
 
+@pytest.mark.heavy
 def test_text_encoder_pads_and_truncates_as_the_bundle_tokenizer(rne_bundle):
     import runtimes
 
@@ -188,6 +191,7 @@ class _nothing:
         return False
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("num_steps", [3, 5])
 def test_another_num_steps_fails_loudly(rne_bundle, num_steps):
     """The U-Net returns NaN at a timestep numSteps = 2 never feeds: no image, instead of a wrong one."""
@@ -199,6 +203,7 @@ def test_another_num_steps_fails_loudly(rne_bundle, num_steps):
     assert image is None and np.isnan(latents).all()
 
 
+@pytest.mark.heavy
 def test_run_and_parity_still_work(rne_bundle, tmp_path):
     from sdxs_edge.cli import main
 

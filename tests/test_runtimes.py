@@ -218,7 +218,7 @@ def test_parity_onnxruntime(make_bundle, tmp_path, precision):
     _parity(make_bundle("onnx", precision), "onnxruntime", tmp_path)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "int8"])
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("int8", marks=pytest.mark.heavy)])
 def test_parity_executorch(make_bundle, tmp_path, precision):
     need("executorch")
     _parity(make_bundle("executorch", precision), "executorch", tmp_path)
@@ -231,7 +231,7 @@ def _host_runner() -> None:
     subprocess.run([str(ROOT / "runtimes" / "native" / "build_host.sh")], check=True, capture_output=True)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "int8"])
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("int8", marks=pytest.mark.heavy)])
 def test_parity_executorch_native(make_bundle, tmp_path, precision):
     """The same .pte programs in one `sdxs_runner --serve` process: the floors against PyTorch, and the
     ExecuTorch Python runtime's outputs to float rounding (same kernels, same threads)."""

@@ -57,7 +57,8 @@ def bundles() -> list[Path]:
 class Served:
     """A `sdxs-edge serve` subprocess and its URL."""
 
-    def __init__(self, args: list[str], cwd: Path, env: dict | None = None):
+    def __init__(self, args: list[str], cwd: Path, env: dict | None = None, start_timeout: float = START_TIMEOUT_S):
+        self.start_timeout = start_timeout
         self.stderr_path = cwd.parent / f"{cwd.name}-stderr.txt"
         self.stderr = open(self.stderr_path, "w")
         full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
@@ -77,7 +78,7 @@ class Served:
         result: list[str] = []
         t = threading.Thread(target=lambda: result.append(self.proc.stdout.readline()), daemon=True)
         t.start()
-        t.join(START_TIMEOUT_S)
+        t.join(self.start_timeout)
         if not result or not result[0]:
             self.proc.kill()
             raise AssertionError(f"the server did not start: {self.stderr_path.read_text()}")
@@ -554,6 +555,41 @@ def test_default_start_reuses_the_cache(bundles, tmp_path):
     assert not any(cwd.iterdir())
 
 
+@pytest.mark.slow
+def test_no_arguments_on_a_fresh_cache_converts_once_then_reuses(tmp_path):
+    """`serve` exactly as `make serve` runs it (no model, no target): the four variants of the embedded
+    model converted to ExecuTorch int8 into an empty cache (tens of minutes on 2 cores), every one served;
+    the second start converts nothing."""
+    need("executorch")
+    env = {"SDXS_EDGE_CACHE": str(tmp_path / "cache")}
+    for start in ("first", "second"):
+        cwd = tmp_path / f"cwd-{start}"
+        cwd.mkdir()
+        t = time.perf_counter()
+        s = Served([], cwd, env=env, start_timeout=3600)
+        started_s = time.perf_counter() - t
+        try:
+            _, listed, _ = http(s.url + "/v1/models")
+            ids = [m["id"] for m in listed["data"]]
+            assert len(ids) == 4, ids
+            for model in ids:
+                body = {"model": model, "prompt": PROMPT, "seed": 0}
+                if "canny" in model:
+                    body["control_image"] = edge_map_b64(PROMPT)
+                code, out, _ = http(s.url + "/v1/images/generations", body)
+                assert code == 200 and len(out["data"]) == 1, (model, code, out)
+        finally:
+            code, out = s.stop()
+        err = s.stderr_path.read_text()
+        assert code == 0 and "stopped" in out, (code, out)
+        print(f"{start} start: serving after {started_s:.0f} s")
+        if start == "first":
+            assert err.count("converting") == 4 and err.count("converted in") == 4, err
+        else:
+            assert err.count("from the cache") == 4 and "converting" not in err, err
+            assert started_s < 120, started_s
+
+
 def test_default_target_is_the_fastest_installed(monkeypatch):
     import importlib.util
 
@@ -714,5 +750,5 @@ def test_page_in_chromium(server, browser, tmp_path):
     d.save_screenshot(str(shot))
     with Image.open(shot) as im:
         assert im.size[0] >= 800 and np.asarray(im.convert("L")).std() > 10
-    if os.environ.get("SDXS_EDGE_SCREENSHOT"):  # `make app-screenshot` keeps it for the docs
+    if os.environ.get("SDXS_EDGE_SCREENSHOT"):  # SDXS_EDGE_SCREENSHOT=docs/img/app.png keeps it for the docs
         shutil.copy(shot, os.environ["SDXS_EDGE_SCREENSHOT"])

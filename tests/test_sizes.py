@@ -169,6 +169,7 @@ def _parity_at_every_size(bundle: Path, runtime: str) -> dict:
     return report
 
 
+@pytest.mark.heavy
 def test_onnx_int8_parity_at_three_sizes():
     bundle = _bundle("onnx", "int8")
     m = json.loads((bundle / "manifest.json").read_text())
@@ -178,6 +179,7 @@ def test_onnx_int8_parity_at_three_sizes():
     _parity_at_every_size(bundle, "onnxruntime")
 
 
+@pytest.mark.heavy
 def test_executorch_int8_parity_at_three_sizes():
     bundle = _bundle("executorch", "int8")
     m = json.loads((bundle / "manifest.json").read_text())
@@ -185,6 +187,7 @@ def test_executorch_int8_parity_at_three_sizes():
     _parity_at_every_size(bundle, "executorch")
 
 
+@pytest.mark.heavy
 def test_executorch_native_runs_every_size():
     from runtimes.native_session import DEFAULT_RUNNER
 
@@ -193,6 +196,7 @@ def test_executorch_native_runs_every_size():
     _parity_at_every_size(_bundle("executorch", "int8"), "executorch-native")
 
 
+@pytest.mark.heavy
 def test_coreml_fp16_enumerates_the_sizes():
     bundle = _bundle("coreml", "fp16")
     m = json.loads((bundle / "manifest.json").read_text())
@@ -204,6 +208,7 @@ def test_coreml_fp16_enumerates_the_sizes():
     assert "enumerated_shapes" not in m["conversion"]["components"]["text_encoder"]
 
 
+@pytest.mark.heavy
 def test_sizes_and_batches_on_a_session(tmp_path):
     import runtimes
 

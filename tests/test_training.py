@@ -143,6 +143,7 @@ def test_gradient_accumulation_matches_full_batch(tmp_path):
     assert all(abs(x - y) <= 1e-4 * abs(x) for x, y in zip(a, b)), (a, b)
 
 
+@pytest.mark.heavy
 def test_smoke_chain_end_to_end(tmp_path):
     """`train all --smoke`: teacher -> decoder -> KD -> warm-up -> score distillation -> report."""
     out = tmp_path / "chain"
