@@ -73,6 +73,7 @@ def test_fresh_noise_changes_the_students_input(tiny):
     assert losses[0] != pytest.approx(losses[1], rel=1e-3)
 
 
+@pytest.mark.heavy
 def test_student_controlnet_loss_decreases_on_a_fixed_batch(tiny):
     """The student ControlNet (U-Net frozen) fits a fixed tiny batch: its loss drops by over 20% in 40 steps.
 
@@ -129,6 +130,7 @@ def test_feature_pairs_refuse_unets_of_another_layout():
         feature_pairs(SDXSPipeline.load("tiny").c.unet, SDXSPipeline.load("tiny-teacher").c.unet)
 
 
+@pytest.mark.heavy
 def test_smoke_run_end_to_end_writes_loadable_controlnets(tmp_path):
     """`train controlnet --smoke`: teacher ControlNet -> triplets -> student ControlNet -> report, in seconds; a rerun resumes."""
     import time

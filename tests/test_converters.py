@@ -361,7 +361,7 @@ def test_executorch_staged_decoder_fp32(pipe, reference, tmp_path):
     assert snr_db(outs["decoder"], run(tuple(t.numpy() for t in ins["decoder"]))) >= FP32_FLOOR  # compare
 
 
-@pytest.mark.parametrize("precision", ["fp32", "int8"])
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("int8", marks=pytest.mark.heavy)])
 def test_executorch_bundle(pipe, reference, tmp_path, precision):
     from executorch.runtime import Runtime
 
@@ -885,6 +885,7 @@ def test_calibration_caption_count(tmp_path):
     assert resolve_prompts(None) == default_calibration_prompts() and len(default_calibration_prompts()) == 32
     many = resolve_prompts(128)
     assert len(many) == len(set(many)) == 128 and set(default_calibration_prompts()) != set(many)
+    assert len(set(default_calibration_prompts(1152))) == 1152  # every caption, once
     with pytest.raises(CalibrationError, match="caption count must be 1 to 1152"):
         resolve_prompts(5000)
     from sdxs_edge.cli import main
@@ -946,6 +947,20 @@ def test_wide_nearest_upsampling_lowers_into_one_delegate_call():
     edge = to_edge_transform_and_lower(torch.export.export(m, (x,)), partitioner=[XnnpackPartitioner()])
     report = to_executorch.delegation_report(edge)
     assert report["partitions"] == 1 and not report["not_delegated"], report
+
+
+def test_default_calibration_captions_cross_the_attributes():
+    """Every (size, shape, background) twice and every colour four times in the default 32; each position 3-4."""
+    from collections import Counter
+
+    from converters.calibration import default_calibration_prompts
+    from sdxs_edge.shapes import parse_caption
+
+    scenes = [parse_caption(c) for c in default_calibration_prompts()]
+    cells = Counter((s["size"], s["shape"], s["background"]) for s in scenes)
+    assert len(cells) == 16 and set(cells.values()) == {2}
+    assert set(Counter(s["color"] for s in scenes).values()) == {4}
+    assert set(Counter(s["position"] for s in scenes).values()) <= {3, 4}
 
 
 def _int8_pte(m, x, keep_float=()):

@@ -98,6 +98,7 @@ def test_optimizer_state_by_parameter_name_round_trips():
             assert all(torch.equal(back["state"][k][f], v) for f, v in st.items())
 
 
+@pytest.mark.heavy
 def test_one_stage_on_two_processes_ddp_and_fsdp(tmp_path):
     """U-Net KD under torchrun with 2 gloo processes, DDP and FSDP (gradient accumulation 2, FSDP with
     gradient checkpointing), each stopped after 2 steps and resumed to 4: the weights end where one

@@ -100,6 +100,7 @@ def test_wall_clock_budget_stops_with_a_checkpoint_and_completes_the_schedule(tm
     assert cosine_lr(1.0, 9, 0.0, warm=100) == pytest.approx(0.1)
 
 
+@pytest.mark.heavy
 def test_two_process_ddp_matches_one_process(tmp_path):
     """2 CPU processes (gloo) follow the same loss curve as 1 process with the same global batch."""
     script = "import sys; from training.teacher import smoke_config, train_teacher; train_teacher(smoke_config(), sys.argv[1])"
