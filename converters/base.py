@@ -75,7 +75,7 @@ class ConversionConfig:
     calibration_prompts: int = 0
     calibration_source: str = "default SHAPES-64 captions"
     sensitivity: bool = True
-    sensitivity_samples: int = 4
+    sensitivity_samples: int = 2
     max_excluded_fraction: float = 0.1
     max_excluded_fraction_by_component: tuple[tuple[str, float], ...] = (("decoder", 1.0),)
     sensitivity_target_offset_by_component: tuple[tuple[str, float], ...] = (("controlnet", 6.0),)

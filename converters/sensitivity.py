@@ -151,8 +151,7 @@ def split_calibration(job) -> tuple[Sequence, Sequence, Sequence]:
     U-Net scored 28 dB in-sample and 24.9 dB on the parity inputs, so the pass kept nothing in float).
     With too few samples to spare, both use all of them. The pass judges a candidate by its worst held-out
     sample (`min_sample_snr_db`), not the mean: the conversion check that follows judges other inputs,
-    and two samples' mean hides the one that quantizes badly. Four samples (two prompts) by default: with
-    one prompt's two the pass missed a white background that a decoder quantized to 17 dB.
+    and two samples' mean hides the one that quantizes badly.
     """
     n = max(1, min(job.config.sensitivity_samples, len(job.calib)))
     if len(job.calib) <= n:

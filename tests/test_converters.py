@@ -949,20 +949,6 @@ def test_wide_nearest_upsampling_lowers_into_one_delegate_call():
     assert report["partitions"] == 1 and not report["not_delegated"], report
 
 
-def test_default_calibration_captions_cross_the_attributes():
-    """Every (size, shape, background) twice and every colour four times in the default 32; each position 3-4."""
-    from collections import Counter
-
-    from converters.calibration import default_calibration_prompts
-    from sdxs_edge.shapes import parse_caption
-
-    scenes = [parse_caption(c) for c in default_calibration_prompts()]
-    cells = Counter((s["size"], s["shape"], s["background"]) for s in scenes)
-    assert len(cells) == 16 and set(cells.values()) == {2}
-    assert set(Counter(s["color"] for s in scenes).values()) == {4}
-    assert set(Counter(s["position"] for s in scenes).values()) <= {3, 4}
-
-
 def _int8_pte(m, x, keep_float=()):
     """`m` quantized by the converter's quantizer (calibrated on `x`), lowered to XNNPACK; returns the
     converted graph, its delegation report and the .pte bytes."""
