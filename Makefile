@@ -56,8 +56,9 @@ test: install lint host-runner browser emulators
 	$(PY) -m pytest -q
 
 # The tests that take minutes each (marker `heavy`): whole models lowered to ExecuTorch, bundles at several
-# sizes, training chains, kill-and-resume runs. CI runs it after `make test`.
-test-heavy: install host-runner browser emulators
+# sizes, training chains, kill-and-resume runs (none needs the browser or the emulators). CI runs it after
+# `make test`.
+test-heavy: install host-runner
 	$(PY) -m pytest -q -m heavy
 
 test-slow: install

@@ -58,7 +58,6 @@ class Served:
     """A `sdxs-edge serve` subprocess and its URL."""
 
     def __init__(self, args: list[str], cwd: Path, env: dict | None = None, start_timeout: float = START_TIMEOUT_S):
-        self.start_timeout = start_timeout
         self.stderr_path = cwd.parent / f"{cwd.name}-stderr.txt"
         self.stderr = open(self.stderr_path, "w")
         full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
@@ -70,15 +69,15 @@ class Served:
             stderr=self.stderr,
             text=True,
         )
-        line = self._first_line()
+        line = self._first_line(start_timeout)
         assert "http://127.0.0.1:" in line, line
         self.url = line.split()[2].rstrip("/")
 
-    def _first_line(self) -> str:
+    def _first_line(self, timeout: float) -> str:
         result: list[str] = []
         t = threading.Thread(target=lambda: result.append(self.proc.stdout.readline()), daemon=True)
         t.start()
-        t.join(self.start_timeout)
+        t.join(timeout)
         if not result or not result[0]:
             self.proc.kill()
             raise AssertionError(f"the server did not start: {self.stderr_path.read_text()}")
