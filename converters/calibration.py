@@ -46,16 +46,35 @@ IMG2IMG_SEED_OFFSET = 7919  # their noise seed: the sample's seed plus this
 
 
 def default_calibration_prompts(n: int = DEFAULT_CAPTIONS) -> list[str]:
-    """`n` SHAPES-64 captions spread over the grammar: the default 32 are every 37th of the 1152, other
-    counts every (1152 // n)-th."""
+    """`n` distinct SHAPES-64 captions with every size, shape and background crossed and the colours and
+    positions spread evenly: the 16 (size, shape, background) cells are taken in turn, and each takes the
+    unused colour and position pair whose colour and position have been used least so far (ties: a fixed
+    shuffle, seed 0). The default 32 hold two captions of each cell and every colour four times.
+
+    A stride through the grammar's nested order (the former scheme) aliased the attributes: every 37th of
+    the 1152 captions held only small circles and triangles and large squares and crosses, and no cross on
+    white; a U-Net with the outline LoRA calibrated on them scored 20.6 dB on a small cross on white."""
+    from collections import Counter
+    from itertools import product
+
     from sdxs_edge import shapes
 
-    caps = shapes.all_captions()
-    if n == DEFAULT_CAPTIONS:
-        return caps[::37]
-    if not 1 <= n <= len(caps):
-        raise CalibrationError(f"calibration caption count must be 1 to {len(caps)}, got {n}")
-    return caps[:: len(caps) // n][:n]
+    a, total = shapes.ATTRIBUTES, len(shapes.all_captions())
+    if not 1 <= n <= total:
+        raise CalibrationError(f"calibration caption count must be 1 to {total}, got {n}")
+    cells = list(product(a["size"], a["shape"], a["background"]))
+    pairs = list(product(a["color"], a["position"]))
+    rng = np.random.default_rng(0)
+    free = [[pairs[k] for k in rng.permutation(len(pairs))] for _ in cells]
+    colors, positions, out = Counter(), Counter(), []
+    for i in range(n):
+        size, shape, background = cells[i % len(cells)]
+        left = free[i % len(cells)]
+        color, position = left.pop(min(range(len(left)), key=lambda k: (colors[left[k][0]], positions[left[k][1]])))
+        colors[color] += 1
+        positions[position] += 1
+        out.append(shapes.caption(size, color, shape, position, background))
+    return out
 
 
 def read_prompts(path: str | Path) -> list[str]:

@@ -146,17 +146,34 @@ def greedy_exclude(
 def split_calibration(job) -> tuple[Sequence, Sequence, Sequence]:
     """(samples that set the int8 ranges, held-out inputs and references the sensitivity pass scores on).
 
-    The pass scores on the last `sensitivity_samples` calibration samples and the ranges come from the
-    rest: ranges fitted on the very samples they are scored on flatter the int8 model (a real-size
-    U-Net scored 28 dB in-sample and 24.9 dB on the parity inputs, so the pass kept nothing in float).
-    With too few samples to spare, both use all of them. The pass judges a candidate by its worst held-out
-    sample (`min_sample_snr_db`), not the mean: the conversion check that follows judges other inputs,
-    and two samples' mean hides the one that quantizes badly.
+    The pass scores on `sensitivity_samples` calibration samples held out of the ranges: ranges fitted on
+    the very samples they are scored on flatter the int8 model (a real-size U-Net scored 28 dB in-sample
+    and 24.9 dB on the parity inputs, so the pass kept nothing in float). The held-out samples are spread
+    evenly over the list (`held_out_indices`), so with several image sizes, whose samples follow one
+    another, every size is scored, and several prompts are. With too few samples to spare, both use all
+    of them. The pass judges a candidate by its worst held-out sample (`min_sample_snr_db`), not the mean:
+    the conversion check that follows judges other inputs, and a mean hides the one that quantizes badly.
     """
     n = max(1, min(job.config.sensitivity_samples, len(job.calib)))
     if len(job.calib) <= n:
         return job.calib, job.calib[:n], job.calib_ref[:n]
-    return job.calib[:-n], job.calib[-n:], job.calib_ref[-n:]
+    held = held_out_indices(len(job.calib), n)
+    fit = [x for i, x in enumerate(job.calib) if i not in held]
+    return fit, [job.calib[i] for i in held], [job.calib_ref[i] for i in held]
+
+
+def held_out_indices(total: int, n: int) -> list[int]:
+    """`n` of `total` sample indices spread evenly, every other one moved on by one when there is room.
+
+    Calibration interleaves a text-to-image and an image-to-image U-Net (and decoder) sample per prompt
+    in a bundle with an encoder, so an even stride alone would hold out only one kind; the shift holds out
+    both. E.g. (64, 4) -> [0, 17, 32, 49]; with three sizes of 22, 22 and 20 samples that is each size,
+    and both kinds.
+    """
+    if not 1 <= n < total:
+        raise ValueError(f"need 1 <= n < total, got n={n}, total={total}")
+    shift = total >= 2 * n
+    return [j * total // n + (j % 2 if shift else 0) for j in range(n)]
 
 
 def keep_sensitive_in_float(
