@@ -158,7 +158,8 @@ def split_calibration(job) -> tuple[Sequence, Sequence, Sequence]:
     if len(job.calib) <= n:
         return job.calib, job.calib[:n], job.calib_ref[:n]
     held = held_out_indices(len(job.calib), n)
-    fit = [x for i, x in enumerate(job.calib) if i not in held]
+    skip = set(held)
+    fit = [x for i, x in enumerate(job.calib) if i not in skip]
     return fit, [job.calib[i] for i in held], [job.calib_ref[i] for i in held]
 
 
