@@ -18,11 +18,18 @@ two, so with this pass its upsampling moves no more bytes than the slices and co
 `free_channels_last_reshapes()` swaps the pass for `ChannelsLastFreeReshapes` in the pass list of
 ExecuTorch's XNNPACK preprocessing while lowering. It is written against executorch 1.5.1 (pinned); the
 tests check that the folded graph runs and matches PyTorch.
+
+The same pass manager also skips each XNNPACK pass that has nothing to act on in the graph as it stands
+(`_has_work`): every pass re-traces the whole graph with fake tensors even when it changes nothing, and
+seven of the seventeen look for ops these models never hold (batch norm, PReLU, padding, max pooling,
+1-D convolution, the decomposed bilinear upsampling and attention patterns). Skipping them leaves the
+.pte byte for byte the same (tests/test_converters.py) and saves 1-2 s per pass per delegate partition.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 
 from executorch.backends.xnnpack._passes.channels_last_tagged_reshape_pass import ChannelsLastTaggedReshapePass
 from executorch.backends.xnnpack.utils.quant_utils import (
@@ -32,6 +39,7 @@ from executorch.backends.xnnpack.utils.quant_utils import (
     tag_as_implicit_q_dq,
 )
 from executorch.exir.dialects._ops import ops as exir_ops
+from executorch.exir.program._program import _transform
 
 VIEW = exir_ops.edge.aten.view_copy.default
 PERMUTE = exir_ops.edge.aten.permute_copy.default
@@ -101,11 +109,74 @@ class ChannelsLastFreeReshapes(ChannelsLastTaggedReshapePass):
         return super().call(graph_module)
 
 
+def _op_names(graph_module) -> set[str]:
+    return {getattr(n.target, "__name__", str(n.target)) for n in graph_module.graph.nodes if n.op == "call_function"}
+
+
+def _has_work(pass_, graph_module) -> bool:
+    """False only for a pass of `_triggers()` that finds nothing in `graph_module`: none of its ops, no
+    pattern whose ops are all there (a `SubgraphMatcher` needs every one), or its predicate false. Such
+    a pass cannot change the graph. Every other pass runs."""
+    trigger = _triggers().get(pass_)
+    if trigger is None:
+        return True
+    if callable(trigger):
+        return trigger(graph_module)
+    names = _op_names(graph_module)
+    if isinstance(trigger, tuple):
+        return any(pattern <= names for pattern in trigger)
+    return bool(names & trigger)
+
+
+def _has_conv1d(graph_module) -> bool:
+    """A convolution with a 3-D kernel (through a weight dequantize): what `Conv1dUnsqueezePass` rewrites."""
+    from executorch.backends.transforms import get_shape
+
+    for n in graph_module.graph.nodes:
+        if n.op == "call_function" and n.target.__name__ == "aten.convolution.default":
+            kernel = n.args[1]
+            if is_dequant(kernel) and not is_quant(kernel.args[0]):
+                kernel = kernel.args[0]
+            if len(get_shape(kernel)) == 3:
+                return True
+    return False
+
+
+@functools.cache
+def _triggers() -> dict:
+    """pass -> what it acts on: a set of op names (any present), a tuple of the op-name sets of the
+    patterns it matches, or a predicate on the graph. Read off each pass's `call` in executorch 1.5.1."""
+    from executorch.backends.transforms.remove_getitem_op import RemoveGetItemPass
+    from executorch.backends.xnnpack._passes.conv1d_unsqueeze_pass import Conv1dUnsqueezePass
+    from executorch.backends.xnnpack._passes.convert_to_sdpa import ConvertToSDPAPass
+    from executorch.backends.xnnpack._passes.convert_to_upsample_bilinear2d import ConvertToUpsampleBilinear2d
+    from executorch.backends.xnnpack._passes.decompose_batch_norm import DecomposeBatchNorm
+    from executorch.backends.xnnpack._passes.fuse_batch_norm import FuseBatchNormPass
+    from executorch.backends.xnnpack._passes.insert_pad_qdq import InsertPadQDQPass
+    from executorch.backends.xnnpack._passes.prelu_reshape_pass import PReLUReshapePass
+    from executorch.backends.xnnpack.partition.graphs import bilinear_2d, sdpa
+
+    batch_norm = {"aten.native_batch_norm.default", "aten._native_batch_norm_legit_no_training.default"}
+    return {
+        FuseBatchNormPass: batch_norm,
+        DecomposeBatchNorm: batch_norm,
+        PReLUReshapePass: {"aten._prelu_kernel.default"},
+        InsertPadQDQPass: {"aten.constant_pad_nd.default"},
+        RemoveGetItemPass: {"aten.max_pool2d_with_indices.default", "aten.max.dim"},
+        Conv1dUnsqueezePass: _has_conv1d,
+        ConvertToUpsampleBilinear2d: tuple(frozenset(_op_names(p)) for p in bilinear_2d.get_graphs()),
+        ConvertToSDPAPass: tuple(frozenset(_op_names(p)) for p in sdpa.get_graphs()),
+    }
+
+
 @contextlib.contextmanager
 def free_channels_last_reshapes():
     """While active, ExecuTorch's XNNPACK preprocessing runs `ChannelsLastFreeReshapes` in place of its
-    own channels-last pass (wrap `to_edge_transform_and_lower` with it)."""
+    own channels-last pass and skips the passes with nothing to act on (`_has_work`); wrap
+    `to_edge_transform_and_lower` with it."""
     from executorch.backends.xnnpack import xnnpack_preprocess
+    from executorch.backends.xnnpack._passes import XNNPACKPass
+    from executorch.exir.pass_base import ExportPass
 
     base = xnnpack_preprocess.XNNPACKPassManager
 
@@ -113,6 +184,20 @@ def free_channels_last_reshapes():
         def __init__(self, exported_program, passes=None):
             super().__init__(exported_program, passes)
             self.passes = [ChannelsLastFreeReshapes if p is ChannelsLastTaggedReshapePass else p for p in self.passes]
+
+        def transform(self):
+            """`XNNPACKPassManager.transform` (executorch 1.5.1), less the passes without work."""
+            ep = self.exported_program
+            for pass_ in self.passes:
+                if not _has_work(pass_, ep.graph_module):
+                    continue
+                if issubclass(pass_, XNNPACKPass):
+                    ep = _transform(ep, pass_(ep))
+                elif issubclass(pass_, ExportPass):
+                    ep = _transform(ep, pass_())
+                else:
+                    raise RuntimeError(f"expected an ExportPass, got {pass_!r}")
+            return ep
 
     xnnpack_preprocess.XNNPACKPassManager = PassManager
     try:

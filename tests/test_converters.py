@@ -1203,3 +1203,93 @@ def test_the_sensitivity_pass_never_keeps_a_reader_of_a_concatenation_in_float()
     assert error(("shortcut",)) > 0.1  # the float shortcut beside the int8 graph: wrong
     for keep in sorted(offered):
         assert error((keep,)) < 0.05, keep
+
+
+def test_xnnpack_passes_without_work_are_skipped_and_change_nothing(monkeypatch):
+    """converters.xnnpack_layout: a block of the U-Net's op kinds (convolution, attention, concatenation,
+    sub-pixel upsampling), float and int8, lowers to the same .pte bytes whether the XNNPACK passes with
+    nothing to act on are skipped or run, and some are skipped."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+    from torch import nn
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    from converters import xnnpack_layout
+    from converters.to_executorch import _quantizable_targets, _quantizer
+    from converters.xnnpack_rewrites import SubpixelUpsampleConv
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.qkv, self.out = nn.Conv2d(4, 8, 3, padding=1), nn.Linear(8, 24), nn.Linear(8, 8)
+            self.up = SubpixelUpsampleConv(nn.Conv2d(16, 4, 3, padding=1))
+
+        def forward(self, x):
+            h = torch.relu(self.conv(x))
+            n, c, hh, ww = h.shape
+            t = h.flatten(2).transpose(1, 2)
+            q, k, v = self.qkv(t).chunk(3, dim=-1)
+            a = torch.softmax(q @ k.transpose(1, 2) * c**-0.5, dim=-1) @ v
+            a = self.out(a).transpose(1, 2).reshape(n, c, hh, ww)
+            return self.up(torch.cat([h, a], dim=1))
+
+    x = torch.randn(1, 4, 8, 8)
+    allowed = _quantizable_targets()
+    has_work, skipped, buffers = xnnpack_layout._has_work, set(), {}
+    for int8 in (False, True):
+        for skip in (True, False):
+
+            def decide(pass_, gm, skip=skip):
+                if has_work(pass_, gm):
+                    return True
+                skipped.add(pass_.__name__)
+                return not skip
+
+            monkeypatch.setattr(xnnpack_layout, "_has_work", decide)
+            torch.manual_seed(0)
+            m = Block().eval()
+            with torch.no_grad():
+                ep = torch.export.export(m, (x,))
+                if int8:
+                    q = _quantizer(lambda n: n.op != "call_function" or n.target in allowed)
+                    prepared = prepare_pt2e(ep.module(), q)
+                    prepared(x)
+                    ep = torch.export.export(convert_pt2e(prepared), (x,))
+            with xnnpack_layout.free_channels_last_reshapes():
+                edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
+            buffers[int8, skip] = edge.to_executorch().buffer
+        assert buffers[int8, True] == buffers[int8, False], int8
+    assert {"FuseBatchNormPass", "PReLUReshapePass", "Conv1dUnsqueezePass", "ConvertToSDPAPass"} <= skipped, skipped
+
+
+def test_xnnpack_passes_with_work_run():
+    """Each skippable pass is kept where its op is in the graph: batch norm, padding, 1-D convolution,
+    the decomposed bilinear upsampling."""
+    from executorch.backends.xnnpack._passes.conv1d_unsqueeze_pass import Conv1dUnsqueezePass
+    from executorch.backends.xnnpack._passes.convert_to_upsample_bilinear2d import ConvertToUpsampleBilinear2d
+    from executorch.backends.xnnpack._passes.fuse_batch_norm import FuseBatchNormPass
+    from executorch.backends.xnnpack._passes.insert_pad_qdq import InsertPadQDQPass
+    from executorch.backends.xnnpack.utils.configs import get_xnnpack_edge_compile_config
+    from executorch.exir import to_edge
+    from torch import nn
+
+    from converters.xnnpack_layout import _has_work
+
+    def edge_graph(m, x):
+        ep = torch.export.export(m.eval(), (x,))
+        return to_edge(ep, compile_config=get_xnnpack_edge_compile_config()).exported_program().graph_module
+
+    x4 = torch.randn(1, 3, 8, 8)
+    bn = edge_graph(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), x4)
+    pad = edge_graph(nn.ConstantPad2d(1, 0.5), x4)
+    conv1d = edge_graph(nn.Conv1d(3, 4, 3), torch.randn(1, 3, 8))
+    bilinear = edge_graph(nn.Upsample(scale_factor=2, mode="bilinear"), x4)
+    plain = edge_graph(nn.Conv2d(3, 4, 3), x4)
+    for pass_, graph in [
+        (FuseBatchNormPass, bn),
+        (InsertPadQDQPass, pad),
+        (Conv1dUnsqueezePass, conv1d),
+        (ConvertToUpsampleBilinear2d, bilinear),
+    ]:
+        assert _has_work(pass_, graph), pass_.__name__
+        assert not _has_work(pass_, plain), pass_.__name__
