@@ -21,9 +21,9 @@ tests check that the folded graph runs and matches PyTorch.
 
 The same pass manager also skips each XNNPACK pass that has nothing to act on in the graph as it stands
 (`_has_work`): every pass re-traces the whole graph with fake tensors even when it changes nothing, and
-seven of the seventeen look for ops these models never hold (batch norm, PReLU, padding, max pooling,
+eight of the seventeen look for ops the project's models do not hold (batch norm, PReLU, padding, max pooling,
 1-D convolution, the decomposed bilinear upsampling and attention patterns). Skipping them leaves the
-.pte byte for byte the same (tests/test_converters.py) and saves 1-2 s per pass per delegate partition.
+.pte byte for byte the same (tests/test_converters.py) and saves 0.5-2 s per pass per delegate partition.
 """
 
 from __future__ import annotations
