@@ -6,11 +6,15 @@ the runtime's own per-operator timings:
   own operators inside each delegate call ("Convolution (NHWC, QC8) IGEMM", ...); `portable` is the time
   in operators outside any delegate, `partitions` the number of delegate calls per run.
 - ONNX Runtime: the session profiler's per-node kernel times, by operator type.
+- OpenVINO (an IR folder `benchmarks.openvino_backend.convert` wrote, e.g. the NNCF int8 baseline of
+  `sdxs-edge bench`): the CPU plugin's own per-layer counters (`PERF_COUNT`), summed by layer type and
+  the kernel it ran ("Convolution (brgconv_avx512_I8)"); fused layers report under the layer they fused into.
 Figures are milliseconds per run (median over runs for ExecuTorch, mean for ONNX Runtime), with the
 profilers' own overhead included: compare them with each other, not with `sdxs-edge bench`.
 
     python -m benchmarks.profile out/bench/sdxs-512-512/bundles/executorch-int8 --components unet
     python -m benchmarks.profile out/onnx-int8 --top 10 --json profile.json
+    python -m benchmarks.profile out/bench/sdxs-512-512/bundles/openvino-int8 --components unet
 """
 
 from __future__ import annotations
@@ -116,22 +120,67 @@ def profile_onnxruntime(path: Path, specs: list[dict], runs: int, threads: int) 
     }
 
 
+def profile_openvino(path: Path, specs: list[dict], runs: int, threads: int) -> dict:
+    from benchmarks.openvino_backend import _core_config, _openvino
+
+    ov = _openvino()
+    compiled = ov.Core().compile_model(str(path), "CPU", {**_core_config(threads), "PERF_COUNT": True})
+    request = compiled.create_infer_request()
+    names = [s["name"] for s in specs]
+    feeds = dict(zip(names, random_inputs(specs, np.random.default_rng(0))))
+    request.infer(feeds)  # warm-up, not counted
+    ops: collections.Counter = collections.Counter()
+    calls: collections.Counter = collections.Counter()
+    total = 0.0
+    for _ in range(runs):
+        request.infer(feeds)
+        for info in request.profiling_info:  # the counters of the last inference
+            if info.status != ov.ProfilingInfo.Status.EXECUTED:
+                continue
+            key = f"{info.node_type} ({info.exec_type})"
+            ms = info.real_time.total_seconds() * 1000 / runs
+            ops[key] += ms
+            calls[key] += 1
+            total += ms
+    return {
+        "total_ms": total,
+        "ops": [{"op": k, "ms": round(v, 3), "calls": calls[k] // runs} for k, v in ops.most_common()],
+    }
+
+
+def _openvino_ir(folder: Path) -> tuple[dict, dict[str, Path]]:
+    """(the source ONNX bundle's manifest, {component: IR .xml}) of an OpenVINO IR folder."""
+    from benchmarks.openvino_backend import META_FILE
+    from sdxs_edge.bundle import REQUIRED_COMPONENTS, load_manifest
+
+    meta = json.loads((folder / META_FILE).read_text())
+    manifest = load_manifest(Path(meta["source_bundle"]))
+    manifest = {**manifest, "target": "openvino", "precision": meta["precision"]}
+    return manifest, {c: folder / f"{c}.xml" for c in REQUIRED_COMPONENTS}
+
+
 def profile_bundle(bundle: str | Path, components: list[str] | None = None, runs: int = 3, threads: int = 2) -> dict:
-    """Per-operator timings of each component of an ExecuTorch or ONNX bundle.
+    """Per-operator timings of each component of an ExecuTorch or ONNX bundle, or an OpenVINO IR folder.
 
     Args:
-        bundle: a bundle directory written by `sdxs-edge convert` (target executorch or onnx).
+        bundle: a bundle directory written by `sdxs-edge convert` (target executorch or onnx), or an
+            OpenVINO IR folder (`benchmarks.openvino_backend.convert`; its source bundle gives the shapes).
         components: which components (default: all in the manifest).
         runs: measured runs after one warm-up.
         threads: threads for the runtime.
     """
+    from benchmarks.openvino_backend import META_FILE
     from sdxs_edge.bundle import load_manifest
 
     bundle = Path(bundle)
-    manifest = load_manifest(bundle)
+    if (bundle / META_FILE).is_file():
+        manifest, files = _openvino_ir(bundle)
+    else:
+        manifest = load_manifest(bundle)
+        files = {c: bundle / e["file"] for c, e in manifest["components"].items()}
     target = manifest["target"]
-    if target not in ("executorch", "onnx"):
-        raise SDXSError(f"profile reads executorch and onnx bundles; {bundle} is a {target} bundle")
+    if target not in ("executorch", "onnx", "openvino"):
+        raise SDXSError(f"profile reads executorch and onnx bundles and OpenVINO IR; {bundle} is a {target} bundle")
     if (
         manifest.get("conversion", {}).get("config", {}).get("delegate", "xnnpack") != "xnnpack"
         and target == "executorch"
@@ -143,7 +192,7 @@ def profile_bundle(bundle: str | Path, components: list[str] | None = None, runs
     unknown = [c for c in names if c not in manifest["components"]]
     if unknown:
         raise SDXSError(f"{bundle} has no component {unknown[0]!r}; it has {', '.join(manifest['components'])}")
-    run = profile_executorch if target == "executorch" else profile_onnxruntime
+    run = {"executorch": profile_executorch, "onnx": profile_onnxruntime, "openvino": profile_openvino}[target]
     out = {
         "bundle": str(bundle),
         "target": target,
@@ -153,8 +202,7 @@ def profile_bundle(bundle: str | Path, components: list[str] | None = None, runs
         "components": {},
     }
     for c in names:
-        entry = manifest["components"][c]
-        out["components"][c] = run(bundle / entry["file"], entry["inputs"], runs, threads)
+        out["components"][c] = run(files[c], manifest["components"][c]["inputs"], runs, threads)
     return out
 
 

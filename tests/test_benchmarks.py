@@ -300,6 +300,22 @@ def test_profile_breaks_components_down_by_operator(tiny_report, tmp_path):
     assert profile.main([str(et_bundle), "--components", "vae"]) == 2  # one-line error, non-zero exit
 
 
+def test_profile_reads_openvino_ir_by_layer_type_and_kernel(tiny_report, tmp_path):
+    """An OpenVINO IR folder (the bench's baseline) profiles with the CPU plugin's own per-layer counters."""
+    pytest.importorskip("openvino", reason="the bench extra (openvino) is not installed")
+    from benchmarks import openvino_backend, profile
+
+    _, tmp = tiny_report
+    onnx32 = next((tmp / "work").rglob("onnx-fp32"))
+    ir = openvino_backend.convert(onnx32, "fp32", tmp_path / "openvino-fp32", "tiny", 64)
+    r = profile.profile_bundle(ir, runs=2)
+    assert r["target"] == "openvino" and set(r["components"]) == {"text_encoder", "unet", "decoder"}
+    u = r["components"]["unet"]
+    assert any(o["op"].startswith("Convolution (") for o in u["ops"]), u["ops"]
+    assert u["total_ms"] == pytest.approx(sum(o["ms"] for o in u["ops"]), rel=0.01) and u["total_ms"] > 0
+    assert "## unet" in profile.render(r, top=3)
+
+
 @pytest.mark.skipif(shutil.which("g++") is None, reason="the host runner needs g++")
 def test_native_runner_measures_each_component_without_torch(tmp_path):
     from benchmarks import native_runner
