@@ -15,6 +15,10 @@ profilers' own overhead included: compare them with each other, not with `sdxs-e
     python -m benchmarks.profile out/bench/sdxs-512-512/bundles/executorch-int8 --components unet
     python -m benchmarks.profile out/onnx-int8 --top 10 --json profile.json
     python -m benchmarks.profile out/bench/sdxs-512-512/bundles/openvino-int8 --components unet
+
+Given several bundles, it also sums each component's time by operator class (`CLASSES`: quantize and
+convert, convolution, matrix multiply, softmax, layout and copies, elementwise and normalization), one
+column per bundle, so two engines' profiles read side by side.
 """
 
 from __future__ import annotations
@@ -33,6 +37,49 @@ from sdxs_edge.atomic import write_atomic
 from sdxs_edge.errors import SDXSError
 
 CONTAINERS = ("Method::execute", "Method::init", "Program::load_method", "DELEGATE_CALL", "OPERATOR_CALL")
+
+
+# (operator class, pattern) in order, the first match wins; names are XNNPACK's, ONNX Runtime's and
+# OpenVINO's layer types ("Subgraph" is OpenVINO's fused elementwise code).
+CLASSES = (
+    ("quantize and convert", r"quantiz|convert|qdq"),
+    ("convolution", r"conv"),
+    ("matrix multiply", r"fully ?connected|matmul|gemm|matrix multipl"),
+    ("softmax", r"softmax"),
+    ("layout and copies", r"transpose|reorder|copy|concat|slice|split|reshape|permute|gather|depth ?to ?space"),
+    (
+        "elementwise and normalization",
+        r"add|sub|mul|div|eltwise|subgraph|mvn|norm|mean|reduce|sigmoid|gelu|clamp|relu|sqrt",
+    ),
+)
+
+
+def operator_class(op: str) -> str:
+    """The class of a profiled operator name (`CLASSES`), "other" when none matches."""
+    low = op.lower()
+    return next((c for c, pattern in CLASSES if re.search(pattern, low)), "other")
+
+
+def render_classes(reports: list[dict]) -> str:
+    """Per component present in every report: ms per run by operator class, one column per report."""
+    lines = []
+    common = [c for c in reports[0]["components"] if all(c in r["components"] for r in reports)]
+    for c in common:
+        sums = []
+        for r in reports:
+            by = collections.Counter()
+            for o in r["components"][c]["ops"]:
+                by[operator_class(o["op"])] += o["ms"]
+            sums.append(by)
+        heads = [f"{Path(r['bundle']).name} ({r['target']} {r['precision']})" for r in reports]
+        lines += [f"\n## {c}: ms per run by operator class", "", "| class | " + " | ".join(heads) + " |"]
+        lines.append("|---|" + "---:|" * len(reports))
+        for cls in [name for name, _ in CLASSES] + ["other"]:
+            if any(by[cls] for by in sums):
+                cells = [f"{by[cls]:.1f} ({100 * by[cls] / (sum(by.values()) or 1):.0f}%)" for by in sums]
+                lines.append(f"| {cls} | " + " | ".join(cells) + " |")
+        lines.append("| total | " + " | ".join(f"{sum(by.values()):.1f}" for by in sums) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def random_inputs(specs: list[dict], rng: np.random.Generator) -> list[np.ndarray]:
@@ -228,7 +275,7 @@ def render(report: dict, top: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.profile", description=__doc__.split("\n\n")[0])
-    p.add_argument("bundle")
+    p.add_argument("bundle", nargs="+", help="one or more bundles (several: also a table by operator class)")
     p.add_argument("--components", nargs="+", default=None)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
@@ -236,13 +283,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="also write the full report here")
     a = p.parse_args(argv)
     try:
-        report = profile_bundle(a.bundle, a.components, a.runs, a.threads)
+        reports = [profile_bundle(b, a.components, a.runs, a.threads) for b in a.bundle]
     except SDXSError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(render(report, a.top), end="")
+    text = "".join(render(r, a.top) for r in reports) + (render_classes(reports) if len(reports) > 1 else "")
+    print(text, end="")
     if a.json:
-        write_atomic(Path(a.json), json.dumps(report, indent=1))
+        write_atomic(Path(a.json), json.dumps(reports[0] if len(reports) == 1 else reports, indent=1))
     return 0
 
 

@@ -300,6 +300,42 @@ def test_profile_breaks_components_down_by_operator(tiny_report, tmp_path):
     assert profile.main([str(et_bundle), "--components", "vae"]) == 2  # one-line error, non-zero exit
 
 
+def test_profiles_of_two_engines_read_side_by_side_by_operator_class():
+    from benchmarks import profile
+
+    assert [
+        profile.operator_class(n)
+        for n in (
+            "Convolution (NHWC, QC8) IGEMM",
+            "Convert (NC, F32, QD8)",
+            "QLinearConv",
+            "FullyConnected (brgemm_avx512_I8)",
+            "Subgraph (jit_avx512_FP32)",
+            "Reorder (ref_any_I8)",
+            "Interpolate (ref)",
+        )
+    ] == [
+        "convolution",
+        "quantize and convert",
+        "convolution",
+        "matrix multiply",
+        "elementwise and normalization",
+        "layout and copies",
+        "other",
+    ]
+    et = {"bundle": "a/executorch-int8", "target": "executorch", "precision": "int8", "components": {}}
+    et["components"]["unet"] = {
+        "ops": [{"op": "Convolution (NHWC, QC8) IGEMM", "ms": 6.0}, {"op": "Transpose", "ms": 2.0}]
+    }
+    ov = {"bundle": "b/openvino-int8", "target": "openvino", "precision": "int8", "components": {}}
+    ov["components"]["unet"] = {"ops": [{"op": "Convolution (brgconv_avx512_I8)", "ms": 5.0}]}
+    ov["components"]["decoder"] = {"ops": []}  # only in one report: left out
+    text = profile.render_classes([et, ov])
+    assert "| convolution | 6.0 (75%) | 5.0 (100%) |" in text
+    assert "| layout and copies | 2.0 (25%) | 0.0 (0%) |" in text and "| total | 8.0 | 5.0 |" in text
+    assert "## decoder" not in text
+
+
 def test_profile_reads_openvino_ir_by_layer_type_and_kernel(tiny_report, tmp_path):
     """An OpenVINO IR folder (the bench's baseline) profiles with the CPU plugin's own per-layer counters."""
     pytest.importorskip("openvino", reason="the bench extra (openvino) is not installed")
