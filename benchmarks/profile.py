@@ -42,7 +42,7 @@ CONTAINERS = ("Method::execute", "Method::init", "Program::load_method", "DELEGA
 # (operator class, pattern) in order, the first match wins; names are XNNPACK's, ONNX Runtime's and
 # OpenVINO's layer types ("Subgraph" is OpenVINO's fused elementwise code).
 CLASSES = (
-    ("quantize and convert", r"quantiz|convert|qdq"),
+    ("quantize and convert", r"^(dynamic)?(de)?quantize|^fakequantize|^convert"),
     ("convolution", r"conv"),
     ("matrix multiply", r"fully ?connected|matmul|gemm|matrix multipl"),
     ("softmax", r"softmax"),
