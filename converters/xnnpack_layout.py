@@ -109,8 +109,12 @@ class ChannelsLastFreeReshapes(ChannelsLastTaggedReshapePass):
         return super().call(graph_module)
 
 
+def _op_name(node) -> str:
+    return getattr(node.target, "__name__", str(node.target))
+
+
 def _op_names(graph_module) -> set[str]:
-    return {getattr(n.target, "__name__", str(n.target)) for n in graph_module.graph.nodes if n.op == "call_function"}
+    return {_op_name(n) for n in graph_module.graph.nodes if n.op == "call_function"}
 
 
 def _has_work(pass_, graph_module) -> bool:
@@ -133,7 +137,7 @@ def _has_conv1d(graph_module) -> bool:
     from executorch.backends.transforms import get_shape
 
     for n in graph_module.graph.nodes:
-        if n.op == "call_function" and n.target.__name__ == "aten.convolution.default":
+        if n.op == "call_function" and _op_name(n) == "aten.convolution.default":
             kernel = n.args[1]
             if is_dequant(kernel) and not is_quant(kernel.args[0]):
                 kernel = kernel.args[0]
