@@ -450,3 +450,67 @@ def test_rounds_pool_every_run_of_every_round():
     assert bench.merge_rounds([a]) is a
     failed = bench.merge_rounds([a, {"name": "p", "status": "error", "reason": "worker exited 1"}])
     assert failed["status"] == "error" and failed["rounds"] == 2
+
+
+def test_gpu_graph_chain_is_the_pipelines_one_step_image():
+    # The function the CUDA graph captures is the pipeline's own one-step chain, up to uint8 rounding.
+    import torch
+
+    from benchmarks.gpu_graph import chain
+    from sdxs_edge.components import wrappers
+    from sdxs_edge.pipeline import SDXSPipeline
+
+    pipe = SDXSPipeline.load("tiny")
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    prompts = ["a red circle", "a blue square"]
+    with torch.inference_mode():
+        got = chain(wrappers(pipe), pipe.one_step_constants(), torch.float32)(pipe.tokenize(prompts).to(torch.int32), z)
+    ref = pipe.generate(prompts, noise=z, output="tensor").images
+    ref = ((ref + 1) * 127.5).clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+    assert got.shape == ref.shape == (2, 64, 64, 3) and got.dtype == torch.uint8
+    assert (got.int() - ref.int()).abs().max() <= 1
+
+
+def test_gpu_graph_report_names_every_variant_and_the_batch_search():
+    from benchmarks.gpu_graph import render
+
+    b1 = {"batch": 1, "ms_per_call": 3.2, "images_per_s": 312.5, "build_s": 80.0}
+    res = {
+        "model": "sdxs-512",
+        "resolution": 512,
+        "device": "NVIDIA H200",
+        "torch": "2.11.0",
+        "dtype": "float16",
+        "wall_s": 290.0,
+        "variants": {
+            "eager": {"status": "failed: RuntimeError: capture"},
+            "inductor": {
+                "status": "ok",
+                "batch1": b1,
+                "psnr_vs_fp32_eager_db": 41.5,
+                "components_ms": {"text_encoder": 0.5, "unet": 2.0, "decoder": 0.6},
+                "batches": [b1, {"batch": 2, "images_per_s": 500.0}, {"batch": 4, "out_of_memory": True}],
+            },
+            "inductor-max-autotune": {"status": "skipped: 40 s of the budget left"},
+        },
+        "headline": {"variant": "inductor", **b1},
+        "best_batch": {"variant": "inductor", "batch": 2, "images_per_s": 500.0},
+    }
+    md = render(res)
+    assert "| eager | failed: RuntimeError: capture |" in md and "skipped: 40 s" in md
+    assert "**312.5 images/s**" in md and "0.500 / 2.000 / 0.600" in md
+    assert "**500 images/s** at batch 2" in md and "1: 312, 2: 500, 4: OOM" in md
+
+
+def test_real_size_smoke_reports_every_stage(tmp_path):
+    # The real-size smoke's code on the tiny teacher: every training stage timed from its own log.
+    from benchmarks.real_size_smoke import STAGES, run
+
+    res = run("tiny-teacher", 64, steps=3, out=tmp_path / "run", report=tmp_path / "smoke", threads=2)
+    assert [r["stage"] for r in res["stages"]] == list(STAGES)
+    for r in res["stages"]:
+        assert r["steps"] == 3 and r["step_s"] > 0 and r["images_per_s"] == round(r["batch"] / r["step_s"], 2)
+        assert r["wall_s"] > 0 and r["peak_gpu_mib"] is None  # no CUDA here
+    assert res["pairs_seconds"] > 0 and res["unet_params"]["one-step"] > 0
+    saved = json.loads((tmp_path / "smoke.json").read_text())
+    assert saved["stages"] == res["stages"] and "| unet-kd | 4 |" in (tmp_path / "smoke.md").read_text()

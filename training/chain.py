@@ -48,6 +48,7 @@ class ChainConfig:
     pair_steps: teacher sampling steps for the pairs.
     eval_n: evaluation prompts per model in the report.
     eval_steps: steps for the multi-step models in the report.
+    latency_runs: timed runs per model for the report's CPU seconds per image (median).
     threads: torch CPU threads.
     cache_size: real images encoded for the decoder and U-Net KD.
     decoder_adapt: second decoder distillation on a pool with the one-step generator's latents (steps 0 = skip).
@@ -71,6 +72,7 @@ class ChainConfig:
     pair_steps: int = 25
     eval_n: int = 512
     eval_steps: int = 25
+    latency_runs: int = 5
     threads: int = 2
     cache_size: int = 8192
     decoder_adapt: DecoderConfig = field(default_factory=lambda: DecoderConfig(steps=1200, lr=3e-4, gan_start=200))
@@ -214,6 +216,7 @@ class _Run:
             else:
                 batch = 1024 if self.dev.type == "cuda" else 128
                 guidance = self.teacher.default_guidance
+                t = time.perf_counter()
                 p = ode_pair_chunks(
                     self.teacher,
                     self.out / "pairs",
@@ -225,6 +228,7 @@ class _Run:
                     captions=self.prompts,
                     d=self.d,
                 )
+                self.data["pairs_seconds"] = round(time.perf_counter() - t, 2)  # the real-size smoke's figure
             if self.d.is_main and not self.held_file.is_file():  # teacher samples held out for the decoder report
                 with atomic_file(self.held_file) as tmp:
                     save_file({"x0": p["x0"][-256:].contiguous()}, str(tmp))
@@ -456,7 +460,7 @@ def _generic_report(r: _Run) -> None:
         r.report["models"][name] = {
             "steps": steps,
             "unet_params": count_parameters(pipe.c.unet),
-            "cpu_latency_s": _latency(pipe, steps, guidance),
+            "cpu_latency_s": _latency(pipe, steps, guidance, cfg.latency_runs),
             "grid": Path(grid).name,
         }
 
@@ -494,7 +498,7 @@ def _report_stage(r: _Run) -> None:
         save_grid(images, r.out / f"grid-{slug}.png")
         rep["unet_params"] = count_parameters(pipe.c.unet)
         rep["decoder_params"] = count_parameters(pipe.c.vae.decoder)
-        rep["cpu_latency_s"] = _latency(pipe, steps, guidance)
+        rep["cpu_latency_s"] = _latency(pipe, steps, guidance, cfg.latency_runs)
         r.report["models"][name] = rep
 
 
@@ -547,13 +551,22 @@ def run_chain(cfg: ChainConfig, out: str | Path, until: str = "all") -> dict:
     d.barrier()
     clock = StageClock(out / "times.json", write=d.is_main)
     r = _Run(cfg, out, dev, d)
+    peaks = {}  # peak GPU memory per stage, MiB allocated by torch (CUDA only)
     for stage in CHAIN:
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
         stage.run(r)
         d.barrier()  # what a stage saved is on disk before any rank looks for it
         clock.lap(stage.name)
+        if dev.type == "cuda":
+            peaks[stage.name] = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
         if stage.stop == until:
             return r.report
     r.report["stage_seconds"] = clock.times
+    if peaks:
+        r.report["peak_gpu_mib"] = peaks
+    if "pairs_seconds" in r.data:
+        r.report["pairs_seconds"] = r.data["pairs_seconds"]
     if d.is_main:
         write_atomic(out / "report.json", json.dumps(r.report, indent=2))
         text = format_generic_report(r.report) if r.prompts else format_chain_report(r.report)
@@ -561,7 +574,7 @@ def run_chain(cfg: ChainConfig, out: str | Path, until: str = "all") -> dict:
     return r.report
 
 
-RESUMABLE_CHANGES = ("threads", "eval_n", "eval_steps")  # settings a rerun may change and still resume
+RESUMABLE_CHANGES = ("threads", "eval_n", "eval_steps", "latency_runs")  # settings a rerun may change and still resume
 
 
 def check_run_folder(cfg: ChainConfig, out: Path) -> None:

@@ -185,7 +185,8 @@ def decoder_report(vae_kl, student, latents: torch.Tensor) -> dict:
 
     import copy
 
-    z1 = latents[:16].cpu()
+    # A fixed pixel budget: 16 latents of SHAPES-64's 8x8, one of a 512x512 model's 64x64.
+    z1 = latents[: max(1, 16 * 64 // (latents.shape[-1] * latents.shape[-2]))].cpu()
     vae_cpu, student_cpu = copy.deepcopy(vae_kl).cpu(), copy.deepcopy(student).cpu()
     t_teacher = timeit(lambda: teacher_decode(vae_cpu, z1))
     t_student = timeit(lambda: student_cpu.decode(z1))

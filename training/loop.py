@@ -235,7 +235,7 @@ def run_loop(
             record = {
                 "stage": name,
                 "step": step + 1,
-                "time": round(time.time() - t0, 2),
+                "time": round(time.time() - t0, 3),
                 **{k: float(v) for k, v in metrics.items()},
             }
             bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()})
