@@ -239,6 +239,8 @@ def search(run: Run, mods, first: dict, iters: int, rounds: int, deadline: float
 
 def run_all(model: str, resolution: int, out: Path, budget_s: float, iters: int, rounds: int) -> dict:
     import torch
+    import torch._dynamo.config
+    import torch._inductor.config
 
     from sdxs_edge.pipeline import SDXSPipeline
 
