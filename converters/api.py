@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from converters import stages as S
+from converters.parallel import lower_all, side_by_side
 from converters.request import ConversionRequest, check_request
 from converters.stages import BACKENDS, CONTROL_IMAGES, TOKENIZER_DIR, backend, weights_sha256
 from sdxs_edge.atomic import atomic_dir, scratch_dir
@@ -78,6 +79,7 @@ def convert(
     encoder: bool | None = None,
     sizes=None,
     max_batch=1,
+    jobs: int = 0,
 ) -> Path:
     """Convert a model into a bundle for one runtime target, checked against PyTorch; returns the bundle path.
 
@@ -120,12 +122,15 @@ def convert(
         encoder: lower the VAE's encoder for image-to-image (default: for a trained model without ControlNet,
             in the sdxs-edge layout).
         sizes, max_batch: image sizes ("WxH,WxH" or pairs; the first the default) and a dynamic batch bound.
+        jobs: 1 lowers one component after another; 0 (default) lowers the largest component in a second
+            process beside the others where that can help (Linux, 2 or more cores, ONNX or ExecuTorch,
+            two components or more; `converters.parallel`).
     """
     req = ConversionRequest(
         model, target, precision, out, components, resolution, calibration_prompts, overwrite, progress, dynamic,
         palettize, delegate, batch, sensitivity, sensitivity_shortlist, max_float_fraction, onnx_calibration,
         trained, seed, lora, lora_scale, controlnet, control_scale, attention, tuple(cpu_classes), layout, encoder,
-        sizes, max_batch,
+        sizes, max_batch, jobs,
     )  # fmt: skip
     return run(req)
 
@@ -154,6 +159,12 @@ class _Stages:
         self.seconds[self.name] = round(time.perf_counter() - self.t0, 3)
         self.bar.update(1)
 
+    def lowered(self, name: str, seconds: float) -> None:
+        """A component lowered in `seconds` of its own (components may be lowered side by side)."""
+        self.seconds[name] = round(seconds, 3)
+        self.bar.update(1)
+        self.bar.set_postfix_str(f"{name} done")
+
 
 def run(req: ConversionRequest) -> Path:
     """Run a checked request through the stages; returns the bundle path."""
@@ -177,13 +188,15 @@ def run(req: ConversionRequest) -> Path:
         st.done()
         req.out.parent.mkdir(parents=True, exist_ok=True)
         with atomic_dir(req.out, overwrite=req.overwrite) as tmp, scratch_dir(req.out) as work:
-            results, checks = {}, {}
-            for name in req.components:
-                st.start(name)
-                job = S.component_job(req, prep, name, modules, specs, caps, config, Path(work), Path(tmp))
-                results[name] = S.lower(req, job)
-                checks[name] = S.check_component(req, name, results[name], caps)
-                st.done()
+            jobs = {
+                n: S.component_job(req, prep, n, modules, specs, caps, config, Path(work), Path(tmp))
+                for n in req.components
+            }
+            parallel = side_by_side(req.target, len(jobs), req.jobs)
+            st.bar.set_postfix_str(f"lowering {', '.join(req.components)}" + (" (two processes)" if parallel else ""))
+            b = backend(req.target)
+            results = lower_all(jobs, b.convert_component, getattr(b, "runner_for", None), parallel, st.lowered)
+            checks = {name: S.check_component(req, name, results[name], caps) for name in req.components}
             st.start("parity")
             e2e = S.check_end_to_end(req, prep, results, modules, caps)
             selfcheck = S.write_selfcheck(req, prep, caps, Path(tmp))

@@ -142,6 +142,13 @@ def _add_quantization_options(p: argparse.ArgumentParser) -> None:
         help="int8: quantize every candidate node (skip the per-layer sensitivity pass)",
     )
     p.add_argument(
+        "--jobs",
+        type=cli_args.at_least("--jobs", 0),
+        default=0,
+        metavar="N",
+        help="1: lower one component at a time; 0 (default): the largest in a second process beside the others where the machine has 2+ cores (Linux; onnx, executorch)",
+    )
+    p.add_argument(
         "--sensitivity-shortlist",
         type=cli_args.positive(int, "--sensitivity-shortlist"),
         metavar="N",
@@ -275,6 +282,7 @@ def run(args: argparse.Namespace) -> int:
         encoder=args.encoder,
         sizes=sizes(args),
         max_batch=args.max_batch,
+        jobs=args.jobs,
     )
     print(summary(json.loads((out / "manifest.json").read_text()), out))
     return 0

@@ -209,8 +209,13 @@ class ConversionRequest:
     encoder: bool | None = None
     sizes: Any = None
     max_batch: int = 1
+    jobs: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.jobs, bool) or not isinstance(self.jobs, int) or self.jobs < 0:
+            raise UnsupportedConversion(
+                f"jobs must be 0 (as the machine allows) or a count >= 1 (1: one component at a time), got {self.jobs!r}"
+            )
         enc = self.encoder
         if enc is None:  # optimum's layout has no image-to-image part: its default leaves the encoder out
             enc = self.layout == "sdxs-edge" and default_encoder(self.model, self.trained, self.controlnet)

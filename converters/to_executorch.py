@@ -291,11 +291,13 @@ def quantize(job: ComponentJob, exported) -> tuple[object, dict]:
 def _quantize_with(job: ComponentJob, graph, allowed, fit):
     """excluded node names -> the converted PT2E graph with those nodes left in float. The first graph
     that calibrates lends its observers to the later ones (`converters.observers.reuse`), which calibrate
-    only the observers it has no match for."""
+    only the observers it has no match for; an observer's parameters are computed once per calibrated
+    state (`converters.observers.memoized_qparams`)."""
     import torch
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     calibrated: dict = {}
+    qparams: dict = {}  # calibrated observer states -> their parameters (`observers.memoized_qparams`)
 
     def quantized(excluded: list[str]):
         skip = set(excluded)
@@ -309,7 +311,8 @@ def _quantize_with(job: ComponentJob, graph, allowed, fit):
                     prepared(*_tensors(s))
             if not calibrated:
                 calibrated.update(copy.deepcopy(observers.calibrated_observers(prepared)))
-        return convert_pt2e(prepared)
+        with observers.memoized_qparams(qparams):
+            return convert_pt2e(prepared)
 
     return quantized
 
@@ -513,7 +516,15 @@ def runner_for(job: ComponentJob, path: Path) -> Runner:
 
 
 def convert_component(job: ComponentJob) -> ComponentResult:
-    """export -> (quantize) -> lower -> delegation report -> .pte -> runtime runner."""
+    """export -> (quantize) -> lower -> delegation report -> .pte -> runtime runner, with node histories
+    shared between passes (`converters.provenance`)."""
+    from converters.provenance import shared_provenance
+
+    with shared_provenance():
+        return _convert_component(job)
+
+
+def _convert_component(job: ComponentJob) -> ComponentResult:
     exported, rewrites = export(job)
     report: dict = {"xnnpack_rewrites": rewrites} if rewrites else {}
     if job.config.precision == "int8":

@@ -1293,3 +1293,150 @@ def test_xnnpack_passes_with_work_run():
     ]:
         assert _has_work(pass_, graph), pass_.__name__
         assert not _has_work(pass_, plain), pass_.__name__
+
+
+def _history(sources) -> tuple:
+    """A node's provenance as names, passes and actions (graph ids differ between runs)."""
+    return tuple((s.name, s.pass_name, s._get_action_string(), _history(s.from_node)) for s in sources or ())
+
+
+def _lower_block(int8: bool, share: bool, memo: dict | None) -> tuple[bytes, list]:
+    """The attention block of the test above lowered to XNNPACK (int8: converted twice from one
+    calibration, the second time answering from `memo` when given): program bytes and node histories."""
+    import contextlib
+    import copy
+
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+    from torch import nn
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    from converters import observers, xnnpack_layout
+    from converters.provenance import shared_provenance
+    from converters.to_executorch import _quantizable_targets, _quantizer
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.qkv, self.out = nn.Conv2d(4, 8, 3, padding=1), nn.Linear(8, 24), nn.Linear(8, 8)
+
+        def forward(self, x):
+            h = torch.relu(self.conv(x))
+            n, c, hh, ww = h.shape
+            q, k, v = self.qkv(h.flatten(2).transpose(1, 2)).chunk(3, dim=-1)
+            a = torch.softmax(q @ k.transpose(1, 2) * c**-0.5, dim=-1) @ v
+            return torch.cat([h, self.out(a).transpose(1, 2).reshape(n, c, hh, ww)], dim=1)
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, 8, 8)
+    memoized = (lambda: observers.memoized_qparams(memo)) if memo is not None else contextlib.nullcontext
+    with shared_provenance() if share else contextlib.nullcontext(), torch.no_grad():
+        ep = torch.export.export(Block().eval(), (x,))
+        if int8:
+            q = _quantizer(lambda n: n.op != "call_function" or n.target in _quantizable_targets())
+            prepared = prepare_pt2e(ep.module(), q)
+            prepared(x)
+            for _ in range(2):
+                with memoized():
+                    converted = convert_pt2e(copy.deepcopy(prepared))
+            ep = torch.export.export(converted, (x,))
+        with xnnpack_layout.free_channels_last_reshapes():
+            edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
+        nodes = edge.exported_program().graph_module.graph.nodes
+        return edge.to_executorch().buffer, [(n.name, _history(n.meta.get("from_node"))) for n in nodes]
+
+
+def test_shared_provenance_and_memoized_qparams_change_nothing():
+    """converters.provenance and converters.observers.memoized_qparams: the same program bytes and the
+    same node histories, float and int8, and the second conversion answered from the memo."""
+    from torch.fx import traceback as fx_traceback
+
+    for int8 in (False, True):
+        memo: dict = {}
+        plain, shared = _lower_block(int8, False, None), _lower_block(int8, True, memo)
+        assert plain == shared, int8
+        assert any(h for _, h in shared[1])  # histories were recorded, not dropped
+        assert bool(memo) == int8
+    import copy
+
+    assert fx_traceback.copy is copy  # put back
+
+
+def test_memoized_qparams_answers_a_seen_state_only():
+    import copy
+
+    from torchao.quantization.pt2e.observer import HistogramObserver
+
+    from converters.observers import memoized_qparams
+
+    search = HistogramObserver.calculate_qparams
+    obs = HistogramObserver(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric)
+    obs(torch.randn(1000))
+    want = obs.calculate_qparams()
+    memo: dict = {}
+    with memoized_qparams(memo):
+        first, twin = obs.calculate_qparams(), copy.deepcopy(obs).calculate_qparams()
+        assert len(memo) == 1 and all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(want, first, twin))
+        obs(10 * torch.randn(1000))  # a new state: searched anew
+        assert not torch.equal(obs.calculate_qparams()[0], want[0]) and len(memo) == 2
+    assert HistogramObserver.calculate_qparams is search
+
+
+# ---- components lowered side by side (converters.parallel) ------------------------------------------
+def _fake_jobs(tmp_path, layers: dict[str, int]):
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    return {
+        n: SimpleNamespace(name=n, module=nn.Sequential(*[nn.Identity() for _ in range(k)]), out=tmp_path / f"{n}.bin")
+        for n, k in layers.items()
+    }
+
+
+def _fake_lower(job):
+    from converters.base import ComponentResult
+
+    if job.name == "bad":
+        from converters.to_executorch import ExecuTorchConversionError
+
+        raise ExecuTorchConversionError("ExecuTorch lowering of bad failed: ValueError: no")
+    if job.name == "dies":
+        os._exit(9)
+    job.out.write_text(job.name)
+    return ComponentResult(job.out.name, {"pid": os.getpid()}, runner=lambda s: s)
+
+
+def test_largest_component_lowers_in_its_own_process(tmp_path):
+    from converters.parallel import lower_all
+
+    jobs = _fake_jobs(tmp_path, {"text_encoder": 3, "unet": 9, "decoder": 2})
+    seconds = {}
+    out = lower_all(jobs, _fake_lower, lambda job, path: ("runner", path.read_text()), True, seconds.__setitem__)
+    assert list(out) == list(jobs) and set(seconds) == set(jobs)
+    assert out["unet"].report["pid"] != os.getpid() and out["decoder"].report["pid"] == os.getpid()
+    assert out["unet"].runner == ("runner", "unet")  # opened here, from the child's file
+    assert torch.get_num_threads() >= 1
+
+
+def test_errors_of_the_child_process_are_one_line(tmp_path):
+    from converters.parallel import lower_all, side_by_side
+    from converters.to_executorch import ExecuTorchConversionError
+    from sdxs_edge.errors import SDXSError
+
+    threads = torch.get_num_threads()
+    with pytest.raises(ExecuTorchConversionError, match="lowering of bad failed"):
+        lower_all(_fake_jobs(tmp_path, {"ok": 1, "bad": 5}), _fake_lower, None, True, lambda *a: None)
+    with pytest.raises(SDXSError, match=r"lowering dies in its own process failed.*--jobs 1"):
+        lower_all(_fake_jobs(tmp_path, {"ok": 1, "dies": 5}), _fake_lower, None, True, lambda *a: None)
+    assert torch.get_num_threads() == threads  # put back
+    assert not side_by_side("executorch", 4, 1) and not side_by_side("coreml", 4, 0)
+    assert not side_by_side("onnx", 1, 0)
+
+
+def test_side_by_side_lowering_writes_the_same_bundle(tmp_path):
+    bundles = [convert("tiny", "onnx", "int8", tmp_path / f"j{j}", progress=False, jobs=j) for j in (0, 1)]
+    for f in sorted(p.name for p in bundles[0].glob("*.onnx")):
+        assert (bundles[0] / f).read_bytes() == (bundles[1] / f).read_bytes(), f
+    with pytest.raises(SDXSError, match="jobs must be 0"):
+        convert("tiny", "onnx", "int8", tmp_path / "x", jobs=-1)

@@ -1,0 +1,143 @@
+"""The components of a bundle lowered side by side: the largest in a forked process, the rest here.
+
+Lowering is mostly single-threaded Python (torch.export, PT2E quantization and its sensitivity pass,
+the edge dialect's and the delegate's graph passes), so one conversion keeps one core busy, and the U-Net
+takes most of it (about 70 % of the shipped model's ExecuTorch int8 conversion). With two cores or more
+and two components or more, the largest component (by layers) is lowered in a child process forked
+after capture, which shares every input read-only, while this process lowers the others; torch's
+intra-op threads are split between the two meanwhile. The child writes its file into the bundle's
+temporary folder and sends back its report; this process then opens the file for the parity checks as
+it would its own. Errors in the child reach the caller as the same one-line error; a child that dies
+(killed, out of memory) is an error naming the component.
+
+Linux only (fork is the only way to hand a loaded model over without copying it), for the ONNX and
+ExecuTorch targets; `jobs=1` (`--jobs 1`) lowers one component after another.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import time
+from collections.abc import Callable
+
+from converters.base import ComponentJob, ComponentResult
+from sdxs_edge.errors import SDXSError
+
+TARGETS = ("onnx", "executorch")
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def side_by_side(target: str, components: int, jobs: int) -> bool:
+    """Whether to lower one component in a child process: `jobs` 0 means as the machine allows."""
+    if jobs == 1 or components < 2 or target not in TARGETS or not sys.platform.startswith("linux"):
+        return False
+    return usable_cores() >= 2
+
+
+def _layers(job: ComponentJob) -> int:
+    """Lowering time follows the graph's size, which follows the number of layers, not of parameters
+    (the shipped model's text encoder has twice the U-Net's parameters and a ninth of its layers)."""
+    return len(list(job.module.modules()))
+
+
+def _child(lower: Callable[[ComponentJob], ComponentResult], job: ComponentJob, threads: int, conn) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    t = time.perf_counter()
+    try:
+        r = lower(job)
+        msg = ("ok", r.file, r.report, r.extra_files, r.structural, r.runner is not None, time.perf_counter() - t)
+    except BaseException as e:  # noqa: BLE001 - every failure goes back to the parent, which raises it
+        msg = ("error", type(e).__module__, type(e).__qualname__, str(e))
+    conn.send(msg)
+    conn.close()
+
+
+def _raise(job: ComponentJob, module: str, qualname: str, message: str):
+    """The child's error, as the same class where it is one of the project's one-line errors."""
+    try:
+        cls = getattr(importlib.import_module(module), qualname)
+    except (ImportError, AttributeError):
+        cls = None
+    if isinstance(cls, type) and issubclass(cls, SDXSError):
+        try:
+            raise cls(message)
+        except TypeError:
+            pass
+    if qualname == "KeyboardInterrupt":
+        raise KeyboardInterrupt
+    raise SDXSError(f"lowering {job.name} failed: {qualname}: {message}")
+
+
+def lower_all(
+    jobs: dict[str, ComponentJob],
+    lower: Callable[[ComponentJob], ComponentResult],
+    runner_for: Callable | None,
+    parallel: bool,
+    on_done: Callable[[str, float], None],
+) -> dict[str, ComponentResult]:
+    """Every job lowered by `lower`, in `jobs` order, the largest in a child process when `parallel`.
+
+    Args:
+        jobs: component name -> its job (built after capture).
+        lower: the backend's `convert_component`.
+        runner_for: the backend's (job, path) -> runner, to open the child's file here; None when the
+            backend has no runner.
+        parallel: `side_by_side(...)`.
+        on_done: called with (component, its own lowering seconds) as each finishes.
+    """
+    if not parallel:
+        out = {}
+        for name, job in jobs.items():
+            t = time.perf_counter()
+            out[name] = lower(job)
+            on_done(name, time.perf_counter() - t)
+        return out
+    import multiprocessing
+
+    import torch
+
+    big = max(jobs, key=lambda n: _layers(jobs[n]))
+    threads = torch.get_num_threads()
+    mine, theirs = max(1, threads // 2), max(1, threads - threads // 2)
+    ctx = multiprocessing.get_context("fork")
+    recv, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_child, args=(lower, jobs[big], theirs, send), daemon=True)
+    torch.set_num_threads(mine)
+    child.start()
+    send.close()
+    out: dict[str, ComponentResult] = {}
+    try:
+        for name, job in jobs.items():
+            if name != big:
+                t = time.perf_counter()
+                out[name] = lower(job)
+                on_done(name, time.perf_counter() - t)
+        try:
+            msg = recv.recv()
+        except EOFError:
+            child.join()
+            raise SDXSError(
+                f"lowering {big} in its own process failed: the process ended with code {child.exitcode} "
+                "without a result (killed, or out of memory?); --jobs 1 lowers one component at a time"
+            ) from None
+        child.join()
+    finally:
+        torch.set_num_threads(threads)
+        if child.is_alive():
+            child.terminate()
+            child.join()
+    if msg[0] == "error":
+        _raise(jobs[big], *msg[1:])
+    _, file, report, extra, structural, runs, seconds = msg
+    job = jobs[big]
+    runner = runner_for(job, job.out) if runs and runner_for is not None else None
+    out[big] = ComponentResult(file, report, runner, extra_files=extra, structural=structural)
+    on_done(big, seconds)
+    return {name: out[name] for name in jobs}
