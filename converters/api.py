@@ -93,8 +93,7 @@ def convert(
         resolution: image side in pixels (default the model's; a multiple of 8 the U-Net can halve).
         calibration_prompts: int8 calibration prompts: a text file (one per line), a list, or a number of
             SHAPES-64 captions spread over the grammar (e.g. 128: a fused LoRA may need more); default 32.
-        overwrite: replace an existing bundle at `out`.
-        progress: show a tqdm bar per stage.
+        overwrite: replace an existing bundle at `out`. progress: show a tqdm bar per stage.
         dynamic: ONNX int8 only: dynamic int8 (weights only calibrated) instead of static QDQ.
         palettize: Core ML int8 only: 6- or 4-bit k-means weight palettes instead of linear int8.
         delegate: ExecuTorch only: "xnnpack" (default; runs and is checked here) or "coreml".
@@ -122,17 +121,14 @@ def convert(
         encoder: lower the VAE's encoder for image-to-image (default: for a trained model without ControlNet,
             in the sdxs-edge layout).
         sizes, max_batch: image sizes ("WxH,WxH" or pairs; the first the default) and a dynamic batch bound.
-        jobs: 1 lowers one component after another; 0 (default) lowers the largest component in a second
-            process beside the others where that can help (Linux, 2 or more cores, ONNX or ExecuTorch,
-            two components or more; `converters.parallel`).
+        jobs: 1 lowers one component at a time; 0 (default): the largest beside the rest (`converters.parallel`).
     """
-    req = ConversionRequest(
+    return run(ConversionRequest(
         model, target, precision, out, components, resolution, calibration_prompts, overwrite, progress, dynamic,
         palettize, delegate, batch, sensitivity, sensitivity_shortlist, max_float_fraction, onnx_calibration,
         trained, seed, lora, lora_scale, controlnet, control_scale, attention, tuple(cpu_classes), layout, encoder,
         sizes, max_batch, jobs,
-    )  # fmt: skip
-    return run(req)
+    ))  # fmt: skip
 
 
 class _Stages:

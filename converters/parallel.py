@@ -60,19 +60,19 @@ def _child(lower: Callable[[ComponentJob], ComponentResult], job: ComponentJob, 
 
 
 def _raise(job: ComponentJob, module: str, qualname: str, message: str):
-    """The child's error, as the same class where it is one of the project's one-line errors."""
+    """The child's error as the same class with the same message (an SDXSError stays a one-line error);
+    a class that cannot be rebuilt from its message becomes an SDXSError naming it."""
     try:
         cls = getattr(importlib.import_module(module), qualname)
     except (ImportError, AttributeError):
         cls = None
-    if isinstance(cls, type) and issubclass(cls, SDXSError):
+    err = None
+    if isinstance(cls, type) and issubclass(cls, BaseException):
         try:
-            raise cls(message)
-        except TypeError:
-            pass
-    if qualname == "KeyboardInterrupt":
-        raise KeyboardInterrupt
-    raise SDXSError(f"lowering {job.name} failed: {qualname}: {message}")
+            err = cls(message) if message else cls()
+        except Exception:
+            err = None
+    raise err or SDXSError(f"lowering {job.name} failed: {qualname}: {message}")
 
 
 def lower_all(
