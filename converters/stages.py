@@ -301,11 +301,6 @@ def _size_examples(prep: Prepared, name: str, caps: Captures) -> tuple:
     )
 
 
-def lower(req: ConversionRequest, job: ComponentJob) -> ComponentResult:
-    """The backend's export -> quantize (calibration, sensitivity pass) -> lower -> runner for one component."""
-    return backend(req.target).convert_component(job)
-
-
 def check_component(req: ConversionRequest, name: str, result: ComponentResult, caps: Captures) -> dict:
     """Per-component parity against PyTorch; a structural record where the lowered model cannot run here."""
     if result.runner is None:
