@@ -5,7 +5,8 @@ a checked `ConversionRequest` -> sources (LoRA file, ControlNet folder) -> load 
 into a copy of the U-Net, attention layout, a ControlNet built for another U-Net refused, all before
 any lowering) -> capture (calibration and parity tensors from real one-step runs; with a ControlNet, on
 control images made from the prompts: see `converters.calibration`) -> per component lower (the
-backend's export -> quantize -> lower) and check -> end-to-end parity -> write (tokenizer, manifest,
+backend's export -> quantize -> lower; the largest component in a second process, `converters.parallel`)
+and check -> end-to-end parity -> write (tokenizer, manifest,
 verification) -> atomic rename. Any failure (including a ParityError or an interrupt) leaves no bundle
 behind and an existing one untouched.
 """
