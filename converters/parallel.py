@@ -92,13 +92,18 @@ def lower_all(
         parallel: `side_by_side(...)`.
         on_done: called with (component, its own lowering seconds) as each finishes.
     """
-    if not parallel:
+
+    def here(skip: str | None) -> dict[str, ComponentResult]:
         out = {}
         for name, job in jobs.items():
-            t = time.perf_counter()
-            out[name] = lower(job)
-            on_done(name, time.perf_counter() - t)
+            if name != skip:
+                t = time.perf_counter()
+                out[name] = lower(job)
+                on_done(name, time.perf_counter() - t)
         return out
+
+    if not parallel:
+        return here(None)
     import multiprocessing
 
     import torch
@@ -112,13 +117,8 @@ def lower_all(
     torch.set_num_threads(mine)
     child.start()
     send.close()
-    out: dict[str, ComponentResult] = {}
     try:
-        for name, job in jobs.items():
-            if name != big:
-                t = time.perf_counter()
-                out[name] = lower(job)
-                on_done(name, time.perf_counter() - t)
+        out = here(big)
         try:
             msg = recv.recv()
         except EOFError:
