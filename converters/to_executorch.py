@@ -406,16 +406,20 @@ def _record(gm, samples, names: set[str]) -> dict[str, list[np.ndarray]]:
 
 
 def lower(job: ComponentJob, exported):
-    """Stage 2: edge dialect + delegate partitioning; on XNNPACK with the channels-last reshapes of
-    `converters.xnnpack_layout`. `exported` is one program or {method: program} (`programs`)."""
+    """Stage 2: edge dialect + delegate partitioning; on XNNPACK with the channels-last reshapes and the
+    per-call convolution indirection tables of `converters.xnnpack_layout`. `exported` is one program or
+    {method: program} (`programs`)."""
     import contextlib
 
     from executorch.exir import to_edge_transform_and_lower
 
-    from converters.xnnpack_layout import free_channels_last_reshapes
+    from converters.xnnpack_layout import free_channels_last_reshapes, transient_indirection_buffers
 
     try:
-        with free_channels_last_reshapes() if job.config.delegate == "xnnpack" else contextlib.nullcontext():
+        with contextlib.ExitStack() as stack:
+            if job.config.delegate == "xnnpack":
+                stack.enter_context(free_channels_last_reshapes())
+                stack.enter_context(transient_indirection_buffers())
             return to_edge_transform_and_lower(exported, partitioner=[_partitioner(job)])
     except SDXSError:
         raise

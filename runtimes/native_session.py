@@ -121,6 +121,7 @@ class NativeSession(Session):
             self.close()
             raise
         self.load_ms: dict[str, float] = ready["load_ms"]
+        self.load_order: list[str] = ready["load_order"]  # largest program first: the lowest load peak
         self.threads: int = ready["threads"]
         self.workspace_sharing: str = ready["workspace_sharing"]
 

@@ -19,7 +19,7 @@ import runtimes
 from runtimes.base import BackendMissingError, RuntimeInputError, Session, UnsupportedTargetError
 from runtimes.parity import FLOORS, check_floors, run_parity
 from runtimes.tokenizer import CLIPBPETokenizer
-from sdxs_edge.bundle import BundleError, sha256_path
+from sdxs_edge.bundle import BundleError, load_manifest, sha256_path
 from sdxs_edge.errors import ParityError, SDXSError
 from sdxs_edge.metrics import snr_db
 
@@ -245,6 +245,8 @@ def test_parity_executorch_native(make_bundle, tmp_path, precision):
             and nat.workspace_sharing == "global"
             and set(nat.load_ms) == {"text_encoder", "unet", "decoder"}
         )
+        sizes = {c: (bundle / e["file"]).stat().st_size for c, e in load_manifest(bundle)["components"].items()}
+        assert nat.load_order == sorted(sizes, key=sizes.get, reverse=True)
         a, b = (
             nat.generate_arrays("a small red circle at the top on a white background", seed=3),
             py.generate_arrays("a small red circle at the top on a white background", seed=3),

@@ -12,7 +12,9 @@
 #include <executorch/runtime/core/exec_aten/util/dim_order_util.h>
 #include <executorch/runtime/platform/platform.h>
 
+#include <algorithm>
 #include <chrono>
+#include <filesystem>
 #include <cmath>
 #include <cstring>
 #include <fstream>
@@ -340,7 +342,16 @@ struct sdxs_ctx {
     if (max_length != comp("text_encoder").inputs[0].shape.back())
       raise(SDXS_E_BUNDLE, "manifest: tokenizer max_length differs from the text encoder's input length");
     tokenizer = std::make_unique<sdxs::Tokenizer>(inside(dir, need_str(tok, "dir", "$.tokenizer"), "tokenizer dir"), static_cast<int>(max_length));
-    for (auto& [name, c] : comps) load(c);
+    // Largest program first: a program's weights are held twice while XNNPACK packs them (mapped file
+    // pages and the packed copy), and that peak is lowest before the other programs are resident.
+    std::vector<std::pair<std::uintmax_t, Component*>> order;
+    for (auto& [name, c] : comps) {
+      std::error_code ec;  // a file gone since the check above fails in load() with its own message
+      const std::uintmax_t size = std::filesystem::file_size(dir + "/" + c.file, ec);
+      order.emplace_back(ec ? 0 : size, &c);
+    }
+    std::stable_sort(order.begin(), order.end(), [](const auto& x, const auto& y) { return x.first > y.first; });
+    for (auto& [size, c] : order) load(*c);
   }
 
   // The I/O this library feeds: batch 1, ids -> context, (x_in, context[, timestep]) -> eps, x0 -> image.
