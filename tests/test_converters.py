@@ -1459,6 +1459,38 @@ def test_largest_component_lowers_in_its_own_process(tmp_path):
     assert torch.get_num_threads() >= 1
 
 
+def _threads_lower(job):
+    """Records the torch thread count; in the child ("big"), also the count after the parent's hand-over
+    (waited for up to 20 s). The parent's own job ("slow") lasts long enough for the child to listen."""
+    import time
+
+    from converters.base import ComponentResult
+
+    if job.name == "slow":
+        time.sleep(1.0)
+    seen = [torch.get_num_threads()]
+    if job.name == "big":
+        deadline = time.monotonic() + 20
+        while torch.get_num_threads() == seen[0] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        seen.append(torch.get_num_threads())
+    job.out.write_text(job.name)
+    return ComponentResult(job.out.name, {"threads": seen}, runner=None)
+
+
+def test_the_child_process_takes_every_thread_once_the_parent_is_done(tmp_path):
+    from converters.parallel import lower_all
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = lower_all(_fake_jobs(tmp_path, {"slow": 1, "big": 5}), _threads_lower, None, True, lambda *a: None)
+    finally:
+        torch.set_num_threads(threads)
+    assert out["slow"].report["threads"] == [1]
+    assert out["big"].report["threads"] == [1, 2]
+
+
 def test_errors_of_the_child_process_are_one_line(tmp_path):
     from converters.parallel import lower_all, side_by_side
     from converters.to_executorch import ExecuTorchConversionError
