@@ -5,11 +5,11 @@ the edge dialect's and the delegate's graph passes), so one conversion keeps one
 takes most of it (about 70 % of the shipped model's ExecuTorch int8 conversion). With two cores or more
 and two components or more, the largest component (by layers) is lowered in a child process forked
 after capture, which shares every input read-only, while this process lowers the others; torch's
-intra-op threads are split between the two meanwhile. The child writes its file into the bundle's
+intra-op threads are split between the two meanwhile: the child gets one, since GNU OpenMP (torch's
+thread pool on Linux) is not fork-safe: a forked child that runs a parallel region on more than one
+thread, after its parent ran one, waits forever on the parent's pool threads, which it does not have. The child writes its file into the bundle's
 temporary folder and sends back its report; this process then opens the file for the parity checks as
-it would its own. When this process is done with its components, it hands its threads over: the child
-(SIGUSR1) goes on with all of them, so the U-Net's calibration and sensitivity runs are not left on half
-the machine while the other cores idle. Errors in the child reach the caller as the same one-line error; a child that dies
+it would its own. Errors in the child reach the caller as the same one-line error; a child that dies
 (killed, out of memory) is an error naming the component.
 
 Linux only (fork is the only way to hand a loaded model over without copying it), for the ONNX and
@@ -47,18 +47,10 @@ def _layers(job: ComponentJob) -> int:
     return len(list(job.module.modules()))
 
 
-def _child(
-    lower: Callable[[ComponentJob], ComponentResult], job: ComponentJob, threads: tuple[int, int], ready, conn
-) -> None:
-    """Lowers `job` on threads[0] torch threads, threads[1] from the parent's SIGUSR1 on (`_hand_over`)."""
-    import signal
-
+def _child(lower: Callable[[ComponentJob], ComponentResult], job: ComponentJob, threads: int, conn) -> None:
     import torch
 
-    torch.set_num_threads(threads[0])
-    signal.signal(signal.SIGUSR1, lambda *_: torch.set_num_threads(threads[1]))
-    signal.siginterrupt(signal.SIGUSR1, False)  # system calls in progress resume rather than fail
-    ready.set()
+    torch.set_num_threads(threads)
     t = time.perf_counter()
     try:
         r = lower(job)
@@ -67,18 +59,6 @@ def _child(
         msg = ("error", type(e).__module__, type(e).__qualname__, str(e))
     conn.send(msg)
     conn.close()
-
-
-def _hand_over(child, ready) -> None:
-    """This process's components are done: the child may use every thread (a child not yet listening,
-    which only a trivially small job allows, keeps its half)."""
-    import signal
-
-    if ready.is_set() and child.is_alive():
-        try:
-            os.kill(child.pid, signal.SIGUSR1)
-        except ProcessLookupError:  # ended meanwhile
-            pass
 
 
 def _raise(job: ComponentJob, module: str, qualname: str, message: str):
@@ -132,17 +112,15 @@ def lower_all(
 
     big = max(jobs, key=lambda n: _layers(jobs[n]))
     threads = torch.get_num_threads()
-    mine, theirs = max(1, threads // 2), max(1, threads - threads // 2)
+    mine, theirs = max(1, threads - 1), 1  # one thread in the child: the module docstring says why
     ctx = multiprocessing.get_context("fork")
     recv, send = ctx.Pipe(duplex=False)
-    ready = ctx.Event()
-    child = ctx.Process(target=_child, args=(lower, jobs[big], (theirs, threads), ready, send), daemon=True)
+    child = ctx.Process(target=_child, args=(lower, jobs[big], theirs, send), daemon=True)
     torch.set_num_threads(mine)
     child.start()
     send.close()
     try:
         out = here(big)
-        _hand_over(child, ready)
         try:
             msg = recv.recv()
         except EOFError:
