@@ -95,13 +95,33 @@ def headline() -> str:
         f"- sdxs-512 at 512x512 on CPU: **{fast['value']:.3f} s per image** with `{fast['path']}` "
         f"({r['fastest_int8_vs_torch_eager_fp32']['value']:.1f}x torch eager fp32, "
         f"{ov['value']:.2f}x {ov['numerator']['path']} at {ov['numerator']['value']:.3f} s).",
-        f"- Peak memory {mem['numerator']['value']:.0f} MB, {mem['value']:.2f}x its {mem['denominator']['value']:.0f} MB bundle.",
+        f"- Peak memory of that path {mem['numerator']['value']:.0f} MB, {mem['value']:.2f}x its {mem['denominator']['value']:.0f} MB bundle.",
+        *_native_line(rep, fast["path"], ov["numerator"]),
         f"- One step against SD-2.1-base's architecture at 25 guided steps: {r['one_step_vs_teacher_cfg']['value']:.0f}x faster "
         f"(torch eager fp32 on both sides).",
         "",
         _machine(rep, name),
     ]
     return "\n".join(lines)
+
+
+def _native_line(rep: dict, fastest: str, openvino: dict) -> list[str]:
+    """When the fastest int8 path is not the C++ runner, a line for the runner (the same programs, no
+    PyTorch in the process: what an app embeds)."""
+    if fastest == "executorch-native int8":
+        return []
+    p = next(
+        (p for p in rep["paths"] if (p["runtime"], p["precision"], p["status"]) == ("executorch-native", "int8", "ok")),
+        None,
+    )
+    if p is None:
+        return []
+    s, mem = p["end_to_end"]["median_s"], p["peak_rss_mb"]
+    return [
+        f"- The same int8 programs in the C++ runner, no PyTorch in the process (`executorch-native int8`): "
+        f"{s:.3f} s per image ({openvino['value'] / s:.2f}x {openvino['path']}), peak memory {mem:.0f} MB, "
+        f"{mem / p['bundle_mb']:.2f}x its bundle."
+    ]
 
 
 def gpu_table() -> str:
