@@ -4,10 +4,10 @@ Lowering is mostly single-threaded Python (torch.export, PT2E quantization and i
 the edge dialect's and the delegate's graph passes), so one conversion keeps one core busy, and the U-Net
 takes most of it (about 70 % of the shipped model's ExecuTorch int8 conversion). With two cores or more
 and two components or more, the largest component (by layers) is lowered in a child process forked
-after capture, which shares every input read-only, while this process lowers the others; torch's
-intra-op threads are split between the two meanwhile: the child gets one, since GNU OpenMP (torch's
-thread pool on Linux) is not fork-safe: a forked child that runs a parallel region on more than one
-thread, after its parent ran one, waits forever on the parent's pool threads, which it does not have. The child writes its file into the bundle's
+after capture, which shares every input read-only, while this process lowers the others. The child
+runs torch on one thread and this process on the rest: GNU OpenMP (torch's thread pool on Linux) is not
+fork-safe, and a forked child that runs a parallel region on more than one thread, after its parent ran
+one, waits forever on pool threads it does not have. The child writes its file into the bundle's
 temporary folder and sends back its report; this process then opens the file for the parity checks as
 it would its own. Errors in the child reach the caller as the same one-line error; a child that dies
 (killed, out of memory) is an error naming the component.

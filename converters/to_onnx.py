@@ -26,8 +26,8 @@ conversion on an AVX2-only AMD EPYC, by form (`benchmarks/results/int8-forms-x86
 u8u8 products are widened to int16 before they are summed on every ISA (MLAS has no saturating u8u8
 kernel), so its figures hold on AVX2, AVX-512 and arm64 alike. It costs speed where u8s8 has a dedicated
 kernel: on an AVX-512 VNNI EPYC (sdxs-512 at 512x512, 2 threads; docs/benchmarks.md) ONNX int8 ran
-1.18x faster than ONNX fp32 in u8u8, against 2.42x in u8s8 (an earlier run). The manifest records the form and the CPU classes
-the bundle was checked on.
+1.18x faster than ONNX fp32 in u8u8, against 2.42x in u8s8 (an earlier run). The manifest records the
+form and the CPU classes the bundle was checked on.
 """
 
 from __future__ import annotations

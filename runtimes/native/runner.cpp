@@ -399,7 +399,7 @@ int run(const Args& a) {
 // The order to load programs in: largest file first. Loading a program briefly holds its weights twice
 // (the mapped file pages XNNPACK packs from, and the packed copy) until its delegate data is released;
 // loaded first, that doubling happens before the other programs' packed weights exist. On the sdxs-512
-// int8 bundle the runner's peak drops from 679 MB (text encoder, U-Net, decoder) to 593 MB.
+// int8 bundle the runner's peak drops from 679 MB (text encoder, U-Net, decoder) to 592 MB.
 std::vector<size_t> largest_first(const std::vector<std::pair<std::string, std::string>>& programs) {
   std::vector<std::pair<int64_t, size_t>> by_size;
   for (size_t k = 0; k < programs.size(); ++k) {
