@@ -47,10 +47,10 @@ def _layers(job: ComponentJob) -> int:
     return len(list(job.module.modules()))
 
 
-def _child(lower: Callable[[ComponentJob], ComponentResult], job: ComponentJob, threads: int, conn) -> None:
+def _child(lower: Callable[[ComponentJob], ComponentResult], job: ComponentJob, conn) -> None:
     import torch
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(1)  # never more in a forked child: the module docstring says why
     t = time.perf_counter()
     try:
         r = lower(job)
@@ -112,11 +112,10 @@ def lower_all(
 
     big = max(jobs, key=lambda n: _layers(jobs[n]))
     threads = torch.get_num_threads()
-    mine, theirs = max(1, threads - 1), 1  # one thread in the child: the module docstring says why
     ctx = multiprocessing.get_context("fork")
     recv, send = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_child, args=(lower, jobs[big], theirs, send), daemon=True)
-    torch.set_num_threads(mine)
+    child = ctx.Process(target=_child, args=(lower, jobs[big], send), daemon=True)
+    torch.set_num_threads(max(1, threads - 1))  # the child takes the other one
     child.start()
     send.close()
     try:

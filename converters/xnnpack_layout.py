@@ -237,17 +237,18 @@ def flag_transient_indirection(graph) -> int:
 def transient_indirection_buffers():
     """While active, ExecuTorch's XNNPACK preprocessing serializes every convolution with a per-call
     indirection table (`flag_transient_indirection`, module docstring); wrap `to_edge_transform_and_lower`
-    with it."""
+    with it. Yields a list that receives the number of convolutions flagged in each delegate partition."""
     from executorch.backends.xnnpack import xnnpack_preprocess
 
     base = xnnpack_preprocess.serialize_xnnpack_binary
+    flagged: list[int] = []
 
     def serialize(graph, constant_data):
-        flag_transient_indirection(graph)
+        flagged.append(flag_transient_indirection(graph))
         return base(graph, constant_data)
 
     xnnpack_preprocess.serialize_xnnpack_binary = serialize
     try:
-        yield
+        yield flagged
     finally:
         xnnpack_preprocess.serialize_xnnpack_binary = base

@@ -1113,7 +1113,6 @@ def test_convolutions_build_their_indirection_tables_per_call(tmp_path):
     computes the same bits, and the native runner no longer holds one pointer table per convolution
     (here 4 x 3x3 at 384x384: 10.6 MB each)."""
     import contextlib
-    from unittest import mock
 
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
@@ -1127,16 +1126,12 @@ def test_convolutions_build_their_indirection_tables_per_call(tmp_path):
         pytest.skip("no build/host/sdxs_runner (make host-runner)")
     m = nn.Sequential(*[nn.Conv2d(8, 8, 3, padding=1) for _ in range(4)]).eval()
     x = torch.randn(1, 8, 384, 384)
-    flagged = []
-    count = xnnpack_layout.flag_transient_indirection
+    flagged: list[int] = []
     outs, peak = {}, {}
     for transient in (False, True):
         with xnnpack_layout.free_channels_last_reshapes(), contextlib.ExitStack() as stack:
             if transient:
-                stack.enter_context(xnnpack_layout.transient_indirection_buffers())
-                stack.enter_context(
-                    mock.patch.object(xnnpack_layout, "flag_transient_indirection", lambda g: flagged.append(count(g)))
-                )
+                flagged = stack.enter_context(xnnpack_layout.transient_indirection_buffers())
             edge = to_edge_transform_and_lower(torch.export.export(m, (x,)), partitioner=[XnnpackPartitioner()])
         path = tmp_path / f"{transient}.pte"
         path.write_bytes(edge.to_executorch().buffer)

@@ -71,6 +71,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <memory>
@@ -79,7 +80,6 @@
 #include <vector>
 
 #include <fcntl.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include "sdxt.h"
@@ -401,14 +401,15 @@ int run(const Args& a) {
 // loaded first, that doubling happens before the other programs' packed weights exist. On the sdxs-512
 // int8 bundle the runner's peak drops from 679 MB (text encoder, U-Net, decoder) to 592 MB.
 std::vector<size_t> largest_first(const std::vector<std::pair<std::string, std::string>>& programs) {
-  std::vector<std::pair<int64_t, size_t>> by_size;
+  std::vector<std::pair<std::uintmax_t, size_t>> by_size;
   for (size_t k = 0; k < programs.size(); ++k) {
-    struct stat st {};
-    by_size.emplace_back(stat(programs[k].second.c_str(), &st) == 0 ? -static_cast<int64_t>(st.st_size) : 0, k);
+    std::error_code ec;  // an unreadable file fails in open_program() with its own message
+    const std::uintmax_t size = std::filesystem::file_size(programs[k].second, ec);
+    by_size.emplace_back(ec ? 0 : size, k);
   }
-  std::stable_sort(by_size.begin(), by_size.end());
+  std::stable_sort(by_size.begin(), by_size.end(), [](const auto& x, const auto& y) { return x.first > y.first; });
   std::vector<size_t> order;
-  for (const auto& [neg_size, k] : by_size) order.push_back(k);
+  for (const auto& [size, k] : by_size) order.push_back(k);
   return order;
 }
 
