@@ -6,7 +6,8 @@ followed by segmented score distillation, from the chain's block-removed U-Net a
     python -m training.warmup_ablation RUN --steps 0 --ssd 300 --from OUT/unet  # SSD on a warmed-up student
     python -m training.warmup_ablation RUN --steps 0 --ssd 400 --from RUN/unet-kd/unet  # SSD without warm-up
 
-A run resumes from OUT/ssd/checkpoints; `python -m training.ssd_curve OUT/ssd` scores those checkpoints.
+Missing teacher ODE pairs are built first (RUN/config.json names the teacher and how many); `--device
+cuda` runs them, the warm-up and the score distillation on a GPU. A run resumes from OUT/ssd/checkpoints; `python -m training.ssd_curve OUT/ssd` scores those checkpoints.
 
 Prints one JSON line per run (512 evaluation prompts, one step, no guidance) and saves the U-Net.
 """
@@ -47,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--decoder", type=Path, help="tiny decoder folder for the evaluation (default: RUN/model)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="torch device of the pairs, warm-up and score distillation")
     ap.add_argument("--n", type=int, default=512)
     return ap
 
@@ -93,12 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     name = f"{a.loss}-{a.prediction_type}-w{a.steps}-s{a.ssd}"
     out = a.out or a.run / f"ablation-{name}"
     config = a.run / "config.json"  # the chain's resolved config: which teacher and pairs the run used
-    if not config.is_file() or not any((a.run / "pairs").glob("chunk-*.safetensors")):
-        raise SystemExit(
-            f"error: {a.run} holds no chain config or teacher ODE pairs (run `sdxs-edge train onestep --out {a.run}` first)"
-        )
+    if not config.is_file():
+        raise SystemExit(f"error: {a.run} holds no chain config (run `sdxs-edge train onestep --out {a.run}` first)")
     cfg = json.loads(config.read_text())
-    teacher = SDXSPipeline.load(cfg.get("teacher") or COMMITTED_TEACHER)
+    dev = torch.device(a.device)
+    teacher = SDXSPipeline.load(cfg.get("teacher") or COMMITTED_TEACHER).to(dev)
     decoder = SDXSPipeline.load(a.decoder or a.run / "model").c.vae
     pairs = ode_pair_chunks(
         teacher,
@@ -108,12 +109,14 @@ def main(argv: list[str] | None = None) -> int:
         teacher.default_guidance,
         chunk=cfg.get("pair_chunk", 2048),
     )
+    pairs = {k: v.to(dev) for k, v in pairs.items()}
     sched = {k: v for k, v in teacher.c.scheduler_config.items() if not k.startswith("_")}
     sched["prediction_type"] = a.prediction_type
     consts = sampler.one_step_constants(sched, teacher.latent_scaling)
     if a.kd and not a.src:
         kd_student(a.run, teacher, *a.kd)
-    student = UNet2DConditionModel.from_pretrained(a.src or a.run / "unet-kd" / "unet", torch_dtype=torch.float32)
+    src = a.src or a.run / "unet-kd" / "unet"
+    student = UNet2DConditionModel.from_pretrained(src, torch_dtype=torch.float32).to(dev)
     t0 = time.perf_counter()
     if a.steps:
         warmup(
@@ -151,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             teacher.tokenize([""])[0],
         )
     seconds = time.perf_counter() - t0
+    student, teacher = student.cpu(), teacher.to("cpu")  # the evaluation runs on the CPU
     student.eval().save_pretrained(out / "unet", safe_serialization=True)
     pipe = SDXSPipeline(Components(teacher.c.tokenizer, teacher.c.text_encoder, student, decoder, sched), name=name)
     pipe.default_steps, pipe.default_guidance = 1, 0.0
