@@ -59,16 +59,16 @@ test: install lint host-runner browser emulators
 # sizes, training chains, kill-and-resume runs (none needs the browser or the emulators). CI runs it after
 # `make test`.
 test-heavy: install host-runner
-	$(PY) -m pytest -q -m heavy
+	$(PY) -m pytest -q -m heavy --timeout 3600
 
 test-slow: install
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -m slow --timeout 3600
 
 # The shipped model on every CPU runtime: ONNX fp32/fp16/int8 and ExecuTorch fp32/int8 bundles, parity
 # (per component, end to end, SHAPES-64 all-correct within 3 points of fp32) on onnxruntime, executorch,
 # torch, arm64-emulated and executorch-native. CI runs it after `make test` (about 15 minutes on two cores).
 test-shipped: install arm64-runner host-runner
-	$(PY) -m pytest -q -s -m shipped
+	$(PY) -m pytest -q -s -m shipped --timeout 3600
 
 # qemu user-mode emulators from Debian (qemu-user-static); idempotent.
 emulators:

@@ -12,6 +12,11 @@ temporary folder and sends back its report; this process then opens the file for
 it would its own. Errors in the child reach the caller as the same one-line error; a child that dies
 (killed, out of memory) is an error naming the component.
 
+Lowering keeps the child on a core, so a child that has used no CPU time for `STALL_S` seconds is stuck:
+waiting on a lock that another thread of this process held at the fork (a library's progress-bar monitor,
+a thread pool's mutex), which nothing in the child will ever release. It is then killed, a warning names
+the component, and the component is lowered here instead, so a conversion never waits forever.
+
 Linux only (fork is the only way to hand a loaded model over without copying it), for the ONNX and
 ExecuTorch targets; `jobs=1` (`--jobs 1`) lowers one component after another.
 """
@@ -23,11 +28,14 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from converters.base import ComponentJob, ComponentResult
 from sdxs_edge.errors import SDXSError
 
 TARGETS = ("onnx", "executorch")
+STALL_S = 120.0  # seconds without CPU time after which the child is taken as stuck (module docstring)
+POLL_S = 1.0
 
 
 def usable_cores() -> int:
@@ -59,6 +67,27 @@ def _child(lower: Callable[[ComponentJob], ComponentResult], job: ComponentJob, 
         msg = ("error", type(e).__module__, type(e).__qualname__, str(e))
     conn.send(msg)
     conn.close()
+
+
+def _cpu_ticks(pid: int) -> int | None:
+    """User + system CPU time of process `pid` in clock ticks (/proc/PID/stat); None once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of stat(5)
+
+
+def _receive(conn, pid: int):
+    """The child's message, or None once the child has used no CPU time for `STALL_S` seconds."""
+    ticks, since = _cpu_ticks(pid), time.monotonic()
+    while not conn.poll(POLL_S):
+        now = _cpu_ticks(pid)
+        if now != ticks:
+            ticks, since = now, time.monotonic()
+        elif time.monotonic() - since >= STALL_S:
+            return None
+    return conn.recv()
 
 
 def _raise(job: ComponentJob, module: str, qualname: str, message: str):
@@ -121,19 +150,32 @@ def lower_all(
     try:
         out = here(big)
         try:
-            msg = recv.recv()
+            msg = _receive(recv, child.pid)
         except EOFError:
             child.join()
             raise SDXSError(
                 f"lowering {big} in its own process failed: the process ended with code {child.exitcode} "
                 "without a result (killed, or out of memory?); --jobs 1 lowers one component at a time"
             ) from None
-        child.join()
+        if msg is not None:
+            child.join()
     finally:
         torch.set_num_threads(threads)
         if child.is_alive():
-            child.terminate()
+            child.kill()
             child.join()
+    if msg is None:
+        import warnings
+
+        warnings.warn(
+            f"lowering {big} in its own process stalled (no CPU time for {STALL_S:.0f} s: a lock held at the "
+            "fork); lowering it in this process instead",
+            stacklevel=2,
+        )
+        t = time.perf_counter()
+        out[big] = lower(jobs[big])
+        on_done(big, time.perf_counter() - t)
+        return {name: out[name] for name in jobs}
     if msg[0] == "error":
         _raise(jobs[big], *msg[1:])
     _, file, report, extra, structural, runs, seconds = msg

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -1477,6 +1479,35 @@ def test_the_child_process_runs_on_one_thread(tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert out["small"].report["threads"] == 3 and out["big"].report["threads"] == 1
+
+
+_HELD_AT_FORK = threading.Lock()
+
+
+def _lock_lower(job):
+    """Takes a lock that another thread held when the child was forked: in the child it never returns."""
+    from converters.base import ComponentResult
+
+    with _HELD_AT_FORK:
+        job.out.write_text(job.name)
+    return ComponentResult(job.out.name, {"pid": os.getpid()}, runner=None)
+
+
+def test_a_stuck_child_process_is_killed_and_its_component_lowered_here(tmp_path, monkeypatch):
+    """A child waiting on a lock held at the fork uses no CPU time: after STALL_S it is killed, a warning
+    names the component, and this process lowers it."""
+    from converters import parallel
+
+    monkeypatch.setattr(parallel, "STALL_S", 2.0)
+    holder = threading.Thread(target=lambda: (_HELD_AT_FORK.acquire(), time.sleep(3), _HELD_AT_FORK.release()))
+    holder.start()
+    time.sleep(0.2)  # the lock is held when lower_all forks
+    t = time.perf_counter()
+    with pytest.warns(UserWarning, match="lowering big in its own process stalled"):
+        out = parallel.lower_all(_fake_jobs(tmp_path, {"small": 1, "big": 5}), _lock_lower, None, True, lambda *a: None)
+    holder.join()
+    assert list(out) == ["small", "big"] and out["big"].report["pid"] == os.getpid()
+    assert (tmp_path / "big.bin").read_text() == "big" and time.perf_counter() - t < 30
 
 
 def test_errors_of_the_child_process_are_one_line(tmp_path):
