@@ -80,6 +80,25 @@ def kd_student(run: Path, teacher, steps: int, seconds: float) -> Path:
     return done
 
 
+def _ssd_config(a: argparse.Namespace):
+    """The score-distillation stage as the command line sets it (guidance 2.5, the teacher's best)."""
+    from training.onestep import SSDConfig
+
+    return SSDConfig(
+        steps=a.ssd,
+        batch=a.batch,
+        lr=a.ssd_lr,
+        guidance=2.5,
+        alpha_start=a.alpha[0],
+        alpha_end=a.alpha[1],
+        fm_start=a.fm[0],
+        fm_end=a.fm[1],
+        fresh_noise=a.fresh_noise,
+        ckpt_every=a.ckpt_every,
+        max_seconds=a.max_seconds,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     from diffusers import UNet2DConditionModel
 
@@ -88,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     from sdxs_edge.models import Components
     from sdxs_edge.pipeline import SDXSPipeline
     from training.chain import COMMITTED_TEACHER
-    from training.onestep import SSDConfig, WarmupConfig, ode_pair_chunks, score_distill, warmup
+    from training.onestep import WarmupConfig, ode_pair_chunks, score_distill, warmup
 
     a = _parser().parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -131,19 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.ssd:
         acp = torch.from_numpy(sampler.alphas_cumprod(teacher.c.scheduler_config))
         score_distill(
-            SSDConfig(
-                steps=a.ssd,
-                batch=a.batch,
-                lr=a.ssd_lr,
-                guidance=2.5,
-                alpha_start=a.alpha[0],
-                alpha_end=a.alpha[1],
-                fm_start=a.fm[0],
-                fm_end=a.fm[1],
-                fresh_noise=a.fresh_noise,
-                ckpt_every=a.ckpt_every,
-                max_seconds=a.max_seconds,
-            ),
+            _ssd_config(a),
             out / "ssd",
             student,
             teacher.c.text_encoder,
