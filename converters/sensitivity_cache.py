@@ -5,7 +5,8 @@ samples; on the sdxs-512 U-Net that is most of a conversion. An entry holds, for
 quantized candidates, their local re-quantization ranking and the score of every candidate set evaluated,
 under a key that is the sha256 of everything those figures depend on: the float model as the backend
 quantizes it (`model_digest`), the calibration and held-out samples and their references (as the pass
-scores them), the component, the backend's and the pass's sources, and the library versions. A key names
+scores them), the component, the backend's and the pass's sources, the library versions and the CPU class
+(`sdxs_edge.cpu.host_class`: int8 kernels, hence the scores, differ by class). A key names
 figures, never a decision: the search that reads them runs each time, so other budgets or targets reuse
 the same entry.
 
@@ -71,6 +72,9 @@ def content_key(job, model_digest: str, backend_file: str, fit: Sequence, held_o
             h.update(f"{name}={version(name)}\0".encode())
         except PackageNotFoundError:
             h.update(f"{name}=absent\0".encode())
+    from sdxs_edge.cpu import host_class
+
+    h.update(f"cpu={host_class()}\0".encode())
     for part in (fit, held_out, refs):
         h.update(f"{len(part)}\0".encode())
         _update_arrays(h, part)

@@ -94,6 +94,9 @@ def test_cache_off_and_keys_follow_the_samples(cache, monkeypatch):
     assert k1 != content_key(job, "model", "to_onnx.py", [[a[0] + 1]], [a], [a[0]])
     assert k1 != content_key(job, "other model", "to_onnx.py", [a], [a], [a[0]])
     assert k1 != content_key(_job("decoder"), "model", "to_onnx.py", [a], [a], [a[0]])
+    with monkeypatch.context() as m:  # scores measured on another CPU class
+        m.setattr("sdxs_edge.cpu.host_class", lambda: "arm64")
+        assert k1 != content_key(job, "model", "to_onnx.py", [a], [a], [a[0]])
     monkeypatch.setenv(SWITCH_ENV, "off")
     log: list = []
     run_pass(job, _quantizer(log))
