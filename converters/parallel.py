@@ -79,13 +79,14 @@ def _cpu_ticks(pid: int) -> int | None:
 
 
 def _receive(conn, pid: int):
-    """The child's message, or None once the child has used no CPU time for `STALL_S` seconds."""
+    """The child's message, or None once the child has used no CPU time for `STALL_S` seconds (never
+    when its CPU time cannot be read)."""
     ticks, since = _cpu_ticks(pid), time.monotonic()
     while not conn.poll(POLL_S):
         now = _cpu_ticks(pid)
         if now != ticks:
             ticks, since = now, time.monotonic()
-        elif time.monotonic() - since >= STALL_S:
+        elif now is not None and time.monotonic() - since >= STALL_S:
             return None
     return conn.recv()
 
