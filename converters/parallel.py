@@ -27,6 +27,7 @@ import importlib
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -125,17 +126,16 @@ def lower_all(
         on_done: called with (component, its own lowering seconds) as each finishes.
     """
 
-    def here(skip: str | None) -> dict[str, ComponentResult]:
+    def here(names) -> dict[str, ComponentResult]:
         out = {}
-        for name, job in jobs.items():
-            if name != skip:
-                t = time.perf_counter()
-                out[name] = lower(job)
-                on_done(name, time.perf_counter() - t)
+        for name in names:
+            t = time.perf_counter()
+            out[name] = lower(jobs[name])
+            on_done(name, time.perf_counter() - t)
         return out
 
     if not parallel:
-        return here(None)
+        return here(jobs)
     import multiprocessing
 
     import torch
@@ -149,7 +149,7 @@ def lower_all(
     child.start()
     send.close()
     try:
-        out = here(big)
+        out = here([n for n in jobs if n != big])
         try:
             msg = _receive(recv, child.pid)
         except EOFError:
@@ -166,16 +166,12 @@ def lower_all(
             child.kill()
             child.join()
     if msg is None:
-        import warnings
-
         warnings.warn(
             f"lowering {big} in its own process stalled (no CPU time for {STALL_S:.0f} s: a lock held at the "
             "fork); lowering it in this process instead",
             stacklevel=2,
         )
-        t = time.perf_counter()
-        out[big] = lower(jobs[big])
-        on_done(big, time.perf_counter() - t)
+        out.update(here([big]))
         return {name: out[name] for name in jobs}
     if msg[0] == "error":
         _raise(jobs[big], *msg[1:])
