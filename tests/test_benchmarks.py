@@ -514,3 +514,27 @@ def test_real_size_smoke_reports_every_stage(tmp_path):
     assert res["pairs_seconds"] > 0 and res["unet_params"]["one-step"] > 0
     saved = json.loads((tmp_path / "smoke.json").read_text())
     assert saved["stages"] == res["stages"] and "| unet-kd | 4 |" in (tmp_path / "smoke.md").read_text()
+
+
+def test_committed_gpu_figures_are_the_ones_the_docs_quote():
+    """The H200 figures in README, docs/benchmarks.md and docs/any-teacher.md are those of the committed
+    result files (written by `benchmarks.gpu_graph` and `benchmarks.real_size_smoke`)."""
+    graph = json.loads((ROOT / "benchmarks/results/sdxs-512-512-h200/graph.json").read_text())
+    bench_doc, readme = (ROOT / "docs/benchmarks.md").read_text(), (ROOT / "README.md").read_text()
+    head, best = graph["headline"], graph["best_batch"]
+    assert graph["device"] == "NVIDIA H200" and head["variant"] == "inductor"
+    for text in (bench_doc, readme):
+        assert f"**{head['images_per_s']} images per second**" in text
+        assert f"{round(best['images_per_s'])} at batch {best['batch']}" in text
+    for name, v in graph["variants"].items():
+        if v["status"] == "ok":
+            comp = " / ".join(f"{v['components_ms'][k]:.3f}" for k in ("text_encoder", "unet", "decoder"))
+            assert f"| {name} | {v['batch1']['ms_per_call']:.3f} |" in bench_doc and comp in bench_doc
+    smoke = json.loads((ROOT / "models/reports/real-size-smoke.json").read_text())
+    teacher_doc = (ROOT / "docs/any-teacher.md").read_text()
+    assert smoke["machine"]["gpu"] == "NVIDIA H200"
+    for s in smoke["stages"]:
+        assert (
+            f"| {s['stage']} | {s['batch']} | {'yes' if s['checkpointing'] else 'no'} | {s['step_s']} |" in teacher_doc
+        )
+        assert f"{round(s['peak_gpu_mib']):,} |" in teacher_doc
