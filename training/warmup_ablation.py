@@ -7,7 +7,9 @@ followed by segmented score distillation, from the chain's block-removed U-Net a
     python -m training.warmup_ablation RUN --steps 0 --ssd 400 --from RUN/unet-kd/unet  # SSD without warm-up
 
 Missing teacher ODE pairs are built first (RUN/config.json names the teacher and how many); `--device
-cuda` runs them, the warm-up and the score distillation on a GPU. A run resumes from OUT/ssd/checkpoints; `python -m training.ssd_curve OUT/ssd` scores those checkpoints.
+cuda` runs them, the warm-up and the score distillation on a GPU (`--kd` and the evaluation stay on the
+CPU). A run resumes from OUT/ssd/checkpoints; `python -m training.ssd_curve OUT/ssd` scores those
+checkpoints.
 
 Prints one JSON line per run (512 evaluation prompts, one step, no guidance) and saves the U-Net.
 """
@@ -114,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     name = f"{a.loss}-{a.prediction_type}-w{a.steps}-s{a.ssd}"
     out = a.out or a.run / f"ablation-{name}"
     config = a.run / "config.json"  # the chain's resolved config: which teacher and pairs the run used
+    if a.kd and a.device != "cpu":
+        raise SystemExit("error: --kd runs on the CPU only; leave out --device or --kd")
     if not config.is_file():
         raise SystemExit(f"error: {a.run} holds no chain config (run `sdxs-edge train onestep --out {a.run}` first)")
     cfg = json.loads(config.read_text())
