@@ -55,20 +55,23 @@ browser:
 test: install lint host-runner browser emulators
 	$(PY) -m pytest -q
 
+# Per-test time limit of the suites whose tests take minutes (`make test`'s is in pyproject.toml).
+LONG_TEST_S := 3600
+
 # The tests that take minutes each (marker `heavy`): whole models lowered to ExecuTorch, bundles at several
 # sizes, training chains, kill-and-resume runs (none needs the browser or the emulators). CI runs it after
 # `make test`.
 test-heavy: install host-runner
-	$(PY) -m pytest -q -m heavy --timeout 3600
+	$(PY) -m pytest -q -m heavy --timeout $(LONG_TEST_S)
 
 test-slow: install
-	$(PY) -m pytest -q -m slow --timeout 3600
+	$(PY) -m pytest -q -m slow --timeout $(LONG_TEST_S)
 
 # The shipped model on every CPU runtime: ONNX fp32/fp16/int8 and ExecuTorch fp32/int8 bundles, parity
 # (per component, end to end, SHAPES-64 all-correct within 3 points of fp32) on onnxruntime, executorch,
 # torch, arm64-emulated and executorch-native. CI runs it after `make test` (about 15 minutes on two cores).
 test-shipped: install arm64-runner host-runner
-	$(PY) -m pytest -q -s -m shipped --timeout 3600
+	$(PY) -m pytest -q -s -m shipped --timeout $(LONG_TEST_S)
 
 # qemu user-mode emulators from Debian (qemu-user-static); idempotent.
 emulators:
