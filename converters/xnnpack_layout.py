@@ -33,6 +33,8 @@ The same pass manager also skips each XNNPACK pass that has nothing to act on in
 eight of the seventeen look for ops the project's models do not hold (batch norm, PReLU, padding, max pooling,
 1-D convolution, the decomposed bilinear upsampling and attention patterns). Skipping them leaves the
 .pte byte for byte the same (tests/test_converters.py) and saves 0.5-2 s per pass per delegate partition.
+Of the passes that run, each ends in that re-trace whether it changed anything or not; it is done only
+when the pass changed a node (`_retracing_on_change`): on the shipped U-Net, two of about twenty.
 """
 
 from __future__ import annotations
@@ -182,6 +184,50 @@ def _triggers() -> dict:
     }
 
 
+def _snapshot(graph_module) -> list:
+    """Each node with its op, target, args, kwargs and metadata values: what a pass changes when it acts."""
+    return [(n, n.op, n.target, n.args, n.kwargs, dict(n.meta)) for n in graph_module.graph.nodes]
+
+
+def _unchanged(before: list, after: list) -> bool:
+    """Whether the same nodes hold the same objects (a pass that edits a node assigns new ones)."""
+
+    def same(a, b) -> bool:
+        return (
+            a[0] is b[0]
+            and a[1] == b[1]
+            and all(x is y for x, y in zip(a[2:5], b[2:5]))
+            and (a[5].keys() == b[5].keys() and all(a[5][k] is b[5][k] for k in a[5]))
+        )
+
+    return len(before) == len(after) and all(same(a, b) for a, b in zip(before, after))
+
+
+@functools.cache
+def _retracing_on_change(pass_):
+    """`pass_` with its closing re-trace (`ExportPass.call`, which runs every node again on fake tensors
+    to renew the metadata) done only when the pass changed a node; when it changed none, the graph comes
+    back as it was, as the re-trace would return it. Most XNNPACK passes re-trace unconditionally."""
+    from executorch.exir.pass_base import ExportPass, PassResult
+
+    class Retrace(ExportPass):
+        def call(self, graph_module):
+            if _unchanged(self._before, _snapshot(graph_module)):
+                return PassResult(graph_module, False)
+            return super().call(graph_module)
+
+    class OnChange(pass_, Retrace):
+        def call(self, graph_module):
+            self._before = _snapshot(graph_module)
+            try:
+                return super().call(graph_module)
+            finally:
+                del self._before
+
+    OnChange.__name__ = OnChange.__qualname__ = pass_.__name__
+    return OnChange
+
+
 @contextlib.contextmanager
 def free_channels_last_reshapes():
     """While active, ExecuTorch's XNNPACK preprocessing runs `ChannelsLastFreeReshapes` in place of its
@@ -199,11 +245,13 @@ def free_channels_last_reshapes():
             self.passes = [ChannelsLastFreeReshapes if p is ChannelsLastTaggedReshapePass else p for p in self.passes]
 
         def transform(self):
-            """`XNNPACKPassManager.transform` (executorch 1.5.1), less the passes without work."""
+            """`XNNPACKPassManager.transform` (executorch 1.5.1), less the passes without work, each
+            re-tracing only when it changed the graph (`_retracing_on_change`)."""
             ep = self.exported_program
             for pass_ in self.passes:
                 if not _has_work(pass_, ep.graph_module):
                     continue
+                pass_ = _retracing_on_change(pass_)
                 if issubclass(pass_, XNNPACKPass):
                     ep = _transform(ep, pass_(ep))
                 elif issubclass(pass_, ExportPass):

@@ -1337,6 +1337,100 @@ def _history(sources) -> tuple:
     return tuple((s.name, s.pass_name, s._get_action_string(), _history(s.from_node)) for s in sources or ())
 
 
+class _AttentionBlock(torch.nn.Module):
+    """Convolution, attention and concatenation, as in the U-Net."""
+
+    def __init__(self):
+        from torch import nn
+
+        super().__init__()
+        self.conv, self.qkv, self.out = nn.Conv2d(4, 8, 3, padding=1), nn.Linear(8, 24), nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        n, c, hh, ww = h.shape
+        q, k, v = self.qkv(h.flatten(2).transpose(1, 2)).chunk(3, dim=-1)
+        a = torch.softmax(q @ k.transpose(1, 2) * c**-0.5, dim=-1) @ v
+        return torch.cat([h, self.out(a).transpose(1, 2).reshape(n, c, hh, ww)], dim=1)
+
+
+def _block_program(int8: bool):
+    """`_AttentionBlock` exported, float or int8 (PT2E with the project's quantizer)."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    from converters.to_executorch import _quantizable_targets, _quantizer
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        ep = torch.export.export(_AttentionBlock().eval(), (x,))
+        if not int8:
+            return ep
+        prepared = prepare_pt2e(
+            ep.module(), _quantizer(lambda n: n.op != "call_function" or n.target in _quantizable_targets())
+        )
+        prepared(x)
+        return torch.export.export(convert_pt2e(prepared), (x,))
+
+
+def test_fast_lowering_gives_the_bytes_of_executorchs_own(monkeypatch):
+    """converters.to_executorch.lower: one decomposition pass, XNNPACK passes re-tracing only when they
+    changed the graph, no IR verifier; the same .pte bytes as `to_edge_transform_and_lower` with the stock
+    partitioner and every pass re-tracing, float and int8, and some re-traces left out."""
+    from types import SimpleNamespace
+
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+    from executorch.exir.pass_base import ExportPass
+
+    from converters import to_executorch, xnnpack_layout
+
+    job = SimpleNamespace(name="block", config=SimpleNamespace(delegate="xnnpack"))
+    retraced, real = [], ExportPass.call
+
+    def call(self, gm):  # counts the re-traces of ExecuTorch's XNNPACK passes
+        if any(c.__module__.startswith("executorch.backends.xnnpack._passes") for c in type(self).__mro__):
+            retraced.append(type(self).__name__)
+        return real(self, gm)
+
+    monkeypatch.setattr(ExportPass, "call", call)
+    for int8 in (False, True):
+        retraced.clear()
+        fast = to_executorch.lower(job, _block_program(int8)).to_executorch().buffer
+        fast_retraces = len(retraced)
+        retraced.clear()
+        with monkeypatch.context() as m:
+            m.setattr(xnnpack_layout, "_retracing_on_change", lambda p: p)
+            with xnnpack_layout.free_channels_last_reshapes(), xnnpack_layout.transient_indirection_buffers():
+                edge = to_edge_transform_and_lower(_block_program(int8), partitioner=[XnnpackPartitioner()])
+        assert fast == edge.to_executorch().buffer, int8
+        assert fast_retraces < len(retraced), (int8, fast_retraces, len(retraced))
+
+
+def test_a_kept_op_left_outside_the_delegate_is_lowered_again_the_usual_way(monkeypatch):
+    """Where a node XNNPACK asked to keep whole stays outside its delegates after the one-decomposition
+    lowering (ExecuTorch refuses such a program), `lower` lowers again with the stock partitioner."""
+    from types import SimpleNamespace
+
+    from executorch.exir.backend.partitioner import PartitionResult
+
+    from converters import to_executorch
+
+    job = SimpleNamespace(name="block", config=SimpleNamespace(delegate="xnnpack", precision="fp32"))
+    expected = to_executorch.lower(job, _block_program(False)).to_executorch().buffer
+    make, made = to_executorch._one_decomposition_partitioner, []
+
+    def refusing():  # delegates nothing, so each linear it kept whole stays outside
+        p = make()
+        p.partition = lambda ep: PartitionResult(tagged_exported_program=ep, partition_tags={})
+        made.append(p)
+        return p
+
+    monkeypatch.setattr(to_executorch, "_one_decomposition_partitioner", refusing)
+    assert to_executorch.lower(job, _block_program(False)).to_executorch().buffer == expected
+    assert made
+
+
 def _lower_block(int8: bool, share: bool, memo: dict | None) -> tuple[bytes, list]:
     """The attention block of the test above lowered to XNNPACK (int8: converted twice from one
     calibration, the second time answering from `memo` when given): program bytes and node histories."""
@@ -1345,30 +1439,17 @@ def _lower_block(int8: bool, share: bool, memo: dict | None) -> tuple[bytes, lis
 
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
-    from torch import nn
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     from converters import observers, xnnpack_layout
     from converters.provenance import shared_provenance
     from converters.to_executorch import _quantizable_targets, _quantizer
 
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv, self.qkv, self.out = nn.Conv2d(4, 8, 3, padding=1), nn.Linear(8, 24), nn.Linear(8, 8)
-
-        def forward(self, x):
-            h = torch.relu(self.conv(x))
-            n, c, hh, ww = h.shape
-            q, k, v = self.qkv(h.flatten(2).transpose(1, 2)).chunk(3, dim=-1)
-            a = torch.softmax(q @ k.transpose(1, 2) * c**-0.5, dim=-1) @ v
-            return torch.cat([h, self.out(a).transpose(1, 2).reshape(n, c, hh, ww)], dim=1)
-
     torch.manual_seed(0)
     x = torch.randn(1, 4, 8, 8)
     memoized = (lambda: observers.memoized_qparams(memo)) if memo is not None else contextlib.nullcontext
     with shared_provenance() if share else contextlib.nullcontext(), torch.no_grad():
-        ep = torch.export.export(Block().eval(), (x,))
+        ep = torch.export.export(_AttentionBlock().eval(), (x,))
         if int8:
             q = _quantizer(lambda n: n.op != "call_function" or n.target in _quantizable_targets())
             prepared = prepare_pt2e(ep.module(), q)
