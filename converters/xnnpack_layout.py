@@ -34,7 +34,8 @@ eight of the seventeen look for ops the project's models do not hold (batch norm
 1-D convolution, the decomposed bilinear upsampling and attention patterns). Skipping them leaves the
 .pte byte for byte the same (tests/test_converters.py) and saves 0.5-2 s per pass per delegate partition.
 Of the passes that run, each ends in that re-trace whether it changed anything or not; it is done only
-when the pass changed a node (`_retracing_on_change`): on the shipped U-Net, two of about twenty.
+when the pass changed a node (`_retracing_on_change`): in the shipped U-Net's int8 lowering, 2 of 27 pass
+runs (nine passes over three delegate partitions).
 """
 
 from __future__ import annotations
