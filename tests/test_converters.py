@@ -1374,8 +1374,8 @@ def _block_program(int8: bool):
 
 
 def test_fast_lowering_gives_the_bytes_of_executorchs_own(monkeypatch):
-    """converters.to_executorch.lower: one decomposition pass, XNNPACK passes re-tracing only when they
-    changed the graph, no IR verifier; the same .pte bytes as `to_edge_transform_and_lower` with the stock
+    """converters.to_executorch.lower: two decompositions instead of three, XNNPACK passes re-tracing only
+    when they changed the graph, no IR verifier; the same .pte bytes as `to_edge_transform_and_lower` with the stock
     partitioner and every pass re-tracing, float and int8, and some re-traces left out."""
     from types import SimpleNamespace
 
@@ -1432,7 +1432,7 @@ def test_a_kept_op_left_outside_the_delegate_is_lowered_again_the_usual_way(monk
 
 
 def _lower_block(int8: bool, share: bool, memo: dict | None) -> tuple[bytes, list]:
-    """The attention block of the test above lowered to XNNPACK (int8: converted twice from one
+    """`_AttentionBlock` lowered to XNNPACK (int8: converted twice from one
     calibration, the second time answering from `memo` when given): program bytes and node histories."""
     import contextlib
     import copy
