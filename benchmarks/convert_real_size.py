@@ -1,7 +1,7 @@
 """Conversion cost at real size: time, peak memory and bundle size per target and precision.
 
-    python benchmarks/convert_real_size.py                      # sdxs-512 at 512x512 (tens of minutes)
-    python benchmarks/convert_real_size.py --preset tiny        # smoke run in about a minute
+    python -m benchmarks.convert_real_size                      # sdxs-512 at 512x512 (tens of minutes)
+    python -m benchmarks.convert_real_size --preset tiny        # smoke run in about a minute
 
 Each conversion runs in its own process so its peak RSS (from wait4's rusage) is its own. Results go to
 benchmarks/results/conversion_<preset>.json and .md (e.g. conversion_sdxs512.json); bundles are written
@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from sdxs_edge import cpu
 from sdxs_edge.atomic import write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,8 +78,9 @@ def worker(args: argparse.Namespace) -> int:
 def run_one(target: str, precision: str, args: argparse.Namespace) -> dict:
     bundle = Path(args.work) / f"{args.preset}-{target}-{precision}"
     cmd = [
-        sys.executable,
-        str(Path(__file__).resolve()),
+        sys.executable,  # as a module: a script's folder first on sys.path would shadow the stdlib `profile`
+        "-m",
+        "benchmarks.convert_real_size",
         "--worker",
         "--preset",
         args.preset,
@@ -132,7 +134,7 @@ def markdown(report: dict) -> str:
     lines = [
         f"# Conversion cost: {report['preset']} at {report['resolution'] or 'its own'} resolution",
         "",
-        f"Host: {h['platform']}, {h['cpus']} CPUs, Python {h['python']}. Each conversion ran in its own process; peak RSS is that process's.",
+        f"Host: {h['platform']}, {h['cpus']} CPUs, CPU class {h.get('cpu_class', 'not recorded')}, Python {h['python']}. Each conversion ran in its own process; peak RSS is that process's.",
         "",
         "SNR per component and end-to-end image PSNR are against PyTorch on the conversion's own parity inputs; 'exact' means no error at all.",
         "",
@@ -219,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         "host": {
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
+            "cpu_class": cpu.host_class(),
             "python": platform.python_version(),
             "torch": torch.__version__,
         },

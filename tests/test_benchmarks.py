@@ -17,6 +17,7 @@ import pytest
 from benchmarks import bench
 from benchmarks import report as R
 from benchmarks.jobs import BenchError
+from sdxs_edge import cpu
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPONENTS = ("text_encoder", "unet", "decoder")
@@ -538,3 +539,21 @@ def test_committed_gpu_figures_are_the_ones_the_docs_quote():
             f"| {s['stage']} | {s['batch']} | {'yes' if s['checkpointing'] else 'no'} | {s['step_s']} |" in teacher_doc
         )
         assert f"{round(s['peak_gpu_mib']):,} |" in teacher_doc
+
+
+def test_conversion_cost_runs_as_documented(tmp_path):
+    """`python -m benchmarks.convert_real_size` (its worker too) runs with the repository's `benchmarks/`
+    folder holding a module named `profile`, as the standard library has one, and records its row."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.convert_real_size", "--preset", "tiny", "--jobs", "onnx:fp32"]
+        + ["--work", str(tmp_path / "work"), "--results", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "conversion_tiny.json").read_text())
+    (row,) = report["results"]
+    assert "error" not in row and row["snr_db"], row
+    assert report["host"]["cpu_class"] == cpu.host_class()
