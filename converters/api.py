@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from converters import stages as S
-from converters.parallel import lower_all, side_by_side
+from converters.parallel import lower_all, parameters, side_by_side
 from converters.request import ConversionRequest, check_request
 from converters.stages import BACKENDS, CONTROL_IMAGES, TOKENIZER_DIR, backend, weights_sha256
 from sdxs_edge.atomic import atomic_dir, scratch_dir
@@ -189,7 +189,7 @@ def run(req: ConversionRequest) -> Path:
                 n: S.component_job(req, prep, n, modules, specs, caps, config, Path(work), Path(tmp))
                 for n in req.components
             }
-            parallel = side_by_side(req.target, len(jobs), req.jobs)
+            parallel = side_by_side(req.target, len(jobs), req.jobs, max(map(parameters, jobs.values())))
             st.bar.set_postfix_str(f"lowering {', '.join(req.components)}" + (" (two processes)" if parallel else ""))
             b = backend(req.target)
             results = lower_all(jobs, b.convert_component, getattr(b, "runner_for", None), parallel, st.lowered)

@@ -1604,6 +1604,7 @@ def test_errors_of_the_child_process_are_one_line(tmp_path):
     assert torch.get_num_threads() == threads  # put back
     assert not side_by_side("executorch", 4, 1) and not side_by_side("coreml", 4, 0)
     assert not side_by_side("onnx", 1, 0)
+    assert not side_by_side("onnx", 4, 0, largest_params=300_000_000)  # real size: one after another
 
 
 def test_side_by_side_lowering_writes_the_same_bundle(tmp_path):
