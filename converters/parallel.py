@@ -22,7 +22,7 @@ ExecuTorch targets; `jobs=1` (`--jobs 1`) lowers one component after another. Mo
 over `MAX_SIDE_BY_SIDE_PARAMS` parameters are lowered one component after another too: there the
 calibration runs of the model are much of the work, and one thread in the child costs more than the
 second process saves. sdxs-512 (U-Net 0.32B) to ExecuTorch int8 on 2 cores (AVX-512 VNNI) took 922 s
-side by side (U-Net 789 s in the child) and 400 s one after another, at half the peak memory (7.2 GB
+side by side (U-Net 789 s in the child) and 403 s one after another, at half the peak memory (7.2 GB
 against 14.9 GB), with the same SNR figures; the shipped model (every component under 0.1B) gains from
 the second process.
 """
@@ -59,6 +59,7 @@ def side_by_side(target: str, components: int, jobs: int, largest_params: int = 
 
 
 def parameters(job: ComponentJob) -> int:
+    """The component's parameter count, what `side_by_side` compares with `MAX_SIDE_BY_SIDE_PARAMS`."""
     return sum(p.numel() for p in job.module.parameters())
 
 
