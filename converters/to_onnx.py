@@ -245,6 +245,14 @@ def _static_activations(path: Path, excluded: Sequence[str]) -> list[str]:
     return list(names)
 
 
+def _aug_dir(job: ComponentJob) -> Path:
+    """The component's own folder for models with extra outputs: components lowered side by side share
+    `job.work`, and each removes its folder when done."""
+    d = job.work / f"{job.name}.aug"
+    d.mkdir(exist_ok=True)
+    return d
+
+
 def _mse_overrides(pre: Path, job: ComponentJob, samples, excluded: Sequence[str]) -> tuple[dict, dict]:
     """TensorQuantOverrides for the "mse" calibration, and a summary for the manifest. The values come
     from one augmented run per sample (at most MSE_SAMPLES), each tensor subsampled to MSE_VALUES."""
@@ -257,8 +265,7 @@ def _mse_overrides(pre: Path, job: ComponentJob, samples, excluded: Sequence[str
     for t in names:
         if t not in graph_inputs:
             m.graph.output.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
-    aug_dir = job.work / "aug"
-    aug_dir.mkdir(exist_ok=True)
+    aug_dir = _aug_dir(job)
     aug = aug_dir / f"{pre.stem}.mse.onnx"
     _save(m, aug)
     del m
@@ -361,7 +368,7 @@ def quantize_static(job: ComponentJob, fp32_path: Path) -> tuple[list[str], dict
 
     extra = _save(onnx.load(str(best)), job.out)
     report["quantized_nodes"] = len(_quantized_nodes(job.out))
-    shutil.rmtree(job.work / "aug", ignore_errors=True)
+    shutil.rmtree(_aug_dir(job), ignore_errors=True)
     return extra, {"int8": report}
 
 
@@ -450,9 +457,7 @@ def _activations(path: Path, job: ComponentJob, samples) -> dict[str, list[np.nd
     """Every float intermediate tensor of a model on `samples` (for the sensitivity ranking)."""
     from onnxruntime.quantization.qdq_loss_debug import collect_activations, modify_model_output_intermediate_tensors
 
-    aug_dir = job.work / "aug"
-    aug_dir.mkdir(exist_ok=True)
-    aug = aug_dir / f"{Path(path).stem}.aug.onnx"
+    aug = _aug_dir(job) / f"{Path(path).stem}.aug.onnx"
     modify_model_output_intermediate_tensors(
         str(path), str(aug), save_as_external_data=os.path.getsize(path) >= PROTO_LIMIT
     )

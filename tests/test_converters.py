@@ -267,6 +267,19 @@ def test_onnx_staged_unet_fp32(pipe, reference, tmp_path):
     assert snr_db(outs["unet"], run(tuple(t.numpy() for t in ins["unet"]))) >= FP32_FLOOR  # compare
 
 
+def test_onnx_int8_components_sharing_a_work_folder_keep_each_others_files(pipe, tmp_path):
+    """Components lowered side by side share the conversion's work folder: one component's int8
+    clean-up must not remove the models another is still running."""
+    from converters import to_onnx
+
+    other = _job(pipe, "unet", "onnx", "int8", tmp_path)
+    held = to_onnx._aug_dir(other) / "unet.pre.aug.onnx"
+    held.write_bytes(b"in use")
+    decoder = _job(pipe, "decoder", "onnx", "int8", tmp_path, calib_prompts=2)
+    to_onnx.lower(decoder, to_onnx.export(decoder))
+    assert decoder.out.is_file() and held.read_bytes() == b"in use"
+
+
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
 def test_onnx_bundle(pipe, reference, tmp_path, precision):
     import onnxruntime as ort
