@@ -6,8 +6,9 @@ Each conversion (int8) runs in its own process: the sources of commit REV (`git 
 temporary folder with this checkout's virtualenv) and then this checkout's, each with an empty
 sensitivity cache ("cold"), and this checkout's once more on the cache the cold run filled ("warm").
 Recorded per run: wall seconds of the process, the manifest's stage seconds, per-component SNR against
-PyTorch, the sensitivity pass's steps and the nodes it kept in float, and the load average beside it (the
-machine may be shared). Writes conversion-time-<cpu class>.json and .md under --out.
+PyTorch, the sensitivity pass's steps and the nodes it kept in float, the sha256 of each component file
+(from the manifest; the table says whether they equal the "before" run's), and the load average beside
+it (the machine may be shared). Writes conversion-time-<cpu class>.json and .md under --out.
 """
 
 from __future__ import annotations
@@ -63,12 +64,21 @@ def _convert(src: Path, model: str, target: str, out: Path, cache: Path) -> dict
     return {
         "status": "ok",
         "wall_s": round(wall, 1),
+        "sha256": {name: c["sha256"] for name, c in m["components"].items()},
         "stage_seconds": m["conversion"]["stage_seconds"],
         "snr_db": {n: c.get("snr_db") for n, c in m["parity"]["components"].items()},
         "image_psnr_db": m["parity"]["end_to_end"].get("image_psnr_db"),
         "sensitivity": sens,
         "load_average_1min": [round(load0, 2), round(os.getloadavg()[0], 2)],
     }
+
+
+def _same_bytes(run: dict, runs: list[dict]) -> str:
+    """Whether a run's files equal those of the "before" run of its target."""
+    before = next((r for r in runs if r["target"] == run["target"] and r["run"] == "before"), None)
+    if run["run"] == "before" or not before or before.get("status") != "ok":
+        return "-"
+    return "yes" if run.get("sha256") == before.get("sha256") else "no"
 
 
 def _cpu_model() -> str:
@@ -116,12 +126,12 @@ def markdown(res: dict) -> str:
         f"From `conversion-time-{res['cpu_class']}.json` (`python -m benchmarks.conversion_time`); before = commit "
         f"`{res['before'][:10]}`, after = `{res['after'][:10]}` (the checkout it ran from, with its uncommitted changes).",
         "",
-        "| target | run | wall s | stage seconds | SNR dB (per component) | kept in float | scores reused / measured | load avg (start, end) |",
-        "|---|---|---:|---|---|---|---|---|",
+        "| target | run | wall s | stage seconds | SNR dB (per component) | kept in float | scores reused / measured | files as before | load avg (start, end) |",
+        "|---|---|---:|---|---|---|---|---|---|",
     ]
     for r in res["runs"]:
         if r["status"] != "ok":
-            lines.append(f"| {r['target']} | {r['run']} | {r['wall_s']} | failed | | | | |")
+            lines.append(f"| {r['target']} | {r['run']} | {r['wall_s']} | failed | | | | | |")
             continue
         stages = ", ".join(f"{k} {v:.1f}" for k, v in r["stage_seconds"].items())
         snr = ", ".join(f"{k} {v:.2f}" for k, v in r["snr_db"].items() if v is not None)
@@ -132,7 +142,8 @@ def markdown(res: dict) -> str:
             if v.get("cache")
         )
         lines.append(
-            f"| {r['target']} | {r['run']} | {r['wall_s']} | {stages} | {snr} | {kept} | {cache or '-'} | {r['load_average_1min']} |"
+            f"| {r['target']} | {r['run']} | {r['wall_s']} | {stages} | {snr} | {kept} | {cache or '-'} "
+            f"| {_same_bytes(r, res['runs'])} | {r['load_average_1min']} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -259,15 +259,16 @@ def quantize(job: ComponentJob, exported) -> tuple[object, dict]:
 
     def rank(full, candidates):
         return score_nodes(
-            candidates, _record(graph, sens_in, {t for n in candidates for t in n.tensors}), _qparams(full)
+            candidates, _record(graph, sens_in, {t for n in candidates for t in n.tensors}), _qparams(_finished(full))
         )
 
     key = content_key(job, _program_digest(exported), __file__, fit, sens_in, job.scored_references(sens_in, sens_ref))
-    q = Quantizer(quantized, score, lambda full: _float_candidates(full, allowed), rank, key)
+    q = Quantizer(quantized, score, lambda full: _float_candidates(_finished(full), allowed), rank, key)
     try:
         with warnings.catch_warnings():  # torch deprecates its own LeafSpec use, once per graph copy
             warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
             best, sensitivity = run_pass(job, q)
+        best = _finished(best)
         report: dict = {
             "mode": "static",
             "quantizer": "XNNPACKQuantizer(get_symmetric_quantization_config(is_per_channel=True)); a concatenation of moves of one tensor shares its quantization",
@@ -289,12 +290,12 @@ def quantize(job: ComponentJob, exported) -> tuple[object, dict]:
 
 
 def _quantize_with(job: ComponentJob, graph, allowed, fit):
-    """excluded node names -> the converted PT2E graph with those nodes left in float. The first graph
-    that calibrates lends its observers to the later ones (`converters.observers.reuse`), which calibrate
-    only the observers it has no match for; an observer's parameters are computed once per calibrated
-    state (`converters.observers.memoized_qparams`)."""
+    """excluded node names -> the converted PT2E graph with those nodes left in float, as the sensitivity
+    pass scores it (`_unfinished`). Each graph that calibrates lends its observers to the later ones
+    (`converters.observers.reuse`), which calibrate only the observers none had; an observer's parameters
+    are computed once per calibrated state (`converters.observers.memoized_qparams`)."""
     import torch
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
 
     calibrated: dict = {}
     qparams: dict = {}  # calibrated observer states -> their parameters (`observers.memoized_qparams`)
@@ -309,12 +310,45 @@ def _quantize_with(job: ComponentJob, graph, allowed, fit):
             with torch.no_grad(), observers.calibrating_only(prepared, missing):
                 for s in fit:
                     prepared(*_tensors(s))
-            if not calibrated:
-                calibrated.update(copy.deepcopy(observers.calibrated_observers(prepared)))
+            observers.lend(prepared, calibrated)
         with observers.memoized_qparams(qparams):
-            return convert_pt2e(prepared)
+            return _unfinished(prepared)
 
     return quantized
+
+
+def _unfinished(prepared):
+    """`convert_pt2e` less two of its closing passes (`_finished`): they give each user of a dequantize
+    its own copy and copy node metadata onto the quantize and dequantize ops, which changes no value the
+    graph computes. They took 0.5 s of each 0.9 s conversion of the shipped U-Net, once per candidate of
+    the sensitivity pass, which keeps one. The weights' quantize ops are folded, as `convert_pt2e` does
+    after those passes (unfolded, every forward would quantize every weight again)."""
+    from torchao.quantization.pt2e.constant_fold import constant_fold
+    from torchao.quantization.pt2e.convert import _convert_to_reference_decomposed_fx
+    from torchao.quantization.pt2e.qat_utils import _fold_conv_bn_qat
+    from torchao.quantization.pt2e.quantize_pt2e import _quant_node_constraint
+
+    meta = prepared.meta  # convert_pt2e restores this dict's entries at its end
+    model = _fold_conv_bn_qat(_convert_to_reference_decomposed_fx(prepared))
+    constant_fold(model, _quant_node_constraint)
+    model._sdxs_unfinished_meta = meta
+    return model
+
+
+def _finished(model):
+    """An `_unfinished` graph as `convert_pt2e` returns it, changed in place (a finished graph is returned
+    as it is)."""
+    from torch.fx.passes.infra.pass_manager import PassManager
+    from torchao.quantization.pt2e.quantizer import DuplicateDQPass, PortNodeMetaForQDQ
+    from torchao.quantization.pt2e.utils import _disallow_eval_train
+
+    meta = model.__dict__.pop("_sdxs_unfinished_meta", None)
+    if meta is None:
+        return model
+    model = PassManager([DuplicateDQPass()])(model).graph_module
+    model = PassManager([PortNodeMetaForQDQ()])(model).graph_module
+    model.meta.update(meta)
+    return _disallow_eval_train(model)
 
 
 def _program_digest(exported) -> str:

@@ -1420,6 +1420,38 @@ def test_fast_lowering_gives_the_bytes_of_executorchs_own(monkeypatch):
         assert fast_retraces < len(retraced), (int8, fast_retraces, len(retraced))
 
 
+def test_a_graph_scored_unfinished_computes_and_lowers_as_convert_pt2es():
+    """converters.to_executorch._unfinished: the sensitivity pass scores graphs without convert_pt2e's
+    finishing steps; they compute the same values, and once `_finished` the graph lowers to the bytes of
+    `convert_pt2e`'s."""
+    import copy
+    from types import SimpleNamespace
+
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    from converters import to_executorch
+    from converters.to_executorch import _finished, _quantizable_targets, _quantizer, _unfinished
+
+    job = SimpleNamespace(name="block", config=SimpleNamespace(delegate="xnnpack"))
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        ep = torch.export.export(_AttentionBlock().eval(), (x,))
+        prepared = prepare_pt2e(
+            ep.module(), _quantizer(lambda n: n.op != "call_function" or n.target in _quantizable_targets())
+        )
+        prepared(x)
+        stock, scored = convert_pt2e(copy.deepcopy(prepared)), _unfinished(copy.deepcopy(prepared))
+        assert torch.equal(scored(x), stock(x))
+        dequantizes = lambda gm: sum(".dequantize_per_tensor." in str(n.target) for n in gm.graph.nodes)  # noqa: E731
+        assert dequantizes(scored) < dequantizes(stock)  # one per user only once finished
+        done = _finished(scored)
+        assert _finished(done) is done and torch.equal(done(x), stock(x))
+        assert done.code == stock.code
+        pte = [to_executorch.lower(job, torch.export.export(m, (x,))).to_executorch().buffer for m in (done, stock)]
+    assert pte[0] == pte[1]
+
+
 def test_a_kept_op_left_outside_the_delegate_is_lowered_again_the_usual_way(monkeypatch):
     """Where a node XNNPACK asked to keep whole stays outside its delegates after the one-decomposition
     lowering (ExecuTorch refuses such a program), `lower` lowers again with the stock partitioner."""
