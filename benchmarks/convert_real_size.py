@@ -5,8 +5,9 @@
 
 Each conversion runs in its own process so its peak RSS (from wait4's rusage) is its own. Results go to
 benchmarks/results/conversion_<preset>.json and .md (e.g. conversion_sdxs512.json); bundles are written
-under --work and deleted unless --keep-bundles. A conversion that fails (e.g. a ParityError) is recorded
-with its one-line error and the run goes on.
+under --work and deleted unless --keep-bundles. int8 conversions run with the sensitivity cache off, so
+each measures every score as a first conversion of the model does (--keep-sensitivity-cache: reuse).
+A conversion that fails (e.g. a ParityError) is recorded with its one-line error and the run goes on.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def worker(args: argparse.Namespace) -> int:
         n: {"file": c["file"], "mb": round(_dir_bytes(out / c["file"]) / 1e6, 2)} for n, c in m["components"].items()
     }
     parity = {n: p.get("snr_db", p.get("checked")) for n, p in m["parity"]["components"].items()}
+    sens = {n: ((c.get("int8") or {}).get("sensitivity") or {}) for n, c in m["conversion"]["components"].items()}
     print(
         json.dumps(
             {
@@ -69,6 +71,7 @@ def worker(args: argparse.Namespace) -> int:
                 "image_psnr_db": m["parity"]["end_to_end"].get("image_psnr_db"),
                 "e2e_images": m["parity"]["end_to_end"].get("images", 0),
                 "parity_checked": m["parity"]["checked"],
+                "sensitivity_scores": {n: v["cache"] for n, v in sens.items() if v.get("cache")},
             }
         )
     )
@@ -97,8 +100,11 @@ def run_one(target: str, precision: str, args: argparse.Namespace) -> dict:
     log_out, log_err = bundle.with_name(bundle.name + ".stdout"), bundle.with_name(bundle.name + ".stderr")
     t = time.perf_counter()
     # Output goes to files, not pipes: the libraries log a lot and a full pipe would block the child.
+    env = dict(os.environ)
+    if not args.keep_sensitivity_cache:  # every score measured, as in a first conversion of the model
+        env["SDXS_EDGE_SENSITIVITY_CACHE"] = "off"
     with log_out.open("w") as fo, log_err.open("w") as fe:
-        proc = subprocess.Popen(cmd, stdout=fo, stderr=fe, cwd=ROOT)
+        proc = subprocess.Popen(cmd, stdout=fo, stderr=fe, cwd=ROOT, env=env)
         _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage: its peak RSS, not the parent's
     wall = time.perf_counter() - t
     code = proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here; tell Popen
@@ -109,6 +115,7 @@ def run_one(target: str, precision: str, args: argparse.Namespace) -> dict:
         "precision": precision,
         "wall_seconds": round(wall, 1),
         "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+        "sensitivity_cache": "kept" if args.keep_sensitivity_cache else "off",
     }
     if target == "onnx" and precision == "int8":
         row["onnx_calibration"] = args.onnx_calibration
@@ -139,7 +146,8 @@ def markdown(report: dict) -> str:
         "SNR per component and end-to-end image PSNR are against PyTorch on the conversion's own parity inputs; 'exact' means no error at all.",
         "",
         "Presets carry random weights, so the int8 sensitivity pass is kept short here (3 nodes re-scored one by one, at most 2% "
-        "of the nodes kept in float); int8 accuracy proper is judged on the trained shapes model.",
+        "of the nodes kept in float); int8 accuracy proper is judged on the trained shapes model. Unless a row says "
+        "'cache kept', its sensitivity pass measured every score (its cache off, as in a first conversion).",
         "",
         "| target | precision | wall s | convert s | peak RSS MB | bundle MB | text_encoder | unet | decoder | image PSNR dB | check |",
         "|---|---|---:|---:|---:|---:|---|---|---|---:|---|",
@@ -159,7 +167,8 @@ def markdown(report: dict) -> str:
         psnr_cell = ("exact" if r.get("e2e_images") else "-") if psnr is None else f"{psnr:.1f}"
         lines.append(
             f"| {r['target']} | {r['precision']} | {r['wall_seconds']} | {r.get('conversion_seconds', '-')} | {r['peak_rss_mb']} | {r.get('bundle_mb', '-')} | "
-            f"{cell('text_encoder')} | {cell('unet')} | {cell('decoder')} | {psnr_cell} | {r.get('error', r.get('parity_checked', ''))} |"
+            f"{cell('text_encoder')} | {cell('unet')} | {cell('decoder')} | {psnr_cell} | {r.get('error', r.get('parity_checked', ''))}"
+            f"{', cache kept' if r.get('sensitivity_cache') == 'kept' else ''} |"
         )
     if report.get("notes"):
         lines += [""] + [n for note in report["notes"] for n in (note, "")][:-1]
@@ -179,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         "--results", default=str(ROOT / "benchmarks" / "results"), help="folder for conversion_<preset>.json and .md"
     )
     p.add_argument("--keep-bundles", action="store_true", help="keep the bundles under --work")
+    keep = "let int8 conversions reuse scores of earlier runs (default: the cache is off, as in a first conversion)"
+    p.add_argument("--keep-sensitivity-cache", action="store_true", help=keep)
     from benchmarks.jobs import PRESET_ONNX_CALIBRATION
 
     p.add_argument(

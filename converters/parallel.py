@@ -21,10 +21,10 @@ Linux only (fork is the only way to hand a loaded model over without copying it)
 ExecuTorch targets; `jobs=1` (`--jobs 1`) lowers one component after another. Models with a component
 over `MAX_SIDE_BY_SIDE_PARAMS` parameters are lowered one component after another too: there the
 calibration runs of the model are much of the work, and one thread in the child costs more than the
-second process saves. sdxs-512 (U-Net 0.32B) to ExecuTorch int8 on 2 cores (AVX-512 VNNI) took 922 s
-side by side (U-Net 789 s in the child) and 403 s one after another, at half the peak memory (7.2 GB
-against 14.9 GB), with the same SNR figures; the shipped model (every component under 0.1B) gains from
-the second process.
+second process saves: sdxs-512 (U-Net 0.32B) to ExecuTorch int8 on 2 cores (AVX-512 VNNI) took 922 s
+side by side, the U-Net 789 s of it in the child on one thread; one after another (and with the
+sensitivity pass's later savings), its U-Net took 376 s on both threads, every score measured
+(docs/converting.md). The shipped model (every component under 0.1B) gains from the second process.
 """
 
 from __future__ import annotations

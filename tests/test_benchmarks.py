@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -543,17 +544,23 @@ def test_committed_gpu_figures_are_the_ones_the_docs_quote():
 
 def test_conversion_cost_runs_as_documented(tmp_path):
     """`python -m benchmarks.convert_real_size` (its worker too) runs with the repository's `benchmarks/`
-    folder holding a module named `profile`, as the standard library has one, and records its row."""
+    folder holding a module named `profile`, as the standard library has one, and records its row: an
+    int8 conversion measures every sensitivity score, as a first conversion does, and caches none."""
+    cache = tmp_path / "cache"
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.convert_real_size", "--preset", "tiny", "--jobs", "onnx:fp32"]
+        [sys.executable, "-m", "benchmarks.convert_real_size", "--preset", "tiny", "--jobs", "onnx:int8"]
         + ["--work", str(tmp_path / "work"), "--results", str(tmp_path)],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=600,
+        env={**os.environ, "SDXS_EDGE_CACHE": str(cache)},
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((tmp_path / "conversion_tiny.json").read_text())
     (row,) = report["results"]
     assert "error" not in row and row["snr_db"], row
     assert report["host"]["cpu_class"] == cpu.host_class()
+    assert row["sensitivity_cache"] == "off" and row["sensitivity_scores"], row
+    assert all(c["scores_measured"] > 0 for c in row["sensitivity_scores"].values()), row
+    assert not (cache / "sensitivity").exists()
