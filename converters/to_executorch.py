@@ -259,11 +259,11 @@ def quantize(job: ComponentJob, exported) -> tuple[object, dict]:
 
     def rank(full, candidates):
         return score_nodes(
-            candidates, _record(graph, sens_in, {t for n in candidates for t in n.tensors}), _qparams(_finished(full))
+            candidates, _record(graph, sens_in, {t for n in candidates for t in n.tensors}), _qparams(full)
         )
 
     key = content_key(job, _program_digest(exported), __file__, fit, sens_in, job.scored_references(sens_in, sens_ref))
-    q = Quantizer(quantized, score, lambda full: _float_candidates(_finished(full), allowed), rank, key)
+    q = Quantizer(quantized, score, lambda full: _float_candidates(full, allowed), rank, key)
     try:
         with warnings.catch_warnings():  # torch deprecates its own LeafSpec use, once per graph copy
             warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)

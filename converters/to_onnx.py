@@ -248,9 +248,7 @@ def _static_activations(path: Path, excluded: Sequence[str]) -> list[str]:
 def _aug_dir(job: ComponentJob) -> Path:
     """The component's own folder for models with extra outputs: components lowered side by side share
     `job.work`, and each removes its folder when done."""
-    d = job.work / f"{job.name}.aug"
-    d.mkdir(exist_ok=True)
-    return d
+    return job.work / f"{job.name}.aug"
 
 
 def _mse_overrides(pre: Path, job: ComponentJob, samples, excluded: Sequence[str]) -> tuple[dict, dict]:
@@ -266,6 +264,7 @@ def _mse_overrides(pre: Path, job: ComponentJob, samples, excluded: Sequence[str
         if t not in graph_inputs:
             m.graph.output.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
     aug_dir = _aug_dir(job)
+    aug_dir.mkdir(exist_ok=True)
     aug = aug_dir / f"{pre.stem}.mse.onnx"
     _save(m, aug)
     del m
@@ -457,6 +456,7 @@ def _activations(path: Path, job: ComponentJob, samples) -> dict[str, list[np.nd
     """Every float intermediate tensor of a model on `samples` (for the sensitivity ranking)."""
     from onnxruntime.quantization.qdq_loss_debug import collect_activations, modify_model_output_intermediate_tensors
 
+    _aug_dir(job).mkdir(exist_ok=True)
     aug = _aug_dir(job) / f"{Path(path).stem}.aug.onnx"
     modify_model_output_intermediate_tensors(
         str(path), str(aug), save_as_external_data=os.path.getsize(path) >= PROTO_LIMIT

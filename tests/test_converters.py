@@ -273,6 +273,7 @@ def test_onnx_int8_components_sharing_a_work_folder_keep_each_others_files(pipe,
     from converters import to_onnx
 
     other = _job(pipe, "unet", "onnx", "int8", tmp_path)
+    to_onnx._aug_dir(other).mkdir()
     held = to_onnx._aug_dir(other) / "unet.pre.aug.onnx"
     held.write_bytes(b"in use")
     decoder = _job(pipe, "decoder", "onnx", "int8", tmp_path, calib_prompts=2)
@@ -1445,7 +1446,9 @@ def test_a_graph_scored_unfinished_computes_and_lowers_as_convert_pt2es():
         assert torch.equal(scored(x), stock(x))
         dequantizes = lambda gm: sum(".dequantize_per_tensor." in str(n.target) for n in gm.graph.nodes)  # noqa: E731
         assert dequantizes(scored) < dequantizes(stock)  # one per user only once finished
+        found = to_executorch._quantized_nodes(scored, _quantizable_targets()), to_executorch._qparams(scored)
         done = _finished(scored)
+        assert found == (to_executorch._quantized_nodes(stock, _quantizable_targets()), to_executorch._qparams(stock))
         assert _finished(done) is done and torch.equal(done(x), stock(x))
         assert done.code == stock.code
         pte = [to_executorch.lower(job, torch.export.export(m, (x,))).to_executorch().buffer for m in (done, stock)]
