@@ -442,7 +442,7 @@ def _record(gm, samples, names: set[str]) -> dict[str, list[np.ndarray]]:
 def lower(job: ComponentJob, exported):
     """Stage 2: edge dialect + delegate partitioning; on XNNPACK with the channels-last reshapes and the
     per-call convolution indirection tables of `converters.xnnpack_layout`, one decomposition pass
-    (`_one_decomposition_partitioner`) and ExecuTorch's IR verifier off (it re-checks every node's dtypes,
+    (`_one_decomposition_partitioner`) traced fewer times (`converters.edge_lowering`) and ExecuTorch's IR verifier off (it re-checks every node's dtypes,
     11 s of the shipped U-Net's lowering; the bundle's parity check runs the program itself). `exported`
     is one program or {method: program} (`programs`)."""
     try:
@@ -469,13 +469,18 @@ def _to_edge(exported, partitioner):
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
 
+    from converters.edge_lowering import fewer_traces
     from converters.xnnpack_layout import free_channels_last_reshapes, transient_indirection_buffers
 
     if not isinstance(partitioner, XnnpackPartitioner):
         return to_edge_transform_and_lower(exported, partitioner=[partitioner])
-    with free_channels_last_reshapes(), transient_indirection_buffers():
+    with (
+        free_channels_last_reshapes(),
+        transient_indirection_buffers(),
+        fewer_traces(exported, partitioner) as (ready, _),
+    ):
         return to_edge_transform_and_lower(
-            exported, partitioner=[partitioner], compile_config=EdgeCompileConfig(_check_ir_validity=False)
+            ready, partitioner=[partitioner], compile_config=EdgeCompileConfig(_check_ir_validity=False)
         )
 
 

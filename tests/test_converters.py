@@ -7,6 +7,7 @@ below the fp32 floor (a float model would exceed it).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -1419,6 +1420,73 @@ def test_fast_lowering_gives_the_bytes_of_executorchs_own(monkeypatch):
                 edge = to_edge_transform_and_lower(_block_program(int8), partitioner=[XnnpackPartitioner()])
         assert fast == edge.to_executorch().buffer, int8
         assert fast_retraces < len(retraced), (int8, fast_retraces, len(retraced))
+
+
+def test_fewer_edge_traces_give_the_same_bytes(monkeypatch):
+    """converters.edge_lowering.fewer_traces: one decomposition trace instead of two and the edge passes
+    without work left out; the same .pte bytes as ExecuTorch's own lowering with the same partitioner,
+    float and int8."""
+    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
+    from torch.export import ExportedProgram
+
+    from converters import edge_lowering, to_executorch, xnnpack_layout
+
+    traces, real = [], ExportedProgram.run_decompositions
+
+    def counted(self, *args, **kwargs):
+        traces.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(ExportedProgram, "run_decompositions", counted)
+
+    def lowered(program, fewer: bool) -> tuple[bytes, int, list[str]]:
+        part, skipped = to_executorch._one_decomposition_partitioner(), []
+        traces.clear()
+        with xnnpack_layout.free_channels_last_reshapes(), xnnpack_layout.transient_indirection_buffers():
+            with edge_lowering.fewer_traces(program, part) if fewer else contextlib.nullcontext() as ctx:
+                program, skipped = ctx if fewer else (program, [])
+                edge = to_edge_transform_and_lower(
+                    program, partitioner=[part], compile_config=EdgeCompileConfig(_check_ir_validity=False)
+                )
+        return edge.to_executorch().buffer, len(traces), skipped
+
+    for int8 in (False, True):
+        fast, stock = lowered(_block_program(int8), True), lowered(_block_program(int8), False)
+        assert fast[0] == stock[0], int8
+        assert fast[1] < stock[1], (int8, fast[1], stock[1])
+        assert {"NormalizeTransposePass", "SymToTensorPass", "MemoryFormatOpsPass"} <= set(fast[2]), fast[2]
+    assert ExportedProgram.run_decompositions is counted  # put back
+
+
+def test_edge_passes_with_work_run():
+    """Each edge pass `fewer_traces` may leave out finds its op where the graph holds it: the `t`
+    transpose, a view, a Python number for a tensor argument, a symbolic size, a memory-format op; none
+    in a decomposed convolution."""
+    from executorch.exir.passes.dim_order_ops_registry import DimOrderOpsMap
+    from torch import nn
+
+    from converters import edge_lowering as el
+
+    class Ops(nn.Module):
+        def forward(self, x, w):
+            return (x.view(-1, 4) @ w.t()) * 2
+
+    x, w = torch.randn(2, 4), torch.randn(3, 4)
+    graph = torch.export.export(Ops(), (x, w)).graph_module
+    assert el._has_transpose(graph) and el._has_view(graph) and el._has_scalar_for_tensor(graph)
+
+    class BySize(nn.Module):
+        def forward(self, x):
+            return x * x.shape[0]
+
+    dynamic = torch.export.export(BySize(), (x,), dynamic_shapes=({0: torch.export.Dim("n")},))
+    assert el._has_symbol(dynamic.graph_module) and not el._has_symbol(graph)
+    g = torch.fx.Graph()
+    g.call_function(next(iter(DimOrderOpsMap)), (g.placeholder("x"),))
+    assert el._has_memory_format_op(torch.fx.GraphModule(nn.Module(), g))
+    conv = torch.export.export(nn.Conv2d(3, 4, 3).eval(), (torch.randn(1, 3, 8, 8),)).run_decompositions()
+    found = [t.__name__ for t, has in el._edge_triggers().items() if has(conv.graph_module)]
+    assert found == [], found
 
 
 def test_a_graph_scored_unfinished_computes_and_lowers_as_convert_pt2es():
