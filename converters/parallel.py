@@ -30,7 +30,10 @@ sensitivity pass's later savings), its U-Net took 376 s on both threads, every s
 from __future__ import annotations
 
 import importlib
+import json
 import os
+import select
+import signal
 import sys
 import time
 import warnings
@@ -72,6 +75,8 @@ def _layers(job: ComponentJob) -> int:
 def _child(lower: Callable[[ComponentJob], ComponentResult], job: ComponentJob, conn) -> None:
     import torch
 
+    global _LOWERING_CHILD
+    _LOWERING_CHILD = True
     torch.set_num_threads(1)  # never more in a forked child: the module docstring says why
     t = time.perf_counter()
     try:
@@ -81,6 +86,97 @@ def _child(lower: Callable[[ComponentJob], ComponentResult], job: ComponentJob, 
         msg = ("error", type(e).__module__, type(e).__qualname__, str(e))
     conn.send(msg)
     conn.close()
+
+
+_LOWERING_CHILD = False  # True in the child process `lower_all` forks (`map_apart`)
+
+
+def map_apart(fn: Callable[[object], float], items: list) -> list[float]:
+    """`[fn(x) for x in items]`, every other item computed in a second process forked for it, when this
+    is the child process `lower_all` forked and there are two items or more; else here, in order.
+
+    That child lowers the largest component, and its parent is left with nothing to do once it has
+    lowered the others: the second process takes that core for the child's independent measurements (the
+    scores of the sensitivity pass's shortlist). The child holds no thread but its own (a fork copies
+    only the calling thread), so forking it again cannot inherit a held lock; the grandchild runs torch
+    on one thread, as the child does, and sends its numbers back as JSON. Where the grandchild fails,
+    dies or stalls (`STALL_S`), a warning says so and its items are computed here: an error they raise is
+    raised here, as it would be without it."""
+    if not _LOWERING_CHILD or len(items) < 2 or usable_cores() < 2:
+        return [fn(x) for x in items]
+    there = items[1::2]
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the grandchild: measure, send, and leave without running the parent's clean-up
+        os.close(read)
+        _measure(fn, there, write)
+    os.close(write)
+    theirs = None
+    try:
+        here = [fn(x) for x in items[::2]]
+        theirs, why = _read_measurements(read, pid, len(there))
+    finally:
+        os.close(read)
+        if theirs is None:
+            _kill(pid)
+        os.waitpid(pid, 0)
+    if theirs is None:
+        warnings.warn(
+            f"measuring {len(there)} scores in a second process failed ({why}); measuring them here", stacklevel=2
+        )
+        theirs = [fn(x) for x in there]
+    out: list = [None] * len(items)
+    out[::2], out[1::2] = here, theirs
+    return out
+
+
+def _measure(fn: Callable[[object], float], items: list, fd: int) -> None:
+    """The grandchild of `map_apart`: its measurements, or its error, as one JSON document on `fd`."""
+    code = 0
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+        msg = {"ok": [fn(x) for x in items]}
+    except BaseException as e:  # noqa: BLE001 - the parent measures these items again and raises it there
+        msg, code = {"error": f"{type(e).__name__}: {e}"}, 1
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(msg, f)
+    finally:
+        os._exit(code)
+
+
+def _read_measurements(fd: int, pid: int, n: int) -> tuple[list[float] | None, str]:
+    """(the grandchild's `n` numbers, "") or (None, why not): it failed, ended without them, or used no
+    CPU time for `STALL_S` seconds before sending them."""
+    chunks, ticks, since = [], _cpu_ticks(pid), time.monotonic()
+    while True:
+        if select.select([fd], [], [], POLL_S)[0]:
+            data = os.read(fd, 1 << 16)
+            if not data:
+                break
+            chunks.append(data)
+            continue
+        now = _cpu_ticks(pid)
+        if now != ticks:
+            ticks, since = now, time.monotonic()
+        elif now is not None and time.monotonic() - since >= STALL_S:
+            return None, f"no CPU time for {STALL_S:.0f} s"
+    try:
+        msg = json.loads(b"".join(chunks))
+    except ValueError:
+        return None, "it ended without a result"
+    if "ok" not in msg or len(msg["ok"]) != n:
+        return None, msg.get("error", "a malformed result")
+    return [float(v) for v in msg["ok"]], ""
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _cpu_ticks(pid: int) -> int | None:

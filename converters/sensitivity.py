@@ -183,6 +183,7 @@ def keep_sensitive_in_float(
     rank: Callable[[], Sequence[tuple[str, float]]],
     evaluate: Callable[[list[str]], tuple[float, Any]],
     first: tuple[float, Any],
+    scores: Callable[[list[list[str]]], list[float]] | None = None,
 ) -> tuple[Any, dict | None]:
     """The sensitivity pass both int8 backends run: (best artifact, manifest report or None when off).
 
@@ -193,6 +194,8 @@ def keep_sensitive_in_float(
         rank: computes `score_nodes(...)` for the candidates (only called when the pass runs).
         evaluate: excluded node names -> (component SNR dB, quantized artifact).
         first: (SNR, artifact) of the fully quantized model.
+        scores: several exclusion lists -> their SNRs, for the nodes re-scored one by one
+            (`rank_by_exclusion`); default: `evaluate` on each.
     """
     target = job.spec.sensitivity_target_db
     if not job.config.sensitivity or target is None:
@@ -205,7 +208,7 @@ def keep_sensitive_in_float(
         return search.best, search.report(len(candidates), target)
     local = rank()
     shortlist = _shortlist(candidates, local, job.config.sensitivity_shortlist, {spec.name for spec in job.inputs})
-    ranked = rank_by_exclusion(shortlist, evaluate, first[0])
+    ranked = rank_by_exclusion(shortlist, evaluate, first[0], scores)
     helpful = {n for n, _ in ranked}
     ranked += [(n, d) for n, d in local if n not in helpful]  # then the rest, worst local SNR first
     search = greedy_exclude(ranked, evaluate, first, target, budget)
@@ -249,18 +252,23 @@ def _shortlist(
 
 
 def rank_by_exclusion(
-    candidates: Sequence[QuantNode], evaluate: Callable[[list[str]], tuple[float, Any]], base_db: float
+    candidates: Sequence[QuantNode],
+    evaluate: Callable[[list[str]], tuple[float, Any]],
+    base_db: float,
+    scores: Callable[[list[list[str]]], list[float]] | None = None,
 ) -> list[tuple[str, float]]:
     """Rank nodes by the component score with that node alone kept in float (best first).
 
     Output-referred, unlike the local ranking: it finds the node whose small local error a later layer
     (or the one-step rule) amplifies. One quantize-and-score per candidate, so it runs for small
     components only (`ConversionConfig.sensitivity_shortlist`). Returns (name, -score) sorted ascending,
-    the `greedy_exclude` order; nodes that do not beat the fully quantized score are dropped.
+    the `greedy_exclude` order; nodes that do not beat the fully quantized score are dropped. `scores`
+    measures the candidates all at once (`_Evaluations.many`); default: `evaluate` one after another.
     """
+    alone = [[n.name] for n in candidates]
+    snrs = scores(alone) if scores is not None else [evaluate(x)[0] for x in alone]
     scored = []
-    for n in candidates:
-        snr, _ = evaluate([n.name])
+    for n, snr in zip(candidates, snrs):
         if snr > base_db + 0.05:
             scored.append((n.name, -snr))
     scored.sort(key=lambda s: (s[1], s[0]))
@@ -294,6 +302,8 @@ class Quantizer:
         candidates: the fully quantized artifact -> its quantized nodes.
         rank: (fully quantized artifact, candidates) -> `score_nodes` of them.
         key: `sensitivity_cache.content_key` of the float model, samples and references.
+        forkable: `quantize` and `score` touch no file and no state another process needs, so several
+            scores may be measured in a forked process (`converters.parallel.map_apart`).
     """
 
     quantize: Callable[[list[str]], Any]
@@ -301,6 +311,7 @@ class Quantizer:
     candidates: Callable[[Any], list[QuantNode]]
     rank: Callable[[Any, Sequence[QuantNode]], list[tuple[str, float]]]
     key: str
+    forkable: bool = False
 
 
 class _Evaluations:
@@ -321,6 +332,22 @@ class _Evaluations:
         if not excluded:
             self.full = artifact
         return snr, artifact
+
+    def many(self, todo: list[list[str]]) -> list[float]:
+        """The scores of several exclusion lists: cached ones from the cache, the rest measured, half of
+        them in a second process where the quantizer allows it (`converters.parallel.map_apart`)."""
+        from converters.parallel import map_apart
+
+        if not self.q.forkable:
+            return [self(x)[0] for x in todo]
+        known = {i: self.entry.score(x) for i, x in enumerate(todo)}
+        missing = [todo[i] for i, snr in known.items() if snr is None]
+        measured = map_apart(lambda x: float(self.q.score(self.q.quantize(list(x)))), missing)
+        for x, snr in zip(missing, measured):
+            self.runs += 1
+            self.entry.put_score(x, snr)
+        fresh = iter(measured)
+        return [snr if snr is not None else next(fresh) for snr in known.values()]
 
     def fully_quantized(self) -> Any:
         if self.full is None:
@@ -349,7 +376,7 @@ def run_pass(job, q: Quantizer) -> tuple[Any, dict | None]:
         ranked = ev.cached("local_ranking", lambda: [list(r) for r in q.rank(ev.fully_quantized(), candidates)])
         return [(n, float(d)) for n, d in ranked]
 
-    best, rep = keep_sensitive_in_float(job, candidates, rank, ev, first)
+    best, rep = keep_sensitive_in_float(job, candidates, rank, ev, first, ev.many)
     if best is None:  # its score came from the cache: quantize it now (the conversion check judges it anew)
         best = q.quantize([e["name"] for e in rep["excluded_nodes"]]) if rep["excluded_nodes"] else ev.fully_quantized()
     rep["cache"] = {"scores_reused": ev.entry.hits, "scores_measured": ev.runs}

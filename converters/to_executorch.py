@@ -263,7 +263,7 @@ def quantize(job: ComponentJob, exported) -> tuple[object, dict]:
         )
 
     key = content_key(job, _program_digest(exported), __file__, fit, sens_in, job.scored_references(sens_in, sens_ref))
-    q = Quantizer(quantized, score, lambda full: _float_candidates(full, allowed), rank, key)
+    q = Quantizer(quantized, score, lambda full: _float_candidates(full, allowed), rank, key, forkable=True)
     try:
         with warnings.catch_warnings():  # torch deprecates its own LeafSpec use, once per graph copy
             warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)

@@ -1707,6 +1707,61 @@ def test_a_stuck_child_process_is_killed_and_its_component_lowered_here(tmp_path
     assert (tmp_path / "big.bin").read_text() == "big" and time.perf_counter() - t < 30
 
 
+def _pid_plus(x):
+    """A measurement that says which process made it: pid * 1000 + x."""
+    return float(os.getpid() * 1000 + x)
+
+
+def test_map_apart_measures_every_other_item_in_a_second_process(monkeypatch):
+    """converters.parallel.map_apart: in the child `lower_all` forks, odd items are measured in a forked
+    process, even ones here, results in order; anywhere else every item is measured here."""
+    from converters import parallel
+
+    me = os.getpid()
+    assert parallel.map_apart(_pid_plus, list(range(5))) == [me * 1000 + x for x in range(5)]  # not that child
+    monkeypatch.setattr(parallel, "_LOWERING_CHILD", True)
+    monkeypatch.setattr(parallel, "usable_cores", lambda: 2)
+    out = parallel.map_apart(_pid_plus, list(range(5)))
+    assert [v % 1000 for v in out] == list(range(5))
+    assert all(v // 1000 == me for v in out[::2])
+    other = {v // 1000 for v in out[1::2]}
+    assert len(other) == 1 and me not in other
+    assert parallel.map_apart(_pid_plus, [7]) == [me * 1000 + 7]  # one item: no second process
+
+
+def test_map_apart_measures_here_what_its_second_process_could_not(monkeypatch):
+    """A second process that fails or stalls (no CPU time for STALL_S) is reported in a warning and its
+    items are measured here; an error they raise here too is raised."""
+    from converters import parallel
+
+    me = os.getpid()
+    monkeypatch.setattr(parallel, "_LOWERING_CHILD", True)
+    monkeypatch.setattr(parallel, "usable_cores", lambda: 2)
+    monkeypatch.setattr(parallel, "STALL_S", 1.0)
+
+    def fails_there(x):
+        if os.getpid() != me:
+            raise RuntimeError("no memory")
+        return float(x)
+
+    def stalls_there(x):
+        if os.getpid() != me:
+            time.sleep(60)
+        return float(x)
+
+    for fn, why in ((fails_there, "RuntimeError: no memory"), (stalls_there, "no CPU time for 1 s")):
+        t = time.perf_counter()
+        with pytest.warns(UserWarning, match=f"measuring 2 scores in a second process failed \\({why}\\)"):
+            assert parallel.map_apart(fn, [0, 1, 2, 3]) == [0.0, 1.0, 2.0, 3.0]
+        assert time.perf_counter() - t < 20
+
+    def fails(x):
+        raise ValueError(f"bad {x}")
+
+    with pytest.raises(ValueError, match="bad 0"):  # raised here first; the second process is ended
+        parallel.map_apart(fails, [0, 1])
+
+
 def test_errors_of_the_child_process_are_one_line(tmp_path):
     from converters.parallel import lower_all, side_by_side
     from converters.to_executorch import ExecuTorchConversionError

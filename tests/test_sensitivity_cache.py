@@ -207,3 +207,22 @@ def test_executorch_quantizer_without_bn_patterns_annotates_the_same():
             prepare_pt2e(copy.deepcopy(graph), stock)
         )
         assert len(ours.SUPPORTED_PATTERNS) < len(XNNPACKQuantizer.SUPPORTED_PATTERNS)  # BN folds into the conv
+
+
+def test_scores_measured_in_a_second_process_are_the_same_and_cached(cache, monkeypatch):
+    """A forkable quantizer in the child process `lower_all` forks: the shortlist's scores are measured
+    half in a second process (`converters.parallel.map_apart`); same report and choice, every score cached."""
+    import dataclasses
+
+    from converters import parallel
+
+    best1, rep1 = run_pass(_job(), _quantizer([], "a" * 64))
+    monkeypatch.setattr(parallel, "_LOWERING_CHILD", True)
+    monkeypatch.setattr(parallel, "usable_cores", lambda: 2)
+    log: list = []
+    best2, rep2 = run_pass(_job(), dataclasses.replace(_quantizer(log, "b" * 64), forkable=True))
+    assert best1 == best2 == ("n0", "n1") and rep1 == rep2
+    assert len([e for e in log if len(e) == 1]) < rep2["cache"]["scores_measured"] - 1  # some measured elsewhere
+    again: list = []
+    run_pass(_job(), dataclasses.replace(_quantizer(again, "b" * 64), forkable=True))
+    assert again == [("n0", "n1")]  # every score came from the cache
