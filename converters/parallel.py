@@ -17,6 +17,9 @@ waiting on a lock that another thread of this process held at the fork (a librar
 a thread pool's mutex), which nothing in the child will ever release. It is then killed, a warning names
 the component, and the component is lowered here instead, so a conversion never waits forever.
 
+That child may fork once more (`map_apart`): the scores of the sensitivity pass's shortlist are
+independent, and the parent's core is idle once it has lowered the other components.
+
 Linux only (fork is the only way to hand a loaded model over without copying it), for the ONNX and
 ExecuTorch targets; `jobs=1` (`--jobs 1`) lowers one component after another. Models with a component
 over `MAX_SIDE_BY_SIDE_PARAMS` parameters are lowered one component after another too: there the
