@@ -151,21 +151,16 @@ def _measure(fn: Callable[[object], float], items: list, fd: int) -> None:
 
 
 def _read_measurements(fd: int, pid: int, n: int) -> tuple[list[float] | None, str]:
-    """(the grandchild's `n` numbers, "") or (None, why not): it failed, ended without them, or used no
-    CPU time for `STALL_S` seconds before sending them."""
-    chunks, ticks, since = [], _cpu_ticks(pid), time.monotonic()
-    while True:
-        if select.select([fd], [], [], POLL_S)[0]:
-            data = os.read(fd, 1 << 16)
-            if not data:
-                break
-            chunks.append(data)
-            continue
-        now = _cpu_ticks(pid)
-        if now != ticks:
-            ticks, since = now, time.monotonic()
-        elif now is not None and time.monotonic() - since >= STALL_S:
-            return None, f"no CPU time for {STALL_S:.0f} s"
+    """(the grandchild's `n` numbers, "") or (None, why not): it failed, ended without them, or stalled
+    before sending them (`_waited`)."""
+    chunks: list[bytes] = []
+    while _waited(lambda: bool(select.select([fd], [], [], POLL_S)[0]), pid):
+        data = os.read(fd, 1 << 16)
+        if not data:
+            break
+        chunks.append(data)
+    else:
+        return None, f"no CPU time for {STALL_S:.0f} s"
     try:
         msg = json.loads(b"".join(chunks))
     except ValueError:
@@ -191,17 +186,22 @@ def _cpu_ticks(pid: int) -> int | None:
     return int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of stat(5)
 
 
-def _receive(conn, pid: int):
-    """The child's message, or None once the child has used no CPU time for `STALL_S` seconds (never
-    when its CPU time cannot be read)."""
+def _waited(ready: Callable[[], bool], pid: int) -> bool:
+    """Calls `ready` (which waits up to `POLL_S` itself) until it is true: True; False once process
+    `pid` has used no CPU time for `STALL_S` seconds (never when its CPU time cannot be read)."""
     ticks, since = _cpu_ticks(pid), time.monotonic()
-    while not conn.poll(POLL_S):
+    while not ready():
         now = _cpu_ticks(pid)
         if now != ticks:
             ticks, since = now, time.monotonic()
         elif now is not None and time.monotonic() - since >= STALL_S:
-            return None
-    return conn.recv()
+            return False
+    return True
+
+
+def _receive(conn, pid: int):
+    """The child's message, or None once the child has stalled (`_waited`)."""
+    return conn.recv() if _waited(lambda: conn.poll(POLL_S), pid) else None
 
 
 def _raise(job: ComponentJob, module: str, qualname: str, message: str):
