@@ -125,13 +125,15 @@ def _when_it_has_work(pass_, skipped: list[str]):
 
 
 def decomposed(programs: dict, partitioner) -> dict:
-    """Each program decomposed in one trace, where `partitioner` keeps ops whole without a per-node check;
-    the others as they were."""
+    """Each program decomposed in one trace, where `partitioner` keeps ops whole without a per-node check
+    and has no transform of its own to run before decompositions; the others as they were."""
+    from executorch.exir.backend.partitioner import Partitioner
     from executorch.exir.program._program import _default_decomposition_table
 
+    if type(partitioner).transform_for_pre_decomposition is not Partitioner.transform_for_pre_decomposition:
+        return dict(programs)
     out = {}
     for name, program in programs.items():
-        program = partitioner.transform_for_pre_decomposition(program)
         keep, check = partitioner.ops_to_not_decompose(program)
         if check is None:
             table = _default_decomposition_table()

@@ -442,9 +442,10 @@ def _record(gm, samples, names: set[str]) -> dict[str, list[np.ndarray]]:
 def lower(job: ComponentJob, exported):
     """Stage 2: edge dialect + delegate partitioning; on XNNPACK with the channels-last reshapes and the
     per-call convolution indirection tables of `converters.xnnpack_layout`, one decomposition pass
-    (`_one_decomposition_partitioner`) traced fewer times (`converters.edge_lowering`) and ExecuTorch's IR verifier off (it re-checks every node's dtypes,
-    11 s of the shipped U-Net's lowering; the bundle's parity check runs the program itself). `exported`
-    is one program or {method: program} (`programs`)."""
+    (`_one_decomposition_partitioner`) in one trace, the edge passes without work left out
+    (`converters.edge_lowering`), and ExecuTorch's IR verifier off (it re-checks every node's dtypes, 11 s
+    of the shipped U-Net's lowering; the bundle's parity check runs the program itself). `exported` is one
+    program or {method: program} (`programs`)."""
     try:
         if job.config.delegate != "xnnpack":
             return _to_edge(exported, _partitioner(job))
