@@ -14,7 +14,7 @@ the delegate sees it. Two kinds of trace compute nothing for the programs this p
   program through fake tensors. Five of them rewrite only ops the project's programs seldom hold: the
   `t` transpose, view ops left after the view-copy pass, Python scalars given for tensor arguments,
   symbolic sizes, and ops that take a memory format. `fewer_traces` runs each of them only when its op is
-  in the graph (`_EDGE_TRIGGERS`).
+  in the graph (`_edge_triggers`).
 
 On the shipped U-Net's int8 lowering (one process, AVX-512 VNNI host) the two together took the lowering
 from about 47 s to about 33 s. tests/test_converters.py lowers a model with and without them and compares

@@ -326,12 +326,16 @@ class _Evaluations:
         if snr is not None:
             return snr, None
         artifact = self.q.quantize(list(excluded))
-        snr = float(self.q.score(artifact))
-        self.runs += 1
-        self.entry.put_score(excluded, snr)
+        snr = self._measured(excluded, float(self.q.score(artifact)))
         if not excluded:
             self.full = artifact
         return snr, artifact
+
+    def _measured(self, excluded: list[str], snr: float) -> float:
+        """Counts and caches a score measured now."""
+        self.runs += 1
+        self.entry.put_score(excluded, snr)
+        return snr
 
     def many(self, todo: list[list[str]]) -> list[float]:
         """The scores of several exclusion lists: cached ones from the cache, the rest measured, half of
@@ -340,14 +344,11 @@ class _Evaluations:
 
         if not self.q.forkable:
             return [self(x)[0] for x in todo]
-        known = {i: self.entry.score(x) for i, x in enumerate(todo)}
-        missing = [todo[i] for i, snr in known.items() if snr is None]
+        known = [self.entry.score(x) for x in todo]
+        missing = [x for x, snr in zip(todo, known) if snr is None]
         measured = map_apart(lambda x: float(self.q.score(self.q.quantize(list(x)))), missing)
-        for x, snr in zip(missing, measured):
-            self.runs += 1
-            self.entry.put_score(x, snr)
-        fresh = iter(measured)
-        return [snr if snr is not None else next(fresh) for snr in known.values()]
+        fresh = iter([self._measured(x, snr) for x, snr in zip(missing, measured)])
+        return [snr if snr is not None else next(fresh) for snr in known]
 
     def fully_quantized(self) -> Any:
         if self.full is None:
